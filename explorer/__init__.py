@@ -1,0 +1,26 @@
+"""bulk image explorer: see, group, clean and export a folder of images.
+
+Stages are pure functions (arrays in, arrays out)::
+
+    discover -> load -> embed -> reduce -> cluster -> table
+
+Heavy dependencies (torch, timm, umap, hdbscan) are imported lazily inside the
+functions that need them, so ``import explorer`` and the Bokeh app start fast.
+"""
+
+__version__ = "0.1.0"
+
+from explorer.table import (  # noqa: F401
+    COLUMNS,
+    REQUIRED_COLUMNS,
+    SchemaError,
+    read_table,
+    write_table,
+)
+
+
+def build(*args, **kwargs):
+    """Run the whole pipeline; see :func:`explorer.pipeline.build`."""
+    from explorer.pipeline import build as _build
+
+    return _build(*args, **kwargs)
