@@ -202,8 +202,9 @@ def coerce(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         if kind == "str":
             df[col] = df[col].fillna("").astype(str)
         elif kind == "float":
+            blank = df[col].isna() | (df[col].astype(str).str.strip() == "")
             vals = pd.to_numeric(df[col], errors="coerce")
-            bad = int(vals.isna().sum() - df[col].isna().sum())
+            bad = int((vals.isna() & ~blank).sum())
             if bad:
                 problems.append(f"column {col!r}: {bad} value(s) are not numbers")
             df[col] = vals.astype(float)
@@ -234,7 +235,7 @@ def read_table(path: str | os.PathLike, strict: bool = True) -> pd.DataFrame:
     if not path.is_file():
         raise SchemaError(f"CSV not found: {path}")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raw = pd.DataFrame(columns=list(REQUIRED_COLUMNS))
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

