@@ -45,3 +45,17 @@ def test_console_script_and_help_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "build" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_readme_documents_every_schema_column():
+    from explorer.table import COLUMNS
+
+    readme = (ROOT / "README.md").read_text()
+    for col in COLUMNS:
+        assert f"| `{col}` |" in readme, f"README's schema table lacks {col}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make test" in ci
