@@ -1,0 +1,80 @@
+"""Nearest neighbours in the embedding space (cosine), for 'look around an image'.
+
+Pure functions on arrays: no files, no state. ``nearest`` is one matrix-vector product, so a
+click on a map of 1,000,000 images answers without an index; pass ``norms`` (from
+:func:`row_norms`, computed once) to skip recomputing the row norms on every click.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["nearest", "row_norms", "cosine_normalize"]
+
+
+def _as_matrix(embeddings) -> np.ndarray:
+    X = np.asarray(embeddings)
+    if X.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (n_images, dim), got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float32)
+    return X
+
+
+def row_norms(embeddings) -> np.ndarray:
+    """Euclidean norm of every row (float64), for reuse across :func:`nearest` calls."""
+    X = _as_matrix(embeddings)
+    return np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+
+
+def cosine_normalize(embeddings) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
+    X = _as_matrix(embeddings).astype(np.float32, copy=True)
+    n = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    n[n == 0] = 1.0
+    X /= n[:, None].astype(np.float32)
+    return X
+
+
+def nearest(embeddings, index: int, k: int = 12, *, norms: np.ndarray | None = None):
+    """The ``k`` images most similar to image ``index`` (itself excluded).
+
+    Returns ``(indices, distances)``: int64 row indices, nearest first, and their cosine
+    distances (``1 - cosine similarity``, in [0, 2]). Ties are broken by the lower index, so
+    results are deterministic. Fewer than ``k`` are returned when there are fewer other
+    images. A row of zeros (no direction) has distance 1 to everything.
+    """
+    X = _as_matrix(embeddings)
+    n = X.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise ValueError(f"index must be an integer, got {index!r}")
+    if not 0 <= index < n:
+        raise ValueError(f"index {index} is out of range for {n} images")
+    if norms is None:
+        norms = row_norms(X)
+    else:
+        norms = np.asarray(norms, dtype=np.float64)
+        if norms.shape != (n,):
+            raise ValueError(f"norms must have shape ({n},), got {norms.shape}")
+    q = X[index].astype(np.float64)
+    sims = (X @ q.astype(X.dtype)).astype(np.float64)
+    denom = norms * norms[index]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sims = np.where(denom > 0, sims / np.where(denom > 0, denom, 1.0), 0.0)
+    dist = np.clip(1.0 - sims, 0.0, 2.0)
+    dist[index] = np.inf
+    k = min(int(k), n - 1)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    if k < n - 1:
+        part = np.argpartition(dist, k - 1)[:k]
+        # include every row tied with the k-th so the tie-break below is by index
+        kth = dist[part].max()
+        part = np.flatnonzero(dist <= kth)
+    else:
+        part = np.flatnonzero(np.isfinite(dist))
+    order = np.lexsort((part, dist[part]))[:k]
+    idx = part[order].astype(np.int64)
+    return idx, dist[idx]

@@ -1,0 +1,338 @@
+"""LabelBook edits with undo/redo, journal replay, two tabs, suggestions, nearest neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from explorer.journal import Journal
+from explorer.labels import (
+    DISCARD,
+    MAX_LABEL_LENGTH,
+    LabelBook,
+    labelled_table,
+    propose_labels,
+    validate_label,
+)
+from explorer.neighbours import nearest, row_norms
+
+KEYS = [f"img/{i:02d}.jpg" for i in range(10)]
+
+
+@pytest.fixture(params=["memory", "journal"])
+def book(request, tmp_path):
+    if request.param == "memory":
+        return LabelBook(keys=KEYS)
+    return LabelBook(Journal(tmp_path / "t.labels.jsonl"), keys=KEYS)
+
+
+# ------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("x" * (MAX_LABEL_LENGTH + 1), "at most"),
+        ("cat\ndog", "control"),
+        ("tab\there", "control"),
+        ("nul\x00", "control"),
+        ("rtl\u202eoverride", "control"),
+        (None, "text"),
+        (3, "text"),
+    ],
+)
+def test_bad_labels_are_refused_with_a_clear_message(book, bad, match):
+    with pytest.raises(ValueError, match=match):
+        book.apply(KEYS[:2], bad)
+    assert book.counts() == {} and not book.can_undo
+
+
+def test_label_is_stripped_and_unicode_kept():
+    assert validate_label("  caf\u00e9 au lait ") == "caf\u00e9 au lait"
+    assert validate_label("\u732b") == "\u732b"
+
+
+def test_unknown_or_bad_keys_are_refused(book):
+    with pytest.raises(ValueError, match="unknown image key"):
+        book.apply(["img/00.jpg", "nope.jpg"], "cat")
+    with pytest.raises(ValueError, match="non-empty string"):
+        book.apply([""], "cat")
+    assert book.counts() == {}
+
+
+# ------------------------------------------------------------------ edits and undo/redo
+def test_apply_labels_every_selected_image(book):
+    book.apply(KEYS[:3], "cat")
+    book.apply(KEYS[3:5], "dog")
+    assert book.labels_for(KEYS[:6]) == ["cat"] * 3 + ["dog"] * 2 + [""]
+    assert book.counts() == {"cat": 3, "dog": 2}
+    # relabelling a subset moves them
+    book.apply(KEYS[2:4], "bird")
+    assert book.counts() == {"bird": 2, "cat": 2, "dog": 1}
+
+
+def test_undo_redo_several_steps(book):
+    book.apply(KEYS[:4], "cat")
+    book.apply(KEYS[2:6], "dog")
+    book.discard(KEYS[5:7])
+    states = [book.labels_for(KEYS)]
+    book.undo()
+    assert book.labels_for(KEYS[5:7]) == ["dog", ""]
+    book.undo()
+    assert book.labels_for(KEYS[:6]) == ["cat"] * 4 + ["", ""]
+    book.undo()
+    assert book.counts() == {} and not book.can_undo
+    assert book.undo() is None  # nothing left: no error, nothing recorded
+    book.redo()
+    book.redo()
+    book.redo()
+    assert book.labels_for(KEYS) == states[0]
+    assert not book.can_redo and book.redo() is None
+
+
+def test_a_new_edit_clears_redo(book):
+    book.apply(KEYS[:2], "cat")
+    book.undo()
+    assert book.can_redo
+    book.apply(KEYS[:1], "dog")
+    assert not book.can_redo
+    assert book.counts() == {"dog": 1}
+
+
+def test_rename_and_its_undo(book):
+    book.apply(KEYS[:3], "kitty")
+    book.apply(KEYS[3:4], "dog")
+    book.rename("kitty", "cat")
+    assert book.counts() == {"cat": 3, "dog": 1}
+    book.undo()
+    assert book.counts() == {"kitty": 3, "dog": 1}
+    with pytest.raises(ValueError, match="no image has"):
+        book.rename("unicorn", "horse")
+    with pytest.raises(ValueError, match="already in use"):
+        book.rename("kitty", "dog")
+    assert book.counts() == {"kitty": 3, "dog": 1}
+
+
+def test_merge_two_labels_and_undo(book):
+    book.apply(KEYS[:2], "cat")
+    book.apply(KEYS[2:5], "kitten")
+    book.apply(KEYS[5:6], "dog")
+    book.merge("kitten", "cat")
+    assert book.counts() == {"cat": 5, "dog": 1}
+    book.undo()
+    assert book.counts() == {"kitten": 3, "cat": 2, "dog": 1}
+    book.merge("cat", "kitten", into="feline")
+    assert book.counts() == {"feline": 5, "dog": 1}
+    with pytest.raises(ValueError, match="no image has"):
+        book.merge("x", "y")
+
+
+def test_discard_is_the_reserved_label_and_undo_restores_the_old_label(book):
+    book.apply(KEYS[:3], "cat")
+    book.discard(KEYS[1:4])
+    assert book.labels_for(KEYS[:4]) == ["cat", DISCARD, DISCARD, DISCARD]
+    assert book.counts()[DISCARD] == 3
+    book.undo()
+    assert book.labels_for(KEYS[:4]) == ["cat", "cat", "cat", ""]
+
+
+def test_clear_removes_labels_and_is_undoable(book):
+    book.apply(KEYS[:3], "cat")
+    book.clear(KEYS[:2])
+    assert book.labels_for(KEYS[:3]) == ["", "", "cat"]
+    book.undo()
+    assert book.labels_for(KEYS[:3]) == ["cat"] * 3
+
+
+def test_no_op_edit_records_nothing(book):
+    book.apply(KEYS[:2], "cat")
+    assert book.apply(KEYS[:2], "cat") is None
+    assert book.clear(KEYS[5:7]) is None
+    book.undo()
+    assert book.counts() == {} and not book.can_undo
+
+
+def test_assign_accepts_many_labels_in_one_undoable_step(book):
+    book.assign({KEYS[0]: "cat", KEYS[1]: "dog", KEYS[2]: "cat"})
+    assert book.counts() == {"cat": 2, "dog": 1}
+    book.undo()
+    assert book.counts() == {}
+
+
+def test_initial_labels_from_the_csv_are_the_starting_point():
+    book = LabelBook(initial={KEYS[0]: "cat", KEYS[1]: "", KEYS[2]: float("nan")})
+    assert book.counts() == {"cat": 1}
+    book.apply([KEYS[0]], "dog")
+    book.undo()
+    assert book.label_of(KEYS[0]) == "cat"
+
+
+# ------------------------------------------------------------------ journal replay
+def test_every_edit_is_journaled_and_replay_reproduces_state_and_stacks(tmp_path):
+    path = tmp_path / "t.labels.jsonl"
+    book = LabelBook(Journal(path, session="s1"))
+    book.apply(KEYS[:4], "cat")
+    book.apply(KEYS[4:6], "dog")
+    book.rename("dog", "puppy")
+    book.merge("cat", "puppy", into="pet")
+    book.discard(KEYS[8:9])
+    book.undo()
+    book.undo()
+    book.redo()
+    book.clear(KEYS[:1])
+    recs = Journal(path).replay()
+    assert [r["op"] for r in recs] == [
+        "apply", "apply", "rename", "merge", "discard", "undo", "undo", "redo", "clear",
+    ]
+    again = LabelBook.from_journal(Journal(path, session="s1"))
+    assert again.as_dict() == book.as_dict()
+    # same session id: one undo stack, continued by whichever book holds it
+    assert again.can_undo and not again.can_redo  # the clear emptied the redo stack
+    again.undo()  # takes back the clear
+    assert again.labels_for(KEYS[:1]) == ["pet"]
+    book.sync()
+    assert book.as_dict() == again.as_dict()
+    book.undo()  # then the redone merge
+    again.sync()
+    assert again.counts() == {"cat": 4, "puppy": 2} and again.as_dict() == book.as_dict()
+
+
+def test_a_reopened_session_id_has_its_own_empty_undo_stack(tmp_path):
+    path = tmp_path / "t.labels.jsonl"
+    LabelBook(Journal(path, session="old")).apply(KEYS[:2], "cat")
+    fresh = LabelBook.from_journal(Journal(path))  # a new browser session
+    assert fresh.counts() == {"cat": 2}
+    assert not fresh.can_undo  # it never undoes another session's edits
+
+
+def test_two_tabs_see_each_other_and_never_overwrite(tmp_path):
+    path = tmp_path / "t.labels.jsonl"
+    a = LabelBook.from_journal(Journal(path, session="A"))
+    b = LabelBook.from_journal(Journal(path, session="B"))
+    a.apply(KEYS[:3], "cat")
+    changed = b.sync()
+    assert sorted(changed) == KEYS[:3]
+    assert b.counts() == {"cat": 3}
+    b.apply(KEYS[2:4], "dog")  # B relabels one of A's images
+    a.apply(KEYS[5:6], "bird")  # A catches up before writing
+    assert a.as_dict() == {KEYS[0]: "cat", KEYS[1]: "cat", KEYS[2]: "dog", KEYS[3]: "dog",
+                           KEYS[5]: "bird"}
+    # A undoes its first edit: the image B relabelled keeps B's label
+    a.undo()  # bird
+    a.undo()  # cat
+    assert a.label_of(KEYS[2]) == "dog"
+    assert a.labels_for(KEYS[:2]) == ["", ""]
+    b.sync()
+    assert b.as_dict() == a.as_dict()
+    # both replays agree with the live books
+    assert LabelBook.from_journal(Journal(path)).as_dict() == a.as_dict()
+
+
+def test_journal_written_before_memory_changes(tmp_path):
+    class FailingJournal(Journal):
+        def append(self, record):
+            raise OSError("disk full")
+
+    book = LabelBook(FailingJournal(tmp_path / "t.labels.jsonl"))
+    with pytest.raises(OSError):
+        book.apply(KEYS[:2], "cat")
+    assert book.counts() == {}  # the browser is never told it worked
+
+
+# ------------------------------------------------------------------ export
+def test_labelled_table_fills_the_label_column_and_leaves_df_alone():
+    df = pd.DataFrame({"path": KEYS[:4], "label": ["old", "", "keep", ""], "x": range(4)})
+    book = LabelBook(initial=dict(zip(df["path"], df["label"])))
+    book.apply(KEYS[1:2], "new")
+    book.clear(KEYS[:1])
+    out = labelled_table(df, book)
+    assert out["label"].tolist() == ["", "new", "keep", ""]
+    assert df["label"].tolist() == ["old", "", "keep", ""]
+    # no label column in the CSV: it is added
+    out2 = labelled_table(df.drop(columns="label"), book)
+    assert out2["label"].tolist() == ["", "new", "keep", ""]
+
+
+# ------------------------------------------------------------------ suggestions
+def _blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16)) * 5
+    X = np.concatenate([c + rng.normal(scale=0.3, size=(30, 16)) for c in centres])
+    truth = np.repeat(["a", "b", "c"], 30)
+    return X, truth
+
+
+def test_propose_labels_follows_the_neighbours():
+    X, truth = _blobs()
+    labels = np.array([""] * len(X), dtype=object)
+    for cls in "abc":  # five known examples per class
+        labels[np.flatnonzero(truth == cls)[:5]] = cls
+    prop = propose_labels(X, list(labels), k=5)
+    assert set(prop["index"]) <= set(np.flatnonzero(labels == ""))
+    assert len(prop) >= 0.9 * (labels == "").sum()
+    correct = (truth[prop["index"]] == prop["proposed_label"]).mean()
+    assert correct >= 0.95
+    assert prop["confidence"].between(0.6, 1.0).all()
+    assert prop["confidence"].is_monotonic_decreasing
+
+
+def test_propose_labels_holds_back_when_neighbours_disagree():
+    X, truth = _blobs(1)
+    labels = np.array([""] * len(X), dtype=object)
+    a_rows = np.flatnonzero(truth == "a")
+    labels[a_rows[:10]] = np.where(np.arange(10) % 2 == 0, "x", "y")  # a coin toss in blob a
+    prop = propose_labels(X, list(labels), k=10, min_agreement=0.8)
+    assert not set(prop["index"]) & set(a_rows)
+
+
+def test_propose_labels_nothing_to_do_gives_empty_frame():
+    X, _ = _blobs()
+    assert propose_labels(X, [""] * len(X)).empty
+    assert list(propose_labels(X, ["a"] * len(X)).columns) == [
+        "index", "proposed_label", "confidence", "votes", "distance",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"k": 0}, {"k": 2.5}, {"min_agreement": 0}, {"min_agreement": 1.5}]
+)
+def test_propose_labels_bad_parameters(kw):
+    X, _ = _blobs()
+    with pytest.raises(ValueError):
+        propose_labels(X, ["a"] + [""] * (len(X) - 1), **kw)
+
+
+def test_propose_labels_length_mismatch():
+    X, _ = _blobs()
+    with pytest.raises(ValueError, match="labels for"):
+        propose_labels(X, ["a"])
+
+
+# ------------------------------------------------------------------ nearest
+def test_nearest_finds_the_same_blob_and_excludes_itself():
+    X, truth = _blobs()
+    idx, dist = nearest(X, 3, k=12)
+    assert len(idx) == 12 and 3 not in idx
+    assert (truth[idx] == truth[3]).all()
+    assert np.all(np.diff(dist) >= 0) and (dist >= 0).all()
+    # same answer with precomputed norms
+    idx2, dist2 = nearest(X, 3, k=12, norms=row_norms(X))
+    assert np.array_equal(idx, idx2) and np.allclose(dist, dist2)
+
+
+def test_nearest_small_sets_and_zero_rows():
+    X = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.1]])
+    idx, dist = nearest(X, 0, k=12)
+    assert idx.tolist() == [2, 1]
+    assert dist[1] == pytest.approx(1.0)
+    idx, dist = nearest(X[:1], 0)
+    assert len(idx) == 0
+
+
+@pytest.mark.parametrize("kw", [{"index": 99}, {"index": -1}, {"k": 0}, {"index": 1.0}])
+def test_nearest_bad_parameters(kw):
+    X, _ = _blobs()
+    args = {"index": 0, "k": 5, **kw}
+    with pytest.raises(ValueError):
+        nearest(X, args["index"], k=args["k"])
