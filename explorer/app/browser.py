@@ -1,0 +1,249 @@
+"""Run the app under ``bokeh serve`` and drive it in headless Chromium.
+
+Shared by tests/test_app_browser.py, bench/app.py and src/screenshot.py. Needs Debian's
+``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``) and
+the ``selenium`` package; selenium-manager is never asked to download anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMEDRIVER_CANDIDATES = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """(browser, driver) paths, or ``None`` when either is not installed."""
+    browser = next((p for p in CHROMIUM_CANDIDATES if os.path.exists(p)), None)
+    driver = next((p for p in CHROMEDRIVER_CANDIDATES if os.path.exists(p)), None)
+    if browser is None or driver is None:
+        return None
+    return browser, driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(
+    app_dir: str | os.PathLike,
+    csv: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+    extra_args: Sequence[str] = (),
+) -> Iterator[str]:
+    """Run ``bokeh serve APP --args CSV`` on a free port; yield the app URL.
+
+    Polls until the app answers; always stops the server. ``app_dir``/``csv`` are passed
+    as given (relative paths resolve against ``cwd``).
+    """
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "bokeh", "serve", str(app_dir), "--port", str(port),
+        "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
+        *extra_args,
+    ]  # fmt: skip
+    if csv is not None:
+        cmd += ["--args", str(csv)]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/{Path(app_dir).resolve().name}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"bokeh serve exited ({proc.returncode}):\n{log.read().decode(errors='replace')}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bokeh serve did not answer at {url} within {timeout:.0f}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def chromium(
+    download_dir: str | os.PathLike | None = None,
+    width: int = 1400,
+    height: int = 1300,
+) -> Iterator[Any]:
+    """A headless Chromium WebDriver with a fresh profile; downloads go to ``download_dir``."""
+    found = find_chromium()
+    if found is None:
+        raise RuntimeError("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    browser, driver_path = found
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="explorer-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}",
+    ):  # fmt: skip
+        opts.add_argument(flag)
+    if download_dir is not None:
+        opts.add_experimental_option(
+            "prefs",
+            {
+                "download.default_directory": str(Path(download_dir).resolve()),
+                "download.prompt_for_download": False,
+                "profile.default_content_setting_values.automatic_downloads": 1,
+                "safebrowsing.enabled": False,
+            },
+        )
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # an explicit driver path: selenium-manager is never run
+    service = Service(executable_path=driver_path)
+    drv = webdriver.Chrome(service=service, options=opts)
+    try:
+        if download_dir is not None:
+            with contextlib.suppress(Exception):
+                drv.execute_cdp_cmd(
+                    "Browser.setDownloadBehavior",
+                    {"behavior": "allow", "downloadPath": str(Path(download_dir).resolve())},
+                )
+        yield drv
+    finally:
+        with contextlib.suppress(Exception):
+            drv.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- page helpers
+#: JavaScript returning the Bokeh model named arguments[0] of the page's document
+FIND_MODEL_JS = """
+const docs = window.Bokeh && Bokeh.documents;
+if (!docs || !docs.length) return null;
+return docs[0].get_model_by_name(arguments[0]) ? true : null;
+"""
+
+
+def wait_for(drv: Any, predicate_js: str, *args: Any, timeout: float = 20.0, poll: float = 0.05) -> Any:
+    """Run ``predicate_js`` (a function body returning a value) until it returns truthy."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = drv.execute_script(predicate_js, *args)
+        except Exception as exc:  # page still loading
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(poll)
+    raise TimeoutError(f"timed out waiting for: {predicate_js.strip()[:120]} (last: {last!r})")
+
+
+def model_value(drv: Any, name: str, expr: str) -> Any:
+    """Evaluate ``expr`` with ``m`` bound to the model named ``name`` in the page."""
+    return drv.execute_script(
+        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]); if (!m) return null; return " + expr + ";",
+        name,
+    )
+
+
+PLOT_DRAWN_JS = """
+const docs = window.Bokeh && Bokeh.documents;
+if (!docs || !docs.length) return false;
+const doc = docs[0];
+const plot = doc.get_model_by_name("plot");
+if (!plot) return false;
+const views = Bokeh.index;
+const pv = views.find_one(plot);
+if (!pv) return false;
+if (pv.is_idle === false) return false;
+if (!pv.has_finished()) return false;
+const rv = [...pv.renderer_views.values()].find(v => v.model.name === "scatter");
+return rv != null && rv.glyph != null && rv.glyph.data_size > 0;
+"""
+
+
+def plot_canvas_rect(drv: Any) -> dict[str, float]:
+    """Page rectangle (left, top, width, height) of the plot's data frame."""
+    return drv.execute_script(
+        """
+const plot = Bokeh.documents[0].get_model_by_name("plot");
+const pv = Bokeh.index.find_one(plot);
+const canvas = pv.canvas_view.el.getBoundingClientRect();
+const f = pv.frame.bbox;
+return {left: canvas.left + f.left, top: canvas.top + f.top, width: f.width, height: f.height};
+"""
+    )
+
+
+def data_to_page(drv: Any, x: float, y: float) -> tuple[float, float]:
+    """Page coordinates (CSS px) of data point (x, y) on the plot."""
+    return tuple(
+        drv.execute_script(
+            """
+const plot = Bokeh.documents[0].get_model_by_name("plot");
+const pv = Bokeh.index.find_one(plot);
+const canvas = pv.canvas_view.el.getBoundingClientRect();
+const sx = pv.frame.x_scale.compute(arguments[0]);
+const sy = pv.frame.y_scale.compute(arguments[1]);
+return [canvas.left + sx, canvas.top + sy];
+""",
+            x,
+            y,
+        )
+    )
+
+
+def lasso(drv: Any, points: Sequence[tuple[float, float]], steps: int = 6) -> None:
+    """Drag a lasso through data points ``points`` (closed automatically) with real mouse
+    moves on the plot canvas (the lasso tool must be the active drag tool)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.actions import interaction
+
+    r = plot_canvas_rect(drv)
+    lo_x, hi_x = r["left"] + 3, r["left"] + r["width"] - 3
+    lo_y, hi_y = r["top"] + 3, r["top"] + r["height"] - 3
+    page = [
+        (min(max(px, lo_x), hi_x), min(max(py, lo_y), hi_y))
+        for px, py in (data_to_page(drv, x, y) for x, y in points)
+    ]
+    page.append(page[0])
+    mouse = PointerInput(interaction.POINTER_MOUSE, "mouse")
+    builder = ActionBuilder(drv, mouse=mouse, duration=10)
+    px, py = page[0]
+    builder.pointer_action.move_to_location(int(px), int(py))
+    builder.pointer_action.pointer_down()
+    for (ax, ay), (bx, by) in zip(page[:-1], page[1:]):
+        for k in range(1, steps + 1):
+            t = k / steps
+            builder.pointer_action.move_to_location(int(ax + (bx - ax) * t), int(ay + (by - ay) * t))
+    builder.pointer_action.pointer_up()
+    builder.perform()
+    ActionChains(drv).reset_actions()
