@@ -501,5 +501,6 @@ def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = (
         return None
     view = AppView(state)
     doc.add_root(view.layout)
+    doc.add_root(view.downloads)  # not in the layout; a root so it reaches the browser
     doc.explorer_view = view  # lets tests reach the session's view and state
     return view

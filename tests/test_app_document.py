@@ -1,0 +1,292 @@
+"""The app as a Bokeh Document (no browser): widgets, wiring, callbacks, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from bokeh.command.util import build_single_handler_application
+from bokeh.events import ButtonClick
+from bokeh.models import LassoSelectTool
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+
+from explorer.table import read_table, sidecar  # noqa: E402
+
+WIDGETS = [
+    "plot", "points", "scatter", "table", "table_source", "grid", "grid_prev", "grid_next",
+    "grid_page", "labels", "only_selected", "clear_labels", "color_by", "legend", "save_name",
+    "save_images", "save", "downloads", "reset", "point_size", "status", "title",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_app(tmp_path_factory.mktemp("docdata"))
+
+
+@pytest.fixture
+def app(built, tmp_path):
+    app_dir, csv = built
+    root = tmp_path / "copy"
+    shutil.copytree(app_dir, root / app_dir.name)
+    shutil.copy(csv, root / csv.name)
+    shutil.copy(sidecar(csv, "run.json"), root / sidecar(csv, "run.json").name)
+    return root / app_dir.name, root / csv.name
+
+
+def make_doc(app_dir, argv):
+    application = build_single_handler_application(str(app_dir), argv=[str(a) for a in argv])
+    return application.create_document()
+
+
+@pytest.fixture
+def doc(app):
+    return make_doc(app[0], [app[1]])
+
+
+def w(doc, name):
+    model = doc.select_one({"name": name})
+    assert model is not None, f"no model named {name!r}"
+    return model
+
+
+def click(model):
+    model._trigger_event(ButtonClick(model))
+
+
+def plot_index_of(doc, cluster):
+    view = doc.explorer_view
+    rows = np.flatnonzero(view.state.labels("cluster") == str(cluster))
+    return np.searchsorted(view.plot_rows, rows).tolist()
+
+
+def test_every_widget_is_there(doc):
+    for name in WIDGETS:
+        w(doc, name)
+    plot = w(doc, "plot")
+    assert plot.output_backend == "webgl"
+    lasso = plot.select_one(LassoSelectTool)
+    assert lasso.continuous is False
+    tools = {type(t).__name__ for t in plot.tools}
+    assert {"PanTool", "LassoSelectTool", "BoxZoomTool", "BoxSelectTool", "WheelZoomTool",
+            "SaveTool", "ResetTool", "HoverTool"} <= tools  # fmt: skip
+    assert len(w(doc, "points").data["x"]) == 35
+    assert "error" not in w(doc, "status").text
+
+
+def test_one_lasso_fires_the_selection_callback_once(doc):
+    src, labels = w(doc, "points"), w(doc, "labels")
+    fired = {"indices": 0, "labels": 0, "state": 0}
+    src.selected.on_change("indices", lambda a, o, n: fired.__setitem__("indices", fired["indices"] + 1))
+    labels.on_change("value", lambda a, o, n: fired.__setitem__("labels", fired["labels"] + 1))
+    doc.explorer_view.state.subscribe(lambda what: fired.__setitem__("state", fired["state"] + 1))
+    src.selected.indices = plot_index_of(doc, 1)[:5]
+    assert doc.explorer_view.selection_callbacks == 1
+    assert fired == {"indices": 1, "labels": 1, "state": 1}
+
+
+def test_lasso_fills_table_grid_and_multiselect(doc):
+    idx = plot_index_of(doc, 0) + plot_index_of(doc, 2)[:2]
+    w(doc, "points").selected.indices = idx
+    assert w(doc, "labels").value == ["0", "2"]
+    table = w(doc, "table_source").data
+    assert len(table["_file"]) == len(idx)
+    assert HOSTILE in table["_file"]
+    grid = w(doc, "grid").text
+    assert grid.count("<figure") == len(idx)
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in grid and HOSTILE not in grid
+    assert "images 1-10 of 10" in w(doc, "grid_page").text
+
+
+def test_table_escapes_file_names(doc):
+    table = w(doc, "table")
+    thumb = table.columns[0].formatter.template
+    assert "<%-" in thumb and "<%=" not in thumb
+    assert {type(c.formatter).__name__ for c in table.columns[1:3]} == {"StringFormatter"}
+    titles = [c.title for c in table.columns]
+    assert {"file name", "label", "path", "x", "y", "cluster", "photographer"} <= set(titles)
+
+
+def test_choosing_labels_selects_their_points(doc):
+    w(doc, "labels").value = ["3"]
+    assert sorted(w(doc, "points").selected.indices) == sorted(plot_index_of(doc, 3))
+    assert len(w(doc, "table_source").data["_file"]) == 8
+
+
+def test_only_change_selected_round_trip(doc):
+    src, labels = w(doc, "points"), w(doc, "labels")
+    lassoed = plot_index_of(doc, 0)[:3] + plot_index_of(doc, 1)[:4]
+    src.selected.indices = lassoed
+    w(doc, "only_selected").active = True
+    labels.value = ["1"]
+    assert sorted(src.selected.indices) == sorted(plot_index_of(doc, 1)[:4])
+    labels.value = ["0", "1"]
+    assert sorted(src.selected.indices) == sorted(lassoed)
+
+
+def test_clear_then_save_writes_nothing(doc, app):
+    w(doc, "labels").value = ["0", "1"]
+    click(w(doc, "clear_labels"))
+    assert w(doc, "labels").value == [] and w(doc, "points").selected.indices == []
+    assert len(w(doc, "table_source").data["_file"]) == 0
+    click(w(doc, "save"))
+    assert "nothing selected" in w(doc, "status").text
+    assert not (app[0] / "exports").exists() or not list((app[0] / "exports").iterdir())
+
+
+def test_save_writes_csv_and_zip_and_offers_downloads(doc, app):
+    w(doc, "points").selected.indices = plot_index_of(doc, 2)
+    w(doc, "save_name").value = "astro"
+    w(doc, "save_images").active = True
+    click(w(doc, "save"))
+    exports = app[0] / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == ["astro.csv", "astro.zip"]
+    assert len(read_table(exports / "astro.csv")) == 8
+    dl = w(doc, "downloads").data
+    assert dl["filename"] == ["astro.csv", "astro.zip"]
+    assert dl["url"] == ["/app/static/exports/astro.csv", "/app/static/exports/astro.zip"]
+    assert "saved 8 row(s)" in w(doc, "status").text
+
+
+def test_save_refuses_path_tricks_with_a_message(doc, app):
+    w(doc, "points").selected.indices = plot_index_of(doc, 2)
+    w(doc, "save_name").value = "../../etc/evil"
+    click(w(doc, "save"))
+    assert "refused" in w(doc, "status").text
+    assert not (app[0] / "exports").exists() or not list((app[0] / "exports").iterdir())
+    assert not list(app[0].parent.parent.glob("**/evil*"))
+
+
+def test_colour_by_label_handles_string_labels(doc):
+    w(doc, "color_by").value = "label"
+    options = [v for v, _ in w(doc, "labels").options]
+    assert HOSTILE_LABEL in options and "cat" in options
+    colors = set(w(doc, "points").data["color"])
+    assert len(colors) == 6  # cat, <b>bold</b>, coffee, astronaut, rocket, camera
+    legend = w(doc, "legend").text
+    assert "&lt;b&gt;bold&lt;/b&gt;" in legend and HOSTILE_LABEL not in legend
+    w(doc, "labels").value = ["coffee"]
+    assert sorted(w(doc, "points").selected.indices) == sorted(plot_index_of(doc, 1))
+
+
+def test_point_size_uses_value_throttled(doc):
+    w(doc, "point_size").set_from_json("value_throttled", 11)
+    assert w(doc, "scatter").glyph.size == 11
+
+
+def test_grid_pages(app, tmp_path):
+    import explorer.app.view as v
+
+    doc = make_doc(app[0], [app[1]])
+    w(doc, "points").selected.indices = list(range(35))
+    assert v.GRID_PAGE >= 35 and w(doc, "grid").text.count("<figure") == 35
+
+    old = v.GRID_PAGE
+    v.GRID_PAGE = 10
+    try:
+        w(doc, "points").selected.indices = list(range(25))
+        assert w(doc, "grid").text.count("<figure") == 10
+        click(w(doc, "grid_next"))
+        click(w(doc, "grid_next"))
+        assert w(doc, "grid").text.count("<figure") == 5
+        assert "page 3 of 3" in w(doc, "grid_page").text
+        assert w(doc, "grid_next").disabled
+    finally:
+        v.GRID_PAGE = old
+
+
+def test_reset_data(doc):
+    w(doc, "points").selected.indices = plot_index_of(doc, 1)
+    w(doc, "only_selected").active = True
+    w(doc, "color_by").value = "label"
+    w(doc, "point_size").set_from_json("value_throttled", 9)
+    click(w(doc, "reset"))
+    assert w(doc, "points").selected.indices == []
+    assert w(doc, "labels").value == [] and w(doc, "only_selected").active is False
+    assert w(doc, "color_by").value == "cluster" and w(doc, "scatter").glyph.size == 5
+    assert len(w(doc, "table_source").data["_file"]) == 0
+
+
+def test_two_sessions_share_nothing(app):
+    a, b = make_doc(app[0], [app[1]]), make_doc(app[0], [app[1]])
+    w(a, "points").selected.indices = plot_index_of(a, 1)
+    w(a, "color_by").value = "label"
+    assert w(b, "points").selected.indices == [] and w(b, "labels").value == []
+    assert w(b, "color_by").value == "cluster"
+    assert a.explorer_view.state is not b.explorer_view.state
+
+
+def test_works_from_another_directory_with_relative_csv(app, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rel_csv = Path("..") / "copy" / app[1].name
+    doc = make_doc(app[0], [rel_csv])
+    w(doc, "points").selected.indices = plot_index_of(doc, 0)
+    w(doc, "save_images").active = True
+    click(w(doc, "save"))
+    assert "8 original image(s)" in w(doc, "status").text
+    assert (app[0] / "exports" / "selection.zip").is_file()
+    assert not (elsewhere / "exports").exists()
+
+
+def test_csv_found_beside_app_without_args(app):
+    doc = make_doc(app[0], [])
+    assert len(w(doc, "points").data["x"]) == 35
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_no_csv_anywhere_shows_error_page(tmp_path):
+    app_dir = tmp_path / "lonely"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "app_files", app_dir)
+    doc = make_doc(app_dir, [])
+    status = w(doc, "status").text
+    assert "no CSV given" in status and "bokeh serve lonely --args lonely.csv" in status
+    assert doc.select_one({"name": "plot"}) is None
+
+
+def test_missing_xy_shows_error_instead_of_plot(app):
+    df = pd.read_csv(app[1]).drop(columns=["x"])
+    df.to_csv(app[1], index=False)
+    doc = make_doc(app[0], [app[1]])
+    assert "missing column(s) x" in w(doc, "status").text
+    assert doc.select_one({"name": "plot"}) is None
+
+
+def test_unreadable_csv_shows_error(app):
+    app[1].write_bytes(b"\xff\xfe\x00garbage\x00\n\x00")
+    doc = make_doc(app[0], [app[1]])
+    assert "ex-error" in w(doc, "status").text
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda df: df.drop(columns=["cluster", "probability"]), "missing column(s): cluster, probability"),
+        (lambda df: df.assign(mystery=1), None),
+        (lambda df: df.iloc[:0], "no rows"),
+        (lambda df: df.assign(x=np.where(np.arange(len(df)) < 3, np.nan, df["x"])), "3 row(s) have no valid x/y"),
+        (lambda df: df.assign(image="static/thumbs/nope.jpg"), "35 of 35 thumbnail(s) not found"),
+    ],
+    ids=["missing-columns", "unknown-column", "no-rows", "nan-xy", "missing-images"],
+)
+def test_bad_csv_still_starts_and_says_what_is_wrong(app, change, expect):
+    df = change(pd.read_csv(app[1]))
+    df.to_csv(app[1], index=False)
+    doc = make_doc(app[0], [app[1]])
+    w(doc, "plot")  # the map is there
+    status = w(doc, "status").text
+    if expect:
+        assert expect in status and "ex-warning" in status
+    else:
+        assert "ex-warning" not in status
+    # and selecting every drawn point still works
+    n = len(w(doc, "points").data["x"])
+    w(doc, "points").selected.indices = list(range(n))
+    assert len(w(doc, "table_source").data["_file"]) == n

@@ -1,0 +1,302 @@
+"""The app's state model (explorer.app.state), driven directly: no Bokeh, no browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+
+from explorer.app import AppState, ExportError, check_export_name  # noqa: E402
+from explorer.app.state import MUTED_COLOR, PALETTE, thumb_url  # noqa: E402
+from explorer.table import read_table, sidecar  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("appdata")
+    return make_app(root)
+
+
+@pytest.fixture
+def app(built, tmp_path):
+    """A private copy of the app (exports write into it) and the original image folder."""
+    app_dir, csv = built
+    root = tmp_path / "copy"
+    shutil.copytree(app_dir, root / app_dir.name)
+    shutil.copy(csv, root / csv.name)
+    shutil.copy(sidecar(csv, "run.json"), root / sidecar(csv, "run.json").name)
+    return root / app_dir.name, root / csv.name
+
+
+@pytest.fixture
+def state(app):
+    app_dir, csv = app
+    return AppState.from_csv(csv, app_dir=app_dir)
+
+
+def rows_of(state, column, value):
+    return set(np.flatnonzero(state.labels(column) == value).tolist())
+
+
+# ----------------------------------------------------------------------------- loading
+def test_loads_clean_app_without_problems(state):
+    assert state.problems == []
+    assert state.n_rows == 35
+    assert state.label_values() == ["-1", "0", "1", "2", "3"]
+    assert state.image_dir is not None and state.image_dir.is_dir()
+
+
+def test_selection_starts_empty(state):
+    assert len(state.selection) == 0 and state.label_filter == ()
+
+
+# ----------------------------------------------------------------------------- selection
+def test_lasso_fills_label_filter_with_labels_present(state):
+    c0 = sorted(rows_of(state, "cluster", "0"))
+    c2 = sorted(rows_of(state, "cluster", "2"))
+    state.select(c0[:3] + c2[:2])
+    assert state.label_filter == ("0", "2")
+    assert set(state.selection.tolist()) == set(c0[:3] + c2[:2])
+
+
+def test_choosing_labels_selects_all_their_points(state):
+    state.set_label_filter(["1", "3"])
+    assert set(state.selection.tolist()) == rows_of(state, "cluster", "1") | rows_of(state, "cluster", "3")
+
+
+def test_unknown_label_is_refused(state):
+    with pytest.raises(ValueError, match="'99'"):
+        state.set_label_filter(["99"])
+
+
+def test_only_change_selected_restricts_label_changes_to_selection(state):
+    c0 = sorted(rows_of(state, "cluster", "0"))
+    c1 = sorted(rows_of(state, "cluster", "1"))
+    lassoed = c0[:4] + c1[:3]
+    state.select(lassoed)
+    state.set_only_selected(True)
+    state.set_label_filter(["0"])  # remove label 1
+    assert set(state.selection.tolist()) == set(c0[:4])
+    state.set_label_filter(["0", "1"])  # add it back: the same rows, not all of cluster 1
+    assert set(state.selection.tolist()) == set(lassoed)
+
+
+def test_without_only_selected_adding_a_label_takes_all_its_rows(state):
+    c0 = sorted(rows_of(state, "cluster", "0"))
+    c1 = sorted(rows_of(state, "cluster", "1"))
+    state.select(c0[:4] + c1[:3])
+    state.set_label_filter(["0"])
+    state.set_label_filter(["0", "1"])
+    assert set(state.selection.tolist()) == set(c0) | set(c1)
+
+
+def test_clear_label_filter_selects_nothing_and_save_writes_nothing(state, app):
+    state.set_label_filter(["0", "1"])
+    state.clear_label_filter()
+    assert state.label_filter == () and len(state.selection) == 0
+    with pytest.raises(ExportError, match="nothing selected"):
+        state.export("after-clear", images=True)
+    exports = app[0] / "exports"
+    assert not exports.exists() or list(exports.iterdir()) == []
+
+
+def test_clear_under_only_selected_keeps_scope_for_adding_back(state):
+    c3 = sorted(rows_of(state, "cluster", "3"))
+    state.select(c3[:5])
+    state.set_only_selected(True)
+    state.clear_label_filter()
+    state.set_label_filter(["3"])
+    assert set(state.selection.tolist()) == set(c3[:5])
+
+
+def test_reset_returns_to_initial_state(state):
+    state.select([0, 1, 2])
+    state.set_only_selected(True)
+    state.set_label_column("label")
+    state.set_point_size(12)
+    state.reset()
+    assert len(state.selection) == 0 and len(state.scope) == 0
+    assert state.label_filter == () and state.only_selected is False
+    assert state.label_column == "cluster" and state.point_size == 5.0
+
+
+def test_subscribers_hear_each_change_once(state):
+    heard = []
+    state.subscribe(heard.append)
+    state.select([0, 1])
+    assert len(heard) == 1 and "selection" in heard[0]
+    state.set_label_filter(state.label_filter)  # no change: no event
+    assert len(heard) == 1
+
+
+@pytest.mark.parametrize("bad", [["x"], [-1], [10**6], [0.5]])
+def test_select_validates_rows(state, bad):
+    with pytest.raises(ValueError):
+        state.select(bad)
+
+
+def test_bad_parameters_raise_value_error(state):
+    with pytest.raises(ValueError, match="'colour'"):
+        state.set_label_column("colour")
+    with pytest.raises(ValueError, match="-3"):
+        state.set_point_size(-3)
+
+
+# ----------------------------------------------------------------------------- colours
+def test_string_labels_colour_the_map(state):
+    state.set_label_column("label")
+    color, alpha = state.colors()
+    labels = state.labels()
+    assert HOSTILE_LABEL in set(labels)
+    # one colour per label, different labels different colours (fewer labels than palette)
+    by_label = {lab: set(color[labels == lab]) for lab in set(labels)}
+    assert all(len(c) == 1 for c in by_label.values())
+    assert len({next(iter(c)) for c in by_label.values()}) == len(by_label)
+    assert (alpha > 0).all()
+
+
+def test_noise_is_grey_and_faint(state):
+    color, alpha = state.colors()
+    noise = state.labels() == "-1"
+    assert set(color[noise]) == {MUTED_COLOR}
+    assert alpha[noise].max() < alpha[~noise].min()
+
+
+def test_many_clusters_cycle_the_palette():
+    n = 200
+    df = pd.DataFrame(
+        {"x": np.arange(n, dtype=float), "y": np.zeros(n), "cluster": np.arange(n) % 50,
+         "path": [f"{i}.jpg" for i in range(n)], "image": [""] * n}
+    )  # fmt: skip
+    st = AppState(df)
+    color, _ = st.colors()
+    assert set(color) == set(PALETTE)
+    assert len(st.legend()) == 50
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_nan_coordinates_and_missing_thumbnails_are_reported(app):
+    app_dir, csv = app
+    df = pd.read_csv(csv)
+    df.loc[0, "x"] = np.nan
+    df.loc[1, "image"] = "static/thumbs/does-not-exist.jpg"
+    df = df.drop(columns=["outlier_score"])
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    text = " | ".join(st.problems)
+    assert "no valid x/y" in text
+    assert "outlier_score" in text
+    assert "thumbnail" in text and "does-not-exist" in text
+    st.select([0, 1, 2])
+    assert 0 not in st.selection.tolist()  # not drawn, so not selectable
+
+
+def test_run_record_missing_is_reported(app):
+    app_dir, csv = app
+    sidecar(csv, "run.json").unlink()
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    assert any("run.json" in p for p in st.problems)
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.mark.parametrize(
+    "name", ["../evil", "a/b", "a\\b", "x\x00y", "..", "", "   ", ".hidden", "con:x", "tab\there", "x" * 200]
+)
+def test_bad_export_names_are_refused(state, app, name):
+    state.select([0, 1])
+    with pytest.raises(ExportError):
+        state.export(name)
+    assert not (app[0] / "exports").exists() or list((app[0] / "exports").iterdir()) == []
+
+
+def test_export_name_suffixes_are_stripped():
+    assert check_export_name("cats.csv") == "cats"
+    assert check_export_name("cats.ZIP") == "cats"
+    assert check_export_name(" my cats ") == "my cats"
+
+
+def test_export_writes_selected_rows_with_all_columns(state):
+    rows = sorted(rows_of(state, "cluster", "2"))
+    state.select(rows)
+    res = state.export("cats", images=False)
+    assert res.csv is not None and res.csv.name == "cats.csv" and res.zip is None
+    assert res.csv.parent == state.app_dir / "exports"
+    out = read_table(res.csv)
+    assert len(out) == len(rows)
+    assert {"x", "y", "photographer", "label", "path"} <= set(out.columns)
+    assert np.allclose(out["x"].to_numpy(), state.table["x"].to_numpy()[rows])
+    # offered to the browser from static/exports
+    (fname, url) = res.downloads[0]
+    assert url == f"/{state.route}/static/exports/cats.csv"
+    assert (state.app_dir / "static" / "exports" / "cats.csv").read_bytes() == res.csv.read_bytes()
+
+
+def test_csv_and_zip_never_overwrite_each_other_or_earlier_exports(state):
+    state.select(sorted(rows_of(state, "cluster", "1")))
+    first = state.export("pick", images=True)  # no .csv suffix given
+    assert first.csv.name == "pick.csv" and first.zip.name == "pick.zip"
+    csv_bytes = first.csv.read_bytes()
+    assert csv_bytes.startswith(b"path,")  # the zip did not overwrite the CSV
+    state.select(sorted(rows_of(state, "cluster", "3")))
+    second = state.export("pick.csv", images=True)
+    assert second.csv.name == "pick-1.csv" and second.zip.name == "pick-1.zip"
+    assert first.csv.read_bytes() == csv_bytes
+    assert zipfile.is_zipfile(first.zip) and zipfile.is_zipfile(second.zip)
+
+
+def test_zip_holds_originals_when_started_elsewhere(state, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repo root, not the app folder
+    rows = sorted(rows_of(state, "cluster", "0"))
+    state.select(rows)
+    res = state.export("originals", images=True)
+    assert res.originals == len(rows) and res.thumbnails == 0
+    with zipfile.ZipFile(res.zip) as zf:
+        names = set(zf.namelist())
+        assert f"cat/{HOSTILE}" in names
+        original = (state.image_dir / "cat" / "cat_001.jpg").read_bytes()
+        assert zf.read("cat/cat_001.jpg") == original
+
+
+def test_zip_falls_back_to_thumbnails_and_says_so(app, tmp_path):
+    app_dir, csv = app
+    json_path = sidecar(csv, "run.json")
+    json_path.write_text(json.dumps({"image_dir": str(tmp_path / "gone")}))
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    assert any("not found" in p for p in st.problems)
+    st.select(sorted(rows_of(st, "cluster", "3")))
+    res = st.export("thumbs", images=True)
+    assert res.originals == 0 and res.thumbnails == 8
+    assert "thumbnail" in res.message and "originals not found" in res.message
+    with zipfile.ZipFile(res.zip) as zf:
+        assert all(n.startswith("thumbnails/") for n in zf.namelist())
+
+
+def test_zip_never_reads_outside_the_image_folder(app, tmp_path):
+    app_dir, csv = app
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not export")
+    df = pd.read_csv(csv)
+    df.loc[0, "path"] = "../../secret.txt"
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    st.select([0])
+    res = st.export("escape", images=True)
+    with zipfile.ZipFile(res.zip) as zf:
+        assert all(b"do not export" not in zf.read(n) for n in zf.namelist())
+    assert res.originals == 0
+
+
+def test_thumb_urls_are_under_the_app_route():
+    assert thumb_url("static/thumbs/a b.jpg", "demo") == "/demo/static/thumbs/a%20b.jpg"
+    assert thumb_url("/elsewhere/x.jpg", "demo") == "/elsewhere/x.jpg"
+    assert thumb_url("https://example.org/x.jpg", "demo") == "https://example.org/x.jpg"
+    assert "<" not in thumb_url(f"static/thumbs/{HOSTILE}", "demo")
