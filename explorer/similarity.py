@@ -431,7 +431,7 @@ def compute_features(paths: Sequence[str | os.PathLike], method: str, *,
             img = _open_image(p, size)
             items.append(_feature_of(img, method, size))
         except Exception as exc:  # noqa: BLE001 - any bad file is recorded, never fatal
-            errors.append((str(p), f"{type(exc).__name__}: {exc}"))
+            errors.append((str(p), getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"))
             continue
         ok.append(k)
     return _stack(items, method, size), np.asarray(ok, dtype=np.int64), errors
