@@ -113,28 +113,13 @@ def _parent_id(parent_id) -> str:
     return parent_id
 
 
-def _hdbscan_labels(Z: np.ndarray, min_cluster_size: int) -> np.ndarray:
-    """HDBSCAN labels of the clusterable space (kept small so it can be switched)."""
-    import hdbscan
-
-    clusterer = hdbscan.HDBSCAN(
-        min_cluster_size=min_cluster_size,
-        min_samples=min(min_cluster_size, 5),
-        core_dist_n_jobs=1,
-    )
-    return np.asarray(clusterer.fit_predict(Z.astype(np.float64)), dtype=int)
-
-
-def _default_min_cluster_size(n: int) -> int:
-    return int(max(3, min(100, round(math.sqrt(n) / 2))))
-
-
 def recluster(
     embeddings_subset,
     parent_id="3",
     *,
     seed: int = 42,
-    min_cluster_size: int | None = None,
+    method: str = "hdbscan",
+    **cluster_params,
 ) -> Recluster:
     """Map and cluster just the selected images again (from their cached embeddings).
 
@@ -148,15 +133,20 @@ def recluster(
         ``f"{parent_id}.noise"`` for images in no sub-cluster.
     seed:
         Same input and seed give the same map and ids.
-    min_cluster_size:
-        HDBSCAN's smallest sub-cluster; default ``max(3, sqrt(n) / 2)`` (at most 100).
+    method, cluster_params:
+        Passed to :func:`explorer.cluster.cluster` (the same clustering as ``explorer
+        build``), e.g. ``min_cluster_size=10`` or ``assign_noise=False`` for HDBSCAN.
 
     Returns a :class:`Recluster` (``xy, sub_ids = recluster(...)`` also works).
 
-    Selections of fewer than :data:`MIN_RECLUSTER` images are not clustered: they get a
-    simple layout, all in ``"<parent>.1"``, and a note saying so. When HDBSCAN finds no
-    structure (everything noise), all images are put in ``"<parent>.1"`` with a note.
+    The map is :func:`explorer.reduce.reduce_map` and the clustering runs, like the main
+    build, on :func:`explorer.reduce.reduce_cluster_space`. Selections of fewer than
+    :data:`MIN_RECLUSTER` images are not clustered: they get a simple layout, all in
+    ``"<parent>.1"``, and a note saying so. When the clustering finds no structure
+    (everything noise), all images are put in ``"<parent>.1"`` with a note. Notes from
+    the map and the clustering (fallbacks, clamped parameters) are passed on.
     """
+    from explorer import cluster as cluster_mod
     from explorer import reduce as reduce_mod
 
     X = _check_embeddings(embeddings_subset, "embeddings_subset")
@@ -165,8 +155,8 @@ def recluster(
     n = X.shape[0]
     if n == 0:
         raise ValueError("the selection is empty: select at least one image to re-cluster")
-    if min_cluster_size is not None:
-        min_cluster_size = _check_int("min_cluster_size", min_cluster_size, 2)
+    if method not in cluster_mod.METHODS:
+        raise ValueError(f"unknown clustering method {method!r}; use one of {cluster_mod.METHODS}")
     notes: list[str] = []
     xy, map_notes = reduce_mod.reduce_map(X, random_state=seed)
     xy = np.asarray(xy, dtype=np.float32)
@@ -180,9 +170,9 @@ def recluster(
     else:
         Z, z_notes = reduce_mod.reduce_cluster_space(X, random_state=seed)
         notes += list(z_notes)
-        mcs = min_cluster_size or _default_min_cluster_size(n)
-        mcs = min(mcs, n)
-        raw = _hdbscan_labels(np.asarray(Z), mcs)
+        res = cluster_mod.cluster(np.asarray(Z), method, random_state=seed, **cluster_params)
+        notes += list(res.notes)
+        raw = np.asarray(res.labels, dtype=int)
         if (raw < 0).all():
             notes.append(f"no sub-clusters found among {n} images; shown as one group")
             labels = np.ones(n, dtype=int)

@@ -72,6 +72,15 @@ def test_tiny_selections_work_and_say_so(n):
     assert any("too few" in note for note in res.notes)
 
 
+def test_noise_gets_its_own_sub_id_when_kept():
+    X, _ = blobs(2, 40, seed=5)
+    far = np.random.default_rng(9).normal(size=(3, X.shape[1])).astype(np.float32) * 10
+    res = recluster(np.concatenate([X, far]), "7", seed=0, assign_noise=False)
+    assert all(s.startswith("7.") for s in res.sub_ids)
+    assert {"7.1", "7.2"} <= set(res.sub_ids)
+    assert set(res.sub_ids) <= {"7.1", "7.2", "7.3", "7.noise"}
+
+
 def test_structureless_selection_is_one_group_with_a_note():
     X = np.ones((30, 8), dtype=np.float32)  # thirty identical images
     res = recluster(X, "5", seed=0)
@@ -88,7 +97,8 @@ def test_structureless_selection_is_one_group_with_a_note():
         ((np.zeros((8, 4)), ""), {}),
         ((np.zeros((8, 4)), "a b"), {}),
         ((np.zeros((8, 4)),), {"seed": -1}),
-        ((np.zeros((8, 4)),), {"min_cluster_size": 1}),
+        ((np.zeros((8, 4)),), {"min_cluster_size": 0}),
+        ((np.zeros((3, 4)),), {"method": "magic"}),
     ],
 )
 def test_recluster_bad_input(args, kw):
