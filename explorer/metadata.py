@@ -79,7 +79,8 @@ def _flatten(value):
     return value
 
 
-def _from_json(text: str, key: str, jsonl: bool) -> pd.DataFrame:
+def _from_json(text: str, key: str | None, jsonl: bool) -> pd.DataFrame:
+    key = key or "file"  # the column that holds the outer names of {name: {...}}
     if jsonl:
         rows = []
         for i, line in enumerate(text.splitlines(), start=1):
@@ -153,7 +154,11 @@ def _infer_numbers(df: pd.DataFrame, key: str) -> pd.DataFrame:
     return df
 
 
-def read_metadata(path_or_bytes, key: str, *, fmt: str | None = None) -> pd.DataFrame:
+#: column names tried, in order, when no key is given
+KEY_CANDIDATES = ("path", "file", "filename", "file_name", "image", "name")
+
+
+def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None) -> pd.DataFrame:
     """Read per-image metadata from a file path or the bytes of an upload.
 
     ``fmt`` (``"csv"``, ``"tsv"``, ``"json"``, ``"jsonl"``) defaults to the file's suffix,
@@ -162,10 +167,13 @@ def read_metadata(path_or_bytes, key: str, *, fmt: str | None = None) -> pd.Data
     normalised by :func:`normalize_key`. Columns whose values are all numbers are numeric;
     JSON lists become ``"a, b"`` (a tag column).
 
+    ``key=None`` picks the first of :data:`KEY_CANDIDATES` that is a column (any case);
+    the chosen name is in ``df.attrs["key"]``.
+
     Raises ``ValueError`` with a clear message for: a missing file, unreadable CSV/JSON, a
     missing ``key`` column (naming the columns there are), or no rows.
     """
-    if not isinstance(key, str) or not key.strip():
+    if key is not None and (not isinstance(key, str) or not key.strip()):
         raise ValueError(f"key must be the name of the column with file names, got {key!r}")
     name = "upload"
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
@@ -203,6 +211,15 @@ def read_metadata(path_or_bytes, key: str, *, fmt: str | None = None) -> pd.Data
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from exc
     meta.columns = [str(c).strip() for c in meta.columns]
+    if key is None:
+        lower = {str(c).lower(): c for c in meta.columns}
+        key = next((lower[c] for c in KEY_CANDIDATES if c in lower), None)
+        if key is None:
+            cols = ", ".join(repr(c) for c in list(meta.columns)[:20]) or "none"
+            raise ValueError(
+                f"{name}: no file-name column found (tried {', '.join(KEY_CANDIDATES)}); "
+                f"pass the key column; columns: {cols}"
+            )
     if key not in meta.columns:
         cols = ", ".join(repr(c) for c in list(meta.columns)[:20]) or "none"
         raise ValueError(f"{name}: no column {key!r} to match images by; columns: {cols}")
@@ -227,6 +244,7 @@ def read_metadata(path_or_bytes, key: str, *, fmt: str | None = None) -> pd.Data
     meta = _infer_numbers(meta.reset_index(drop=True), key)
     meta.attrs["problems"] = problems
     meta.attrs["duplicates"] = int(dups.sum())
+    meta.attrs["key"] = key
     return meta
 
 
@@ -252,6 +270,12 @@ class JoinReport:
     @property
     def unmatched(self) -> int:
         return self.n_rows - self.matched
+
+    def to_dict(self) -> dict:
+        """JSON-ready (for the run record)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "unmatched": self.unmatched, "summary": self.summary()}
 
     def summary(self) -> str:
         """One paragraph a person can read."""
@@ -288,18 +312,21 @@ def _target_names(meta_cols, taken: set) -> dict[str, str]:
     return out
 
 
-def join_metadata(df: pd.DataFrame, meta: pd.DataFrame, key: str, *,
+def join_metadata(df: pd.DataFrame, meta: pd.DataFrame, key: str | None = None, *,
                   path_col: str = "path") -> tuple[pd.DataFrame, JoinReport]:
     """Add ``meta``'s columns to ``df`` by file name; never drops, adds or reorders rows.
 
     Each row's ``path`` is matched, in this order, to a key equal to the path, a key
     ending with ``"/" + path``, then a key equal to the file name. Unmatched rows get
-    missing values. The ``key`` column itself is not added. Metadata columns named like a
+    missing values. The ``key`` column (default: the one :func:`read_metadata` chose) is
+    not added. Metadata columns named like a
     schema column or an existing column are renamed ``meta_<name>`` (listed in the
     report). ``df`` is not modified.
     """
     if path_col not in df.columns:
         raise ValueError(f"the table has no {path_col!r} column to join metadata by")
+    if key is None:
+        key = meta.attrs.get("key")
     if key not in meta.columns:
         raise ValueError(f"the metadata has no {key!r} column")
     meta = meta.copy()

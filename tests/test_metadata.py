@@ -92,6 +92,20 @@ def test_unreadable_metadata_gives_clear_errors(tmp_path, content, suffix, match
         read_metadata(p, "file")
 
 
+def test_key_column_found_when_not_given(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("Filename,iso\na.jpg,1\n")
+    meta = read_metadata(p, None)
+    assert meta.attrs["key"] == "Filename"
+    out, rep = join_metadata(table(["x/a.jpg"]), meta)
+    assert out["iso"].tolist() == [1] and rep.to_dict()["matched"] == 1
+    json_map = read_metadata(b'{"a.jpg": {"iso": 5}}', None)
+    assert json_map.attrs["key"] == "file" and json_map["file"].tolist() == ["a.jpg"]
+    (tmp_path / "n.csv").write_text("iso,camera\n1,x\n")
+    with pytest.raises(ValueError, match="no file-name column"):
+        read_metadata(tmp_path / "n.csv", None)
+
+
 def test_missing_file_and_bad_argument(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         read_metadata(tmp_path / "nope.csv", "file")
