@@ -1,0 +1,242 @@
+"""The app in real headless Chromium against ``bokeh serve`` (mouse lasso, save, downloads).
+
+Needs Debian's chromium + chromium-driver (``apt-get install -y chromium chromium-driver``);
+skipped with a reason when they are absent. The server is started from another directory
+with relative paths, as a person might.
+"""
+
+from __future__ import annotations
+
+import csv as csvmod
+import io
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+
+from explorer.app import browser as B  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+if B.find_chromium() is None:
+    pytest.skip(
+        "chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+DEEP_JS = """
+// elements matching arguments[1] inside the view of the model named arguments[0]
+function deep(root, sel, out) {
+  root.querySelectorAll(sel).forEach(e => out.push(e));
+  root.querySelectorAll("*").forEach(e => { if (e.shadowRoot) deep(e.shadowRoot, sel, out); });
+  return out;
+}
+let root = document;
+if (arguments[0]) {
+  const m = Bokeh.documents[0].get_model_by_name(arguments[0]);
+  const v = m && Bokeh.index.find_one(m);
+  if (!v) return [];
+  root = v.el.shadowRoot || v.el;
+}
+return deep(root, arguments[1], []);
+"""
+
+
+def deep(drv, name, selector):
+    return drv.execute_script(DEEP_JS, name, selector)
+
+
+def wait_model(drv, name, expr, timeout=15.0):
+    js = (
+        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
+        f"if (!m) return null; return ({expr});"
+    )
+    return B.wait_for(drv, js, name, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    app_dir, csv = make_app(root)
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    downloads = root / "downloads"
+    downloads.mkdir()
+    # started from another directory, with paths relative to it
+    with B.serve(Path("..") / app_dir.name, Path("..") / csv.name, cwd=elsewhere) as url:
+        with B.chromium(download_dir=downloads) as drv:
+            yield {"url": url, "drv": drv, "app_dir": app_dir, "downloads": downloads, "root": root}
+
+
+@pytest.fixture
+def page(site):
+    drv = site["drv"]
+    drv.get(site["url"])
+    B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+    drv.execute_script("window.__alerts = []; window.alert = m => window.__alerts.push(String(m));")
+    return drv
+
+
+def lasso_clusters_0_and_1(drv):
+    B.lasso(drv, [(-3, -3), (13, -3), (13, 3), (-3, 3)])
+    wait_model(drv, "table_source", "m.data['_file'].length == 16")
+
+
+def injected(drv):
+    """Elements a hostile file name or label would have created."""
+    return drv.execute_script(
+        DEEP_JS.replace("return deep(root, arguments[1], []);", "")
+        + "return deep(document, 'img[src=\"x\"], [onerror], b', [])"
+        + ".filter(e => e.tagName !== 'B' || e.textContent === 'bold').length;",
+        None,
+        "",
+    )
+
+
+def test_page_shows_map_and_no_errors(page):
+    assert B.model_value(page, "points", "m.data['x'].length") == 35
+    title = deep(page, "title", ".ex-title")[0].text
+    assert "35 images" in title and "4 clusters" in title
+    severe = [e for e in page.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+
+
+def test_lasso_fills_table_grid_and_multiselect(page):
+    lasso_clusters_0_and_1(page)
+    assert B.model_value(page, "labels", "m.value") == ["0", "1"]
+    assert B.model_value(page, "points", "m.selected.indices.length") == 16
+    # what the person sees: 16 thumbnails in the grid and table rows
+    assert len(deep(page, "grid", "figure img")) == 16
+    rows = deep(page, "table", ".slick-row")
+    assert len(rows) >= 5  # the grid's viewport shows the first rows
+    names = [e.text for e in deep(page, "grid", ".ex-name")]
+    assert HOSTILE in names  # shown as text
+    assert injected(page) == 0 and page.execute_script("return window.__alerts") == []
+
+
+def test_hover_shows_thumbnail_name_and_label_as_text(page):
+    page.execute_script(
+        "const p = Bokeh.documents[0].get_model_by_name('points'); window.__hostile = p.data['name'].indexOf(arguments[0]);",
+        HOSTILE,
+    )
+    i = page.execute_script("return window.__hostile")
+    x, y = B.model_value(page, "points", f"[m.data['x'][{i}], m.data['y'][{i}]]")
+    px, py = B.data_to_page(page, x, y)
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    for dx in (-12, -6, -1, 0):  # move onto the point like a hand would
+        ab = ActionBuilder(page)
+        ab.pointer_action.move_to_location(int(px) + dx, int(py))
+        ab.perform()
+        time.sleep(0.15)
+    tip = B.wait_for(
+        page,
+        DEEP_JS.replace("return deep(root, arguments[1], []);", "")
+        + "const t = deep(document, '.bk-tooltip-content', []).map(e => e.textContent).join(' ');"
+        + "return t.includes(arguments[1]) ? t : null;",
+        None,
+        HOSTILE,
+        timeout=10,
+    )
+    assert "cluster: 0" in tip
+    imgs = deep(page, None, ".bk-tooltip-content img")
+    assert imgs and "/app/static/thumbs/" in imgs[0].get_attribute("src")
+    assert injected(page) == 0 and page.execute_script("return window.__alerts") == []
+
+
+def test_multiselect_selects_points_of_chosen_labels(page):
+    select = deep(page, "labels", "select")[0]
+    page.execute_script(
+        "for (const o of arguments[0].options) o.selected = (o.value === '3');"
+        "arguments[0].dispatchEvent(new Event('change', {bubbles: true}));",
+        select,
+    )
+    wait_model(page, "points", "m.selected.indices.length == 8")
+    wait_model(page, "table_source", "m.data['_file'].length == 8")
+    assert all(n.startswith("rocket_") for n in B.model_value(page, "table_source", "m.data['_file']"))
+
+
+def test_colour_by_label_with_string_labels(page):
+    select = deep(page, "color_by", "select")[0]
+    page.execute_script(
+        "arguments[0].value = 'label'; arguments[0].dispatchEvent(new Event('change', {bubbles: true}));",
+        select,
+    )
+    wait_model(page, "labels", "m.options.length == 6")
+    legend = " ".join(e.text for e in deep(page, "legend", ".ex-legend-text"))
+    assert HOSTILE_LABEL in legend  # as text
+    assert injected(page) == 0
+    assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def wait_files(folder: Path, names: list[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have = {p.name for p in folder.iterdir()}
+        if all(n in have for n in names) and not any(p.suffix == ".crdownload" for p in folder.iterdir()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"downloads {names} not in {sorted(p.name for p in folder.iterdir())}")
+
+
+def test_save_downloads_csv_and_zip_of_originals(page, site):
+    lasso_clusters_0_and_1(page)
+    box = deep(page, "save_name", "input")[0]
+    box.clear()
+    box.send_keys("picked\n")
+    wait_model(page, "save_name", "m.value == 'picked'")
+    deep(page, "save_images", "button")[0].click()
+    wait_model(page, "save_images", "m.active")
+    deep(page, "save", "button")[0].click()
+    wait_files(site["downloads"], ["picked.csv", "picked.zip"])
+    rows = list(csvmod.DictReader(io.StringIO((site["downloads"] / "picked.csv").read_text())))
+    assert len(rows) == 16 and {r["cluster"] for r in rows} == {"0", "1"}
+    assert {"x", "y", "photographer"} <= set(rows[0])
+    with zipfile.ZipFile(site["downloads"] / "picked.zip") as zf:
+        names = set(zf.namelist())
+    assert len(names) == 16 and f"cat/{HOSTILE}" in names
+    assert (site["app_dir"] / "exports" / "picked.csv").is_file()
+    status = " ".join(e.text for e in deep(page, "status", ".ex-msg"))
+    assert "saved 16 row(s)" in status and "16 original image(s)" in status
+
+
+def test_bad_name_and_clear_then_save_say_so(page, site):
+    lasso_clusters_0_and_1(page)
+    box = deep(page, "save_name", "input")[0]
+    box.clear()
+    box.send_keys("../escape\n")
+    wait_model(page, "save_name", "m.value == '../escape'")
+    deep(page, "save", "button")[0].click()
+    B.wait_for(page, "return (" + _status_js() + ").includes('refused')")
+    deep(page, "clear_labels", "button")[0].click()
+    wait_model(page, "points", "m.selected.indices.length == 0")
+    box.clear()
+    box.send_keys("empty\n")
+    wait_model(page, "save_name", "m.value == 'empty'")
+    deep(page, "save", "button")[0].click()
+    B.wait_for(page, "return (" + _status_js() + ").includes('nothing selected')")
+    assert not (site["app_dir"] / "exports" / "empty.csv").exists()
+    assert not list(site["root"].glob("**/escape*"))
+
+
+def _status_js() -> str:
+    return (
+        "(() => { const m = Bokeh.documents[0].get_model_by_name('status');"
+        " const v = Bokeh.index.find_one(m); return v ? v.el.shadowRoot.textContent : ''; })()"
+    )
+
+
+def test_bad_csv_shows_message_not_blank_page(tmp_path):
+    app_dir, csv = make_app(tmp_path, per_group=2, noise=1, hostile=False)
+    text = csv.read_text().replace("\nx,", "\nxx,", 1)
+    header, rest = text.split("\n", 1)
+    csv.write_text(header.replace(",x,", ",not_x,") + "\n" + rest)
+    with B.serve(app_dir, csv) as url, B.chromium() as drv:
+        drv.get(url)
+        msg = B.wait_for(drv, "return (" + _status_js() + ")", timeout=30)
+        assert "missing column(s) x" in msg
