@@ -1,0 +1,940 @@
+"""Cluster points (usually the UMAP clustering space): HDBSCAN, KMeans, agglomerative,
+DBSCAN, Gaussian mixtures, or "auto" (try each over a small grid, keep the best).
+
+One entry point, arrays in, a :class:`ClusterResult` out::
+
+    res = cluster(Z, "hdbscan")               # the default
+    res = cluster(Z, "kmeans", k=10)          # or without k: elbow of inertia over k
+    res = cluster(Z, "auto")                  # every method, scored, best by combined rank
+    res.labels, res.probabilities, res.outlier_scores, res.scores, res.notes
+
+Every method fills the same three per-point arrays:
+
+``labels``
+    int, ``-1`` = noise / outlier (only HDBSCAN with ``assign_noise=False`` and DBSCAN
+    produce noise).
+``probabilities``
+    membership strength in [0, 1]; noise points have 0.
+``outlier_scores``
+    in [0, 1], higher = stranger.
+
+How each method defines them (all documented in the method's ``_fit_*`` function):
+
+============= ======================================== ==========================================
+method        probability                              outlier score
+============= ======================================== ==========================================
+hdbscan       HDBSCAN membership strength; for noise   GLOSH (``outlier_scores_``)
+              points assigned to a cluster, their
+              soft-clustering membership in it
+kmeans        ``1 - d1/d2`` (d1, d2: distances to the  kNN sparsity, GLOSH-like:
+              nearest and second nearest centroid;     ``1 - min(1, m_c / r)``, r = distance
+              0 = on a boundary, 1 = at a centroid)    to the 10th nearest neighbour, m_c =
+                                                       median r in the cluster (0 for the
+                                                       denser half, 0.5 at twice the typical
+                                                       spacing, -> 1 far away)
+agglomerative same as kmeans, with cluster means        same as kmeans
+gmm           posterior probability of the component   same as kmeans
+dbscan        1 for core points, ``1 - d/eps`` for     ``1 - min(1, eps / d_k)``, d_k =
+              border points (d = distance to nearest   distance to the ``min_samples``-th
+              core point), 0 for noise                 neighbour (0 for every core point)
+============= ======================================== ==========================================
+
+Scores (``res.scores``): silhouette (higher is better), Calinski-Harabasz (higher) and
+Davies-Bouldin (lower), computed on the non-noise points when there are at least two
+clusters (else ``None``), plus ``n_clusters`` and ``noise_fraction``. Silhouette uses a
+seeded sample of at most :data:`SCORE_SAMPLE` points.
+
+Small or degenerate input never crashes: 0 points give empty arrays; 1-2 points or
+all-identical points give one cluster (label 0) with a note; parameters larger than the
+data allows (``k > N``, ``min_cluster_size > N``) are clamped with a note.
+
+``hdbscan`` and scikit-learn estimators are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+#: the methods :func:`cluster` accepts
+METHODS: tuple[str, ...] = ("hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto")
+
+#: silhouette is O(N^2): computed on a seeded sample of at most this many points
+SCORE_SAMPLE = 5000
+
+#: methods whose fitting is O(N^2) in memory or slow (agglomerative, gmm/kmeans grids,
+#: auto) fit on a seeded sample of at most this many points; the rest are assigned to the
+#: nearest cluster (noted in ``notes``)
+MAX_FIT_POINTS = 10_000
+
+#: below this many points there is nothing to cluster: one cluster, with a note
+MIN_POINTS = 3
+
+#: the parameters each method accepts (besides ``random_state``)
+PARAMS: dict[str, dict[str, Any]] = {
+    "hdbscan": {
+        "min_cluster_size": "auto",
+        "min_samples": None,
+        "cluster_selection_method": "eom",
+        "cluster_selection_epsilon": 0.0,
+        "assign_noise": True,
+    },
+    "kmeans": {"k": None, "k_max": 20},
+    "agglomerative": {"k": None, "k_max": 20, "linkage": "ward"},
+    "dbscan": {"eps": None, "min_samples": 10, "eps_quantile": 0.9},
+    "gmm": {"k": None, "k_max": 20, "covariance_type": "full"},
+    "auto": {"k_max": 20, "max_noise": 0.1, "methods": None},
+}
+
+_LINKAGES = ("ward", "average", "complete", "single")
+_COVARIANCES = ("full", "tied", "diag", "spherical")
+
+
+# =========================================================================== result
+@dataclass
+class ClusterResult:
+    """Labels and per-point scores of one clustering, with what made them.
+
+    ``candidates`` (``auto`` only) lists every tried ``{method, params, scores,
+    n_clusters, noise_fraction, eligible, rank}``; ``elbow`` (``kmeans`` without ``k``)
+    is ``{"k": [...], "inertia": [...], "chosen_k": k}`` for :func:`elbow_plot`.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    outlier_scores: np.ndarray
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    elbow: dict[str, Any] | None = None
+    requested: str = ""
+
+    @property
+    def n_clusters(self) -> int:
+        return int(len(set(self.labels.tolist()) - {-1}))
+
+    @property
+    def noise_fraction(self) -> float:
+        n = len(self.labels)
+        return float((self.labels == -1).sum() / n) if n else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the per-point arrays, JSON-ready (for the run record)."""
+        return {
+            "method": self.method,
+            "requested": self.requested or self.method,
+            "params": self.params,
+            "n_clusters": self.n_clusters,
+            "noise_fraction": self.noise_fraction,
+            "scores": self.scores,
+            "notes": list(self.notes),
+            "candidates": self.candidates,
+            "elbow": self.elbow,
+        }
+
+
+# =========================================================================== validation
+def _check_Z(Z: Any) -> np.ndarray:
+    try:
+        Z = np.asarray(Z, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Z must be a numeric array of shape (N, d); {exc}") from exc
+    if Z.ndim == 1 and Z.size == 0:
+        Z = Z.reshape(0, 0)
+    if Z.ndim != 2:
+        raise ValueError(f"Z must be a 2-D array of shape (N, d); got shape {Z.shape}")
+    if Z.size and not np.isfinite(Z).all():
+        bad = int((~np.isfinite(Z)).any(axis=1).sum())
+        raise ValueError(f"Z has {bad} row(s) with NaN or infinite values")
+    return Z
+
+
+def _int_param(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}; got {value!r}")
+    return int(value)
+
+
+def _float_param(name: str, value: Any, lo: float, hi: float, *, lo_open=False) -> float:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo)
+        and value <= hi
+    )
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}]; got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_random_state(random_state: Any) -> int | None:
+    if random_state is None:
+        return None
+    if (
+        isinstance(random_state, bool)
+        or not isinstance(random_state, numbers.Integral)
+        or not 0 <= random_state < 2**32
+    ):
+        raise ValueError(f"random_state must be None or an integer in [0, 2**32); got {random_state!r}")
+    return int(random_state)
+
+
+def _merge_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    allowed = PARAMS[method]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; "
+            f"it accepts {', '.join(allowed)}"
+        )
+    return {**allowed, **params}
+
+
+def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
+    """Check every parameter of ``method``; ValueError names the bad one."""
+    if method in ("kmeans", "agglomerative", "gmm"):
+        p["k"] = _int_param("k", p["k"], 1, allow_none=True)
+        p["k_max"] = _int_param("k_max", p["k_max"], 2)
+    if method == "agglomerative":
+        _choice("linkage", p["linkage"], _LINKAGES)
+    if method == "gmm":
+        _choice("covariance_type", p["covariance_type"], _COVARIANCES)
+    if method == "hdbscan":
+        mcs = p["min_cluster_size"]
+        if mcs != "auto":
+            if isinstance(mcs, numbers.Real) and not isinstance(mcs, (bool, numbers.Integral)):
+                _float_param("min_cluster_size (as a fraction of N)", mcs, 0.0, 1.0, lo_open=True)
+            else:
+                _int_param("min_cluster_size", mcs, 2)
+        p["min_samples"] = _int_param("min_samples", p["min_samples"], 1, allow_none=True)
+        _choice("cluster_selection_method", p["cluster_selection_method"], ("eom", "leaf"))
+        p["cluster_selection_epsilon"] = _float_param(
+            "cluster_selection_epsilon", p["cluster_selection_epsilon"], 0.0, math.inf
+        )
+        if not isinstance(p["assign_noise"], bool):
+            raise ValueError(f"assign_noise must be True or False; got {p['assign_noise']!r}")
+    if method == "dbscan":
+        if p["eps"] is not None:
+            p["eps"] = _float_param("eps", p["eps"], 0.0, math.inf, lo_open=True)
+        p["min_samples"] = _int_param("min_samples", p["min_samples"], 1)
+        p["eps_quantile"] = _float_param("eps_quantile", p["eps_quantile"], 0.0, 1.0, lo_open=True)
+    if method == "auto":
+        p["k_max"] = _int_param("k_max", p["k_max"], 2)
+        p["max_noise"] = _float_param("max_noise", p["max_noise"], 0.0, 1.0)
+        if p["methods"] is not None:
+            ms = list(p["methods"]) if not isinstance(p["methods"], str) else [p["methods"]]
+            for m in ms:
+                _choice("methods entry", m, [x for x in METHODS if x != "auto"])
+            if not ms:
+                raise ValueError("methods must name at least one method; got an empty list")
+            p["methods"] = ms
+    return p
+
+
+# =========================================================================== helpers
+def _sample(n: int, size: int, random_state: int | None) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``size`` of ``range(n)`` (all if n <= size)."""
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def _n_distinct(Z: np.ndarray, cap: int) -> int:
+    """Number of distinct rows, counted up to ``cap`` (cheap for large Z)."""
+    head = Z[: max(cap * 50, 1000)]
+    return min(len(np.unique(head, axis=0)), cap) if len(head) else 0
+
+
+#: neighbours used for the kNN outlier score of centroid-type methods
+OUTLIER_K = 10
+
+
+def _knn_outlier_scores(Z: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K) -> np.ndarray:
+    """GLOSH-like outlier score from local sparsity: ``1 - min(1, m_c / r)`` where ``r``
+    is the distance to the point's ``k``-th nearest neighbour and ``m_c`` the median ``r``
+    in its cluster (all points' median for clusters smaller than ``k + 1``, so a far
+    point alone in its own cluster still stands out). 0 for the denser half of a
+    cluster, 0.5 at twice the typical spacing, -> 1 far away."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(Z)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(n)
+    r = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z)[0][:, -1]
+    ref = np.full(n, float(np.median(r)))
+    for c in np.unique(labels):
+        m = labels == c
+        if c >= 0 and m.sum() > k:
+            ref[m] = float(np.median(r[m]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(r > ref, 1.0 - ref / r, 0.0)
+    return np.clip(np.nan_to_num(out), 0.0, 1.0)
+
+
+def _centroid_scores(Z: np.ndarray, labels: np.ndarray, centers: np.ndarray):
+    """Probabilities (1 - d1/d2) and outlier scores from distances to cluster centres."""
+    from sklearn.metrics import pairwise_distances
+
+    D = pairwise_distances(Z, centers)
+    own = D[np.arange(len(Z)), labels]
+    if centers.shape[0] > 1:
+        other = D.copy()
+        other[np.arange(len(Z)), labels] = np.inf
+        second = other.min(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prob = np.where(second > 0, 1.0 - own / second, 1.0)
+    else:
+        prob = np.ones(len(Z))
+    return np.clip(np.nan_to_num(prob, nan=1.0), 0.0, 1.0), _knn_outlier_scores(Z, labels)
+
+
+def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0, 1, ... by decreasing size (ties by first appearance); -1 kept."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    ids, first, counts = np.unique(labels[labels >= 0], return_index=True, return_counts=True)
+    order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
+    for new, i in enumerate(order):
+        out[labels == ids[i]] = new
+    return out
+
+
+def _knee(ks: Sequence[int], values: Sequence[float]) -> int:
+    """Elbow of a decreasing curve: the k farthest below the chord from first to last
+    point, after scaling both axes to [0, 1] (the "kneedle" idea)."""
+    x = np.asarray(ks, dtype=float)
+    y = np.asarray(values, dtype=float)
+    if len(x) < 3 or y[0] == y[-1]:
+        return int(x[min(1, len(x) - 1)])
+    xn = (x - x[0]) / (x[-1] - x[0])
+    yn = (y - y[-1]) / (y[0] - y[-1])
+    gap = (1.0 - xn) - yn  # chord from (0, 1) to (1, 0) minus the curve
+    return int(x[int(np.argmax(gap))])
+
+
+def cluster_scores(
+    Z: np.ndarray, labels: np.ndarray, *, random_state: int | None = 42
+) -> dict[str, Any]:
+    """Silhouette (max), Calinski-Harabasz (max), Davies-Bouldin (min) of ``labels``.
+
+    Computed on non-noise points; ``None`` when fewer than two clusters or when every
+    point is its own cluster. Also ``n_clusters`` and ``noise_fraction``.
+    """
+    from sklearn.metrics import (
+        calinski_harabasz_score,
+        davies_bouldin_score,
+        silhouette_score,
+    )
+
+    Z = np.asarray(Z, dtype=np.float64)
+    labels = np.asarray(labels)
+    n = len(labels)
+    keep = labels >= 0
+    k = len(np.unique(labels[keep]))
+    out: dict[str, Any] = {
+        "silhouette": None,
+        "calinski_harabasz": None,
+        "davies_bouldin": None,
+        "n_clusters": int(k),
+        "noise_fraction": float((~keep).sum() / n) if n else 0.0,
+    }
+    m = int(keep.sum())
+    if k < 2 or k >= m:
+        return out
+    Zk, lk = Z[keep], labels[keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idx = _sample(m, SCORE_SAMPLE, random_state)
+        if len(np.unique(lk[idx])) >= 2 and len(np.unique(lk[idx])) < len(idx):
+            out["silhouette"] = float(silhouette_score(Zk[idx], lk[idx]))
+        out["calinski_harabasz"] = float(calinski_harabasz_score(Zk, lk))
+        out["davies_bouldin"] = float(davies_bouldin_score(Zk, lk))
+    for key in ("silhouette", "calinski_harabasz", "davies_bouldin"):
+        if out[key] is not None and not math.isfinite(out[key]):
+            out[key] = None
+    return out
+
+
+# =========================================================================== methods
+def auto_min_cluster_size(n: int) -> int:
+    """Default HDBSCAN ``min_cluster_size`` for N points: ~N/100, at least 5 (capped so
+    tiny inputs still get clusters)."""
+    return int(max(2, min(max(5, round(n / 100)), n // 2)))
+
+
+def _assign_noise_soft(fitted, Z: np.ndarray, labels: np.ndarray, probs: np.ndarray):
+    """Give each noise point the cluster of its largest soft-clustering membership;
+    its probability becomes that membership (small: it marks the point as uncertain)."""
+    import hdbscan
+
+    noise = labels < 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            memb = hdbscan.all_points_membership_vectors(fitted)
+    except Exception:  # prediction data can fail on degenerate trees
+        memb = None
+    if memb is None or memb.ndim != 2 or memb.shape[0] != len(Z) or memb.shape[1] == 0:
+        return _assign_noise_knn(Z, labels, probs)
+    memb = np.nan_to_num(memb)
+    labels = labels.copy()
+    probs = probs.copy()
+    best = memb.argmax(axis=1)
+    labels[noise] = best[noise]
+    probs[noise] = memb[noise, best[noise]]
+    return labels, probs
+
+
+def _assign_noise_knn(Z: np.ndarray, labels: np.ndarray, probs: np.ndarray, k: int = 10):
+    """Give each noise point the majority cluster of its ``k`` nearest clustered points;
+    its probability becomes the winning vote share times the neighbours' mean probability."""
+    from sklearn.neighbors import NearestNeighbors
+
+    noise = labels < 0
+    clustered = ~noise
+    if not noise.any() or not clustered.any():
+        return labels, probs
+    k = min(k, int(clustered.sum()))
+    nn = NearestNeighbors(n_neighbors=k).fit(Z[clustered])
+    _, idx = nn.kneighbors(Z[noise])
+    lab_c = labels[clustered][idx]
+    prob_c = probs[clustered][idx]
+    labels = labels.copy()
+    probs = probs.copy()
+    new_l = np.empty(len(idx), dtype=labels.dtype)
+    new_p = np.empty(len(idx))
+    for i, (row, prow) in enumerate(zip(lab_c, prob_c)):
+        vals, counts = np.unique(row, return_counts=True)
+        w = vals[np.argmax(counts)]
+        new_l[i] = w
+        new_p[i] = counts.max() / k * float(prow[row == w].mean())
+    labels[noise] = new_l
+    probs[noise] = new_p
+    return labels, probs
+
+
+def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
+    """HDBSCAN (the ``hdbscan`` package) on ``Z``.
+
+    ``min_cluster_size="auto"``: :func:`auto_min_cluster_size` (about N/100); a float in
+    (0, 1) is a fraction of N. ``assign_noise=True`` (default) then gives every noise
+    point the cluster of its largest soft-clustering membership (hdbscan's
+    ``all_points_membership_vectors``); such a point keeps its GLOSH outlier score and
+    gets that (small) membership as probability, so uncertain points stay visible.
+    ``assign_noise=False`` keeps HDBSCAN's noise as ``-1`` with probability 0.
+    """
+    import hdbscan
+
+    n = len(Z)
+    mcs = p["min_cluster_size"]
+    if mcs == "auto":
+        mcs = auto_min_cluster_size(n)
+    elif isinstance(mcs, float):
+        mcs = max(2, int(round(mcs * n)))
+    if mcs > n:
+        notes.append(f"min_cluster_size={mcs} clamped to {n} (only {n} points)")
+        mcs = n
+    ms = p["min_samples"]
+    if ms is not None and ms > n - 1:
+        notes.append(f"min_samples={ms} clamped to {n - 1}")
+        ms = n - 1
+    used = {**p, "min_cluster_size": int(mcs), "min_samples": ms}
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=int(mcs),
+        min_samples=ms,
+        cluster_selection_method=p["cluster_selection_method"],
+        cluster_selection_epsilon=p["cluster_selection_epsilon"],
+        prediction_data=bool(p["assign_noise"]),
+        core_dist_n_jobs=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clusterer.fit(Z)
+    labels = np.asarray(clusterer.labels_, dtype=np.int64)
+    probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
+    outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
+    n_noise = int((labels < 0).sum())
+    if labels.max(initial=-1) < 0:
+        notes.append("HDBSCAN found no clusters; every point is noise")
+    elif p["assign_noise"] and n_noise:
+        notes.append(
+            f"{n_noise} HDBSCAN noise point(s) ({n_noise / n:.0%}) assigned to their most "
+            "likely cluster; their probability is that (low) soft membership"
+        )
+        labels, probs = _assign_noise_soft(clusterer, Z, labels, probs)
+    probs[labels < 0] = 0.0
+    return labels, probs, outl, used, {}
+
+
+def _kmeans(Z: np.ndarray, k: int, random_state):
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(Z) > 50_000:
+            km = MiniBatchKMeans(n_clusters=k, random_state=random_state, n_init=3, batch_size=4096)
+        else:
+            km = KMeans(n_clusters=k, random_state=random_state, n_init=4)
+        km.fit(Z)
+    return km
+
+
+def _fit_kmeans(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
+    """KMeans with ``k`` clusters; without ``k``, k is the elbow of the inertia curve
+    over k = 1..``k_max`` (kept in ``elbow``). Probability: ``1 - d1/d2``; outlier
+    score: GLOSH-like kNN sparsity (see the module docstring)."""
+    n = len(Z)
+    distinct = _n_distinct(Z, max(p["k_max"], p["k"] or 0) + 1)
+    extra: dict[str, Any] = {}
+    k = p["k"]
+    if k is None:
+        k_max = min(p["k_max"], distinct)
+        if k_max < p["k_max"]:
+            notes.append(f"k_max={p['k_max']} clamped to {k_max} ({distinct} distinct points)")
+        fit_idx = _sample(n, MAX_FIT_POINTS, random_state)
+        ks = list(range(1, k_max + 1))
+        inertia = [float(_kmeans(Z[fit_idx], kk, random_state).inertia_) for kk in ks]
+        k = _knee(ks, inertia)
+        extra["elbow"] = {"k": ks, "inertia": inertia, "chosen_k": int(k)}
+        notes.append(f"k={k} chosen at the elbow of inertia over k=1..{k_max}")
+    elif k > distinct:
+        notes.append(f"k={k} clamped to {distinct} ({distinct} distinct points)")
+        k = distinct
+    km = _kmeans(Z, k, random_state)
+    labels = np.asarray(km.labels_, dtype=np.int64)
+    probs, outl = _centroid_scores(Z, labels, km.cluster_centers_)
+    return labels, probs, outl, {**p, "k": int(k)}, extra
+
+
+def _fit_agglomerative(
+    Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str], cache: dict | None = None
+):
+    """Hierarchical clustering (scipy linkage, ``ward`` by default) cut into ``k``
+    clusters; without ``k``, the k in 2..``k_max`` with the best silhouette. At most
+    :data:`MAX_FIT_POINTS` points build the tree (it is O(N^2)); the others join the
+    cluster of their nearest tree point. Probability and outlier score as for kmeans,
+    with cluster means as centres."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(Z)
+    fit_idx = _sample(n, MAX_FIT_POINTS, random_state)
+    if len(fit_idx) < n:
+        notes.append(
+            f"agglomerative tree built on {len(fit_idx):,} of {n:,} points; "
+            "the others join their nearest tree point's cluster"
+        )
+    Zf = Z[fit_idx]
+    key = f"tree-{p['linkage']}"
+    if cache is not None and key in cache:
+        tree = cache[key]
+    else:
+        tree = linkage(Zf, method=p["linkage"])
+        if cache is not None:
+            cache[key] = tree
+
+    def cut(kk: int) -> np.ndarray:
+        return fcluster(tree, t=kk, criterion="maxclust").astype(np.int64) - 1
+
+    k = p["k"]
+    distinct = _n_distinct(Z, max(p["k_max"], k or 0) + 1)
+    if k is None:
+        k_max = min(p["k_max"], distinct - 1) if distinct > 2 else 1
+        best, best_s = 1, -np.inf
+        for kk in range(2, k_max + 1):
+            s = cluster_scores(Zf, cut(kk), random_state=random_state)["silhouette"]
+            if s is not None and s > best_s:
+                best, best_s = kk, s
+        k = best
+        notes.append(f"k={k} chosen by silhouette over k=2..{max(k_max, 2)}")
+    elif k > distinct:
+        notes.append(f"k={k} clamped to {distinct} ({distinct} distinct points)")
+        k = distinct
+    lab_f = cut(k)
+    if len(fit_idx) < n:
+        labels = np.empty(n, dtype=np.int64)
+        labels[fit_idx] = lab_f
+        rest = np.setdiff1d(np.arange(n), fit_idx)
+        nn = NearestNeighbors(n_neighbors=1).fit(Zf)
+        labels[rest] = lab_f[nn.kneighbors(Z[rest], return_distance=False)[:, 0]]
+    else:
+        labels = lab_f
+    labels = _relabel_by_size(labels)
+    centers = np.stack([Z[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    probs, outl = _centroid_scores(Z, labels, centers)
+    return labels, probs, outl, {**p, "k": int(k)}, {}
+
+
+def _fit_gmm(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
+    """Gaussian mixture with ``k`` components; without ``k``, the k in 1..``k_max``
+    with the lowest BIC (on at most :data:`MAX_FIT_POINTS` points). Probability: the
+    posterior of the chosen component; outlier score: GLOSH-like kNN sparsity, as
+    for kmeans."""
+    from sklearn.mixture import GaussianMixture
+
+    n, d = Z.shape
+    distinct = _n_distinct(Z, max(p["k_max"], p["k"] or 0) + 1)
+
+    def fit(kk: int, X: np.ndarray):
+        g = GaussianMixture(
+            n_components=kk,
+            covariance_type=p["covariance_type"],
+            random_state=random_state,
+            reg_covar=1e-5,
+            n_init=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g.fit(X)
+        return g
+
+    k = p["k"]
+    if k is None:
+        k_max = min(p["k_max"], distinct)
+        fit_idx = _sample(n, MAX_FIT_POINTS, random_state)
+        bics = [(fit(kk, Z[fit_idx]).bic(Z[fit_idx]), kk) for kk in range(1, k_max + 1)]
+        k = min(bics)[1]
+        notes.append(f"k={k} chosen by lowest BIC over k=1..{k_max}")
+    elif k > distinct:
+        notes.append(f"k={k} clamped to {distinct} ({distinct} distinct points)")
+        k = distinct
+    g = fit(k, Z)
+    post = g.predict_proba(Z)
+    labels = post.argmax(axis=1).astype(np.int64)
+    probs = post[np.arange(n), labels]
+    outl = _knn_outlier_scores(Z, labels)
+    labels_new = _relabel_by_size(labels)
+    return labels_new, np.clip(probs, 0, 1), outl, {**p, "k": int(k)}, {}
+
+
+def _fit_dbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
+    """DBSCAN. Without ``eps``: the ``eps_quantile`` quantile of every point's distance
+    to its ``min_samples``-th neighbour (so about ``1 - eps_quantile`` of the points are
+    not core points). Probability: 1 for core points, ``1 - d/eps`` for border points;
+    outlier score: ``1 - min(1, eps / d_k)`` (0 for core points)."""
+    from sklearn.cluster import DBSCAN
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(Z)
+    ms = p["min_samples"]
+    if ms > n:
+        notes.append(f"min_samples={ms} clamped to {n}")
+        ms = n
+    nn = NearestNeighbors(n_neighbors=ms).fit(Z)
+    dk = nn.kneighbors(Z)[0][:, -1]  # includes the point itself, like DBSCAN's count
+    eps = p["eps"]
+    if eps is None:
+        eps = float(np.quantile(dk, p["eps_quantile"]))
+        if eps <= 0:
+            eps = float(dk[dk > 0].min()) if (dk > 0).any() else 1e-9
+        notes.append(f"eps={eps:.4g} = the {p['eps_quantile']:.0%} quantile of the "
+                     f"{ms}-th neighbour distance")
+    db = DBSCAN(eps=eps, min_samples=ms).fit(Z)
+    labels = np.asarray(db.labels_, dtype=np.int64)
+    core = np.zeros(n, dtype=bool)
+    core[db.core_sample_indices_] = True
+    probs = np.where(core, 1.0, 0.0)
+    border = (labels >= 0) & ~core
+    if border.any() and core.any():
+        d_core = NearestNeighbors(n_neighbors=1).fit(Z[core]).kneighbors(Z[border])[0][:, 0]
+        probs[border] = np.clip(1.0 - d_core / eps, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        outl = np.where(dk > eps, 1.0 - eps / dk, 0.0)
+    outl = np.clip(np.nan_to_num(outl), 0, 1)
+    labels = _relabel_by_size(labels)
+    return labels, probs, outl, {**p, "eps": float(eps), "min_samples": int(ms)}, {}
+
+
+_FITTERS: dict[str, Callable] = {
+    "hdbscan": _fit_hdbscan,
+    "kmeans": _fit_kmeans,
+    "agglomerative": _fit_agglomerative,
+    "dbscan": _fit_dbscan,
+    "gmm": _fit_gmm,
+}
+
+
+# =========================================================================== auto
+def auto_grid(k_max: int = 20, methods: Sequence[str] | None = None) -> list[tuple[str, dict]]:
+    """The candidates ``auto`` tries: (method, params) pairs."""
+    ks = list(range(2, k_max + 1))
+    grid: list[tuple[str, dict]] = []
+    grid += [("kmeans", {"k": k}) for k in ks]
+    grid += [("agglomerative", {"k": k}) for k in ks]
+    grid += [("gmm", {"k": k}) for k in ks]
+    grid += [
+        ("hdbscan", {"min_cluster_size": f, "cluster_selection_method": sel})
+        for f in (0.005, 0.01, 0.02, 0.04)
+        for sel in ("eom", "leaf")
+    ]
+    grid += [("dbscan", {"eps_quantile": q}) for q in (0.8, 0.9, 0.95, 0.99)]
+    if methods is not None:
+        grid = [g for g in grid if g[0] in methods]
+    return grid
+
+
+def _fill_noise(Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels with every noise point given its nearest clustered point's cluster.
+
+    Used only to score candidates in ``auto``, so a method cannot look better by
+    calling the hard points noise; the returned result keeps its noise."""
+    from sklearn.neighbors import NearestNeighbors
+
+    noise = labels < 0
+    if not noise.any() or noise.all():
+        return labels
+    nn = NearestNeighbors(n_neighbors=1).fit(Z[~noise])
+    out = labels.copy()
+    out[noise] = labels[~noise][nn.kneighbors(Z[noise], return_distance=False)[:, 0]]
+    return out
+
+
+def _rank(values: list[float | None], higher_better: bool) -> np.ndarray:
+    """Rank 1 = best, ties share their mean rank; missing scores rank last."""
+    from scipy.stats import rankdata
+
+    v = np.array([np.nan if x is None else float(x) for x in values])
+    key = np.where(np.isnan(v), np.inf, -v if higher_better else v)
+    return rankdata(key, method="average")
+
+
+def _fit_auto(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str], progress=False):
+    """Fit every candidate of :func:`auto_grid` (on at most :data:`MAX_FIT_POINTS`
+    points), score each by silhouette, Calinski-Harabasz and Davies-Bouldin, and pick
+    the lowest mean rank of the three among candidates with at most ``max_noise`` noise
+    and at least two clusters (if none qualifies, among all). The winner is refitted on
+    all points. Every candidate's scores are kept in ``candidates``."""
+    n = len(Z)
+    fit_idx = _sample(n, MAX_FIT_POINTS, random_state)
+    Zf = Z[fit_idx]
+    grid = auto_grid(p["k_max"], p["methods"])
+    if len(fit_idx) < n:
+        notes.append(f"auto: candidates fitted on a sample of {len(fit_idx):,} of {n:,} points")
+    cands: list[dict[str, Any]] = []
+    cache: dict[str, Any] = {}  # one agglomerative tree for every k
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("auto: trying clusterings", total=len(grid))
+    try:
+        for method, params in grid:
+            if method == "hdbscan":
+                params = {**params, "assign_noise": False}
+            sub_notes: list[str] = []
+            try:
+                res = _run(Zf, method, _validate(method, _merge_params(method, params)),
+                           random_state, sub_notes, cache)
+                scores = cluster_scores(Zf, _fill_noise(Zf, res[0]), random_state=random_state)
+                scores["noise_fraction"] = float((res[0] < 0).mean())
+                used = res[3]
+            except Exception as exc:  # one failing candidate must not end the search
+                scores = cluster_scores(Zf, np.full(len(Zf), -1), random_state=random_state)
+                used = params
+                sub_notes.append(f"failed: {exc}")
+            cands.append({
+                "method": method,
+                "params": dict(params),
+                "fitted_params": used,
+                "scores": {k: scores[k] for k in ("silhouette", "calinski_harabasz", "davies_bouldin")},
+                "n_clusters": scores["n_clusters"],
+                "noise_fraction": scores["noise_fraction"],
+                "notes": sub_notes,
+            })
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    ranks = np.mean(
+        [
+            _rank([c["scores"]["silhouette"] for c in cands], True),
+            _rank([c["scores"]["calinski_harabasz"] for c in cands], True),
+            _rank([c["scores"]["davies_bouldin"] for c in cands], False),
+        ],
+        axis=0,
+    )
+    for c, r in zip(cands, ranks):
+        c["rank"] = float(r)
+        c["eligible"] = bool(
+            c["n_clusters"] >= 2
+            and c["noise_fraction"] <= p["max_noise"]
+            and c["scores"]["silhouette"] is not None
+        )
+    pool = [i for i, c in enumerate(cands) if c["eligible"]] or list(range(len(cands)))
+    best = min(pool, key=lambda i: (cands[i]["rank"], i))
+    win = cands[best]
+    notes.append(
+        f"auto picked {win['method']} {win['params']} (mean rank {win['rank']:.1f} of "
+        f"{len(cands)} candidates by silhouette, Calinski-Harabasz, Davies-Bouldin)"
+    )
+    params = dict(win["params"])
+    if win["method"] == "hdbscan":
+        params["assign_noise"] = False
+    return win["method"], params, cands
+
+
+def _run(Z, method, p, random_state, notes, cache=None):
+    if method == "agglomerative":
+        return _fit_agglomerative(Z, p, random_state, notes, cache)
+    return _FITTERS[method](Z, p, random_state, notes)
+
+
+# =========================================================================== entry point
+def _trivial(n: int, method: str, params: dict, note: str, label: int = 0) -> ClusterResult:
+    return ClusterResult(
+        labels=np.full(n, label if n else 0, dtype=np.int64),
+        probabilities=np.full(n, 1.0 if label >= 0 else 0.0),
+        outlier_scores=np.zeros(n),
+        method=method,
+        params=params,
+        scores=cluster_scores(np.zeros((n, 1)), np.full(n, label)),
+        notes=[note],
+        requested=method,
+    )
+
+
+def cluster(
+    Z: Any,
+    method: str = "hdbscan",
+    *,
+    random_state: int | None = 42,
+    progress: bool = False,
+    **params: Any,
+) -> ClusterResult:
+    """Cluster the rows of ``Z`` (N, d) with ``method``; see the module docstring.
+
+    Methods and their parameters (defaults in :data:`PARAMS`):
+
+    * ``"hdbscan"`` (default): ``min_cluster_size`` ("auto" = about N/100; an int, or
+      a float in (0, 1) = fraction of N), ``min_samples``, ``cluster_selection_method``
+      ("eom"/"leaf"), ``cluster_selection_epsilon``, ``assign_noise`` (default True:
+      HDBSCAN's noise points join their most likely cluster with a low probability;
+      False keeps them as -1).
+    * ``"kmeans"``: ``k``; without it the elbow of inertia over k=1..``k_max``
+      (curve in ``result.elbow``).
+    * ``"agglomerative"``: ``k`` (else best silhouette over 2..``k_max``), ``linkage``.
+    * ``"dbscan"``: ``eps`` (else the ``eps_quantile`` quantile of the
+      ``min_samples``-th neighbour distance), ``min_samples``.
+    * ``"gmm"``: ``k`` (else lowest BIC over 1..``k_max``), ``covariance_type``.
+    * ``"auto"``: every method over a small grid (:func:`auto_grid`), the best by
+      mean rank of the three scores among candidates with at most ``max_noise`` noise;
+      ``result.method`` is the winner, ``result.candidates`` holds every candidate.
+
+    Deterministic for a fixed ``random_state``. ``progress=True`` shows a progress bar
+    for ``auto``. Raises ``ValueError`` naming the bad value for an unknown method, an
+    unknown parameter, or a parameter out of range (``k < 1``, ``eps <= 0``, ...).
+    """
+    method = _choice("method", method, METHODS)
+    random_state = _check_random_state(random_state)
+    p = _validate(method, _merge_params(method, params))
+    Z = _check_Z(Z)
+    n = len(Z)
+    if n == 0:
+        return _trivial(0, method, p, "no points to cluster")
+    if n < MIN_POINTS:
+        return _trivial(n, method, p, f"only {n} point(s); all put in one cluster")
+    if Z.shape[1] == 0 or float(np.ptp(Z, axis=0).max()) == 0.0:
+        return _trivial(n, method, p, f"all {n} points are identical; all put in one cluster")
+
+    notes: list[str] = []
+    candidates: list[dict[str, Any]] = []
+    requested = method
+    if method == "auto":
+        method, chosen, candidates = _fit_auto(Z, p, random_state, notes, progress=progress)
+        p = _validate(method, _merge_params(method, chosen))
+    labels, probs, outl, used, extra = _run(Z, method, p, random_state, notes)
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.clip(np.asarray(probs, dtype=float), 0.0, 1.0)
+    probs[labels < 0] = 0.0
+    outl = np.clip(np.asarray(outl, dtype=float), 0.0, 1.0)
+    return ClusterResult(
+        labels=labels,
+        probabilities=probs,
+        outlier_scores=outl,
+        method=method,
+        params=used,
+        scores=cluster_scores(Z, labels, random_state=random_state),
+        notes=notes,
+        candidates=candidates,
+        elbow=extra.get("elbow"),
+        requested=requested,
+    )
+
+
+# =========================================================================== elbow plot
+def elbow_plot(
+    curve: dict[str, Sequence] | Sequence[tuple[int, float]],
+    chosen_k: int,
+    path: str | Path,
+    *,
+    title: str = "KMeans elbow: inertia over k",
+    resources: str = "inline",
+) -> Path:
+    """Write the elbow curve as a standalone Bokeh HTML file with ``chosen_k`` marked.
+
+    ``curve`` is ``result.elbow`` (``{"k": [...], "inertia": [...]}``) or a list of
+    ``(k, inertia)`` pairs. ``resources="inline"`` embeds BokehJS so the file works
+    offline; ``"cdn"`` makes a small file that loads BokehJS from the web. Written
+    atomically; returns the path.
+    """
+    from bokeh.embed import file_html
+    from bokeh.models import ColumnDataSource, HoverTool, Span
+    from bokeh.plotting import figure
+    from bokeh.resources import CDN, INLINE
+
+    from explorer.table import atomic_write_text
+
+    if isinstance(curve, dict):
+        ks = [int(k) for k in curve.get("k", [])]
+        ys = [float(v) for v in curve.get("inertia", [])]
+    else:
+        pairs = list(curve)
+        ks = [int(k) for k, _ in pairs]
+        ys = [float(v) for _, v in pairs]
+    if len(ks) != len(ys):
+        raise ValueError(f"curve has {len(ks)} k values but {len(ys)} inertia values")
+    res = _choice("resources", resources, ("inline", "cdn"))
+    src = ColumnDataSource({"k": ks, "inertia": ys}, name="elbow_curve")
+    fig = figure(
+        title=title,
+        x_axis_label="k (number of clusters)",
+        y_axis_label="inertia (sum of squared distances to centroids)",
+        width=640,
+        height=400,
+        tools="pan,wheel_zoom,box_zoom,reset,save",
+        name="elbow_plot",
+    )
+    fig.line("k", "inertia", source=src, line_width=2)
+    fig.scatter("k", "inertia", source=src, size=7)
+    fig.add_tools(HoverTool(tooltips=[("k", "@k"), ("inertia", "@inertia{0,0.00}")]))
+    if chosen_k in ks:
+        y = ys[ks.index(chosen_k)]
+        fig.scatter([chosen_k], [y], size=16, fill_color=None, line_color="red", line_width=3,
+                    legend_label=f"chosen k = {chosen_k}")
+    fig.add_layout(Span(location=chosen_k, dimension="height", line_color="red",
+                        line_dash="dashed", line_width=1))
+    html = file_html(fig, INLINE if res == "inline" else CDN, title=title)
+    return atomic_write_text(path, html)
