@@ -46,12 +46,11 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from itertools import combinations
 from math import comb
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -394,11 +393,9 @@ def _stack(items: list, method: str, size: int):
     from datasketch import MinHash
 
     out = np.zeros((len(items), _MINHASH_PERM), dtype=np.uint64)
-    for a, tokens in enumerate(items):
-        mh = MinHash(num_perm=_MINHASH_PERM, seed=_MINHASH_SEED)
-        if tokens:
-            mh.update_batch(tokens)
-        out[a] = mh.hashvalues
+    if items:  # bulk shares one set of permutations: much faster than one MinHash each
+        for a, mh in enumerate(MinHash.bulk(items, num_perm=_MINHASH_PERM, seed=_MINHASH_SEED)):
+            out[a] = mh.hashvalues
     return out
 
 
