@@ -1,0 +1,334 @@
+"""explorer.embed: real bundled weights, offline-only weights, checkpoints, embed_paths, cache."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+try:
+    import _imagegen as gen
+except ImportError:  # tests/ made a package
+    from tests import _imagegen as gen
+
+from explorer import embed as E
+from explorer.embed import (
+    DEFAULT_MODEL,
+    EmbeddingCache,
+    ModelWeightsError,
+    Preprocessor,
+    embed_images,
+    embed_paths,
+    load_model,
+    model_key,
+)
+from explorer.images import load_image
+
+TINY = "test_efficientnet"  # timm's own test model: 160 px input, 256-d features
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A state dict of timm's tiny test model (random but fixed weights)."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model(TINY, pretrained=False)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture()
+def empty_hubs(monkeypatch, tmp_path):
+    """Point the HF hub and torch hub caches at empty folders."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch"))
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- weights
+def test_bundled_default_weights_are_real(no_network):
+    model, cfg = load_model(num_classes=None)  # keep the ImageNet classifier
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["crop_pct"] == 0.875
+    prep = Preprocessor(cfg)
+    imgs = [Image.fromarray(gen.photo("chelsea")), Image.fromarray(gen.photo("coffee"))]
+    with torch.inference_mode():
+        logits = model(prep.to_tensor(np.stack([prep(im) for im in imgs])))
+    top = logits.argmax(1).tolist()
+    assert 281 <= top[0] <= 285, f"chelsea classified as {top[0]}, not a cat"
+    assert top[1] in (504, 967, 968), f"coffee classified as {top[1]}"
+    # the alias is the same model, and the default gives a 1280-d embedding
+    emb_model, cfg2 = load_model("efficientnet_lite0")
+    feats = embed_images(imgs, emb_model, cfg2)
+    assert feats.shape == (2, 1280) and feats.dtype == np.float32
+    assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
+
+
+def test_preprocessing_matches_timm_transform():
+    import timm.data
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3,
+           "std": (0.5,) * 3, "crop_pct": 0.875, "crop_mode": "center"}
+    tf = timm.data.create_transform(**cfg)
+    prep = Preprocessor(cfg)
+    src = gen.photo("astronaut")
+    for shape in [(533, 400), (400, 533), (300, 451), (150, 120), (224, 224), (1000, 37)]:
+        img = Image.fromarray(src).resize(shape[::-1])
+        want = tf(img).unsqueeze(0)
+        got = prep.to_tensor(prep(img)[None])
+        assert got.shape == want.shape
+        diff = (got - want).abs()
+        # at most a rounding step in a few pixels (1 / 255 / 0.5 ~ 0.008)
+        assert diff.mean() < 3e-3 and diff.max() < 0.05, shape
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
+        load_model("tf_efficientnet_lite")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        load_model("no_such_model_at_all_xyz")
+
+
+def test_model_without_local_weights_fails_fast_offline(no_network, empty_hubs):
+    with pytest.raises(ModelWeightsError, match="--checkpoint"):
+        load_model("resnet18")
+    with pytest.raises(ModelWeightsError, match="--checkpoint"):
+        embed_paths([], model=TINY, progress=False)  # even with nothing to embed
+
+
+def test_weights_in_local_hf_cache_are_used(no_network, empty_hubs, tiny_ckpt):
+    # lay out a hub cache entry as huggingface_hub does: refs/main -> snapshots/<sha>/file
+    repo = empty_hubs / "hf" / "models--timm--test_efficientnet.r160_in1k"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snap / "pytorch_model.bin").write_bytes(tiny_ckpt.read_bytes())
+    model, cfg = load_model(TINY)
+    want = torch.load(tiny_ckpt, weights_only=True)
+    got = model.state_dict()
+    assert torch.equal(got["conv_stem.weight"], want["conv_stem.weight"])
+    assert "classifier.weight" not in got  # embedding model
+    assert cfg["input_size"] == (3, 160, 160)
+
+
+def test_checkpoint_loads_and_bad_checkpoints_are_clear(tiny_ckpt, tmp_path, no_network):
+    model, cfg = load_model(TINY, checkpoint=tiny_ckpt)
+    want = torch.load(tiny_ckpt, weights_only=True)
+    assert torch.equal(model.state_dict()["bn2.weight"], want["bn2.weight"])
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 160, 160)).shape == (1, model.num_features)
+    full, _ = load_model(TINY, checkpoint=tiny_ckpt, num_classes=None)
+    assert full.get_classifier().out_features == 1000
+    # timm training checkpoints ({"state_dict": ..., "module." prefix}) work too
+    wrapped = tmp_path / "train.pth.tar"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in want.items()}}, wrapped)
+    load_model(TINY, checkpoint=wrapped)
+
+    with pytest.raises(ModelWeightsError, match="not found"):
+        load_model(TINY, checkpoint=tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelWeightsError, match="cannot read checkpoint"):
+        load_model(TINY, checkpoint=junk)
+    import timm
+
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), other)
+    with pytest.raises(ModelWeightsError, match="do not fit"):
+        load_model(TINY, checkpoint=other)
+    with pytest.raises(ModelWeightsError, match="not found"):
+        embed_paths([], model=TINY, checkpoint=tmp_path / "missing.pth", progress=False)
+
+
+def test_parameters_are_validated(tmp_path):
+    for kw, word in [({"batch_size": 0}, "batch_size"), ({"thumb_size": -1}, "thumb_size"),
+                     ({"workers": 0}, "workers"), ({"threads": 0}, "threads")]:
+        with pytest.raises(ValueError, match=word):
+            embed_paths([], progress=False, **kw)
+    with pytest.raises(ValueError, match="model_key"):
+        EmbeddingCache(tmp_path, "")
+
+
+# --------------------------------------------------------------------------- embed_paths
+@pytest.fixture()
+def folder(tmp_path):
+    """10 good images (JPEG/PNG, one EXIF-rotated) and 3 bad files, in natural order."""
+    root = tmp_path / "imgs"
+    paths = gen.image_folder(root, 8, size=120)
+    paths.append(gen.save(gen.variant(9, 90)[:, :60], root / "c" / "img8.png"))
+    paths.append(gen.with_orientation(gen.variant(10, 120)[:80], root / "c" / "img9.jpg", 6))
+    bad = [gen.empty(root / "c" / "x1.jpg"), gen.truncated(root / "c" / "x2.jpg"),
+           gen.not_an_image(root / "c" / "x3.jpg")]
+    return root, paths, bad
+
+
+def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
+    root, good, bad = folder
+    paths = [good[0], bad[0], *good[1:5], bad[1], *good[5:], bad[2]]
+    thumbs = {}
+    res = embed_paths(paths, model=TINY, checkpoint=tiny_ckpt, batch_size=4, thumb_size=64,
+                      on_thumbnail=lambda i, t: thumbs.__setitem__(i, t), progress=False)
+    bad_idx = [1, 6, len(paths) - 1]
+    assert res.ok.tolist() == [i for i in range(len(paths)) if i not in bad_idx]
+    assert [e[0] for e in res.errors] == [str(b) for b in bad]
+    assert [e[1] for e in res.errors] == ["empty file", "truncated file", "not an image"]
+    assert res.embeddings.shape == (len(good), 256) and res.embeddings.dtype == np.float32
+    assert res.n_cached == 0 and res.n_embedded == len(good)
+    assert res.model_info["name"] == TINY and res.model_info["embedding_dim"] == 256
+    # sizes are original sizes, after EXIF rotation
+    sizes = list(zip(res.width.tolist(), res.height.tolist()))
+    assert sizes[:8] == [(120, 120)] * 8 and sizes[8] == (60, 90) and sizes[9] == (80, 120)
+    # one thumbnail per good image, small, right aspect
+    assert sorted(thumbs) == res.ok.tolist()
+    assert all(max(t.size) <= 64 and t.mode == "RGB" for t in thumbs.values())
+    assert thumbs[res.ok[9]].size == (43, 64)
+    # the same vectors as embedding the decoded images directly (and in input order)
+    model, cfg = load_model(TINY, checkpoint=tiny_ckpt)
+    direct = embed_images([load_image(p).image for p in good], model, cfg)
+    np.testing.assert_allclose(res.embeddings, direct, rtol=1e-3, atol=1e-4)
+    assert len(set(res.hashes)) == len(good)
+
+
+def test_embed_paths_is_deterministic(folder, tiny_ckpt):
+    _, good, _ = folder
+    a = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False)
+    b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
+                    workers=1)
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert a.hashes == b.hashes
+
+
+def test_cache_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, monkeypatch):
+    _, good, _ = folder
+    cache_dir = tmp_path / "demo.embeddings"
+    first = embed_paths(good[:7], model=TINY, checkpoint=tiny_ckpt, batch_size=4,
+                        cache=cache_dir, progress=False)
+    assert first.n_cached == 0
+
+    embedded = []
+    real_call = E._Runner.__call__
+
+    def counting(self, x):
+        out = real_call(self, x)
+        embedded.append(len(out))
+        return out
+
+    monkeypatch.setattr(E._Runner, "__call__", counting)
+    thumbs = []
+    second = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4,
+                         cache=cache_dir, on_thumbnail=lambda i, t: thumbs.append(i),
+                         need_thumbnail=lambda i: i >= 5, progress=False)
+    assert second.n_cached == 7 and second.n_embedded == 3
+    assert sum(embedded) == 3
+    assert sorted(thumbs) == list(range(5, 10))
+    np.testing.assert_array_equal(second.embeddings[:7], first.embeddings)
+    assert second.width.tolist() == first.width.tolist() + [120, 60, 80]
+    assert second.height.tolist()[7:] == [120, 90, 120]
+
+    # everything cached and no thumbnail wanted: no decode and no model at all
+    decoded = []
+    monkeypatch.setattr(E, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    third = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, cache=cache_dir,
+                        progress=False)
+    assert third.n_cached == len(good) and not decoded
+    np.testing.assert_array_equal(third.embeddings, second.embeddings)
+    assert third.height.tolist() == second.height.tolist()
+
+
+def test_cache_is_per_model_and_survives_corruption(folder, tiny_ckpt, tmp_path):
+    _, good, _ = folder
+    cache_dir = tmp_path / "c.embeddings"
+    embed_paths(good[:4], model=TINY, checkpoint=tiny_ckpt, cache=cache_dir, progress=False)
+    # another checkpoint = another model key: nothing reused
+    other = tmp_path / "other.pth"
+    sd = torch.load(tiny_ckpt, weights_only=True)
+    sd["conv_stem.weight"] = sd["conv_stem.weight"] * 2
+    torch.save(sd, other)
+    assert model_key(TINY, other) != model_key(TINY, tiny_ckpt)
+    res = embed_paths(good[:4], model=TINY, checkpoint=other, cache=cache_dir, progress=False)
+    assert res.n_cached == 0
+    # a corrupt shard is ignored with a warning and its images are embedded again
+    shards = list(cache_dir.glob("*/shard-*.npz"))
+    assert len(shards) == 2
+    for s in shards:
+        s.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="unreadable embedding cache"):
+        res = embed_paths(good[:4], model=TINY, checkpoint=tiny_ckpt, cache=cache_dir,
+                          progress=False)
+    assert res.n_cached == 0 and res.embeddings.shape == (4, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(EmbeddingCache.for_model(cache_dir, TINY, tiny_ckpt)) == 4
+
+
+def test_cache_lookup_add_save_roundtrip(tmp_path):
+    c = EmbeddingCache(tmp_path, "m|w|prep1")
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(5, 3)).astype(np.float32)
+    c.add([f"h{i}" for i in range(5)], v, [(i + 1, 2 * i + 1) for i in range(5)])
+    c.save()
+    for k in range(EmbeddingCache.MAX_SHARDS + 2):  # many saves get compacted
+        c.add([f"k{k}"], v[:1], [(1, 1)])
+        c.save()
+    assert len(list(c.folder.glob("shard-*.npz"))) <= EmbeddingCache.MAX_SHARDS
+    d = EmbeddingCache(tmp_path, "m|w|prep1")
+    mask, vecs, sizes = d.lookup(["h3", "nope", "h0", "k5"])
+    assert mask.tolist() == [True, False, True, True]
+    np.testing.assert_array_equal(vecs[:2], v[[3, 0]])
+    assert sizes.tolist() == [[4, 7], [1, 1], [1, 1]]
+    assert len(EmbeddingCache(tmp_path, "another|model")) == 0
+    with pytest.raises(ValueError, match="dimension"):
+        d.add(["z"], np.zeros((1, 4), np.float32), [(1, 1)])
+
+
+def test_interrupted_run_keeps_finished_vectors(folder, tiny_ckpt, tmp_path):
+    _, good, _ = folder
+    cache_dir = tmp_path / "i.embeddings"
+
+    def boom(i, thumb):
+        if i == 9:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, cache=cache_dir,
+                    on_thumbnail=boom, progress=False, workers=1)
+    res = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, cache=cache_dir,
+                      progress=False)
+    assert 2 <= res.n_cached < len(good)
+
+
+def test_progress_bar_runs(folder, tiny_ckpt, capsys):
+    _, good, _ = folder
+    res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=True)
+    assert res.embeddings.shape == (3, 256)
+
+
+def test_empty_input():
+    res = embed_paths([], progress=False)
+    assert res.embeddings.shape[0] == 0 and res.ok.tolist() == [] and res.errors == []
+
+
+def test_default_model_constant():
+    assert DEFAULT_MODEL == "tf_efficientnet_lite0"
