@@ -40,6 +40,8 @@ from .table import atomic_write_bytes, write_json
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 #: other spellings of the default model
 ALIASES = {"efficientnet_lite0": DEFAULT_MODEL, "efficientnet-lite0": DEFAULT_MODEL}
+#: embed_paths(jit="auto") traces the model when at least this many images may need it
+JIT_MIN_IMAGES = 1000
 #: bump when the preprocessing changes in a way that changes the vectors
 PREPROCESS_VERSION = 1
 
@@ -710,7 +712,7 @@ def embed_paths(
     progress: bool = True,
     workers: int | None = None,
     threads: int | None = None,
-    jit: bool = True,
+    jit: bool | str = "auto",
     save_every: float = 120.0,
 ) -> EmbedResult:
     """Embed image files: one read and at most one decode per file.
@@ -731,7 +733,9 @@ def embed_paths(
     default 2), possibly at the same time for different ``i``; thumbnails are RGB with
     longer side <= ``thumb_size``. Decoding runs in those threads while the main thread
     runs the model (``threads`` torch threads, default: torch's setting; restored after).
-    ``jit``: trace + freeze the model (falls back to eager if that fails).
+    ``jit``: trace + freeze the model (faster forward, falls back to eager if tracing
+    fails); ``"auto"`` does it when at least ``JIT_MIN_IMAGES`` images may need the
+    model, since tracing itself costs a few seconds.
     """
     t_start = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -746,6 +750,9 @@ def embed_paths(
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     paths = [Path(p) for p in paths]
     name = _resolve_name(model)
+    if jit not in (True, False, "auto"):
+        raise ValueError(f"jit must be True, False or 'auto', got {jit!r}")
+    _check_weights(name, checkpoint)  # fail fast, before any file is read
     if cache is not None and not isinstance(cache, EmbeddingCache):
         cache = EmbeddingCache.for_model(cache, name, checkpoint)
 
@@ -762,13 +769,14 @@ def embed_paths(
             t0 = time.perf_counter()
             m, cfg = load_model(name, checkpoint, num_classes=0)
             prep = Preprocessor(cfg)
-            runner = _Runner(m, batch_size, (prep.height, prep.width), jit=jit)
+            runner = _Runner(m, batch_size, (prep.height, prep.width), jit=use_jit)
             state["prep"], state["runner"] = prep, runner
             state["info"] = _model_info(name, checkpoint, m, cfg, runner)
             timings["model_load"] += time.perf_counter() - t0
         return state["runner"], state["prep"]
 
-    _check_weights(name, checkpoint)  # fail fast, before any file is read
+    to_embed = len(paths) - (len(cache) if cache is not None else 0)
+    use_jit = bool(jit) if jit != "auto" else to_embed >= JIT_MIN_IMAGES
     if paths and (cache is None or len(cache) < len(paths)):
         ensure_model()
 

@@ -163,6 +163,7 @@ def test_checkpoint_loads_and_bad_checkpoints_are_clear(tiny_ckpt, tmp_path, no_
 
 def test_parameters_are_validated(tmp_path):
     for kw, word in [({"batch_size": 0}, "batch_size"), ({"thumb_size": -1}, "thumb_size"),
+                     ({"jit": "yes"}, "jit"),
                      ({"workers": 0}, "workers"), ({"threads": 0}, "threads")]:
         with pytest.raises(ValueError, match=word):
             embed_paths([], progress=False, **kw)
@@ -217,6 +218,12 @@ def test_embed_paths_is_deterministic(folder, tiny_ckpt):
                     workers=1)
     assert np.array_equal(a.embeddings, b.embeddings)
     assert a.hashes == b.hashes
+    assert a.model_info["jit"] is False  # "auto": small runs skip tracing
+    # the traced + frozen model gives the same vectors (up to float rounding)
+    c = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
+                    jit=True)
+    assert c.model_info["jit"] is True
+    np.testing.assert_allclose(c.embeddings, a.embeddings, rtol=1e-3, atol=1e-4)
 
 
 def test_cache_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, monkeypatch):

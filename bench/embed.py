@@ -1,0 +1,136 @@
+"""Benchmark the embedding stage: decode alone, model forward alone, end to end.
+
+    .venv/bin/python bench/embed.py                      # clothing-small, all images
+    .venv/bin/python bench/embed.py --limit 500 --repeats 3
+    .venv/bin/python bench/embed.py --dir DIR --threads 2 --workers 2 --batch-size 8
+
+Prints images/s for each part and the peak RSS. The numbers depend on what else runs on
+the machine, so the load average is printed too. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from explorer.embed import (  # noqa: E402
+    DEFAULT_MODEL,
+    Preprocessor,
+    _Runner,
+    embed_paths,
+    load_model,
+)
+from explorer.images import decode_image, discover, read_bytes  # noqa: E402
+
+DATA = Path("/work/shared/data/clothing-small")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_decode(paths, prep: Preprocessor) -> float:
+    """read + decode (JPEG draft) + resize/crop, one thread: images/s."""
+    t0 = time.perf_counter()
+    for p in paths:
+        img, _ = decode_image(read_bytes(p), prep.scale_size)
+        prep(img)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def bench_forward(runner: _Runner, prep: Preprocessor, seconds: float = 5.0) -> float:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, (runner.batch_size, prep.height, prep.width, 3), np.uint8)
+    x = prep.to_tensor(batch)
+    runner(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        runner(x)
+        n += runner.batch_size
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=DATA)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--workers", type=int, default=None, help="decode threads")
+    ap.add_argument("--jit", choices=["auto", "on", "off"], default="on")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--thumbs", action="store_true", help="also make + JPEG-encode thumbnails")
+    ap.add_argument("--skip-parts", action="store_true", help="end to end only")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = discover(args.dir)[: args.limit]
+    print(f"{len(paths)} images in {args.dir}; torch threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+    jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
+
+    dec, fwd, e2e = [], [], []
+    if not args.skip_parts:
+        model, cfg = load_model(args.model)
+        prep = Preprocessor(cfg)
+        t0 = time.perf_counter()
+        runner = _Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True)
+        print(f"model ready (jit={runner.jit}) in {time.perf_counter() - t0:.1f} s")
+        for r in range(args.repeats):
+            dec.append(bench_decode(paths[:500], prep))
+            fwd.append(bench_forward(runner, prep))
+            print(f"  run {r + 1}: decode {dec[-1]:.0f} img/s (1 thread), "
+                  f"forward {fwd[-1]:.0f} img/s (batch {args.batch_size})")
+        del runner, model
+
+    for r in range(args.repeats):
+        sink = []
+
+        def keep(i, thumb):
+            buf = io.BytesIO()
+            thumb.save(buf, "JPEG", quality=85)
+            sink.append(len(buf.getvalue()))
+
+        res = embed_paths(
+            paths, model=args.model, batch_size=args.batch_size, threads=args.threads,
+            workers=args.workers, jit=jit, progress=False,
+            on_thumbnail=keep if args.thumbs else None,
+        )
+        t = res.timings
+        run = t["total"] - t["model_load"]
+        e2e.append(len(res.ok) / run)
+        print(f"  run {r + 1}: end to end {e2e[-1]:.0f} img/s ({len(res.ok)} images, "
+              f"{len(res.errors)} errors, {run:.1f} s + model {t['model_load']:.1f} s; "
+              f"forward {t['forward']:.1f} s, waiting for decode {t['wait']:.1f} s, "
+              f"jit={res.model_info.get('jit')}, thumbnails {len(sink)}), "
+              f"load average {os.getloadavg()[0]:.2f}")
+
+    def fmt(xs):
+        if not xs:
+            return "-"
+        return f"median {statistics.median(xs):.0f}, best {max(xs):.0f}"
+
+    print(f"decode+resize (1 thread): {fmt(dec)} img/s")
+    print(f"model forward:            {fmt(fwd)} img/s")
+    print(f"end to end (no cache):    {fmt(e2e)} img/s")
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
