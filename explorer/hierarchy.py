@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -41,6 +42,11 @@ __all__ = [
 NOISE = "noise"
 #: selections smaller than this are shown as one group, not clustered
 MIN_RECLUSTER = 6
+#: from this many images on, UMAP is told to use its approximate neighbour search
+#: (pynndescent): below 4096 points umap-learn otherwise computes all pairwise distances
+#: with a Python-level metric call per pair, which took ~38 s for 1,000 images here
+#: (bench/curation.py); the approximate search took ~3 s once compiled
+APPROX_NEIGHBOURS_FROM = 400
 
 
 # ---------------------------------------------------------------------- helpers
@@ -158,7 +164,8 @@ def recluster(
     if method not in cluster_mod.METHODS:
         raise ValueError(f"unknown clustering method {method!r}; use one of {cluster_mod.METHODS}")
     notes: list[str] = []
-    xy, map_notes = reduce_mod.reduce_map(X, random_state=seed)
+    umap_kwargs = {"force_approximation_algorithm": True} if n >= APPROX_NEIGHBOURS_FROM else {}
+    xy, map_notes = reduce_mod.reduce_map(X, random_state=seed, **umap_kwargs)
     xy = np.asarray(xy, dtype=np.float32)
     notes += list(map_notes)
     if n < MIN_RECLUSTER:
@@ -168,7 +175,7 @@ def recluster(
         )
         labels = np.ones(n, dtype=int)
     else:
-        Z, z_notes = reduce_mod.reduce_cluster_space(X, random_state=seed)
+        Z, z_notes = reduce_mod.reduce_cluster_space(X, random_state=seed, **umap_kwargs)
         notes += list(z_notes)
         res = cluster_mod.cluster(np.asarray(Z), method, random_state=seed, **cluster_params)
         notes += list(res.notes)
@@ -345,20 +352,48 @@ class Tree:
         return out
 
 
-def _kmeans(Y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import warnings
+#: k-means fits on at most this many members of a node (seeded sample); the rest are
+#: assigned to the nearest centre, so each split costs about the same however big
+KMEANS_FIT_POINTS = 5000
+#: embeddings are reduced by PCA to this many dimensions before splitting
+HIERARCHY_DIMS = 32
 
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-    from sklearn.exceptions import ConvergenceWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate points
-        if len(Y) > 20000:
-            km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3,
-                                 batch_size=4096, max_iter=50)
-        else:
-            km = KMeans(n_clusters=k, random_state=seed, n_init=2, max_iter=100)
-        return np.asarray(km.fit_predict(Y), dtype=np.int64)
+def _nearest_centre(Y: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    c2 = (centres.astype(np.float64) ** 2).sum(axis=1)
+    out = np.empty(len(Y), dtype=np.int64)
+    for s in range(0, len(Y), chunk):
+        block = Y[s:s + chunk].astype(np.float64)
+        out[s:s + chunk] = (c2[None, :] - 2.0 * block @ centres.T.astype(np.float64)).argmin(axis=1)
+    return out
+
+
+def _kmeans(Y: np.ndarray, k: int, seed: int, max_iter: int = 50) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding; deterministic for a seed.
+
+    A small numpy loop instead of ``sklearn.cluster.KMeans``: a hierarchy makes hundreds
+    of small splits, where the estimator's fixed cost dominated (measured in
+    ``bench/curation.py``).
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    n = len(Y)
+    rng = np.random.default_rng(seed)
+    fit = Y if n <= KMEANS_FIT_POINTS else Y[np.sort(rng.choice(n, KMEANS_FIT_POINTS,
+                                                              replace=False))]
+    fit64 = fit.astype(np.float64)
+    centres, _ = kmeans_plusplus(fit64, k, random_state=seed)
+    lab = _nearest_centre(fit64, centres)
+    for _ in range(max_iter):
+        for c in range(k):
+            m = lab == c
+            if m.any():
+                centres[c] = fit64[m].mean(axis=0)
+        new = _nearest_centre(fit64, centres)
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return lab if fit is Y else _nearest_centre(Y, centres)
 
 
 def _representatives(Y: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
@@ -383,8 +418,9 @@ def build_hierarchy(
 
     A group with more than ``min_size`` images is split by k-means into
     ``min(branching, ceil(count / min_size))`` (at least 2) sub-groups, down to
-    ``max_depth`` levels. Embeddings are L2-normalised (cosine geometry) and, above 64
-    dimensions, reduced by PCA to 64 first. Groups are numbered from 1, largest first.
+    ``max_depth`` levels. Embeddings are L2-normalised (cosine geometry) and, above
+    :data:`HIERARCHY_DIMS` dimensions, reduced by PCA first. Each split fits on at most
+    :data:`KMEANS_FIT_POINTS` members. Groups are numbered from 1, largest first.
     Same input and ``seed`` give the same tree.
 
     Raises ``ValueError`` for bad parameters or embeddings (not 2-D, NaN/inf, no rows).
@@ -399,20 +435,21 @@ def build_hierarchy(
     if n == 0:
         raise ValueError("embeddings has no rows: nothing to build a hierarchy of")
     Y = _normalize_rows(X)
-    if Y.shape[1] > 64 and n > 64:
+    if Y.shape[1] > HIERARCHY_DIMS and n > HIERARCHY_DIMS:
         from sklearn.decomposition import PCA
 
         fit_rows = Y
         if n > 20000:
-            fit_rows = Y[np.random.default_rng(seed).choice(n, 20000, replace=False)]
-        pca = PCA(n_components=64, random_state=seed, svd_solver="randomized").fit(fit_rows)
+            fit_rows = Y[np.sort(np.random.default_rng(seed).choice(n, 20000, replace=False))]
+        pca = PCA(n_components=HIERARCHY_DIMS, random_state=seed,
+                  svd_solver="randomized").fit(fit_rows)
         Y = pca.transform(Y).astype(np.float32)
 
     nodes: dict[str, Node] = {}
     all_idx = np.arange(n, dtype=np.int64)
     root = Node("root", None, 0, all_idx, _representatives(Y, all_idx, n_representatives))
     nodes["root"] = root
-    queue = [root]
+    queue = deque([root])
     bar = None
     if progress:
         from rich.progress import Progress
@@ -422,7 +459,7 @@ def build_hierarchy(
         task = bar.add_task("building the group hierarchy", total=n)
     try:
         while queue:
-            node = queue.pop(0)
+            node = queue.popleft()
             m = node.members
             if node.count <= min_size or node.depth >= max_depth:
                 if bar is not None:
