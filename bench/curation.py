@@ -115,7 +115,10 @@ def main() -> None:
             sec, tree = timed(lambda: build_hierarchy(X[:n], seed=0), 1)
             print(f"build_hierarchy {n:,} x {a.dim}:          {sec:.1f} s"
                   f" ({len(tree):,} groups, depth {tree.depth})")
-        recluster(X[:50], "0", seed=0)  # warm up numba
+        t = time.perf_counter()
+        recluster(X[:50], "0", seed=0)
+        recluster(X[:450], "0", seed=0)
+        print(f"recluster warm-up (numba/pynndescent compile): {time.perf_counter() - t:.1f} s")
         for n in (500, 2000):
             sec, res = timed(lambda: recluster(X[:n], "3", seed=0), 1)
             print(f"recluster {n:,} images:               {sec:.1f} s ({res.n_clusters} sub-clusters)")
