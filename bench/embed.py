@@ -67,8 +67,9 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--workers", type=int, default=None, help="decode threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per forward pass")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads that each decode and run the model (default: CPUs)")
     ap.add_argument("--jit", choices=["auto", "on", "off"], default="on")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--thumbs", action="store_true", help="also make + JPEG-encode thumbnails")
@@ -78,8 +79,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     paths = discover(args.dir)[: args.limit]
     print(f"{len(paths)} images in {args.dir}; torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         e2e.append(len(res.ok) / run)
         print(f"  run {r + 1}: end to end {e2e[-1]:.0f} img/s ({len(res.ok)} images, "
               f"{len(res.errors)} errors, {run:.1f} s + model {t['model_load']:.1f} s; "
-              f"forward {t['forward']:.1f} s, waiting for decode {t['wait']:.1f} s, "
+              f"thread-seconds: decode {t['decode']:.1f}, forward {t['forward']:.1f}; "
               f"jit={res.model_info.get('jit')}, thumbnails {len(sink)}), "
               f"load average {os.getloadavg()[0]:.2f}")
 

@@ -671,6 +671,7 @@ class EmbedResult:
     hashes: list[str]  # content hash (blake2b-128 hex) per ok image
     errors: list[tuple[str, str]]  # (path, reason) for skipped files
     n_cached: int = 0
+    # seconds: model_load, total (wall clock); decode, forward (summed over worker threads)
     timings: dict[str, float] = field(default_factory=dict)
     model_info: dict[str, Any] = field(default_factory=dict)
 
@@ -687,7 +688,6 @@ class _Item:
     pixels: np.ndarray | None = None  # preprocessed uint8, when the model needs it
     cached: bool = False
     error: str | None = None
-    seconds: float = 0.0
 
 
 def content_hash(data: bytes) -> str:
@@ -696,7 +696,11 @@ def content_hash(data: bytes) -> str:
 
 
 def _default_workers() -> int:
-    return 2
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 def embed_paths(
@@ -711,82 +715,88 @@ def embed_paths(
     need_thumbnail: Callable[[int], bool] | None = None,
     progress: bool = True,
     workers: int | None = None,
-    threads: int | None = None,
+    threads: int = 1,
     jit: bool | str = "auto",
+    chunk_size: int | None = None,
     save_every: float = 120.0,
 ) -> EmbedResult:
     """Embed image files: one read and at most one decode per file.
 
-    For each path, in order: read the bytes, hash them, and
+    For each path: read the bytes, hash them, and
     - if the cache holds the hash and no thumbnail is needed: nothing else (no decode);
     - else decode once (JPEG DCT scaling to the size needed), call
       ``on_thumbnail(i, thumb)`` when ``need_thumbnail(i)`` is true (always when
       ``need_thumbnail`` is None), and embed the image unless the cache holds it.
     Bad files (empty, not an image, truncated, too large, unreadable) are listed in
-    ``errors`` and skipped; they never stop the run.
+    ``errors`` and skipped; they never stop the run. Exceptions raised by the callbacks
+    (e.g. a full disk while writing a thumbnail) do stop it.
+
+    How it runs: ``workers`` threads (default: the usable CPUs, at most 8) each take the
+    next chunk of ``chunk_size`` consecutive paths (default ``4 * batch_size``), decode
+    it and run the model on its new images in batches of ``batch_size`` (the last one
+    padded, so every forward pass has the same shape), with ``threads`` torch threads per
+    forward pass (default 1: one busy thread per core beats torch's intra-op threading
+    when decoding runs at the same time). Batches are made from fixed chunks, so a run
+    gives the same vectors every time. ``on_thumbnail`` and ``need_thumbnail`` are
+    called from these threads, possibly at the same time for different ``i``;
+    thumbnails are RGB with longer side <= ``thumb_size``.
 
     ``cache``: an :class:`EmbeddingCache`, or a folder (opened for this model and
     checkpoint). New vectors are saved to it every ``save_every`` seconds and at the end,
-    also when the run is interrupted.
+    also when the run stops on an error or Ctrl-C.
 
-    ``on_thumbnail`` and ``need_thumbnail`` run in worker threads (``workers`` of them,
-    default 2), possibly at the same time for different ``i``; thumbnails are RGB with
-    longer side <= ``thumb_size``. Decoding runs in those threads while the main thread
-    runs the model (``threads`` torch threads, default: torch's setting; restored after).
     ``jit``: trace + freeze the model (faster forward, falls back to eager if tracing
     fails); ``"auto"`` does it when at least ``JIT_MIN_IMAGES`` images may need the
     model, since tracing itself costs a few seconds.
     """
     t_start = time.perf_counter()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(thumb_size, int) or thumb_size < 1:
-        raise ValueError(f"thumb_size must be a positive int, got {thumb_size!r}")
+    for pname, val in (("batch_size", batch_size), ("thumb_size", thumb_size),
+                       ("threads", threads)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{pname} must be a positive int, got {val!r}")
     if workers is None:
         workers = _default_workers()
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    paths = [Path(p) for p in paths]
-    name = _resolve_name(model)
+    if chunk_size is None:
+        chunk_size = 4 * batch_size
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if jit not in (True, False, "auto"):
         raise ValueError(f"jit must be True, False or 'auto', got {jit!r}")
+    paths = [Path(p) for p in paths]
+    name = _resolve_name(model)
     _check_weights(name, checkpoint)  # fail fast, before any file is read
     if cache is not None and not isinstance(cache, EmbeddingCache):
         cache = EmbeddingCache.for_model(cache, name, checkpoint)
+    n = len(paths)
+    to_embed = n - (len(cache) if cache is not None else 0)
+    use_jit = bool(jit) if jit != "auto" else to_embed >= JIT_MIN_IMAGES
 
-    timings: dict[str, float] = {"model_load": 0.0, "forward": 0.0, "wait": 0.0}
+    timings: dict[str, float] = {"model_load": 0.0, "decode": 0.0, "forward": 0.0}
     state: dict[str, Any] = {"runner": None, "prep": None, "info": None}
     want_thumbs = on_thumbnail is not None
     model_lock = threading.Lock()
+    stat_lock = threading.Lock()
 
     def ensure_model():
         # the model is loaded the first time an image needs it (all-cached runs never do)
         with model_lock:
-            if state["runner"] is not None:
-                return state["runner"], state["prep"]
-            t0 = time.perf_counter()
-            m, cfg = load_model(name, checkpoint, num_classes=0)
-            prep = Preprocessor(cfg)
-            runner = _Runner(m, batch_size, (prep.height, prep.width), jit=use_jit)
-            state["prep"], state["runner"] = prep, runner
-            state["info"] = _model_info(name, checkpoint, m, cfg, runner)
-            timings["model_load"] += time.perf_counter() - t0
+            if state["runner"] is None:
+                t0 = time.perf_counter()
+                m, cfg = load_model(name, checkpoint, num_classes=0)
+                prep = Preprocessor(cfg)
+                runner = _Runner(m, batch_size, (prep.height, prep.width), jit=use_jit)
+                state["prep"], state["runner"] = prep, runner
+                state["info"] = _model_info(name, checkpoint, m, cfg, runner)
+                timings["model_load"] += time.perf_counter() - t0
         return state["runner"], state["prep"]
 
-    to_embed = len(paths) - (len(cache) if cache is not None else 0)
-    use_jit = bool(jit) if jit != "auto" else to_embed >= JIT_MIN_IMAGES
-    if paths and (cache is None or len(cache) < len(paths)):
-        ensure_model()
-
-    def work(i: int) -> _Item:
-        # runs in a worker thread; errors of the file become item.error, errors of the
-        # caller's callbacks propagate (a full disk must stop the run, not skip images)
-        t0 = time.perf_counter()
+    def decode_one(i: int) -> _Item:
+        # a bad file becomes item.error; the caller's callbacks may raise (and stop the run)
         item = _Item(i)
         thumb_wanted = want_thumbs and (need_thumbnail is None or need_thumbnail(i))
-        img = None
+        thumb = None
         try:
             data = read_bytes(paths[i])
             item.hash = content_hash(data)
@@ -796,7 +806,8 @@ def embed_paths(
                 draft = thumb_size if p is None else p.scale_size
                 img, item.size = decode_image(data, draft, name=paths[i])
                 del data
-                thumb = thumbnail(img, thumb_size) if thumb_wanted else None
+                if thumb_wanted:
+                    thumb = thumbnail(img, thumb_size)
                 if p is not None:
                     item.pixels = p(img)
         except ImageLoadError as exc:
@@ -805,82 +816,92 @@ def embed_paths(
             raise
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
             item.error = f"cannot decode ({type(exc).__name__}: {exc})"
-        item.seconds = time.perf_counter() - t0
-        if img is not None and thumb_wanted and item.error is None:
+        if thumb is not None and item.error is None:
             on_thumbnail(i, thumb)
         return item
+
+    def run_chunk(lo: int, hi: int) -> tuple[list[_Item], np.ndarray | None]:
+        t0 = time.perf_counter()
+        items = [decode_one(i) for i in range(lo, hi)]
+        t1 = time.perf_counter()
+        new = [it for it in items if it.error is None and not it.cached]
+        vecs = None
+        if new:
+            runner, prep = ensure_model()
+            outs = []
+            for b in range(0, len(new), batch_size):
+                part = new[b : b + batch_size]
+                outs.append(runner(prep.to_tensor(np.stack([it.pixels for it in part]))))
+                for it in part:
+                    it.pixels = None
+            vecs = np.concatenate(outs)
+        t2 = time.perf_counter()
+        with stat_lock:
+            timings["decode"] += t1 - t0
+            timings["forward"] += t2 - t1
+        return items, vecs
 
     import torch
 
     old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
 
-    n = len(paths)
     vectors: dict[int, np.ndarray] = {}
     sizes: dict[int, tuple[int, int]] = {}
     hashes: dict[int, str] = {}
     cached_idx: list[int] = []
-    errors: list[tuple[str, str]] = []
-    batch: list[_Item] = []
-    decode_seconds = 0.0
+    errors: list[tuple[int, str, str]] = []
     done = 0
     last_save = time.perf_counter()
-
-    def flush():
-        nonlocal last_save
-        if not batch:
-            return
-        runner, pr = ensure_model()
-        t0 = time.perf_counter()
-        out = runner(pr.to_tensor(np.stack([it.pixels for it in batch])))
-        timings["forward"] += time.perf_counter() - t0
-        for it, v in zip(batch, out):
-            vectors[it.index] = v
-            it.pixels = None
-        if cache is not None:
-            cache.add([it.hash for it in batch], out, [it.size for it in batch])
-            if time.perf_counter() - last_save > save_every:
-                cache.save()
-                last_save = time.perf_counter()
-        batch.clear()
-
     bar = _progress_bar(progress, n)
-    window = max(4 * batch_size, 2 * workers)
+    chunks = [(lo, min(n, lo + chunk_size)) for lo in range(0, n, chunk_size)]
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explorer-decode") as pool:
+        if n and to_embed > 0:
+            ensure_model()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explorer-embed") as pool:
             pending: deque = deque()
-            next_i = 0
-            while next_i < n and len(pending) < window:
-                pending.append(pool.submit(work, next_i))
-                next_i += 1
-            while pending:
-                t0 = time.perf_counter()
-                item = pending.popleft().result()
-                timings["wait"] += time.perf_counter() - t0
-                if next_i < n:
-                    pending.append(pool.submit(work, next_i))
-                    next_i += 1
-                decode_seconds += item.seconds
-                i = item.index
-                if item.error is not None:
-                    errors.append((str(paths[i]), item.error))
-                elif item.cached:
-                    cached_idx.append(i)
-                    hashes[i] = item.hash
-                else:
-                    hashes[i] = item.hash
-                    sizes[i] = item.size
-                    batch.append(item)
-                    if len(batch) >= batch_size:
-                        flush()
-                done += 1
-                if bar is not None and (done % batch_size == 0 or done == n):
-                    bar.advance(done)
-            flush()
+            todo = iter(chunks)
+            stop = threading.Event()
+
+            def submit_next() -> None:
+                nxt = next(todo, None)
+                if nxt is not None and not stop.is_set():
+                    pending.append(pool.submit(run_chunk, *nxt))
+
+            for _ in range(2 * workers):  # a bounded window keeps memory flat
+                submit_next()
+            try:
+                while pending:
+                    items, vecs = pending.popleft().result()
+                    submit_next()
+                    new = []
+                    for it in items:
+                        if it.error is not None:
+                            errors.append((it.index, str(paths[it.index]), it.error))
+                        elif it.cached:
+                            cached_idx.append(it.index)
+                            hashes[it.index] = it.hash
+                        else:
+                            new.append(it)
+                    for it, v in zip(new, vecs if vecs is not None else []):
+                        vectors[it.index] = v
+                        sizes[it.index] = it.size
+                        hashes[it.index] = it.hash
+                    if cache is not None and new:
+                        cache.add([it.hash for it in new], vecs, [it.size for it in new])
+                        if time.perf_counter() - last_save > save_every:
+                            cache.save()
+                            last_save = time.perf_counter()
+                    done += len(items)
+                    if bar is not None:
+                        bar.advance(done)
+            except BaseException:
+                stop.set()
+                for f in pending:
+                    f.cancel()
+                raise
     finally:
-        if threads is not None:
-            torch.set_num_threads(old_threads)
+        torch.set_num_threads(old_threads)
         if cache is not None:
             try:
                 cache.save()
@@ -889,8 +910,7 @@ def embed_paths(
         if bar is not None:
             bar.close()
 
-    # cached vectors and sizes
-    if cached_idx:
+    if cached_idx:  # vectors and sizes of the cached images
         _, cvec, csize = cache.lookup([hashes[i] for i in cached_idx])
         for k, i in enumerate(cached_idx):
             vectors[i] = cvec[k]
@@ -902,15 +922,16 @@ def embed_paths(
         emb = np.zeros((0, 0), np.float32)
     info = state["info"] or _model_info(name, checkpoint, None, None, None,
                                         dim=emb.shape[1] if len(ok) else None)
-    timings["decode"] = decode_seconds  # summed over worker threads
+    info["workers"], info["torch_threads"], info["batch_size"] = workers, threads, batch_size
     timings["total"] = time.perf_counter() - t_start
+    errors.sort()
     return EmbedResult(
         embeddings=emb,
         ok=ok,
         width=np.array([sizes[i][0] for i in ok], dtype=np.int64),
         height=np.array([sizes[i][1] for i in ok], dtype=np.int64),
         hashes=[hashes[i] for i in ok],
-        errors=errors,
+        errors=[(p, r) for _, p, r in errors],
         n_cached=len(cached_idx),
         timings=timings,
         model_info=info,

@@ -44,6 +44,15 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Like embed_paths: one torch thread (torch's spinning threads crawl on a busy CPU)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture()
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test."""
@@ -77,11 +86,12 @@ def test_bundled_default_weights_are_real(no_network):
     top = logits.argmax(1).tolist()
     assert 281 <= top[0] <= 285, f"chelsea classified as {top[0]}, not a cat"
     assert top[1] in (504, 967, 968), f"coffee classified as {top[1]}"
-    # the alias is the same model, and the default gives a 1280-d embedding
-    emb_model, cfg2 = load_model("efficientnet_lite0")
-    feats = embed_images(imgs, emb_model, cfg2)
+    # without the classifier the model gives the pooled pre-classifier feature: 1280-d
+    model.reset_classifier(0)
+    feats = embed_images(imgs, model, cfg)
     assert feats.shape == (2, 1280) and feats.dtype == np.float32
     assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
+    assert E._resolve_name("efficientnet_lite0") == DEFAULT_MODEL
 
 
 def test_preprocessing_matches_timm_transform():
