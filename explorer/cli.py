@@ -71,7 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
                    choices=["phash", "ssim", "orb", "minhash", "tm", "none"],
                    help="method for the duplicate_group column (default phash)")
     b.add_argument("--duplicate-threshold", type=float, default=None)
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default 8)")
     b.add_argument("--thumb-size", type=int, default=256)
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--metadata", default=None, metavar="FILE",

@@ -138,7 +138,7 @@ def build(
     threshold: float | None = None,
     duplicates: str | None = "phash",
     duplicate_threshold: float | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     thumb_size: int = 256,
     seed: int = 42,
     metadata: str | os.PathLike | None = None,
@@ -160,7 +160,7 @@ def build(
         console = Console(stderr=True)
     if method not in METHODS:
         raise BuildError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise BuildError(f"--batch-size must be >= 1, got {batch_size}")
     if thumb_size < 16:
         raise BuildError(f"--thumb-size must be >= 16, got {thumb_size}")
@@ -215,15 +215,13 @@ def build(
     if method == "timm":
         from explorer import embed as embed_mod
 
-        cache = embed_mod.EmbeddingCache(
-            table.sidecar(csv_path, "embeddings"),
-            embed_mod.model_key(model or embed_mod.DEFAULT_MODEL, checkpoint),
-        )
+        cache = table.sidecar(csv_path, "embeddings")
         with stage("embed"):
             res = embed_mod.embed_paths(
                 paths, model=model or embed_mod.DEFAULT_MODEL, checkpoint=checkpoint,
-                batch_size=batch_size, cache=cache, thumb_size=thumb_size,
+                batch_size=batch_size or 8, cache=cache, thumb_size=thumb_size,
                 on_thumbnail=on_thumbnail, need_thumbnail=need_thumbnail, progress=progress,
+                jit=len(paths) >= 256,  # tracing costs more than it saves on small folders
             )
         ok = np.asarray(res.ok, dtype=int)
         feats = np.asarray(res.embeddings, dtype=np.float32)
@@ -278,26 +276,24 @@ def build(
     from explorer import reduce as reduce_mod
 
     with stage("map"):
-        xy, map_notes = _as_notes(reduce_mod.reduce_map(feats_for_map, random_state=seed))
+        xy, map_notes = _as_notes(
+            reduce_mod.reduce_map(feats_for_map, random_state=seed, progress=progress))
     notes += map_notes
     if method == "timm":
         with stage("cluster"):
-            Z, z_notes = _as_notes(reduce_mod.reduce_cluster_space(feats, random_state=seed))
+            Z, z_notes = _as_notes(
+                reduce_mod.reduce_cluster_space(feats, random_state=seed, progress=progress))
             notes += z_notes
-            cres = cluster_mod.cluster(Z, cluster, random_state=seed, **(cluster_params or {}))
+            cres = cluster_mod.cluster(Z, cluster, random_state=seed, progress=progress,
+                                       **(cluster_params or {}))
         labels = np.asarray(cres.labels, dtype=int)
         probs = np.asarray(cres.probabilities, dtype=float)
         outl = np.asarray(cres.outlier_scores, dtype=float)
         notes += list(getattr(cres, "notes", []) or [])
-        cluster_info = {"method": cres.method, "params": _jsonable(cres.params),
-                        "scores": _jsonable(getattr(cres, "scores", {}))}
-        for extra in ("candidates", "elbow"):
-            if getattr(cres, extra, None) is not None:
-                cluster_info[extra] = _jsonable(getattr(cres, extra))
-        elbow = getattr(cres, "elbow", None)
-        if elbow is not None and hasattr(cluster_mod, "elbow_plot"):
+        cluster_info = _jsonable(cres.to_dict())
+        if cres.elbow is not None:
             elbow_path = table.sidecar(csv_path, "elbow.html")
-            cluster_mod.elbow_plot(elbow, getattr(cres, "k", None) or cres.params.get("k"), elbow_path)
+            cluster_mod.elbow_plot(cres.elbow, cres.elbow.get("chosen_k"), elbow_path)
             cluster_info["elbow_plot"] = elbow_path.name
     else:
         from explorer import similarity
@@ -434,7 +430,7 @@ def _thumbnails_and_describe(paths, ok, thumb_size, on_thumbnail, need_thumbnail
 
     from explorer.progress import track
 
-    width, height, thumbs = [], [], []
+    width, height, chunk, rows = [], [], [], []
     for i, p in track(list(zip(ok, paths)), "Thumbnails", progress):
         img, (w, h) = images_mod.load_image(p, thumb_size)
         t = images_mod.thumbnail(img, thumb_size)
@@ -442,8 +438,13 @@ def _thumbnails_and_describe(paths, ok, thumb_size, on_thumbnail, need_thumbnail
             on_thumbnail(i, t)
         width.append(w)
         height.append(h)
-        thumbs.append(t)
-    return np.array(width), np.array(height), np.asarray(describe(thumbs), dtype=np.float32)
+        chunk.append(t)
+        if len(chunk) == 512:  # bounded memory: describe thumbnails a chunk at a time
+            rows.append(describe(chunk))
+            chunk = []
+    if chunk:
+        rows.append(describe(chunk))
+    return np.array(width), np.array(height), np.concatenate(rows).astype(np.float32)
 
 
 def print_summary(result: BuildResult, console) -> None:
