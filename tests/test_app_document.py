@@ -21,7 +21,7 @@ from explorer.table import read_table, sidecar  # noqa: E402
 WIDGETS = [
     "plot", "points", "scatter", "table", "table_source", "grid", "grid_prev", "grid_next",
     "grid_page", "labels", "only_selected", "clear_labels", "color_by", "legend", "save_name",
-    "save_images", "save", "downloads", "reset", "point_size", "status", "title",
+    "save_images", "save", "downloads", "reset", "point_size", "status", "title", "color_mapper",
 ]  # fmt: skip
 
 
@@ -167,7 +167,8 @@ def test_colour_by_label_handles_string_labels(doc):
     w(doc, "color_by").value = "label"
     options = [v for v, _ in w(doc, "labels").options]
     assert HOSTILE_LABEL in options and "cat" in options
-    colors = set(w(doc, "points").data["color"])
+    palette = w(doc, "color_mapper").palette
+    colors = {palette[c] for c in w(doc, "points").data["code"]}
     assert len(colors) == 6  # cat, <b>bold</b>, coffee, astronaut, rocket, camera
     legend = w(doc, "legend").text
     assert "&lt;b&gt;bold&lt;/b&gt;" in legend and HOSTILE_LABEL not in legend

@@ -94,6 +94,7 @@ def chromium(
     download_dir: str | os.PathLike | None = None,
     width: int = 1400,
     height: int = 1300,
+    extra_flags: Sequence[str] = (),
 ) -> Iterator[Any]:
     """A headless Chromium WebDriver with a fresh profile; downloads go to ``download_dir``."""
     found = find_chromium()
@@ -110,6 +111,7 @@ def chromium(
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}",
+        *extra_flags,
     ):  # fmt: skip
         opts.add_argument(flag)
     if download_dir is not None:

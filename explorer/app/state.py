@@ -157,6 +157,20 @@ def thumb_url(value: str, route: str) -> str:
     return prefix + quote(rel)
 
 
+_PLAIN = r"^[A-Za-z0-9_.~-][A-Za-z0-9_.~/-]*$"
+
+
+def thumb_urls(values: pd.Series, route: str) -> np.ndarray:
+    """:func:`thumb_url` for a whole column (fast path for plain relative paths)."""
+    s = values.fillna("").astype(str)
+    plain = s.str.match(_PLAIN) & ~s.str.contains("..", regex=False) & ~s.str.contains("//", regex=False)
+    prefix = f"/{quote(route)}/" if route else "/"
+    out = np.where(plain, prefix + s.str.replace(r"^(\./)+", "", regex=True), "").astype(object)
+    for i in np.flatnonzero(~plain.to_numpy()):
+        out[i] = thumb_url(s.iat[i], route)
+    return out
+
+
 # --------------------------------------------------------------------------- state
 class AppState:
     """Selection, label filter and toggles of one app session over one table.
@@ -243,27 +257,40 @@ class AppState:
         """Messages about thumbnails that do not exist (one directory listing per folder)."""
         if self.app_dir is None or self.n_rows == 0:
             return []
-        files = [self.thumb_file(v) for v in self.table["image"].astype(str)]
-        listing: dict[Path, set[str]] = {}
+        values = pd.Series(pd.unique(self.table["image"].fillna("").astype(str)))
+        plain = values.str.match(_PLAIN) & ~values.str.contains("..", regex=False)
+        listing: dict[str, set[str]] = {}
+
+        def listed(folder: str) -> set[str]:
+            if folder not in listing:
+                try:
+                    listing[folder] = set(os.listdir(self.app_dir / folder)) if folder else set(os.listdir(self.app_dir))
+                except OSError:
+                    listing[folder] = set()
+            return listing[folder]
+
         missing: list[str] = []
-        for value, f in zip(self.table["image"].astype(str), files):
+        parts = values[plain].str.rpartition("/")
+        for folder in pd.unique(parts[0]):
+            names = listed(folder)
+            these = parts[parts[0] == folder]
+            gone = ~these[2].isin(names)
+            missing += values[plain][gone.to_numpy()].tolist() if gone.any() else []
+        for value in values[~plain]:
+            f = self.thumb_file(value)
             if f is None:
                 if not value.startswith(("http://", "https://", "/")):
                     missing.append(value or "(empty)")
-                continue
-            names = listing.get(f.parent)
-            if names is None:
-                try:
-                    names = set(os.listdir(f.parent))
-                except OSError:
-                    names = set()
-                listing[f.parent] = names
-            if f.name not in names:
+            elif f.name not in listed(os.path.relpath(f.parent, self.app_dir)):
                 missing.append(value)
         if not missing:
             return []
+        img = self.table["image"].fillna("").astype(str)
+        n_missing = int(img.isin(set(missing)).sum())
+        if "(empty)" in missing:
+            n_missing += int((img == "").sum())
         return [
-            f"{len(missing):,} of {self.n_rows:,} thumbnail(s) not found under {self.app_dir} "
+            f"{n_missing:,} of {self.n_rows:,} thumbnail(s) not found under {self.app_dir} "
             f"(e.g. {missing[0]!r}); those images show as blanks"
         ]
 
@@ -327,36 +354,41 @@ class AppState:
         """(value, text with count) pairs for the label MultiSelect."""
         return [(v, f"{self.label_text(v)}  ({c:,})") for v, c in self.label_counts().items()]
 
-    def colors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(colour hex, alpha) per row for the current label column.
+    def color_codes(self) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+        """Colour of every row as a code into small per-label tables.
 
+        Returns ``(code per row, colour per code, alpha per code, label value per code)``.
         Labels get palette colours in display order, cycling; the "no group" value
         (cluster -1, empty label, duplicate_group -1) is grey and faint. Works for any
         label strings (numbers or text).
         """
         labels = self.labels()
         muted = MUTED_VALUES[self.label_column]
-        order = [v for v in self.label_values() if v != muted]
-        lut = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(order)}
-        codes, uniques = pd.factorize(labels)
-        ucol = np.array([lut.get(u, MUTED_COLOR) for u in uniques] or [MUTED_COLOR], dtype=object)
-        ualpha = np.array(
-            [MUTED_ALPHA if u == muted or u not in lut else POINT_ALPHA for u in uniques] or [0.0]
-        )
-        return ucol[codes], ualpha[codes]
+        values = sort_labels(pd.unique(labels)) if len(labels) else []
+        codes = pd.Categorical(labels, categories=values).codes.astype(np.int32)
+        palette, alphas, i = [], [], 0
+        for v in values:
+            if v == muted:
+                palette.append(MUTED_COLOR)
+                alphas.append(MUTED_ALPHA)
+            else:
+                palette.append(PALETTE[i % len(PALETTE)])
+                alphas.append(POINT_ALPHA)
+                i += 1
+        return codes, palette, np.asarray(alphas, dtype=float), values
+
+    def colors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(colour hex, alpha) per row for the current label column."""
+        codes, palette, alphas, _ = self.color_codes()
+        if not len(codes):
+            return np.zeros(0, dtype=object), np.zeros(0)
+        return np.asarray(palette, dtype=object)[codes], alphas[codes]
 
     def legend(self) -> list[tuple[str, str, str, int]]:
-        """(value, text, colour, count) per label, in display order."""
-        muted = MUTED_VALUES[self.label_column]
-        out, i = [], 0
-        for v, c in self.label_counts().items():
-            if v == muted:
-                color = MUTED_COLOR
-            else:
-                color = PALETTE[i % len(PALETTE)]
-                i += 1
-            out.append((v, self.label_text(v), color, c))
-        return out
+        """(value, text, colour, count) per label of the drawable rows, in display order."""
+        _, palette, _, values = self.color_codes()
+        color_of = dict(zip(values, palette))
+        return [(v, self.label_text(v), color_of[v], c) for v, c in self.label_counts().items()]
 
     # ------------------------------------------------------------------ selection
     def _as_rows(self, rows: Iterable[int]) -> np.ndarray:

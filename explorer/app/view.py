@@ -20,12 +20,14 @@ from bokeh.models import (
     Checkbox,
     ColumnDataSource,
     CustomJS,
+    CustomJSHover,
     DataTable,
     Div,
     HoverTool,
     HTMLTemplateFormatter,
     ImportedStyleSheet,
     LassoSelectTool,
+    LinearColorMapper,
     MultiSelect,
     NumberFormatter,
     Select,
@@ -38,7 +40,7 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
-from explorer.app.state import LABEL_COLUMNS, AppState, ExportError
+from explorer.app.state import LABEL_COLUMNS, AppState, ExportError, thumb_urls
 from explorer.table import SchemaError
 
 #: the DataTable shows at most this many selected rows (Save writes all of them)
@@ -67,7 +69,7 @@ _TOOLTIP = """
 <div style="max-width:180px">
   <img src="@thumb" alt="" style="max-width:160px;max-height:160px;display:block;margin-bottom:4px">
   <div style="font-weight:600;word-break:break-all">@name</div>
-  <div>@label_text</div>
+  <div>@code{custom}</div>
 </div>
 """
 
@@ -94,21 +96,27 @@ class AppView:
         self.plot_rows = np.flatnonzero(st.valid).astype(np.int64)
 
         # ---------------------------------------------------------------- plot
-        names = st.table["path"].astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
-        self.file_names = names.to_numpy(dtype=object)
-        thumbs = np.array([st.thumb_url(v) for v in st.table["image"].astype(str)], dtype=object)
+        paths = st.table["path"].fillna("").astype(str).str.replace("\\", "/", regex=False)
+        self.file_names = (
+            paths.str.rpartition("/")[2].to_numpy(dtype=object) if len(paths) else np.zeros(0, dtype=object)
+        )
+        thumbs = thumb_urls(st.table["image"], st.route)
         self.thumb_urls = thumbs
         r = self.plot_rows
-        color, alpha = st.colors()
+        codes, palette, alphas, _ = st.color_codes()
+        # only what the plot and its hover need; colours as int codes through a mapper
+        self.color_mapper = LinearColorMapper(
+            palette=palette or ["#000000"], low=-0.5, high=max(len(palette), 1) - 0.5, name="color_mapper"
+        )
+        self.hover_labels = CustomJSHover(args={"labels": self._label_texts()}, code="return labels[value] ?? ''")
         self.source = ColumnDataSource(
             data={
                 "x": st.table["x"].to_numpy(dtype=float)[r],
                 "y": st.table["y"].to_numpy(dtype=float)[r],
-                "color": color[r],
-                "alpha": alpha[r],
+                "code": codes[r],
+                "alpha": alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32),
                 "thumb": thumbs[r],
                 "name": self.file_names[r],
-                "label_text": self._label_texts()[r],
             },
             name="points",
         )
@@ -130,7 +138,7 @@ class AppView:
             "y",
             source=self.source,
             size=st.point_size,
-            fill_color="color",
+            fill_color={"field": "code", "transform": self.color_mapper},
             line_color=None,
             fill_alpha="alpha",
             selection_fill_alpha=1.0,
@@ -141,7 +149,9 @@ class AppView:
         )
         lasso = LassoSelectTool(continuous=False, renderers=[self.renderer], name="lasso")
         box = BoxSelectTool(continuous=False, renderers=[self.renderer], name="box_select")
-        hover = HoverTool(tooltips=_TOOLTIP, renderers=[self.renderer], name="hover")
+        hover = HoverTool(
+            tooltips=_TOOLTIP, formatters={"@code": self.hover_labels}, renderers=[self.renderer], name="hover"
+        )
         self.plot.add_tools(lasso, box, hover)
         self.plot.toolbar.active_drag = lasso
 
@@ -224,12 +234,10 @@ class AppView:
         self.render(frozenset({"selection", "filter", "label_column", "message"}))
 
     # ------------------------------------------------------------------ building
-    def _label_texts(self) -> np.ndarray:
+    def _label_texts(self) -> list[str]:
+        """Hover text per colour code."""
         st = self.state
-        labels = st.labels()
-        codes, uniques = pd.factorize(labels)
-        texts = np.array([f"{st.label_column}: {st.label_text(u)}" for u in uniques] or [""], dtype=object)
-        return texts[codes]
+        return [f"{st.label_column}: {st.label_text(v)}" for v in st.color_codes()[3]]
 
     def _title_html(self) -> str:
         st = self.state
@@ -307,9 +315,14 @@ class AppView:
         self._syncing = True
         try:
             if "label_column" in what:
-                color, alpha = st.colors()
+                codes, palette, alphas, _ = st.color_codes()
                 r = self.plot_rows
-                self.source.data.update(color=color[r], alpha=alpha[r], label_text=self._label_texts()[r])
+                self.color_mapper.update(
+                    palette=palette or ["#000000"], low=-0.5, high=max(len(palette), 1) - 0.5
+                )
+                self.hover_labels.args = {"labels": self._label_texts()}
+                alpha = alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32)
+                self.source.data.update(code=codes[r], alpha=alpha)
                 self.labels.options = st.label_options()
                 self.color_by.value = st.label_column
                 self.legend.text = self._legend_html()

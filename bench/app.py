@@ -1,0 +1,103 @@
+"""Benchmark the explorer app in headless Chromium with a large generated CSV.
+
+Prints medians of a few runs of
+  * load: navigation start -> plot drawn (all points rendered; target < 3 s)
+  * lasso: mouse release of a lasso -> table showing the selection (target < 1 s)
+  * server: time the Python side spends on one selection (state + widget updates)
+
+    .venv/bin/python bench/app.py [--points 100000] [--runs 3]
+
+Needs chromium + chromium-driver (apt-get install -y chromium chromium-driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _appdata import make_big_csv  # noqa: E402
+
+from explorer.app import browser as B  # noqa: E402
+
+DRAWN_AT_JS = "const ok = (() => {" + B.PLOT_DRAWN_JS + "})(); return ok ? performance.now() : null;"
+
+TABLE_AT_JS = """
+const src = Bokeh.documents[0].get_model_by_name("table_source");
+const table = Bokeh.documents[0].get_model_by_name("table");
+if (!src || src.data["_file"].length == 0) return null;
+const v = Bokeh.index.find_one(table);
+if (!v) return null;
+const rows = v.el.shadowRoot ? v.el.shadowRoot.querySelectorAll(".slick-row").length : 0;
+const sel = Bokeh.documents[0].get_model_by_name("points").selected.indices.length;
+return rows > 0 ? [performance.now(), sel] : null;
+"""
+
+ARM_JS = """
+window.__t_up = null;
+window.addEventListener("pointerup", () => { window.__t_up = performance.now(); }, {capture: true, once: true});
+"""
+
+
+def server_side(app_dir: Path, csv: Path, runs: int) -> tuple[float, float]:
+    """(document build s, one selection s) measured in-process, medians."""
+    from bokeh.command.util import build_single_handler_application
+
+    app = build_single_handler_application(str(app_dir), argv=[str(csv)])
+    builds, sels = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        doc = app.create_document()
+        builds.append(time.perf_counter() - t)
+        src = doc.select_one({"name": "points"})
+        idx = list(range(0, len(src.data["x"]), 8))
+        t = time.perf_counter()
+        src.selected.indices = idx
+        sels.append(time.perf_counter() - t)
+    return statistics.median(builds), statistics.median(sels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    if B.find_chromium() is None:
+        print("chromium/chromedriver not installed: apt-get install -y chromium chromium-driver")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="explorer-bench-") as tmp:
+        t = time.perf_counter()
+        app_dir, csv = make_big_csv(tmp, args.points)
+        print(f"generated {args.points:,} points in {time.perf_counter() - t:.1f} s ({csv.stat().st_size / 1e6:.1f} MB CSV)")
+        build, sel = server_side(app_dir, csv, args.runs)
+        print(f"server: document build {build:.2f} s, one selection of {args.points // 8:,} points {sel:.2f} s (median of {args.runs})")
+        loads, lassos, counts = [], [], []
+        with B.serve(app_dir, csv) as url, B.chromium(width=1400, height=1300) as drv:
+            drv.get(url)  # warm up (caches bokeh.js, starts the server's first session)
+            B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=120)
+            for _ in range(args.runs):
+                drv.get("about:blank")
+                drv.get(url)
+                drawn = B.wait_for(drv, DRAWN_AT_JS, timeout=120, poll=0.02)
+                loads.append(drawn / 1000.0)  # performance.now() counts from navigation start
+                drv.execute_script(ARM_JS)
+                B.lasso(drv, [(-22, -22), (0, -22), (0, 0), (-22, 0)])
+                shown, n = B.wait_for(drv, TABLE_AT_JS, timeout=60, poll=0.02)
+                up = drv.execute_script("return window.__t_up")
+                lassos.append((shown - up) / 1000.0)
+                counts.append(n)
+        print(f"load: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (target < 3 s)")
+        print(
+            f"lasso: release -> table shows selection: median {statistics.median(lassos):.2f} s  "
+            f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; target < 1 s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
