@@ -24,7 +24,8 @@ def _as_matrix(embeddings) -> np.ndarray:
 def row_norms(embeddings) -> np.ndarray:
     """Euclidean norm of every row (float64), for reuse across :func:`nearest` calls."""
     X = _as_matrix(embeddings)
-    return np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    # summing in the array's own dtype avoids a float64 copy of the whole matrix
+    return np.sqrt(np.einsum("ij,ij->i", X, X).astype(np.float64))
 
 
 def cosine_normalize(embeddings) -> np.ndarray:
