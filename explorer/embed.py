@@ -339,7 +339,7 @@ def model_key(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = 
     elif _is_default(name):
         weights = "bundled:" + bundled_weights_path().name
     else:
-        weights = "hub"
+        weights = f"hub:{_local_hub_weights(name)}"
     return f"{name}|{weights}|prep{PREPROCESS_VERSION}"
 
 
@@ -371,7 +371,9 @@ class Preprocessor:
         # x_norm = (u8 / 255 - mean) / std = u8 * scale + shift
         self.scale = (1.0 / (255.0 * std)).astype(np.float32)
         self.shift = (-mean / std).astype(np.float32)
-        self.fast = self.crop_mode == "center"
+        # square input + centre crop (timm's usual eval setup): one resize with a box;
+        # anything else (squash, border, non-square ResizeKeepRatio): timm's transform
+        self.fast = self.crop_mode == "center" and self.height == self.width
         self._timm = None
         if not self.fast:
             import timm.data

@@ -112,6 +112,23 @@ def test_preprocessing_matches_timm_transform():
         assert diff.mean() < 3e-3 and diff.max() < 0.05, shape
 
 
+@pytest.mark.parametrize("cfg", [
+    {"input_size": (3, 160, 200), "interpolation": "bilinear", "crop_pct": 0.9,
+     "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_mode": "center"},
+    {"input_size": (3, 96, 96), "interpolation": "bicubic", "crop_pct": 1.0,
+     "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_mode": "squash"},
+])
+def test_other_data_configs_follow_timm(cfg):
+    import timm.data
+
+    tf = timm.data.create_transform(**cfg)
+    prep = Preprocessor(cfg)
+    img = Image.fromarray(gen.photo("rocket")).resize((300, 450))
+    want = tf(img).unsqueeze(0)
+    got = prep.to_tensor(prep(img)[None])
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-3
+
+
 def test_unknown_model_lists_close_matches():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
         load_model("tf_efficientnet_lite")
