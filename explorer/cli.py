@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, missing or existing files, permissions
         print(f"explorer {a.command}: error: {exc}", file=sys.stderr)
         return 1
 
