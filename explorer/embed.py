@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import pickle
 import threading
 import time
 import warnings
@@ -157,7 +158,15 @@ def _read_checkpoint(path: Path) -> dict:
 
         sd = load_file(str(path), device="cpu")
     else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # timm's train.py stores its argparse.Namespace beside the weights: allow
+            # exactly that type, still never arbitrary pickled code
+            import argparse
+
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(sd, dict):
         for k in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if k in sd and isinstance(sd[k], dict):

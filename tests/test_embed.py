@@ -169,7 +169,10 @@ def test_checkpoint_loads_and_bad_checkpoints_are_clear(tiny_ckpt, tmp_path, no_
     assert full.get_classifier().out_features == 1000
     # timm training checkpoints ({"state_dict": ..., "module." prefix}) work too
     wrapped = tmp_path / "train.pth.tar"
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in want.items()}}, wrapped)
+    import argparse
+
+    torch.save({"epoch": 3, "args": argparse.Namespace(lr=0.1),
+                "state_dict": {f"module.{k}": v for k, v in want.items()}}, wrapped)
     load_model(TINY, checkpoint=wrapped)
 
     with pytest.raises(ModelWeightsError, match="not found"):
