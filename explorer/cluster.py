@@ -264,7 +264,10 @@ def _sample(n: int, size: int, random_state: int | None) -> np.ndarray:
 def _n_distinct(Z: np.ndarray, cap: int) -> int:
     """Number of distinct rows, counted up to ``cap`` (cheap for large Z)."""
     head = Z[: max(cap * 50, 1000)]
-    return min(len(np.unique(head, axis=0)), cap) if len(head) else 0
+    found = len(np.unique(head, axis=0)) if len(head) else 0
+    if found < cap and len(head) < len(Z):
+        found = len(np.unique(Z, axis=0))
+    return min(found, cap)
 
 
 #: neighbours used for the kNN outlier score of centroid-type methods

@@ -177,6 +177,12 @@ def test_k_larger_than_distinct_points_is_clamped():
     assert any("clamped" in n for n in res.notes)
 
 
+def test_repeated_leading_rows_do_not_limit_k():
+    rng = np.random.default_rng(3)
+    Z = np.vstack([np.zeros((1500, 3)), rng.normal(size=(300, 3)) + 5])
+    assert cluster(Z, "kmeans", k=5).n_clusters == 5
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "method,kwargs,word",
