@@ -3,7 +3,9 @@
 Prints medians of a few runs of
   * load: navigation start -> plot drawn (all points rendered; target < 3 s)
   * lasso: mouse release of a lasso -> table showing the selection (target < 1 s)
-  * server: time the Python side spends on one selection (state + widget updates)
+  * server: Python time to build a session's document and to handle one selection
+  * browser: one repaint of the plot (headless Chromium without a GPU rasterises WebGL
+    in software, SwiftShader: this is most of the load and lasso figures)
 
     .venv/bin/python bench/app.py [--points 100000] [--runs 3]
 
@@ -13,6 +15,7 @@ Needs chromium + chromium-driver (apt-get install -y chromium chromium-driver).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +39,13 @@ if (!v) return null;
 const rows = v.el.shadowRoot ? v.el.shadowRoot.querySelectorAll(".slick-row").length : 0;
 const sel = Bokeh.documents[0].get_model_by_name("points").selected.indices.length;
 return rows > 0 ? [performance.now(), sel] : null;
+"""
+
+REPAINT_JS = """
+const pv = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name("plot"));
+const t = performance.now();
+pv.request_repaint(); pv.paint();
+return performance.now() - t;
 """
 
 ARM_JS = """
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.points:,} points in {time.perf_counter() - t:.1f} s ({csv.stat().st_size / 1e6:.1f} MB CSV)")
         build, sel = server_side(app_dir, csv, args.runs)
         print(f"server: document build {build:.2f} s, one selection of {args.points // 8:,} points {sel:.2f} s (median of {args.runs})")
-        loads, lassos, counts = [], [], []
+        loads, lassos, counts, paints = [], [], [], []
         with B.serve(app_dir, csv) as url, B.chromium(width=1400, height=1300) as drv:
             drv.get(url)  # warm up (caches bokeh.js, starts the server's first session)
             B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=120)
@@ -91,11 +101,18 @@ def main(argv: list[str] | None = None) -> int:
                 up = drv.execute_script("return window.__t_up")
                 lassos.append((shown - up) / 1000.0)
                 counts.append(n)
+                time.sleep(0.5)
+                paints.append(drv.execute_script(REPAINT_JS) / 1000.0)
         print(f"load: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (target < 3 s)")
         print(
             f"lasso: release -> table shows selection: median {statistics.median(lassos):.2f} s  "
             f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; target < 1 s)"
         )
+        print(
+            f"browser: one repaint of the {args.points:,}-point WebGL plot: median {statistics.median(paints):.2f} s"
+            f"  runs {', '.join(f'{v:.2f}' for v in paints)}"
+        )
+        print(f"machine: {os.cpu_count()} cores, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0
 
 
