@@ -264,6 +264,7 @@ def load(
     paths: Sequence[str | os.PathLike],
     root: str | os.PathLike | None = None,
     size: int | None = None,
+    progress: bool = True,
 ) -> tuple["DocList", list[tuple[str, str]]]:
     """Load images into a DocArray ``DocList[ImageDoc]`` (for the API and notebooks).
 
@@ -271,7 +272,8 @@ def load(
     slashes, when ``root`` is given and the path lies under it; relative paths are
     resolved against ``root``) and ``tensor`` = the RGB ``uint8`` array (H, W, 3).
     Bad files do not stop the loop; they are returned in ``errors`` as ``(path, reason)``.
-    Meant for small sets: every decoded image stays in memory.
+    Meant for small sets: every decoded image stays in memory. ``progress`` shows a rich
+    progress bar (for more than 20 paths).
     """
     from docarray import DocList
     from docarray.documents import ImageDoc
@@ -279,7 +281,12 @@ def load(
     docs = []
     errors: list[tuple[str, str]] = []
     root_p = Path(root) if root is not None else None
-    for p in paths:
+    seq = list(paths)
+    if progress and len(seq) > 20:
+        from rich.progress import track
+
+        seq = track(seq, description=f"Loading {len(seq)} images", transient=True)
+    for p in seq:
         p = Path(p)
         full = root_p / p if (root_p is not None and not p.is_absolute()) else p
         url = str(p)
