@@ -158,17 +158,20 @@ def thumb_url(value: str, route: str) -> str:
 
 
 _PLAIN = r"^[A-Za-z0-9_.~-][A-Za-z0-9_.~/-]*$"
+_PLAIN_RE = re.compile(_PLAIN)
 
 
 def thumb_urls(values: pd.Series, route: str) -> np.ndarray:
     """:func:`thumb_url` for a whole column (fast path for plain relative paths)."""
-    s = values.fillna("").astype(str)
-    plain = s.str.match(_PLAIN) & ~s.str.contains("..", regex=False) & ~s.str.contains("//", regex=False)
     prefix = f"/{quote(route)}/" if route else "/"
-    out = np.where(plain, prefix + s.str.replace(r"^(\./)+", "", regex=True), "").astype(object)
-    for i in np.flatnonzero(~plain.to_numpy()):
-        out[i] = thumb_url(s.iat[i], route)
-    return out
+    match = _PLAIN_RE.match
+    out = [
+        (prefix + v if match(v) and ".." not in v and "//" not in v else thumb_url(v, route))
+        if isinstance(v, str)
+        else ""
+        for v in values.tolist()
+    ]
+    return np.asarray(out, dtype=object)
 
 
 # --------------------------------------------------------------------------- state
@@ -214,6 +217,7 @@ class AppState:
         self.valid = np.isfinite(x) & np.isfinite(y)
         self.n_rows = n
         self._label_cache: dict[str, np.ndarray] = {}
+        self._derived: dict[tuple[str, str], Any] = {}
         self._subscribers: list[Callable[[frozenset[str]], None]] = []
         self._initial = {"label_column": label_column, "point_size": float(point_size)}
         self._check_label_column(label_column)
@@ -333,14 +337,34 @@ class AppState:
                 self._label_cache[column] = np.full(self.n_rows, MUTED_VALUES[column], dtype=object)
         return self._label_cache[column]
 
+    def invalidate_labels(self, column: str | None = None) -> None:
+        """Forget derived label data (call after the table's labels change)."""
+        if column is None:
+            self._label_cache.clear()
+            self._derived.clear()
+        else:
+            self._label_cache.pop(column, None)
+            for key in [k for k in self._derived if k[1] == column]:
+                del self._derived[key]
+
+    def _cached(self, kind: str, make: Callable[[], Any]) -> Any:
+        key = (kind, self.label_column)
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
     def label_values(self) -> list[str]:
         """Distinct labels of the drawable rows, in display order."""
-        return sort_labels(pd.unique(self.labels()[self.valid]))
+        return list(self.label_counts())
 
     def label_counts(self) -> dict[str, int]:
-        vals = pd.Series(self.labels()[self.valid])
-        counts = vals.value_counts()
-        return {k: int(counts[k]) for k in self.label_values()}
+        """Number of drawable rows per label, in display order."""
+
+        def make() -> dict[str, int]:
+            counts = pd.Series(self.labels()[self.valid]).value_counts()
+            return {k: int(counts[k]) for k in sort_labels(counts.index)}
+
+        return dict(self._cached("counts", make))
 
     def label_text(self, value: str) -> str:
         """How a label value is shown to a person."""
@@ -362,6 +386,9 @@ class AppState:
         (cluster -1, empty label, duplicate_group -1) is grey and faint. Works for any
         label strings (numbers or text).
         """
+        return self._cached("codes", self._color_codes)
+
+    def _color_codes(self) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         labels = self.labels()
         muted = MUTED_VALUES[self.label_column]
         values = sort_labels(pd.unique(labels)) if len(labels) else []

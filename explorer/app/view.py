@@ -96,9 +96,9 @@ class AppView:
         self.plot_rows = np.flatnonzero(st.valid).astype(np.int64)
 
         # ---------------------------------------------------------------- plot
-        paths = st.table["path"].fillna("").astype(str).str.replace("\\", "/", regex=False)
-        self.file_names = (
-            paths.str.rpartition("/")[2].to_numpy(dtype=object) if len(paths) else np.zeros(0, dtype=object)
+        self.file_names = np.asarray(
+            [p[max(p.rfind("/"), p.rfind("\\")) + 1 :] if isinstance(p, str) else "" for p in st.table["path"].tolist()],
+            dtype=object,
         )
         thumbs = thumb_urls(st.table["image"], st.route)
         self.thumb_urls = thumbs
