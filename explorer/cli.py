@@ -147,17 +147,14 @@ def cmd_threshold(a: argparse.Namespace) -> int:
 
 def _image_root(csv: Path, override: str | None) -> Path:
     from explorer import table
-
     if override:
         return Path(override)
-    run = table.sidecar(csv, "run.json")
-    if run.is_file():
-        try:
-            return Path(json.loads(run.read_text())["image_dir"])
-        except (ValueError, KeyError):
-            pass
-    raise ValueError(f"cannot tell where the images of {csv} are: {run.name} is missing; "
-                     "pass --images IMAGE_DIR")
+    root = table.image_root(csv)
+    if root is None:
+        raise ValueError(f"cannot tell where the images of {csv} are "
+                         f"({table.sidecar(csv, 'run.json').name} is missing or names a folder "
+                         "that is not there); pass --images IMAGE_DIR")
+    return root
 
 
 def cmd_export(a: argparse.Namespace) -> int:

@@ -319,7 +319,8 @@ def build(
         from explorer import metadata as metadata_mod
 
         meta = metadata_mod.read_metadata(metadata, key)
-        df, meta_report = metadata_mod.join_metadata(df, meta, key)
+        df, report = metadata_mod.join_metadata(df, meta, key)
+        meta_report = report.to_dict()
 
     # --- write
     with stage("write"):
@@ -332,6 +333,8 @@ def build(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("explorer") else None,
         "image_dir": str(root),
+        # the same folder relative to the CSV's folder: still right after the two move together
+        "image_dir_from_csv": os.path.relpath(root, csv_path.parent),
         "csv": csv_path.name,
         "app": str(app_dir) if app_dir else None,
         "parameters": {

@@ -91,6 +91,29 @@ def sidecar(csv_path: str | os.PathLike, kind: str) -> Path:
     return p.with_name(f"{stem}.{kind}")
 
 
+def image_root(csv_path: str | os.PathLike, run: dict | None = None) -> Path | None:
+    """Where the original images of ``csv_path`` are, from its run record; None if unknown.
+
+    Tries the absolute ``image_dir`` first, then ``image_dir_from_csv`` (relative to the
+    CSV), so a project folder that was moved or cloned elsewhere still finds its images.
+    """
+    csv_path = Path(csv_path)
+    if run is None:
+        try:
+            run = json.loads(sidecar(csv_path, "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+    candidates = []
+    if run.get("image_dir"):
+        candidates.append(Path(run["image_dir"]))
+    if run.get("image_dir_from_csv"):
+        candidates.append((csv_path.resolve().parent / run["image_dir_from_csv"]).resolve())
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
 # --------------------------------------------------------------------------- writers
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a crash never leaves a half-written file."""
