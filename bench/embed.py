@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from explorer.embed import (  # noqa: E402
     DEFAULT_MODEL,
     Preprocessor,
+    _default_workers,
     _Runner,
     embed_paths,
     load_model,
@@ -47,18 +48,32 @@ def bench_decode(paths, prep: Preprocessor) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def bench_forward(runner: _Runner, prep: Preprocessor, seconds: float = 5.0) -> float:
+def bench_forward(runner: _Runner, prep: Preprocessor, lanes: int = 1,
+                  seconds: float = 5.0) -> float:
+    """Model forward passes only (random pixels), from ``lanes`` threads at once: images/s."""
+    import threading
+
     import numpy as np
 
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 255, (runner.batch_size, prep.height, prep.width, 3), np.uint8)
     x = prep.to_tensor(batch)
     runner(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        runner(x)
-        n += runner.batch_size
-    return n / (time.perf_counter() - t0)
+    counts = [0] * lanes
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+
+    def lane(j: int) -> None:
+        while time.perf_counter() < stop:
+            runner(x)
+            counts[j] += runner.batch_size
+
+    threads = [threading.Thread(target=lane, args=(j,)) for j in range(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> None:
@@ -92,11 +107,12 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         runner = _Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True)
         print(f"model ready (jit={runner.jit}) in {time.perf_counter() - t0:.1f} s")
+        lanes = args.workers or _default_workers()
         for r in range(args.repeats):
             dec.append(bench_decode(paths[:500], prep))
-            fwd.append(bench_forward(runner, prep))
-            print(f"  run {r + 1}: decode {dec[-1]:.0f} img/s (1 thread), "
-                  f"forward {fwd[-1]:.0f} img/s (batch {args.batch_size})")
+            fwd.append(bench_forward(runner, prep, lanes))
+            print(f"  run {r + 1}: decode {dec[-1]:.0f} img/s (1 thread), forward "
+                  f"{fwd[-1]:.0f} img/s ({lanes} threads x batch {args.batch_size})")
         del runner, model
 
     for r in range(args.repeats):
@@ -127,7 +143,7 @@ def main(argv=None) -> None:
         return f"median {statistics.median(xs):.0f}, best {max(xs):.0f}"
 
     print(f"decode+resize (1 thread): {fmt(dec)} img/s")
-    print(f"model forward:            {fmt(fwd)} img/s")
+    print(f"model forward alone:      {fmt(fwd)} img/s")
     print(f"end to end (no cache):    {fmt(e2e)} img/s")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
 
