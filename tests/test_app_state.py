@@ -300,3 +300,11 @@ def test_thumb_urls_are_under_the_app_route():
     assert thumb_url("/elsewhere/x.jpg", "demo") == "/elsewhere/x.jpg"
     assert thumb_url("https://example.org/x.jpg", "demo") == "https://example.org/x.jpg"
     assert "<" not in thumb_url(f"static/thumbs/{HOSTILE}", "demo")
+
+
+def test_state_module_does_not_import_bokeh():
+    import subprocess
+
+    code = "import sys, explorer.app.state, explorer.app; print(sorted(m for m in sys.modules if m.startswith('bokeh')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
