@@ -240,3 +240,18 @@ def test_bad_csv_shows_message_not_blank_page(tmp_path):
         drv.get(url)
         msg = B.wait_for(drv, "return (" + _status_js() + ")", timeout=30)
         assert "missing column(s) x" in msg
+
+
+def test_reset_data_clears_selection_and_zoom(page):
+    lasso_clusters_0_and_1(page)
+    before = B.model_value(page, "plot", "[m.x_range.start, m.x_range.end]")
+    page.execute_script(
+        "const p = Bokeh.documents[0].get_model_by_name('plot');"
+        "p.x_range.setv({start: 0, end: 1}); p.y_range.setv({start: 0, end: 1});"
+    )
+    deep(page, "reset", "button")[0].click()
+    wait_model(page, "points", "m.selected.indices.length == 0")
+    wait_model(page, "table_source", "m.data['_file'].length == 0")
+    wait_model(page, "labels", "m.value.length == 0")
+    after = B.model_value(page, "plot", "[m.x_range.start, m.x_range.end]")
+    assert after == pytest.approx(before)

@@ -204,6 +204,8 @@ class AppView:
         self.clear.on_click(self._on_clear)
         self.save.on_click(self._on_save)
         self.reset.on_click(self._on_reset)
+        # Reset Data also restores the map's initial zoom (like the toolbar's reset tool)
+        self.reset.js_on_click(CustomJS(args={"plot": self.plot}, code="plot.reset.emit()"))
         self.grid_prev.on_click(lambda: self._page(-1))
         self.grid_next.on_click(lambda: self._page(+1))
         st.subscribe(self.render)
