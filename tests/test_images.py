@@ -277,3 +277,20 @@ def test_thumbnail_names_unique_safe_deterministic():
     assert thumbnail_names(["sub/a.jpg"]) == [names[1]]
     assert thumbnail_names([Path("sub") / "a.jpg"]) == [names[1]]
     assert names[0].startswith("a-") and names[1].startswith("a-")  # readable stems
+
+
+def test_hostile_file_names_survive_discover_load_and_thumbnail_names(tmp_path):
+    arr = gen.variant(2, 24)
+    names = ["new\nline.png", "quote'\"<b>.png", "spa ce & amp.png", "日本.png"]
+    paths = [gen.save(arr, tmp_path / n) for n in names]
+    raw = os.fsencode(tmp_path) + b"/bad-\xff\xfe-bytes.png"  # not valid UTF-8
+    with open(raw, "wb") as fh:
+        fh.write(paths[0].read_bytes())
+    found = discover(tmp_path)
+    assert len(found) == 5
+    for p in found:
+        img, size = load_image(p)
+        assert size == (24, 24) and img.mode == "RGB"
+    rels = [p.relative_to(tmp_path).as_posix() for p in found]
+    out = thumbnail_names(rels)
+    assert len(set(out)) == 5 and all(SAFE.match(n) for n in out)
