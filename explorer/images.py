@@ -18,7 +18,6 @@ import io
 import os
 import re
 import unicodedata
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
@@ -196,25 +195,24 @@ def decode_image(
         raise ValueError(f"size must be a positive int or None, got {size!r}")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
-            # we check the pixel count ourselves, below, with a clear message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if limit is not None and w * h > limit:
-                raise ImageLoadError(
-                    name, f"decompression bomb: {w * h} pixels (limit {int(limit)})"
-                )
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            orientation = _exif_orientation(img)
-            if size is not None and img.format == "JPEG":
-                # decode straight to >= size on the shorter side (DCT scaling)
-                img.draft("RGB", (int(size), int(size)))
-            img.load()
-            if orientation != 1:
-                img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+        # (no warnings.catch_warnings here: it is not thread-safe and this runs in
+        # worker threads; Pillow itself refuses > 2 x MAX_IMAGE_PIXELS)
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if limit is not None and w * h > limit:
+            raise ImageLoadError(
+                name, f"decompression bomb: {w * h} pixels (limit {int(limit)})"
+            )
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        orientation = _exif_orientation(img)
+        if size is not None and img.format == "JPEG":
+            # decode straight to >= size on the shorter side (DCT scaling)
+            img.draft("RGB", (int(size), int(size)))
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
     except ImageLoadError:
         raise
     except MemoryError:
