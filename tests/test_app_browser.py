@@ -245,10 +245,14 @@ def test_bad_csv_shows_message_not_blank_page(tmp_path):
 def test_reset_data_clears_selection_and_zoom(page):
     lasso_clusters_0_and_1(page)
     before = B.model_value(page, "plot", "[m.x_range.start, m.x_range.end]")
-    page.execute_script(
-        "const p = Bokeh.documents[0].get_model_by_name('plot');"
-        "p.x_range.setv({start: 0, end: 1}); p.y_range.setv({start: 0, end: 1});"
-    )
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    px, py = B.data_to_page(page, 5, 5)
+    for _ in range(3):  # zoom in with the mouse wheel
+        ActionChains(page).scroll_from_origin(ScrollOrigin.from_viewport(int(px), int(py)), 0, -200).perform()
+    width = before[1] - before[0]
+    assert wait_model(page, "plot", f"(m.x_range.end - m.x_range.start) < {0.8 * width!r}")
     deep(page, "reset", "button")[0].click()
     wait_model(page, "points", "m.selected.indices.length == 0")
     wait_model(page, "table_source", "m.data['_file'].length == 0")
