@@ -203,6 +203,7 @@ def test_grid_pages(app, tmp_path):
 
 
 def test_reset_data(doc):
+    initial_size = w(doc, "scatter").glyph.size
     w(doc, "points").selected.indices = plot_index_of(doc, 1)
     w(doc, "only_selected").active = True
     w(doc, "color_by").value = "label"
@@ -210,7 +211,7 @@ def test_reset_data(doc):
     click(w(doc, "reset"))
     assert w(doc, "points").selected.indices == []
     assert w(doc, "labels").value == [] and w(doc, "only_selected").active is False
-    assert w(doc, "color_by").value == "cluster" and w(doc, "scatter").glyph.size == 5
+    assert w(doc, "color_by").value == "cluster" and w(doc, "scatter").glyph.size == initial_size
     assert len(w(doc, "table_source").data["_file"]) == 0
 
 

@@ -126,7 +126,7 @@ def test_reset_returns_to_initial_state(state):
     state.reset()
     assert len(state.selection) == 0 and len(state.scope) == 0
     assert state.label_filter == () and state.only_selected is False
-    assert state.label_column == "cluster" and state.point_size == 5.0
+    assert state.label_column == "cluster" and state.point_size == 10.0  # 35 points
 
 
 def test_subscribers_hear_each_change_once(state):
@@ -142,6 +142,14 @@ def test_subscribers_hear_each_change_once(state):
 def test_select_validates_rows(state, bad):
     with pytest.raises(ValueError):
         state.select(bad)
+
+
+def test_default_point_size_shrinks_with_more_points():
+    from explorer.app.state import default_point_size
+
+    sizes = [default_point_size(n) for n in (10, 300, 4_000, 100_000, 10**6)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert 1 <= min(sizes) and max(sizes) <= 20  # inside the slider's range
 
 
 def test_bad_parameters_raise_value_error(state):

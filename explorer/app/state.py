@@ -52,7 +52,6 @@ PALETTE: tuple[str, ...] = (
 MUTED_COLOR = "#9e9e9e"
 MUTED_ALPHA = 0.25
 POINT_ALPHA = 0.8
-DEFAULT_POINT_SIZE = 5.0
 MAX_NAME_LENGTH = 120
 
 #: aspects a subscriber may be told about
@@ -106,6 +105,11 @@ def label_strings(series: pd.Series) -> np.ndarray:
         ]
         return np.asarray(vals, dtype=object)
     return s.fillna("").astype(str).to_numpy(dtype=object)
+
+
+def default_point_size(n: int) -> float:
+    """Marker size in screen pixels that suits ``n`` points: 10 for a few dozen, 4 for 100k+."""
+    return float(np.clip(round(14 - 2 * np.log10(max(n, 1))), 4, 10))
 
 
 def check_export_name(name: str) -> str:
@@ -199,7 +203,7 @@ class AppState:
         csv_path: str | os.PathLike | None = None,
         problems: Sequence[str] = (),
         label_column: str = "cluster",
-        point_size: float = DEFAULT_POINT_SIZE,
+        point_size: float | None = None,
     ) -> None:
         for col in ("x", "y"):
             if col not in table.columns:
@@ -211,6 +215,8 @@ class AppState:
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.problems: list[str] = list(problems)
         n = len(self.table)
+        if point_size is None:
+            point_size = default_point_size(n)
         x = pd.to_numeric(self.table["x"], errors="coerce").to_numpy(dtype=float)
         y = pd.to_numeric(self.table["y"], errors="coerce").to_numpy(dtype=float)
         #: rows that can be drawn (finite x and y)
