@@ -24,15 +24,16 @@ from explorer.table import read_table  # noqa: E402
 
 
 def lasso_polygon(csv: Path) -> list[tuple[float, float]]:
-    """An octagon around the biggest cluster (inner 80% of its points)."""
+    """An octagon around the biggest cluster (at least 4% of the map wide)."""
     df = read_table(csv, strict=False)
     df = df[np.isfinite(df["x"]) & np.isfinite(df["y"])]
     clusters = df[df["cluster"] >= 0]["cluster"]
     part = df[df["cluster"] == clusters.value_counts().idxmax()] if len(clusters) else df
     cx, cy = float(part["x"].median()), float(part["y"].median())
     d = np.hypot(part["x"] - cx, part["y"] - cy)
-    r = float(np.quantile(d, 0.8)) if len(d) else 1.0
-    r = max(r, 1e-6)
+    span = float(max(np.ptp(df["x"]), np.ptp(df["y"]), 1e-6)) if len(df) else 1.0
+    r = float(np.quantile(d, 0.9)) * 1.3 if len(d) else 0.0
+    r = max(r, 0.04 * span)  # big enough to drag on screen
     return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 9)[:-1]]
 
 
