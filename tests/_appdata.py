@@ -15,7 +15,6 @@ One image has a hostile file name that is also valid HTML.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
