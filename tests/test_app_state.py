@@ -316,3 +316,17 @@ def test_state_module_does_not_import_bokeh():
     code = "import sys, explorer.app.state, explorer.app; print(sorted(m for m in sys.modules if m.startswith('bokeh')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_moved_project_finds_images_relative_to_csv(app, built, tmp_path):
+    app_dir, csv = app
+    images = built[1].parent / "images"
+    moved = tmp_path / "copy" / "images"
+    shutil.copytree(images, moved)
+    sidecar(csv, "run.json").write_text(
+        json.dumps({"image_dir": str(tmp_path / "old-place"), "image_dir_from_csv": "images"})
+    )
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    assert st.problems == [] and st.image_dir == moved.resolve()
+    st.select(sorted(rows_of(st, "cluster", "1")))
+    assert st.export("moved", images=True).originals == 8

@@ -34,7 +34,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from explorer.table import read_table, sidecar, write_table
+from explorer.table import image_root, read_table, sidecar, write_table
 
 #: columns a person can colour the map by / filter the label MultiSelect on
 LABEL_COLUMNS: tuple[str, ...] = ("cluster", "label", "duplicate_group")
@@ -702,7 +702,8 @@ class AppState:
 
 
 def _image_dir_from_run(csv_path: Path) -> tuple[Path | None, str | None]:
-    """The original image folder from ``NAME.run.json`` (key ``image_dir``)."""
+    """The original image folder from ``NAME.run.json`` (``image_dir``, else
+    ``image_dir_from_csv``, via :func:`explorer.table.image_root`) and a problem message."""
     run = sidecar(csv_path, "run.json")
     if not run.is_file():
         return None, f"no run record {run.name}: Save images will zip thumbnails"
@@ -710,14 +711,10 @@ def _image_dir_from_run(csv_path: Path) -> tuple[Path | None, str | None]:
         record = json.loads(run.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return None, f"cannot read {run.name} ({exc}): Save images will zip thumbnails"
-    value = record.get("image_dir") if isinstance(record, dict) else None
-    if not value:
+    if not isinstance(record, dict) or not (record.get("image_dir") or record.get("image_dir_from_csv")):
         return None, f"{run.name} names no image_dir: Save images will zip thumbnails"
-    image_dir = Path(value)
-    if not image_dir.is_absolute():
-        image_dir = (csv_path.parent / image_dir).resolve()
-    if not image_dir.is_dir():
-        return image_dir, (
-            f"image folder {image_dir} not found: Save images will zip thumbnails"
-        )
-    return image_dir, None
+    found = image_root(csv_path, record)
+    if found is not None:
+        return found, None
+    wanted = record.get("image_dir") or record.get("image_dir_from_csv")
+    return None, f"image folder {wanted} not found: Save images will zip thumbnails"
