@@ -17,6 +17,13 @@ Three ways to get embeddings:
 The class of an image is the name of the folder that holds it (``train/hat/x.jpg`` ->
 ``hat``). Nothing is asserted: this prints figures for the developers' guide's targets
 (default: NMI >= 0.60 and noise <= 10% on clothing-small).
+
+Measured (2 shared cores, tf_efficientnet_lite0 features, 3,781 photos, 10 classes):
+default build (seed 42) ARI 0.558, NMI 0.632, noise 0%, 10 clusters. From features,
+medians of seeds 42-44: hdbscan (default) 0.564 / 0.629 / 0% / 10; kmeans (elbow)
+0.283 / 0.485 / 3 clusters; agglomerative (silhouette) 0.051 / 0.219 / 2; dbscan
+0.392 / 0.574 / 3.1% noise / 11; gmm (BIC) 0.351 / 0.558 / 20; auto (picked kmeans
+k=10-11) 0.588 / 0.628 / 10.
 """
 
 from __future__ import annotations
