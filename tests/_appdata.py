@@ -52,8 +52,13 @@ def make_app(
     noise: int = 3,
     hostile: bool = True,
     seed: int = 0,
+    features: bool = True,
 ) -> tuple[Path, Path]:
-    """Create the app folder and CSV under ``root``; return (app_dir, csv_path)."""
+    """Create the app folder and CSV under ``root``; return (app_dir, csv_path).
+
+    With ``features``, ``NAME.features.npy`` holds a float16 embedding per row: each group
+    points along its own axis (noise images along a fifth), plus a little noise, so
+    neighbours stay within a group."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     images_dir = root / "images"
@@ -112,7 +117,18 @@ def make_app(
     csv = root / f"{name}.csv"
     write_table(df, csv)
     write_json(sidecar(csv, "run.json"), {"image_dir": str(images_dir.resolve())})
+    if features:
+        np.save(sidecar(csv, "features.npy"), group_features(cluster, seed=seed))
     return app_dir, csv
+
+
+def group_features(cluster, dim: int = 16, seed: int = 0) -> np.ndarray:
+    """float16 embeddings: group ``c`` along axis ``c`` (noise -1 along axis 4), small noise."""
+    rng = np.random.default_rng(seed + 1)
+    cluster = np.asarray(cluster)
+    X = rng.normal(0, 0.05, size=(len(cluster), dim))
+    X[np.arange(len(cluster)), np.where(cluster >= 0, cluster, 4)] += 1.0
+    return X.astype(np.float16)
 
 
 def make_big_csv(root: str | Path, n: int, name: str = "big", seed: int = 0) -> tuple[Path, Path]:

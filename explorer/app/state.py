@@ -56,8 +56,14 @@ MAX_NAME_LENGTH = 120
 
 #: aspects a subscriber may be told about
 ASPECTS = frozenset(
-    {"selection", "filter", "only_selected", "label_column", "point_size", "message"}
+    {"selection", "filter", "only_selected", "label_column", "point_size", "message",
+     "labels", "map", "suggestions", "neighbours", "overview", "columns"}
 )
+
+#: the virtual label column of a drill-down map (sub-cluster ids like "3.1")
+SUBCLUSTER = "subcluster"
+#: extra (metadata) columns with at most this many distinct values can colour the map
+MAX_CATEGORIES = 200
 
 _FORBIDDEN_NAME_CHARS = set('/\\\0<>:"|?*')
 
@@ -226,6 +232,7 @@ class AppState:
         self._derived: dict[tuple[str, str], Any] = {}
         self._subscribers: list[Callable[[frozenset[str]], None]] = []
         self._initial = {"label_column": label_column, "point_size": float(point_size)}
+        self._init_curation()
         self._check_label_column(label_column)
         self._check_point_size(point_size)
         self.label_column = label_column
@@ -243,6 +250,7 @@ class AppState:
         csv_path: str | os.PathLike,
         app_dir: str | os.PathLike | None = None,
         route: str | None = None,
+        journal: bool = True,
     ) -> "AppState":
         """Read ``csv_path`` leniently (``read_table(strict=False)``) and its run record.
 
@@ -261,6 +269,11 @@ class AppState:
             problems=problems,
         )  # fmt: skip
         state.problems += state._check_images()
+        if journal:
+            from explorer.journal import journal_for
+
+            state.attach_journal(journal_for(csv_path))
+        state.load_features(sidecar(csv_path, "features.npy"))
         return state
 
     def _check_images(self) -> list[str]:
@@ -318,10 +331,13 @@ class AppState:
         self.message = (level, text)
 
     # ------------------------------------------------------------------ labels
-    @staticmethod
-    def _check_label_column(col: str) -> None:
-        if col not in LABEL_COLUMNS:
-            raise ValueError(f"label_column must be one of {LABEL_COLUMNS}, got {col!r}")
+    def _check_label_column(self, col: str) -> None:
+        if col not in self.label_columns():
+            raise ValueError(f"label_column must be one of {self.label_columns()}, got {col!r}")
+
+    def muted_value(self, column: str | None = None) -> str:
+        """The value of ``column`` that means "no group" (drawn grey)."""
+        return MUTED_VALUES.get(column or self.label_column, "")
 
     @staticmethod
     def _check_point_size(size: float) -> None:
@@ -337,7 +353,11 @@ class AppState:
         column = column or self.label_column
         self._check_label_column(column)
         if column not in self._label_cache:
-            if column in self.table.columns:
+            if column == "label" and self.book is not None:
+                self._label_cache[column] = np.asarray(self.book.labels_for(self.keys), dtype=object)
+            elif column == SUBCLUSTER:
+                self._label_cache[column] = self._subcluster_labels()
+            elif column in self.table.columns:
                 self._label_cache[column] = label_strings(self.table[column])
             else:
                 self._label_cache[column] = np.full(self.n_rows, MUTED_VALUES[column], dtype=object)
@@ -367,17 +387,17 @@ class AppState:
         """Number of drawable rows per label, in display order."""
 
         def make() -> dict[str, int]:
-            counts = pd.Series(self.labels()[self.valid]).value_counts()
+            counts = pd.Series(self.labels()[self.valid], dtype=object).value_counts()
             return {k: int(counts[k]) for k in sort_labels(counts.index)}
 
         return dict(self._cached("counts", make))
 
     def label_text(self, value: str) -> str:
         """How a label value is shown to a person."""
-        if value == MUTED_VALUES[self.label_column]:
-            return {"cluster": "noise (-1)", "label": "(no label)", "duplicate_group": "unique (-1)"}[
-                self.label_column
-            ]
+        if value == self.muted_value():
+            return {"cluster": "noise (-1)", "label": "(no label)", "duplicate_group": "unique (-1)"}.get(
+                self.label_column, "(none)"
+            )
         return value
 
     def label_options(self) -> list[tuple[str, str]]:
@@ -396,7 +416,7 @@ class AppState:
 
     def _color_codes(self) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         labels = self.labels()
-        muted = MUTED_VALUES[self.label_column]
+        muted = self.muted_value()
         values = sort_labels(pd.unique(labels)) if len(labels) else []
         codes = pd.Categorical(labels, categories=values).codes.astype(np.int32)
         palette, alphas, i = [], [], 0
@@ -452,8 +472,9 @@ class AppState:
         self.selection = sel
         self.scope = sel
         self.label_filter = self.present_labels(sel)
+        self.neighbours = self._neighbours_for(sel)
         self._say(f"{len(sel):,} selected" if len(sel) else "nothing selected")
-        self._emit("selection", "filter", "message")
+        self._emit("selection", "filter", "message", "neighbours")
 
     def set_label_filter(self, values: Iterable[str]) -> None:
         """A person chose ``values`` in the label MultiSelect: select their rows.
@@ -520,7 +541,13 @@ class AppState:
         self._emit("point_size")
 
     def reset(self) -> None:
-        """Back to the state right after loading."""
+        """Back to the state right after loading (labels are kept: undo takes them back)."""
+        if self.drill:
+            self.drill.clear()
+            self.valid = self._base_valid
+            self._base_valid = None
+            self.invalidate_labels()
+        self.neighbours = None
         self.selection = np.zeros(0, dtype=np.int64)
         self.scope = self.selection
         self.label_filter = ()
@@ -531,8 +558,516 @@ class AppState:
         self._emit(*ASPECTS)
 
     def selected_table(self) -> pd.DataFrame:
-        """The selected rows, every column (x and y included)."""
-        return self.table.iloc[self.selection]
+        """The selected rows, every column (x and y included), labels as they are now."""
+        return self.labelled().iloc[self.selection]
+
+    # ------------------------------------------------------------------ curation: setup
+    def _init_curation(self) -> None:
+        t = self.table
+        if "path" in t.columns:
+            self.keys: list[str] = t["path"].fillna("").astype(str).tolist()
+        else:
+            self.keys = [f"row-{i}" for i in range(len(t))]
+        #: the labels (a LabelBook over the journal); None until attach_journal
+        self.book: Any = None
+        self.features_path: Path | None = None
+        self._features: np.ndarray | None = None
+        self._norms: np.ndarray | None = None
+        self._features_problem: str | None = "no embeddings loaded (features.npy)"
+        #: proposals of 'label similar': DataFrame[row, file, proposed_label, confidence, votes, distance]
+        self.suggestions = _empty_suggestions()
+        #: (row, neighbour rows, cosine distances) of the one selected image, or None
+        self.neighbours: tuple[int, np.ndarray, np.ndarray] | None = None
+        #: drill-down levels: dicts with rows, xy, ids, parent, column, selection
+        self.drill: list[dict[str, Any]] = []
+        self._base_valid: np.ndarray | None = None
+        self.tree: Any = None
+        self.overview_id = "root"
+        self._extra_columns: list[str] | None = None
+
+    def label_columns(self) -> list[str]:
+        """Columns the map can be coloured by: cluster, label, duplicate_group, the
+        drill-down's sub-clusters and every extra (metadata) column with at most
+        :data:`MAX_CATEGORIES` distinct values."""
+        if self._extra_columns is None:
+            from explorer.table import COLUMNS
+
+            extra = []
+            for c in self.table.columns:
+                if c in COLUMNS or c in LABEL_COLUMNS or not isinstance(c, str):
+                    continue
+                if self.table[c].nunique(dropna=True) <= MAX_CATEGORIES:
+                    extra.append(c)
+            self._extra_columns = extra
+        out = list(LABEL_COLUMNS)
+        if self.drill:
+            out.append(SUBCLUSTER)
+        return out + self._extra_columns
+
+    def attach_journal(self, journal: Any) -> None:
+        """Take labels from ``journal`` (replayed) on top of the CSV's ``label`` column."""
+        from explorer.labels import LabelBook
+
+        initial = {}
+        if "label" in self.table.columns:
+            initial = dict(zip(self.keys, label_strings(self.table["label"]).tolist()))
+        try:
+            self.book = LabelBook.from_journal(journal, keys=self.keys, initial=initial)
+        except OSError as exc:
+            self.book = LabelBook(None, keys=self.keys, initial=initial)
+            self.problems.append(f"cannot read the label journal {journal.path} ({exc}): labels will NOT be saved")
+        self.invalidate_labels("label")
+
+    def load_features(self, path: str | os.PathLike) -> None:
+        """Memory-map the per-row embeddings (``NAME.features.npy``); a problem is noted, never raised."""
+        path = Path(path)
+        self.features_path = path
+        self._features = self._norms = None
+        if not path.is_file():
+            self._features_problem = f"no embeddings ({path.name}): neighbours, re-cluster, propagate and overview are off"
+            return
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            self._features_problem = f"cannot read {path.name} ({exc}): neighbours, re-cluster, propagate and overview are off"
+            return
+        if arr.ndim != 2 or arr.shape[0] != self.n_rows:
+            self._features_problem = (
+                f"{path.name} has shape {arr.shape}, the CSV {self.n_rows:,} rows: "
+                "neighbours, re-cluster, propagate and overview are off"
+            )
+            return
+        self._features = arr
+        self._features_problem = None
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
+
+    def features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings (float32) of ``rows`` (all rows by default); ValueError if there are none."""
+        if self._features is None:
+            raise ValueError(self._features_problem or "no embeddings")
+        F = self._features if rows is None else self._features[np.asarray(rows, dtype=np.int64)]
+        return np.asarray(F, dtype=np.float32)
+
+    def _refuse(self, text: str) -> None:
+        self._say(text, "error")
+        self._emit("message")
+
+    # ------------------------------------------------------------------ curation: labels
+    def labelled(self) -> pd.DataFrame:
+        """The table with its ``label`` column as it is now (CSV labels + journal)."""
+        if self.book is None:
+            return self.table
+        from explorer.labels import labelled_table
+
+        return labelled_table(self.table, self.book)
+
+    def label_names(self) -> list[str]:
+        """Labels in use, most frequent first."""
+        return list(self.book.counts()) if self.book is not None else []
+
+    def _labels_changed(self) -> None:
+        self.invalidate_labels("label")
+        self._emit("labels", "message")
+
+    def _label_edit(self, what: Callable[[], Any], done: str) -> bool:
+        """Run a LabelBook edit; say "saved: ..." only after the journal append returned."""
+        if self.book is None:
+            self._refuse("labels are not available in this session")
+            return False
+        try:
+            record = what()
+        except ValueError as exc:
+            self._refuse(f"not changed: {exc}")
+            return False
+        except OSError as exc:
+            self._refuse(f"NOT saved (journal write failed: {exc})")
+            return False
+        if record is None:
+            self._say("nothing changed")
+            self._emit("message")
+            return False
+        journal = self.book.journal
+        where = f" to {journal.path.name}" if journal is not None else " (in memory only)"
+        self._say(f"saved: {done}{where}")
+        self._labels_changed()
+        return True
+
+    def _selected_keys(self) -> list[str] | None:
+        if len(self.selection) == 0:
+            self._refuse("select images first (lasso or box on the map)")
+            return None
+        return [self.keys[i] for i in self.selection]
+
+    def apply_label(self, label: str) -> bool:
+        """Give every selected image ``label`` (one undoable, journaled step)."""
+        keys = self._selected_keys()
+        if keys is None:
+            return False
+        return self._label_edit(lambda: self.book.apply(keys, label),
+                                f"label {str(label).strip()!r} on {len(keys):,} image(s)")
+
+    def discard_selection(self) -> bool:
+        """Mark the selected images 'discard'."""
+        keys = self._selected_keys()
+        if keys is None:
+            return False
+        return self._label_edit(lambda: self.book.discard(keys), f"{len(keys):,} image(s) discarded")
+
+    def clear_selection_labels(self) -> bool:
+        keys = self._selected_keys()
+        if keys is None:
+            return False
+        return self._label_edit(lambda: self.book.clear(keys), f"labels of {len(keys):,} image(s) removed")
+
+    def rename_label(self, old: str, new: str) -> bool:
+        return self._label_edit(lambda: self.book.rename(old, new), f"label {old!r} renamed to {str(new).strip()!r}")
+
+    def merge_labels(self, a: str, b: str, into: str | None = None) -> bool:
+        target = b if not into else into
+        return self._label_edit(lambda: self.book.merge(a, b, into or None), f"{a!r} and {b!r} merged into {str(target).strip()!r}")
+
+    def undo_labels(self) -> bool:
+        return self._label_edit(lambda: self.book.undo(), "undone")
+
+    def redo_labels(self) -> bool:
+        return self._label_edit(lambda: self.book.redo(), "redone")
+
+    def sync_labels(self) -> list[str]:
+        """Apply other sessions' journal records; returns the changed keys (re-renders only then)."""
+        if self.book is None or self.book.journal is None:
+            return []
+        try:
+            changed = self.book.sync()
+        except OSError:
+            return []
+        if changed:
+            self._say(f"{len(changed):,} label change(s) from another session")
+            self._labels_changed()
+        return changed
+
+    # ------------------------------------------------------------------ curation: neighbours
+    def _neighbours_for(self, rows: np.ndarray, k: int = 12) -> tuple[int, np.ndarray, np.ndarray] | None:
+        if len(rows) != 1 or self._features is None:
+            return None
+        from explorer.neighbours import nearest, row_norms
+
+        if self._norms is None:
+            self._norms = row_norms(self.features())
+        row = int(rows[0])
+        idx, dist = nearest(self.features(), row, k=k, norms=self._norms)
+        return row, np.asarray(idx, dtype=np.int64), np.asarray(dist, dtype=float)
+
+    def show_neighbours(self, row: int, k: int = 12) -> None:
+        """Select image ``row`` and show its ``k`` nearest neighbours (with distances)."""
+        if self._features is None:
+            self._refuse(f"no neighbours: {self._features_problem}")
+            return
+        self.select([row])
+        self.neighbours = self._neighbours_for(self.selection, k)
+        self._emit("neighbours")
+
+    def select_neighbours(self) -> None:
+        """Select the shown image and its neighbours (e.g. to label them together)."""
+        if self.neighbours is None:
+            self._refuse("click one image first to see its neighbours")
+            return
+        row, idx, _ = self.neighbours
+        self.select(np.concatenate([[row], idx]))
+
+    # ------------------------------------------------------------------ curation: propagate
+    def propose(self, k: int = 10, min_agreement: float = 0.6) -> int:
+        """'Label similar': proposals for unlabelled images from labelled neighbours.
+
+        Nothing is applied; returns the number of proposals (see :attr:`suggestions`)."""
+        if self._features is None:
+            self._refuse(f"cannot propose labels: {self._features_problem}")
+            return 0
+        from explorer.labels import DISCARD, propose_labels
+
+        labels = self.labels("label")
+        rows = np.flatnonzero(labels != DISCARD)
+        lab = labels[rows]
+        if not (lab != "").any():
+            self._refuse("label some images first: proposals come from labelled neighbours")
+            return 0
+        try:
+            df = propose_labels(self.features(rows), lab.tolist(), k=k, min_agreement=min_agreement)
+        except ValueError as exc:
+            self._refuse(f"cannot propose labels: {exc}")
+            return 0
+        r = rows[df["index"].to_numpy(dtype=np.int64)]
+        self.suggestions = pd.DataFrame({
+            "row": r,
+            "file": [self.keys[i] for i in r],
+            "proposed_label": df["proposed_label"].astype(str).to_numpy(),
+            "confidence": df["confidence"].to_numpy(dtype=float),
+            "votes": df["votes"].to_numpy(dtype=np.int64),
+            "distance": df["distance"].to_numpy(dtype=float),
+        })
+        n = len(self.suggestions)
+        self._say(f"{n:,} suggestion(s) for unlabelled images: accept or reject them" if n
+                  else f"no suggestions (no unlabelled image has {min_agreement:.0%} of its {k} nearest labelled neighbours agreeing)")
+        self._emit("suggestions", "message")
+        return n
+
+    def _suggestion_positions(self, positions: Iterable[int] | None) -> np.ndarray:
+        n = len(self.suggestions)
+        if positions is None:
+            return np.arange(n)
+        pos = np.unique(np.asarray(list(positions), dtype=np.int64))
+        return pos[(pos >= 0) & (pos < n)]
+
+    def accept_suggestions(self, positions: Iterable[int] | None = None) -> bool:
+        """Apply the suggestions at ``positions`` (default: all) in one undoable step.
+        Images labelled meanwhile (e.g. in another tab) keep their label."""
+        pos = self._suggestion_positions(positions)
+        if len(pos) == 0:
+            self._refuse("no suggestions chosen")
+            return False
+        sub = self.suggestions.iloc[pos]
+        now = self.labels("label")
+        mapping = {self.keys[r]: lab for r, lab in zip(sub["row"], sub["proposed_label"]) if now[r] == ""}
+        ok = self._label_edit(lambda: self.book.assign(mapping) if mapping else None,
+                              f"{len(mapping):,} suggested label(s) accepted")
+        self.suggestions = self.suggestions.drop(self.suggestions.index[pos]).reset_index(drop=True)
+        self._emit("suggestions")
+        return ok
+
+    def reject_suggestions(self, positions: Iterable[int] | None = None) -> None:
+        pos = self._suggestion_positions(positions)
+        self.suggestions = self.suggestions.drop(self.suggestions.index[pos]).reset_index(drop=True)
+        self._say(f"{len(pos):,} suggestion(s) rejected")
+        self._emit("suggestions", "message")
+
+    # ------------------------------------------------------------------ curation: drill down
+    def xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Map coordinates of every row (the drill-down's own map while drilled in)."""
+        x = pd.to_numeric(self.table["x"], errors="coerce").to_numpy(dtype=float)
+        y = pd.to_numeric(self.table["y"], errors="coerce").to_numpy(dtype=float)
+        if self.drill:
+            top = self.drill[-1]
+            x, y = np.full(self.n_rows, np.nan), np.full(self.n_rows, np.nan)
+            x[top["rows"]], y[top["rows"]] = top["xy"][:, 0], top["xy"][:, 1]
+        return x, y
+
+    def _subcluster_labels(self) -> np.ndarray:
+        out = np.full(self.n_rows, "", dtype=object)
+        if self.drill:
+            top = self.drill[-1]
+            out[top["rows"]] = np.asarray(top["ids"], dtype=object)
+        return out
+
+    def breadcrumbs(self) -> list[str]:
+        """"all" then the id of every drill-down level."""
+        return ["all"] + [lvl["parent"] for lvl in self.drill]
+
+    def recluster_selection(self, seed: int = 42) -> bool:
+        """Cluster just the selected images again (their embeddings, no re-embedding) and
+        show their own map; sub-cluster ids read ``3.1``, ``3.2``, ... ``3.noise``."""
+        if self._features is None:
+            self._refuse(f"cannot re-cluster: {self._features_problem}")
+            return False
+        rows = self.selection
+        if len(rows) < 2:
+            self._refuse("select at least 2 images to re-cluster")
+            return False
+        from explorer.hierarchy import recluster
+
+        present = pd.unique(self.labels()[rows])
+        parent = str(present[0]) if len(present) == 1 and present[0] != self.muted_value() else "sel"
+        parent = re.sub(r"\s+", "_", parent)[:60] or "sel"
+        try:
+            rc = recluster(self.features(rows), parent, seed=seed)
+        except ValueError as exc:
+            self._refuse(f"cannot re-cluster: {exc}")
+            return False
+        if self._base_valid is None:
+            self._base_valid = self.valid.copy()
+        self.drill.append({
+            "rows": rows.copy(), "xy": np.asarray(rc.xy, dtype=float), "ids": list(rc.sub_ids),
+            "parent": parent, "column": self.label_column, "selection": rows.copy(),
+        })
+        self._enter_level(rows)
+        note = f" ({'; '.join(rc.notes)})" if rc.notes else ""
+        self._say(f"re-clustered {len(rows):,} images into {rc.n_clusters} sub-cluster(s){note}")
+        self._emit("map", "label_column", "selection", "filter", "message", "columns")
+        return True
+
+    def _enter_level(self, rows: np.ndarray) -> None:
+        valid = np.zeros(self.n_rows, dtype=bool)
+        valid[rows] = True
+        self.valid = valid & self._base_valid
+        self.label_column = SUBCLUSTER if self.drill else self.label_column
+        self.invalidate_labels()
+        self.selection = np.zeros(0, dtype=np.int64)
+        self.scope = self.selection
+        self.label_filter = ()
+        self.neighbours = None
+
+    def drill_up(self, to_depth: int | None = None) -> None:
+        """Back to the parent map (or to level ``to_depth``: 0 = the whole map); the
+        selection that was re-clustered is selected again."""
+        if not self.drill:
+            return
+        depth = len(self.drill) - 1 if to_depth is None else max(0, min(int(to_depth), len(self.drill)))
+        if depth >= len(self.drill):
+            return
+        left = self.drill[depth]
+        del self.drill[depth:]
+        if self.drill:
+            self._enter_level(self.drill[-1]["rows"])
+        else:
+            self.valid = self._base_valid
+            self._base_valid = None
+            self.invalidate_labels()
+        self.label_column = left["column"]
+        self.selection = left["selection"]
+        self.scope = self.selection
+        self.label_filter = self.present_labels()
+        self._say(f"back to {self.breadcrumbs()[-1]}")
+        self._emit("map", "label_column", "selection", "filter", "message", "columns")
+
+    # ------------------------------------------------------------------ curation: overview
+    def overview(self) -> Any:
+        """The group hierarchy (built on first use from the embeddings), or None."""
+        if self.tree is None:
+            if self._features is None:
+                self._refuse(f"no overview: {self._features_problem}")
+                return None
+            from explorer.hierarchy import build_hierarchy
+
+            self.tree = build_hierarchy(self.features(), branching=16, min_size=max(16, min(50, self.n_rows // 16)))
+        return self.tree
+
+    def open_group(self, group_id: str) -> bool:
+        """Show group ``group_id`` (``root``, ``root-3``, ``3-14`` ...) in the overview."""
+        tree = self.overview()
+        if tree is None:
+            return False
+        try:
+            node = tree.node(group_id)
+        except (ValueError, KeyError) as exc:
+            self._refuse(str(exc).strip("'\""))
+            return False
+        self.overview_id = node.id
+        self._say(f"group {node.id}: {node.count:,} images" + ("" if node.children else " (not split further)"))
+        self._emit("overview", "message")
+        return True
+
+    def overview_groups(self) -> list[tuple[str, int, np.ndarray]]:
+        """(id, image count, representative rows) of the open group's sub-groups (itself if a leaf)."""
+        tree = self.overview()
+        if tree is None:
+            return []
+        node = tree.node(self.overview_id)
+        nodes = tree.children(node.id) or [node]
+        return [(c.id, c.count, np.asarray(c.representatives, dtype=np.int64)) for c in nodes]
+
+    def select_group(self, group_id: str | None = None) -> None:
+        """Select (on the map) every image of an overview group."""
+        tree = self.overview()
+        if tree is None:
+            return
+        try:
+            node = tree.node(group_id or self.overview_id)
+        except (ValueError, KeyError) as exc:
+            self._refuse(str(exc).strip("'\""))
+            return
+        self.select(node.members)
+
+    # ------------------------------------------------------------------ curation: metadata
+    def join_metadata(self, data: bytes, filename: str = "", key: str | None = None) -> bool:
+        """Join an uploaded CSV/JSON of per-image metadata by file name (``key`` column)."""
+        from explorer.metadata import join_metadata, read_metadata
+
+        suffix = Path(filename).suffix.lower().lstrip(".")
+        fmt = suffix if suffix in ("csv", "tsv", "json", "jsonl") else None
+        try:
+            meta = read_metadata(data, (key or "").strip() or None, fmt=fmt)
+            df, report = join_metadata(self.table, meta, (key or "").strip() or None)
+        except ValueError as exc:
+            self._refuse(f"metadata not joined: {exc}")
+            return False
+        self.table = df.reset_index(drop=True)
+        self._extra_columns = None
+        self.invalidate_labels()
+        self._say(f"metadata {filename or 'upload'}: {report.summary()}", "info" if report.matched else "warning")
+        self._emit("columns", "label_column", "message")
+        return True
+
+    def tag_columns(self) -> list[str]:
+        """Extra columns that hold hashtags or comma-separated tags."""
+        from explorer.metadata import looks_like_tags
+        from explorer.table import COLUMNS
+
+        return [c for c in self.table.columns
+                if isinstance(c, str) and c not in COLUMNS and looks_like_tags(self.table[c])]
+
+    def tag_counts(self, column: str) -> dict[str, int]:
+        from explorer.metadata import tag_values
+
+        if column not in self.table.columns:
+            raise ValueError(f"no column {column!r}")
+        return tag_values(self.table[column])
+
+    def select_tag(self, column: str, value: str) -> None:
+        """Select (highlight on the map) every image whose ``column`` carries tag ``value``."""
+        from explorer.metadata import rows_with_tag
+
+        if column not in self.table.columns:
+            self._refuse(f"no column {column!r}")
+            return
+        try:
+            mask = rows_with_tag(self.table[column], value)
+        except ValueError as exc:
+            self._refuse(str(exc))
+            return
+        self.select(np.flatnonzero(mask & self.valid))
+        self._say(f"{len(self.selection):,} image(s) tagged {value!r} in {column}")
+        self._emit("message")
+
+    # ------------------------------------------------------------------ curation: save
+    def save_labels(self, name: str, imagefolder: bool = False, progress: bool = True) -> SaveResult:
+        """Write every row with its current label as ``exports/NAME.csv`` and, with
+        ``imagefolder``, ``exports/NAME.zip``: one folder per label (ImageFolder layout;
+        unlabelled and discarded images left out). NAME.csv itself is never touched."""
+        if self.app_dir is None:
+            raise ExportError("this session has no app folder to save into")
+        stem = check_export_name(name)
+        if imagefolder and self.image_dir is None:
+            raise ExportError("the original images were not found (see the warning above): no ImageFolder zip")
+        df = self.labelled()
+        csv, zp = self._reserve(stem, imagefolder)
+        result = SaveResult(rows=len(df))
+        try:
+            write_table(df, csv)
+        except BaseException:
+            csv.unlink(missing_ok=True)
+            raise
+        result.csv = csv
+        parts = [f"saved {len(df):,} row(s) with labels to {csv.name}"]
+        if zp is not None:
+            from explorer.imagefolder import export_imagefolder
+
+            try:
+                summary = export_imagefolder(df, self.image_dir, zp, as_zip=True, progress=progress)
+            except (ValueError, FileExistsError) as exc:
+                parts.append(f"no ImageFolder zip: {exc}")
+            else:
+                result.zip = Path(summary.get("dest", zp))
+                result.originals = int(summary.get("images", 0))
+                result.missing = list(summary.get("missing", []))
+                parts.append(f"{result.originals:,} image(s) in {len(summary.get('classes', {}))} class folder(s) to {result.zip.name}")
+        for f in (result.csv, result.zip):
+            if f is not None:
+                result.downloads.append((f.name, self._publish(f)))
+        result.message = "; ".join(parts) + f" (in {self.exports_dir})"
+        self._say(result.message)
+        self._emit("message")
+        return result
 
     # ------------------------------------------------------------------ files
     def thumb_url(self, value: str) -> str:
@@ -699,6 +1234,14 @@ class AppState:
         finally:
             if bar is not None:
                 bar.stop()
+
+
+def _empty_suggestions() -> pd.DataFrame:
+    return pd.DataFrame({
+        "row": pd.Series(dtype=np.int64), "file": pd.Series(dtype=object),
+        "proposed_label": pd.Series(dtype=object), "confidence": pd.Series(dtype=float),
+        "votes": pd.Series(dtype=np.int64), "distance": pd.Series(dtype=float),
+    })
 
 
 def _image_dir_from_run(csv_path: Path) -> tuple[Path | None, str | None]:

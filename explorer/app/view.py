@@ -18,6 +18,10 @@ from bokeh.layouts import column, row
 from bokeh.models import (
     Button,
     Checkbox,
+    FileInput,
+    TabPanel,
+    Tabs,
+    TapTool,
     ColumnDataSource,
     CustomJS,
     CustomJSHover,
@@ -40,7 +44,7 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
-from explorer.app.state import LABEL_COLUMNS, AppState, ExportError, thumb_urls
+from explorer.app.state import AppState, ExportError, thumb_urls
 from explorer.table import SchemaError
 
 #: the DataTable shows at most this many selected rows (Save writes all of them)
@@ -109,17 +113,7 @@ class AppView:
             palette=palette or ["#000000"], low=-0.5, high=max(len(palette), 1) - 0.5, name="color_mapper"
         )
         self.hover_labels = CustomJSHover(args={"labels": self._label_texts()}, code="return labels[value] ?? ''")
-        self.source = ColumnDataSource(
-            data={
-                "x": st.table["x"].to_numpy(dtype=float)[r],
-                "y": st.table["y"].to_numpy(dtype=float)[r],
-                "code": codes[r],
-                "alpha": alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32),
-                "thumb": thumbs[r],
-                "name": self.file_names[r],
-            },
-            name="points",
-        )
+        self.source = ColumnDataSource(data=self._points_data(), name="points")
         self.plot = figure(
             name="plot",
             width=PLOT_WIDTH,
@@ -152,7 +146,8 @@ class AppView:
         hover = HoverTool(
             tooltips=_TOOLTIP, formatters={"@code": self.hover_labels}, renderers=[self.renderer], name="hover"
         )
-        self.plot.add_tools(lasso, box, hover)
+        tap = TapTool(renderers=[self.renderer], name="tap")
+        self.plot.add_tools(lasso, box, hover, tap)
         self.plot.toolbar.active_drag = lasso
 
         # ---------------------------------------------------------------- sidebar
@@ -162,7 +157,7 @@ class AppView:
             name="color_by",
             title="Colour by (and filter on)",
             value=st.label_column,
-            options=[c for c in LABEL_COLUMNS],
+            options=st.label_columns(),
             width=SIDEBAR_WIDTH,
         )
         self.legend = Div(name="legend", text="", stylesheets=css, width=SIDEBAR_WIDTH)
@@ -210,7 +205,7 @@ class AppView:
         self.grid_next.on_click(lambda: self._page(+1))
         st.subscribe(self.render)
 
-        sidebar = column(
+        explore = column(
             self.color_by,
             self.legend,
             self.labels,
@@ -223,19 +218,46 @@ class AppView:
             name="sidebar",
             width=SIDEBAR_WIDTH,
         )
+        self._build_curation(css)
+        self.tabs = Tabs(
+            name="tabs",
+            tabs=[
+                TabPanel(child=explore, title="Explore"),
+                TabPanel(child=self.label_panel, title="Label"),
+                TabPanel(child=self.overview_panel, title="Overview"),
+                TabPanel(child=self.metadata_panel, title="Metadata"),
+            ],
+            width=SIDEBAR_WIDTH + 20,
+        )
+        self.tabs.on_change("active", self._on_tab)
         self.layout = column(
             self.title,
             self.status,
-            row(self.plot, sidebar),
-            row(self.grid_prev, self.grid_info, self.grid_next),
+            row(self.crumbs, self.back, self.top),
+            row(self.plot, self.tabs),
+            row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours),
             self.grid,
             self.table_info,
             self.table,
             name="explorer",
         )
-        self.render(frozenset({"selection", "filter", "label_column", "message"}))
+        self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "map", "columns"}))
 
     # ------------------------------------------------------------------ building
+    def _points_data(self) -> dict[str, Any]:
+        st = self.state
+        self.plot_rows = r = np.flatnonzero(st.valid).astype(np.int64)
+        codes, palette, alphas, _ = st.color_codes()
+        x, y = st.xy()
+        return {
+            "x": x[r],
+            "y": y[r],
+            "code": codes[r],
+            "alpha": alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32),
+            "thumb": self.thumb_urls[r],
+            "name": self.file_names[r],
+        }
+
     def _label_texts(self) -> list[str]:
         """Hover text per colour code."""
         st = self.state
@@ -310,13 +332,241 @@ class AppView:
                 data[field] = col.fillna("").astype(str).tolist()
         return data
 
+    # ------------------------------------------------------------------ curation widgets
+    def _build_curation(self, css: list[Any]) -> None:
+        st = self.state
+        W = SIDEBAR_WIDTH
+        half = (W - 10) // 2
+        # label tab
+        self.label_input = TextInput(name="label_input", title="Label", placeholder="e.g. cat", width=W)
+        self.apply_label = Button(name="apply_label", label="Apply to selection", button_type="primary", width=half)
+        self.discard = Button(name="discard", label="Discard selection", button_type="danger", width=half)
+        self.clear_label = Button(name="clear_label", label="Remove label of selection", width=W)
+        self.undo = Button(name="undo", label="↶ Undo", width=half)
+        self.redo = Button(name="redo", label="Redo ↷", width=half)
+        self.label_pick = Select(name="label_pick", title="Label to rename / merge", options=[], width=W)
+        self.rename_to = TextInput(name="rename_to", title="New name / merge into", width=W)
+        self.rename = Button(name="rename", label="Rename", width=half)
+        self.merge = Button(name="merge", label="Merge into", width=half)
+        self.propose = Button(name="propose", label="Label similar (suggest)", width=W)
+        self.suggest_source = ColumnDataSource(data=self._suggest_data(), name="suggest_source")
+        self.suggest_table = DataTable(
+            name="suggest_table", source=self.suggest_source, width=W, height=150, index_position=None,
+            columns=[
+                TableColumn(field="file", title="image", width=120),
+                TableColumn(field="proposed_label", title="label", width=80),
+                TableColumn(field="confidence", title="agree", width=50, formatter=NumberFormatter(format="0%")),
+            ],
+        )  # fmt: skip
+        self.accept_all = Button(name="accept_all", label="Accept all", button_type="success", width=95)
+        self.accept_sel = Button(name="accept_selected", label="Accept chosen", width=100)
+        self.reject = Button(name="reject", label="Reject", width=85)
+        self.recluster = Button(name="recluster", label="Re-cluster selection", width=W)
+        self.labels_name = TextInput(name="labels_name", title="Save labels as", value="labels", width=W)
+        self.imagefolder = Toggle(name="imagefolder", label="+ ImageFolder zip", active=True, width=half)
+        self.save_labels = Button(name="save_labels", label="Save labels", button_type="success", width=half)
+        self.label_panel = column(
+            self.label_input, row(self.apply_label, self.discard), self.clear_label, row(self.undo, self.redo),
+            self.label_pick, self.rename_to, row(self.rename, self.merge), self.propose, self.suggest_table,
+            row(self.accept_all, self.accept_sel, self.reject), self.recluster, self.labels_name,
+            row(self.imagefolder, self.save_labels), name="label_panel", width=W,
+        )  # fmt: skip
+        # drill-down breadcrumbs (above the map)
+        self.crumbs = Div(name="breadcrumbs", text="", stylesheets=css, width=PLOT_WIDTH - 200)
+        self.back = Button(name="back", label="◀ Back", width=90, visible=False)
+        self.top = Button(name="top", label="Whole map", width=100, visible=False)
+        # overview tab
+        self.group_id = TextInput(name="group_id", title="Group id (e.g. root-3-14)", value="root", width=W - 70)
+        self.group_go = Button(name="group_go", label="Go", width=60)
+        self.group_up = Button(name="group_up", label="▲ Up", width=half)
+        self.group_select = Button(name="group_select", label="Select on map", width=half)
+        self.group_buttons = [Button(name=f"group_{i}", label="", width=W, visible=False) for i in range(16)]
+        self.overview_div = Div(name="overview", text="", stylesheets=css, width=W)
+        self.overview_panel = column(
+            row(self.group_id, self.group_go), row(self.group_up, self.group_select), self.overview_div,
+            *self.group_buttons, name="overview_panel", width=W,
+        )  # fmt: skip
+        # metadata tab
+        self.meta_file = FileInput(name="meta_file", accept=".csv,.tsv,.json,.jsonl", width=W)
+        self.meta_key = TextInput(name="meta_key", title="Key column (file names; empty = guess)", width=W)
+        self.meta_join = Button(name="meta_join", label="Join metadata", button_type="primary", width=W)
+        self.tag_column = Select(name="tag_column", title="Tag column", options=[], width=W)
+        self.tag_value = Select(name="tag_value", title="Tag (images) - selects them", options=[], width=W)
+        self.metadata_panel = column(
+            Div(text="<div class='ex-muted'>CSV or JSON with one row per image file name</div>", stylesheets=css),
+            self.meta_file, self.meta_key, self.meta_join, self.tag_column, self.tag_value,
+            name="metadata_panel", width=W,
+        )  # fmt: skip
+        self.select_neighbours = Button(name="select_neighbours", label="Select these neighbours", width=W, visible=False)
+        # wiring
+        self.apply_label.on_click(lambda: st.apply_label(self.label_input.value or ""))
+        self.discard.on_click(st.discard_selection)
+        self.clear_label.on_click(st.clear_selection_labels)
+        self.undo.on_click(st.undo_labels)
+        self.redo.on_click(st.redo_labels)
+        self.rename.on_click(lambda: st.rename_label(self.label_pick.value or "", self.rename_to.value or ""))
+        self.merge.on_click(lambda: st.merge_labels(self.label_pick.value or "", self.rename_to.value or ""))
+        self.propose.on_click(lambda: st.propose())
+        self.accept_all.on_click(lambda: st.accept_suggestions(None))
+        self.accept_sel.on_click(lambda: st.accept_suggestions(list(self.suggest_source.selected.indices)))
+        self.reject.on_click(self._on_reject)
+        self.recluster.on_click(lambda: st.recluster_selection())
+        self.back.on_click(lambda: st.drill_up())
+        self.top.on_click(lambda: st.drill_up(0))
+        self.save_labels.on_click(self._on_save_labels)
+        self.group_go.on_click(lambda: st.open_group(self.group_id.value or "root"))
+        self.group_up.on_click(self._on_group_up)
+        self.group_select.on_click(lambda: st.select_group())
+        for i, b in enumerate(self.group_buttons):
+            b.on_click(lambda i=i: self._on_group(i))
+        self.meta_join.on_click(self._on_meta_join)
+        self.tag_column.on_change("value", lambda a, o, n: self._render_tags())
+        self.tag_value.on_change("value", self._on_tag_value)
+        self.select_neighbours.on_click(st.select_neighbours)
+        self._overview_open = False
+
+    def _suggest_data(self) -> dict[str, Any]:
+        sg = self.state.suggestions
+        return {
+            "file": [p[max(p.rfind("/"), 0) + (1 if "/" in p else 0):] for p in sg["file"].tolist()],
+            "proposed_label": sg["proposed_label"].tolist(),
+            "confidence": sg["confidence"].to_numpy(dtype=float),
+        }
+
+    def poll(self) -> None:
+        """Periodic: pick up label changes other sessions (tabs) wrote to the journal."""
+        self.state.sync_labels()
+
+    def _on_tab(self, attr: str, old: Any, new: int) -> None:
+        if new == 2 and not self._overview_open:
+            self._overview_open = True
+            if self.state.overview() is not None:
+                self.state.open_group("root")
+
+    def _on_group(self, i: int) -> None:
+        groups = self.state.overview_groups()
+        if i < len(groups):
+            self.state.open_group(groups[i][0])
+
+    def _on_group_up(self) -> None:
+        gid = self.state.overview_id
+        if gid != "root":
+            self.state.open_group(gid.rsplit("-", 1)[0])
+
+    def _on_reject(self) -> None:
+        chosen = list(self.suggest_source.selected.indices)
+        self.state.reject_suggestions(chosen or None)
+
+    def _on_meta_join(self) -> None:
+        import base64
+
+        st = self.state
+        if not self.meta_file.value:
+            st._refuse("choose a CSV or JSON file first")
+            return
+        value = self.meta_file.value
+        name = self.meta_file.filename
+        value = value[0] if isinstance(value, list) else value
+        name = name[0] if isinstance(name, list) else name
+        try:
+            data = base64.b64decode(value)
+        except ValueError as exc:
+            st._refuse(f"upload unreadable: {exc}")
+            return
+        st.join_metadata(data, name or "", self.meta_key.value or None)
+
+    def _on_tag_value(self, attr: str, old: Any, new: str) -> None:
+        if self._syncing or not new or not self.tag_column.value:
+            return
+        self._links = []
+        self.state.select_tag(self.tag_column.value, new)
+
+    def _on_save_labels(self) -> None:
+        st = self.state
+        try:
+            result = st.save_labels(self.labels_name.value or "", imagefolder=bool(self.imagefolder.active))
+        except (ExportError, OSError) as exc:
+            self._links = []
+            st.message = ("error", f"not saved: {exc}")
+            self.status.text = self._status_html()
+            return
+        self._links = result.downloads
+        self.status.text = self._status_html()
+        self.downloads.data = {
+            "url": [u for _, u in result.downloads],
+            "filename": [n for n, _ in result.downloads],
+        }
+
+    def _render_tags(self) -> None:
+        st = self.state
+        col = self.tag_column.value
+        if col and col in st.table.columns:
+            counts = st.tag_counts(col)
+            self.tag_value.options = [("", "")] + [(v, f"{v} ({c:,})") for v, c in list(counts.items())[:500]]
+        else:
+            self.tag_value.options = []
+
+    def _render_curation(self, what: frozenset[str]) -> None:
+        st = self.state
+        if "labels" in what:
+            names = st.label_names()
+            self.label_pick.options = names
+            if self.label_pick.value not in names:
+                self.label_pick.value = names[0] if names else ""
+            can = st.book is not None
+            self.undo.disabled = not (can and st.book.can_undo)
+            self.redo.disabled = not (can and st.book.can_redo)
+        if "suggestions" in what:
+            self.suggest_source.selected.indices = []
+            self.suggest_source.data = self._suggest_data()
+            none = len(st.suggestions) == 0
+            self.accept_all.disabled = self.accept_sel.disabled = self.reject.disabled = none
+        if "columns" in what:
+            self.color_by.options = st.label_columns()
+            tags = st.tag_columns()
+            self.tag_column.options = [""] + tags
+            if self.tag_column.value not in tags:
+                self.tag_column.value = tags[0] if tags else ""
+            self._render_tags()
+            crumbs = st.breadcrumbs()
+            self.crumbs.text = (
+                "<div class='ex-crumbs'>" + " &rsaquo; ".join(_esc(c) for c in crumbs) + "</div>"
+                if len(crumbs) > 1 else ""
+            )
+            self.back.visible = self.top.visible = len(crumbs) > 1
+        if "overview" in what:
+            self._render_overview()
+        off = not st.has_features
+        self.propose.disabled = self.recluster.disabled = off
+
+    def _render_overview(self) -> None:
+        st = self.state
+        groups = st.overview_groups() if st.tree is not None else []
+        self.group_id.value = st.overview_id
+        cells = []
+        for gid, count, reps in groups:
+            imgs = "".join(f"<img src='{_esc(self.thumb_urls[r])}' alt=''>" for r in reps[:4])
+            cells.append(f"<div class='ex-group'><div class='ex-group-imgs'>{imgs}</div>"
+                         f"<div><b>{_esc(gid)}</b> &middot; {count:,} images</div></div>")
+        self.overview_div.text = "".join(cells)
+        node = st.tree.node(st.overview_id) if st.tree is not None else None
+        for i, b in enumerate(self.group_buttons):
+            if node is not None and node.children and i < len(groups):
+                b.label = f"open {groups[i][0]} ({groups[i][1]:,})"
+                b.visible = True
+            else:
+                b.visible = False
+        self.group_up.disabled = st.overview_id == "root"
+
     # ------------------------------------------------------------------ rendering
     def render(self, what: frozenset[str]) -> None:
         """Bring the widgets in line with the state (``what``: aspects that changed)."""
         st = self.state
         self._syncing = True
         try:
-            if "label_column" in what:
+            if "map" in what:
+                self.source.data = self._points_data()
+            if "label_column" in what or ("labels" in what and st.label_column == "label"):
                 codes, palette, alphas, _ = st.color_codes()
                 r = self.plot_rows
                 self.color_mapper.update(
@@ -343,6 +593,12 @@ class AppView:
                 self.renderer.glyph.size = st.point_size
                 if self.point_size.value != st.point_size:
                     self.point_size.value = st.point_size
+            if "labels" in what and "selection" not in what:
+                self.table_source.data = self._table_data(st.selection)
+                self._render_grid()
+            if "neighbours" in what and "selection" not in what:
+                self._render_grid()
+            self._render_curation(what)
             if "message" in what:
                 self.status.text = self._status_html()
         finally:
@@ -362,6 +618,11 @@ class AppView:
         self._render_grid()
 
     def _render_grid(self) -> None:
+        nb = self.state.neighbours
+        self.select_neighbours.visible = nb is not None
+        if nb is not None:
+            self._render_neighbours(*nb)
+            return
         sel = self.state.selection
         pages = max(1, -(-len(sel) // GRID_PAGE))
         self.grid_page = min(max(self.grid_page, 0), pages - 1)
@@ -389,6 +650,21 @@ class AppView:
             self.grid_info.text = "<div class='ex-pageinfo'>no images selected</div>"
         self.grid_prev.disabled = self.grid_page <= 0
         self.grid_next.disabled = self.grid_page >= pages - 1
+
+    def _render_neighbours(self, row: int, idx: np.ndarray, dist: np.ndarray) -> None:
+        labels = self.state.labels()
+        cells = []
+        for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
+            name, label = _esc(self.file_names[i]), _esc(self.state.label_text(labels[i]))
+            extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
+            cells.append(
+                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{_esc(self.thumb_urls[i])}' alt='' "
+                f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
+                f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
+            )
+        self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
+        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(self.file_names[row])}</div>"
+        self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
         items = self.state.legend()
@@ -516,6 +792,8 @@ def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = (
         return None
     view = AppView(state)
     doc.add_root(view.layout)
+    if state.book is not None and state.book.journal is not None:
+        doc.add_periodic_callback(view.poll, 1000)
     doc.add_root(view.downloads)  # not in the layout; a root so it reaches the browser
     doc.explorer_view = view  # lets tests reach the session's view and state
     return view
