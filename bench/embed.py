@@ -28,6 +28,7 @@ from explorer.embed import (  # noqa: E402
     _default_workers,
     _Runner,
     embed_paths,
+    resolve_precision,
     load_model,
 )
 from explorer.images import decode_image, discover, read_bytes  # noqa: E402
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=None,
                     help="threads that each decode and run the model (default: CPUs)")
     ap.add_argument("--jit", choices=["auto", "on", "off"], default="on")
+    ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--thumbs", action="store_true", help="also make + JPEG-encode thumbnails")
     ap.add_argument("--skip-parts", action="store_true", help="end to end only")
@@ -105,8 +107,10 @@ def main(argv=None) -> None:
         model, cfg = load_model(args.model)
         prep = Preprocessor(cfg)
         t0 = time.perf_counter()
-        runner = _Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True)
-        print(f"model ready (jit={runner.jit}) in {time.perf_counter() - t0:.1f} s")
+        runner = _Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True,
+                         precision=resolve_precision(args.precision))
+        print(f"model ready (jit={runner.jit}, {runner.precision}) in "
+              f"{time.perf_counter() - t0:.1f} s")
         lanes = args.workers or _default_workers()
         for r in range(args.repeats):
             dec.append(bench_decode(paths[:500], prep))
@@ -125,7 +129,7 @@ def main(argv=None) -> None:
 
         res = embed_paths(
             paths, model=args.model, batch_size=args.batch_size, threads=args.threads,
-            workers=args.workers, jit=jit, progress=False,
+            workers=args.workers, jit=jit, precision=args.precision, progress=False,
             on_thumbnail=keep if args.thumbs else None,
         )
         t = res.timings
@@ -134,7 +138,8 @@ def main(argv=None) -> None:
         print(f"  run {r + 1}: end to end {e2e[-1]:.0f} img/s ({len(res.ok)} images, "
               f"{len(res.errors)} errors, {run:.1f} s + model {t['model_load']:.1f} s; "
               f"thread-seconds: decode {t['decode']:.1f}, forward {t['forward']:.1f}; "
-              f"jit={res.model_info.get('jit')}, thumbnails {len(sink)}), "
+              f"jit={res.model_info.get('jit')}, {res.model_info.get('precision')}, "
+              f"thumbnails {len(sink)}), "
               f"load average {os.getloadavg()[0]:.2f}")
 
     def fmt(xs):

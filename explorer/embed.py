@@ -340,8 +340,14 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_key(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None) -> str:
-    """Identity of the vectors a model makes: name, weights (content hash), preprocessing."""
+def model_key(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | os.PathLike | None = None,
+    precision: str = "auto",
+) -> str:
+    """Identity of the vectors a model makes: name, weights (content hash), precision
+    (``"auto"`` resolved), preprocessing version."""
+    precision = resolve_precision(precision)
     name = ALIASES.get(name, name)
     if checkpoint is not None:
         weights = "ckpt:" + file_digest(checkpoint)
@@ -349,7 +355,8 @@ def model_key(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = 
         weights = "bundled:" + bundled_weights_path().name
     else:
         weights = f"hub:{_local_hub_weights(name)}"
-    return f"{name}|{weights}|prep{PREPROCESS_VERSION}"
+    dtype = "" if precision == "float32" else f"|{precision}"
+    return f"{name}|{weights}{dtype}|prep{PREPROCESS_VERSION}"
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -433,34 +440,77 @@ class Preprocessor:
 
 
 # --------------------------------------------------------------------------- forward
-class _Runner:
-    """A model ready for fixed-size batches: eval, inference mode, channels_last, jit."""
+def resolve_precision(precision: str) -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"auto"`` -> the one to use on this CPU.
 
-    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], jit: bool = True):
+    ``"auto"`` picks bfloat16 when the CPU runs it natively (oneDNN reports bf16 support:
+    AVX512-BF16 / AMX), where it is 2-2.5x faster than float32 for the default model, with
+    embeddings at cosine >= 0.99 to float32 and the same ImageNet classes; else float32.
+    """
+    if precision not in ("float32", "bfloat16", "auto"):
+        raise ValueError(
+            f"precision must be 'float32', 'bfloat16' or 'auto', got {precision!r}"
+        )
+    if precision != "auto":
+        return precision
+    import torch
+
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        native = False
+    return "bfloat16" if native else "float32"
+
+
+class _Runner:
+    """A model ready for fixed-size batches: eval, inference mode, channels_last, jit,
+    float32 or bfloat16 (output always float32)."""
+
+    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], jit: bool = True,
+                 precision: str = "float32"):
         import torch
 
         self.batch_size = batch_size
         model = model.eval().to(memory_format=torch.channels_last)
+        example = torch.zeros(batch_size, 3, *input_hw).contiguous(
+            memory_format=torch.channels_last
+        )
+        example.normal_(generator=torch.Generator().manual_seed(0))
+        self.dtype = torch.float32
+        if precision == "bfloat16":
+            try:
+                with torch.inference_mode():
+                    model.to(torch.bfloat16)(example.to(torch.bfloat16))
+                self.dtype = torch.bfloat16
+            except Exception:  # an op without bf16 support: stay in float32
+                model = model.float()
+        self.precision = "bfloat16" if self.dtype == torch.bfloat16 else "float32"
         self.model = model
         self.fn = model
         self.jit = False
         if jit:
-            example = torch.zeros(batch_size, 3, *input_hw).contiguous(
-                memory_format=torch.channels_last
-            )
+            example = example.to(self.dtype)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     with torch.inference_mode():
                         traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
-                        example.normal_(generator=torch.Generator().manual_seed(0))
-                        ref = model(example)
-                        got = traced(example)
-                        got = traced(example)  # second call runs the optimised graph
-                if got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-3, atol=1e-4):
+                        ref = model(example).float().flatten(1)
+                        traced(example)
+                        got = traced(example).float().flatten(1)  # the optimised graph
+                if got.shape == ref.shape and self._close(got, ref):
                     self.fn, self.jit = traced, True
             except Exception:  # some models do not trace: eager is fine
                 pass
+
+    def _close(self, got, ref) -> bool:
+        import torch
+
+        if self.dtype == torch.float32:
+            return bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
+        # bf16 keeps ~3 digits; freezing folds batch norm into the convolutions
+        cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+        return bool((cos > 0.99).all())
 
     def __call__(self, x) -> np.ndarray:
         import torch
@@ -470,7 +520,7 @@ class _Runner:
             pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
             x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out = self.fn(x)
+            out = self.fn(x if self.dtype == torch.float32 else x.to(self.dtype))
         if isinstance(out, (tuple, list)):
             out = out[0]
         out = out.float()
@@ -537,8 +587,11 @@ class EmbeddingCache:
         self._load()
 
     @classmethod
-    def for_model(cls, directory, name: str = DEFAULT_MODEL, checkpoint=None) -> "EmbeddingCache":
-        return cls(directory, model_key(name, checkpoint))
+    def for_model(cls, directory, name: str = DEFAULT_MODEL, checkpoint=None,
+                  precision: str = "auto") -> "EmbeddingCache":
+        """The cache for what ``embed_paths(model=name, checkpoint=..., precision=...)``
+        makes."""
+        return cls(directory, model_key(name, checkpoint, precision))
 
     def __len__(self) -> int:
         return len(self._index)
@@ -728,6 +781,7 @@ def embed_paths(
     workers: int | None = None,
     threads: int = 1,
     jit: bool | str = "auto",
+    precision: str = "auto",
     chunk_size: int | None = None,
     save_every: float = 120.0,
 ) -> EmbedResult:
@@ -759,8 +813,13 @@ def embed_paths(
     ``jit``: trace + freeze the model (faster forward, falls back to eager if tracing
     fails); ``"auto"`` does it when at least ``JIT_MIN_IMAGES`` images may need the
     model, since tracing itself costs a few seconds.
+
+    ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (see
+    :func:`resolve_precision`: bfloat16 where the CPU runs it natively). Vectors are
+    always returned as float32; the cache keeps the two precisions apart.
     """
     t_start = time.perf_counter()
+    precision = resolve_precision(precision)
     for pname, val in (("batch_size", batch_size), ("thumb_size", thumb_size),
                        ("threads", threads)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -779,7 +838,7 @@ def embed_paths(
     name = _resolve_name(model)
     _check_weights(name, checkpoint)  # fail fast, before any file is read
     if cache is not None and not isinstance(cache, EmbeddingCache):
-        cache = EmbeddingCache.for_model(cache, name, checkpoint)
+        cache = EmbeddingCache.for_model(cache, name, checkpoint, precision)
     n = len(paths)
     to_embed = n - (len(cache) if cache is not None else 0)
     use_jit = bool(jit) if jit != "auto" else to_embed >= JIT_MIN_IMAGES
@@ -797,7 +856,8 @@ def embed_paths(
                 t0 = time.perf_counter()
                 m, cfg = load_model(name, checkpoint, num_classes=0)
                 prep = Preprocessor(cfg)
-                runner = _Runner(m, batch_size, (prep.height, prep.width), jit=use_jit)
+                runner = _Runner(m, batch_size, (prep.height, prep.width), jit=use_jit,
+                                 precision=precision)
                 state["prep"], state["runner"] = prep, runner
                 state["info"] = _model_info(name, checkpoint, m, cfg, runner)
                 timings["model_load"] += time.perf_counter() - t0
@@ -962,6 +1022,7 @@ def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
         info["embedding_dim"] = int(m.num_features)
         info["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
         info["jit"] = bool(runner.jit)
+        info["precision"] = runner.precision
     else:
         info["embedding_dim"] = dim
     info["preprocess_version"] = PREPROCESS_VERSION

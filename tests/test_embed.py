@@ -92,6 +92,11 @@ def test_bundled_default_weights_are_real(no_network):
     assert feats.shape == (2, 1280) and feats.dtype == np.float32
     assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
     assert E._resolve_name("efficientnet_lite0") == DEFAULT_MODEL
+    # the bfloat16 path ("auto" on CPUs with native bf16) keeps the classes
+    model2, _ = load_model(num_classes=None)
+    runner = E._Runner(model2, 2, (224, 224), jit=False, precision="bfloat16")
+    x = prep.to_tensor(np.stack([prep(im) for im in imgs]))
+    assert runner(x).argmax(1).tolist() == top
 
 
 def test_preprocessing_matches_timm_transform():
@@ -193,6 +198,7 @@ def test_checkpoint_loads_and_bad_checkpoints_are_clear(tiny_ckpt, tmp_path, no_
 
 def test_parameters_are_validated(tmp_path):
     for kw, word in [({"batch_size": 0}, "batch_size"), ({"thumb_size": -1}, "thumb_size"),
+                     ({"precision": "fp8"}, "precision"),
                      ({"jit": "yes"}, "jit"),
                      ({"workers": 0}, "workers"), ({"threads": 0}, "threads")]:
         with pytest.raises(ValueError, match=word):
@@ -219,7 +225,8 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     paths = [good[0], bad[0], *good[1:5], bad[1], *good[5:], bad[2]]
     thumbs = {}
     res = embed_paths(paths, model=TINY, checkpoint=tiny_ckpt, batch_size=4, thumb_size=64,
-                      on_thumbnail=lambda i, t: thumbs.__setitem__(i, t), progress=False)
+                      on_thumbnail=lambda i, t: thumbs.__setitem__(i, t), progress=False,
+                      precision="float32")
     bad_idx = [1, 6, len(paths) - 1]
     assert res.ok.tolist() == [i for i in range(len(paths)) if i not in bad_idx]
     assert [e[0] for e in res.errors] == [str(b) for b in bad]
@@ -227,6 +234,7 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     assert res.embeddings.shape == (len(good), 256) and res.embeddings.dtype == np.float32
     assert res.n_cached == 0 and res.n_embedded == len(good)
     assert res.model_info["name"] == TINY and res.model_info["embedding_dim"] == 256
+    assert res.model_info["precision"] == "float32"
     # sizes are original sizes, after EXIF rotation
     sizes = list(zip(res.width.tolist(), res.height.tolist()))
     assert sizes[:8] == [(120, 120)] * 8 and sizes[8] == (60, 90) and sizes[9] == (80, 120)
@@ -239,6 +247,15 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     direct = embed_images([load_image(p).image for p in good], model, cfg)
     np.testing.assert_allclose(res.embeddings, direct, rtol=1e-3, atol=1e-4)
     assert len(set(res.hashes)) == len(good)
+    # bfloat16: close to float32, kept apart in the cache
+    bf = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
+                     precision="bfloat16")
+    if bf.model_info["precision"] == "bfloat16":
+        cos = (bf.embeddings * direct).sum(1) / (
+            np.linalg.norm(bf.embeddings, axis=1) * np.linalg.norm(direct, axis=1))
+        assert cos.min() > 0.98 and not np.array_equal(bf.embeddings, direct)
+    assert bf.embeddings.dtype == np.float32
+    assert model_key(TINY, tiny_ckpt, "float32") != model_key(TINY, tiny_ckpt, "bfloat16")
 
 
 def test_embed_paths_is_deterministic(folder, tiny_ckpt):
