@@ -39,18 +39,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def serve(
+def launch(
     app_dir: str | os.PathLike,
     csv: str | os.PathLike | None = None,
     cwd: str | os.PathLike | None = None,
     timeout: float = 60.0,
     extra_args: Sequence[str] = (),
-) -> Iterator[str]:
-    """Run ``bokeh serve APP --args CSV`` on a free port; yield the app URL.
+) -> tuple[subprocess.Popen, str]:
+    """Start ``bokeh serve APP --args CSV`` on a free port and wait until the app answers.
 
-    Polls until the app answers; always stops the server. ``app_dir``/``csv`` are passed
-    as given (relative paths resolve against ``cwd``).
+    Returns ``(process, app URL)``; the caller stops the process (tests may SIGKILL it).
+    The server's output goes to ``process.log`` (a temporary file).
     """
     port = free_port()
     cmd = [
@@ -62,6 +61,7 @@ def serve(
         cmd += ["--args", str(csv)]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}/{Path(app_dir).resolve().name}"
     try:
         deadline = time.monotonic() + timeout
@@ -78,15 +78,44 @@ def serve(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bokeh serve did not answer at {url} within {timeout:.0f}s")
             time.sleep(0.2)
-        yield url
-    finally:
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server from :func:`launch` (kill it if it does not stop in 10 s)."""
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    log = getattr(proc, "log", None)
+    if log is not None:
         log.close()
+
+
+@contextlib.contextmanager
+def serve(
+    app_dir: str | os.PathLike,
+    csv: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+    extra_args: Sequence[str] = (),
+) -> Iterator[str]:
+    """Run ``bokeh serve APP --args CSV`` on a free port; yield the app URL.
+
+    Polls until the app answers; always stops the server. ``app_dir``/``csv`` are passed
+    as given (relative paths resolve against ``cwd``).
+    """
+    proc, url = launch(app_dir, csv, cwd=cwd, timeout=timeout, extra_args=extra_args)
+    try:
+        yield url
+    finally:
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -249,3 +278,23 @@ def lasso(drv: Any, points: Sequence[tuple[float, float]], steps: int = 6) -> No
     builder.pointer_action.pointer_up()
     builder.perform()
     ActionChains(drv).reset_actions()
+
+
+def set_model(drv: Any, name: str, prop: str, value: Any) -> None:
+    """Set a property of the model named ``name`` in the page (synced to the server like a
+    person's edit)."""
+    drv.execute_script(
+        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]); m[arguments[1]] = arguments[2];",
+        name, prop, value,
+    )  # fmt: skip
+
+
+def click_button(drv: Any, name: str) -> None:
+    """A real mouse click on the Bokeh Button named ``name`` (inside its shadow DOM)."""
+    el = drv.execute_script(
+        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
+        "const v = Bokeh.index.find_one(m); const r = v.el.shadowRoot || v.el;"
+        "const b = r.querySelector('button'); b.scrollIntoView({block: 'center'}); return b;",
+        name,
+    )
+    el.click()

@@ -1,0 +1,145 @@
+"""Curation in real headless Chromium against ``bokeh serve``: nothing acknowledged is lost
+when the server is killed with SIGKILL; two tabs see each other's labels without reload;
+the drill-down map in the page.
+
+Needs Debian's chromium + chromium-driver; skipped with a reason when they are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _appdata import make_app  # noqa: E402
+
+from explorer.app import browser as B  # noqa: E402
+from explorer.table import sidecar  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+if B.find_chromium() is None:
+    pytest.skip(
+        "chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+LABEL_TAB = 1
+
+
+def wait_model(drv, name, expr, timeout=15.0):
+    js = (
+        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
+        f"if (!m) return null; return ({expr});"
+    )
+    return B.wait_for(drv, js, name, timeout=timeout)
+
+
+def open_page(drv, url):
+    drv.get(url)
+    B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+
+
+def lasso_and_label(drv, corners, n, label):
+    """Lasso ``corners`` (data coordinates), wait for ``n`` selected, label them in the Label tab."""
+    B.lasso(drv, corners)
+    wait_model(drv, "table_source", f"m.data['_file'].length == {n}")
+    B.set_model(drv, "tabs", "active", LABEL_TAB)
+    B.set_model(drv, "label_input", "value", label)
+    B.click_button(drv, "apply_label")
+    # the page says "saved" only after the journal append returned on the server
+    wait_model(drv, "status", f"m.text.includes('saved: label') && m.text.includes({json.dumps(label)})")
+
+
+def legend_has(drv, text):
+    return wait_model(drv, "legend", f"m.text.includes({json.dumps(text)})")
+
+
+def journal_labels(csv):
+    out = {}
+    for line in sidecar(csv, "labels.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k, (_, new) in rec["args"].get("changes", {}).items():
+            out[k] = new
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_app(tmp_path_factory.mktemp("curbrowser"), hostile=False)
+
+
+def test_sigkill_loses_no_acknowledged_label(data):
+    app_dir, csv = data
+    proc, url = B.launch(app_dir, csv)
+    try:
+        with B.chromium() as drv:
+            open_page(drv, url)
+            # clusters 0 and 1 (16 images), then clusters 2 and 3 (16 images)
+            lasso_and_label(drv, [(-3, -3), (13, -3), (13, 3), (-3, 3)], 16, "bottom row")
+            lasso_and_label(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)], 16, "top row")
+            proc.send_signal(signal.SIGKILL)  # right after the last acknowledgement
+            proc.wait(timeout=10)
+    finally:
+        B.stop(proc)
+    on_disk = journal_labels(csv)
+    assert sum(v == "bottom row" for v in on_disk.values()) == 16
+    assert sum(v == "top row" for v in on_disk.values()) == 16
+    proc, url = B.launch(app_dir, csv)
+    try:
+        with B.chromium() as drv:
+            open_page(drv, url)
+            B.set_model(drv, "color_by", "value", "label")
+            assert legend_has(drv, "bottom row") and legend_has(drv, "top row")
+            counts = B.model_value(drv, "labels", "m.options.map(o => o[1])")
+            assert any(c.startswith("bottom row") and "(16)" in c for c in counts)
+            assert any(c.startswith("top row") and "(16)" in c for c in counts)
+    finally:
+        B.stop(proc)
+
+
+def test_two_tabs_see_each_others_labels_without_reload(data):
+    app_dir, csv = data
+    with B.serve(app_dir, csv) as url:
+        with B.chromium() as drv:
+            open_page(drv, url)
+            tab_a = drv.current_window_handle
+            drv.switch_to.new_window("window")
+            tab_b = drv.current_window_handle
+            open_page(drv, url)
+            B.set_model(drv, "color_by", "value", "label")
+            drv.execute_script("window.__loaded_at = performance.timeOrigin;")
+            drv.switch_to.window(tab_a)
+            lasso_and_label(drv, [(-3, 7), (3, 7), (3, 13), (-3, 13)], 8, "seen in B")
+            drv.switch_to.window(tab_b)
+            assert legend_has(drv, "seen in B")
+            assert drv.execute_script("return window.__loaded_at === performance.timeOrigin")  # no reload
+            # and back: B's change reaches A, A's label is still there
+            lasso_and_label(drv, [(7, 7), (13, 7), (13, 13), (7, 13)], 8, "seen in A")
+            drv.switch_to.window(tab_a)
+            B.set_model(drv, "color_by", "value", "label")
+            assert legend_has(drv, "seen in A") and legend_has(drv, "seen in B")
+    on_disk = journal_labels(csv)
+    assert sum(v == "seen in A" for v in on_disk.values()) == 8
+    assert sum(v == "seen in B" for v in on_disk.values()) == 8
+
+
+def test_recluster_swaps_the_map_and_back_restores_it(data):
+    app_dir, csv = data
+    with B.serve(app_dir, csv) as url:
+        with B.chromium() as drv:
+            open_page(drv, url)
+            B.lasso(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)])
+            wait_model(drv, "table_source", "m.data['_file'].length == 16")
+            B.set_model(drv, "tabs", "active", LABEL_TAB)
+            B.click_button(drv, "recluster")
+            wait_model(drv, "points", "m.data['x'].length == 16", timeout=120)
+            assert wait_model(drv, "breadcrumbs", "m.text.includes('sel')")
+            B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+            B.click_button(drv, "back")
+            wait_model(drv, "points", "m.data['x'].length == 35")
+            assert B.model_value(drv, "points", "m.selected.indices.length") == 16
