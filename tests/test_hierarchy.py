@@ -82,8 +82,9 @@ def test_noise_gets_its_own_sub_id_when_kept():
     assert all(s.startswith("7.") for s in res.sub_ids)
     assert {"7.1", "7.2"} <= set(res.sub_ids)
     assert all(s == "7.noise" or s[2:].isdigit() for s in res.sub_ids)
-    assert res.sub_ids[-3:] == ["7.noise"] * 3  # the three far-away images
+    # kept noise (label -1) and only kept noise reads "7.noise"
     assert -1 in res.labels
+    assert [s == "7.noise" for s in res.sub_ids] == [int(l) == -1 for l in res.labels]
 
 
 def test_structureless_selection_is_one_group_with_a_note():
