@@ -782,23 +782,41 @@ class AppState:
         """'Label similar': proposals for unlabelled images from labelled neighbours.
 
         Nothing is applied; returns the number of proposals (see :attr:`suggestions`)."""
+        plan = self.propose_plan()
+        if plan is None:
+            return 0
+        return self.propose_show(plan, self.propose_compute(plan, k, min_agreement), k, min_agreement)
+
+    def propose_plan(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows that may vote or get a proposal, their labels), or None (reason in the message)."""
         if self._features is None:
             self._refuse(f"cannot propose labels: {self._features_problem}")
-            return 0
-        from explorer.labels import DISCARD, propose_labels
+            return None
+        from explorer.labels import DISCARD
 
         labels = self.labels("label")
         rows = np.flatnonzero(labels != DISCARD)
         lab = labels[rows]
         if not (lab != "").any():
             self._refuse("label some images first: proposals come from labelled neighbours")
-            return 0
+            return None
+        return rows, lab
+
+    def propose_compute(self, plan: tuple[np.ndarray, np.ndarray], k: int = 10, min_agreement: float = 0.6) -> Any:
+        """The slow part (nearest labelled neighbours); safe in a thread. A DataFrame or the ValueError."""
+        from explorer.labels import propose_labels
+
+        rows, lab = plan
         try:
-            df = propose_labels(self.features(rows), lab.tolist(), k=k, min_agreement=min_agreement)
+            return propose_labels(self.features(rows), lab.tolist(), k=k, min_agreement=min_agreement)
         except ValueError as exc:
-            self._refuse(f"cannot propose labels: {exc}")
+            return exc
+
+    def propose_show(self, plan: tuple[np.ndarray, np.ndarray], df: Any, k: int = 10, min_agreement: float = 0.6) -> int:
+        if isinstance(df, Exception):
+            self._refuse(f"cannot propose labels: {df}")
             return 0
-        r = rows[df["index"].to_numpy(dtype=np.int64)]
+        r = plan[0][df["index"].to_numpy(dtype=np.int64)]
         self.suggestions = pd.DataFrame({
             "row": r,
             "file": [self.keys[i] for i in r],
@@ -867,22 +885,39 @@ class AppState:
     def recluster_selection(self, seed: int = 42) -> bool:
         """Cluster just the selected images again (their embeddings, no re-embedding) and
         show their own map; sub-cluster ids read ``3.1``, ``3.2``, ... ``3.noise``."""
+        plan = self.recluster_plan()
+        if plan is None:
+            return False
+        result = self.recluster_compute(*plan, seed=seed)
+        return self.recluster_show(*plan, result)
+
+    def recluster_plan(self) -> tuple[np.ndarray, str] | None:
+        """(rows, parent id) to re-cluster, or None (the reason is in the message)."""
         if self._features is None:
             self._refuse(f"cannot re-cluster: {self._features_problem}")
-            return False
-        rows = self.selection
+            return None
+        rows = self.selection.copy()
         if len(rows) < 2:
             self._refuse("select at least 2 images to re-cluster")
-            return False
-        from explorer.hierarchy import recluster
-
+            return None
         present = pd.unique(self.labels()[rows])
         parent = str(present[0]) if len(present) == 1 and present[0] != self.muted_value() else "sel"
-        parent = re.sub(r"\s+", "_", parent)[:60] or "sel"
+        return rows, re.sub(r"\s+", "_", parent)[:60] or "sel"
+
+    def recluster_compute(self, rows: np.ndarray, parent: str, seed: int = 42) -> Any:
+        """The slow part (UMAP + clustering); touches no session state (safe in a thread).
+        Returns a :class:`explorer.hierarchy.Recluster` or the ``ValueError`` raised."""
+        from explorer.hierarchy import recluster
+
         try:
-            rc = recluster(self.features(rows), parent, seed=seed)
+            return recluster(self.features(rows), parent, seed=seed)
         except ValueError as exc:
-            self._refuse(f"cannot re-cluster: {exc}")
+            return exc
+
+    def recluster_show(self, rows: np.ndarray, parent: str, rc: Any) -> bool:
+        """Swap the map to the re-clustered rows (a new drill-down level)."""
+        if isinstance(rc, Exception):
+            self._refuse(f"cannot re-cluster: {rc}")
             return False
         if self._base_valid is None:
             self._base_valid = self.valid.copy()
@@ -937,10 +972,14 @@ class AppState:
             if self._features is None:
                 self._refuse(f"no overview: {self._features_problem}")
                 return None
-            from explorer.hierarchy import build_hierarchy
-
-            self.tree = build_hierarchy(self.features(), branching=16, min_size=max(16, min(50, self.n_rows // 16)))
+            self.tree = self.overview_compute()
         return self.tree
+
+    def overview_compute(self) -> Any:
+        """Build the hierarchy (slow; touches no session state, safe in a thread)."""
+        from explorer.hierarchy import build_hierarchy
+
+        return build_hierarchy(self.features(), branching=16, min_size=max(16, min(50, self.n_rows // 16)))
 
     def open_group(self, group_id: str) -> bool:
         """Show group ``group_id`` (``root``, ``root-3``, ``3-14`` ...) in the overview."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -406,11 +407,11 @@ class AppView:
         self.redo.on_click(st.redo_labels)
         self.rename.on_click(lambda: st.rename_label(self.label_pick.value or "", self.rename_to.value or ""))
         self.merge.on_click(lambda: st.merge_labels(self.label_pick.value or "", self.rename_to.value or ""))
-        self.propose.on_click(lambda: st.propose())
+        self.propose.on_click(self._on_propose)
         self.accept_all.on_click(lambda: st.accept_suggestions(None))
         self.accept_sel.on_click(lambda: st.accept_suggestions(list(self.suggest_source.selected.indices)))
         self.reject.on_click(self._on_reject)
-        self.recluster.on_click(lambda: st.recluster_selection())
+        self.recluster.on_click(self._on_recluster)
         self.back.on_click(lambda: st.drill_up())
         self.top.on_click(lambda: st.drill_up(0))
         self.save_labels.on_click(self._on_save_labels)
@@ -424,6 +425,9 @@ class AppView:
         self.tag_value.on_change("value", self._on_tag_value)
         self.select_neighbours.on_click(st.select_neighbours)
         self._overview_open = False
+        self._busy = ""
+        #: the session's Document (set by build_document); slow work runs in a thread when served
+        self.doc: Any = None
 
     def _suggest_data(self) -> dict[str, Any]:
         sg = self.state.suggestions
@@ -437,11 +441,75 @@ class AppView:
         """Periodic: pick up label changes other sessions (tabs) wrote to the journal."""
         self.state.sync_labels()
 
+    def _background(self, what: str, compute: Callable[[], Any], finish: Callable[[Any], None]) -> None:
+        """Run ``compute`` in a worker thread when served (the server stays responsive for
+        every session), then ``finish(result)`` on the document's next tick; without a
+        server (tests, scripts) both run right away."""
+        doc = self.doc
+        if doc is None or doc.session_context is None:
+            finish(compute())
+            return
+        if self._busy:
+            self.state._refuse(f"still busy: {self._busy}")
+            return
+        self._busy = what
+        self.state._say(f"{what}... (the page stays usable)")
+        self.status.text = self._status_html()
+
+        def work() -> None:
+            try:
+                result = compute()
+            except Exception as exc:  # reported on the page, never lost in a thread
+                result = exc
+
+            def done() -> None:
+                self._busy = ""
+                if isinstance(result, Exception) and not isinstance(result, ValueError):
+                    self.state._refuse(f"{what} failed: {result}")
+                else:
+                    finish(result)
+
+            doc.add_next_tick_callback(done)
+
+        threading.Thread(target=work, name=f"explorer-{what}", daemon=True).start()
+
+    def _on_propose(self) -> None:
+        st = self.state
+        plan = st.propose_plan()
+        if plan is None:
+            return
+        self._background("finding label suggestions", lambda: st.propose_compute(plan), lambda df: st.propose_show(plan, df))
+
+    def _on_recluster(self) -> None:
+        st = self.state
+        plan = st.recluster_plan()
+        if plan is None:
+            return
+        self._background(
+            f"re-clustering {len(plan[0]):,} images",
+            lambda: st.recluster_compute(*plan),
+            lambda rc: st.recluster_show(*plan, rc),
+        )
+
     def _on_tab(self, attr: str, old: Any, new: int) -> None:
+        st = self.state
         if new == 2 and not self._overview_open:
             self._overview_open = True
-            if self.state.overview() is not None:
-                self.state.open_group("root")
+            if st.tree is not None:
+                st.open_group("root")
+                return
+            if not st.has_features:
+                st.overview()  # says why there is no overview
+                return
+
+            def finish(tree: Any) -> None:
+                if isinstance(tree, Exception):
+                    st._refuse(f"no overview: {tree}")
+                    return
+                st.tree = tree
+                st.open_group("root")
+
+            self._background("building the overview", st.overview_compute, finish)
 
     def _on_group(self, i: int) -> None:
         groups = self.state.overview_groups()
@@ -791,6 +859,7 @@ def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = (
         error_page(doc, route, f"{route}: cannot show the images", str(exc))
         return None
     view = AppView(state)
+    view.doc = doc
     doc.add_root(view.layout)
     if state.book is not None and state.book.journal is not None:
         doc.add_periodic_callback(view.poll, 1000)
