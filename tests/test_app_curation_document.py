@@ -192,3 +192,14 @@ def test_no_features_keeps_the_app_working(app):
     assert "distance" not in w(doc, "grid").text
     w(doc, "tabs").active = 2
     assert "features.npy" in w(doc, "status").text
+
+
+def test_joined_metadata_shows_in_the_table(app):
+    doc = make_doc(app)
+    upload = w(doc, "meta_file")
+    upload.set_from_json("filename", "m.json")
+    upload.set_from_json("value", base64.b64encode(b'[{"file": "cat_001.jpg", "season": "summer"}]').decode())
+    click(w(doc, "meta_join"))
+    assert "season" in [c.title for c in w(doc, "table").columns]
+    w(doc, "color_by").value = "season"
+    assert "summer" in w(doc, "legend").text

@@ -299,3 +299,26 @@ def test_selection_save_carries_current_labels(app):
     res = st.export("sel")
     out = pd.read_csv(res.csv)
     assert set(out["label"]) == {"launch"}
+
+
+def test_a_failed_journal_write_is_reported_and_changes_nothing(app, monkeypatch):
+    st = open_state(app)
+    before = st.labels("label").copy()
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st.book.journal, "append", full_disk)
+    st.select(rows_of(st, 0))
+    assert not st.apply_label("lost?")
+    assert st.message[0] == "error" and "NOT saved" in st.message[1] and "saved:" not in st.message[1]
+    assert (st.labels("label") == before).all()
+
+
+def test_an_unreadable_journal_is_a_problem_not_a_crash(app):
+    sidecar(app[1], "labels.jsonl").mkdir()  # a folder where the journal should be
+    st = open_state(app)
+    assert any("NOT be saved" in p for p in st.problems)
+    st.select(rows_of(st, 0))
+    assert st.apply_label("kept in memory")
+    assert st.message[0] == "warning" and "NOT saved" in st.message[1]

@@ -690,8 +690,10 @@ class AppState:
             self._emit("message")
             return False
         journal = self.book.journal
-        where = f" to {journal.path.name}" if journal is not None else " (in memory only)"
-        self._say(f"saved: {done}{where}")
+        if journal is None:
+            self._say(f"{done} (in memory only: NOT saved, there is no journal)", "warning")
+        else:
+            self._say(f"saved: {done} to {journal.path.name}")
         self._labels_changed()
         return True
 

@@ -275,6 +275,22 @@ class AppView:
         return f"<div class='ex-title'>{' &middot; '.join(parts)}</div>"
 
     def _make_table(self) -> tuple[ColumnDataSource, DataTable]:
+        cols = self._table_columns()
+        source = ColumnDataSource(data=self._table_data(np.zeros(0, dtype=np.int64)), name="table_source")
+        table = DataTable(
+            name="table",
+            source=source,
+            columns=cols,
+            width=PLOT_WIDTH + SIDEBAR_WIDTH,
+            height=360,
+            row_height=50,
+            index_position=None,
+            selectable=False,
+        )
+        return source, table
+
+    def _table_columns(self) -> list[TableColumn]:
+        """The DataTable's columns (every column of the table, joined metadata included)."""
         st = self.state
         cols = [
             TableColumn(
@@ -303,18 +319,7 @@ class AppView:
             else:
                 fmt = StringFormatter()
             cols.append(TableColumn(field=field, title=str(name), formatter=fmt, width=90))
-        source = ColumnDataSource(data=self._table_data(np.zeros(0, dtype=np.int64)), name="table_source")
-        table = DataTable(
-            name="table",
-            source=source,
-            columns=cols,
-            width=PLOT_WIDTH + SIDEBAR_WIDTH,
-            height=360,
-            row_height=50,
-            index_position=None,
-            selectable=False,
-        )
-        return source, table
+        return cols
 
     def _table_data(self, rows: np.ndarray) -> dict[str, Any]:
         st = self.state
@@ -590,6 +595,9 @@ class AppView:
             none = len(st.suggestions) == 0
             self.accept_all.disabled = self.accept_sel.disabled = self.reject.disabled = none
         if "columns" in what:
+            if [f for f, _ in self._table_fields] != [f"c{i}" for i, c in enumerate(st.table.columns) if c != "label"]:
+                self.table.columns = self._table_columns()
+                self.table_source.data = self._table_data(st.selection)
             self.color_by.options = st.label_columns()
             tags = st.tag_columns()
             self.tag_column.options = [""] + tags
