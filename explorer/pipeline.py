@@ -177,7 +177,11 @@ def build(
     t_start = time.perf_counter()
 
     with stage("discover"):
-        paths = images_mod.discover(root)
+        if console is not None:
+            with console.status(f"Looking for images in {root} ..."):
+                paths = images_mod.discover(root)
+        else:
+            paths = images_mod.discover(root)
     if not paths:
         raise BuildError(f"no images found in {root} (looked for "
                          f"{', '.join(sorted(images_mod.IMAGE_EXTENSIONS))})")
@@ -221,7 +225,6 @@ def build(
                 paths, model=model or embed_mod.DEFAULT_MODEL, checkpoint=checkpoint,
                 batch_size=batch_size or 8, cache=cache, thumb_size=thumb_size,
                 on_thumbnail=on_thumbnail, need_thumbnail=need_thumbnail, progress=progress,
-                jit=len(paths) >= 256,  # tracing costs more than it saves on small folders
             )
         ok = np.asarray(res.ok, dtype=int)
         feats = np.asarray(res.embeddings, dtype=np.float32)
