@@ -96,10 +96,10 @@ def _group_keys(df: pd.DataFrame, by: str) -> list[str | None]:
     return [v if v else None for v in lab]
 
 
-def _folder_names(keys: list[str]) -> dict[str, str]:
-    """Map each label to a distinct safe folder name (never 'outliers' / 'sample')."""
+def folder_names(keys: list[str], reserved=(OUTLIERS, SAMPLE, MANIFEST)) -> dict[str, str]:
+    """Map each label to a distinct safe folder name, none of them one of ``reserved``."""
     out: dict[str, str] = {}
-    used = {OUTLIERS.lower(), SAMPLE.lower(), MANIFEST.lower()}
+    used = {r.lower() for r in reserved}
     for k in keys:
         base = safe_name(k, default="label")
         name, n = base, 2
@@ -110,7 +110,8 @@ def _folder_names(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _unique_file(folder_used: set[str], rel: str) -> str:
+def unique_file(folder_used: set[str], rel: str) -> str:
+    """A safe file name for ``rel`` not yet in ``folder_used`` (lower-cased names); adds it."""
     base = safe_name(PurePosixPath(rel).name, default="image")
     if base.lower() not in folder_used:
         folder_used.add(base.lower())
@@ -144,7 +145,8 @@ def _sample_rows(groups: dict[str, list[int]], frac: float, seed: int) -> dict[s
     return out
 
 
-def _resolve_source(root: Path, rel: str) -> Path | None:
+def resolve_source(root: Path, rel: str) -> Path | None:
+    """The source file of ``rel`` inside ``root``; None if it would leave ``root``."""
     p = Path(rel)
     src = p if p.is_absolute() else root / p
     try:
@@ -204,7 +206,7 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
         folder_of: dict[str | None, str] = {k: k for k in keys}
     else:
         keys.sort()
-        folder_of = dict(_folder_names(keys))
+        folder_of = dict(folder_names(keys))
     folder_of[None] = OUTLIERS
     row_folder = [folder_of[k] for k in raw]
 
@@ -214,7 +216,7 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
     plan: list[tuple[int, str, str]] = []  # (row, folder, file)
     groups: dict[str, list[int]] = {}
     for r, (rel, folder) in enumerate(zip(paths, row_folder)):
-        name = _unique_file(used.setdefault(folder, set()), rel)
+        name = unique_file(used.setdefault(folder, set()), rel)
         plan.append((r, folder, name))
         groups.setdefault(folder, []).append(r)
     file_of = {r: (folder, name) for r, folder, name in plan}
@@ -245,7 +247,7 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
         rel = paths[r]
         if r in bad_rows:
             continue
-        src = _resolve_source(root, rel)
+        src = resolve_source(root, rel)
         if src is None or not src.is_file():
             bad_rows.add(r)
             if src is None:

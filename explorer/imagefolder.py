@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from explorer.export import safe_name
+from explorer.export import folder_names, resolve_source, safe_name, unique_file
 from explorer.labels import DISCARD
 from explorer.progress import track
 from explorer.table import order_columns
@@ -51,48 +51,6 @@ IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif
 LABELS_CSV = "labels.csv"
 #: folder for unlabelled images when ``skip_unlabelled=False``
 UNLABELLED = "unlabelled"
-
-
-def _resolve(root: Path, rel: str) -> Path | None:
-    """The source file of ``rel`` inside ``root``; None if it would leave ``root``."""
-    p = Path(rel)
-    src = p if p.is_absolute() else root / p
-    try:
-        resolved = src.resolve()
-        resolved.relative_to(root.resolve())
-    except (ValueError, OSError, RuntimeError):
-        return None
-    return resolved
-
-
-def _class_folders(labels: list[str]) -> dict[str, str]:
-    used = {LABELS_CSV.lower()}
-    out: dict[str, str] = {}
-    for lab in labels:
-        base = safe_name(lab, default="label")
-        name, i = base, 2
-        while name.lower() in used:
-            name, i = f"{base}-{i}", i + 1
-        used.add(name.lower())
-        out[lab] = name
-    return out
-
-
-def _file_name(used: set[str], rel: str) -> str:
-    base = safe_name(PurePosixPath(rel.replace("\\", "/")).name, default="image")
-    if base.lower() not in used:
-        used.add(base.lower())
-        return base
-    stem, dot, ext = base.rpartition(".")
-    if not dot:
-        stem, ext = base, ""
-    i = 2
-    while True:
-        name = f"{stem}-{i}.{ext}" if ext else f"{stem}-{i}"
-        if name.lower() not in used:
-            used.add(name.lower())
-            return name
-        i += 1
 
 
 def export_imagefolder(
@@ -165,7 +123,7 @@ def export_imagefolder(
         if not rel:
             missing.append(rel)
             continue
-        src = _resolve(root, rel)
+        src = resolve_source(root, rel)
         if src is None:
             outside.append(rel)
         elif not src.is_file():
@@ -184,7 +142,7 @@ def export_imagefolder(
             "no labelled image to export" + (f" ({', '.join(why)})" if why else "")
         )
 
-    folders = _class_folders(list(dict.fromkeys(lab for _, lab, _ in plan)))
+    folders = folder_names(list(dict.fromkeys(lab for _, lab, _ in plan)), reserved=(LABELS_CSV,))
     used: dict[str, set[str]] = {f: set() for f in folders.values()}
     export_path = [""] * len(df)
     writes: list[tuple[Path, str]] = []
@@ -193,7 +151,7 @@ def export_imagefolder(
     classes: dict[str, int] = {}
     for pos, lab, src in plan:
         folder = folders[lab]
-        name = _file_name(used[folder], paths[pos])
+        name = unique_file(used[folder], paths[pos])
         if name != safe_name(PurePosixPath(paths[pos]).name, default="image"):
             renamed += 1
         arc = f"{folder}/{name}"

@@ -63,7 +63,7 @@ def test_folder_export_loads_with_torchvision(image_root, tmp_path):
     assert summary["skipped_unlabelled"] == 1 and summary["skipped_discard"] == 1
     assert summary["renamed"] == 1  # the second chelsea.jpg
     assert sorted(p.name for p in (tmp_path / "out" / "cat").iterdir()) == [
-        "chelsea-2.jpg", "chelsea.jpg",
+        "b__chelsea.jpg", "chelsea.jpg",  # the second one keeps its folder in its name
     ]
     csv = pd.read_csv(tmp_path / "out" / LABELS_CSV, keep_default_na=False)
     assert len(csv) == 4 and set(csv["label"]) == {"cat", "drink", "person"}
