@@ -50,6 +50,8 @@ from explorer.table import SchemaError
 
 #: the DataTable shows at most this many selected rows (Save writes all of them)
 TABLE_LIMIT = 2000
+#: the suggestions table shows at most this many (most confident first)
+SUGGEST_LIMIT = 2000
 #: thumbnails per page of the selection grid
 GRID_PAGE = 40
 PLOT_WIDTH, PLOT_HEIGHT = 760, 620
@@ -435,7 +437,8 @@ class AppView:
         self.doc: Any = None
 
     def _suggest_data(self) -> dict[str, Any]:
-        sg = self.state.suggestions
+        # the most confident first; Accept all applies every one, shown or not
+        sg = self.state.suggestions.head(SUGGEST_LIMIT)
         return {
             "file": [p[max(p.rfind("/"), 0) + (1 if "/" in p else 0):] for p in sg["file"].tolist()],
             "proposed_label": sg["proposed_label"].tolist(),
