@@ -224,6 +224,10 @@ def coerce(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             continue
         if kind == "str":
             df[col] = df[col].fillna("").astype(str)
+        elif kind == "float" and df[col].dtype.kind in "fiu":
+            df[col] = df[col].astype(float)
+        elif kind == "int" and df[col].dtype.kind in "iu":
+            pass
         elif kind == "float":
             blank = df[col].isna() | (df[col].astype(str).str.strip() == "")
             vals = pd.to_numeric(df[col], errors="coerce")
@@ -258,7 +262,12 @@ def read_table(path: str | os.PathLike, strict: bool = True) -> pd.DataFrame:
     if not path.is_file():
         raise SchemaError(f"CSV not found: {path}")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        header = pd.read_csv(path, nrows=0).columns
+        numeric = {c for c, kind in COLUMNS.items() if kind in ("int", "float")}
+        # text columns stay text exactly as written ("007" stays "007"); known numeric
+        # columns go through pandas' fast parser and are only coerced here when they hold junk
+        raw = pd.read_csv(path, dtype={c: str for c in header if c not in numeric},
+                          keep_default_na=False, na_values={c: [""] for c in numeric})
     except pd.errors.EmptyDataError:
         raw = pd.DataFrame(columns=list(REQUIRED_COLUMNS))
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

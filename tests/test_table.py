@@ -91,3 +91,15 @@ def test_hostile_strings_survive_roundtrip(tmp_path):
     p = table.write_table(df, tmp_path / "t.csv")
     assert table.read_table(p)["path"][0] == df["path"][0]
     assert isinstance(pd.read_csv(p), pd.DataFrame)
+
+
+def test_text_columns_keep_their_exact_text_and_junk_numbers_are_reported(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("path,image,x,y,cluster,probability,outlier_score,width,height,zip\n"
+                 "007.jpg,i,1,2,3,0.5,0.1,10,20,007\n"
+                 "b.jpg,i,1,oops,x,0.5,0.1,10,20,\n")
+    df = table.read_table(p, strict=False)
+    assert df["path"].tolist() == ["007.jpg", "b.jpg"] and df["zip"].tolist() == ["007", ""]
+    assert df["cluster"].tolist() == [3, -1] and np.isnan(df["y"][1])
+    problems = " ".join(df.attrs["problems"])
+    assert "'y'" in problems and "'cluster'" in problems
