@@ -45,11 +45,13 @@ def launch(
     cwd: str | os.PathLike | None = None,
     timeout: float = 60.0,
     extra_args: Sequence[str] = (),
+    warm_up: bool = False,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``bokeh serve APP --args CSV`` on a free port and wait until the app answers.
 
     Returns ``(process, app URL)``; the caller stops the process (tests may SIGKILL it).
-    The server's output goes to ``process.log`` (a temporary file).
+    The server's output goes to ``process.log`` (a temporary file). ``warm_up=False`` skips
+    the app's background numba warm-up (app_hooks.py) so short-lived servers stay light.
     """
     port = free_port()
     cmd = [
@@ -60,7 +62,10 @@ def launch(
     if csv is not None:
         cmd += ["--args", str(csv)]
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if not warm_up:
+        env["EXPLORER_NO_WARMUP"] = "1"
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}/{Path(app_dir).resolve().name}"
     try:
