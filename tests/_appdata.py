@@ -162,3 +162,27 @@ def make_big_csv(root: str | Path, n: int, name: str = "big", seed: int = 0) -> 
     csv = root / f"{name}.csv"
     write_table(df, csv)
     return app_dir, csv
+
+
+# --------------------------------------------------------------------------- Document helpers
+def widget(doc, name):
+    """The model called ``name`` in a Bokeh Document (fails the test if there is none)."""
+    model = doc.select_one({"name": name})
+    assert model is not None, f"no model named {name!r}"
+    return model
+
+
+def click(model):
+    """Press a Bokeh Button as the browser would."""
+    from bokeh.events import ButtonClick
+
+    model._trigger_event(ButtonClick(model))
+
+
+def plot_positions(doc, cluster):
+    """Positions in the map's source of the rows of ``cluster``."""
+    import numpy as np
+
+    view = doc.explorer_view
+    rows = np.flatnonzero(view.state.labels("cluster") == str(cluster))
+    return np.searchsorted(view.plot_rows, rows).tolist()

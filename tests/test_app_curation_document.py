@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bokeh.events import ButtonClick
 from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import make_app  # noqa: E402
+from _appdata import click, plot_positions as plot_indices, widget as w, make_app  # noqa: E402
 
 from explorer.table import sidecar  # noqa: E402
 
@@ -46,20 +45,7 @@ def make_doc(app):
     return application.create_document()
 
 
-def w(doc, name):
-    model = doc.select_one({"name": name})
-    assert model is not None, f"no model named {name!r}"
-    return model
 
-
-def click(model):
-    model._trigger_event(ButtonClick(model))
-
-
-def plot_indices(doc, cluster):
-    view = doc.explorer_view
-    rows = np.flatnonzero(view.state.labels("cluster") == str(cluster))
-    return np.searchsorted(view.plot_rows, rows).tolist()
 
 
 def test_curation_widgets_are_there_in_tabs(app):

@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from bokeh.command.util import build_single_handler_application
-from bokeh.events import ButtonClick
 from bokeh.models import LassoSelectTool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+from _appdata import click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 from explorer.table import read_table, sidecar  # noqa: E402
 
@@ -50,20 +49,7 @@ def doc(app):
     return make_doc(app[0], [app[1]])
 
 
-def w(doc, name):
-    model = doc.select_one({"name": name})
-    assert model is not None, f"no model named {name!r}"
-    return model
 
-
-def click(model):
-    model._trigger_event(ButtonClick(model))
-
-
-def plot_index_of(doc, cluster):
-    view = doc.explorer_view
-    rows = np.flatnonzero(view.state.labels("cluster") == str(cluster))
-    return np.searchsorted(view.plot_rows, rows).tolist()
 
 
 def test_every_widget_is_there(doc):

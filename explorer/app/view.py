@@ -566,11 +566,15 @@ class AppView:
             st.message = ("error", f"not saved: {exc}")
             self.status.text = self._status_html()
             return
-        self._links = result.downloads
+        self._offer_downloads(result.downloads)
+
+    def _offer_downloads(self, downloads: list[tuple[str, str]]) -> None:
+        """Show links to saved files and hand them to the browser as downloads."""
+        self._links = downloads
         self.status.text = self._status_html()
         self.downloads.data = {
-            "url": [u for _, u in result.downloads],
-            "filename": [n for n, _ in result.downloads],
+            "url": [u for _, u in downloads],
+            "filename": [n for n, _ in downloads],
         }
 
     def _render_tags(self) -> None:
@@ -830,12 +834,7 @@ class AppView:
             st.message = ("error", f"saving failed: {exc}")
             self.status.text = self._status_html()
             return
-        self._links = result.downloads
-        self.status.text = self._status_html()
-        self.downloads.data = {
-            "url": [u for _, u in result.downloads],
-            "filename": [n for n, _ in result.downloads],
-        }
+        self._offer_downloads(result.downloads)
 
 
 # --------------------------------------------------------------------------- document
