@@ -186,3 +186,15 @@ def plot_positions(doc, cluster):
     view = doc.explorer_view
     rows = np.flatnonzero(view.state.labels("cluster") == str(cluster))
     return np.searchsorted(view.plot_rows, rows).tolist()
+
+
+def copy_app(app_dir: Path, csv: Path, dest: Path, sidecars=("run.json",)):
+    """A private copy (exports write into it) of an app, its CSV and the CSV's sidecar files."""
+    import shutil
+
+    from explorer.table import sidecar
+
+    shutil.copytree(app_dir, dest / app_dir.name)
+    for f in [csv, *(sidecar(csv, kind) for kind in sidecars)]:
+        shutil.copy(f, dest / f.name)
+    return dest / app_dir.name, dest / csv.name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, plot_positions as plot_indices, widget as w, make_app  # noqa: E402
+from _appdata import copy_app, click, plot_positions as plot_indices, widget as w, make_app  # noqa: E402
 
 from explorer.table import sidecar  # noqa: E402
 
@@ -32,12 +31,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def app(built, tmp_path):
-    app_dir, csv = built
-    shutil.copytree(app_dir, tmp_path / app_dir.name)
-    for kind in (None, "run.json", "features.npy"):
-        src = csv if kind is None else sidecar(csv, kind)
-        shutil.copy(src, tmp_path / src.name)
-    return tmp_path / app_dir.name, tmp_path / csv.name
+    return copy_app(*built, tmp_path, sidecars=("run.json", "features.npy"))
 
 
 def make_doc(app):

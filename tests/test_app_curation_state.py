@@ -4,7 +4,6 @@ neighbours, re-cluster drill-down, overview, metadata, labelled save / ImageFold
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import make_app  # noqa: E402
+from _appdata import copy_app, make_app  # noqa: E402
 
 from explorer.app.state import AppState  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
@@ -27,12 +26,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def app(built, tmp_path):
-    app_dir, csv = built
-    shutil.copytree(app_dir, tmp_path / app_dir.name)
-    for kind in (None, "run.json", "features.npy"):
-        src = csv if kind is None else sidecar(csv, kind)
-        shutil.copy(src, tmp_path / src.name)
-    return tmp_path / app_dir.name, tmp_path / csv.name
+    return copy_app(*built, tmp_path, sidecars=("run.json", "features.npy"))
 
 
 def open_state(app) -> AppState:

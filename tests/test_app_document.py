@@ -13,7 +13,7 @@ from bokeh.command.util import build_single_handler_application
 from bokeh.models import LassoSelectTool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 from explorer.table import read_table, sidecar  # noqa: E402
 
@@ -31,12 +31,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def app(built, tmp_path):
-    app_dir, csv = built
-    root = tmp_path / "copy"
-    shutil.copytree(app_dir, root / app_dir.name)
-    shutil.copy(csv, root / csv.name)
-    shutil.copy(sidecar(csv, "run.json"), root / sidecar(csv, "run.json").name)
-    return root / app_dir.name, root / csv.name
+    return copy_app(*built, tmp_path / "copy")
 
 
 def make_doc(app_dir, argv):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+from _appdata import copy_app, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 from explorer.app import AppState, ExportError, check_export_name  # noqa: E402
 from explorer.app.state import MUTED_COLOR, PALETTE, thumb_url  # noqa: E402
@@ -29,12 +29,7 @@ def built(tmp_path_factory):
 @pytest.fixture
 def app(built, tmp_path):
     """A private copy of the app (exports write into it) and the original image folder."""
-    app_dir, csv = built
-    root = tmp_path / "copy"
-    shutil.copytree(app_dir, root / app_dir.name)
-    shutil.copy(csv, root / csv.name)
-    shutil.copy(sidecar(csv, "run.json"), root / sidecar(csv, "run.json").name)
-    return root / app_dir.name, root / csv.name
+    return copy_app(*built, tmp_path / "copy")
 
 
 @pytest.fixture
