@@ -34,5 +34,11 @@ def test_warm_up_starts_in_background_unless_switched_off(monkeypatch):
     assert started == [("_warm_up", "explorer-warm-up", True), "start"]
 
 
-def test_demo_has_the_same_hooks_as_the_template():
-    assert (ROOT / "demo" / "app_hooks.py").read_text() == (ROOT / "app_files" / "app_hooks.py").read_text()
+def test_demo_app_is_an_up_to_date_copy_of_the_template():
+    """demo/ is what `explorer build --app demo` installs from app_files/: no stale copies."""
+    template = ROOT / "app_files"
+    files = [p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert any(p.name == "app_hooks.py" for p in files)
+    for src in files:
+        copy = ROOT / "demo" / src.relative_to(template)
+        assert copy.is_file() and copy.read_bytes() == src.read_bytes(), f"demo is stale: {copy}"
