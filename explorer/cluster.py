@@ -64,6 +64,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from explorer._checks import as_matrix
+
 #: the methods :func:`cluster` accepts
 METHODS: tuple[str, ...] = ("hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto")
 
@@ -145,18 +147,7 @@ class ClusterResult:
 
 # =========================================================================== validation
 def _check_Z(Z: Any) -> np.ndarray:
-    try:
-        Z = np.asarray(Z, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"Z must be a numeric array of shape (N, d); {exc}") from exc
-    if Z.ndim == 1 and Z.size == 0:
-        Z = Z.reshape(0, 0)
-    if Z.ndim != 2:
-        raise ValueError(f"Z must be a 2-D array of shape (N, d); got shape {Z.shape}")
-    if Z.size and not np.isfinite(Z).all():
-        bad = int((~np.isfinite(Z)).any(axis=1).sum())
-        raise ValueError(f"Z has {bad} row(s) with NaN or infinite values")
-    return Z
+    return as_matrix(Z, "Z", np.float64, cols="d")
 
 
 def _int_param(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
+from explorer._checks import as_matrix
+
 __all__ = [
     "NOISE",
     "MIN_RECLUSTER",
@@ -51,16 +53,7 @@ APPROX_NEIGHBOURS_FROM = 400
 
 # ---------------------------------------------------------------------- helpers
 def _check_embeddings(X, name: str = "embeddings") -> np.ndarray:
-    try:
-        X = np.asarray(X, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric array of shape (n, dim): {exc}") from exc
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n, dim), got shape {X.shape}")
-    if X.size and not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        raise ValueError(f"{name} has {bad} row(s) with NaN or infinite values")
-    return X
+    return as_matrix(X, name, np.float32, cols="dim", empty_1d_ok=False)
 
 
 def _check_seed(seed) -> int:

@@ -45,6 +45,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from explorer._checks import as_matrix
+
 #: below this many points the embedding is PCA, not UMAP
 MIN_UMAP_POINTS = 16
 
@@ -71,21 +73,7 @@ class Reduction(NamedTuple):
 
 # --------------------------------------------------------------------------- validation
 def _check_X(X: Any) -> np.ndarray:
-    try:
-        X = np.asarray(X, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"X must be a numeric array of shape (N, D); {exc}") from exc
-    if X.ndim == 1 and X.size == 0:
-        X = X.reshape(0, 0)
-    if X.ndim != 2:
-        raise ValueError(f"X must be a 2-D array of shape (N, D); got shape {X.shape}")
-    if X.size and not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        raise ValueError(
-            f"X has {bad} row(s) with NaN or infinite values; "
-            "fix or drop them before reducing"
-        )
-    return X
+    return as_matrix(X, "X", np.float32, nan_hint="; fix or drop them before reducing")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -1,0 +1,30 @@
+"""Parameter checks shared by the estimators (umap-learn / hdbscan style ValueErrors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def as_matrix(a: Any, name: str, dtype, *, cols: str = "D", nan_hint: str = "",
+              empty_1d_ok: bool = True) -> np.ndarray:
+    """``a`` as a finite 2-D ``dtype`` array of shape (N, cols).
+
+    With ``empty_1d_ok`` an empty 1-D input is taken as shape (0, 0).
+
+    Raises ``ValueError`` naming ``name`` for non-numeric input, the wrong number of
+    dimensions, or rows with NaN/inf (``nan_hint`` is appended to that message).
+    """
+    try:
+        a = np.asarray(a, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric array of shape (N, {cols}); {exc}") from exc
+    if empty_1d_ok and a.ndim == 1 and a.size == 0:
+        a = a.reshape(0, 0)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (N, {cols}); got shape {a.shape}")
+    if a.size and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).any(axis=1).sum())
+        raise ValueError(f"{name} has {bad} row(s) with NaN or infinite values{nan_hint}")
+    return a
