@@ -1075,21 +1075,12 @@ class AppState:
         """Write every row with its current label as ``exports/NAME.csv`` and, with
         ``imagefolder``, ``exports/NAME.zip``: one folder per label (ImageFolder layout;
         unlabelled and discarded images left out). NAME.csv itself is never touched."""
-        if self.app_dir is None:
-            raise ExportError("this session has no app folder to save into")
-        stem = check_export_name(name)
+        stem = self._export_stem(name)
         if imagefolder and self.image_dir is None:
             raise ExportError("the original images were not found (see the warning above): no ImageFolder zip")
         df = self.labelled()
-        csv, zp = self._reserve(stem, imagefolder)
-        result = SaveResult(rows=len(df))
-        try:
-            write_table(df, csv)
-        except BaseException:
-            csv.unlink(missing_ok=True)
-            raise
-        result.csv = csv
-        parts = [f"saved {len(df):,} row(s) with labels to {csv.name}"]
+        result, zp = self._write_export_csv(stem, df, imagefolder)
+        parts = [f"saved {len(df):,} row(s) with labels to {result.csv.name}"]
         if zp is not None:
             from explorer.imagefolder import export_imagefolder
 
@@ -1102,13 +1093,7 @@ class AppState:
                 result.originals = int(summary.get("images", 0))
                 result.missing = list(summary.get("missing", []))
                 parts.append(f"{result.originals:,} image(s) in {len(summary.get('classes', {}))} class folder(s) to {result.zip.name}")
-        for f in (result.csv, result.zip):
-            if f is not None:
-                result.downloads.append((f.name, self._publish(f)))
-        result.message = "; ".join(parts) + f" (in {self.exports_dir})"
-        self._say(result.message)
-        self._emit("message")
-        return result
+        return self._finish_export(result, parts)
 
     # ------------------------------------------------------------------ files
     def thumb_url(self, value: str) -> str:
@@ -1178,27 +1163,15 @@ class AppState:
         Raises :class:`ExportError` (with a message for the person) when nothing is
         selected, the name is refused or the app has no folder to save into.
         """
-        if self.app_dir is None:
-            raise ExportError("this session has no app folder to save into")
-        stem = check_export_name(name)
+        stem = self._export_stem(name)
         if len(self.selection) == 0:
             raise ExportError("nothing selected: nothing saved")
         rows = self.selected_table()
-        csv, zp = self._reserve(stem, images)
-        result = SaveResult(rows=len(rows))
-        try:
-            write_table(rows, csv)
-        except BaseException:
-            csv.unlink(missing_ok=True)
-            raise
-        result.csv = csv
+        result, zp = self._write_export_csv(stem, rows, images)
         if zp is not None:
             self._write_zip(rows, zp, result, progress=progress)
             result.zip = zp
-        for f in (result.csv, result.zip):
-            if f is not None:
-                result.downloads.append((f.name, self._publish(f)))
-        parts = [f"saved {result.rows:,} row(s) to {csv.name}"]
+        parts = [f"saved {result.rows:,} row(s) to {result.csv.name}"]
         if result.zip is not None:
             what = f"{result.originals:,} original image(s)"
             if result.thumbnails:
@@ -1206,6 +1179,31 @@ class AppState:
             parts.append(f"{what} to {result.zip.name}")
             if result.missing:
                 parts.append(f"{len(result.missing):,} image(s) found neither as original nor thumbnail")
+        return self._finish_export(result, parts)
+
+    def _export_stem(self, name: str) -> str:
+        """The checked file stem for an export (ExportError if refused or nowhere to save)."""
+        if self.app_dir is None:
+            raise ExportError("this session has no app folder to save into")
+        return check_export_name(name)
+
+    def _write_export_csv(self, stem: str, df: pd.DataFrame, with_zip: bool) -> tuple[SaveResult, Path | None]:
+        """Claim free export names and write ``df`` as the CSV; returns the result and the zip path."""
+        csv, zp = self._reserve(stem, with_zip)
+        result = SaveResult(rows=len(df))
+        try:
+            write_table(df, csv)
+        except BaseException:
+            csv.unlink(missing_ok=True)
+            raise
+        result.csv = csv
+        return result, zp
+
+    def _finish_export(self, result: SaveResult, parts: list[str]) -> SaveResult:
+        """Offer the written files as downloads and tell the person what was saved."""
+        for f in (result.csv, result.zip):
+            if f is not None:
+                result.downloads.append((f.name, self._publish(f)))
         result.message = "; ".join(parts) + f" (in {self.exports_dir})"
         self._say(result.message)
         self._emit("message")
