@@ -59,3 +59,9 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
+
+
+def test_make_demo_passes_server_options_before_args():
+    # bokeh serve hands everything after --args to the app: a --port there would be ignored
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if "bokeh serve" in ln)
+    assert line.rstrip().endswith("--args demo.csv") and "--port" in line
