@@ -38,6 +38,7 @@ __all__ = [
     "resolve_under",
     "check_image_root",
     "image_root_from_run",
+    "require_image_root",
     "is_app_relative_url",
     "system_folder_reason",
     "IMAGE_SUFFIXES",
@@ -260,30 +261,42 @@ def image_root_from_run(csv_path: str | os.PathLike,
     system folder, the home folder) stops the search: the record is hostile or broken, and
     no other folder it names is used. ``run`` is the parsed record when the caller has it.
     """
+    try:
+        return require_image_root(csv_path, run), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def require_image_root(csv_path: str | os.PathLike, run: dict | None = None) -> Path:
+    """:func:`image_root_from_run` for callers that want exceptions: the checked root, or
+    :class:`UnsafePath` (reason ``"bad_root"``) when the record names a folder that exists
+    but is refused, or a plain ``ValueError`` when the record is missing, unreadable or names
+    no folder that exists."""
     csv_path = Path(csv_path)
     name = _run_record_name(csv_path).name
     if run is None:
         record_path = _run_record_name(csv_path)
         if not record_path.is_file():
-            return None, f"no run record {name}, so the original images are not known"
+            raise ValueError(f"no run record {name}, so the original images are not known")
         try:
             if record_path.stat().st_size > 16 << 20:
-                return None, f"{name} is larger than 16 MiB; not read"
+                raise ValueError(f"{name} is larger than 16 MiB; not read")
             run = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return None, f"cannot read {name} ({exc})"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {name} ({exc})") from None
     if not isinstance(run, dict):
-        return None, f"{name} is not a JSON object"
+        raise ValueError(f"{name} is not a JSON object")
     candidates: list[tuple[str, Any]] = [
         (k, run.get(k)) for k in ("image_dir_from_csv", "image_dir") if run.get(k)
     ]
     if not candidates:
-        return None, f"{name} names no image folder (image_dir_from_csv / image_dir)"
+        raise ValueError(f"{name} names no image folder (image_dir_from_csv / image_dir)")
     base = csv_path.resolve().parent
     not_found: list[str] = []
     for key, value in candidates:
         if not isinstance(value, str):
-            return None, f"{name}: {key} is not text ({type(value).__name__}); refused"
+            raise UnsafePath(f"{name}: {key} is not text ({type(value).__name__}); refused",
+                             reason="bad_root", path=repr(value))
         if key == "image_dir_from_csv":
             text = value.replace("\\", "/") if os.sep == "/" else value
             cand = Path(text) if Path(text).is_absolute() else base / text
@@ -292,12 +305,13 @@ def image_root_from_run(csv_path: str | os.PathLike,
             if not cand.is_absolute():
                 cand = base / value
         try:
-            return check_image_root(cand), None
+            return check_image_root(cand)
         except UnsafePath as exc:
             if os.path.isdir(cand):
-                return None, f"{name}: {key} {value!r} refused: {_why(exc)}"
+                raise UnsafePath(f"{name}: {key} {value!r} refused: {_why(exc)}",
+                                 reason="bad_root", path=value) from None
             not_found.append(f"{key} {value!r}")
-    return None, f"{name}: image folder not found ({'; '.join(not_found)})"
+    raise ValueError(f"{name}: image folder not found ({'; '.join(not_found)})")
 
 
 def _why(exc: UnsafePath) -> str:

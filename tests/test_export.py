@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from explorer.export import export_folders, parse_sample, safe_name
+from explorer.exports import export_folders, parse_sample, safe_name
 
 
 def _files(folder: Path) -> set[str]:
