@@ -592,8 +592,9 @@ def _progress_cb(enabled: bool, what: str):
     state: dict[str, Any] = {}
 
     def cb(done: int, total: int | None) -> None:
-        if "it" not in state:
+        if "it" not in state:  # track advances when asked for the next item
             state["it"] = track(iter(int, 1), what, True, total=total)
+            next(state["it"])
         next(state["it"])
 
     def close() -> None:
