@@ -51,7 +51,7 @@ from typing import IO, Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.paths import UnsafePath, is_app_relative_url, resolve_under
+from explorer.paths import UnsafePath, is_app_relative_url, resolve_under, resolver
 from explorer.progress import track
 
 __all__ = [
@@ -293,11 +293,14 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
     paths = df[path_col].fillna("").astype(str).tolist()
     plan = ExportPlan(export_path=[""] * len(paths))
 
+    resolve = None if root is None else resolver(root, must_be_image=True,
+                                                   max_bytes=max_file_bytes)
+
     def source(rel: str) -> Path | Refused:
-        if root is None:
+        if resolve is None:
             return Refused(rel, "no_root", "the original image folder is not known")
         try:
-            return resolve_under(root, rel, must_be_image=True, max_bytes=max_file_bytes)
+            return resolve(rel)
         except UnsafePath as exc:
             return Refused(rel, exc.reason, str(exc))
 
