@@ -435,7 +435,8 @@ class ZipReport:
 
 def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
               max_bytes: int | None = None,
-              on_progress: Callable[[int, int | None], Any] | None = None) -> ZipReport:
+              on_progress: Callable[[int, int | None], Any] | None = None,
+              extra: dict[str, str | bytes] | None = None) -> ZipReport:
     """Stream ``entries`` into a zip written to the binary file object ``fileobj``.
 
     ``entries``: ``(arcname, source)`` pairs; ``source`` is a file path (a planned, resolved
@@ -447,6 +448,8 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
     the zip is still complete and valid. ``on_progress(done, total)`` is called after every
     entry (``total`` None if ``entries`` has no length). A source that cannot be read is
     reported in ``report.failed`` and skipped. Arcnames must be relative, without ``..``.
+    ``extra`` (``{arcname: text or bytes}``, e.g. ``{"MISSING.txt": ...}``) is written after
+    the entries, under the same cap.
     """
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
         raise ValueError(f"max_bytes must be a non-negative int or None; got {max_bytes!r}")
@@ -456,8 +459,16 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
         total = None
     report = ZipReport()
     done = 0
+    if extra:
+        tail = [(k, v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v)
+                for k, v in extra.items()]
+        entries = _chain(entries, tail)
+        total = None if total is None else total + len(tail)
     with zipfile.ZipFile(fileobj, "w", allowZip64=True) as zf:
         for arc, src in entries:
+            if not isinstance(arc, str):
+                raise TypeError(f"zip entries are (arcname, source) pairs; got an arcname "
+                                f"{arc!r} of type {type(arc).__name__}")
             _check_arcname(arc)
             done += 1
             if report.capped:
@@ -501,6 +512,11 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
             if on_progress is not None:
                 on_progress(done, total)
     return report
+
+
+def _chain(a: Iterable, b: Iterable):
+    yield from a
+    yield from b
 
 
 def _check_arcname(arc: str) -> None:

@@ -366,3 +366,15 @@ def test_cli_zip_of_cluster_folders(project, tmp_path, capsys):
     assert s["mode"] == "zip" and s["written"] == 11
     with zipfile.ZipFile(tmp_path / "c.zip") as zf:
         assert "c/cluster_1/f.jpg" in zf.namelist()
+
+
+def test_zip_extra_notes_and_entry_order(images):
+    root, df = images
+    plan = plan_export(df, root, layout="flat")
+    buf = io.BytesIO()
+    rep = write_zip(plan.entries[:2], buf, extra={"MISSING.txt": "gone.jpg\n"})
+    assert rep.files == 3
+    with zipfile.ZipFile(buf) as zf:
+        assert zf.namelist()[-1] == "MISSING.txt" and zf.read("MISSING.txt") == b"gone.jpg\n"
+    with pytest.raises(TypeError, match=r"\(arcname, source\)"):
+        write_zip([(src, arc) for arc, src in plan.entries[:1]], io.BytesIO())
