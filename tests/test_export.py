@@ -378,3 +378,24 @@ def test_zip_extra_notes_and_entry_order(images):
         assert zf.namelist()[-1] == "MISSING.txt" and zf.read("MISSING.txt") == b"gone.jpg\n"
     with pytest.raises(TypeError, match=r"\(arcname, source\)"):
         write_zip([(src, arc) for arc, src in plan.entries[:1]], io.BytesIO())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
+def test_images_discover_finds_through_a_symlink_out_are_refused_at_export(images, tmp_path):
+    """M9, the one symlink policy: discover follows a symlinked folder, but an image that
+    resolves outside the image folder is not exported (the summary says why)."""
+    from explorer.images import discover
+
+    root, df = images
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.jpg").write_bytes((root / "c.jpg").read_bytes())
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root / "x", root / "inside")  # a symlinked folder that stays inside
+    found = [p.relative_to(root).as_posix() for p in discover(root)]
+    assert "linked/far.jpg" in found and "inside/a.jpg" in found
+    t = pd.DataFrame({"path": ["linked/far.jpg", "inside/a.jpg"], "cluster": [0, 0]})
+    s = export_folders(t, root, tmp_path / "out", progress=False)
+    assert s["written"] == 1 and (tmp_path / "out" / "cluster_0" / "a.jpg").is_file()
+    assert [p for p, _ in s["errors"]] == ["linked/far.jpg"]
+    assert "outside the image folder" in s["errors"][0][1]
