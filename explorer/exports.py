@@ -397,7 +397,7 @@ def _thumbnail(thumb_root, value: str, max_file_bytes: int | None) -> Path | Non
     if not is_app_relative_url(value):
         return None
     try:
-        return resolve_under(thumb_root, value.split("?", 1)[0], must_be_image=True,
+        return resolve_under(thumb_root, value.split("?", 1)[0].split("#", 1)[0], must_be_image=True,
                              max_bytes=max_file_bytes)
     except UnsafePath:
         return None
