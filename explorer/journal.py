@@ -117,9 +117,7 @@ def change_groups(changes) -> list[list]:
 
 
 def _sql_error(path: Path, what: str, exc: BaseException) -> JournalError:
-    err = JournalError(f"cannot {what} the label journal {path}: {exc}")
-    err.filename = str(path)
-    return err
+    return JournalError(f"cannot {what} the label journal {path}: {exc}")
 
 
 # ---------------------------------------------------------------------- one database per process
