@@ -364,6 +364,26 @@ def test_sync_after_more_changes_than_the_state_remembers(tmp_path, monkeypatch)
     assert sorted(b.sync()) == KEYS[:6]
 
 
+def test_explorer_export_takes_the_labels_from_the_journal(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _imagegen import image_folder
+
+    from explorer import cli, table
+
+    imgs = tmp_path / "imgs"
+    rel = [p.relative_to(imgs).as_posix() for p in image_folder(imgs, 4, size=32)]
+    df = table.make_table(rel, [""] * 4, np.zeros((4, 2)), np.zeros(4, int), np.ones(4),
+                          np.zeros(4), [32] * 4, [32] * 4)
+    csv = table.write_table(df, tmp_path / "p.csv")
+    book = LabelBook.from_journal(journal_for(csv))
+    book.apply(rel[:3], "cat")
+    book.apply(rel[2:], "dog")
+    out = tmp_path / "out"
+    assert cli.main(["export", str(csv), "--to", str(out), "--imagefolder",
+                     "--images", str(imgs)]) == 0
+    assert len(list((out / "cat").iterdir())) == 2 and len(list((out / "dog").iterdir())) == 2
+
+
 # ------------------------------------------------------------------ export
 def test_labelled_table_fills_the_label_column_and_leaves_df_alone():
     df = pd.DataFrame({"path": KEYS[:4], "label": ["old", "", "keep", ""], "x": range(4)})
