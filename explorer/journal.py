@@ -142,13 +142,27 @@ class _Database:
         self.legacy = legacy
         self.lock = threading.RLock()
         self.conn: sqlite3.Connection | None = None
+        self.inode: int | None = None
         self.depth = 0  # nesting of locked() blocks (the write transaction)
         self._finalizer = None
 
     def connect(self, create: bool) -> sqlite3.Connection | None:
-        """The open connection; ``None`` when there is no journal yet and ``create`` is false."""
+        """The open connection; ``None`` when there is no journal yet and ``create`` is false.
+
+        A file that was deleted or replaced since it was opened is opened again (outside a
+        transaction), so nothing is ever written into a file no one else sees.
+        """
         if self.conn is not None:
-            return self.conn
+            if self.depth:
+                return self.conn
+            try:
+                same = os.stat(self.path).st_ino == self.inode
+            except OSError:
+                same = False
+            if same:
+                return self.conn
+            self._finalizer()
+            self.conn = None
         legacy = self.legacy is not None and self.legacy.is_file()
         if not (create or legacy or os.path.lexists(self.path)):
             return None
@@ -176,6 +190,7 @@ class _Database:
             conn.close()
             raise _sql_error(self.path, "open", exc) from exc
         self.conn = conn
+        self.inode = os.stat(self.path).st_ino
         self._finalizer = weakref.finalize(self, conn.close)
         return conn
 
@@ -316,7 +331,15 @@ class Journal:
         if not isinstance(session, str) or not session or any(ord(c) < 32 for c in session):
             raise ValueError(f"session must be a non-empty printable string, got {session!r}")
         self.session = session
-        self._db = _Database.get(path, legacy)
+        self._db_pid = -1
+
+    @property
+    def _db(self) -> _Database:
+        """This process's connection to the file (a child process after fork gets its own)."""
+        if self._db_pid != os.getpid():
+            self._dbref = _Database.get(self.path, self.legacy_path)
+            self._db_pid = os.getpid()
+        return self._dbref
 
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r}, session={self.session!r})"

@@ -165,6 +165,10 @@ class _MemoryJournal:
     def record(self, seq: int) -> dict | None:
         return self._records[seq - 1] if 0 < seq <= len(self._records) else None
 
+    @property
+    def last_seq(self) -> int:
+        return len(self._records)
+
     def steps(self, session: str, after: int = 0) -> list[tuple]:
         out = []
         for r in self._records[after:]:
@@ -229,7 +233,14 @@ class LabelState:
                 self._log_floor = self.seq
                 self._loaded = True
                 return self.seq
-            for rec in self.journal.read_since(self.seq):
+            records = self.journal.read_since(self.seq)
+            if not records and self.seq and self.journal.last_seq < self.seq:
+                # the file was deleted or replaced (labels reset by hand): start again
+                self._loaded = False
+                self._log.clear()
+                self._log_keys = 0
+                return self.refresh()
+            for rec in records:
                 args = rec.get("args")
                 try:
                     groups = change_groups(args.get("changes")) if isinstance(args, dict) else []
@@ -516,6 +527,12 @@ class LabelBook:
         st = self._state
         with st.lock:
             st.refresh()
+            if st.seq < self.seq:
+                # the journal file was deleted or replaced: anything may have changed
+                self._undo, self._redo, self._steps_seq = [], [], 0
+                self._catch_up_steps()
+                self.seq = st.seq
+                return list(self._known if self._known is not None else st._labels)
             if st.seq > self._steps_seq:
                 self._catch_up_steps()
             changed = st.changed_since(self.seq)

@@ -480,3 +480,16 @@ def test_nearest_bad_parameters(kw):
     args = {"index": 0, "k": 5, **kw}
     with pytest.raises(ValueError):
         nearest(X, args["index"], k=args["k"])
+
+
+def test_a_journal_deleted_while_sessions_run_starts_afresh(tmp_path):
+    # someone resets the labels by deleting NAME.labels.sqlite while the server runs
+    path = tmp_path / "t.labels.sqlite"
+    book = LabelBook.from_journal(Journal(path, session="A"), keys=frozenset(KEYS))
+    book.apply(KEYS[:3], "cat")
+    for f in tmp_path.glob("t.labels.sqlite*"):
+        f.unlink()
+    assert set(book.sync()) == set(KEYS)  # everything is redrawn
+    assert book.counts() == {} and not book.can_undo
+    book.apply(KEYS[:1], "dog")  # written to the new file, not the deleted one
+    assert Journal(path).labels() == {KEYS[0]: "dog"}
