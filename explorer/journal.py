@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _UPSERT = ("INSERT INTO labels(key, label) VALUES(?, ?) "
            "ON CONFLICT(key) DO UPDATE SET label = excluded.label")
+# the same from one JSON array, parsed by SQLite (about twice as fast for big edits), in key
+# order (B-tree friendly); "WHERE true" keeps ON CONFLICT from parsing as a join constraint
+_UPSERT_JSON = ("INSERT INTO labels(key, label) SELECT value, ? FROM json_each(?) WHERE true "
+                "ORDER BY 1 ON CONFLICT(key) DO UPDATE SET label = excluded.label")
+_json_each = [True]  # SQLite built without JSON1: fall back to executemany
 
 
 class JournalWarning(UserWarning):
@@ -111,7 +116,7 @@ def change_groups(changes) -> list[list]:
     for g in changes:
         if (not isinstance(g, (list, tuple)) or len(g) != 3 or not isinstance(g[0], str)
                 or not isinstance(g[1], str) or not isinstance(g[2], (list, tuple))
-                or not all(isinstance(k, str) for k in g[2])):
+                or not set(map(type, g[2])) <= {str}):
             raise ValueError(f"a change group must be [old, new, [keys]], got {g!r:.80}")
     return [list(g) for g in changes]
 
@@ -176,7 +181,7 @@ class _Database:
             raise _sql_error(self.path, "open", exc) from exc
         try:
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-1024")  # at most 1 MiB of page cache
+            conn.execute("PRAGMA cache_size=-8192")  # at most 8 MiB of page cache
             have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"events", "labels", "meta"} <= have:
                 if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
@@ -286,8 +291,21 @@ def _insert(conn: sqlite3.Connection, rec: Mapping[str, Any]) -> int:
          text),
     )
     if isinstance(args, Mapping) and args.get("changes"):
-        conn.executemany(_UPSERT, ((k, new) for _, new, keys in args["changes"] for k in keys))
+        for _, new, keys in args["changes"]:
+            _upsert(conn, keys, new)
     return cur.lastrowid
+
+
+def _upsert(conn: sqlite3.Connection, keys: list[str], label: str) -> None:
+    if len(keys) > 50 and _json_each[0]:
+        try:
+            conn.execute(_UPSERT_JSON, (label, json.dumps(keys, ensure_ascii=False)))
+            return
+        except sqlite3.OperationalError as exc:
+            if "json_each" not in str(exc):
+                raise
+            _json_each[0] = False
+    conn.executemany(_UPSERT, ((k, label) for k in sorted(keys)))
 
 
 def _row_record(row) -> dict:

@@ -205,7 +205,7 @@ class LabelState:
         self.seq = 0
         self._labels: dict[str, str] = {}
         self._loaded = False
-        self._log: deque[tuple[int, list[str]]] = deque()
+        self._log: deque[tuple[int, list[list[str]], int]] = deque()  # (seq, key lists, n)
         self._log_keys = 0
         self._log_floor = 0  # changed_since(s) is answered from memory for s >= this
 
@@ -252,18 +252,17 @@ class LabelState:
     def apply(self, seq: int, groups: Sequence[Sequence]) -> None:
         """Take the ``new`` label of every group (the caller committed record ``seq``)."""
         with self.lock:
-            changed: list[str] = []
-            labels = self._labels
+            changed = [keys for _, _, keys in groups]
+            n = 0
             for _, new, keys in groups:
-                for k in keys:
-                    labels[k] = new
-                changed.extend(keys)
+                self._labels.update(dict.fromkeys(keys, new))
+                n += len(keys)
             self.seq = max(self.seq, seq)
-            self._log.append((seq, changed))
-            self._log_keys += len(changed)
+            self._log.append((seq, changed, n))
+            self._log_keys += n
             while self._log and self._log_keys > SYNC_LOG_KEYS:
-                s, ks = self._log.popleft()
-                self._log_floor, self._log_keys = s, self._log_keys - len(ks)
+                s, _, k = self._log.popleft()
+                self._log_floor, self._log_keys = s, self._log_keys - k
 
     def get(self, key: str) -> str | None:
         """The journal's label of ``key`` (``""`` = cleared), ``None`` if never touched."""
@@ -275,10 +274,12 @@ class LabelState:
             if seq >= self.seq:
                 return []
             if seq >= self._log_floor:
+                lists = [keys for s, ls, _ in self._log if s > seq for keys in ls]
+                if len(lists) == 1:
+                    return list(lists[0])  # one record: its keys are unique already
                 out: dict[str, None] = {}
-                for s, keys in self._log:
-                    if s > seq:
-                        out.update(dict.fromkeys(keys))
+                for keys in lists:
+                    out.update(dict.fromkeys(keys))
                 return list(out)
             top = self.seq
         out = {}
@@ -580,17 +581,21 @@ class LabelBook:
                 self._push_step(full["seq"], full["op"], full["args"].get("target"))
             self.seq = st.seq
 
-    def _current(self, key: str) -> str:
-        return self.label_of(key)
-
     def _edit(self, op: str, args: dict, compute):
         with self._writing() as commit:
             wanted = compute()
             groups: dict[tuple[str, str], list[str]] = {}
+            get, init = self._state._labels.get, self._initial
             for k, v in wanted.items():
-                old = self._current(k)
+                old = get(k)
+                if old is None:
+                    old = _norm(init.get(k)) if init else ""
                 if old != v:
-                    groups.setdefault((old, v), []).append(k)
+                    key = (old, v)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = group = []
+                    group.append(k)
             if not groups:
                 return None
             changes = [[o, n, ks] for (o, n), ks in groups.items()]
@@ -610,7 +615,7 @@ class LabelBook:
             out: dict[tuple[str, str], list[str]] = {}
             for old, new, keys in groups:
                 frm, to = (new, old) if op == "undo" else (old, new)
-                ks = [k for k in keys if self._current(k) == frm]  # untouched since: safe
+                ks = [k for k, now in zip(keys, self.labels_for(keys)) if now == frm]  # untouched
                 if ks:
                     out.setdefault((frm, to), []).extend(ks)
             if not out:
