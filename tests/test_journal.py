@@ -310,12 +310,13 @@ def test_two_processes_appending_concurrently_lose_nothing(tmp_path):
 KILL_SCRIPT = """
     import sys
     from explorer.journal import Journal
-    j = Journal(sys.argv[1], session="doomed")
+    from explorer.labels import LabelBook
+    book = LabelBook(Journal(sys.argv[1], session="doomed"))
     i = 0
     while True:
-        seq = j.append({"op": "apply", "args": {"label": "x" * 200,
-                        "changes": [["", "x" * 200, ["img-%d.jpg" % i]]]}})
-        print(seq, flush=True)
+        keys = ["img-%d-%d.jpg" % (i, j) for j in range(1 + i % 50)]
+        rec = book.apply(keys, "label %d " % i + "x" * 80)  # returned: the page says "saved"
+        print(rec["seq"], flush=True)
         i += 1
 """
 
@@ -343,10 +344,13 @@ def test_sigkill_mid_session_keeps_every_acknowledged_record(tmp_path):
     seqs = [r["seq"] for r in recs]
     assert set(acked) <= set(seqs)
     assert seqs == list(range(1, len(seqs) + 1))
-    labels = Journal(path).labels()
-    assert {f"img-{s - 1}.jpg" for s in acked} <= set(labels)  # the state table too
-    # the journal is still usable after the crash
-    assert Journal(path).append({"op": "after"}) == len(seqs) + 1
+    book = LabelBook.from_journal(Journal(path, session="doomed"))
+    for s in acked:  # every acknowledged label is there, on every key of its edit
+        i = s - 1
+        assert book.labels_for([f"img-{i}-{j}.jpg" for j in range(1 + i % 50)]) == [
+            f"label {i} " + "x" * 80] * (1 + i % 50)
+    # the journal is still usable after the crash, and the undo stack survived it
+    assert book.can_undo and book.undo()["seq"] == len(seqs) + 1
 
 
 def test_invalid_session_id_is_refused(tmp_path):
