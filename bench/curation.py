@@ -104,6 +104,22 @@ def bench_journal(tmp: Path, keys: list[str], repeats: int) -> None:
     t = time.perf_counter()
     book.undo()
     print(f"undo of that edit: {(time.perf_counter() - t) * 1e3:.0f} ms")
+    book.redo()
+
+    # memory: 20 more sessions on that journal (every key labelled), as the app opens them
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    books = [LabelBook.from_journal(Journal(path, session=f"s{i}"), keys=known) for i in range(20)]
+    for b in books:
+        b.sync()
+    per = (tracemalloc.get_traced_memory()[0] - base) / len(books)
+    tracemalloc.stop()
+    print(f"memory per extra session on {n:,} labelled keys (shared LabelState): {per / 1e3:.1f} kB")
+    del books
 
     # opening a journal of 1,000 edits (a new server process: state + this session's stacks)
     path = tmp / "many.labels.sqlite"
@@ -205,10 +221,7 @@ def bench_rest(tmp: Path, a) -> None:
 
         # --- ImageFolder export of the clothing photos
         if CLOTHING.is_dir():
-            try:
-                from explorer.imagefolder import export_imagefolder
-            except ImportError:  # replaced by explorer.exports
-                return
+            from explorer.imagefolder import export_imagefolder
 
             files = sorted(p.relative_to(CLOTHING).as_posix() for p in CLOTHING.rglob("*.jpg"))
             cdf = pd.DataFrame({"path": files, "label": [f.split("/")[1] for f in files]})
