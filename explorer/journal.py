@@ -50,11 +50,12 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from explorer.table import sidecar
 
@@ -180,17 +181,11 @@ class _Database:
         except (sqlite3.Error, OSError) as exc:
             raise _sql_error(self.path, "open", exc) from exc
         try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-8192")  # at most 8 MiB of page cache
-            have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"events", "labels", "meta"} <= have:
-                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                    raise sqlite3.OperationalError("cannot switch to WAL mode")
-                conn.executescript(_SCHEMA)
+            _retry_busy(conn, lambda: _setup(conn))
             if fresh:
                 _fsync_dir(self.path.parent)
             if legacy:
-                _import_legacy(conn, self.legacy)
+                _retry_busy(conn, lambda: _import_legacy(conn, self.legacy))
         except (sqlite3.Error, OSError) as exc:
             conn.close()
             raise _sql_error(self.path, "open", exc) from exc
@@ -198,6 +193,40 @@ class _Database:
         self.inode = os.stat(self.path).st_ino
         self._finalizer = weakref.finalize(self, conn.close)
         return conn
+
+
+def _setup(conn: sqlite3.Connection) -> None:
+    """Per-connection settings; WAL mode and the tables on a new file."""
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA cache_size=-8192")  # at most 8 MiB of page cache
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not {"events", "labels", "meta"} <= have:
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise sqlite3.OperationalError("database is locked (cannot switch to WAL)")
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+
+
+def _retry_busy(conn: sqlite3.Connection, fn: Callable[[], None], patience: float = 60.0) -> None:
+    """Run ``fn``, retrying "database is locked" for up to ``patience`` seconds.
+
+    Several processes opening a new file at once can get that error without SQLite's busy
+    handler being asked (switching to WAL, reading the schema while another connection
+    switches, recovering a WAL after a crash).
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 # ---------------------------------------------------------------------- legacy .jsonl

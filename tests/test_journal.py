@@ -307,6 +307,36 @@ def test_two_processes_appending_concurrently_lose_nothing(tmp_path):
     assert len(Journal(path).labels()) == 120
 
 
+def _opener(csv: str, start_at: float, q) -> None:
+    while time.time() < start_at:  # all start together
+        time.sleep(0.001)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", JournalWarning)
+        book = LabelBook.from_journal(journal_for(csv, session=f"p{os.getpid()}"))
+        book.apply([f"new-{os.getpid()}.jpg"], "mine")
+    q.put(book.counts())
+
+
+def test_servers_starting_at_once_import_an_old_journal_once(tmp_path):
+    csv = tmp_path / "photos.csv"
+    sidecar(csv, "labels.jsonl").write_bytes(b"".join(
+        old_apply(i + 1, [f"{i}.jpg"], "cat") for i in range(50)))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 4
+    procs = [ctx.Process(target=_opener, args=(str(csv), start_at, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(r["cat"] == 50 for r in results)
+    assert [r["seq"] for r in journal_for(csv).replay()] == list(range(1, 53))
+    assert journal_for(csv).labels() == {**{f"{i}.jpg": "cat" for i in range(50)},
+                                         **{f"new-{p.pid}.jpg": "mine" for p in procs}}
+
+
 KILL_SCRIPT = """
     import sys
     from explorer.journal import Journal
