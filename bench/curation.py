@@ -82,10 +82,16 @@ def bench_journal(tmp: Path, keys: list[str], repeats: int) -> None:
     book.apply(keys, "big")
     sec = time.perf_counter() - t
     size1, w1 = _files_size(path), _written()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    stored = conn.execute("SELECT length(payload) FROM events ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    conn.close()
     payload = Journal(path).record(Journal(path).last_seq)
     pbytes = len(json.dumps(payload["args"], separators=(",", ":")))
     print(f"label {n:,} keys in one edit: {sec * 1e3:.0f} ms; bytes written {w1 - w0:,}"
-          f" (database+WAL grew {size1 - size0:,}; the record's payload {pbytes:,})")
+          f" (database+WAL grew {size1 - size0:,}; the record: {pbytes:,} bytes of JSON,"
+          f" {stored:,} stored)")
     t = time.perf_counter()
     changed = other.sync()
     sec = time.perf_counter() - t

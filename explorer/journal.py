@@ -4,7 +4,9 @@ Tables
 ------
 ``events(seq INTEGER PRIMARY KEY, session, time, op, target, payload)``
     One row per record, in ``seq`` order. ``payload`` is the JSON of the record's own
-    fields (``args`` and anything else the caller gave); ``target`` is ``args["target"]``
+    fields (``args`` and anything else the caller gave): text, or for a big record (over
+    :data:`COMPRESS_OVER` bytes, e.g. 100k keys) a zlib-compressed BLOB of that text, which
+    :meth:`Journal.read_since` decompresses. ``target`` is ``args["target"]``
     when that is an integer (undo/redo), so a session's undo stack can be rebuilt from
     three small columns without parsing payloads.
 ``labels(key PRIMARY KEY, label)``
@@ -54,6 +56,7 @@ import time
 import uuid
 import warnings
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -77,6 +80,8 @@ _UPSERT = ("INSERT INTO labels(key, label) VALUES(?, ?) "
 _UPSERT_JSON = ("INSERT INTO labels(key, label) SELECT value, ? FROM json_each(?) WHERE true "
                 "ORDER BY 1 ON CONFLICT(key) DO UPDATE SET label = excluded.label")
 _json_each = [True]  # SQLite built without JSON1: fall back to executemany
+#: payloads longer than this (bytes of JSON) are stored zlib-compressed
+COMPRESS_OVER = 16_384
 
 
 class JournalWarning(UserWarning):
@@ -314,6 +319,8 @@ def _insert(conn: sqlite3.Connection, rec: Mapping[str, Any]) -> int:
     if isinstance(target, bool) or not isinstance(target, int):
         target = None
     text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if len(text) > COMPRESS_OVER:
+        text = zlib.compress(text.encode("utf-8"), 1)
     cur = conn.execute(
         "INSERT INTO events(seq, session, time, op, target, payload) VALUES(?, ?, ?, ?, ?, ?)",
         (rec.get("seq"), str(rec.get("session", "")), str(rec.get("ts", "")), rec["op"], target,
@@ -341,8 +348,10 @@ def _row_record(row) -> dict:
     seq, session, time, op, payload = row
     rec = {"seq": seq, "ts": time, "session": session, "op": op}
     try:
+        if isinstance(payload, bytes):
+            payload = zlib.decompress(payload)
         rec.update(json.loads(payload))
-    except ValueError:
+    except (ValueError, zlib.error):
         pass
     return rec
 
