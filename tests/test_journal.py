@@ -245,6 +245,17 @@ def test_a_folder_in_place_of_the_journal_is_a_clear_error(tmp_path):
         LabelBook.from_journal(j)
 
 
+def test_a_file_that_is_not_a_database_is_a_clear_error_and_left_alone(tmp_path):
+    j = Journal(tmp_path / "j.labels.sqlite")
+    j.path.write_bytes(b"these are not the labels you are looking for\n" * 100)
+    before = j.path.read_bytes()
+    with pytest.raises(JournalError, match="not a database"):
+        LabelBook.from_journal(j)
+    with pytest.raises(JournalError, match="not a database"):
+        j.append({"op": "apply"})
+    assert j.path.read_bytes() == before
+
+
 def test_the_journal_works_without_fcntl_as_on_windows(tmp_path):
     out = in_new_process(
         """
