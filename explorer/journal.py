@@ -41,7 +41,9 @@ Guarantees
   ``seq`` (review H4), the later, acknowledged, record is the one imported.
 
 One connection per database file and process is shared by every :class:`Journal` object
-on it (they differ only in their session id), guarded by a lock.
+on it (they differ only in their session id), guarded by a lock. A file deleted or replaced
+while open is opened again. To start the labels afresh, delete ``NAME.labels.sqlite`` (with
+its ``-wal`` and ``-shm``) and any old ``NAME.labels.jsonl`` (it would be imported again).
 """
 
 from __future__ import annotations
