@@ -64,7 +64,8 @@ class ServiceConfig:
         self.data = Path(self.data).expanduser().resolve()
         self.data.mkdir(parents=True, exist_ok=True)
         if self.fetch is None:
-            self.fetch = FetchRules(allow_private=self.allow_private_urls)
+            self.fetch = FetchRules(allow_private=self.allow_private_urls,
+                                    max_bytes=self.limits.max_file_bytes)
 
 
 class ServiceError(Exception):

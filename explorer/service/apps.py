@@ -14,6 +14,7 @@ pages live under ``/apps/ID/app`` and every URL it makes stays under ``/apps/ID/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -69,6 +70,7 @@ class AppServers:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["EXPLORER_APP_PREFIX"] = f"/apps/{ds_id}"  # the app builds its URLs under it
         log = open(self.data_dir / "logs" / f"app-{ds_id}.log", "ab")
         try:
             proc = subprocess.Popen(
@@ -164,17 +166,21 @@ async def proxy_websocket(websocket, sock: Path, path: str) -> None:
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import WebSocketClosedError, websocket_connect
 
-    protos = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")
-              if p.strip()]
+    protos = list(websocket.scope.get("subprotocols") or []) or [
+        p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")
+        if p.strip()]
     query = websocket.url.query
     req = HTTPRequest("ws://localhost" + path + (f"?{query}" if query else ""),
-                      headers={"Host": websocket.headers.get("host", "localhost"),
-                               "Origin": websocket.headers.get("origin", "")})
+                      headers={"Host": websocket.headers.get("host", "localhost")},
+                      connect_timeout=30, request_timeout=30)
+    # no Origin upstream: the service checked it (same origin) before calling this
     try:
         upstream = await websocket_connect(req, subprotocols=protos or None,
                                            resolver=_UnixResolver(sock),
-                                           max_message_size=256 * 2**20, connect_timeout=30)
-    except Exception:  # noqa: BLE001 - app down or refused: close the browser's socket
+                                           max_message_size=256 * 2**20)
+    except Exception as exc:  # noqa: BLE001 - app down or refused: close the browser's socket
+        print(f"explorer serve: app websocket {path}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
         await websocket.close(code=1011)
         return
     await websocket.accept(subprotocol=upstream.selected_subprotocol)
@@ -208,7 +214,5 @@ async def proxy_websocket(websocket, sock: Path, path: str) -> None:
         for t in tasks:
             t.cancel()
         upstream.close()
-        try:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close()
-        except RuntimeError:
-            pass
