@@ -43,7 +43,7 @@ class URLRefused(ValueError):
 def _blocked(ip: ipaddress._BaseAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for what in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for what in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{what}"):
             return what.replace("_", "-")
     if not ip.is_global:
