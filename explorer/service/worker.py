@@ -36,7 +36,7 @@ class ProgressConsole:
         m = _STAGE_LINE.match(text)
         if m:
             self.done = min(0.99, self.done + STAGE_WEIGHTS.get(m.group(1), 0.02))
-            self.report(self.done, m.group(1))
+            self._emit(self.done, m.group(1))
         if objects and isinstance(objects[0], str):
             print(text, file=self.log, flush=True)
 
@@ -44,6 +44,49 @@ class ProgressConsole:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def within(self, description: str, fraction: float, done: int, total: int) -> None:
+        """A progress bar inside the running stage moved: move the figure within it."""
+        import time
+
+        now = time.monotonic()
+        if now - getattr(self, "_last", 0.0) < 0.5 and fraction < 1:
+            return
+        self._last = now
+        share = 0.6 if "mbed" in description else 0.1
+        at = min(0.99, self.done + share * max(0.0, min(1.0, fraction)))
+        self._emit(at, f"{description} {done}/{total}")
+
+    def _emit(self, at: float, stage: str) -> None:
+        """Report ``at`` (never less than what was reported before) and the stage."""
+        self._shown = max(at, getattr(self, "_shown", 0.0))
+        self.report(self._shown, stage)
+
+
+def hook_progress_bars(console: ProgressConsole) -> None:
+    """Forward every ``explorer.progress.Bar`` of this process to ``console.within``.
+
+    The project's one progress helper draws rich bars; in a worker process their counts also
+    become the job's progress. (Without ``Bar``, only stage ends move the figure.)
+    """
+    from explorer import progress
+
+    bar = getattr(progress, "Bar", None)
+    if bar is None or getattr(bar, "_service_hooked", False):
+        return
+    init, update = bar.__init__, bar.update
+
+    def __init__(self, total, description, *a, **kw):
+        init(self, total, description, *a, **kw)
+        self._service = (total, description)
+
+    def _update(self, done):
+        update(self, done)
+        total, description = getattr(self, "_service", (None, ""))
+        if total:
+            console.within(str(description), done / total, done, total)
+
+    bar.__init__, bar.update, bar._service_hooked = __init__, _update, True
 
 
 def _die_with_parent(parent: int) -> None:
@@ -79,6 +122,8 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
     try:
         import explorer
 
+        console = ProgressConsole(report, sys.stderr)
+        hook_progress_bars(console)
         params = dict(p.get("cluster_params") or {})
         if p.get("k") is not None:
             params["k"] = p["k"]
@@ -88,7 +133,7 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
             cluster_params=params or None, threshold=p.get("threshold"),
             duplicates=p.get("duplicates", "phash"), seed=p.get("seed", 42),
             batch_size=p.get("batch_size"), thumb_size=p.get("thumb_size", 256),
-            progress=True, console=ProgressConsole(report, sys.stderr))
+            progress=True, console=console)
     except MemoryError:
         db.finish(job_id, run_token, "failed", error="out of memory while building")
         return 0
