@@ -714,6 +714,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.api_route("/apps/{dataset_id}/{path:path}", methods=["GET", "HEAD", "POST"],
                    include_in_schema=False)
     async def app_proxy(dataset_id: str, path: str, request: Request):
+        if ".." in path.split("/") or "\\" in path:
+            return app_not_found(f"/apps/{dataset_id}")
         ds = app_dataset(request, dataset_id)
         if ds is None:
             return app_not_found(f"/apps/{dataset_id}")
@@ -725,7 +727,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             sock = await apps.ensure(ds["id"], p["app"], p["csv"])
         except AppUnavailable as exc:
             return JSONResponse({"error": f"the app could not start: {exc}"}, status_code=503)
-        return await proxy_http(request, sock, request.url.path)
+        return await proxy_http(request, sock, request.url.path, COOKIE)
 
     @app.websocket("/apps/{dataset_id}/{path:path}")
     async def app_ws(websocket: WebSocket, dataset_id: str, path: str):

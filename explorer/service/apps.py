@@ -130,21 +130,33 @@ def _connects(sock: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- proxying
-async def proxy_http(request, sock: Path, path: str):
-    """Pass an HTTP request to the app on ``sock``; return a Starlette response."""
+async def proxy_http(request, sock: Path, path: str, own_cookie: str):
+    """Pass an HTTP request to the app on ``sock``; return a Starlette response.
+
+    The service's own login cookie (``own_cookie``) and ``Authorization`` never reach the app;
+    the app's other cookies pass both ways (a Set-Cookie naming ``own_cookie`` is dropped).
+    """
     import httpx
     from starlette.responses import Response
 
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
     headers.append(("host", request.headers.get("host", "localhost")))
+    cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != own_cookie)
+    if cookies:
+        headers.append(("cookie", cookies))
     url = httpx.URL("http://localhost" + path, query=request.url.query.encode())
     body = await request.body()
     transport = httpx.AsyncHTTPTransport(uds=str(sock))
     async with httpx.AsyncClient(transport=transport, timeout=60.0) as client:
         r = await client.request(request.method, url, headers=headers, content=body)
         content = r.content
-    out = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP | {"set-cookie"}}
-    return Response(content=content, status_code=r.status_code, headers=out)
+    resp = Response(content=content, status_code=r.status_code)
+    for k, v in r.headers.multi_items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or (lk == "set-cookie" and v.split("=", 1)[0].strip() == own_cookie):
+            continue
+        resp.raw_headers.append((lk.encode("latin-1"), v.encode("latin-1")))
+    return resp
 
 
 class _UnixResolver:
