@@ -516,3 +516,24 @@ def test_users_command_lists_and_removes(tmp_path):
     from explorer.service.db import DB
 
     assert DB(data / "service.db").user_by_token(tok) is None
+
+
+def test_cli_help_is_light_and_bad_options_are_messages(tmp_path):
+    import subprocess
+
+    from _service import _env
+
+    code = ("import sys, explorer.cli as c; p = c.make_parser(); "
+            "p.parse_args(['serve', '--root', '.', '--data', '.']); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root",
+                        str(tmp_path / "missing"), "--data", str(tmp_path / "d")], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not a folder" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root", str(tmp_path),
+                        "--data", str(tmp_path / "d"), "--workers", "0"], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "--workers" in r.stderr

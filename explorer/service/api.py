@@ -265,7 +265,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                       "rowid DESC LIMIT 1", (ds["id"],))
         folder = None
         if ds["kind"] == "folder":
-            folder = Path(ds["folder"]).relative_to(config.root).as_posix()
+            with contextlib.suppress(ValueError):  # None: no longer under this --root
+                folder = Path(ds["folder"]).relative_to(config.root).as_posix()
         return {"id": ds["id"], "name": ds["name"], "owner": ds["owner"],
                 "visibility": ds["visibility"], "project": ds["project"], "kind": ds["kind"],
                 "folder": folder, "created": ds["created"], "built": built,
@@ -311,6 +312,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 config.data.is_relative_to(target):
             raise ServiceError(422, f"folder {rel!r} holds the service's own data; refused")
         return target
+
+    def image_folder_of(ds: dict) -> Path:
+        """The dataset's image folder, checked again now (after symlinks): under --root for a
+        registered folder, under --data for uploads. 409 if that no longer holds."""
+        base = config.root if ds["kind"] == "folder" else config.data
+        try:
+            folder = Path(ds["folder"]).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ServiceError(409, "the dataset's image folder is gone") from None
+        if not folder.is_dir() or not (folder == base or folder.is_relative_to(base)):
+            raise ServiceError(409, "the dataset's image folder is no longer under the "
+                                    "server's root; register the folder again")
+        return folder
 
     def insert_dataset(user, name, kind, folder: Path, visibility, project, ds_id=None) -> str:
         ds_id = ds_id or secrets.token_hex(8)
@@ -458,6 +472,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                     user: dict = Depends(current_user)):
         """Queue a build (embed, map, cluster) of the dataset; poll ``/api/jobs/{job}``."""
         ds = dataset_for(user, dataset_id, change=True)
+        image_folder_of(ds)
         params = (body or BuildIn()).model_dump()
         if params["duplicates"] == "none":
             params["duplicates"] = None
@@ -627,7 +642,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 from explorer.labels import labelled_table
 
                 df = labelled_table(df, book)
-            export_folders(df, ds["folder"], work / "tree", by=body.by, sample=frac,
+            export_folders(df, image_folder_of(ds), work / "tree", by=body.by, sample=frac,
                            mode="link", progress=False)
             import zipfile
 

@@ -38,7 +38,8 @@ def _signal_name(code: int) -> str:
 
 
 class JobQueue:
-    def __init__(self, db: DB, data_dir: Path, concurrency: int = 1, poll: float = 0.2):
+    def __init__(self, db: DB, data_dir: Path, concurrency: int = 1, poll: float = 0.2,
+                 worker: str = "explorer.service.worker"):
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
         self.db = db
@@ -46,6 +47,7 @@ class JobQueue:
         self.logs = self.data_dir / "logs"
         self.concurrency = concurrency
         self.poll = poll
+        self.worker = worker  # the module run as ``python -m WORKER DB JOB TOKEN PARENT``
         self._procs: dict[str, tuple[subprocess.Popen, str]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -137,7 +139,7 @@ class JobQueue:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.concurrency)))
         with open(self.logs / f"{job_id}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "explorer.service.worker", str(self.db.path), job_id,
+                [sys.executable, "-m", self.worker, str(self.db.path), job_id,
                  token, str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True)
         self.db.run("UPDATE jobs SET pid = ? WHERE id = ?", (proc.pid, job_id))
