@@ -127,6 +127,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-private-urls", action="store_true",
                    help="let URL downloads reach loopback, private and link-local addresses "
                    "(off by default: only public addresses)")
+    s.add_argument("--url-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="connect/read timeout for each URL download (default 10)")
     s.add_argument("--max-upload-mb", type=float, default=2048,
                    help="largest upload request in MiB (default 2048)")
     s.add_argument("--max-file-mb", type=float, default=50,
@@ -234,7 +236,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"explorer serve: listening on {a.host} without TLS; tokens and images cross "
               "the network in clear text unless an HTTPS proxy sits in front", file=sys.stderr)
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
-          allow_private_urls=a.allow_private_urls, log_level=a.log_level,
+          allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
+          log_level=a.log_level,
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20))
     return 0

@@ -48,7 +48,7 @@ def site(tmp_path_factory):
               "bob": add_user(data, "bob", "--project", "p1"),
               "carol": add_user(data, "carol", "--project", "p2"),
               "admin": add_user(data, "admin", "--admin")}
-    server = Server(root, data, "--allow-private-urls", "--max-file-mb", "1")
+    server = Server(root, data, "--allow-private-urls", "--max-file-mb", "1", "--url-timeout", "1")
     server.start()
     clients = {name: server.client(tok) for name, tok in tokens.items()}
     clients["anonymous"] = server.client()
@@ -334,6 +334,9 @@ class _Images(BaseHTTPRequestHandler):
             return self._send(302, b"", "text/plain", location="file:///etc/passwd")
         if p == "/text":
             return self._send(200, b"hello", "text/html")
+        if p == "/slow.jpg":
+            time.sleep(3)
+            return self._send(200, jpeg_bytes(variant(9, 40)), "image/jpeg")
         if p == "/fake.jpg":
             return self._send(200, b"not really", "image/jpeg")
         if p == "/big.jpg":
@@ -368,16 +371,18 @@ def test_url_downloads_report_per_url(site, image_site):
     ds = c.post("/api/datasets", json={"name": "from urls"}).json()["id"]
     urls = [f"{image_site}/a.jpg", f"{image_site}/redirect", f"{image_site}/loop",
             f"{image_site}/to-file", f"{image_site}/text", f"{image_site}/fake.jpg",
-            f"{image_site}/big.jpg", f"{image_site}/missing", "ftp://example.com/x.jpg"]
+            f"{image_site}/big.jpg", f"{image_site}/missing", "ftp://example.com/x.jpg",
+            f"{image_site}/slow.jpg"]
     r = c.post(f"/api/datasets/{ds}/urls", json={"urls": urls})
     assert r.status_code == 200, r.text
     rep = r.json()["report"]
     assert [x["url"] for x in rep] == urls
-    assert [x["ok"] for x in rep] == [True, True] + [False] * 7
+    assert [x["ok"] for x in rep] == [True, True] + [False] * 8
     errors = [x.get("error", "") for x in rep]
     assert "redirects" in errors[2] and "scheme" in errors[3]
     assert "not an image type" in errors[4] and "not an image" in errors[5]
     assert "limit" in errors[6] and "404" in errors[7] and "scheme" in errors[8]
+    assert "Timeout" in errors[9]
     assert files_under(site["data"] / "datasets" / ds / "images") == {"a.jpg", "b.jpg"}
     # only the owner adds images; folder datasets take none
     assert site["c"]["bob"].post(f"/api/datasets/{ds}/urls", json={"urls": urls[:1]}).status_code == 404

@@ -24,7 +24,8 @@ def create_app(config: Any):
 
 
 def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
-          allow_private_urls: bool = False, log_level: str = "info", **limits: Any) -> None:
+          allow_private_urls: bool = False, url_timeout: float = 10.0, log_level: str = "info",
+          **limits: Any) -> None:
     """Run the service with uvicorn until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
@@ -32,6 +33,7 @@ def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency:
     from explorer.service.uploads import Limits
 
     cfg = ServiceConfig(root=root, data=data, concurrency=concurrency,
-                        allow_private_urls=allow_private_urls, limits=Limits(**limits))
+                        allow_private_urls=allow_private_urls, url_timeout=url_timeout,
+                        limits=Limits(**limits))
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=10)

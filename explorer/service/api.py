@@ -55,6 +55,7 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     fetch: FetchRules | None = None
     app_idle: float = 1800.0
+    url_timeout: float = 10.0
 
     def __post_init__(self):
         self.root = Path(self.root).expanduser()
@@ -64,8 +65,12 @@ class ServiceConfig:
         self.data = Path(self.data).expanduser().resolve()
         self.data.mkdir(parents=True, exist_ok=True)
         if self.fetch is None:
+            if not self.url_timeout > 0:
+                raise ValueError(f"url_timeout must be > 0 seconds, got {self.url_timeout!r}")
             self.fetch = FetchRules(allow_private=self.allow_private_urls,
-                                    max_bytes=self.limits.max_file_bytes)
+                                    max_bytes=self.limits.max_file_bytes,
+                                    timeout=self.url_timeout,
+                                    deadline=max(60.0, 3 * self.url_timeout))
 
 
 class ServiceError(Exception):
