@@ -412,8 +412,14 @@ def test_errors_are_json_with_the_right_status(site):
 
 def test_uploads_and_reads_are_served_while_a_build_runs(site):
     c = site["c"]["alice"]
-    ds = c.post("/api/datasets", json={"name": "other", "folder": "other"}).json()["id"]
-    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
+    # an upload that queues its own build at once
+    files = [("files", (f"u{i}.jpg", jpeg_bytes(variant(20 + i, 40)), "image/jpeg"))
+             for i in range(16)]
+    r = c.post("/api/datasets/upload", data={"name": "queued at upload", "build": "phash"},
+               files=files)
+    assert r.status_code == 201 and r.json()["added"] == 16, r.text
+    ds, job = r.json()["id"], r.json()["job"]
+    assert c.get(f"/api/jobs/{job}").json()["dataset"] == ds
     t0 = time.monotonic()
     while c.get(f"/api/jobs/{job}").json()["state"] != "running":
         assert time.monotonic() - t0 < 120
@@ -424,7 +430,11 @@ def test_uploads_and_reads_are_served_while_a_build_runs(site):
     assert c.get("/api/datasets").status_code == 200
     assert c.get(f"/api/jobs/{job}").json()["state"] == "running", \
         "the upload was answered while the build was still running"
-    assert wait_job(c, job)["state"] == "done"
+    done = wait_job(c, job)
+    assert done["state"] == "done" and done["result"]["rows"] == 16
+    r = c.post("/api/datasets/upload", files=[("files", ("x.jpg", jpeg_bytes(variant(1, 40)),
+                                                         "image/jpeg"))], data={"build": "nope"})
+    assert r.status_code == 422 and "build" in r.json()["error"]
 
 
 # --------------------------------------------------------------------------- the queue

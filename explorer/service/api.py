@@ -365,11 +365,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "name": {"type": "string", "maxLength": 200},
                 "visibility": {"type": "string", "enum": ["private", "project"]},
                 "project": {"type": "string", "maxLength": 64},
+                "build": {"type": "string", "enum": ["", "timm", "phash", "ssim", "orb",
+                                                     "minhash", "tm"],
+                          "description": "queue a build with this method right away"},
                 "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                           "description": "images and/or zips of images"}}}}}}})
     async def upload_dataset(request: Request, user: dict = Depends(current_user)):
         """Create a dataset from uploaded images and zips (streamed to disk, checked, every
-        skipped file reported). Fields: ``name``, ``visibility``, ``project``, ``files``."""
+        skipped file reported). Fields: ``name``, ``visibility``, ``project``, ``files``, and
+        ``build`` (a method: queue a build at once; the answer's ``job``)."""
         ds_id = secrets.token_hex(8)
         d = dataset_dir(config.data, ds_id)
         try:
@@ -397,7 +401,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
             if intake.added == 0:
                 raise ServiceError(422, "none of the uploaded files is an image this service "
                                         "reads", report=intake.report)
+            method = fields.get("build") or ""
+            if method and method not in BuildIn.model_fields["method"].annotation.__args__:
+                raise ServiceError(422, f"build must be a method name, got {method!r}")
             insert_dataset(user, name, "upload", d / "images", vis, project, ds_id)
+            job = queue.submit(ds_id, user["id"], BuildIn(method=method).model_dump()) \
+                if method else None
         except RequestTooLarge as exc:
             shutil.rmtree(d, ignore_errors=True)
             raise ServiceError(413, str(exc)) from None
@@ -410,7 +419,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         finally:
             shutil.rmtree(d / "staging", ignore_errors=True)
         out = describe(dataset_for(user, ds_id))
-        out.update(added=intake.added, skipped=intake.skipped, report=intake.report)
+        out.update(added=intake.added, skipped=intake.skipped, report=intake.report, job=job)
         return out
 
     @app.get("/api/datasets", tags=["datasets"])

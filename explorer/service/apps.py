@@ -46,6 +46,7 @@ class AppServers:
         os.chmod(self.sock_dir, 0o700)
         self._procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._built: dict[str, int] = {}  # the CSV's mtime when each process started
 
     def socket_for(self, ds_id: str) -> Path:
         return self.sock_dir / f"{ds_id}.sock"
@@ -56,9 +57,12 @@ class AppServers:
         async with lock:
             self._stop_idle()
             entry = self._procs.get(ds_id)
-            if entry is not None and entry[0].poll() is None:
+            built = _mtime(csv)
+            if entry is not None and entry[0].poll() is None and self._built.get(ds_id) == built:
                 self._procs[ds_id] = (entry[0], entry[1], time.monotonic())
                 return entry[1]
+            self.stop(ds_id)  # gone, or the dataset was built again since it started
+            self._built[ds_id] = built
             return await self._start(ds_id, app_dir, csv)
 
     async def _start(self, ds_id: str, app_dir: Path, csv: Path) -> Path:
@@ -115,6 +119,13 @@ class AppServers:
         for ds_id in list(self._procs):
             self.stop(ds_id)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _connects(sock: Path) -> bool:
