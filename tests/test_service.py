@@ -254,6 +254,19 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
             websocket.create_connection(server.url.replace("http", "ws") + f"/apps/{ds}/app/ws",
                                         subprotocols=["bokeh", "x"], origin=server.url,
                                         cookie="; ".join(f"{k}={v}" for k, v in other.cookies.items()))
+    # shared with p1: bob (same project) gets the app, carol (other project) still 404
+    c = site["c"]["alice"]
+    assert c.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
+    try:
+        bob = _app_session(server, site["tokens"]["bob"])
+        _pull_document(server, bob, f"/apps/{ds}/app")
+        assert bob.get(thumbs[0]).status_code == 200
+        carol = _app_session(server, site["tokens"]["carol"])
+        assert carol.get(f"/apps/{ds}/app").status_code == 404
+    finally:
+        assert c.patch(f"/api/datasets/{ds}", json={"visibility": "private"}).status_code == 200
+    assert bob.get(f"/apps/{ds}/app").status_code == 404, "unshared: bob's cookie opens nothing"
+
     # a bad login says so and sets no cookie
     r = httpx.post(server.url + "/login", data={"token": "wrong", "next": "/"})
     assert r.status_code == 401 and "explorer_session" not in r.cookies
