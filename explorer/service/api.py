@@ -599,15 +599,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def get_labels(dataset_id: str, user: dict = Depends(current_user)):
         """Every labelled image (path -> label) and the count per label, as the app sees them."""
         p = built(dataset_for(user, dataset_id))
-        _, book = label_book(p, f"api-{user['name']}")
+        try:
+            _, book = label_book(p, f"api-{user['name']}")
+        except OSError as exc:  # the journal cannot be read (explorer.journal.JournalError)
+            raise ServiceError(503, f"the labels cannot be read now: {exc}") from None
         return {"labels": book.as_dict(), "counts": book.counts(), "seq": book.seq}
 
     @app.post("/api/datasets/{dataset_id}/labels", tags=["labels"])
     def edit_labels(dataset_id: str, body: LabelsIn, user: dict = Depends(current_user)):
         """One edit through the app's label journal: apply, clear, discard, rename, merge."""
         p = built(dataset_for(user, dataset_id))
-        _, book = label_book(p, f"api-{user['name']}")
         try:
+            _, book = label_book(p, f"api-{user['name']}")
             if body.op == "apply":
                 if body.label is None:
                     raise ValueError("apply needs \"label\"")
@@ -626,6 +629,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 rec = book.merge(body.old, body.new, body.into)
         except ValueError as exc:
             raise ServiceError(422, str(exc)) from None
+        except OSError as exc:  # nothing was saved (explorer.journal.JournalError)
+            raise ServiceError(503, f"the label edit was not saved: {exc}") from None
         return {"changed": 0 if rec is None else len(rec["args"].get("changes", {})),
                 "counts": book.counts(), "seq": book.seq}
 
