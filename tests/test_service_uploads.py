@@ -206,3 +206,44 @@ def test_worker_progress_from_stage_lines_and_bars_never_goes_back(monkeypatch):
     assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
     assert ("Embedding 4/4" in [s for _, s in got]) and got[-1][1] == "unknown_stage"
     assert len(got) == 7
+
+
+# --------------------------------------------------------------------------- streaming
+def test_stream_from_passes_every_byte_and_stops_the_writer_when_the_client_goes():
+    import threading as th
+
+    from explorer.service.streams import stream_from
+
+    chunks = [os.urandom(1000) for _ in range(200)]
+
+    def write(f):
+        with zipfile.ZipFile(f, "w") as zf:
+            with zf.open("data.bin", "w") as out:
+                for c in chunks:
+                    out.write(c)
+
+    async def collect():
+        return b"".join([c async for c in stream_from(write, depth=2)])
+
+    data = asyncio.run(collect())
+    assert zipfile.ZipFile(io.BytesIO(data)).read("data.bin") == b"".join(chunks)
+
+    stopped = th.Event()
+    written = []
+
+    def endless(f):
+        try:
+            while True:
+                written.append(f.write(b"x" * 1000))
+        finally:
+            stopped.set()
+
+    async def first_only():
+        gen = stream_from(endless, depth=2)
+        first = await gen.__anext__()
+        await gen.aclose()
+        return first
+
+    assert asyncio.run(first_only()) == b"x" * 1000
+    assert stopped.wait(5), "the writer thread ends when the client goes away"
+    assert len(written) < 10, "bounded: the writer waited for the reader"
