@@ -61,7 +61,11 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(site):
-    """alice's dataset of root/photos, built with the default (network) method."""
+    """alice's dataset of root/photos, built with the default (network) method.
+
+    While that build runs, an upload that asks for its own build is answered (its job waits:
+    one build at a time), the list is served, and deleting the upload cancels its queued job.
+    """
     c = site["c"]["alice"]
     r = c.post("/api/datasets", json={"name": "photos", "folder": "photos"})
     assert r.status_code == 201, r.text
@@ -69,16 +73,27 @@ def built(site):
     r = c.post(f"/api/datasets/{ds}/builds", json={})
     assert r.status_code == 202, r.text
     job = r.json()["job"]
-    seen = []
+    seen, during = [], {}
     t0 = time.monotonic()
     while time.monotonic() - t0 < 600:
         j = c.get(f"/api/jobs/{job}").json()
         seen.append((j["state"], j["progress"], j["stage"]))
+        if j["state"] == "running" and not during:
+            files = [("files", (f"u{i}.jpg", jpeg_bytes(variant(20 + i, 40)), "image/jpeg"))
+                     for i in range(4)]
+            up = c.post("/api/datasets/upload", data={"name": "queued at upload",
+                                                      "build": "phash"}, files=files)
+            during = {"upload": up.json(), "upload_status": up.status_code,
+                      "list_status": c.get("/api/datasets").status_code,
+                      "upload_job": c.get(f"/api/jobs/{up.json()['job']}").json(),
+                      "main_state_after": c.get(f"/api/jobs/{job}").json()["state"]}
+            during["delete_status"] = c.delete(f"/api/datasets/{up.json()['id']}").status_code
+            during["upload_job_after_delete"] = c.get(f"/api/jobs/{up.json()['job']}").json()
         if j["state"] in ("done", "failed"):
             break
         time.sleep(0.25)
     assert j["state"] == "done", j
-    return {"id": ds, "job": j, "seen": seen}
+    return {"id": ds, "job": j, "seen": seen, "during": during}
 
 
 # --------------------------------------------------------------------------- end to end
@@ -423,28 +438,20 @@ def test_errors_are_json_with_the_right_status(site):
         assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
-def test_uploads_and_reads_are_served_while_a_build_runs(site):
+def test_uploads_and_reads_are_served_while_a_build_runs(site, built):
+    d = built["during"]
+    assert d, "the build was seen running"
+    assert d["upload_status"] == 201 and d["upload"]["added"] == 4
+    assert d["list_status"] == 200
+    assert d["main_state_after"] == "running", "answered while the build was still running"
+    # the upload's own build was queued behind it (one build at a time by default) ...
+    assert d["upload_job"]["state"] == "queued" and d["upload_job"]["params"]["method"] == "phash"
+    assert d["upload_job"]["dataset"] == d["upload"]["id"]
+    # ... and deleting the dataset cancelled it
+    assert d["delete_status"] == 200
+    assert d["upload_job_after_delete"]["state"] == "failed"
+    assert "deleted" in d["upload_job_after_delete"]["error"]
     c = site["c"]["alice"]
-    # an upload that queues its own build at once
-    files = [("files", (f"u{i}.jpg", jpeg_bytes(variant(20 + i, 40)), "image/jpeg"))
-             for i in range(16)]
-    r = c.post("/api/datasets/upload", data={"name": "queued at upload", "build": "phash"},
-               files=files)
-    assert r.status_code == 201 and r.json()["added"] == 16, r.text
-    ds, job = r.json()["id"], r.json()["job"]
-    assert c.get(f"/api/jobs/{job}").json()["dataset"] == ds
-    t0 = time.monotonic()
-    while c.get(f"/api/jobs/{job}").json()["state"] != "running":
-        assert time.monotonic() - t0 < 120
-        time.sleep(0.1)
-    r = c.post("/api/datasets/upload", data={"name": "during"},
-               files=[("files", ("x.jpg", jpeg_bytes(variant(9, 40)), "image/jpeg"))])
-    assert r.status_code == 201
-    assert c.get("/api/datasets").status_code == 200
-    assert c.get(f"/api/jobs/{job}").json()["state"] == "running", \
-        "the upload was answered while the build was still running"
-    done = wait_job(c, job)
-    assert done["state"] == "done" and done["result"]["rows"] == 16
     r = c.post("/api/datasets/upload", files=[("files", ("x.jpg", jpeg_bytes(variant(1, 40)),
                                                          "image/jpeg"))], data={"build": "nope"})
     assert r.status_code == 422 and "build" in r.json()["error"]
@@ -508,16 +515,21 @@ def test_queue_survives_a_crashed_worker_and_a_killed_service(tmp_path):
             time.sleep(0.1)
 
         # 3. after a restart every job is accounted for: the interrupted one failed with the
-        #    reason, the queued one runs to the end
+        #    reason, the queued one runs (the first test's build shows a run to the end)
         server.start()
         c = server.client(tok)
         j1 = c.get(f"/api/jobs/{jobs[1]}").json()
         assert j1["state"] == "failed" and "service stopped" in j1["error"]
-        j2 = wait_job(c, jobs[2])
-        assert j2["state"] == "done", j2
-        assert c.get(f"/api/datasets/{ids[2]}/table.csv").status_code == 200
+        wait_state(jobs[2], "running")
         states = {j: c.get(f"/api/jobs/{j}").json()["state"] for j in jobs}
-        assert states == {jobs[0]: "failed", jobs[1]: "failed", jobs[2]: "done"}
+        assert states == {jobs[0]: "failed", jobs[1]: "failed", jobs[2]: "running"}
+        # a clean stop ends the worker and records why
+        worker = _pid_of(data, jobs[2])
+        server.stop()
+        assert not _alive(worker)
+        server.start()
+        j2 = server.client(tok).get(f"/api/jobs/{jobs[2]}").json()
+        assert j2["state"] == "failed" and "service stopped" in j2["error"]
     finally:
         server.stop()
 

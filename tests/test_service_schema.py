@@ -54,7 +54,7 @@ def test_no_server_error_and_errors_are_json(service, mode, existing):
     seen = []
     for op in ops:
         @given(case=op.as_strategy(gen, path_parameters=paths or None))
-        @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=8, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def check(case):
             r = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
