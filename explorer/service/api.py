@@ -166,6 +166,12 @@ class LabelsIn(BaseModel):
     into: Optional[str] = Field(None, max_length=200)
 
 
+class SearchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=500, description="what to look for, in words")
+    top: int = Field(10, ge=1, le=200)
+
+
 class URLsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     urls: list[str] = Field(min_length=1, max_length=500)
@@ -682,6 +688,59 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             filename=f"{ds['id']}-{body.by}.zip",
                             background=BackgroundTask(shutil.rmtree, work, True))
 
+    def run_search(p: dict[str, Path], **query) -> dict:
+        try:
+            from explorer.search import search
+        except ImportError:
+            raise ServiceError(501, "search is not part of this installation") from None
+        try:
+            hits = search(p["csv"], progress=False, **query)
+        except ValueError as exc:  # SearchError: no features, no concepts, bad query
+            raise ServiceError(422, str(exc)) from None
+        return {"results": json.loads(json.dumps(hits, default=_plain))}
+
+    @app.post("/api/datasets/{dataset_id}/search", tags=["results"])
+    async def search_text(dataset_id: str, body: SearchIn, user: dict = Depends(current_user)):
+        """The dataset's images ranked for a query in words (explorer search)."""
+        p = built(dataset_for(user, dataset_id))
+        return await asyncio.to_thread(run_search, p, text=body.text, top=body.top)
+
+    @app.post("/api/datasets/{dataset_id}/search/image", tags=["results"], openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "format": "binary"},
+                "top": {"type": "integer", "minimum": 1, "maximum": 200}}}}}}})
+    async def search_image(dataset_id: str, request: Request, user: dict = Depends(current_user)):
+        """The dataset's images nearest to an example image (multipart field ``image``)."""
+        p = built(dataset_for(user, dataset_id))
+        staging = p["dir"] / f"search-{secrets.token_hex(4)}"
+        limits = Limits(max_request_bytes=config.limits.max_file_bytes + 65536, max_files=1)
+        try:
+            fields, files = await receive_multipart(request, staging, limits)
+            if not files:
+                raise ServiceError(422, "send the example image as the multipart field 'image'")
+            top = fields.get("top") or "10"
+            if not top.isdigit() or not 1 <= int(top) <= 200:
+                raise ServiceError(422, f"top must be 1-200, got {top!r}")
+            tmp = files[0][0]
+            from explorer.service.uploads import image_format
+
+            try:
+                fmt = await asyncio.to_thread(image_format, tmp, config.limits.max_pixels)
+            except ValueError as exc:
+                raise ServiceError(422, f"the example is not usable: {exc}") from None
+            from explorer.service.uploads import FORMATS
+
+            example = tmp.with_name("example" + FORMATS[fmt])
+            os.replace(tmp, example)
+            return await asyncio.to_thread(run_search, p, image=example, top=int(top))
+        except RequestTooLarge as exc:
+            raise ServiceError(413, str(exc)) from None
+        except ValueError as exc:
+            raise ServiceError(400, str(exc)) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     # ------------------------------------------------------------------ the apps
     def app_user(request_or_ws) -> Optional[dict]:
         sid = request_or_ws.cookies.get(COOKIE)
@@ -785,6 +844,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return RedirectResponse("/docs")
 
     return app
+
+
+def _plain(o):
+    """JSON for numpy scalars and arrays, paths."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
 
 
 def _page(title: str, body: str) -> str:

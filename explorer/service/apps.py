@@ -41,12 +41,18 @@ class AppServers:
         self.idle = idle
         self.max_running = max_running
         self.start_timeout = start_timeout
-        # short path (a Unix socket path has ~100 bytes), private to this user
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="explorer-apps-"))
-        os.chmod(self.sock_dir, 0o700)
+        self._sock_dir: Path | None = None
         self._procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._built: dict[str, int] = {}  # the CSV's mtime when each process started
+
+    @property
+    def sock_dir(self) -> Path:
+        """A short path (a Unix socket path has ~100 bytes) that only this user can enter."""
+        if self._sock_dir is None:
+            self._sock_dir = Path(tempfile.mkdtemp(prefix="explorer-apps-"))
+            os.chmod(self._sock_dir, 0o700)
+        return self._sock_dir
 
     def socket_for(self, ds_id: str) -> Path:
         return self.sock_dir / f"{ds_id}.sock"
@@ -118,7 +124,9 @@ class AppServers:
     def stop_all(self) -> None:
         for ds_id in list(self._procs):
             self.stop(ds_id)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
 
 
 def _mtime(path: Path) -> int:
