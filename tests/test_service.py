@@ -572,7 +572,11 @@ def test_cli_help_is_light_and_bad_options_are_messages(tmp_path):
     r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root",
                         str(tmp_path / "missing"), "--data", str(tmp_path / "d")], env=_env(),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "is not a folder" in r.stderr
+    assert r.returncode == 2 and "not found" in r.stderr  # refused: explorer.paths
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root", "/etc",
+                        "--data", str(tmp_path / "d")], env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "system folder" in r.stderr
     r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root", str(tmp_path),
                         "--data", str(tmp_path / "d"), "--workers", "0"], env=_env(),
                        capture_output=True, text=True, timeout=60)

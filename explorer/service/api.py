@@ -28,16 +28,17 @@ from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, RedirectResponse,
+                               StreamingResponse)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from explorer.service.apps import AppServers, AppUnavailable, proxy_http, proxy_websocket
 from explorer.service.db import DB, PROJECT_NAME, dataset_dir
 from explorer.service.fetch import FetchRules, download
 from explorer.service.jobs import JobQueue
+from explorer.service.streams import stream_from
 from explorer.service.uploads import Intake, Limits, RequestTooLarge, receive_multipart
 
 COOKIE = "explorer_session"
@@ -58,10 +59,9 @@ class ServiceConfig:
     url_timeout: float = 10.0
 
     def __post_init__(self):
-        self.root = Path(self.root).expanduser()
-        if not self.root.is_dir():
-            raise ValueError(f"--root {self.root} is not a folder")
-        self.root = self.root.resolve()
+        from explorer.paths import check_image_root
+
+        self.root = check_image_root(Path(self.root).expanduser())  # UnsafePath: a ValueError
         self.data = Path(self.data).expanduser().resolve()
         self.data.mkdir(parents=True, exist_ok=True)
         if self.fetch is None:
@@ -319,6 +319,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
                                     "(through a symlink); refused")
         if not target.is_dir():
             raise ServiceError(422, f"{rel!r} is not a folder")
+        from explorer.paths import UnsafePath, check_image_root
+
+        try:
+            check_image_root(target)  # the project's one rule for image folders
+        except UnsafePath as exc:
+            raise ServiceError(422, str(exc)) from None
         if target == config.data or target.is_relative_to(config.data) or \
                 config.data.is_relative_to(target):
             raise ServiceError(422, f"folder {rel!r} holds the service's own data; refused")
@@ -641,52 +647,58 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "counts": book.counts(), "seq": book.seq}
 
     @app.post("/api/datasets/{dataset_id}/exports", tags=["results"],
-              response_class=FileResponse, responses={200: {"content": {"application/zip": {}}}})
+              response_class=StreamingResponse,
+              responses={200: {"content": {"application/zip": {}}}})
     async def export_zip(dataset_id: str, body: Optional[ExportIn] = None,
                          user: dict = Depends(current_user)):
         """A zip of ``cluster_N/`` (or one folder per label), ``outliers/`` and, with
-        ``sample``, ``sample/`` holding that share of every folder."""
+        ``sample``, ``sample/`` holding that share of every folder; ``manifest.csv`` lists
+        every image and ``MISSING.txt`` the rows whose image could not be exported. Streamed
+        while it is written (explorer.exports)."""
+        from explorer import exports
+
         ds = dataset_for(user, dataset_id)
         p = built(ds)
         body = body or ExportIn()
-        from explorer.export import parse_sample
-
         try:
-            frac = parse_sample(body.sample)
+            frac = exports.parse_sample(body.sample)
         except ValueError as exc:
             raise ServiceError(422, str(exc)) from None
-        work = p["dir"] / f"export-{secrets.token_hex(6)}"
+        root = image_folder_of(ds)
 
-        def make() -> Path:
-            from explorer.export import export_folders
+        def plan():
             from explorer.table import read_table
 
-            df = read_table(p["csv"])
             if body.by == "label":
-                df, book = label_book(p, f"api-{user['name']}")
                 from explorer.labels import labelled_table
 
+                df, book = label_book(p, f"api-{user['name']}")
                 df = labelled_table(df, book)
-            export_folders(df, image_folder_of(ds), work / "tree", by=body.by, sample=frac,
-                           mode="link", progress=False)
-            import zipfile
-
-            out = work / "export.zip"
-            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                tree = work / "tree"
-                for f in sorted(tree.rglob("*")):
-                    if f.is_file():
-                        zf.write(f, f.relative_to(tree).as_posix())
-            return out
+            else:
+                df = read_table(p["csv"])
+            return df, exports.plan_export(df, root, layout=body.by, sample=frac)
 
         try:
-            out = await asyncio.to_thread(make)
-        except (ValueError, FileExistsError) as exc:
-            shutil.rmtree(work, ignore_errors=True)
+            df, plan = await asyncio.to_thread(plan)
+        except ValueError as exc:
             raise ServiceError(422, str(exc)) from None
-        return FileResponse(out, media_type="application/zip",
-                            filename=f"{ds['id']}-{body.by}.zip",
-                            background=BackgroundTask(shutil.rmtree, work, True))
+        except OSError as exc:
+            raise ServiceError(503, f"the export cannot be planned now: {exc}") from None
+        paths = df["path"].fillna("").astype(str).tolist()
+        rows = [{"path": paths[r], "folder": arc.split("/", 1)[0], "file": arc.rsplit("/", 1)[1],
+                 "sampled": r in plan.sampled}
+                for (arc, _), r in zip(plan.entries, plan.rows)
+                if not arc.startswith(exports.SAMPLE + "/")]
+        import pandas as pd
+
+        manifest = pd.DataFrame(rows, columns=["path", "folder", "file", "sampled"]).to_csv(
+            index=False)
+        extra = {exports.MANIFEST: manifest, "MISSING.txt": plan.refused_note()}
+        name = f"{ds['id']}-{body.by}.zip"
+        return StreamingResponse(
+            stream_from(lambda f: exports.write_zip(plan.entries, f, extra=extra)),
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     def run_search(p: dict[str, Path], **query) -> dict:
         try:
