@@ -168,6 +168,26 @@ def test_labels_go_through_the_apps_journal(site, built):
     c.post(f"/api/datasets/{ds}/labels", json={"op": "clear", "keys": keys})
 
 
+def test_search_by_words_and_by_example_image(site, built):
+    pytest.importorskip("explorer.search", reason="explorer search is not in this tree")
+    c = site["c"]["alice"]
+    ds = built["id"]
+    r = c.post(f"/api/datasets/{ds}/search", json={"text": "a cat", "top": 5})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert 0 < len(hits) <= 5 and all({"path", "score"} <= set(h) for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    example = (site["root"] / "photos" / "a" / "img4.jpg").read_bytes()
+    r = c.post(f"/api/datasets/{ds}/search/image", data={"top": "3"},
+               files={"image": ("q.jpg", example, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["path"] == "a/img4.jpg"
+    r = c.post(f"/api/datasets/{ds}/search/image", files={"image": ("q.jpg", b"no", "image/jpeg")})
+    assert r.status_code == 422 and "not usable" in r.json()["error"]
+    assert site["c"]["carol"].post(f"/api/datasets/{ds}/search",
+                                   json={"text": "cat"}).status_code == 404
+
+
 # --------------------------------------------------------------------------- access
 def test_access_matrix_for_the_api(site, built):
     c = site["c"]
