@@ -643,7 +643,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise ServiceError(422, str(exc)) from None
         except OSError as exc:  # nothing was saved (explorer.journal.JournalError)
             raise ServiceError(503, f"the label edit was not saved: {exc}") from None
-        return {"changed": 0 if rec is None else len(rec["args"].get("changes", {})),
+        from explorer.journal import change_groups
+
+        changed = 0 if rec is None else sum(len(g[2]) for g in
+                                            change_groups(rec["args"].get("changes")))
+        return {"changed": changed,
                 "counts": book.counts(), "seq": book.seq}
 
     @app.post("/api/datasets/{dataset_id}/exports", tags=["results"],
