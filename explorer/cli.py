@@ -117,6 +117,47 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=42)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(mode="copy")
+
+    s = sub.add_parser("serve", help="run the HTTP API, job queue and apps for a team",
+                       description="Serve datasets of images to a team: an HTTP API under "
+                       "/api (docs at /docs), a persistent build queue, and each dataset's "
+                       "explorer app at /apps/ID. Create users first with `explorer users add`.")
+    s.add_argument("--root", required=True, metavar="DIR",
+                   help="the only server folder whose sub-folders datasets may register")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="where the service keeps everything (SQLite records, uploads, builds)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; put a TLS proxy in front "
+                   "before opening it to a network)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="builds that run at once, each in its own process (default 1)")
+    s.add_argument("--allow-private-urls", action="store_true",
+                   help="let URL downloads reach loopback, private and link-local addresses "
+                   "(off by default: only public addresses)")
+    s.add_argument("--url-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="connect/read timeout for each URL download (default 10)")
+    s.add_argument("--max-upload-mb", type=float, default=2048,
+                   help="largest upload request in MiB (default 2048)")
+    s.add_argument("--max-file-mb", type=float, default=50,
+                   help="largest single image in MiB (default 50)")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+    u = sub.add_parser("users", help="add, list or remove the users of `explorer serve`",
+                       description="Manage the users of `explorer serve --data DIR`.")
+    usub = u.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    ua = usub.add_parser("add", help="create a user; prints the API token as the last line")
+    ua.add_argument("name", metavar="NAME")
+    ua.add_argument("--admin", action="store_true", help="may see and change every dataset")
+    ua.add_argument("--project", action="append", default=[], metavar="P",
+                    help="a project the user belongs to (repeat for several)")
+    ua.add_argument("--data", required=True, metavar="DIR")
+    ul = usub.add_parser("list", help="list users and their projects")
+    ul.add_argument("--data", required=True, metavar="DIR")
+    ur = usub.add_parser("remove", help="remove a user (their token stops working at once)")
+    ur.add_argument("name", metavar="NAME")
+    ur.add_argument("--data", required=True, metavar="DIR")
     return p
 
 
@@ -216,7 +257,49 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export}
+def cmd_serve(a: argparse.Namespace) -> int:
+    from explorer.service import serve
+
+    if not 0 < a.port < 65536:
+        raise ValueError(f"--port must be 1-65535, got {a.port}")
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.max_upload_mb <= 0 or a.max_file_mb <= 0:
+        raise ValueError("--max-upload-mb and --max-file-mb must be > 0")
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"explorer serve: listening on {a.host} without TLS; tokens and images cross "
+              "the network in clear text unless an HTTPS proxy sits in front", file=sys.stderr)
+    serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
+          allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
+          log_level=a.log_level,
+          max_request_bytes=int(a.max_upload_mb * 2**20),
+          max_file_bytes=int(a.max_file_mb * 2**20))
+    return 0
+
+
+def cmd_users(a: argparse.Namespace) -> int:
+    from explorer.service.db import DB
+
+    db = DB(Path(a.data).expanduser() / "service.db")
+    if a.users_command == "add":
+        token = db.add_user(a.name, admin=a.admin, projects=a.project)
+        print(f"added user {a.name}" + (" (admin)" if a.admin else "")
+              + (f", projects: {', '.join(a.project)}" if a.project else "")
+              + "; the API token (shown once, keep it secret):")
+        print(token)
+    elif a.users_command == "list":
+        for u in db.users():
+            print(f"{u['name']}\t{'admin' if u['admin'] else 'user'}\t"
+                  f"{','.join(u['projects']) or '-'}")
+    else:
+        if not db.remove_user(a.name):
+            raise ValueError(f"no user named {a.name!r}")
+        print(f"removed user {a.name}")
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
+            "serve": cmd_serve, "users": cmd_users}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,249 @@
+"""Each dataset's explorer app at ``/apps/{id}``, behind the service's users and rules.
+
+One ``bokeh serve`` process per dataset that someone opened, started on demand and stopped
+after ``idle`` seconds without a request (or when the service stops). It listens on a Unix
+socket in a folder only the service's user can enter, so nothing reaches it except through
+the service: the service checks the login cookie (or bearer token) and the dataset's
+visibility first, then passes the request (HTTP, or the app's websocket) through. A process
+that crashes is started again on the next request.
+
+The app is ``bokeh serve DATA/datasets/ID/app --prefix /apps/ID --args app.csv``, so its
+pages live under ``/apps/ID/app`` and every URL it makes stays under ``/apps/ID/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailers", "transfer-encoding", "upgrade", "content-length", "host",
+              "authorization", "cookie", "content-encoding"}
+
+
+class AppUnavailable(RuntimeError):
+    """The dataset's app process did not come up."""
+
+
+class AppServers:
+    def __init__(self, data_dir: Path, idle: float = 1800.0, max_running: int = 8,
+                 start_timeout: float = 90.0):
+        self.data_dir = Path(data_dir)
+        self.idle = idle
+        self.max_running = max_running
+        self.start_timeout = start_timeout
+        self._sock_dir: Path | None = None
+        self._procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._built: dict[str, int] = {}  # the CSV's mtime when each process started
+
+    @property
+    def sock_dir(self) -> Path:
+        """A short path (a Unix socket path has ~100 bytes) that only this user can enter."""
+        if self._sock_dir is None:
+            self._sock_dir = Path(tempfile.mkdtemp(prefix="explorer-apps-"))
+            os.chmod(self._sock_dir, 0o700)
+        return self._sock_dir
+
+    def socket_for(self, ds_id: str) -> Path:
+        return self.sock_dir / f"{ds_id}.sock"
+
+    async def ensure(self, ds_id: str, app_dir: Path, csv: Path) -> Path:
+        """The socket of the dataset's running app process (started if needed)."""
+        lock = self._locks.setdefault(ds_id, asyncio.Lock())
+        async with lock:
+            self._stop_idle()
+            entry = self._procs.get(ds_id)
+            built = _mtime(csv)
+            if entry is not None and entry[0].poll() is None and self._built.get(ds_id) == built:
+                self._procs[ds_id] = (entry[0], entry[1], time.monotonic())
+                return entry[1]
+            self.stop(ds_id)  # gone, or the dataset was built again since it started
+            self._built[ds_id] = built
+            return await self._start(ds_id, app_dir, csv)
+
+    async def _start(self, ds_id: str, app_dir: Path, csv: Path) -> Path:
+        while len(self._procs) >= self.max_running:
+            oldest = min(self._procs, key=lambda k: self._procs[k][2])
+            self.stop(oldest)
+        sock = self.socket_for(ds_id)
+        sock.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["EXPLORER_APP_PREFIX"] = f"/apps/{ds_id}"  # the app builds its URLs under it
+        log = open(self.data_dir / "logs" / f"app-{ds_id}.log", "ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bokeh", "serve", str(app_dir), "--unix-socket", str(sock),
+                 "--prefix", f"/apps/{ds_id}", "--log-level", "warning", "--args", str(csv)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=str(app_dir.parent))
+        finally:
+            log.close()
+        self._procs[ds_id] = (proc, sock, time.monotonic())
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.start_timeout:
+            if proc.poll() is not None:
+                del self._procs[ds_id]
+                raise AppUnavailable(f"the app process exited with status {proc.returncode}")
+            if sock.exists() and _connects(sock):
+                return sock
+            await asyncio.sleep(0.1)
+        self.stop(ds_id)
+        raise AppUnavailable(f"the app did not start within {self.start_timeout:.0f} s")
+
+    def _stop_idle(self) -> None:
+        now = time.monotonic()
+        for ds_id, (proc, _, used) in list(self._procs.items()):
+            if proc.poll() is not None or now - used > self.idle:
+                self.stop(ds_id)
+
+    def stop(self, ds_id: str) -> None:
+        entry = self._procs.pop(ds_id, None)
+        if entry is None:
+            return
+        proc, sock, _ = entry
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        sock.unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        for ds_id in list(self._procs):
+            self.stop(ds_id)
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _connects(sock: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- proxying
+async def proxy_http(request, sock: Path, path: str, own_cookie: str):
+    """Pass an HTTP request to the app on ``sock``; return a Starlette response.
+
+    The service's own login cookie (``own_cookie``) and ``Authorization`` never reach the app;
+    the app's other cookies pass both ways (a Set-Cookie naming ``own_cookie`` is dropped).
+    """
+    import httpx
+    from starlette.responses import Response
+
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    headers.append(("host", request.headers.get("host", "localhost")))
+    cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != own_cookie)
+    if cookies:
+        headers.append(("cookie", cookies))
+    url = httpx.URL("http://localhost" + path, query=request.url.query.encode())
+    body = await request.body()
+    transport = httpx.AsyncHTTPTransport(uds=str(sock))
+    async with httpx.AsyncClient(transport=transport, timeout=60.0) as client:
+        r = await client.request(request.method, url, headers=headers, content=body)
+        content = r.content
+    resp = Response(content=content, status_code=r.status_code)
+    for k, v in r.headers.multi_items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or (lk == "set-cookie" and v.split("=", 1)[0].strip() == own_cookie):
+            continue
+        resp.raw_headers.append((lk.encode("latin-1"), v.encode("latin-1")))
+    return resp
+
+
+class _UnixResolver:
+    """A tornado resolver that sends every connection to one Unix socket."""
+
+    def __init__(self, sock: Path):
+        self.sock = str(sock)
+
+    async def resolve(self, host, port, family=socket.AF_UNSPEC):
+        return [(socket.AF_UNIX, self.sock)]
+
+    def close(self):
+        pass
+
+
+async def proxy_websocket(websocket, sock: Path, path: str) -> None:
+    """Join the browser's websocket to the app's websocket at ``path`` on ``sock``."""
+    from starlette.websockets import WebSocketDisconnect
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import WebSocketClosedError, websocket_connect
+
+    protos = list(websocket.scope.get("subprotocols") or []) or [
+        p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")
+        if p.strip()]
+    query = websocket.url.query
+    req = HTTPRequest("ws://localhost" + path + (f"?{query}" if query else ""),
+                      headers={"Host": websocket.headers.get("host", "localhost")},
+                      connect_timeout=30, request_timeout=30)
+    # no Origin upstream: the service checked it (same origin) before calling this
+    try:
+        upstream = await websocket_connect(req, subprotocols=protos or None,
+                                           resolver=_UnixResolver(sock),
+                                           max_message_size=256 * 2**20)
+    except Exception as exc:  # noqa: BLE001 - app down or refused: close the browser's socket
+        print(f"explorer serve: app websocket {path}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        await websocket.close(code=1011)
+        return
+    await websocket.accept(subprotocol=upstream.selected_subprotocol)
+
+    async def down():
+        while True:
+            msg = await upstream.read_message()
+            if msg is None:
+                break
+            if isinstance(msg, bytes):
+                await websocket.send_bytes(msg)
+            else:
+                await websocket.send_text(msg)
+
+    async def up():
+        while True:
+            m = await websocket.receive()
+            if m["type"] == "websocket.disconnect":
+                break
+            if m.get("bytes") is not None:
+                await upstream.write_message(m["bytes"], binary=True)
+            elif m.get("text") is not None:
+                await upstream.write_message(m["text"])
+
+    tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except (WebSocketDisconnect, WebSocketClosedError):
+        pass
+    finally:
+        for t in tasks:
+            t.cancel()
+        upstream.close()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close()

@@ -1,0 +1,161 @@
+"""The persistent job queue: records in SQLite, each build in its own worker process.
+
+* ``submit`` stores a job as ``queued``; nothing runs in the web process.
+* A scheduler thread starts up to ``concurrency`` workers (``python -m
+  explorer.service.worker``), oldest job first, never two at once for one dataset.
+* A worker that crashes or is killed (out of memory) fails only its job; the exit status
+  becomes the job's error.
+* On start, jobs left ``running`` by a service that stopped are marked ``failed`` with the
+  reason; ``queued`` jobs simply run. On stop, running workers are ended and their jobs
+  marked ``failed`` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from explorer.service.db import DB
+
+INTERRUPTED = ("the service stopped while this job was running; it was not finished "
+               "(submit the build again)")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class JobQueue:
+    def __init__(self, db: DB, data_dir: Path, concurrency: int = 1, poll: float = 0.2,
+                 worker: str = "explorer.service.worker"):
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        self.db = db
+        self.data_dir = Path(data_dir)
+        self.logs = self.data_dir / "logs"
+        self.concurrency = concurrency
+        self.poll = poll
+        self.worker = worker  # the module run as ``python -m WORKER DB JOB TOKEN PARENT``
+        self._procs: dict[str, tuple[subprocess.Popen, str]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public
+    def recover(self) -> int:
+        """Fail the jobs a previous service left running; return how many."""
+        return self.db.run("UPDATE jobs SET state = 'failed', error = ?, finished = ?, pid = NULL "
+                           "WHERE state = 'running'", (INTERRUPTED, time.time()))
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="explorer-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 5)
+
+    def submit(self, dataset_id: str, owner_id: int, params: dict[str, Any]) -> str:
+        job_id = secrets.token_hex(8)
+        self.db.run("INSERT INTO jobs(id, dataset_id, owner_id, kind, params, state, created) "
+                    "VALUES (?, ?, ?, 'build', ?, 'queued', ?)",
+                    (job_id, dataset_id, owner_id, json.dumps(params), time.time()))
+        self._wake.set()
+        return job_id
+
+    def running_for(self, dataset_id: str) -> bool:
+        return self.db.one("SELECT 1 AS x FROM jobs WHERE dataset_id = ? AND state = 'running'",
+                           (dataset_id,)) is not None
+
+    def cancel_queued(self, dataset_id: str, reason: str) -> None:
+        self.db.run("UPDATE jobs SET state = 'failed', error = ?, finished = ? "
+                    "WHERE dataset_id = ? AND state = 'queued'", (reason, time.time(), dataset_id))
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                self._start_next()
+            except Exception as exc:  # noqa: BLE001 - keep scheduling; say why in the log
+                print(f"explorer serve: job scheduler: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+            self._wake.wait(self.poll)
+            self._wake.clear()
+        self._shutdown()
+
+    def _reap(self) -> None:
+        for job_id, (proc, token) in list(self._procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self._procs[job_id]
+            if code < 0:
+                why = (f"the worker was killed by {_signal_name(code)}"
+                       + (" (out of memory?)" if code == -signal.SIGKILL else ""))
+            elif code != 0:
+                why = f"the worker exited with status {code}; see {self.logs / (job_id + '.log')}"
+            else:
+                why = "the worker ended without recording a result"
+            self.db.finish(job_id, token, "failed", error=why)  # no-op if it recorded one
+
+    def _start_next(self) -> None:
+        while len(self._procs) < self.concurrency and not self._stop.is_set():
+            busy = {r["dataset_id"] for r in self.db.all(
+                "SELECT dataset_id FROM jobs WHERE state = 'running'")}
+            queued = self.db.all("SELECT id, dataset_id FROM jobs WHERE state = 'queued' "
+                                 "ORDER BY created, rowid")
+            nxt = next((j for j in queued if j["dataset_id"] not in busy), None)
+            if nxt is None:
+                return
+            token = secrets.token_hex(8)
+            claimed = self.db.run("UPDATE jobs SET state = 'running', run_token = ?, started = ?, "
+                                  "progress = 0 WHERE id = ? AND state = 'queued'",
+                                  (token, time.time(), nxt["id"]))
+            if not claimed:
+                continue
+            self._spawn(nxt["id"], token)
+
+    def _spawn(self, job_id: str, token: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.concurrency)))
+        with open(self.logs / f"{job_id}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", self.worker, str(self.db.path), job_id,
+                 token, str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True)
+        self.db.run("UPDATE jobs SET pid = ? WHERE id = ?", (proc.pid, job_id))
+        self._procs[job_id] = (proc, token)
+
+    def _shutdown(self) -> None:
+        for proc, _ in self._procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc, _ in self._procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for job_id, (_, token) in self._procs.items():
+            self.db.finish(job_id, token, "failed", error=INTERRUPTED)
+        self._procs.clear()

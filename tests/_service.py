@@ -1,0 +1,96 @@
+"""Helpers for the service tests: a real ``explorer serve`` subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_user(data: Path, name: str, *extra: str) -> str:
+    """``explorer users add`` in a subprocess; return the token (the last line printed)."""
+    out = subprocess.run([sys.executable, "-m", "explorer.cli", "users", "add", name, *extra,
+                          "--data", str(data)], env=_env(), capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["EXPLORER_NO_WARMUP"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class Server:
+    """``explorer serve`` on 127.0.0.1:free port; ``start()``/``stop()`` (SIGTERM, then kill)."""
+
+    def __init__(self, root: Path, data: Path, *args: str):
+        self.root, self.data, self.args = Path(root), Path(data), list(args)
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.log = self.data / "serve.log"
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "explorer.cli", "serve", "--root", str(self.root),
+                 "--data", str(self.data), "--port", str(port), "--log-level", "warning",
+                 *self.args], env=_env(), stdout=log, stderr=log)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"explorer serve exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/openapi.json", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("explorer serve did not answer within the timeout")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self, token: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60),
+                            **kw)
+
+
+def wait_job(client: httpx.Client, job: str, timeout: float = 300.0) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        j = client.get(f"/api/jobs/{job}").json()
+        if j["state"] in ("done", "failed"):
+            return j
+        time.sleep(0.3)
+    raise AssertionError(f"job {job} still {j['state']} after {timeout} s")
