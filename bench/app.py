@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _appdata import make_big_csv  # noqa: E402
 
-from explorer.app import browser as B  # noqa: E402
+import _browser as B  # noqa: E402
 
 DRAWN_AT_JS = "const ok = (() => {" + B.PLOT_DRAWN_JS + "})(); return ok ? performance.now() : null;"
 

@@ -1,6 +1,7 @@
 """Run the app under ``bokeh serve`` and drive it in headless Chromium.
 
-Shared by tests/test_app_browser.py, bench/app.py and src/screenshot.py. Needs Debian's
+Test tooling (not part of the runtime package): shared by the browser tests, bench/app.py,
+bench/sessions.py and src/screenshot.py. Needs Debian's
 ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``) and
 the ``selenium`` package; selenium-manager is never asked to download anything.
 """
