@@ -27,6 +27,11 @@ def _warm_up() -> None:
 
 
 def on_server_loaded(server_context) -> None:
+    from explorer.app.downloads import install, store
+
+    # saved CSVs and zips are served by our own handler, to the session that saved them only
+    install(server_context)
+    server_context.add_periodic_callback(store().expire, 60_000)
     if os.environ.get("EXPLORER_NO_WARMUP"):
         return
     threading.Thread(target=_warm_up, name="explorer-warm-up", daemon=True).start()
