@@ -289,6 +289,39 @@ def _handler_class() -> type:
     return DownloadHandler
 
 
+def _thumb_handler_class() -> type:
+    from tornado import web
+
+    class ThumbHandler(web.RequestHandler):
+        """GET /<route>/_thumb/<row>: that row's thumbnail, if it is an image inside the app."""
+
+        def initialize(self, route: str) -> None:
+            self.route = route
+
+        def set_default_headers(self) -> None:
+            self.set_header("X-Content-Type-Options", "nosniff")
+
+        async def get(self, row: str) -> None:
+            from explorer.app.project import project_for_route
+
+            project = project_for_route(self.route)
+            f = project.thumb_file(int(row)) if project is not None and len(row) < 12 else None
+            if f is None:
+                raise web.HTTPError(404)
+            try:
+                data = f.read_bytes() if f.stat().st_size <= 8 << 20 else None
+            except OSError:
+                data = None
+            if data is None:
+                raise web.HTTPError(404)
+            kind = {".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}.get(f.suffix.lower(), "image/jpeg")
+            self.set_header("Content-Type", kind)
+            self.set_header("Cache-Control", "private, max-age=3600")
+            self.write(data)
+
+    return ThumbHandler
+
+
 def url_pattern(app_url: str, prefix: str = "") -> str:
     """The Tornado URL pattern of an app's downloads (``app_url`` like ``/demo``)."""
     base = (prefix.rstrip("/") + "/" + app_url.strip("/")).rstrip("/")
@@ -334,7 +367,14 @@ def install(server_context: Any, downloads: DownloadStore | None = None) -> str 
     if app is None:
         log.error("explorer: could not find the Tornado application; exports cannot be downloaded")
         return None
-    pattern = url_pattern(ctx.url, getattr(app, "_prefix", "") or "")
-    app.add_handlers(r".*", [(pattern, _handler_class(), {"store": downloads or store()})])
+    from explorer.app.project import THUMB_SEGMENT
+
+    prefix = getattr(app, "_prefix", "") or ""
+    pattern = url_pattern(ctx.url, prefix)
+    base = (prefix.rstrip("/") + "/" + ctx.url.strip("/")).rstrip("/")
+    app.add_handlers(r".*", [
+        (pattern, _handler_class(), {"store": downloads or store()}),
+        (base + f"/{THUMB_SEGMENT}/([0-9]+)", _thumb_handler_class(), {"route": ctx.url.strip("/")}),
+    ])  # fmt: skip
     log.info("explorer: exports served to their own session at %s", pattern)
     return pattern
