@@ -283,7 +283,7 @@ def test_save_labels_writes_new_files_and_an_imagefolder_zip(app, tmp_path):
     assert img.size[0] > 0 and ds.classes[target] in ds.classes
     # a second save never overwrites
     again = st.save_labels("mylabels", imagefolder=True)
-    assert again.csv.name == "mylabels-1.csv" and again.zip.name == "mylabels-1.zip"
+    assert again.csv != res.csv and again.zip != res.zip and zipfile.is_zipfile(res.zip)
 
 
 def test_selection_save_carries_current_labels(app):

@@ -15,6 +15,7 @@ from bokeh.models import LassoSelectTool
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
+from explorer.app import downloads  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
 
 WIDGETS = [
@@ -126,12 +127,15 @@ def test_save_writes_csv_and_zip_and_offers_downloads(doc, app):
     w(doc, "save_name").value = "astro"
     w(doc, "save_images").active = True
     click(w(doc, "save"))
-    exports = app[0] / "exports"
-    assert sorted(p.name for p in exports.iterdir()) == ["astro.csv", "astro.zip"]
-    assert len(read_table(exports / "astro.csv")) == 8
     dl = w(doc, "downloads").data
     assert dl["filename"] == ["astro.csv", "astro.zip"]
-    assert dl["url"] == ["/app/static/exports/astro.csv", "/app/static/exports/astro.zip"]
+    tokens = [u.split("/")[-2] for u in dl["url"]]
+    assert dl["url"] == [f"/app/_exports/{tokens[0]}/astro.csv", f"/app/_exports/{tokens[1]}/astro.zip"]
+    assert dl["cookie_path"] == [u.rsplit("/", 1)[0] + "/" for u in dl["url"]]
+    key = doc.explorer_view.state.session_key
+    csv_item = downloads.store().lookup(tokens[0], "astro.csv", key)
+    assert len(read_table(csv_item.path)) == 8
+    assert not (app[0] / "exports").exists() and not (app[0] / "static" / "exports").exists()
     assert "saved 8 row(s)" in w(doc, "status").text
 
 
@@ -215,8 +219,8 @@ def test_works_from_another_directory_with_relative_csv(app, tmp_path, monkeypat
     w(doc, "save_images").active = True
     click(w(doc, "save"))
     assert "8 original image(s)" in w(doc, "status").text
-    assert (app[0] / "exports" / "selection.zip").is_file()
-    assert not (elsewhere / "exports").exists()
+    assert w(doc, "downloads").data["filename"] == ["selection.csv", "selection.zip"]
+    assert not (elsewhere / "exports").exists() and not list(elsewhere.iterdir())
 
 
 def test_csv_found_beside_app_without_args(app):
