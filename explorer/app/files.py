@@ -14,7 +14,6 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -48,6 +47,8 @@ class SaveResult:
     thumbnails: int = 0
     missing: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    #: class folders in an ImageFolder zip
+    classes: int = 0
     message: str = ""
     #: (download file name, URL path) for each written file, for this session only
     downloads: list[tuple[str, str]] = field(default_factory=list)
@@ -210,11 +211,12 @@ def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
 
 
 def _imagefolder_entries(plan: ExportPlan, result: SaveResult) -> list[tuple[Path, str]]:
-    """ImageFolder layout: ``<label>/<file>`` per labelled, not discarded, original image."""
+    """ImageFolder layout: ``<stem>/<label>/<file>`` per labelled, not discarded, original image."""
     from explorer.labels import DISCARD
 
     entries: list[tuple[Path, str]] = []
     used: set[str] = set()
+    classes: set[str] = set()
     labels = plan.table["label"].fillna("").astype(str).tolist() if "label" in plan.table else []
     paths = plan.table["path"].fillna("").astype(str).tolist() if "path" in plan.table else []
     for path, label in zip(paths, labels):
@@ -225,7 +227,8 @@ def _imagefolder_entries(plan: ExportPlan, result: SaveResult) -> list[tuple[Pat
             result.missing.append(path)
             continue
         folder = _safe_folder(label)
-        name = f"{folder}/{posixpath.basename(path.replace(chr(92), '/'))}"
+        classes.add(folder)
+        name = f"{plan.stem}/{folder}/{posixpath.basename(path.replace(chr(92), '/'))}"
         base, ext = posixpath.splitext(name)
         k = 1
         while name in used:
@@ -234,6 +237,7 @@ def _imagefolder_entries(plan: ExportPlan, result: SaveResult) -> list[tuple[Pat
         used.add(name)
         entries.append((orig, name))
         result.originals += 1
+    result.classes = len(classes)
     return entries
 
 
@@ -273,12 +277,12 @@ def _write_zip(entries: list[tuple[Path, str]], notes: dict[str, str], dest: Pat
                     zf.write(f, name)
 
 
-def describe(result: SaveResult, imagefolder: bool = False, classes: int = 0) -> str:
+def describe(result: SaveResult, imagefolder: bool = False) -> str:
     """The sentence shown after a save."""
     if imagefolder:
         parts = [f"saved {result.rows:,} row(s) with labels to {result.downloads[0][0]}"]
         if result.zip is not None:
-            parts.append(f"{result.originals:,} image(s) in {classes} class folder(s) to {result.downloads[1][0]}")
+            parts.append(f"{result.originals:,} image(s) in {result.classes} class folder(s) to {result.downloads[1][0]}")
             if result.missing:
                 parts.append(f"{len(result.missing):,} labelled image(s) not found as originals")
         return "; ".join(parts)
@@ -292,6 +296,3 @@ def describe(result: SaveResult, imagefolder: bool = False, classes: int = 0) ->
             parts.append(f"{len(result.missing):,} image(s) found neither as original nor thumbnail")
     return "; ".join(parts)
 
-
-def _unused(x: Any) -> None:  # keep linters quiet about optional imports
-    return None

@@ -257,13 +257,7 @@ class AppState(SelectionModel, Curation):
         if isinstance(result, Exception):
             self._refuse(f"not saved: {result}")
             return None
-        classes = 0
-        if imagefolder and result.zip is not None:
-            import zipfile
-
-            with zipfile.ZipFile(result.zip) as zf:
-                classes = len({n.split("/", 1)[0] for n in zf.namelist() if "/" in n})
-        result.message = describe(result, imagefolder, classes)
+        result.message = describe(result, imagefolder)
         self._say(result.message)
         self._emit("message")
         return result
