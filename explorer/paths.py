@@ -25,19 +25,23 @@ errors are :class:`UnsafePath` (a ``ValueError``) with a message a person can ac
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
 import re
 import stat
+import sys
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "UnsafePath",
     "resolve_under",
+    "resolver",
     "check_image_root",
     "image_root_from_run",
+    "require_image_root",
     "is_app_relative_url",
     "system_folder_reason",
     "IMAGE_SUFFIXES",
@@ -98,80 +102,121 @@ def resolve_under(root: str | os.PathLike, rel: str | os.PathLike, *, must_be_im
     outside ``root``, e.g. through a symlink that leads out (``"outside"``), does not exist
     (``"missing"``), is not a regular file (``"not_file"``), is larger than ``max_bytes``
     (``"too_large"``), or, with ``must_be_image``, lacks an image suffix or does not open as
-    an image (``"not_image"``; a cheap header check with PIL, nothing is decoded).
+    an image (``"not_image"``; a cheap check of the first bytes against PIL's JPEG, PNG, GIF,
+    WebP, BMP and TIFF signatures, nothing is decoded).
 
     A symlink whose target stays inside ``root`` is followed. ``root`` itself is resolved
     too; check it with :func:`check_image_root` first when it comes from untrusted input.
-    Returns the resolved path.
+    Returns the resolved path. For many paths under one root use :func:`resolver`.
     """
-    text = os.fspath(rel)
-    if not isinstance(text, str):
-        raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
+    return resolver(root, must_be_image=must_be_image, max_bytes=max_bytes)(rel)
+
+
+def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
+             max_bytes: int | None = None) -> Callable[[str | os.PathLike], Path]:
+    """:func:`resolve_under` for many paths: ``root`` is resolved once, here.
+
+    Raises :class:`UnsafePath` (``"bad_root"``) now if ``root`` is not an existing folder;
+    the returned function takes ``rel`` and returns or raises like :func:`resolve_under`.
+    """
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
         raise ValueError(f"max_bytes must be a non-negative int or None; got {max_bytes!r}")
-    if not text.strip():
-        raise UnsafePath("empty path", reason="empty", path=text)
-    if "\x00" in text:
-        raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute", path=text)
-    if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
-        raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the image "
-                         "folder", reason="absolute", path=text)
-    parts = _parts(text)
-    if ".." in parts:
-        raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
-                         reason="outside", path=text)
-    if not parts:
-        raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
-                         reason="not_file", path=text)
     try:
-        base = Path(root).resolve(strict=True)
+        base = os.path.realpath(os.fspath(root), strict=True) if sys.version_info >= (3, 10) \
+            else os.path.realpath(os.fspath(root))
     except (OSError, RuntimeError) as exc:
         raise UnsafePath(f"image folder {os.fspath(root)!r} not found ({exc})",
                          reason="bad_root", path=root) from None
-    try:
-        target = base.joinpath(*parts).resolve(strict=False)
-    except (OSError, RuntimeError) as exc:  # symlink loop, name too long
-        raise UnsafePath(f"path {text!r} cannot be resolved: {exc}", reason="missing",
-                         path=text) from None
-    if target != base and not target.is_relative_to(base):
-        raise UnsafePath(f"path {text!r} leads outside the image folder {base} (through a "
-                         "symlink); refused", reason="outside", path=text)
-    try:
-        st = target.stat()
-    except FileNotFoundError:
-        raise UnsafePath(f"path {text!r} not found in {base}", reason="missing",
-                         path=text) from None
-    except OSError as exc:
-        raise UnsafePath(f"path {text!r} cannot be read: {exc.strerror or exc}",
-                         reason="missing", path=text) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafePath(f"path {text!r} is not a regular file", reason="not_file", path=text)
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise UnsafePath(f"path {text!r} is {st.st_size:,} bytes, more than the limit of "
-                         f"{max_bytes:,}", reason="too_large", path=text)
-    if must_be_image:
-        if target.suffix.lower() not in IMAGE_SUFFIXES or PurePosixPath(parts[-1]).suffix.lower() \
-                not in IMAGE_SUFFIXES:
-            raise UnsafePath(f"path {text!r} has no image suffix "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})", reason="not_image",
+    if not os.path.isdir(base):
+        raise UnsafePath(f"image folder {os.fspath(root)!r} is not a folder", reason="bad_root",
+                         path=root)
+    prefix = base if base.endswith(os.sep) else base + os.sep
+
+    def resolve(rel: str | os.PathLike) -> Path:
+        text = os.fspath(rel)
+        if not isinstance(text, str):
+            raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
+        if not text.strip():
+            raise UnsafePath("empty path", reason="empty", path=text)
+        if "\x00" in text:
+            raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute",
                              path=text)
-        if not _opens_as_image(target):
-            raise UnsafePath(f"path {text!r} does not open as an image", reason="not_image",
+        if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
+            raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
+                             "image folder", reason="absolute", path=text)
+        parts = _parts(text)
+        if ".." in parts:
+            raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
+                             reason="outside", path=text)
+        if not parts:
+            raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
+                             reason="not_file", path=text)
+        try:
+            target = os.path.realpath(os.path.join(base, *parts))
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a bad name
+            raise UnsafePath(f"path {text!r} cannot be resolved: {exc}", reason="missing",
+                             path=text) from None
+        if not target.startswith(prefix):
+            raise UnsafePath(f"path {text!r} leads outside the image folder {base} (through "
+                             "a symlink); refused", reason="outside", path=text)
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            raise UnsafePath(f"path {text!r} not found in {base}", reason="missing",
+                             path=text) from None
+        except (OSError, ValueError) as exc:
+            raise UnsafePath(f"path {text!r} cannot be read: {getattr(exc, 'strerror', exc)}",
+                             reason="missing", path=text) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"path {text!r} is not a regular file", reason="not_file",
                              path=text)
-    return target
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise UnsafePath(f"path {text!r} is {st.st_size:,} bytes, more than the limit of "
+                             f"{max_bytes:,}", reason="too_large", path=text)
+        if must_be_image:
+            if os.path.splitext(target)[1].lower() not in IMAGE_SUFFIXES or \
+                    os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
+                raise UnsafePath(f"path {text!r} has no image suffix "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})", reason="not_image",
+                                 path=text)
+            if not _opens_as_image(target):
+                raise UnsafePath(f"path {text!r} does not open as an image",
+                                 reason="not_image", path=text)
+        return Path(target)
+
+    return resolve
 
 
-def _opens_as_image(path: Path) -> bool:
-    """True if PIL recognises the file's header (``Image.open`` decodes no pixels)."""
-    from PIL import Image, UnidentifiedImageError
+#: the PIL formats that files with :data:`IMAGE_SUFFIXES` hold
+_PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 
+
+@functools.lru_cache(maxsize=1)
+def _signature_checks() -> tuple:
+    """PIL's own "does this prefix look like FORMAT" functions for :data:`_PIL_FORMATS`."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(Image.OPEN[f][1] for f in _PIL_FORMATS
+                 if f in Image.OPEN and Image.OPEN[f][1] is not None)
+
+
+def _opens_as_image(path: str | os.PathLike) -> bool:
+    """True if the file starts like an image PIL opens (the 16 bytes ``Image.open`` looks at
+    first, checked by the plugins' own ``_accept``; nothing is decoded)."""
     try:
-        with Image.open(path) as im:
-            return bool(im.format)
-    except Image.DecompressionBombError:
-        return True  # identified as an image; only decoding it would be refused
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        with open(path, "rb") as fh:
+            prefix = fh.read(16)
+    except OSError:
         return False
+    for accept in _signature_checks():
+        try:
+            ok = accept(prefix)
+        except Exception:  # a plugin that dislikes a short prefix
+            continue
+        if ok and not isinstance(ok, str):  # a str is PIL's "looks like it, unsupported"
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- image root
@@ -260,30 +305,42 @@ def image_root_from_run(csv_path: str | os.PathLike,
     system folder, the home folder) stops the search: the record is hostile or broken, and
     no other folder it names is used. ``run`` is the parsed record when the caller has it.
     """
+    try:
+        return require_image_root(csv_path, run), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def require_image_root(csv_path: str | os.PathLike, run: dict | None = None) -> Path:
+    """:func:`image_root_from_run` for callers that want exceptions: the checked root, or
+    :class:`UnsafePath` (reason ``"bad_root"``) when the record names a folder that exists
+    but is refused, or a plain ``ValueError`` when the record is missing, unreadable or names
+    no folder that exists."""
     csv_path = Path(csv_path)
     name = _run_record_name(csv_path).name
     if run is None:
         record_path = _run_record_name(csv_path)
         if not record_path.is_file():
-            return None, f"no run record {name}, so the original images are not known"
+            raise ValueError(f"no run record {name}, so the original images are not known")
         try:
             if record_path.stat().st_size > 16 << 20:
-                return None, f"{name} is larger than 16 MiB; not read"
+                raise ValueError(f"{name} is larger than 16 MiB; not read")
             run = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return None, f"cannot read {name} ({exc})"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {name} ({exc})") from None
     if not isinstance(run, dict):
-        return None, f"{name} is not a JSON object"
+        raise ValueError(f"{name} is not a JSON object")
     candidates: list[tuple[str, Any]] = [
         (k, run.get(k)) for k in ("image_dir_from_csv", "image_dir") if run.get(k)
     ]
     if not candidates:
-        return None, f"{name} names no image folder (image_dir_from_csv / image_dir)"
+        raise ValueError(f"{name} names no image folder (image_dir_from_csv / image_dir)")
     base = csv_path.resolve().parent
     not_found: list[str] = []
     for key, value in candidates:
         if not isinstance(value, str):
-            return None, f"{name}: {key} is not text ({type(value).__name__}); refused"
+            raise UnsafePath(f"{name}: {key} is not text ({type(value).__name__}); refused",
+                             reason="bad_root", path=repr(value))
         if key == "image_dir_from_csv":
             text = value.replace("\\", "/") if os.sep == "/" else value
             cand = Path(text) if Path(text).is_absolute() else base / text
@@ -292,12 +349,13 @@ def image_root_from_run(csv_path: str | os.PathLike,
             if not cand.is_absolute():
                 cand = base / value
         try:
-            return check_image_root(cand), None
+            return check_image_root(cand)
         except UnsafePath as exc:
             if os.path.isdir(cand):
-                return None, f"{name}: {key} {value!r} refused: {_why(exc)}"
+                raise UnsafePath(f"{name}: {key} {value!r} refused: {_why(exc)}",
+                                 reason="bad_root", path=value) from None
             not_found.append(f"{key} {value!r}")
-    return None, f"{name}: image folder not found ({'; '.join(not_found)})"
+    raise ValueError(f"{name}: image folder not found ({'; '.join(not_found)})")
 
 
 def _why(exc: UnsafePath) -> str:
