@@ -199,7 +199,7 @@ def test_save_downloads_csv_and_zip_of_originals(page, site):
     assert {"x", "y", "photographer"} <= set(rows[0])
     with zipfile.ZipFile(site["downloads"] / "picked.zip") as zf:
         names = set(zf.namelist())
-    assert len(names) == 16 and f"cat/{HOSTILE}" in names
+    assert len(names) == 16 and f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.exports
     assert (site["app_dir"] / "exports" / "picked.csv").is_file()
     status = " ".join(e.text for e in deep(page, "status", ".ex-msg"))
     assert "saved 16 row(s)" in status and "16 original image(s)" in status

@@ -49,6 +49,8 @@ class SaveResult:
     refused: list[str] = field(default_factory=list)
     #: class folders in an ImageFolder zip
     classes: int = 0
+    #: images left out because the export size limit was reached
+    left_out: int = 0
     message: str = ""
     #: (download file name, URL path) for each written file, for this session only
     downloads: list[tuple[str, str]] = field(default_factory=list)
@@ -144,29 +146,13 @@ def thumbnail_file(app_dir: Path | None, value: str) -> Path | None:
         return None
 
 
-def zip_entries(plan: ExportPlan, result: SaveResult) -> list[tuple[Path, str]]:
-    """(file, name in the zip) for the rows of a selection export: originals when the one
-    rule allows them, else the thumbnail, else listed in ``result.missing``."""
-    entries: list[tuple[Path, str]] = []
-    paths = plan.table["path"].fillna("").astype(str).tolist() if "path" in plan.table else [""] * len(plan.table)
-    for path, thumb in zip(paths, plan.thumb_values.tolist()):
-        orig = original_file(plan.image_root, path)
-        if orig is not None:
-            entries.append((orig, posixpath.normpath(path.replace("\\", "/"))))
-            result.originals += 1
-            continue
-        t = thumbnail_file(plan.app_dir, thumb)
-        if t is not None:
-            entries.append((t, f"thumbnails/{t.name}"))
-            result.thumbnails += 1
-        else:
-            result.missing.append(path)
-    return entries
-
-
 def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
     """Write the CSV (and zip) of ``plan`` into the download store; thread-safe, touches no
-    session. Raises :class:`ExportError` when a cap is hit (nothing is left behind)."""
+    session. The zip is planned and streamed by :mod:`explorer.exports` (the one path rule
+    and the one zip writer) into a private temporary file, within the store's size budget;
+    images past the budget are left out and counted. Raises :class:`ExportError` when even
+    the CSV does not fit (nothing is left behind)."""
+    from explorer import exports
     from explorer.app import downloads as dl
     from explorer.table import write_table
 
@@ -177,25 +163,36 @@ def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
         csv_item = store.reserve(plan.owner, f"{plan.stem}.csv", plan.route)
         made.append(csv_item)
         write_table(plan.table, csv_item.path)
-        if csv_item.path.stat().st_size > store.budget():
-            raise dl.ExportTooLarge(f"{csv_item.name} is larger than the export limit")
-        zip_item = None
+        budget = store.budget() - csv_item.path.stat().st_size
+        if budget < 0:
+            raise dl.ExportTooLarge(f"{csv_item.name} is larger than the export limit of {store.budget():,} bytes")
         if plan.images or plan.imagefolder:
+            if plan.image_root is None and (plan.imagefolder or plan.app_dir is None):
+                raise ExportError("the original images are not known (see the note above): no zip")
+            if plan.imagefolder:
+                xp = exports.plan_export(plan.table, plan.image_root, layout="label", imagefolder=True)
+                entries = [(f"{plan.stem}/{arc}", src) for arc, src in xp.entries]
+                result.classes = len([k for k in xp.classes if k])
+            else:
+                xp = exports.plan_export(plan.table, plan.image_root, layout="flat", thumb_root=plan.app_dir)
+                entries = list(xp.entries)
+                result.thumbnails = xp.thumbnails
+            result.originals = xp.originals
+            result.missing = [r.path for r in xp.refused]
+            note = xp.refused_note("Images found neither as original nor as thumbnail" if not plan.imagefolder
+                                   else "Labelled images not exported")
             zip_item = store.reserve(plan.owner, f"{plan.stem}.zip", plan.route)
             made.append(zip_item)
-            if plan.imagefolder:
-                entries = _imagefolder_entries(plan, result)
-            else:
-                entries = zip_entries(plan, result)
-            notes = {}
-            if result.missing:
-                notes["MISSING.txt"] = ("Images found neither as original nor as thumbnail:\n"
-                                        + "\n".join(result.missing) + "\n")
-            _write_zip(entries, notes, zip_item.path, store.budget() - csv_item.path.stat().st_size,
-                       progress=progress)
+            with open(zip_item.path, "wb") as raw:
+                # the writer's cap counts source bytes; the CappedWriter also bounds zip overhead
+                out = dl.CappedWriter(raw, budget, zip_item.name)
+                report = exports.write_zip(entries, out, max_bytes=max(0, budget - (1 << 20)),
+                                           extra={"MISSING.txt": note} if note else None)
+            result.left_out = len(report.left_out)
+            result.originals -= sum(1 for a, _ in report.failed)
         for item in made:
             store.publish(item)
-    except dl.ExportTooLarge as exc:
+    except (dl.ExportTooLarge, ValueError) as exc:  # ExportError is a ValueError too
         for item in made:
             store.discard(item)
         raise ExportError(str(exc)) from None
@@ -210,73 +207,6 @@ def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
     return result
 
 
-def _imagefolder_entries(plan: ExportPlan, result: SaveResult) -> list[tuple[Path, str]]:
-    """ImageFolder layout: ``<stem>/<label>/<file>`` per labelled, not discarded, original image."""
-    from explorer.labels import DISCARD
-
-    entries: list[tuple[Path, str]] = []
-    used: set[str] = set()
-    classes: set[str] = set()
-    labels = plan.table["label"].fillna("").astype(str).tolist() if "label" in plan.table else []
-    paths = plan.table["path"].fillna("").astype(str).tolist() if "path" in plan.table else []
-    for path, label in zip(paths, labels):
-        if not label or label == DISCARD:
-            continue
-        orig = original_file(plan.image_root, path)
-        if orig is None:
-            result.missing.append(path)
-            continue
-        folder = _safe_folder(label)
-        classes.add(folder)
-        name = f"{plan.stem}/{folder}/{posixpath.basename(path.replace(chr(92), '/'))}"
-        base, ext = posixpath.splitext(name)
-        k = 1
-        while name in used:
-            name = f"{base}-{k}{ext}"
-            k += 1
-        used.add(name)
-        entries.append((orig, name))
-        result.originals += 1
-    result.classes = len(classes)
-    return entries
-
-
-def _safe_folder(label: str) -> str:
-    out = "".join("_" if (c in _FORBIDDEN_NAME_CHARS or ord(c) < 32) else c for c in label).strip(" .")
-    return out[:MAX_NAME_LENGTH] or "_"
-
-
-def _write_zip(entries: list[tuple[Path, str]], notes: dict[str, str], dest: Path, limit: int,
-               progress: bool = False) -> None:
-    """Stream ``entries`` (file, arcname) into the zip at ``dest``, never past ``limit`` bytes."""
-    try:
-        from explorer.exports import write_zip  # the one zip writer (branch files)
-    except ImportError:  # pragma: no cover - until explorer.exports lands
-        write_zip = None
-    from explorer.app.downloads import CappedWriter
-
-    with open(dest, "wb") as raw:
-        out = CappedWriter(raw, max(0, limit), dest.name)
-        if write_zip is not None:
-            write_zip(entries, out, extra=notes)
-            return
-        import zipfile
-
-        used: set[str] = set()
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for f, arc in list(entries) + [(None, k) for k in notes]:
-                base, ext = posixpath.splitext(arc)
-                k, name = 1, arc
-                while name in used:
-                    name = f"{base}-{k}{ext}"
-                    k += 1
-                used.add(name)
-                if f is None:
-                    zf.writestr(name, notes[arc])
-                else:
-                    zf.write(f, name)
-
-
 def describe(result: SaveResult, imagefolder: bool = False) -> str:
     """The sentence shown after a save."""
     if imagefolder:
@@ -285,6 +215,8 @@ def describe(result: SaveResult, imagefolder: bool = False) -> str:
             parts.append(f"{result.originals:,} image(s) in {result.classes} class folder(s) to {result.downloads[1][0]}")
             if result.missing:
                 parts.append(f"{len(result.missing):,} labelled image(s) not found as originals")
+        if result.left_out:
+            parts.append(f"{result.left_out:,} image(s) left out: the export size limit was reached")
         return "; ".join(parts)
     parts = [f"saved {result.rows:,} row(s) to {result.downloads[0][0]}"]
     if result.zip is not None:
@@ -294,5 +226,7 @@ def describe(result: SaveResult, imagefolder: bool = False) -> str:
         parts.append(f"{what} to {result.downloads[1][0]}")
         if result.missing:
             parts.append(f"{len(result.missing):,} image(s) found neither as original nor thumbnail")
+    if result.left_out:
+        parts.append(f"{result.left_out:,} image(s) left out: the export size limit was reached")
     return "; ".join(parts)
 
