@@ -80,6 +80,7 @@ class Project:
         self.csv_path = Path(csv_path).resolve() if csv_path is not None else None
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else None
         self.route = route if route is not None else (self.app_dir.name if self.app_dir else "")
+        self._lock = threading.RLock()
         df = table if table is not None else read_table(self.csv_path, strict=False)
         for col in ("x", "y"):
             if col not in df.columns:
@@ -100,7 +101,7 @@ class Project:
             self.keys: list[str] = df["path"].fillna("").astype(str).tolist()
         else:
             self.keys = [f"row-{i}" for i in range(n)]
-        self.file_names = np.asarray([k[max(k.rfind("/"), k.rfind("\\")) + 1 :] for k in self.keys], dtype=object)
+        self._file_names: np.ndarray | None = None
         self.image_values = (df["image"].fillna("").astype(str).to_numpy(dtype=object)
                              if "image" in df.columns else np.full(n, "", dtype=object))
         self.image_root: Path | None = None
@@ -109,7 +110,6 @@ class Project:
             if why:
                 self.problems.append(f"{why}: Save images will zip thumbnails")
         self.problems += self._check_thumbnails()
-        self._lock = threading.RLock()
         self._labels: dict[str, np.ndarray] = {}
         self._codes: dict[str, Any] = {}
         self._norms: np.ndarray | None = None
@@ -118,6 +118,26 @@ class Project:
         self.features_problem: str | None = "no embeddings loaded (features.npy)"
         if self.csv_path is not None:
             self._load_features(sidecar(self.csv_path, "features.npy"))
+
+    # ------------------------------------------------------------------ names
+    @staticmethod
+    def _name(key: str) -> str:
+        return key[max(key.rfind("/"), key.rfind("\\")) + 1 :]
+
+    def names_of(self, rows: Any) -> list[str]:
+        """File names (no folders) of ``rows``."""
+        keys = self.keys
+        return [self._name(keys[int(i)]) for i in rows]
+
+    @property
+    def file_names(self) -> np.ndarray:
+        """File name of every row (built on first use, once per process)."""
+        with self._lock:
+            if self._file_names is None:
+                arr = np.asarray([self._name(k) for k in self.keys], dtype=object)
+                arr.setflags(write=False)
+                self._file_names = arr
+            return self._file_names
 
     # ------------------------------------------------------------------ thumbnails
     def thumb_file(self, row: int) -> Path | None:

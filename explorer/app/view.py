@@ -328,14 +328,12 @@ class AppView:
         codes = st.color_codes()[0]
         if self._all_drawn():
             data = {"x": pr.x32, "y": pr.y32, "code": codes, "row": pr.rows}
-            names = pr.file_names
         else:
             x, y = st.xy()
             data = {"x": x[r].astype(np.float32), "y": y[r].astype(np.float32), "code": codes[r],
                     "row": r.astype(np.int32)}  # fmt: skip
-            names = pr.file_names[r]
         if st.n_rows <= NAME_LIMIT:
-            data["name"] = names
+            data["name"] = pr.file_names if self._all_drawn() else pr.file_names[r]
         return data
 
     def _codes(self) -> np.ndarray:
@@ -413,7 +411,7 @@ class AppView:
         sub = st.table.iloc[rows]
         data: dict[str, Any] = {
             "_thumb": [self.thumb(i) for i in rows.tolist()],
-            "_file": list(st.file_names[rows]),
+            "_file": st.project.names_of(rows),
             "_label": list(st.labels("label")[rows]),
         }
         for field, name in getattr(self, "_table_fields", []):
@@ -873,9 +871,8 @@ class AppView:
         rows = sel[start : start + GRID_PAGE]
         labels = self.state.labels()
         cells = []
-        names = self.state.file_names
         for i in rows:
-            name, label = _esc(names[i]), _esc(self.state.label_text(labels[i]))
+            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
             cells.append(
                 f"<figure class='ex-cell'><img src='{_esc(self.thumb(i))}' alt='' "
                 f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
@@ -897,10 +894,9 @@ class AppView:
 
     def _render_neighbours(self, row: int, idx: np.ndarray, dist: np.ndarray) -> None:
         labels = self.state.labels()
-        names = self.state.file_names
         cells = []
         for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
-            name, label = _esc(names[i]), _esc(self.state.label_text(labels[i]))
+            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
             extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
             cells.append(
                 f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{_esc(self.thumb(i))}' alt='' "
@@ -908,7 +904,7 @@ class AppView:
                 f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
             )
         self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
-        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(names[row])}</div>"
+        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(self.state.project.names_of([row])[0])}</div>"
         self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
