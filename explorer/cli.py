@@ -195,12 +195,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     csv = Path(a.csv)
     df = table.read_table(csv)
     root = _image_root(csv, a.images)
-    journal = table.sidecar(csv, "labels.jsonl")
-    if journal.is_file():
-        from explorer.journal import Journal
+    from explorer.journal import journal_for
+
+    journal = journal_for(csv)
+    if journal.exists():  # NAME.labels.sqlite (or an old NAME.labels.jsonl, imported)
         from explorer.labels import LabelBook, labelled_table
 
-        df = labelled_table(df, LabelBook.from_journal(Journal(journal)))
+        df = labelled_table(df, LabelBook.from_journal(journal))
     if a.imagefolder:
         from explorer.exports import export_imagefolder
 

@@ -1,9 +1,18 @@
-"""Labels a person gives to images: a plain-Python book with undo/redo and a journal.
+"""Labels a person gives to images: undo/redo per session over a shared, journaled state.
 
-:class:`LabelBook` holds the label of every row, keyed by the CSV ``path`` column (stable
-across sessions). Every edit is one undoable step and, when the book has a
-:class:`~explorer.journal.Journal`, one journal record written (fsync'd) *before* the
-in-memory state changes: when a method returns, the change is on disk.
+:class:`LabelBook` is one session's view of the labels, keyed by the CSV ``path`` column
+(stable across sessions). Every edit is one undoable step and, when the book has a
+:class:`~explorer.journal.Journal`, one committed SQLite transaction *before* the in-memory
+state changes: when a method returns, the change is on disk.
+
+Memory
+------
+The labels themselves live in a :class:`LabelState`, one per journal file and process,
+shared by every book (browser session) on that journal and caught up with
+``WHERE seq > ?``; it holds only the keys the journal touched. A book holds its undo/redo
+stacks (record numbers) and references to what the caller shares: the set of valid keys
+(``keys``: pass a ``frozenset``/``dict`` the process owns, it is not copied) and the CSV's
+own labels (``initial``: a mapping, not copied).
 
 Discard
 -------
@@ -13,36 +22,43 @@ skips it by default, and undo restores whatever label the image had before.
 
 Journal records
 ---------------
-Each record's ``args`` holds the operation's own arguments and ``changes``: a mapping
-``key -> [old, new]`` of exactly what it changed (``""`` = no label). Undo and redo are
-records too (``args = {"target": seq, "changes": ...}``), so :meth:`LabelBook.from_journal`
-rebuilds the exact state by applying the ``changes`` in order, and rebuilds each session's
-undo/redo stacks by the same rules the live book follows.
+Each record's ``args`` holds the operation's own arguments and ``changes``: a list of
+groups ``[old, new, [keys]]`` of exactly what it changed (``""`` = no label), each key once.
+Undo and redo are records too (``args = {"target": seq, "changes": ...}``), so each
+session's undo/redo stacks are rebuilt from the journal by the rules the live book follows.
 
-Several sessions (browser tabs) on one journal
-----------------------------------------------
+Several sessions (browser tabs, processes) on one journal
+---------------------------------------------------------
 Each session has its own undo/redo stacks; undo only takes back that session's own edits.
 Undo restores a key only if it still holds the value the edit set, so it never overwrites a
-later change made in another tab (such keys are left alone). Before every edit the book
-reads and applies what other sessions appended (under the journal's lock), and
-:meth:`LabelBook.sync` does the same for polling.
+later change made in another tab (such keys are left alone; when that is every key, undo
+records nothing and returns ``None``). Before every edit the book catches up with what other
+sessions committed (inside the write transaction), and :meth:`LabelBook.sync` does the same
+for polling.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import os
+import threading
 import unicodedata
-from collections import Counter
-from typing import Iterable, Mapping, Sequence
+import weakref
+from collections import Counter, deque
+from collections.abc import Set as AbstractSet
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from explorer.journal import Journal
+from explorer.journal import Journal, change_groups
 
 __all__ = [
     "DISCARD",
     "MAX_LABEL_LENGTH",
     "LabelBook",
+    "LabelState",
     "validate_label",
     "propose_labels",
     "labelled_table",
@@ -58,6 +74,9 @@ MAX_LABEL_LENGTH = 100
 
 #: the operations a book records (undo and redo besides)
 EDIT_OPS = ("apply", "assign", "rename", "merge", "discard", "clear")
+
+#: how many changed keys a LabelState remembers for sync(); older gaps are read from disk
+SYNC_LOG_KEYS = 200_000
 
 
 def validate_label(label) -> str:
@@ -84,7 +103,7 @@ def validate_label(label) -> str:
     return s
 
 
-def _validate_keys(keys, known: set | None) -> list[str]:
+def _validate_keys(keys, known) -> list[str]:
     if isinstance(keys, str):
         keys = [keys]
     try:
@@ -102,25 +121,203 @@ def _validate_keys(keys, known: set | None) -> list[str]:
     return out
 
 
+def _key_set(keys):
+    """The caller's set of keys, shared (not copied) when it already is a set or mapping."""
+    if keys is None or isinstance(keys, (AbstractSet, Mapping)):
+        return keys
+    return frozenset(keys)
+
+
+def _norm(v) -> str:
+    if type(v) is str:
+        return v
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return str(v)
+
+
+# ---------------------------------------------------------------------- the in-memory journal
+class _MemoryJournal:
+    """What a book without a journal records into (this process only, nothing on disk)."""
+
+    path = None
+
+    def __init__(self):
+        self.session = "local"
+        self._records: list[dict] = []
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def locked(self):
+        with self._lock:
+            yield self
+
+    def append(self, record: Mapping[str, Any]) -> int:
+        with self._lock:
+            seq = len(self._records) + 1
+            ts = _dt.datetime.now(_dt.timezone.utc).isoformat()
+            self._records.append({"seq": seq, "ts": ts, "session": self.session, **record})
+            return seq
+
+    def read_since(self, seq: int) -> list[dict]:
+        return list(self._records[seq:])
+
+    def record(self, seq: int) -> dict | None:
+        return self._records[seq - 1] if 0 < seq <= len(self._records) else None
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._records)
+
+    def steps(self, session: str, after: int = 0) -> list[tuple]:
+        out = []
+        for r in self._records[after:]:
+            if r["session"] == session:
+                target = (r.get("args") or {}).get("target")
+                out.append((r["seq"], r["op"], target if isinstance(target, int) else None))
+        return out
+
+    def snapshot(self) -> tuple[int, dict[str, str]]:
+        labels: dict[str, str] = {}
+        for r in self._records:
+            for _, new, keys in change_groups((r.get("args") or {}).get("changes")):
+                labels.update(dict.fromkeys(keys, new))
+        return len(self._records), labels
+
+
+# ---------------------------------------------------------------------- the shared read model
+class LabelState:
+    """The labels of one journal, shared (per process) by every :class:`LabelBook` on it.
+
+    Holds ``{key: label}`` for the keys the journal touched (``""`` = cleared), the ``seq`` it
+    reflects, and the keys recent records changed (for :meth:`changed_since`). Thread-safe:
+    hold :attr:`lock` while iterating; :meth:`refresh` reads only records newer than
+    :attr:`seq`. Get the one for a journal with :meth:`shared`; ``LabelState()`` is a
+    private, in-memory one (a book without a journal).
+    """
+
+    _registry: "weakref.WeakValueDictionary[tuple, LabelState]" = weakref.WeakValueDictionary()
+    _registry_lock = threading.Lock()
+
+    def __init__(self, journal: Journal | None = None):
+        self.journal = journal if journal is not None else _MemoryJournal()
+        self.lock = threading.RLock()
+        self.seq = 0
+        self._labels: dict[str, str] = {}
+        self._loaded = False
+        self._log: deque[tuple[int, list[list[str]], int]] = deque()  # (seq, key lists, n)
+        self._log_keys = 0
+        self._log_floor = 0  # changed_since(s) is answered from memory for s >= this
+
+    @classmethod
+    def shared(cls, journal: Journal) -> "LabelState":
+        """The state of ``journal``'s file in this process (created on first use, kept while
+        any book or caller holds it)."""
+        key = (str(journal.path.absolute()), os.getpid())
+        with cls._registry_lock:
+            state = cls._registry.get(key)
+            if state is None:
+                state = cls(Journal(journal.path, session="label-state"))
+                cls._registry[key] = state
+            return state
+
+    def __repr__(self) -> str:
+        where = getattr(self.journal, "path", None)
+        return f"LabelState({str(where) if where else 'in memory'}, seq={self.seq}, {len(self._labels)} keys)"
+
+    def refresh(self) -> int:
+        """Catch up with records committed since :attr:`seq`; return the new ``seq``."""
+        with self.lock:
+            if not self._loaded:
+                self.seq, self._labels = self.journal.snapshot()
+                self._log_floor = self.seq
+                self._loaded = True
+                return self.seq
+            records = self.journal.read_since(self.seq)
+            if not records and self.seq and self.journal.last_seq < self.seq:
+                # the file was deleted or replaced (labels reset by hand): start again
+                self._loaded = False
+                self._log.clear()
+                self._log_keys = 0
+                return self.refresh()
+            for rec in records:
+                args = rec.get("args")
+                try:
+                    groups = change_groups(args.get("changes")) if isinstance(args, dict) else []
+                except ValueError:
+                    groups = []  # not a label record (or a newer format): nothing to apply
+                self.apply(rec["seq"], groups)
+            return self.seq
+
+    def apply(self, seq: int, groups: Sequence[Sequence]) -> None:
+        """Take the ``new`` label of every group (the caller committed record ``seq``)."""
+        with self.lock:
+            changed = [keys for _, _, keys in groups]
+            n = 0
+            for _, new, keys in groups:
+                self._labels.update(dict.fromkeys(keys, new))
+                n += len(keys)
+            self.seq = max(self.seq, seq)
+            self._log.append((seq, changed, n))
+            self._log_keys += n
+            while self._log and self._log_keys > SYNC_LOG_KEYS:
+                s, _, k = self._log.popleft()
+                self._log_floor, self._log_keys = s, self._log_keys - k
+
+    def get(self, key: str) -> str | None:
+        """The journal's label of ``key`` (``""`` = cleared), ``None`` if never touched."""
+        return self._labels.get(key)
+
+    def changed_since(self, seq: int) -> list[str]:
+        """Keys changed by records after ``seq`` (as far as this state has caught up)."""
+        with self.lock:
+            if seq >= self.seq:
+                return []
+            if seq >= self._log_floor:
+                lists = [keys for s, ls, _ in self._log if s > seq for keys in ls]
+                if len(lists) == 1:
+                    return list(lists[0])  # one record: its keys are unique already
+                out: dict[str, None] = {}
+                for keys in lists:
+                    out.update(dict.fromkeys(keys))
+                return list(out)
+            top = self.seq
+        out = {}
+        for rec in self.journal.read_since(seq):
+            if rec["seq"] > top:
+                break
+            args = rec.get("args")
+            with contextlib.suppress(ValueError, AttributeError):
+                for _, _, keys in change_groups(args.get("changes")):
+                    out.update(dict.fromkeys(keys))
+        return list(out)
+
+
+# ---------------------------------------------------------------------- one session's book
 class LabelBook:
-    """The label of every image, with undo/redo and an optional journal.
+    """One session's labels: edits with undo/redo over a shared :class:`LabelState`.
 
     Parameters
     ----------
     journal:
-        Where every edit is recorded (fsync'd before the method returns). ``None``: in memory
-        only. The book's session id is ``journal.session``.
+        Where every edit is recorded (committed before the method returns). ``None``: in
+        memory only. The book's session id is ``journal.session``.
     keys:
-        The valid keys (the CSV's ``path`` column). Given: edits naming any other key raise
-        ``ValueError``. ``None``: any non-empty string is a key.
+        The valid keys (the CSV's ``path`` column). Edits naming any other key raise
+        ``ValueError``, and counts, label names and ``keys_with`` ignore keys not in it (a
+        journal may hold keys of images no longer in the CSV). Pass a ``frozenset`` (or
+        ``dict``) the process shares between sessions: a set or mapping is used as is, any
+        other iterable is copied into a new ``frozenset``. ``None``: any non-empty string.
     initial:
-        Labels the images had before this journal began (e.g. the CSV's ``label`` column);
-        ``""`` entries mean no label. They are not journaled: the journal records changes
-        relative to them.
+        Labels the images had before this journal began (the CSV's ``label`` column, ideally
+        with the unlabelled rows left out); ``""``/``None``/NaN = no label. Used as is (not
+        copied) and never journaled: the journal records changes relative to it.
+    state:
+        The shared read model; default :meth:`LabelState.shared` of ``journal`` (or a
+        private in-memory one when there is no journal).
 
-    Every edit method returns the record it appended (a dict with ``op``, ``args``, and
-    ``seq`` when journaled), or ``None`` when it changed nothing (nothing is recorded and the
-    undo stack is untouched).
+    Every edit method returns the record it appended (a dict with ``seq``, ``session``,
+    ``op``, ``args``), or ``None`` when it changed nothing (nothing is recorded).
     """
 
     def __init__(
@@ -129,21 +326,27 @@ class LabelBook:
         *,
         keys: Iterable[str] | None = None,
         initial: Mapping[str, str] | None = None,
+        state: LabelState | None = None,
     ):
         self.journal = journal
         self.session = journal.session if journal is not None else "local"
-        self._known = None if keys is None else set(keys)
-        self._labels: dict[str, str] = {}
-        if initial:
-            for k, v in initial.items():
-                v = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-                if v:
-                    self._labels[str(k)] = v
-        self._undo: dict[str, list[int]] = {}
-        self._redo: dict[str, list[int]] = {}
-        self._by_seq: dict[int, dict] = {}
-        self.seq = 0  # the last journal seq applied to this book
-        self._local_seq = 0
+        if state is None:
+            state = LabelState.shared(journal) if journal is not None else LabelState()
+        elif journal is not None and getattr(state.journal, "path", None) != journal.path:
+            raise ValueError(f"state {state!r} is not the state of {journal!r}")
+        self._state = state
+        self._writer = journal if journal is not None else state.journal
+        self._known = _key_set(keys)
+        if initial is not None and not isinstance(initial, Mapping):
+            initial = dict(initial)
+        self._initial = initial or None
+        self._undo: list[int] = []
+        self._redo: list[int] = []
+        self._steps_seq = 0
+        with state.lock:
+            state.refresh()
+            self._catch_up_steps()
+            self.seq = state.seq  # the last journal seq this book has shown
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -153,49 +356,91 @@ class LabelBook:
         *,
         keys: Iterable[str] | None = None,
         initial: Mapping[str, str] | None = None,
+        state: LabelState | None = None,
     ) -> "LabelBook":
-        """A book with every record of ``journal`` replayed (state and undo/redo stacks).
+        """A book on ``journal``: the current labels and this session's undo/redo stacks.
 
         The book continues as session ``journal.session``: open the journal with the id of an
         earlier session to keep undoing that session's edits.
         """
-        book = cls(journal, keys=keys, initial=initial)
-        book._apply_records(journal.replay())
-        return book
+        return cls(journal, keys=keys, initial=initial, state=state)
 
     # ------------------------------------------------------------------ queries
     def label_of(self, key: str) -> str:
         """The label of one image ("" = none)."""
-        return self._labels.get(key, "")
+        v = self._state._labels.get(key)
+        if v is None:
+            return _norm(self._initial.get(key)) if self._initial else ""
+        return v
 
     def labels_for(self, keys: Iterable[str]) -> list[str]:
         """The labels of ``keys`` in order ("" = none)."""
-        get = self._labels.get
-        return [get(k, "") for k in keys]
+        get = self._state._labels.get
+        init = self._initial
+        if not init:
+            return [get(k) or "" for k in keys]
+        out = []
+        for k in keys:
+            v = get(k)
+            out.append(_norm(init.get(k)) if v is None else v)
+        return out
+
+    def touched_labels(self, keys: Iterable[str]) -> list[str | None]:
+        """The book's own label of each key: the journal's (``""`` = cleared) or else a
+        non-empty ``initial`` one; ``None`` where the book has none."""
+        get = self._state._labels.get
+        init = self._initial
+        if not init:
+            return [get(k) for k in keys]
+        out = []
+        for k in keys:
+            v = get(k)
+            if v is None:
+                v = _norm(init.get(k)) or None
+            out.append(v)
+        return out
+
+    def _items(self) -> Iterator[tuple[str, str]]:
+        """(key, label) of every labelled key in the table (hold the state's lock)."""
+        known = self._known
+        labels = self._state._labels
+        for k, v in labels.items():
+            if v and (known is None or k in known):
+                yield k, v
+        if self._initial:
+            for k, v in self._initial.items():
+                if k not in labels:
+                    v = _norm(v)
+                    if v and (known is None or k in known):
+                        yield k, v
 
     def counts(self) -> dict[str, int]:
         """Images per label, most frequent first (ties by label); unlabelled not counted."""
-        c = Counter(v for v in self._labels.values() if v)
+        with self._state.lock:
+            c = Counter(v for _, v in self._items())
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def keys_with(self, label: str) -> list[str]:
         """Keys whose label is ``label``."""
-        return [k for k, v in self._labels.items() if v == label]
+        with self._state.lock:
+            return [k for k, v in self._items() if v == label]
 
     def as_dict(self) -> dict[str, str]:
         """Every labelled key -> label (unlabelled keys omitted)."""
-        return {k: v for k, v in self._labels.items() if v}
+        with self._state.lock:
+            return dict(self._items())
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._undo.get(self.session))
+        return bool(self._undo)
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._redo.get(self.session))
+        return bool(self._redo)
 
     def __len__(self) -> int:
-        return sum(1 for v in self._labels.values() if v)
+        with self._state.lock:
+            return sum(1 for _ in self._items())
 
     def __repr__(self) -> str:
         return f"LabelBook({len(self)} labelled, {len(self.counts())} labels, seq={self.seq})"
@@ -205,8 +450,7 @@ class LabelBook:
         """Give every image in ``keys`` the label ``label``."""
         label = validate_label(label)
         keys = _validate_keys(keys, self._known)
-        return self._edit("apply", {"keys": keys, "label": label},
-                          lambda: {k: label for k in keys})
+        return self._edit("apply", {"label": label}, lambda: dict.fromkeys(keys, label))
 
     def assign(self, mapping: Mapping[str, str]):
         """Give each key its own label in one undoable step (e.g. accepting suggestions)."""
@@ -219,12 +463,12 @@ class LabelBook:
     def discard(self, keys: Iterable[str]):
         """Mark images as discarded (the label :data:`DISCARD`)."""
         keys = _validate_keys(keys, self._known)
-        return self._edit("discard", {"keys": keys}, lambda: {k: DISCARD for k in keys})
+        return self._edit("discard", {}, lambda: dict.fromkeys(keys, DISCARD))
 
     def clear(self, keys: Iterable[str]):
         """Remove the label of every image in ``keys``."""
         keys = _validate_keys(keys, self._known)
-        return self._edit("clear", {"keys": keys}, lambda: {k: "" for k in keys})
+        return self._edit("clear", {}, lambda: dict.fromkeys(keys, ""))
 
     def rename(self, old: str, new: str):
         """Rename label ``old`` to ``new`` on every image that has it.
@@ -238,13 +482,14 @@ class LabelBook:
             raise ValueError(f"cannot rename label {old!r} to itself")
 
         def compute():
-            if old not in self._labels.values():
+            in_use = self.counts()
+            if old not in in_use:
                 raise ValueError(f"no image has the label {old!r}")
-            if new in self._labels.values():
+            if new in in_use:
                 raise ValueError(
                     f"the label {new!r} is already in use; merge {old!r} into {new!r} instead"
                 )
-            return {k: new for k in self.keys_with(old)}
+            return dict.fromkeys(self.keys_with(old), new)
 
         return self._edit("rename", {"old": old, "new": new}, compute)
 
@@ -257,16 +502,18 @@ class LabelBook:
             raise ValueError(f"cannot merge label {a!r} with itself")
 
         def compute():
-            present = set(self._labels.values())
-            missing = [x for x in (a, b) if x not in present]
-            if len(missing) == 2:
+            with self._state.lock:
+                hit = [k for k, v in self._items() if v in (a, b)]
+            if not hit:
                 raise ValueError(f"no image has the label {a!r} or {b!r}")
-            return {k: into for k, v in self._labels.items() if v in (a, b)}
+            return dict.fromkeys(hit, into)
 
         return self._edit("merge", {"a": a, "b": b, "into": into}, compute)
 
     def undo(self):
-        """Take back this session's last edit (or redo). Returns the record, or ``None``."""
+        """Take back this session's last edit (or redo). Returns the record, or ``None`` when
+        there is nothing to undo (also when other sessions have since changed every image it
+        touched: then nothing is recorded and that edit leaves the undo stack)."""
         return self._step("undo")
 
     def redo(self):
@@ -274,109 +521,110 @@ class LabelBook:
         return self._step("redo")
 
     def sync(self) -> list[str]:
-        """Apply what other sessions appended to the journal; return the keys that changed."""
+        """Catch up with what other sessions committed; return the keys that changed (those in
+        the table) since this book last looked."""
         if self.journal is None:
             return []
-        return self._apply_records(self.journal.read_since(self.seq))
+        st = self._state
+        with st.lock:
+            st.refresh()
+            if st.seq < self.seq:
+                # the journal file was deleted or replaced: anything may have changed
+                self._undo, self._redo, self._steps_seq = [], [], 0
+                self._catch_up_steps()
+                self.seq = st.seq
+                return list(self._known if self._known is not None else st._labels)
+            if st.seq > self._steps_seq:
+                self._catch_up_steps()
+            changed = st.changed_since(self.seq)
+            self.seq = st.seq
+        known = self._known
+        return changed if known is None else [k for k in changed if k in known]
 
     # ------------------------------------------------------------------ internals
+    def _catch_up_steps(self) -> None:
+        """Rebuild this session's stacks from its records not seen yet (any book, any process)."""
+        for seq, op, target in self._writer.steps(self.session, self._steps_seq):
+            self._push_step(seq, op, target)
+
+    def _push_step(self, seq: int, op: str, target: int | None) -> None:
+        if op in EDIT_OPS:
+            self._undo.append(seq)
+            self._redo.clear()
+        elif op in ("undo", "redo"):
+            src, dst = (self._undo, self._redo) if op == "undo" else (self._redo, self._undo)
+            if src and src[-1] == target:
+                dst.append(src.pop())
+        # unknown ops (written by a newer version) are skipped, never fatal
+        self._steps_seq = max(self._steps_seq, seq)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Callable[[dict], dict]]:
+        """One write transaction: catch up, let the caller compute and append, commit, and
+        only then change the shared state and this book's stacks."""
+        st = self._state
+        with st.lock:
+            done: list[dict] = []
+
+            def commit(record: dict) -> dict:
+                seq = self._writer.append(record)  # committed when the block below exits
+                full = {"seq": seq, "session": self.session, **record}
+                done.append(full)
+                return full
+
+            with self._writer.locked():
+                st.refresh()
+                self._catch_up_steps()
+                yield commit
+            for full in done:  # on disk now
+                st.apply(full["seq"], full["args"]["changes"])
+                self._push_step(full["seq"], full["op"], full["args"].get("target"))
+            self.seq = st.seq
+
     def _edit(self, op: str, args: dict, compute):
-        with self._transaction():
+        with self._writing() as commit:
             wanted = compute()
-            changes = {
-                k: [self._labels.get(k, ""), v]
-                for k, v in wanted.items()
-                if self._labels.get(k, "") != v
-            }
-            if not changes:
+            groups: dict[tuple[str, str], list[str]] = {}
+            get, init = self._state._labels.get, self._initial
+            for k, v in wanted.items():
+                old = get(k)
+                if old is None:
+                    old = _norm(init.get(k)) if init else ""
+                if old != v:
+                    key = (old, v)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = group = []
+                    group.append(k)
+            if not groups:
                 return None
-            return self._commit({"op": op, "args": {**args, "changes": changes}})
+            changes = [[o, n, ks] for (o, n), ks in groups.items()]
+            return commit({"op": op, "args": {**args, "changes": changes}})
 
     def _step(self, op: str):
-        with self._transaction():
-            stack = (self._undo if op == "undo" else self._redo).get(self.session)
+        with self._writing() as commit:
+            stack = self._undo if op == "undo" else self._redo
             if not stack:
                 return None
-            target = self._by_seq[stack[-1]]
-            changes = self._step_changes(op, target)
-            return self._commit({"op": op, "args": {"target": target["seq"], "changes": changes}})
-
-    def _step_changes(self, op: str, target: dict) -> dict:
-        out = {}
-        for k, (old, new) in target["args"]["changes"].items():
-            frm, to = (new, old) if op == "undo" else (old, new)
-            if self._labels.get(k, "") == frm:  # untouched since: safe to change back
-                out[k] = [frm, to]
-        return out
-
-    def _transaction(self):
-        if self.journal is None:
-            import contextlib
-
-            return contextlib.nullcontext()
-        return _Catchup(self)
-
-    def _commit(self, record: dict) -> dict:
-        if self.journal is not None:
-            seq = self.journal.append(record)  # on disk before memory changes
-        else:
-            self._local_seq = max(self._local_seq, self.seq) + 1
-            seq = self._local_seq
-        full = {"seq": seq, "session": self.session, **record}
-        self._apply_records([full])
-        return full
-
-    def _apply_records(self, records: Sequence[dict]) -> list[str]:
-        changed: list[str] = []
-        for rec in records:
-            seq = rec.get("seq", 0)
-            if seq <= self.seq:
-                continue
-            op = rec.get("op")
-            args = rec.get("args") or {}
-            changes = args.get("changes") or {}
-            session = rec.get("session", "")
-            if op in EDIT_OPS or op in ("undo", "redo"):
-                for k, pair in changes.items():
-                    try:
-                        self._labels[k] = str(pair[1])
-                    except (TypeError, IndexError):
-                        continue
-                    changed.append(k)
-            if op in EDIT_OPS:
-                self._by_seq[seq] = rec
-                self._undo.setdefault(session, []).append(seq)
-                self._redo[session] = []
-            elif op in ("undo", "redo"):
-                src, dst = (self._undo, self._redo) if op == "undo" else (self._redo, self._undo)
-                stack = src.get(session, [])
-                target = args.get("target")
-                if stack and stack[-1] == target:
-                    stack.pop()
-                    dst.setdefault(session, []).append(target)
-            # unknown ops (written by a newer version) are skipped, never fatal
-            self.seq = seq
-        return list(dict.fromkeys(changed))
-
-
-class _Catchup:
-    """Hold the journal lock and apply other sessions' records before an edit."""
-
-    def __init__(self, book: LabelBook):
-        self.book = book
-        self._cm = book.journal.locked()
-
-    def __enter__(self):
-        self._cm.__enter__()
-        try:
-            self.book._apply_records(self.book.journal.read_since(self.book.seq))
-        except BaseException:
-            self._cm.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+            target = stack[-1]
+            rec = self._writer.record(target) or {}
+            try:
+                groups = change_groups((rec.get("args") or {}).get("changes"))
+            except ValueError:
+                groups = []
+            out: dict[tuple[str, str], list[str]] = {}
+            for old, new, keys in groups:
+                frm, to = (new, old) if op == "undo" else (old, new)
+                ks = [k for k, now in zip(keys, self.labels_for(keys)) if now == frm]  # untouched
+                if ks:
+                    out.setdefault((frm, to), []).extend(ks)
+            if not out:
+                # other sessions changed every key since (review L6): nothing to take back,
+                # nothing recorded; the step leaves the stack so the next one is reachable
+                stack.pop()
+                return None
+            changes = [[f, t, ks] for (f, t), ks in out.items()]
+            return commit({"op": op, "args": {"target": target, "changes": changes}})
 
 
 # ---------------------------------------------------------------------- propagation
@@ -464,8 +712,7 @@ def labelled_table(df: pd.DataFrame, book: LabelBook, *, key_col: str = "path") 
     out = df.copy()
     base = (out["label"].fillna("").astype(str) if "label" in out.columns
             else pd.Series([""] * len(out), index=out.index))
-    touched = book._labels
     keys = out[key_col].astype(str)
-    mapped = keys.map(touched)
+    mapped = pd.Series(book.touched_labels(keys.tolist()), index=out.index, dtype=object)
     out["label"] = mapped.where(mapped.notna(), base).astype(str)
     return out

@@ -60,12 +60,9 @@ def legend_has(drv, text):
 
 
 def journal_labels(csv):
-    out = {}
-    for line in sidecar(csv, "labels.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        for k, (_, new) in rec["args"].get("changes", {}).items():
-            out[k] = new
-    return out
+    from explorer.journal import journal_for
+
+    return journal_for(csv).labels()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ neighbours, re-cluster drill-down, overview, metadata, labelled save / ImageFold
 
 from __future__ import annotations
 
-import json
 import sys
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, make_app  # noqa: E402
 
 from explorer.app.state import AppState  # noqa: E402
+from explorer.journal import Journal  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
 
 
@@ -42,9 +42,9 @@ def test_apply_label_goes_to_the_journal_before_saying_saved(app):
     st.select(rows_of(st, 0))
     assert st.apply_label("kitty")
     assert st.message[0] == "info" and st.message[1].startswith("saved:")
-    journal = sidecar(app[1], "labels.jsonl")
-    records = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert records[-1]["op"] == "apply" and len(records[-1]["args"]["keys"]) == 8
+    records = Journal(sidecar(app[1], "labels.sqlite")).replay()
+    assert records[-1]["op"] == "apply"
+    assert sum(len(keys) for _, _, keys in records[-1]["args"]["changes"]) == 8
     assert set(st.labels("label")[rows_of(st, 0)]) == {"kitty"}
     assert st.labels("cluster")[rows_of(st, 0)].tolist() == ["0"] * 8  # cluster unchanged
 
@@ -95,9 +95,7 @@ def test_bad_labels_and_empty_selection_are_refused_with_a_message(app):
     assert st.message[0] == "error" and "empty" in st.message[1]
     assert not st.rename_label("no such label", "y")
     assert st.message[0] == "error"
-    assert not sidecar(app[1], "labels.jsonl").exists() or all(
-        json.loads(line)["op"] != "rename" for line in sidecar(app[1], "labels.jsonl").read_text().splitlines()
-    )
+    assert all(r["op"] != "rename" for r in Journal(sidecar(app[1], "labels.sqlite")).replay())
 
 
 def test_reopening_replays_the_journal_and_never_touches_the_csv(app):
@@ -310,7 +308,7 @@ def test_a_failed_journal_write_is_reported_and_changes_nothing(app, monkeypatch
 
 
 def test_an_unreadable_journal_is_a_problem_not_a_crash(app):
-    sidecar(app[1], "labels.jsonl").mkdir()  # a folder where the journal should be
+    sidecar(app[1], "labels.sqlite").mkdir()  # a folder where the journal should be
     st = open_state(app)
     assert any("NOT be saved" in p for p in st.problems)
     st.select(rows_of(st, 0))

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from explorer.journal import Journal
+from explorer.journal import Journal, journal_for
 from explorer.labels import (
     DISCARD,
     MAX_LABEL_LENGTH,
     LabelBook,
+    LabelState,
     labelled_table,
     propose_labels,
     validate_label,
@@ -18,13 +27,23 @@ from explorer.labels import (
 from explorer.neighbours import nearest, row_norms
 
 KEYS = [f"img/{i:02d}.jpg" for i in range(10)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_new_process(code: str, *args) -> str:
+    """Run ``code`` in a fresh interpreter (another server process) and return stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
 
 
 @pytest.fixture(params=["memory", "journal"])
 def book(request, tmp_path):
     if request.param == "memory":
         return LabelBook(keys=KEYS)
-    return LabelBook(Journal(tmp_path / "t.labels.jsonl"), keys=KEYS)
+    return LabelBook(Journal(tmp_path / "t.labels.sqlite"), keys=KEYS)
 
 
 # ------------------------------------------------------------------ validation
@@ -170,7 +189,7 @@ def test_initial_labels_from_the_csv_are_the_starting_point():
 
 # ------------------------------------------------------------------ journal replay
 def test_every_edit_is_journaled_and_replay_reproduces_state_and_stacks(tmp_path):
-    path = tmp_path / "t.labels.jsonl"
+    path = tmp_path / "t.labels.sqlite"
     book = LabelBook(Journal(path, session="s1"))
     book.apply(KEYS[:4], "cat")
     book.apply(KEYS[4:6], "dog")
@@ -199,7 +218,7 @@ def test_every_edit_is_journaled_and_replay_reproduces_state_and_stacks(tmp_path
 
 
 def test_a_reopened_session_id_has_its_own_empty_undo_stack(tmp_path):
-    path = tmp_path / "t.labels.jsonl"
+    path = tmp_path / "t.labels.sqlite"
     LabelBook(Journal(path, session="old")).apply(KEYS[:2], "cat")
     fresh = LabelBook.from_journal(Journal(path))  # a new browser session
     assert fresh.counts() == {"cat": 2}
@@ -207,7 +226,7 @@ def test_a_reopened_session_id_has_its_own_empty_undo_stack(tmp_path):
 
 
 def test_two_tabs_see_each_other_and_never_overwrite(tmp_path):
-    path = tmp_path / "t.labels.jsonl"
+    path = tmp_path / "t.labels.sqlite"
     a = LabelBook.from_journal(Journal(path, session="A"))
     b = LabelBook.from_journal(Journal(path, session="B"))
     a.apply(KEYS[:3], "cat")
@@ -234,10 +253,135 @@ def test_journal_written_before_memory_changes(tmp_path):
         def append(self, record):
             raise OSError("disk full")
 
-    book = LabelBook(FailingJournal(tmp_path / "t.labels.jsonl"))
+    book = LabelBook(FailingJournal(tmp_path / "t.labels.sqlite"))
     with pytest.raises(OSError):
         book.apply(KEYS[:2], "cat")
     assert book.counts() == {}  # the browser is never told it worked
+
+
+def test_undo_after_other_tabs_changed_every_key_records_nothing(tmp_path):
+    # review L6: nothing of A's edit is left to take back
+    path = tmp_path / "t.labels.sqlite"
+    a = LabelBook(Journal(path, session="A"))
+    b = LabelBook(Journal(path, session="B"))
+    a.apply(KEYS[:2], "cat")
+    a.apply(KEYS[2:4], "dog")
+    b.apply(KEYS[2:4], "wolf")  # B relabels everything A's last edit touched
+    before = Journal(path).last_seq
+    assert a.undo() is None  # "nothing changed": not "saved: undone"
+    assert Journal(path).last_seq == before  # no empty record
+    assert a.labels_for(KEYS[:4]) == ["cat", "cat", "wolf", "wolf"]
+    a.undo()  # the next undo reaches the edit before
+    assert a.labels_for(KEYS[:4]) == ["", "", "wolf", "wolf"]
+
+
+def test_keys_no_longer_in_the_table_are_not_counted(tmp_path):
+    # review L5: after a rebuild the journal still holds labels of images that are gone
+    path = tmp_path / "t.labels.sqlite"
+    LabelBook(Journal(path)).apply(["gone/1.jpg", "gone/2.jpg", KEYS[0]], "ghost")
+    LabelBook(Journal(path)).apply(["gone/3.jpg"], "only gone")
+    book = LabelBook.from_journal(Journal(path), keys=frozenset(KEYS))
+    assert book.counts() == {"ghost": 1}
+    assert book.keys_with("ghost") == [KEYS[0]]
+    assert len(book) == 1 and book.as_dict() == {KEYS[0]: "ghost"}
+    with pytest.raises(ValueError, match="no image has"):
+        book.rename("only gone", "x")
+    book.rename("ghost", "cat")  # renames the image on the map only
+    assert book.counts() == {"cat": 1}
+
+
+def test_a_big_edit_stores_each_key_once(tmp_path):
+    # review M6: the selection used to be written twice (keys and changes)
+    path = tmp_path / "t.labels.sqlite"
+    keys = [f"folder/photo-{i:05d}.jpg" for i in range(3000)]
+    book = LabelBook(Journal(path), keys=frozenset(keys))
+    book.apply(keys[:1000], "cat")
+    book.apply(keys, "dog")  # 1,000 cat -> dog and 2,000 unlabelled -> dog
+    conn = sqlite3.connect(path)
+    payload = conn.execute("SELECT payload FROM events WHERE seq = 2").fetchone()[0]
+    conn.close()
+    assert payload.count("photo-00001.jpg") == 1 and payload.count("photo-02999.jpg") == 1
+    assert len(payload) < 3000 * (len(keys[0]) + 3) + 200
+    changes = json.loads(payload)["args"]["changes"]
+    assert sorted((o, n, len(ks)) for o, n, ks in changes) == [("", "dog", 2000), ("cat", "dog", 1000)]
+    book.undo()
+    assert book.counts() == {"cat": 1000}
+
+
+def test_sessions_in_one_process_share_one_state_and_the_callers_keys(tmp_path):
+    path = tmp_path / "t.labels.sqlite"
+    keys = frozenset(KEYS)
+    initial = {KEYS[0]: "from csv"}
+    a = LabelBook.from_journal(Journal(path, session="A"), keys=keys, initial=initial)
+    b = LabelBook.from_journal(Journal(path, session="B"), keys=keys, initial=initial)
+    assert a._state is b._state is LabelState.shared(Journal(path))
+    assert a._known is keys and a._initial is initial  # shared, not copied per session
+    a.apply(KEYS[1:3], "cat")
+    assert b.label_of(KEYS[1]) == "cat"  # the same state in this process
+    assert sorted(b.sync()) == KEYS[1:3] and b.sync() == []
+
+
+def test_a_session_in_another_process_sees_edits_and_is_seen(tmp_path):
+    csv = tmp_path / "photos.csv"
+    csv.write_text("path,x,y\n" + "".join(f"{k},0,0\n" for k in KEYS))
+    csv_bytes = csv.read_bytes()
+    here = LabelBook.from_journal(journal_for(csv, session="here"), keys=frozenset(KEYS))
+    here.apply(KEYS[:2], "cat")
+    out = in_new_process(
+        """
+        import sys
+        from explorer.journal import journal_for
+        from explorer.labels import LabelBook
+        book = LabelBook.from_journal(journal_for(sys.argv[1], session="there"))
+        print(book.counts())
+        book.apply(sys.argv[2:5], "dog")
+        book.apply(sys.argv[5:6], "bird")
+        book.undo()
+        """,
+        csv, *KEYS[1:5],
+    )
+    assert out.strip() == "{'cat': 2}"
+    assert sorted(here.sync()) == KEYS[1:5]  # dog on 3, bird on 1 and undone
+    assert here.labels_for(KEYS[:5]) == ["cat", "dog", "dog", "dog", ""]
+    assert csv.read_bytes() == csv_bytes  # NAME.csv is never modified
+    # a session of the other process continues its undo stack here
+    there = LabelBook.from_journal(journal_for(csv, session="there"))
+    assert there.can_undo and there.can_redo
+    there.undo()
+    assert here.sync() == KEYS[1:4] and here.labels_for(KEYS[:4]) == ["cat", "cat", "", ""]
+
+
+def test_sync_after_more_changes_than_the_state_remembers(tmp_path, monkeypatch):
+    import explorer.labels as L
+
+    monkeypatch.setattr(L, "SYNC_LOG_KEYS", 3)
+    path = tmp_path / "t.labels.sqlite"
+    a = LabelBook(Journal(path, session="A"))
+    b = LabelBook(Journal(path, session="B"))
+    a.apply(KEYS[:2], "x")
+    a.apply(KEYS[2:5], "y")
+    a.apply(KEYS[5:6], "z")
+    assert sorted(b.sync()) == KEYS[:6]
+
+
+def test_explorer_export_takes_the_labels_from_the_journal(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _imagegen import image_folder
+
+    from explorer import cli, table
+
+    imgs = tmp_path / "imgs"
+    rel = [p.relative_to(imgs).as_posix() for p in image_folder(imgs, 4, size=32)]
+    df = table.make_table(rel, [""] * 4, np.zeros((4, 2)), np.zeros(4, int), np.ones(4),
+                          np.zeros(4), [32] * 4, [32] * 4)
+    csv = table.write_table(df, tmp_path / "p.csv")
+    book = LabelBook.from_journal(journal_for(csv))
+    book.apply(rel[:3], "cat")
+    book.apply(rel[2:], "dog")
+    out = tmp_path / "out"
+    assert cli.main(["export", str(csv), "--to", str(out), "--imagefolder",
+                     "--images", str(imgs)]) == 0
+    assert len(list((out / "cat").iterdir())) == 2 and len(list((out / "dog").iterdir())) == 2
 
 
 # ------------------------------------------------------------------ export
@@ -336,3 +480,16 @@ def test_nearest_bad_parameters(kw):
     args = {"index": 0, "k": 5, **kw}
     with pytest.raises(ValueError):
         nearest(X, args["index"], k=args["k"])
+
+
+def test_a_journal_deleted_while_sessions_run_starts_afresh(tmp_path):
+    # someone resets the labels by deleting NAME.labels.sqlite while the server runs
+    path = tmp_path / "t.labels.sqlite"
+    book = LabelBook.from_journal(Journal(path, session="A"), keys=frozenset(KEYS))
+    book.apply(KEYS[:3], "cat")
+    for f in tmp_path.glob("t.labels.sqlite*"):
+        f.unlink()
+    assert set(book.sync()) == set(KEYS)  # everything is redrawn
+    assert book.counts() == {} and not book.can_undo
+    book.apply(KEYS[:1], "dog")  # written to the new file, not the deleted one
+    assert Journal(path).labels() == {KEYS[0]: "dog"}
