@@ -119,6 +119,24 @@ class Project:
         if self.csv_path is not None:
             self._load_features(sidecar(self.csv_path, "features.npy"))
 
+    # ------------------------------------------------------------------ label read model
+    def key_set(self) -> frozenset[str]:
+        """The row keys as a frozenset (shared by every session's LabelBook)."""
+        return self.cached("key_set", lambda: frozenset(self.keys))
+
+    def initial_labels(self) -> dict[str, str]:
+        """The CSV's own non-empty labels by key (shared; the journal records changes to them)."""
+
+        def make() -> dict[str, str]:
+            if "label" not in self.table.columns:
+                return {}
+            lab = self.labels("label")
+            keep = np.flatnonzero(lab != "")
+            keys = self.keys
+            return {keys[i]: lab[i] for i in keep.tolist()}
+
+        return self.cached("initial_labels", make)
+
     # ------------------------------------------------------------------ names
     @staticmethod
     def _name(key: str) -> str:

@@ -197,13 +197,13 @@ class AppState(SelectionModel, Curation):
         """Take labels from ``journal`` (replayed) on top of the CSV's ``label`` column."""
         from explorer.labels import LabelBook
 
-        initial = {}
-        if "label" in self.project.table.columns:
-            initial = dict(zip(self.keys, self.project.labels("label").tolist()))
+        # the keys and the CSV's labels are the project's (one copy per process); the labels
+        # themselves live in the journal's per-process read model (explorer.labels.LabelState)
+        keys, initial = self.project.key_set(), self.project.initial_labels()
         try:
-            self.book = LabelBook.from_journal(journal, keys=self.keys, initial=initial)
+            self.book = LabelBook.from_journal(journal, keys=keys, initial=initial)
         except OSError as exc:
-            self.book = LabelBook(None, keys=self.keys, initial=initial)
+            self.book = LabelBook(None, keys=keys, initial=initial)
             self.problems.append(f"cannot read the label journal {journal.path} ({exc}): labels will NOT be saved")
         self.invalidate_labels("label")
 
