@@ -1,8 +1,10 @@
 """Benchmark the explorer app in headless Chromium with a large generated CSV.
 
 Prints medians of a few runs of
-  * load: navigation start -> plot drawn (all points rendered; target < 3 s)
-  * lasso: mouse release of a lasso -> table showing the selection (target < 1 s)
+  * drawn: navigation start -> plot drawn (all points rendered)
+  * lasso: mouse release of a lasso -> table showing the selection
+  Goals on a 2-core machine with canvas: 1M drawn < 5 s, lasso < 1.5 s; 100k drawn < 1.5 s,
+  lasso < 0.5 s.
   * server: Python time to build a session's document and to handle one selection
   * browser: one repaint of the plot. Without a GPU, Chromium emulates WebGL in software
     (SwiftShader) and a 100k-point repaint takes seconds; the page then draws with canvas
@@ -109,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
                 paints.append(drv.execute_script(REPAINT_JS) / 1000.0)
             used = drv.execute_script("return window.explorerRenderer || null")
-        print(f"load: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (target < 3 s)")
+        goal_draw, goal_lasso = (5.0, 1.5) if args.points > 300_000 else (1.5, 0.5)
+        print(f"drawn: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (goal < {goal_draw} s)")
         print(
             f"lasso: release -> table shows selection: median {statistics.median(lassos):.2f} s  "
-            f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; target < 1 s)"
+            f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; goal < {goal_lasso} s)"
         )
         print(
-            f"browser: one repaint of the {args.points:,}-point plot: median {statistics.median(paints):.2f} s"
+            f"repaint: one repaint of the {args.points:,}-point plot: median {statistics.median(paints):.2f} s"
             f"  runs {', '.join(f'{v:.2f}' for v in paints)}"
         )
         print(f"renderer: {used}")
