@@ -52,8 +52,11 @@ def test_loads_clean_app_without_problems(state):
     assert state.image_dir is not None and state.image_dir.is_dir()
 
 
-def test_selection_starts_empty(state):
-    assert len(state.selection) == 0 and state.label_filter == ()
+def test_a_new_session_starts_empty_while_another_has_a_selection(state, app):
+    state.set_label_filter(["1"])
+    other = AppState.from_csv(app[1], app_dir=app[0])
+    assert other.project is state.project
+    assert len(other.selection) == 0 and other.label_filter == () and len(state.selection) == 8
 
 
 # ----------------------------------------------------------------------------- selection
