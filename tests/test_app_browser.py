@@ -309,3 +309,21 @@ def test_hostile_project_save_with_images_zips_no_system_file(tmp_path):
             if n != "MISSING.txt":
                 Image.open(io.BytesIO(zf.read(n))).verify()  # every file in it is an image
     assert "thumbnails/" in " ".join(names) and not any(n.endswith(".py") for n in names)
+
+
+def test_thumbnails_drawn_on_the_map_when_few_points_are_in_view(page):
+    """35 points are always "a few": the image glyph shows each thumbnail at its point,
+    fetched from our per-row handler; zooming in keeps only those in view."""
+    wait_model(page, "thumbs_source", "m.data.url.length == 35")
+    urls = B.model_value(page, "thumbs_source", "m.data.url")
+    assert all(u.startswith("/app/_thumb/") for u in urls)
+    loaded = page.execute_script(
+        "return Promise.all(arguments[0].map(u => fetch(u).then(r => r.status)));", urls[:3]
+    )
+    assert loaded == [200, 200, 200]
+    page.execute_script(  # zoom to cluster 0 (around 0, 0), as the wheel would
+        "const p = Bokeh.documents[0].get_model_by_name('plot');"
+        "p.x_range.setv({start: -3, end: 3}); p.y_range.setv({start: -3, end: 3});"
+    )
+    n = wait_model(page, "thumbs_source", "m.data.url.length < 35 && m.data.url.length >= 8 ? m.data.url.length : null")
+    assert n <= 10

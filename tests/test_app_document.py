@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -279,3 +280,94 @@ def test_bad_csv_still_starts_and_says_what_is_wrong(app, change, expect):
     n = len(w(doc, "points").data["x"])
     w(doc, "points").selected.indices = list(range(n))
     assert len(w(doc, "table_source").data["_file"]) == n
+
+
+def test_any_failure_while_loading_shows_the_error_page(app, monkeypatch):
+    """H5: not only the expected errors; anything raised while building shows the page."""
+    from explorer.app.state import AppState
+
+    def boom(*a, **k):
+        raise KeyError("something nobody expected")
+
+    monkeypatch.setattr(AppState, "from_csv", classmethod(lambda cls, *a, **k: boom()))
+    doc = make_doc(app[0], [app[1]])
+    assert doc.select_one({"name": "plot"}) is None
+    assert "something nobody expected" in w(doc, "status").text
+
+
+def test_csv_with_no_relative_thumbnails_opens_with_a_note(app):
+    """H5: a CSV from ``explorer build --out X.csv`` (image column empty) or with https:// thumbnails."""
+    for images in ("", "https://elsewhere.example/t.jpg"):
+        df = pd.read_csv(app[1])
+        df["image"] = images
+        df.to_csv(app[1], index=False)
+        doc = make_doc(app[0], [app[1]])
+        assert len(w(doc, "points").data["x"]) == 35
+        assert "not paths inside the app" in w(doc, "status").text
+        assert "elsewhere.example" not in str(w(doc, "hover").tooltips)
+
+
+def test_map_is_sent_once_as_binary_columns_and_reset_or_filters_do_not_resend_it(doc):
+    """M7: float32/int32 columns, thumbnails as row numbers, no per-row URL strings; Reset,
+    the label filter and colour changes never replace the whole source."""
+    src = w(doc, "points")
+    data = src.data
+    assert data["x"].dtype == np.float32 and data["y"].dtype == np.float32
+    assert data["code"].dtype == np.int32 and data["row"].dtype == np.int32
+    assert set(data) == {"x", "y", "code", "row", "name"}  # no thumbnail URL strings
+    # the session's columns are the shared project's arrays, not copies
+    project = doc.explorer_view.state.project
+    assert data["x"] is project.x32 and data["row"] is project.rows
+    replaced = []
+    src.on_change("data", lambda attr, old, new: replaced.append(sorted(new)))
+    w(doc, "labels").value = ["1", "2"]
+    click(w(doc, "clear_labels"))
+    w(doc, "points").selected.indices = plot_index_of(doc, 3)
+    click(w(doc, "reset"))
+    assert replaced == []
+    w(doc, "color_by").value = "label"
+    assert all(keys == sorted(data) for keys in replaced)  # a patch of the code column at most
+    assert w(doc, "points").data["x"] is project.x32
+
+
+def test_zoomed_in_thumbnails_are_drawn_by_a_throttled_client_callback(doc):
+    """The image glyph's source is filled in the browser from the points in view (checked
+    end to end in the browser test); here: wired to both ranges, limited, no server trip."""
+    view = doc.explorer_view
+    thumbs = w(doc, "thumbs")
+    assert thumbs.data_source is w(doc, "thumbs_source") and thumbs.glyph.url == "url"
+    for rng in (view.plot.x_range, view.plot.y_range):
+        cbs = rng.js_property_callbacks
+        assert "change:start" in cbs and "change:end" in cbs
+        code = cbs["change:start"][0].code
+        assert "setTimeout" in code and cbs["change:start"][0].args["limit"] == 300
+    assert view.lasso_renderers() == [view.renderer]
+
+
+def test_a_stale_background_result_is_dropped(built, tmp_path):
+    """L12: neighbours found for an image the person has already left are not shown."""
+    app = copy_app(*built, tmp_path / "with-features", sidecars=("run.json", "features.npy"))
+    doc = make_doc(app[0], [app[1]])
+    view = doc.explorer_view
+    ticks = []
+
+    class Served:  # what bokeh serve gives a session: a context and a next-tick queue
+        session_context = object()
+
+        def add_next_tick_callback(self, cb):
+            ticks.append(cb)
+
+    view.doc = Served()
+    first, second = plot_index_of(doc, 2)[0], plot_index_of(doc, 3)[0]
+    w(doc, "points").selected.indices = [first]
+    assert view.state.neighbours is None  # searched in the pool, not on the event loop
+    deadline = time.monotonic() + 20
+    while not ticks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    w(doc, "points").selected.indices = [second]  # the person moved on meanwhile
+    ticks.pop(0)()
+    assert view.state.neighbours is None
+    while not ticks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ticks.pop(0)()
+    assert view.state.neighbours is not None and view.state.neighbours[0] == view.plot_rows[second]

@@ -313,6 +313,11 @@ class AppView:
         self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "map", "columns"}))
 
     # ------------------------------------------------------------------ building
+    def lasso_renderers(self) -> list[Any]:
+        """The renderers lasso and box select act on (the dots, never the thumbnails)."""
+        tool = self.plot.select_one(LassoSelectTool)
+        return list(tool.renderers) if tool is not None else []
+
     def _all_drawn(self) -> bool:
         st = self.state
         return not st.drill and len(self.plot_rows) == st.n_rows
