@@ -314,3 +314,12 @@ def test_an_unreadable_journal_is_a_problem_not_a_crash(app):
     st.select(rows_of(st, 0))
     assert st.apply_label("kept in memory")
     assert st.message[0] == "warning" and "NOT saved" in st.message[1]
+
+
+def test_a_metadata_upload_with_a_1_mib_key_is_refused_quickly(app):
+    """H2 at the app: the join refuses it with a message (caps live in explorer.metadata)."""
+    st = open_state(app)
+    data = b"path,colour\n" + b"a/" * (1 << 19) + b"x.jpg,red\n"
+    assert not st.join_metadata(data, "evil.csv", "path")
+    assert st.message[0] == "error" and "metadata not joined" in st.message[1]
+    assert "colour" not in st.table.columns
