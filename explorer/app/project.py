@@ -94,6 +94,8 @@ class Project:
         self.y = pd.to_numeric(df["y"], errors="coerce").to_numpy(dtype=np.float64)
         self.valid = np.isfinite(self.x) & np.isfinite(self.y)
         self.valid.setflags(write=False)
+        #: every row has finite coordinates (then sessions draw the shared arrays as they are)
+        self.all_valid = bool(self.valid.all())
         self.x32 = self.x.astype(np.float32)
         self.y32 = self.y.astype(np.float32)
         self.rows = np.arange(n, dtype=np.int32)

@@ -154,6 +154,15 @@ class SelectionModel:
             self._label_cache[column] = arr
         return self._label_cache[column]
 
+    def labels_of(self, rows: Iterable[int], column: str = "label") -> list[str]:
+        """The values of a few ``rows`` in ``column`` without building the whole column."""
+        rows = [int(i) for i in rows]
+        if column == "label" and self.book is not None and column not in self._label_cache:
+            keys = self.keys
+            return self.book.labels_for([keys[i] for i in rows])
+        lab = self.labels(column)
+        return [lab[i] for i in rows]
+
     def invalidate_labels(self, column: str | None = None) -> None:
         """Forget derived label data (call after the table's labels change)."""
         if column is None:

@@ -149,7 +149,7 @@ class AppView:
         self._syncing = False
         st = state
         css = [_stylesheet(st.route)]
-        self.plot_rows = np.flatnonzero(st.valid).astype(np.int64)
+        self.plot_rows = self._drawn_rows()
         self.thumb_prefix = thumb_url_prefix(st.route)
 
         # ---------------------------------------------------------------- plot
@@ -318,6 +318,13 @@ class AppView:
         tool = self.plot.select_one(LassoSelectTool)
         return list(tool.renderers) if tool is not None else []
 
+    def _drawn_rows(self) -> np.ndarray:
+        """Rows on the map (source position -> row): the project's shared ``rows`` when all are."""
+        st = self.state
+        if not st.drill and st.valid is st.project.valid and st.project.all_valid:
+            return st.project.rows
+        return np.flatnonzero(st.valid).astype(np.int64)
+
     def _all_drawn(self) -> bool:
         st = self.state
         return not st.drill and len(self.plot_rows) == st.n_rows
@@ -329,7 +336,7 @@ class AppView:
         project's own arrays: a session adds no copy of them."""
         st = self.state
         pr = st.project
-        self.plot_rows = r = np.flatnonzero(st.valid).astype(np.int64)
+        self.plot_rows = r = self._drawn_rows()
         codes = st.color_codes()[0]
         if self._all_drawn():
             data = {"x": pr.x32, "y": pr.y32, "code": codes, "row": pr.rows}
@@ -417,7 +424,7 @@ class AppView:
         data: dict[str, Any] = {
             "_thumb": [self.thumb(i) for i in rows.tolist()],
             "_file": st.project.names_of(rows),
-            "_label": list(st.labels("label")[rows]),
+            "_label": st.labels_of(rows),
         }
         for field, name in getattr(self, "_table_fields", []):
             col = sub[name]
