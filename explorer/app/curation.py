@@ -482,14 +482,20 @@ class Curation:
         from explorer.metadata import looks_like_tags
         from explorer.table import COLUMNS
 
-        return [c for c in self.table.columns
-                if isinstance(c, str) and c not in COLUMNS and looks_like_tags(self.table[c])]
+        def make() -> list[str]:
+            return [c for c in self.table.columns
+                    if isinstance(c, str) and c not in COLUMNS and looks_like_tags(self.table[c])]
+
+        return make() if self._table is not None else list(self.project.cached("tag_columns", make))
 
     def tag_counts(self, column: str) -> dict[str, int]:
+        """Images per tag of ``column`` (slow on big tables: once per process for CSV columns)."""
         from explorer.metadata import tag_values
 
         if column not in self.table.columns:
             raise ValueError(f"no column {column!r}")
+        if self._table is None:
+            return dict(self.project.cached(f"tags\0{column}", lambda: tag_values(self.table[column])))
         return tag_values(self.table[column])
 
     def select_tag(self, column: str, value: str) -> None:
