@@ -28,12 +28,21 @@ _threads: ThreadPoolExecutor | None = None
 _processes: ProcessPoolExecutor | None = None
 
 
+def _lower_priority() -> None:
+    """Run this worker thread at a lower CPU priority than the event loop (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority then
+        pass
+
+
 def threads() -> Executor:
-    """The process-wide thread pool."""
+    """The process-wide thread pool (its threads yield the CPU to the event loop first)."""
     global _threads
     with _lock:
         if _threads is None:
-            _threads = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="explorer-work")
+            _threads = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="explorer-work",
+                                          initializer=_lower_priority)
         return _threads
 
 
