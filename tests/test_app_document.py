@@ -118,7 +118,7 @@ def test_only_change_selected_round_trip(doc):
 def test_clear_then_save_writes_nothing(doc, app):
     w(doc, "labels").value = ["0", "1"]
     click(w(doc, "clear_labels"))
-    assert w(doc, "labels").value == [] and w(doc, "points").selected.indices == []
+    assert w(doc, "labels").value == [] and list(w(doc, "points").selected.indices) == []
     assert len(w(doc, "table_source").data["_file"]) == 0
     click(w(doc, "save"))
     assert "nothing selected" in w(doc, "status").text
@@ -197,7 +197,7 @@ def test_reset_data(doc):
     w(doc, "color_by").value = "label"
     w(doc, "point_size").set_from_json("value_throttled", 9)
     click(w(doc, "reset"))
-    assert w(doc, "points").selected.indices == []
+    assert list(w(doc, "points").selected.indices) == []
     assert w(doc, "labels").value == [] and w(doc, "only_selected").active is False
     assert w(doc, "color_by").value == "cluster" and w(doc, "scatter").glyph.size == initial_size
     assert len(w(doc, "table_source").data["_file"]) == 0
@@ -207,7 +207,7 @@ def test_two_sessions_share_nothing(app):
     a, b = make_doc(app[0], [app[1]]), make_doc(app[0], [app[1]])
     w(a, "points").selected.indices = plot_index_of(a, 1)
     w(a, "color_by").value = "label"
-    assert w(b, "points").selected.indices == [] and w(b, "labels").value == []
+    assert list(w(b, "points").selected.indices) == [] and w(b, "labels").value == []
     assert w(b, "color_by").value == "cluster"
     assert a.explorer_view.state is not b.explorer_view.state
 

@@ -833,8 +833,10 @@ class AppView:
                 self.legend.text = self._legend_html()
                 self.title.text = self._title_html()
             if "selection" in what:
-                want = np.searchsorted(self.plot_rows, st.selection).tolist()
-                if list(self.source.selected.indices) != want:
+                # an int32 array: bokeh validates it at once (a list is checked item by item)
+                want = np.searchsorted(self.plot_rows, st.selection).astype(np.int32)
+                have = self.source.selected.indices
+                if len(have) != len(want) or not np.array_equal(np.asarray(have), want):
                     self.source.selected.indices = want
                 self.grid_page = 0
                 self._render_selection()
