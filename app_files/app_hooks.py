@@ -2,9 +2,30 @@
 
 import logging
 import os
+import sys
+import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("bokeh.server.explorer")  # shown in bokeh serve's own log
+#: bokeh runs this file with the app's ``--args`` as sys.argv (as it runs main.py)
+_ARGV = list(sys.argv[1:])
+_APP_DIR = Path(__file__).resolve().parent
+
+
+def preload() -> None:
+    """Read the project (CSV, embeddings map, ...) at server start instead of at the first
+    visit, so the first page of a big project does not wait for it."""
+    from explorer.app import find_csv
+    from explorer.app.project import load_project
+
+    t0 = time.perf_counter()
+    try:
+        project = load_project(find_csv(_ARGV, _APP_DIR), _APP_DIR, _APP_DIR.name)
+    except Exception as exc:  # the first session shows the reason on its page
+        log.warning("explorer: project not preloaded (%s)", exc)
+        return
+    log.info("explorer: %s rows loaded in %.1f s", f"{project.n_rows:,}", time.perf_counter() - t0)
 
 
 def warm_up():
@@ -40,5 +61,6 @@ def on_server_loaded(server_context) -> None:
     # thumbnails by row number from /<app>/_thumb/<row>
     install(server_context)
     server_context.add_periodic_callback(store().expire, 60_000)
+    threading.Thread(target=preload, name="explorer-preload", daemon=True).start()
     if not os.environ.get("EXPLORER_NO_WARMUP"):
         warm_up()

@@ -76,7 +76,9 @@ def launch(
                 log.seek(0)
                 raise RuntimeError(f"bokeh serve exited ({proc.returncode}):\n{log.read().decode(errors='replace')}")
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                # a big project's first page can take a while: wait for it rather than
+                # abandon it and start yet another session
+                with urllib.request.urlopen(url, timeout=max(5.0, deadline - time.monotonic())) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
