@@ -82,10 +82,16 @@ def bench_journal(tmp: Path, keys: list[str], repeats: int) -> None:
     book.apply(keys, "big")
     sec = time.perf_counter() - t
     size1, w1 = _files_size(path), _written()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    stored = conn.execute("SELECT length(payload) FROM events ORDER BY seq DESC LIMIT 1").fetchone()[0]
+    conn.close()
     payload = Journal(path).record(Journal(path).last_seq)
     pbytes = len(json.dumps(payload["args"], separators=(",", ":")))
     print(f"label {n:,} keys in one edit: {sec * 1e3:.0f} ms; bytes written {w1 - w0:,}"
-          f" (database+WAL grew {size1 - size0:,}; the record's payload {pbytes:,})")
+          f" (database+WAL grew {size1 - size0:,}; the record: {pbytes:,} bytes of JSON,"
+          f" {stored:,} stored)")
     t = time.perf_counter()
     changed = other.sync()
     sec = time.perf_counter() - t
@@ -104,6 +110,22 @@ def bench_journal(tmp: Path, keys: list[str], repeats: int) -> None:
     t = time.perf_counter()
     book.undo()
     print(f"undo of that edit: {(time.perf_counter() - t) * 1e3:.0f} ms")
+    book.redo()
+
+    # memory: 20 more sessions on that journal (every key labelled), as the app opens them
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    books = [LabelBook.from_journal(Journal(path, session=f"s{i}"), keys=known) for i in range(20)]
+    for b in books:
+        b.sync()
+    per = (tracemalloc.get_traced_memory()[0] - base) / len(books)
+    tracemalloc.stop()
+    print(f"memory per extra session on {n:,} labelled keys (shared LabelState): {per / 1e3:.1f} kB")
+    del books
 
     # opening a journal of 1,000 edits (a new server process: state + this session's stacks)
     path = tmp / "many.labels.sqlite"

@@ -4,7 +4,9 @@ Tables
 ------
 ``events(seq INTEGER PRIMARY KEY, session, time, op, target, payload)``
     One row per record, in ``seq`` order. ``payload`` is the JSON of the record's own
-    fields (``args`` and anything else the caller gave); ``target`` is ``args["target"]``
+    fields (``args`` and anything else the caller gave): text, or for a big record (over
+    :data:`COMPRESS_OVER` bytes, e.g. 100k keys) a zlib-compressed BLOB of that text, which
+    :meth:`Journal.read_since` decompresses. ``target`` is ``args["target"]``
     when that is an integer (undo/redo), so a session's undo stack can be rebuilt from
     three small columns without parsing payloads.
 ``labels(key PRIMARY KEY, label)``
@@ -39,7 +41,9 @@ Guarantees
   ``seq`` (review H4), the later, acknowledged, record is the one imported.
 
 One connection per database file and process is shared by every :class:`Journal` object
-on it (they differ only in their session id), guarded by a lock.
+on it (they differ only in their session id), guarded by a lock. A file deleted or replaced
+while open is opened again. To start the labels afresh, delete ``NAME.labels.sqlite`` (with
+its ``-wal`` and ``-shm``) and any old ``NAME.labels.jsonl`` (it would be imported again).
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 import warnings
 import weakref
+import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from explorer.table import sidecar
 
@@ -76,6 +82,8 @@ _UPSERT = ("INSERT INTO labels(key, label) VALUES(?, ?) "
 _UPSERT_JSON = ("INSERT INTO labels(key, label) SELECT value, ? FROM json_each(?) WHERE true "
                 "ORDER BY 1 ON CONFLICT(key) DO UPDATE SET label = excluded.label")
 _json_each = [True]  # SQLite built without JSON1: fall back to executemany
+#: payloads longer than this (bytes of JSON) are stored zlib-compressed
+COMPRESS_OVER = 16_384
 
 
 class JournalWarning(UserWarning):
@@ -180,17 +188,11 @@ class _Database:
         except (sqlite3.Error, OSError) as exc:
             raise _sql_error(self.path, "open", exc) from exc
         try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-8192")  # at most 8 MiB of page cache
-            have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"events", "labels", "meta"} <= have:
-                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                    raise sqlite3.OperationalError("cannot switch to WAL mode")
-                conn.executescript(_SCHEMA)
+            _retry_busy(conn, lambda: _setup(conn))
             if fresh:
                 _fsync_dir(self.path.parent)
             if legacy:
-                _import_legacy(conn, self.legacy)
+                _retry_busy(conn, lambda: _import_legacy(conn, self.legacy))
         except (sqlite3.Error, OSError) as exc:
             conn.close()
             raise _sql_error(self.path, "open", exc) from exc
@@ -198,6 +200,40 @@ class _Database:
         self.inode = os.stat(self.path).st_ino
         self._finalizer = weakref.finalize(self, conn.close)
         return conn
+
+
+def _setup(conn: sqlite3.Connection) -> None:
+    """Per-connection settings; WAL mode and the tables on a new file."""
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA cache_size=-8192")  # at most 8 MiB of page cache
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not {"events", "labels", "meta"} <= have:
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise sqlite3.OperationalError("database is locked (cannot switch to WAL)")
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+
+
+def _retry_busy(conn: sqlite3.Connection, fn: Callable[[], None], patience: float = 60.0) -> None:
+    """Run ``fn``, retrying "database is locked" for up to ``patience`` seconds.
+
+    Several processes opening a new file at once can get that error without SQLite's busy
+    handler being asked (switching to WAL, reading the schema while another connection
+    switches, recovering a WAL after a crash).
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() > deadline:
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 # ---------------------------------------------------------------------- legacy .jsonl
@@ -285,6 +321,8 @@ def _insert(conn: sqlite3.Connection, rec: Mapping[str, Any]) -> int:
     if isinstance(target, bool) or not isinstance(target, int):
         target = None
     text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if len(text) > COMPRESS_OVER:
+        text = zlib.compress(text.encode("utf-8"), 1)
     cur = conn.execute(
         "INSERT INTO events(seq, session, time, op, target, payload) VALUES(?, ?, ?, ?, ?, ?)",
         (rec.get("seq"), str(rec.get("session", "")), str(rec.get("ts", "")), rec["op"], target,
@@ -312,8 +350,10 @@ def _row_record(row) -> dict:
     seq, session, time, op, payload = row
     rec = {"seq": seq, "ts": time, "session": session, "op": op}
     try:
+        if isinstance(payload, bytes):
+            payload = zlib.decompress(payload)
         rec.update(json.loads(payload))
-    except ValueError:
+    except (ValueError, zlib.error):
         pass
     return rec
 

@@ -245,6 +245,17 @@ def test_a_folder_in_place_of_the_journal_is_a_clear_error(tmp_path):
         LabelBook.from_journal(j)
 
 
+def test_a_file_that_is_not_a_database_is_a_clear_error_and_left_alone(tmp_path):
+    j = Journal(tmp_path / "j.labels.sqlite")
+    j.path.write_bytes(b"these are not the labels you are looking for\n" * 100)
+    before = j.path.read_bytes()
+    with pytest.raises(JournalError, match="not a database"):
+        LabelBook.from_journal(j)
+    with pytest.raises(JournalError, match="not a database"):
+        j.append({"op": "apply"})
+    assert j.path.read_bytes() == before
+
+
 def test_the_journal_works_without_fcntl_as_on_windows(tmp_path):
     out = in_new_process(
         """
@@ -307,15 +318,46 @@ def test_two_processes_appending_concurrently_lose_nothing(tmp_path):
     assert len(Journal(path).labels()) == 120
 
 
+def _opener(csv: str, start_at: float, q) -> None:
+    while time.time() < start_at:  # all start together
+        time.sleep(0.001)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", JournalWarning)
+        book = LabelBook.from_journal(journal_for(csv, session=f"p{os.getpid()}"))
+        book.apply([f"new-{os.getpid()}.jpg"], "mine")
+    q.put(book.counts())
+
+
+def test_servers_starting_at_once_import_an_old_journal_once(tmp_path):
+    csv = tmp_path / "photos.csv"
+    sidecar(csv, "labels.jsonl").write_bytes(b"".join(
+        old_apply(i + 1, [f"{i}.jpg"], "cat") for i in range(50)))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 4
+    procs = [ctx.Process(target=_opener, args=(str(csv), start_at, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(r["cat"] == 50 for r in results)
+    assert [r["seq"] for r in journal_for(csv).replay()] == list(range(1, 53))
+    assert journal_for(csv).labels() == {**{f"{i}.jpg": "cat" for i in range(50)},
+                                         **{f"new-{p.pid}.jpg": "mine" for p in procs}}
+
+
 KILL_SCRIPT = """
     import sys
     from explorer.journal import Journal
-    j = Journal(sys.argv[1], session="doomed")
+    from explorer.labels import LabelBook
+    book = LabelBook(Journal(sys.argv[1], session="doomed"))
     i = 0
     while True:
-        seq = j.append({"op": "apply", "args": {"label": "x" * 200,
-                        "changes": [["", "x" * 200, ["img-%d.jpg" % i]]]}})
-        print(seq, flush=True)
+        keys = ["img-%d-%d.jpg" % (i, j) for j in range(1 + i % 50)]
+        rec = book.apply(keys, "label %d " % i + "x" * 80)  # returned: the page says "saved"
+        print(rec["seq"], flush=True)
         i += 1
 """
 
@@ -343,10 +385,13 @@ def test_sigkill_mid_session_keeps_every_acknowledged_record(tmp_path):
     seqs = [r["seq"] for r in recs]
     assert set(acked) <= set(seqs)
     assert seqs == list(range(1, len(seqs) + 1))
-    labels = Journal(path).labels()
-    assert {f"img-{s - 1}.jpg" for s in acked} <= set(labels)  # the state table too
-    # the journal is still usable after the crash
-    assert Journal(path).append({"op": "after"}) == len(seqs) + 1
+    book = LabelBook.from_journal(Journal(path, session="doomed"))
+    for s in acked:  # every acknowledged label is there, on every key of its edit
+        i = s - 1
+        assert book.labels_for([f"img-{i}-{j}.jpg" for j in range(1 + i % 50)]) == [
+            f"label {i} " + "x" * 80] * (1 + i % 50)
+    # the journal is still usable after the crash, and the undo stack survived it
+    assert book.can_undo and book.undo()["seq"] == len(seqs) + 1
 
 
 def test_invalid_session_id_is_refused(tmp_path):
