@@ -448,8 +448,8 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
     the zip is still complete and valid. ``on_progress(done, total)`` is called after every
     entry (``total`` None if ``entries`` has no length). A source that cannot be read is
     reported in ``report.failed`` and skipped. Arcnames must be relative, without ``..``.
-    ``extra`` (``{arcname: text or bytes}``, e.g. ``{"MISSING.txt": ...}``) is written after
-    the entries, under the same cap.
+    ``extra`` (``{arcname: text or bytes}``, e.g. ``{"MISSING.txt": plan.refused_note()}``;
+    None values are left out) is written after the entries, under the same cap.
     """
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
         raise ValueError(f"max_bytes must be a non-negative int or None; got {max_bytes!r}")
@@ -461,7 +461,7 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
     done = 0
     if extra:
         tail = [(k, v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v)
-                for k, v in extra.items()]
+                for k, v in extra.items() if v is not None]
         entries = _chain(entries, tail)
         total = None if total is None else total + len(tail)
     with zipfile.ZipFile(fileobj, "w", allowZip64=True) as zf:

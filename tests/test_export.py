@@ -372,7 +372,7 @@ def test_zip_extra_notes_and_entry_order(images):
     root, df = images
     plan = plan_export(df, root, layout="flat")
     buf = io.BytesIO()
-    rep = write_zip(plan.entries[:2], buf, extra={"MISSING.txt": "gone.jpg\n"})
+    rep = write_zip(plan.entries[:2], buf, extra={"MISSING.txt": "gone.jpg\n", "NONE.txt": None})
     assert rep.files == 3
     with zipfile.ZipFile(buf) as zf:
         assert zf.namelist()[-1] == "MISSING.txt" and zf.read("MISSING.txt") == b"gone.jpg\n"
