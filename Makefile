@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 # demo/ and demo.csv are committed; demo-build regenerates them from images the project makes.
 demo: setup
 	test -f demo.csv || $(MAKE) demo-build
-	$(BIN)/bokeh serve demo --port $(PORT) $(if $(CI),,--show) --args demo.csv
+	$(BIN)/bokeh serve demo --address 127.0.0.1 --port $(PORT) $(if $(CI),,--show) --args demo.csv
 
 demo-build: setup
 	$(BIN)/python src/make_demo.py

@@ -2,31 +2,65 @@
 
 import logging
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("bokeh.server.explorer")  # shown in bokeh serve's own log
+#: bokeh runs this file with the app's ``--args`` as sys.argv (as it runs main.py)
+_ARGV = list(sys.argv[1:])
+_APP_DIR = Path(__file__).resolve().parent
 
 
-def _warm_up() -> None:
-    # 'Re-cluster selection' runs UMAP + HDBSCAN; the first call in a process compiles
-    # numba code for tens of seconds. Do that in the background while the person looks
-    # at the map, so their first re-cluster answers in seconds.
+def preload() -> None:
+    """Read the project (CSV, embeddings map, ...) at server start instead of at the first
+    visit, so the first page of a big project does not wait for it."""
+    from explorer.app import find_csv
+    from explorer.app.project import load_project
+
+    t0 = time.perf_counter()
+    try:
+        project = load_project(find_csv(_ARGV, _APP_DIR), _APP_DIR, _APP_DIR.name)
+    except Exception as exc:  # the first session shows the reason on its page
+        log.warning("explorer: project not preloaded (%s)", exc)
+        return
+    log.info("explorer: %s rows loaded in %.1f s", f"{project.n_rows:,}", time.perf_counter() - t0)
+
+
+def warm_up():
+    """Compile the re-cluster code in the worker process that runs re-clusters.
+
+    'Re-cluster selection' runs UMAP + HDBSCAN in :func:`explorer.app.work.processes`; the
+    first call in that process compiles numba code for tens of seconds. Do it while the
+    person looks at the map, so their first re-cluster answers in seconds. Returns the
+    future (its result: seconds taken, or the exception)."""
     import numpy as np
 
-    from explorer.hierarchy import recluster
+    from explorer.app import work
 
     t0 = time.perf_counter()
     X = np.random.default_rng(0).normal(size=(600, 16)).astype(np.float32)
-    try:
-        recluster(X, "warm-up", seed=0)
-    except Exception:  # a failed warm-up only means a slower first re-cluster
-        log.exception("re-cluster warm-up failed")
-        return
-    log.info("re-cluster code compiled in %.0f s (background warm-up)", time.perf_counter() - t0)
+    future = work.processes().submit(work.recluster_in_worker, X, "warm-up", 0)
+
+    def done(fut):
+        exc = fut.exception()
+        if exc is not None:  # a failed warm-up only means a slower first re-cluster
+            log.error("re-cluster warm-up failed: %s", exc)
+        else:
+            log.info("re-cluster code compiled in %.0f s (worker process)", time.perf_counter() - t0)
+
+    future.add_done_callback(done)
+    return future
 
 
 def on_server_loaded(server_context) -> None:
-    if os.environ.get("EXPLORER_NO_WARMUP"):
-        return
-    threading.Thread(target=_warm_up, name="explorer-warm-up", daemon=True).start()
+    from explorer.app.downloads import install, store
+
+    # saved CSVs and zips are served by our own handler, to the session that saved them only;
+    # thumbnails by row number from /<app>/_thumb/<row>
+    install(server_context)
+    server_context.add_periodic_callback(store().expire, 60_000)
+    threading.Thread(target=preload, name="explorer-preload", daemon=True).start()
+    if not os.environ.get("EXPLORER_NO_WARMUP"):
+        warm_up()

@@ -1,8 +1,10 @@
 """Benchmark the explorer app in headless Chromium with a large generated CSV.
 
 Prints medians of a few runs of
-  * load: navigation start -> plot drawn (all points rendered; target < 3 s)
-  * lasso: mouse release of a lasso -> table showing the selection (target < 1 s)
+  * drawn: navigation start -> plot drawn (all points rendered)
+  * lasso: mouse release of a lasso -> table showing the selection
+  Goals on a 2-core machine with canvas: 1M drawn < 5 s, lasso < 1.5 s; 100k drawn < 1.5 s,
+  lasso < 0.5 s.
   * server: Python time to build a session's document and to handle one selection
   * browser: one repaint of the plot. Without a GPU, Chromium emulates WebGL in software
     (SwiftShader) and a 100k-point repaint takes seconds; the page then draws with canvas
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _appdata import make_big_csv  # noqa: E402
 
-from explorer.app import browser as B  # noqa: E402
+import _browser as B  # noqa: E402
 
 DRAWN_AT_JS = "const ok = (() => {" + B.PLOT_DRAWN_JS + "})(); return ok ? performance.now() : null;"
 
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         app_dir, csv = make_big_csv(tmp, args.points)
         print(f"generated {args.points:,} points in {time.perf_counter() - t:.1f} s ({csv.stat().st_size / 1e6:.1f} MB CSV)")
         build, sel = server_side(app_dir, csv, args.runs)
-        print(f"server: document build {build:.2f} s, one selection of {args.points // 8:,} points {sel:.2f} s (median of {args.runs})")
+        print(f"server: document build {build:.2f} s, one selection of {args.points // 8:,} points {sel:.2f} s (median of {args.runs})", flush=True)
         loads, lassos, counts, paints = [], [], [], []
-        with B.serve(app_dir, csv) as url, B.chromium(width=1400, height=1300) as drv:
+        with B.serve(app_dir, csv, timeout=300) as url, B.chromium(width=1400, height=1300) as drv:
+            drv.set_script_timeout(300)
             if args.renderer != "auto":
                 url = f"{url}?renderer={args.renderer}"
             drv.get(url)  # warm up (caches bokeh.js, starts the server's first session)
@@ -106,16 +109,22 @@ def main(argv: list[str] | None = None) -> int:
                 up = drv.execute_script("return window.__t_up")
                 lassos.append((shown - up) / 1000.0)
                 counts.append(n)
+                print(f"  run {len(loads)}: drawn {loads[-1]:.2f} s, lasso {lassos[-1]:.2f} s ({n:,} selected)", flush=True)
                 time.sleep(0.5)
-                paints.append(drv.execute_script(REPAINT_JS) / 1000.0)
+                try:
+                    paints.append(drv.execute_script(REPAINT_JS) / 1000.0)
+                except Exception as exc:  # selenium's script timeout on a very slow repaint
+                    print(f"  repaint not measured: {type(exc).__name__}", flush=True)
+                    paints.append(float("nan"))
             used = drv.execute_script("return window.explorerRenderer || null")
-        print(f"load: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (target < 3 s)")
+        goal_draw, goal_lasso = (5.0, 1.5) if args.points > 300_000 else (1.5, 0.5)
+        print(f"drawn: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (goal < {goal_draw} s)")
         print(
             f"lasso: release -> table shows selection: median {statistics.median(lassos):.2f} s  "
-            f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; target < 1 s)"
+            f"runs {', '.join(f'{v:.2f}' for v in lassos)}  (selected {counts[0]:,} points; goal < {goal_lasso} s)"
         )
         print(
-            f"browser: one repaint of the {args.points:,}-point plot: median {statistics.median(paints):.2f} s"
+            f"repaint: one repaint of the {args.points:,}-point plot: median {statistics.median(paints):.2f} s"
             f"  runs {', '.join(f'{v:.2f}' for v in paints)}"
         )
         print(f"renderer: {used}")

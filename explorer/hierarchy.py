@@ -183,12 +183,13 @@ def recluster(
 
 
 def _renumber_by_size(raw: np.ndarray) -> np.ndarray:
-    """Cluster labels renumbered 1.. by size (largest first, ties by first member); -1 kept."""
-    out = np.full(raw.shape, -1, dtype=int)
-    ids = [c for c in np.unique(raw) if c >= 0]
-    order = sorted(ids, key=lambda c: (-int((raw == c).sum()), int(np.argmax(raw == c))))
-    for new, c in enumerate(order, start=1):
-        out[raw == c] = new
+    """Cluster labels renumbered 1.. by size (largest first, ties by first member); -1 kept.
+
+    The one renumbering rule (:func:`explorer.cluster._relabel_by_size`, 0-based) shifted by one."""
+    from explorer.cluster import _relabel_by_size
+
+    out = _relabel_by_size(np.asarray(raw)).astype(int)
+    out[out >= 0] += 1
     return out
 
 
@@ -443,44 +444,32 @@ def build_hierarchy(
     root = Node("root", None, 0, all_idx, _representatives(Y, all_idx, n_representatives))
     nodes["root"] = root
     queue = deque([root])
-    bar = None
-    if progress:
-        from rich.progress import Progress
+    from explorer.progress import track
 
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("building the group hierarchy", total=n)
-    try:
+    def splits():  # one item per group taken from the queue (the queue grows as it goes)
         while queue:
-            node = queue.popleft()
-            m = node.members
-            if node.count <= min_size or node.depth >= max_depth:
-                if bar is not None:
-                    bar.advance(task, node.count)
-                continue
-            k = min(branching, max(2, math.ceil(node.count / min_size)), node.count)
-            sub = Y[m]
-            if float(np.ptp(sub, axis=0).max()) == 0.0:  # all identical: cannot split
-                if bar is not None:
-                    bar.advance(task, node.count)
-                continue
-            lab = _kmeans(sub, k, seed)
-            groups = [m[lab == c] for c in np.unique(lab)]
-            if len(groups) < 2:
-                if bar is not None:
-                    bar.advance(task, node.count)
-                continue
-            groups.sort(key=lambda g: (-len(g), int(g[0])))
-            for i, g in enumerate(groups, start=1):
-                cid = f"{node.id}-{i}"
-                child = Node(cid, node.id, node.depth + 1, g,
-                             _representatives(Y, g, n_representatives))
-                nodes[cid] = child
-                node.children.append(cid)
-                queue.append(child)
-    finally:
-        if bar is not None:
-            bar.stop()
+            yield queue.popleft()
+
+    for node in track(splits(), "building the group hierarchy", enabled=progress):
+        m = node.members
+        if node.count <= min_size or node.depth >= max_depth:
+            continue
+        k = min(branching, max(2, math.ceil(node.count / min_size)), node.count)
+        sub = Y[m]
+        if float(np.ptp(sub, axis=0).max()) == 0.0:  # all identical: cannot split
+            continue
+        lab = _kmeans(sub, k, seed)
+        groups = [m[lab == c] for c in np.unique(lab)]
+        if len(groups) < 2:
+            continue
+        groups.sort(key=lambda g: (-len(g), int(g[0])))
+        for i, g in enumerate(groups, start=1):
+            cid = f"{node.id}-{i}"
+            child = Node(cid, node.id, node.depth + 1, g,
+                         _representatives(Y, g, n_representatives))
+            nodes[cid] = child
+            node.children.append(cid)
+            queue.append(child)
     params = {"branching": branching, "min_size": min_size, "max_depth": max_depth,
               "n_representatives": n_representatives, "seed": seed}
     return Tree(nodes, n, params)

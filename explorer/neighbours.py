@@ -1,19 +1,24 @@
 """Nearest neighbours in the embedding space (cosine), for 'look around an image'.
 
-Pure functions on arrays: no files, no state. ``nearest`` is one matrix-vector product, so a
-click on a map of 1,000,000 images answers without an index; pass ``norms`` (from
-:func:`row_norms`, computed once) to skip recomputing the row norms on every click.
+Pure functions on arrays: no files, no state. ``nearest`` is one matrix-vector product done
+in row chunks straight from the array it is given (a float16 memory map stays on disk: only
+one chunk at a time is converted), so a click on a map of 1,000,000 images answers without an
+index and without copying the N x D matrix; pass ``norms`` (from :func:`row_norms`, computed
+once per process) to skip recomputing the row norms on every click.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["nearest", "row_norms", "cosine_normalize"]
+__all__ = ["nearest", "row_norms", "cosine_normalize", "CHUNK_BYTES"]
+
+#: float32 bytes converted at a time when working through a (memory-mapped) matrix
+CHUNK_BYTES = 8 << 20
 
 
 def _as_matrix(embeddings) -> np.ndarray:
-    X = np.asarray(embeddings)
+    X = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
     if X.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array (n_images, dim), got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.floating):
@@ -21,11 +26,22 @@ def _as_matrix(embeddings) -> np.ndarray:
     return X
 
 
+def _chunks(X: np.ndarray):
+    """(start, float32 block) over the rows of ``X``, about :data:`CHUNK_BYTES` at a time."""
+    step = max(1, CHUNK_BYTES // max(1, 4 * X.shape[1]))
+    for s in range(0, X.shape[0], step):
+        yield s, np.asarray(X[s : s + step], dtype=np.float32)
+
+
 def row_norms(embeddings) -> np.ndarray:
-    """Euclidean norm of every row (float64), for reuse across :func:`nearest` calls."""
+    """Euclidean norm of every row (float64), for reuse across :func:`nearest` calls.
+
+    Works through the rows in chunks: a memory-mapped matrix is never copied whole."""
     X = _as_matrix(embeddings)
-    # summing in the array's own dtype avoids a float64 copy of the whole matrix
-    return np.sqrt(np.einsum("ij,ij->i", X, X).astype(np.float64))
+    out = np.empty(X.shape[0], dtype=np.float64)
+    for s, block in _chunks(X):
+        out[s : s + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    return out
 
 
 def cosine_normalize(embeddings) -> np.ndarray:
@@ -59,12 +75,19 @@ def nearest(embeddings, index: int, k: int = 12, *, norms: np.ndarray | None = N
         norms = np.asarray(norms, dtype=np.float64)
         if norms.shape != (n,):
             raise ValueError(f"norms must have shape ({n},), got {norms.shape}")
-    q = X[index].astype(np.float64)
-    sims = (X @ q.astype(X.dtype)).astype(np.float64)
-    denom = norms * norms[index]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sims = np.where(denom > 0, sims / np.where(denom > 0, denom, 1.0), 0.0)
-    dist = np.clip(1.0 - sims, 0.0, 2.0)
+    q = np.asarray(X[index], dtype=np.float32)
+    dist = np.empty(n, dtype=np.float32)
+    for s, block in _chunks(X):
+        dist[s : s + len(block)] = block @ q
+    # cosine distance = 1 - sim / (|x| |q|); zero rows have no direction: distance 1
+    denom = (norms * norms[index]).astype(np.float32)
+    zero = denom <= 0
+    denom[zero] = 1.0
+    dist /= denom
+    dist[zero] = 0.0
+    np.subtract(1.0, dist, out=dist)
+    np.clip(dist, 0.0, 2.0, out=dist)
+    del denom, zero
     dist[index] = np.inf
     k = min(int(k), n - 1)
     if k <= 0:
@@ -78,4 +101,4 @@ def nearest(embeddings, index: int, k: int = 12, *, norms: np.ndarray | None = N
         part = np.flatnonzero(np.isfinite(dist))
     order = np.lexsort((part, dist[part]))[:k]
     idx = part[order].astype(np.int64)
-    return idx, dist[idx]
+    return idx, dist[idx].astype(np.float64)

@@ -18,8 +18,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from explorer.app import browser as B  # noqa: E402
+import _browser as B  # noqa: E402
 from explorer.table import read_table  # noqa: E402
 
 

@@ -19,7 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
-from explorer.app import browser as B  # noqa: E402
+import _browser as B  # noqa: E402
+
+from explorer.exports import safe_name  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -145,7 +147,7 @@ def test_hover_shows_thumbnail_name_and_label_as_text(page):
     )
     assert "cluster: 0" in tip
     imgs = deep(page, None, ".bk-tooltip-content img")
-    assert imgs and "/app/static/thumbs/" in imgs[0].get_attribute("src")
+    assert imgs and "/app/_thumb/" in imgs[0].get_attribute("src")
     assert injected(page) == 0 and page.execute_script("return window.__alerts") == []
 
 
@@ -199,8 +201,8 @@ def test_save_downloads_csv_and_zip_of_originals(page, site):
     assert {"x", "y", "photographer"} <= set(rows[0])
     with zipfile.ZipFile(site["downloads"] / "picked.zip") as zf:
         names = set(zf.namelist())
-    assert len(names) == 16 and f"cat/{HOSTILE}" in names
-    assert (site["app_dir"] / "exports" / "picked.csv").is_file()
+    assert len(names) == 16 and f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.exports
+    assert not (site["app_dir"] / "exports").exists() and not (site["app_dir"] / "static" / "exports").exists()
     status = " ".join(e.text for e in deep(page, "status", ".ex-msg"))
     assert "saved 16 row(s)" in status and "16 original image(s)" in status
 
@@ -220,7 +222,7 @@ def test_bad_name_and_clear_then_save_say_so(page, site):
     wait_model(page, "save_name", "m.value == 'empty'")
     deep(page, "save", "button")[0].click()
     B.wait_for(page, "return (" + _status_js() + ").includes('nothing selected')")
-    assert not (site["app_dir"] / "exports" / "empty.csv").exists()
+    assert not (site["downloads"] / "empty.csv").exists()
     assert not list(site["root"].glob("**/escape*"))
 
 
@@ -259,3 +261,69 @@ def test_reset_data_clears_selection_and_zoom(page):
     wait_model(page, "labels", "m.value.length == 0")
     after = B.model_value(page, "plot", "[m.x_range.start, m.x_range.end]")
     assert after == pytest.approx(before)
+
+
+def test_hostile_project_save_with_images_zips_no_system_file(tmp_path):
+    """H1 end to end: run record says the images are at /, CSV paths point into /etc; a
+    person presses Save with images in the browser; the zip holds no /etc/passwd, nothing
+    that is not an image, and the page says the root was refused."""
+    import json
+
+    import pandas as pd
+
+    from explorer.table import sidecar
+
+    app_dir, csv = make_app(tmp_path, per_group=2, noise=1, hostile=False)
+    df = pd.read_csv(csv)
+    df["path"] = ["etc/passwd", "etc/hostname", "etc/os-release"] + [f"etc/x{i}" for i in range(len(df) - 3)]
+    df.loc[1, "image"] = "main.py"  # a thumbnail value naming the app's own code
+    df.to_csv(csv, index=False)
+    sidecar(csv, "run.json").write_text(json.dumps({"image_dir": "/", "image_dir_from_csv": "../" * 40}))
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    with B.serve(app_dir, csv) as url, B.chromium(download_dir=downloads) as drv:
+        drv.get(url)
+        B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+        assert "refused" in B.wait_for(drv, "return (" + _status_js() + ")", timeout=10)
+        drv.execute_script(  # select every point, as a lasso around the whole map would
+            "const m = Bokeh.documents[0].get_model_by_name('points');"
+            "m.selected.indices = [...Array(m.data.x.length).keys()];"
+        )
+        wait_model(drv, "table_source", f"m.data['_file'].length == {len(df)}")
+        box = deep(drv, "save_name", "input")[0]
+        box.clear()
+        box.send_keys("grab\n")
+        wait_model(drv, "save_name", "m.value == 'grab'")
+        deep(drv, "save_images", "button")[0].click()
+        wait_model(drv, "save_images", "m.active")
+        deep(drv, "save", "button")[0].click()
+        wait_files(downloads, ["grab.csv", "grab.zip"], timeout=40)
+    with zipfile.ZipFile(downloads / "grab.zip") as zf:
+        names = zf.namelist()
+        content = b"".join(zf.read(n) for n in names)
+    assert b"root:" not in content and not any("passwd" in n for n in names)
+    from PIL import Image
+
+    with zipfile.ZipFile(downloads / "grab.zip") as zf:
+        for n in names:
+            if n != "MISSING.txt":
+                Image.open(io.BytesIO(zf.read(n))).verify()  # every file in it is an image
+    assert "thumbnails/" in " ".join(names) and not any(n.endswith(".py") for n in names)
+
+
+def test_thumbnails_drawn_on_the_map_when_few_points_are_in_view(page):
+    """35 points are always "a few": the image glyph shows each thumbnail at its point,
+    fetched from our per-row handler; zooming in keeps only those in view."""
+    wait_model(page, "thumbs_source", "m.data.url.length == 35")
+    urls = B.model_value(page, "thumbs_source", "m.data.url")
+    assert all(u.startswith("/app/_thumb/") for u in urls)
+    loaded = page.execute_script(
+        "return Promise.all(arguments[0].map(u => fetch(u).then(r => r.status)));", urls[:3]
+    )
+    assert loaded == [200, 200, 200]
+    page.execute_script(  # zoom to cluster 0 (around 0, 0), as the wheel would
+        "const p = Bokeh.documents[0].get_model_by_name('plot');"
+        "p.x_range.setv({start: -3, end: 3}); p.y_range.setv({start: -3, end: 3});"
+    )
+    n = wait_model(page, "thumbs_source", "m.data.url.length < 35 && m.data.url.length >= 8 ? m.data.url.length : null")
+    assert n <= 10

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import make_app  # noqa: E402
 
-from explorer.app import browser as B  # noqa: E402
+import _browser as B  # noqa: E402
 from explorer.table import sidecar  # noqa: E402
 
 pytestmark = pytest.mark.browser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import zipfile
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bokeh.command.util import build_single_handler_application
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, click, plot_positions as plot_indices, widget as w, make_app  # noqa: E402
 
+from explorer.app import downloads  # noqa: E402
 from explorer.table import sidecar  # noqa: E402
 
 CURATION_WIDGETS = [
@@ -161,7 +163,9 @@ def test_save_labels_button_offers_csv_and_imagefolder_zip(app):
     click(w(doc, "save_labels"))
     names = w(doc, "downloads").data["filename"]
     assert names == ["done.csv", "done.zip"]
-    assert (app[0] / "exports" / "done.zip").is_file()
+    url = w(doc, "downloads").data["url"][1]
+    item = downloads.store().lookup(url.split("/")[-2], "done.zip", doc.explorer_view.state.session_key)
+    assert zipfile.is_zipfile(item.path)
 
 
 def test_no_features_keeps_the_app_working(app):

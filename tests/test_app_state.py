@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 from explorer.app import AppState, ExportError, check_export_name  # noqa: E402
+from explorer.app import downloads  # noqa: E402
 from explorer.app.state import MUTED_COLOR, PALETTE, thumb_url  # noqa: E402
+from explorer.exports import safe_name  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
 
 
@@ -50,8 +52,11 @@ def test_loads_clean_app_without_problems(state):
     assert state.image_dir is not None and state.image_dir.is_dir()
 
 
-def test_selection_starts_empty(state):
-    assert len(state.selection) == 0 and state.label_filter == ()
+def test_a_new_session_starts_empty_while_another_has_a_selection(state, app):
+    state.set_label_filter(["1"])
+    other = AppState.from_csv(app[1], app_dir=app[0])
+    assert other.project is state.project
+    assert len(other.selection) == 0 and other.label_filter == () and len(state.selection) == 8
 
 
 # ----------------------------------------------------------------------------- selection
@@ -98,10 +103,10 @@ def test_clear_label_filter_selects_nothing_and_save_writes_nothing(state, app):
     state.set_label_filter(["0", "1"])
     state.clear_label_filter()
     assert state.label_filter == () and len(state.selection) == 0
+    before = downloads.store().used_bytes()
     with pytest.raises(ExportError, match="nothing selected"):
         state.export("after-clear", images=True)
-    exports = app[0] / "exports"
-    assert not exports.exists() or list(exports.iterdir()) == []
+    assert downloads.store().used_bytes() == before
 
 
 def test_clear_under_only_selected_keeps_scope_for_adding_back(state):
@@ -216,9 +221,11 @@ def test_run_record_missing_is_reported(app):
 )
 def test_bad_export_names_are_refused(state, app, name):
     state.select([0, 1])
+    before = sorted(downloads.store().root.iterdir())
     with pytest.raises(ExportError):
         state.export(name)
-    assert not (app[0] / "exports").exists() or list((app[0] / "exports").iterdir()) == []
+    assert sorted(downloads.store().root.iterdir()) == before
+    assert not (app[0] / "exports").exists()
 
 
 def test_export_name_suffixes_are_stripped():
@@ -232,15 +239,18 @@ def test_export_writes_selected_rows_with_all_columns(state):
     state.select(rows)
     res = state.export("cats", images=False)
     assert res.csv is not None and res.csv.name == "cats.csv" and res.zip is None
-    assert res.csv.parent == state.app_dir / "exports"
     out = read_table(res.csv)
     assert len(out) == len(rows)
     assert {"x", "y", "photographer", "label", "path"} <= set(out.columns)
     assert np.allclose(out["x"].to_numpy(), state.table["x"].to_numpy()[rows])
-    # offered to the browser from static/exports
+    # offered to this session only, by our handler, never published in the app folder
     (fname, url) = res.downloads[0]
-    assert url == f"/{state.route}/static/exports/cats.csv"
-    assert (state.app_dir / "static" / "exports" / "cats.csv").read_bytes() == res.csv.read_bytes()
+    token = url.split("/")[-2]
+    assert fname == "cats.csv" and url == f"/{state.route}/_exports/{token}/cats.csv" and len(token) >= 24
+    assert not (state.app_dir / "static" / "exports").exists() and not (state.app_dir / "exports").exists()
+    assert downloads.store().lookup(token, "cats.csv", state.session_key).path == res.csv
+    assert downloads.store().lookup(token, "cats.csv", None) is False
+    assert downloads.store().lookup(token, "cats.csv", downloads.DownloadStore.new_key()) is False
 
 
 def test_csv_and_zip_never_overwrite_each_other_or_earlier_exports(state):
@@ -251,7 +261,8 @@ def test_csv_and_zip_never_overwrite_each_other_or_earlier_exports(state):
     assert csv_bytes.startswith(b"path,")  # the zip did not overwrite the CSV
     state.select(sorted(rows_of(state, "cluster", "3")))
     second = state.export("pick.csv", images=True)
-    assert second.csv.name == "pick-1.csv" and second.zip.name == "pick-1.zip"
+    assert second.csv.name == "pick.csv" and second.zip.name == "pick.zip"
+    assert second.csv != first.csv and second.downloads[0][1] != first.downloads[0][1]
     assert first.csv.read_bytes() == csv_bytes
     assert zipfile.is_zipfile(first.zip) and zipfile.is_zipfile(second.zip)
 
@@ -264,7 +275,7 @@ def test_zip_holds_originals_when_started_elsewhere(state, tmp_path, monkeypatch
     assert res.originals == len(rows) and res.thumbnails == 0
     with zipfile.ZipFile(res.zip) as zf:
         names = set(zf.namelist())
-        assert f"cat/{HOSTILE}" in names
+        assert f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.exports
         original = (state.image_dir / "cat" / "cat_001.jpg").read_bytes()
         assert zf.read("cat/cat_001.jpg") == original
 
@@ -283,26 +294,101 @@ def test_zip_falls_back_to_thumbnails_and_says_so(app, tmp_path):
         assert all(n.startswith("thumbnails/") for n in zf.namelist())
 
 
+def _zip_bytes(res):
+    with zipfile.ZipFile(res.zip) as zf:
+        return b"".join(zf.read(n) for n in zf.namelist())
+
+
 def test_zip_never_reads_outside_the_image_folder(app, tmp_path):
     app_dir, csv = app
-    secret = tmp_path / "secret.txt"
-    secret.write_text("do not export")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"do not export")
     df = pd.read_csv(csv)
-    df.loc[0, "path"] = "../../secret.txt"
+    df.loc[0, "path"] = "../../secret.jpg"
+    df.loc[1, "path"] = str(secret)  # absolute
     df.to_csv(csv, index=False)
     st = AppState.from_csv(csv, app_dir=app_dir)
-    st.select([0])
+    st.select([0, 1])
     res = st.export("escape", images=True)
-    with zipfile.ZipFile(res.zip) as zf:
-        assert all(b"do not export" not in zf.read(n) for n in zf.namelist())
+    assert b"do not export" not in _zip_bytes(res)
     assert res.originals == 0
 
 
-def test_thumb_urls_are_under_the_app_route():
+def test_hostile_run_record_root_is_refused_with_a_note(app, tmp_path):
+    """H1: a run record saying the images are at / (and CSV paths into /etc) exports nothing of it."""
+    app_dir, csv = app
+    df = pd.read_csv(csv)
+    df.loc[0, "path"] = "etc/passwd"
+    df.loc[1, "path"] = "etc/hostname"
+    df.to_csv(csv, index=False)
+    for record in ({"image_dir": "/"}, {"image_dir_from_csv": "../" * 30}, {"image_dir": "/etc"}):
+        sidecar(csv, "run.json").write_text(json.dumps(record))
+        st = AppState.from_csv(csv, app_dir=app_dir)
+        assert st.image_dir is None
+        assert any("refused" in p for p in st.problems), st.problems
+        st.select([0, 1])
+        res = st.export("hostile", images=True)
+        assert res.originals == 0 and res.thumbnails == 2
+        assert all(n.startswith("thumbnails/") for n in zipfile.ZipFile(res.zip).namelist())
+        assert b"root:" not in _zip_bytes(res)
+
+
+def test_symlink_out_of_the_image_folder_is_refused(app, tmp_path):
+    app_dir, csv = app
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # a real image outside the image folder, reached through a symlinked folder and file
+    (outside / "private.jpg").write_bytes((app_dir / "static" / "thumbs" / "rocket_000_t.jpg").read_bytes() + b"SECRET")
+    images = AppState.from_csv(csv, app_dir=app_dir).image_dir
+    (images / "link").symlink_to(outside, target_is_directory=True)
+    (images / "cat" / "link.jpg").symlink_to(outside / "private.jpg")
+    df = pd.read_csv(csv)
+    df.loc[0, "path"] = "link/private.jpg"
+    df.loc[1, "path"] = "cat/link.jpg"
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    st.select([0, 1])
+    res = st.export("links", images=True)
+    assert res.originals == 0 and b"SECRET" not in _zip_bytes(res)
+
+
+def test_non_image_files_in_the_image_folder_are_not_exported(app):
+    app_dir, csv = app
+    st0 = AppState.from_csv(csv, app_dir=app_dir)
+    (st0.image_dir / "cat" / "notes.jpg").write_text("not an image")
+    df = pd.read_csv(csv)
+    df.loc[0, "path"] = "cat/notes.jpg"
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    st.select([0])
+    res = st.export("notimage", images=True)
+    assert res.originals == 0 and b"not an image" not in _zip_bytes(res)
+
+
+def test_thumb_urls_are_under_the_app_route_and_never_off_site():
     assert thumb_url("static/thumbs/a b.jpg", "demo") == "/demo/static/thumbs/a%20b.jpg"
-    assert thumb_url("/elsewhere/x.jpg", "demo") == "/elsewhere/x.jpg"
-    assert thumb_url("https://example.org/x.jpg", "demo") == "https://example.org/x.jpg"
+    for off_site in ("/elsewhere/x.jpg", "https://example.org/x.jpg", "//example.org/x.jpg",
+                     "javascript:alert(1)", "../x.jpg", "static/%2e%2e/x.jpg"):  # fmt: skip
+        assert thumb_url(off_site, "demo") == "", off_site
     assert "<" not in thumb_url(f"static/thumbs/{HOSTILE}", "demo")
+
+
+def test_off_site_thumbnails_are_refused_with_a_note(app):
+    """L7 and H5: a CSV with no relative thumbnail opens, says why the thumbnails are blank,
+    and serves none of them."""
+    app_dir, csv = app
+    df = pd.read_csv(csv)
+    df["image"] = [f"https://tracker.example/{i}.jpg" for i in range(len(df))]
+    df.loc[0, "image"] = "//tracker.example/x.jpg"
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    note = " ".join(st.problems)
+    assert "35 of 35 thumbnail value(s) are not paths inside the app" in note
+    assert all(st.project.thumb_file(r) is None for r in range(st.n_rows))
+    df["image"] = ""  # explorer build --out X.csv writes no thumbnails at all
+    df.to_csv(csv, index=False)
+    st = AppState.from_csv(csv, app_dir=app_dir)
+    assert st.n_rows == 35 and "not paths inside the app" in " ".join(st.problems)
 
 
 def test_state_module_does_not_import_bokeh():

@@ -145,10 +145,19 @@ def test_top_level_follows_the_blobs(tree_and_data):
 
 
 def test_representatives_are_members_near_the_centre(tree_and_data):
-    tree, X, _ = tree_and_data
+    tree, _, _ = tree_and_data
     for node in list(tree)[:20]:
         reps = node.representatives
         assert 1 <= len(reps) <= 4 and set(reps) <= set(node.members)
+    # in few dimensions (no PCA) they are exactly the members nearest the group's centre
+    X, _ = blobs(4, 60, dim=16, seed=7, spread=0.4)
+    small = build_hierarchy(X, branching=4, min_size=30, seed=0)
+    Y = X / np.linalg.norm(X, axis=1, keepdims=True)
+    for node in small:
+        m = np.asarray(node.members)
+        d = ((Y[m] - Y[m].mean(axis=0)) ** 2).sum(axis=1)
+        nearest = m[np.argsort(d, kind="stable")[: len(node.representatives)]]
+        assert sorted(np.asarray(node.representatives).tolist()) == sorted(nearest.tolist()), node.id
 
 
 def test_jump_by_typed_id(tree_and_data):

@@ -1,8 +1,16 @@
 """The explorer Bokeh server app: ``bokeh serve NAME --args NAME.csv``.
 
 ``app_files/main.py`` (copied to ``NAME/main.py`` by ``explorer build``) calls
-:func:`build_document`. The state of a session lives in :class:`AppState` (plain Python,
-:mod:`explorer.app.state`); :mod:`explorer.app.view` wires Bokeh widgets to it.
+:func:`build_document`; ``app_files/app_hooks.py`` adds our Tornado handlers (exports for
+their own session, thumbnails by row: :mod:`explorer.app.downloads`) once per server.
+
+* :mod:`explorer.app.project` - everything read-only about a CSV, once per server process
+* :mod:`explorer.app.state` - one session (:class:`AppState`): selection, filters, view state
+  (split into :mod:`~explorer.app.selection`, :mod:`~explorer.app.curation`,
+  :mod:`~explorer.app.files`)
+* :mod:`explorer.app.work` - the process-wide pools that keep slow work off the event loop
+* :mod:`explorer.app.view` - the Bokeh widgets wired to a session's state
+
 Importing this package does not import Bokeh.
 """
 

@@ -2,14 +2,21 @@
 
 Every widget and source has a ``name=`` (tests find them with ``doc.select_one``).
 Views re-render from the state when it reports a change; widget callbacks only call
-state methods. One :class:`AppView` (and one state) per session: nothing is shared.
+state methods. One :class:`AppView` (and one state) per session; the data behind it is the
+process's :class:`explorer.app.project.Project`, and the map's columns are the project's own
+numpy arrays (sent to the browser once, as binary float32/int32 columns).
+
+Thumbnails travel as row numbers: the browser asks ``/<route>/_thumb/<row>`` (our handler,
+:mod:`explorer.app.downloads`), so no per-row URL strings are sent. When a few hundred points
+are in view, the thumbnails themselves are drawn at their positions (client-side, throttled).
+Slow work (saves, joins, tag counts, neighbours, propagation, re-cluster, overview) runs in
+the process-wide pools of :mod:`explorer.app.work` with a "working..." message.
 """
 
 from __future__ import annotations
 
 import html
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +26,7 @@ from bokeh.layouts import column, row
 from bokeh.models import (
     Button,
     Checkbox,
+    ImageURL,
     FileInput,
     TabPanel,
     Tabs,
@@ -45,8 +53,8 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
-from explorer.app.state import AppState, ExportError, thumb_urls
-from explorer.table import SchemaError
+from explorer.app.project import thumb_url_prefix
+from explorer.app.state import AppState, ExportError
 
 #: the DataTable shows at most this many selected rows (Save writes all of them)
 TABLE_LIMIT = 2000
@@ -56,11 +64,25 @@ SUGGEST_LIMIT = 2000
 GRID_PAGE = 40
 PLOT_WIDTH, PLOT_HEIGHT = 760, 620
 SIDEBAR_WIDTH = 300
+#: file names go into the map's source (for the hover) only up to this many points
+NAME_LIMIT = 200_000
+#: the hover names at most this many groups of the colour column (then "group #code")
+HOVER_LABEL_LIMIT = 20_000
+#: draw thumbnails instead of dots when at most this many points are in view
+THUMBS_IN_VIEW = 300
+#: their size on screen (pixels)
+THUMB_PX = 44
 
 _DOWNLOAD_JS = """
 const d = source.data;
 const urls = d["url"] || [];
 const names = d["filename"] || [];
+const paths = d["cookie_path"] || [];
+// the session key travels only over this session's websocket; the export handler wants it
+// back in a cookie scoped to the one export's path
+for (let i = 0; i < paths.length; i++) {
+  document.cookie = "explorer_dl=" + key + "; path=" + paths[i] + "; SameSite=Strict";
+}
 for (let i = 0; i < urls.length; i++) {
   const a = document.createElement("a");
   a.href = urls[i];
@@ -74,10 +96,32 @@ for (let i = 0; i < urls.length; i++) {
 
 _TOOLTIP = """
 <div style="max-width:180px">
-  <img src="@thumb" alt="" style="max-width:160px;max-height:160px;display:block;margin-bottom:4px">
+  <img src="@row{custom}" alt="" style="max-width:160px;max-height:160px;display:block;margin-bottom:4px">
   <div style="font-weight:600;word-break:break-all">@name</div>
   <div>@code{custom}</div>
 </div>
+"""
+_TOOLTIP_NO_NAME = _TOOLTIP.replace('<div style="font-weight:600;word-break:break-all">@name</div>', "")
+
+#: the thumbnails in view (client-side; throttled; nothing goes to the server)
+_THUMBS_JS = """
+if (thumbs._ex_timer) clearTimeout(thumbs._ex_timer);
+thumbs._ex_timer = setTimeout(() => {
+  const d = points.data, xs = d.x, ys = d.y, rows = d.row;
+  const xa = Math.min(xr.start, xr.end), xb = Math.max(xr.start, xr.end);
+  const ya = Math.min(yr.start, yr.end), yb = Math.max(yr.start, yr.end);
+  const url = [], x = [], y = [];
+  let n = 0;
+  for (let i = 0; i < xs.length; i++) {
+    const a = xs[i], b = ys[i];
+    if (a >= xa && a <= xb && b >= ya && b <= yb) {
+      if (++n > limit) break;
+      url.push(prefix + rows[i]); x.push(a); y.push(b);
+    }
+  }
+  if (n > limit) { if (thumbs.data.url.length) thumbs.data = {url: [], x: [], y: []}; }
+  else thumbs.data = {url: url, x: x, y: y};
+}, 120);
 """
 
 
@@ -87,6 +131,11 @@ def _esc(text: Any) -> str:
 
 def _stylesheet(route: str) -> ImportedStyleSheet:
     return ImportedStyleSheet(url=f"/{route}/static/css/app.css")
+
+
+def _rgba(palette: list[str], alphas: np.ndarray) -> list[str]:
+    """Palette colours with their alpha as ``#rrggbbaa`` (no per-row alpha column)."""
+    return [f"{c}{int(round(float(a) * 255)):02x}" for c, a in zip(palette, alphas)] or ["#000000"]
 
 
 class AppView:
@@ -100,22 +149,19 @@ class AppView:
         self._syncing = False
         st = state
         css = [_stylesheet(st.route)]
-        self.plot_rows = np.flatnonzero(st.valid).astype(np.int64)
+        self.plot_rows = self._drawn_rows()
+        self.thumb_prefix = thumb_url_prefix(st.route)
 
         # ---------------------------------------------------------------- plot
-        self.file_names = np.asarray(
-            [p[max(p.rfind("/"), p.rfind("\\")) + 1 :] if isinstance(p, str) else "" for p in st.table["path"].tolist()],
-            dtype=object,
-        )
-        thumbs = thumb_urls(st.table["image"], st.route)
-        self.thumb_urls = thumbs
-        r = self.plot_rows
         codes, palette, alphas, _ = st.color_codes()
-        # only what the plot and its hover need; colours as int codes through a mapper
+        # only what the plot and its hover need; colours (with alpha) as int codes through a mapper
         self.color_mapper = LinearColorMapper(
-            palette=palette or ["#000000"], low=-0.5, high=max(len(palette), 1) - 0.5, name="color_mapper"
+            palette=_rgba(palette, alphas), low=-0.5, high=max(len(palette), 1) - 0.5, name="color_mapper"
         )
-        self.hover_labels = CustomJSHover(args={"labels": self._label_texts()}, code="return labels[value] ?? ''")
+        self.hover_labels = CustomJSHover(
+            args={"labels": self._label_texts()}, code="return labels[value] ?? ('group #' + value)"
+        )
+        self.hover_thumb = CustomJSHover(args={"prefix": self.thumb_prefix}, code="return prefix + value")
         self.source = ColumnDataSource(data=self._points_data(), name="points")
         self.plot = figure(
             name="plot",
@@ -137,7 +183,7 @@ class AppView:
             size=st.point_size,
             fill_color={"field": "code", "transform": self.color_mapper},
             line_color=None,
-            fill_alpha="alpha",
+            fill_alpha=1.0,
             selection_fill_alpha=1.0,
             selection_line_color="black",
             selection_line_alpha=0.6,
@@ -147,11 +193,29 @@ class AppView:
         lasso = LassoSelectTool(continuous=False, renderers=[self.renderer], name="lasso")
         box = BoxSelectTool(continuous=False, renderers=[self.renderer], name="box_select")
         hover = HoverTool(
-            tooltips=_TOOLTIP, formatters={"@code": self.hover_labels}, renderers=[self.renderer], name="hover"
-        )
+            tooltips=_TOOLTIP if "name" in self.source.data else _TOOLTIP_NO_NAME,
+            formatters={"@code": self.hover_labels, "@row": self.hover_thumb},
+            renderers=[self.renderer], name="hover",
+        )  # fmt: skip
         tap = TapTool(renderers=[self.renderer], name="tap")
         self.plot.add_tools(lasso, box, hover, tap)
         self.plot.toolbar.active_drag = lasso
+        # zoomed in far enough, the thumbnails themselves at their positions
+        self.thumbs_source = ColumnDataSource(data={"url": [], "x": [], "y": []}, name="thumbs_source")
+        self.thumbs = self.plot.add_glyph(
+            self.thumbs_source,
+            ImageURL(url="url", x="x", y="y", w=THUMB_PX, h=THUMB_PX, w_units="screen",
+                     h_units="screen", anchor="center"),
+            name="thumbs",
+        )  # fmt: skip
+        in_view = CustomJS(
+            args={"points": self.source, "thumbs": self.thumbs_source, "xr": self.plot.x_range,
+                  "yr": self.plot.y_range, "prefix": self.thumb_prefix, "limit": THUMBS_IN_VIEW},
+            code=_THUMBS_JS,
+        )  # fmt: skip
+        for rng in (self.plot.x_range, self.plot.y_range):
+            rng.js_on_change("start", in_view)
+            rng.js_on_change("end", in_view)
 
         # ---------------------------------------------------------------- sidebar
         self.title = Div(name="title", text=self._title_html(), stylesheets=css)
@@ -182,8 +246,10 @@ class AppView:
         self.save_images = Toggle(name="save_images", label="Save images", active=False, width=140)
         self.save = Button(name="save", label="Save", button_type="success", width=140)
         self.reset = Button(name="reset", label="Reset Data", button_type="warning", width=SIDEBAR_WIDTH)
-        self.downloads = ColumnDataSource(data={"url": [], "filename": []}, name="downloads")
-        self.downloads.js_on_change("data", CustomJS(args={"source": self.downloads}, code=_DOWNLOAD_JS))
+        self.downloads = ColumnDataSource(data={"url": [], "filename": [], "cookie_path": []}, name="downloads")
+        self.downloads.js_on_change(
+            "data", CustomJS(args={"source": self.downloads, "key": st.session_key}, code=_DOWNLOAD_JS)
+        )
 
         # ---------------------------------------------------------------- selection views
         self.grid = Div(name="grid", text="", stylesheets=css, width=PLOT_WIDTH + SIDEBAR_WIDTH)
@@ -247,24 +313,52 @@ class AppView:
         self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "map", "columns"}))
 
     # ------------------------------------------------------------------ building
-    def _points_data(self) -> dict[str, Any]:
+    def lasso_renderers(self) -> list[Any]:
+        """The renderers lasso and box select act on (the dots, never the thumbnails)."""
+        tool = self.plot.select_one(LassoSelectTool)
+        return list(tool.renderers) if tool is not None else []
+
+    def _drawn_rows(self) -> np.ndarray:
+        """Rows on the map (source position -> row): the project's shared ``rows`` when all are."""
         st = self.state
-        self.plot_rows = r = np.flatnonzero(st.valid).astype(np.int64)
-        codes, palette, alphas, _ = st.color_codes()
-        x, y = st.xy()
-        return {
-            "x": x[r],
-            "y": y[r],
-            "code": codes[r],
-            "alpha": alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32),
-            "thumb": self.thumb_urls[r],
-            "name": self.file_names[r],
-        }
+        if not st.drill and st.valid is st.project.valid and st.project.all_valid:
+            return st.project.rows
+        return np.flatnonzero(st.valid).astype(np.int64)
+
+    def _all_drawn(self) -> bool:
+        st = self.state
+        return not st.drill and len(self.plot_rows) == st.n_rows
+
+    def _points_data(self) -> dict[str, Any]:
+        """The map's columns: float32 x/y, int32 colour code and row (binary, sent once).
+
+        With every row drawn (no drill-down, no missing coordinates) these are the
+        project's own arrays: a session adds no copy of them."""
+        st = self.state
+        pr = st.project
+        self.plot_rows = r = self._drawn_rows()
+        codes = st.color_codes()[0]
+        if self._all_drawn():
+            data = {"x": pr.x32, "y": pr.y32, "code": codes, "row": pr.rows}
+        else:
+            x, y = st.xy()
+            data = {"x": x[r].astype(np.float32), "y": y[r].astype(np.float32), "code": codes[r],
+                    "row": r.astype(np.int32)}  # fmt: skip
+        if st.n_rows <= NAME_LIMIT:
+            data["name"] = pr.file_names if self._all_drawn() else pr.file_names[r]
+        return data
+
+    def _codes(self) -> np.ndarray:
+        codes = self.state.color_codes()[0]
+        return codes if self._all_drawn() else codes[self.plot_rows]
 
     def _label_texts(self) -> list[str]:
-        """Hover text per colour code."""
+        """Hover text per colour code (at most HOVER_LABEL_LIMIT)."""
         st = self.state
-        return [f"{st.label_column}: {st.label_text(v)}" for v in st.color_codes()[3]]
+        return [f"{st.label_column}: {st.label_text(v)}" for v in st.color_codes()[3][:HOVER_LABEL_LIMIT]]
+
+    def thumb(self, row: int) -> str:
+        return self.thumb_prefix + str(int(row))
 
     def _title_html(self) -> str:
         st = self.state
@@ -328,9 +422,9 @@ class AppView:
         rows = rows[:TABLE_LIMIT]
         sub = st.table.iloc[rows]
         data: dict[str, Any] = {
-            "_thumb": list(self.thumb_urls[rows]),
-            "_file": list(self.file_names[rows]),
-            "_label": list(st.labels("label")[rows]),
+            "_thumb": [self.thumb(i) for i in rows.tolist()],
+            "_file": st.project.names_of(rows),
+            "_label": st.labels_of(rows),
         }
         for field, name in getattr(self, "_table_fields", []):
             col = sub[name]
@@ -449,75 +543,122 @@ class AppView:
         """Periodic: pick up label changes other sessions (tabs) wrote to the journal."""
         self.state.sync_labels()
 
-    def _background(self, what: str, compute: Callable[[], Any], finish: Callable[[Any], None]) -> None:
-        """Run ``compute`` in a worker thread when served (the server stays responsive for
-        every session), then ``finish(result)`` on the document's next tick; without a
-        server (tests, scripts) both run right away."""
-        doc = self.doc
-        if doc is None or doc.session_context is None:
-            finish(compute())
+    @property
+    def served(self) -> bool:
+        return self.doc is not None and self.doc.session_context is not None
+
+    def _background(
+        self,
+        what: str,
+        compute: Callable[[], Any],
+        finish: Callable[[Any], None],
+        *,
+        drop_if_moved: bool = True,
+        pool: str = "threads",
+        args: tuple = (),
+    ) -> None:
+        """Run ``compute(*args)`` in the process-wide pool when served (every session stays
+        responsive; ``pool="processes"`` for numba-heavy work), then ``finish(result)`` on
+        the document's next tick, unless the person moved on meanwhile and
+        ``drop_if_moved``. Without a server (tests, scripts) both run right away."""
+        if not self.served:
+            try:
+                result = compute(*args)
+            except Exception as exc:
+                result = exc
+            self._finish(what, finish, result)
             return
         if self._busy:
-            self.state._refuse(f"still busy: {self._busy}")
+            self.state._refuse(f"still working: {self._busy}")
             return
-        self._busy = what
-        self.state._say(f"{what}... (the page stays usable)")
-        self.status.text = self._status_html()
+        from explorer.app import work
 
-        def work() -> None:
+        self._busy = what
+        gen = self.state.generation.value
+        self.state._say(f"working: {what}... (the page stays usable)")
+        self.status.text = self._status_html()
+        doc = self.doc
+        executor = work.processes() if pool == "processes" else work.threads()
+        try:
+            future = executor.submit(compute, *args)
+        except RuntimeError as exc:  # pool shut down (server stopping)
+            self._busy = ""
+            self.state._refuse(f"{what} failed: {exc}")
+            return
+
+        def done(fut: Any) -> None:
             try:
-                result = compute()
+                result = fut.result()
             except Exception as exc:  # reported on the page, never lost in a thread
                 result = exc
 
-            def done() -> None:
+            def on_loop() -> None:
                 self._busy = ""
-                if isinstance(result, Exception) and not isinstance(result, ValueError):
-                    self.state._refuse(f"{what} failed: {result}")
-                else:
-                    finish(result)
+                if drop_if_moved and not self.state.generation.current(gen):
+                    self.state._say(f"{what}: result dropped (the selection changed meanwhile)")
+                    self.state._emit("message")
+                    return
+                self._finish(what, finish, result)
 
-            doc.add_next_tick_callback(done)
+            try:
+                doc.add_next_tick_callback(on_loop)
+            except Exception:  # the session is gone
+                pass
 
-        threading.Thread(target=work, name=f"explorer-{what}", daemon=True).start()
+        future.add_done_callback(done)
+
+    def _finish(self, what: str, finish: Callable[[Any], None], result: Any) -> None:
+        if isinstance(result, Exception) and not isinstance(result, ValueError):
+            self.state._refuse(f"{what} failed: {result}")
+        else:
+            finish(result)
 
     def _on_propose(self) -> None:
         st = self.state
         plan = st.propose_plan()
         if plan is None:
             return
-        self._background("finding label suggestions", lambda: st.propose_compute(plan), lambda df: st.propose_show(plan, df))
+        self._background("finding label suggestions", lambda: st.propose_compute(plan),
+                         lambda df: st.propose_show(plan, df), drop_if_moved=False)
 
     def _on_recluster(self) -> None:
+        from explorer.app.work import recluster_in_worker
+
         st = self.state
         plan = st.recluster_plan()
         if plan is None:
             return
-        self._background(
-            f"re-clustering {len(plan[0]):,} images",
-            lambda: st.recluster_compute(*plan),
-            lambda rc: st.recluster_show(*plan, rc),
-        )
+        rows, parent = plan
+        if self.served:  # numba + warnings filters: in the worker process, never a thread
+            self._background(
+                f"re-clustering {len(rows):,} images", recluster_in_worker,
+                lambda rc: st.recluster_show(rows, parent, rc), pool="processes",
+                args=(st.features(rows), parent, 42),
+            )  # fmt: skip
+        else:
+            st.recluster_show(rows, parent, st.recluster_compute(rows, parent))
 
     def _on_tab(self, attr: str, old: Any, new: int) -> None:
         st = self.state
         if new == 2 and not self._overview_open:
-            self._overview_open = True
             if st.tree is not None:
+                self._overview_open = True
                 st.open_group("root")
                 return
             if not st.has_features:
                 st.overview()  # says why there is no overview
                 return
+            self._overview_open = True
 
             def finish(tree: Any) -> None:
                 if isinstance(tree, Exception):
+                    self._overview_open = False  # try again next time (review L12)
                     st._refuse(f"no overview: {tree}")
                     return
-                st.tree = tree
                 st.open_group("root")
 
-            self._background("building the overview", st.overview_compute, finish)
+            self._background("building the overview (once for every session)", st.overview_compute,
+                             finish, drop_if_moved=False)
 
     def _on_group(self, i: int) -> None:
         groups = self.state.overview_groups()
@@ -549,7 +690,9 @@ class AppView:
         except ValueError as exc:
             st._refuse(f"upload unreadable: {exc}")
             return
-        st.join_metadata(data, name or "", self.meta_key.value or None)
+        key = self.meta_key.value or None
+        self._background(f"joining {name or 'the upload'}", lambda: st.metadata_compute(data, name or "", key),
+                         lambda found: st.metadata_show(found, name or ""), drop_if_moved=False)
 
     def _on_tag_value(self, attr: str, old: Any, new: str) -> None:
         if self._syncing or not new or not self.tag_column.value:
@@ -557,34 +700,61 @@ class AppView:
         self._links = []
         self.state.select_tag(self.tag_column.value, new)
 
-    def _on_save_labels(self) -> None:
+    def _save(self, what: str, make_plan: Callable[[], Any], imagefolder: bool = False) -> None:
+        """Plan a save on the loop, write it in the pool, offer it to this session."""
         st = self.state
+        self._links = []
         try:
-            result = st.save_labels(self.labels_name.value or "", imagefolder=bool(self.imagefolder.active))
-        except (ExportError, OSError) as exc:
-            self._links = []
-            st.message = ("error", f"not saved: {exc}")
-            self.status.text = self._status_html()
+            plan = make_plan()
+        except ExportError as exc:
+            st._refuse(f"not saved: {exc}")
             return
-        self._offer_downloads(result.downloads)
 
-    def _offer_downloads(self, downloads: list[tuple[str, str]]) -> None:
+        def finish(result: Any) -> None:
+            if isinstance(result, OSError):
+                result = ExportError(f"saving failed: {result}")
+            done = st.export_finish(result, imagefolder=imagefolder)
+            if done is not None:
+                self._offer_downloads(done)
+
+        self._background(what, lambda: st.export_write(plan), finish, drop_if_moved=False)
+
+    def _on_save(self) -> None:
+        name = self.save_name.value or ""
+        images = bool(self.save_images.active)
+        self._save(f"saving {name}" + (" with images" if images else ""), lambda: self.state.export_plan(name, images))
+
+    def _on_save_labels(self) -> None:
+        name = self.labels_name.value or ""
+        folder = bool(self.imagefolder.active)
+        self._save(f"saving labels to {name}", lambda: self.state.labels_plan(name, folder), imagefolder=folder)
+
+    def _offer_downloads(self, result: Any) -> None:
         """Show links to saved files and hand them to the browser as downloads."""
-        self._links = downloads
+        self._links = list(result.downloads)
         self.status.text = self._status_html()
         self.downloads.data = {
-            "url": [u for _, u in downloads],
-            "filename": [n for n, _ in downloads],
+            "url": [u for _, u in result.downloads],
+            "filename": [n for n, _ in result.downloads],
+            "cookie_path": list(result.cookie_paths),
         }
 
     def _render_tags(self) -> None:
         st = self.state
         col = self.tag_column.value
-        if col and col in st.table.columns:
-            counts = st.tag_counts(col)
-            self.tag_value.options = [("", "")] + [(v, f"{v} ({c:,})") for v, c in list(counts.items())[:500]]
-        else:
+        if not (col and col in st.table.columns):
             self.tag_value.options = []
+            return
+
+        def show(counts: Any) -> None:
+            if isinstance(counts, Exception) or self.tag_column.value != col:
+                return
+            self.tag_value.options = [("", "")] + [(v, f"{v} ({c:,})") for v, c in list(counts.items())[:500]]
+
+        if self.served and not self._busy:
+            self._background(f"counting tags of {col}", lambda: st.tag_counts(col), show, drop_if_moved=False)
+        elif not self.served:
+            show(st.tag_counts(col))
 
     def _render_curation(self, what: frozenset[str]) -> None:
         st = self.state
@@ -628,7 +798,7 @@ class AppView:
         self.group_id.value = st.overview_id
         cells = []
         for gid, count, reps in groups:
-            imgs = "".join(f"<img src='{_esc(self.thumb_urls[r])}' alt=''>" for r in reps[:4])
+            imgs = "".join(f"<img src='{_esc(self.thumb(r))}' alt=''>" for r in reps[:4])
             cells.append(f"<div class='ex-group'><div class='ex-group-imgs'>{imgs}</div>"
                          f"<div><b>{_esc(gid)}</b> &middot; {count:,} images</div></div>")
         self.overview_div.text = "".join(cells)
@@ -649,22 +819,24 @@ class AppView:
         try:
             if "map" in what:
                 self.source.data = self._points_data()
-            if "label_column" in what or ("labels" in what and st.label_column == "label"):
-                codes, palette, alphas, _ = st.color_codes()
-                r = self.plot_rows
+            if ("label_column" in what or ("labels" in what and st.label_column == "label")) and "map" not in what:
+                # only the code column (binary) is re-sent, never the whole source
+                self.source.data.update(code=self._codes())
+            if "label_column" in what or "map" in what or ("labels" in what and st.label_column == "label"):
+                _, palette, alphas, _ = st.color_codes()
                 self.color_mapper.update(
-                    palette=palette or ["#000000"], low=-0.5, high=max(len(palette), 1) - 0.5
+                    palette=_rgba(palette, alphas), low=-0.5, high=max(len(palette), 1) - 0.5
                 )
-                self.hover_labels.args = {"labels": self._label_texts()}
-                alpha = alphas[codes[r]].astype(np.float32) if len(palette) else np.zeros(0, np.float32)
-                self.source.data.update(code=codes[r], alpha=alpha)
+                self.hover_labels.args = {"labels": self._label_texts(), "column": st.label_column}
                 self.labels.options = st.label_options()
                 self.color_by.value = st.label_column
                 self.legend.text = self._legend_html()
                 self.title.text = self._title_html()
             if "selection" in what:
-                want = np.searchsorted(self.plot_rows, st.selection).tolist()
-                if list(self.source.selected.indices) != want:
+                # an int32 array: bokeh validates it at once (a list is checked item by item)
+                want = np.searchsorted(self.plot_rows, st.selection).astype(np.int32)
+                have = self.source.selected.indices
+                if len(have) != len(want) or not np.array_equal(np.asarray(have), want):
                     self.source.selected.indices = want
                 self.grid_page = 0
                 self._render_selection()
@@ -714,9 +886,9 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i in rows:
-            name, label = _esc(self.file_names[i]), _esc(self.state.label_text(labels[i]))
+            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
             cells.append(
-                f"<figure class='ex-cell'><img src='{_esc(self.thumb_urls[i])}' alt='' "
+                f"<figure class='ex-cell'><img src='{_esc(self.thumb(i))}' alt='' "
                 f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
                 f"<span class='ex-label'>{label}</span></figcaption></figure>"
             )
@@ -738,15 +910,15 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
-            name, label = _esc(self.file_names[i]), _esc(self.state.label_text(labels[i]))
+            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
             extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
             cells.append(
-                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{_esc(self.thumb_urls[i])}' alt='' "
+                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{_esc(self.thumb(i))}' alt='' "
                 f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
                 f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
             )
         self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
-        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(self.file_names[row])}</div>"
+        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(self.state.project.names_of([row])[0])}</div>"
         self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
@@ -785,7 +957,35 @@ class AppView:
         idx = np.asarray(new, dtype=np.int64)
         idx = idx[(idx >= 0) & (idx < len(self.plot_rows))]
         self._links = []
-        self.state.select(self.plot_rows[idx])
+        st = self.state
+        st.defer_neighbours = self.served
+        st.select(self.plot_rows[idx])
+        if self.served and len(st.selection) == 1 and st.has_features:
+            row = int(st.selection[0])
+            self._background_quiet(lambda: st.neighbours_compute(row), st.neighbours_show)
+
+    def _background_quiet(self, compute: Callable[[], Any], finish: Callable[[Any], None]) -> None:
+        """A short search in the pool (no busy message); the result is dropped if stale."""
+        from explorer.app import work
+
+        doc, gen = self.doc, self.state.generation.value
+
+        def done(fut: Any) -> None:
+            try:
+                result = fut.result()
+            except Exception as exc:
+                result = exc
+
+            def on_loop() -> None:
+                if self.state.generation.current(gen):
+                    finish(result)
+
+            try:
+                doc.add_next_tick_callback(on_loop)
+            except Exception:
+                pass
+
+        work.threads().submit(compute).add_done_callback(done)
 
     def _on_labels(self, attr: str, old: Any, new: Sequence[str]) -> None:
         if self._syncing:
@@ -820,22 +1020,6 @@ class AppView:
         self.grid_page += step
         self._render_grid()
 
-    def _on_save(self) -> None:
-        st = self.state
-        try:
-            result = st.export(self.save_name.value or "", images=bool(self.save_images.active))
-        except ExportError as exc:
-            self._links = []
-            st.message = ("error", f"not saved: {exc}")
-            self.status.text = self._status_html()
-            return
-        except OSError as exc:
-            self._links = []
-            st.message = ("error", f"saving failed: {exc}")
-            self.status.text = self._status_html()
-            return
-        self._offer_downloads(result.downloads)
-
 
 # --------------------------------------------------------------------------- document
 def error_page(doc: Any, route: str, title: str, message: str) -> None:
@@ -855,7 +1039,11 @@ def error_page(doc: Any, route: str, title: str, message: str) -> None:
 
 
 def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = ()) -> AppView | None:
-    """Fill ``doc`` with the explorer for the CSV named by ``argv`` (see ``find_csv``)."""
+    """Fill ``doc`` with the explorer for the CSV named by ``argv`` (see ``find_csv``).
+
+    Any exception while loading shows the error page instead of a blank one (review H5)."""
+    import logging
+
     from explorer.app import find_csv
 
     app_dir = Path(app_dir).resolve()
@@ -866,14 +1054,21 @@ def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = (
     try:
         csv = find_csv(argv, app_dir)
         state = AppState.from_csv(csv, app_dir=app_dir, route=route)
-    except (SchemaError, FileNotFoundError, ValueError, OSError) as exc:
-        error_page(doc, route, f"{route}: cannot show the images", str(exc))
+        view = AppView(state)
+    except Exception as exc:  # noqa: BLE001 - the person sees why, the log has the trace
+        logging.getLogger("bokeh.server.explorer").exception("cannot show %s", route)
+        error_page(doc, route, f"{route}: cannot show the images", f"{exc}" or type(exc).__name__)
         return None
-    view = AppView(state)
     view.doc = doc
     doc.add_root(view.layout)
     if state.book is not None and state.book.journal is not None:
         doc.add_periodic_callback(view.poll, 1000)
     doc.add_root(view.downloads)  # not in the layout; a root so it reaches the browser
     doc.explorer_view = view  # lets tests reach the session's view and state
+    if doc.session_context is not None:
+        from explorer.app.downloads import store
+
+        key = state.session_key
+        # the session's exports are deleted when it ends
+        doc.on_session_destroyed(lambda ctx, key=key: store().drop_owner(key))
     return view

@@ -1,6 +1,7 @@
 """Run the app under ``bokeh serve`` and drive it in headless Chromium.
 
-Shared by tests/test_app_browser.py, bench/app.py and src/screenshot.py. Needs Debian's
+Test tooling (not part of the runtime package): shared by the browser tests, bench/app.py,
+bench/sessions.py and src/screenshot.py. Needs Debian's
 ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``) and
 the ``selenium`` package; selenium-manager is never asked to download anything.
 """
@@ -75,7 +76,9 @@ def launch(
                 log.seek(0)
                 raise RuntimeError(f"bokeh serve exited ({proc.returncode}):\n{log.read().decode(errors='replace')}")
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                # a big project's first page can take a while: wait for it rather than
+                # abandon it and start yet another session
+                with urllib.request.urlopen(url, timeout=max(5.0, deadline - time.monotonic())) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
