@@ -374,7 +374,7 @@ def install(server_context: Any, downloads: DownloadStore | None = None) -> str 
     base = (prefix.rstrip("/") + "/" + ctx.url.strip("/")).rstrip("/")
     app.add_handlers(r".*", [
         (pattern, _handler_class(), {"store": downloads or store()}),
-        (base + f"/{THUMB_SEGMENT}/([0-9]+)", _thumb_handler_class(), {"route": ctx.url.strip("/")}),
+        (base + f"/{THUMB_SEGMENT}/([0-9]+)", _thumb_handler_class(), {"route": base.strip("/")}),
     ])  # fmt: skip
     log.info("explorer: exports served to their own session at %s", pattern)
     return pattern

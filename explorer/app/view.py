@@ -1049,7 +1049,9 @@ def build_document(doc: Any, app_dir: str | os.PathLike, argv: Sequence[str] = (
     app_dir = Path(app_dir).resolve()
     route = app_dir.name
     doc.title = f"{route} - bulk image explorer"
-    route = os.environ.get("EXPLORER_APP_PREFIX", "").strip("/") + "/" + route if os.environ.get("EXPLORER_APP_PREFIX") else route  # behind `explorer serve` (--prefix)
+    prefix = os.environ.get("EXPLORER_APP_PREFIX", "").strip("/")  # `explorer serve` (bokeh --prefix)
+    if prefix:
+        route = f"{prefix}/{route}"
     doc.template_variables["app_route"] = f"/{route}"
     try:
         csv = find_csv(argv, app_dir)
