@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README):
-#   make demo   - set up .venv/ and serve the demo app (http://localhost:5006/demo)
+#   make demo   - set up .venv/ and serve the demo app (http://127.0.0.1:5006/demo)
 #   make test   - set up .venv/ (+ headless Chromium for browser tests) and run the tests
 PYTHON ?= python3
 VENV   := .venv
