@@ -88,6 +88,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "cluster_selection_method": "leaf",
         "cluster_selection_epsilon": 0.0,
         "assign_noise": True,
+        "backend": "auto",
     },
     "kmeans": {"k": None, "k_max": 20},
     "agglomerative": {"k": None, "k_max": 20, "linkage": "ward"},
@@ -97,6 +98,19 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 
 _LINKAGES = ("ward", "average", "complete", "single")
+
+#: HDBSCAN implementations: ``hdbscan`` (the reference), ``fast_hdbscan`` (numba,
+#: parallel, scales to millions of points; compiles for a while on first use in a
+#: process), ``auto`` = fast_hdbscan from :data:`FAST_HDBSCAN_FROM` points
+HDBSCAN_BACKENDS = ("auto", "hdbscan", "fast_hdbscan")
+
+#: ``backend="auto"`` switches to fast_hdbscan at this many points
+FAST_HDBSCAN_FROM = 50_000
+
+#: ``min_samples=None`` means ``min(min_cluster_size, MAX_AUTO_MIN_SAMPLES)``: HDBSCAN's
+#: own default (= min_cluster_size = N/50) would ask for 20,000-neighbour core
+#: distances at 1M points. Below 5,000 points nothing changes.
+MAX_AUTO_MIN_SAMPLES = 100
 _COVARIANCES = ("full", "tied", "diag", "spherical")
 
 
@@ -225,6 +239,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
         )
         if not isinstance(p["assign_noise"], bool):
             raise ValueError(f"assign_noise must be True or False; got {p['assign_noise']!r}")
+        _choice("backend", p["backend"], HDBSCAN_BACKENDS)
     if method == "dbscan":
         if p["eps"] is not None:
             p["eps"] = _float_param("eps", p["eps"], 0.0, math.inf, lo_open=True)
@@ -499,7 +514,7 @@ def assign_new(Z_old: Any, labels_old: Any, Z_new: Any, *, k: int = 10
 
 
 def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
-    """HDBSCAN (the ``hdbscan`` package) on ``Z``.
+    """HDBSCAN (``hdbscan`` or ``fast_hdbscan``) on ``Z``.
 
     Defaults (measured with ``bench/quality.py`` on the clothing photos, 5-D UMAP space):
     ``cluster_selection_method="leaf"`` and ``min_cluster_size="auto"`` = N/50
@@ -511,9 +526,13 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
     membership, so it stays visibly less certain than HDBSCAN's own members; the note
     says how many points were assigned. ``assign_noise=False`` keeps HDBSCAN's noise as
     ``-1`` with probability 0. A float ``min_cluster_size`` in (0, 1) is a fraction of N.
-    """
-    import hdbscan
 
+    ``min_samples=None`` is ``min(min_cluster_size, MAX_AUTO_MIN_SAMPLES)``.
+    ``backend``: ``"hdbscan"`` or ``"fast_hdbscan"`` (same algorithm; on the test blobs
+    and clothing features the labels agree, see ``bench/reduce.py --quality``);
+    ``"auto"`` uses fast_hdbscan from :data:`FAST_HDBSCAN_FROM` points, where hdbscan
+    gets slow, and hdbscan below (fast_hdbscan's first call in a process compiles).
+    """
     n = len(Z)
     mcs = p["min_cluster_size"]
     if mcs == "auto":
@@ -524,21 +543,31 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         notes.append(f"min_cluster_size={mcs} clamped to {n} (only {n} points)")
         mcs = n
     ms = p["min_samples"]
-    if ms is not None and ms > n - 1:
+    if ms is None:
+        ms = min(int(mcs), MAX_AUTO_MIN_SAMPLES, n - 1)
+    elif ms > n - 1:
         notes.append(f"min_samples={ms} clamped to {n - 1}")
         ms = n - 1
-    used = {**p, "min_cluster_size": int(mcs), "min_samples": ms}
-    clusterer = hdbscan.HDBSCAN(
-        min_cluster_size=int(mcs),
-        min_samples=ms,
-        cluster_selection_method=p["cluster_selection_method"],
-        cluster_selection_epsilon=p["cluster_selection_epsilon"],
-        core_dist_n_jobs=1,
-    )
-    clusterer.fit(Z)
-    labels = np.asarray(clusterer.labels_, dtype=np.int64)
-    probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
-    outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
+    backend = p["backend"]
+    if backend == "auto":
+        backend = "fast_hdbscan" if n >= FAST_HDBSCAN_FROM else "hdbscan"
+    used = {**p, "min_cluster_size": int(mcs), "min_samples": int(ms), "backend": backend}
+    if backend == "fast_hdbscan":
+        labels, probs, outl = _fast_hdbscan(Z, int(mcs), int(ms), p)
+    else:
+        import hdbscan
+
+        clusterer = hdbscan.HDBSCAN(
+            min_cluster_size=int(mcs),
+            min_samples=int(ms),
+            cluster_selection_method=p["cluster_selection_method"],
+            cluster_selection_epsilon=p["cluster_selection_epsilon"],
+            core_dist_n_jobs=1,
+        )
+        clusterer.fit(Z)
+        labels = np.asarray(clusterer.labels_, dtype=np.int64)
+        probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
+        outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
     n_noise = int((labels < 0).sum())
     if labels.max(initial=-1) < 0:
         notes.append("HDBSCAN found no clusters; every point is noise")
@@ -550,6 +579,35 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         labels, probs = _assign_noise_knn(Z, labels, probs)
     probs[labels < 0] = 0.0
     return labels, probs, outl, used, {}
+
+
+def _fast_hdbscan(Z: np.ndarray, mcs: int, ms: int, p: dict[str, Any]):
+    """fast_hdbscan's HDBSCAN; GLOSH outlier scores from its condensed tree by the
+    ``hdbscan`` package's own routine, so both backends score outliers alike."""
+    import fast_hdbscan
+    from hdbscan._hdbscan_tree import outlier_scores
+
+    clusterer = fast_hdbscan.HDBSCAN(
+        min_cluster_size=mcs,
+        min_samples=ms,
+        cluster_selection_method=p["cluster_selection_method"],
+        cluster_selection_epsilon=p["cluster_selection_epsilon"],
+    )
+    clusterer.fit(np.ascontiguousarray(Z))
+    labels = np.asarray(clusterer.labels_, dtype=np.int64)
+    probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
+    ct = clusterer._condensed_tree
+    tree = np.empty(len(ct), dtype=[("parent", np.intp), ("child", np.intp),
+                                    ("lambda_val", np.float64), ("child_size", np.intp)])
+    for name in tree.dtype.names:
+        tree[name] = ct[name]
+    if len(tree):
+        outl = np.clip(np.nan_to_num(np.asarray(outlier_scores(tree), dtype=float)), 0, 1)
+        if len(outl) < len(Z):  # points the tree never mentions (cannot happen on finite Z)
+            outl = np.pad(outl, (0, len(Z) - len(outl)))
+    else:
+        outl = np.zeros(len(Z))
+    return labels, probs, outl
 
 
 def _kmeans(Z: np.ndarray, k: int, random_state):

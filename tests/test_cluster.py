@@ -319,3 +319,31 @@ def test_relabel_by_size_orders_by_size_then_first_appearance():
     raw = np.array([5, 5, 2, 9, 9, -1, 2, 9, 7])
     # 9 has 3; 5 and 2 have 2 each (5 seen first); 7 has 1
     assert _relabel_by_size(raw).tolist() == [1, 1, 2, 0, 0, -1, 2, 0, 3]
+
+
+def test_fast_hdbscan_backend_agrees_with_hdbscan(blobs):
+    from sklearn.metrics import adjusted_rand_score
+
+    X, y = blobs
+    Xo = np.vstack([X, X.max(axis=0) + 40.0])
+    ref = cluster(Xo, "hdbscan", backend="hdbscan", assign_noise=False)
+    fast = cluster(Xo, "hdbscan", backend="fast_hdbscan", assign_noise=False)
+    assert fast.params["backend"] == "fast_hdbscan" and ref.params["backend"] == "hdbscan"
+    assert adjusted_rand_score(ref.labels, fast.labels) >= 0.95
+    assert nmi(y, fast.labels[:-1]) >= 0.9
+    # GLOSH from fast_hdbscan's tree: the far point is the strangest, as with hdbscan
+    assert fast.outlier_scores[-1] == fast.outlier_scores.max()
+    assert np.corrcoef(fast.outlier_scores, ref.outlier_scores)[0, 1] >= 0.95
+    assert ((fast.probabilities >= 0) & (fast.probabilities <= 1)).all()
+
+
+def test_default_min_samples_is_capped_for_large_inputs():
+    from explorer.cluster import MAX_AUTO_MIN_SAMPLES
+
+    Z, _ = make_blobs(n_samples=6000, centers=3, n_features=2, random_state=1)
+    res = cluster(Z, "hdbscan")
+    assert res.params["min_cluster_size"] == 120
+    assert res.params["min_samples"] == MAX_AUTO_MIN_SAMPLES
+    assert res.params["backend"] == "hdbscan"  # below FAST_HDBSCAN_FROM
+    with pytest.raises(ValueError, match="backend"):
+        cluster(Z[:50], "hdbscan", backend="cuml")
