@@ -101,8 +101,10 @@ _LINKAGES = ("ward", "average", "complete", "single")
 
 #: HDBSCAN implementations: ``hdbscan`` (the reference), ``fast_hdbscan`` (numba,
 #: parallel, scales to millions of points; compiles for a while on first use in a
-#: process), ``auto`` = fast_hdbscan from :data:`FAST_HDBSCAN_FROM` points
-HDBSCAN_BACKENDS = ("auto", "hdbscan", "fast_hdbscan")
+#: process), ``cuml`` (RAPIDS, on a CUDA GPU; optional, never required), ``auto`` =
+#: cuml from :data:`FAST_HDBSCAN_FROM` points where it is importable and torch sees a
+#: GPU, else fast_hdbscan from that many points, else hdbscan
+HDBSCAN_BACKENDS = ("auto", "hdbscan", "fast_hdbscan", "cuml")
 
 #: ``backend="auto"`` switches to fast_hdbscan at this many points
 FAST_HDBSCAN_FROM = 50_000
@@ -550,10 +552,14 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         ms = n - 1
     backend = p["backend"]
     if backend == "auto":
-        backend = "fast_hdbscan" if n >= FAST_HDBSCAN_FROM else "hdbscan"
+        backend = "hdbscan"
+        if n >= FAST_HDBSCAN_FROM:
+            backend = "cuml" if _cuml_hdbscan_available() else "fast_hdbscan"
     used = {**p, "min_cluster_size": int(mcs), "min_samples": int(ms), "backend": backend}
     if backend == "fast_hdbscan":
         labels, probs, outl = _fast_hdbscan(Z, int(mcs), int(ms), p)
+    elif backend == "cuml":
+        labels, probs, outl = _cuml_hdbscan(Z, int(mcs), int(ms), p)
     else:
         import hdbscan
 
@@ -579,6 +585,35 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         labels, probs = _assign_noise_knn(Z, labels, probs)
     probs[labels < 0] = 0.0
     return labels, probs, outl, used, {}
+
+
+def _cuml_hdbscan_available() -> bool:
+    try:
+        import cuml  # noqa: F401
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # not installed, or no working CUDA runtime
+        return False
+
+
+def _cuml_hdbscan(Z: np.ndarray, mcs: int, ms: int, p: dict[str, Any]):
+    """RAPIDS cuML's HDBSCAN on the GPU (untested here: no GPU, no cuml)."""
+    from cuml.cluster import HDBSCAN as CuHDBSCAN
+
+    c = CuHDBSCAN(min_cluster_size=mcs, min_samples=ms,
+                  cluster_selection_method=p["cluster_selection_method"],
+                  cluster_selection_epsilon=p["cluster_selection_epsilon"])
+    c.fit(np.ascontiguousarray(Z, dtype=np.float32))
+
+    def host(a):
+        return np.asarray(a.get() if hasattr(a, "get") else a, dtype=float)
+
+    labels = host(c.labels_).astype(np.int64)
+    probs = np.nan_to_num(host(c.probabilities_))
+    outl = getattr(c, "outlier_scores_", None)
+    outl = np.zeros(len(Z)) if outl is None else np.clip(np.nan_to_num(host(outl)), 0, 1)
+    return labels, probs, outl
 
 
 def _fast_hdbscan(Z: np.ndarray, mcs: int, ms: int, p: dict[str, Any]):

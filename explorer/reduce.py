@@ -1,6 +1,19 @@
-"""Reduce embeddings with UMAP: a 2-D map for viewing and a clusterable space.
+"""Reduce embeddings: a 2-D map for viewing and a clusterable space.
 
-Two pure functions, arrays in, arrays out::
+The build's entry point computes both from one neighbour graph::
+
+    res = map_and_space(X)        # MapResult(xy (N, 2), space (N, 5), knn, notes, info)
+    res = map_and_space(X, map_method="tsne", random_state=42)
+    xy_new = place_new(X, res.xy, X_new)   # a re-run adds a few images to the same map
+
+``map_and_space`` prepares the rows once (cosine: L2-normalised; PCA to 64 dims when
+D is larger), computes the k-nearest-neighbour graph once (:mod:`explorer.knn`: exact
+for small N, pynndescent on CPU, exact top-k with torch on CUDA) and hands it to both
+UMAP fits (``precomputed_knn``). Large maps skip UMAP's spectral initialisation
+(:data:`SPECTRAL_MAX_POINTS`). It runs in parallel unless given a seed.
+
+Two older pure functions, one UMAP each, remain for callers that need only one
+(the app's re-cluster), arrays in, arrays out::
 
     reduce_map(X)            -> Reduction(embedding=(N, 2), notes=[...])
     reduce_cluster_space(X)  -> Reduction(embedding=(N, k), notes=[...])
@@ -19,7 +32,9 @@ chosen by measurement (``bench/quality.py`` on the clothing photos).
 
 Both are deterministic for a fixed ``random_state`` (umap-learn then runs
 single-threaded); pass ``random_state=None`` for a faster, parallel, non-reproducible
-run.
+run. Nothing here uses ``warnings.catch_warnings`` (not thread-safe; the app runs
+re-cluster in threads): the one umap-learn warning that is never news is filtered once
+at import.
 
 Small or degenerate input never crashes; instead a simpler, deterministic method is
 used and ``notes`` says what happened:

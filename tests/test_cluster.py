@@ -346,4 +346,4 @@ def test_default_min_samples_is_capped_for_large_inputs():
     assert res.params["min_samples"] == MAX_AUTO_MIN_SAMPLES
     assert res.params["backend"] == "hdbscan"  # below FAST_HDBSCAN_FROM
     with pytest.raises(ValueError, match="backend"):
-        cluster(Z[:50], "hdbscan", backend="cuml")
+        cluster(Z[:50], "hdbscan", backend="gpu")
