@@ -337,6 +337,14 @@ INITS: tuple[str, ...] = ("auto", "spectral", "pca", "random")
 #: above this many points "auto" initialises UMAP with PCA instead of the spectral layout
 SPECTRAL_MAX_POINTS = 100_000
 
+#: ``pca_dims="auto"``: PCA to this many dimensions above :data:`PCA_FROM_POINTS` points
+PCA_DIMS = 64
+
+#: ``pca_dims="auto"`` keeps the full dimension up to this many points. Measured on the
+#: clothing photos (3,781 x 1280, seeds 42-44, hdbscan): NMI 0.630 without PCA, 0.622
+#: with 128 dims, 0.614 with 64; the previous two-UMAP default 0.632.
+PCA_FROM_POINTS = 20_000
+
 #: default parameters of the 2-D map (umap-learn's defaults for visualisation)
 MAP_DEFAULTS: dict[str, Any] = {"n_neighbors": 15, "min_dist": 0.1}
 
@@ -502,7 +510,7 @@ def map_and_space(
     metric: str = "cosine",
     min_dist: float = MAP_DEFAULTS["min_dist"],
     space_neighbors: int = CLUSTER_SPACE_DEFAULTS["n_neighbors"],
-    pca_dims: int | None = 64,
+    pca_dims: int | str | None = "auto",
     knn_method: str = "auto",
     init: str = "auto",
 ) -> MapResult:
@@ -510,7 +518,9 @@ def map_and_space(
 
     1. rows prepared once (:func:`explorer.knn.prepare`): L2-normalised for
        ``metric="cosine"``, projected on ``pca_dims`` principal components when D is
-       larger (``None``: never);
+       larger (``None``: never; ``"auto"``: :data:`PCA_DIMS` above
+       :data:`PCA_FROM_POINTS` points, none below, where exact neighbours in the full
+       dimension are cheap and cluster the clothing photos better);
     2. one k-nearest-neighbour graph (:func:`explorer.knn.knn_graph`, k =
        ``max(n_neighbors, space_neighbors)``): exact for small N, pynndescent on CPU,
        exact blocked top-k with torch on CUDA;
@@ -538,13 +548,15 @@ def map_and_space(
     space_neighbors = _check_int("space_neighbors", space_neighbors, 2)
     random_state = knn_mod.check_random_state(random_state)
     metric = _check_choice("metric", metric, knn_mod.PREPARE_METRICS)
-    if pca_dims is not None:
+    if pca_dims is not None and pca_dims != "auto":
         pca_dims = _check_int("pca_dims", pca_dims, 2)
     _check_choice("knn_method", knn_method, knn_mod.KNN_METHODS)
     init = _check_choice("init", init, INITS)
     device = knn_mod.check_device(device)
     X = knn_mod.check_rows(X, "X")
     n, d = X.shape
+    if pca_dims == "auto":
+        pca_dims = PCA_DIMS if n > PCA_FROM_POINTS else None
 
     notes: list[str] = []
     timings: dict[str, float] = {}

@@ -262,6 +262,9 @@ def test_high_dimensional_input_is_reduced_with_pca_first():
     res = map_and_space(X.astype(np.float32), map_method="pca", random_state=0, pca_dims=16)
     assert res.info["pca_dims"] == 16
     assert nn_purity(res.space, y) >= 0.95
+    # "auto" keeps every dimension for small collections (exact neighbours are cheap)
+    res = map_and_space(X.astype(np.float32), map_method="pca", random_state=0)
+    assert res.info["pca_dims"] is None and res.info["knn_method"] == "exact"
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, MIN_UMAP_POINTS - 1])
@@ -287,6 +290,7 @@ def test_map_and_space_tiny_inputs_never_crash(n):
         ({"init": "tsne"}, "tsne"),
         ({"knn_method": "faiss"}, "faiss"),
         ({"pca_dims": 0}, "pca_dims"),
+        ({"pca_dims": "many"}, "pca_dims"),
         ({"min_dist": 2.0}, "min_dist"),
     ],
 )
