@@ -88,6 +88,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "cluster_selection_method": "leaf",
         "cluster_selection_epsilon": 0.0,
         "assign_noise": True,
+        "backend": "auto",
     },
     "kmeans": {"k": None, "k_max": 20},
     "agglomerative": {"k": None, "k_max": 20, "linkage": "ward"},
@@ -97,6 +98,21 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 
 _LINKAGES = ("ward", "average", "complete", "single")
+
+#: HDBSCAN implementations: ``hdbscan`` (the reference), ``fast_hdbscan`` (numba,
+#: parallel, scales to millions of points; compiles for a while on first use in a
+#: process), ``cuml`` (RAPIDS, on a CUDA GPU; optional, never required), ``auto`` =
+#: cuml from :data:`FAST_HDBSCAN_FROM` points where it is importable and torch sees a
+#: GPU, else fast_hdbscan from that many points, else hdbscan
+HDBSCAN_BACKENDS = ("auto", "hdbscan", "fast_hdbscan", "cuml")
+
+#: ``backend="auto"`` switches to fast_hdbscan at this many points
+FAST_HDBSCAN_FROM = 50_000
+
+#: ``min_samples=None`` means ``min(min_cluster_size, MAX_AUTO_MIN_SAMPLES)``: HDBSCAN's
+#: own default (= min_cluster_size = N/50) would ask for 20,000-neighbour core
+#: distances at 1M points. Below 5,000 points nothing changes.
+MAX_AUTO_MIN_SAMPLES = 100
 _COVARIANCES = ("full", "tied", "diag", "spherical")
 
 
@@ -225,6 +241,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
         )
         if not isinstance(p["assign_noise"], bool):
             raise ValueError(f"assign_noise must be True or False; got {p['assign_noise']!r}")
+        _choice("backend", p["backend"], HDBSCAN_BACKENDS)
     if method == "dbscan":
         if p["eps"] is not None:
             p["eps"] = _float_param("eps", p["eps"], 0.0, math.inf, lo_open=True)
@@ -279,10 +296,14 @@ def _knn_outlier_scores(Z: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K) -
         return np.zeros(n)
     r = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z)[0][:, -1]
     ref = np.full(n, float(np.median(r)))
-    for c in np.unique(labels):
-        m = labels == c
-        if c >= 0 and m.sum() > k:
-            ref[m] = float(np.median(r[m]))
+    keep = labels >= 0
+    if keep.any():
+        ids, inv, counts = np.unique(labels[keep], return_inverse=True, return_counts=True)
+        med = _group_medians(r[keep], inv, len(ids))
+        big = counts[inv] > k  # clusters of more than k points use their own median
+        ref_keep = ref[keep]
+        ref_keep[big] = med[inv][big]
+        ref[keep] = ref_keep
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(r > ref, 1.0 - ref / r, 0.0)
     return np.clip(np.nan_to_num(out), 0.0, 1.0)
@@ -307,12 +328,73 @@ def _centroid_scores(Z: np.ndarray, labels: np.ndarray, centers: np.ndarray):
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
     """Renumber clusters 0, 1, ... by decreasing size (ties by first appearance); -1 kept."""
+    labels = np.asarray(labels)
     out = np.full(len(labels), -1, dtype=np.int64)
-    ids, first, counts = np.unique(labels[labels >= 0], return_index=True, return_counts=True)
-    order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
-    for new, i in enumerate(order):
-        out[labels == ids[i]] = new
+    keep = labels >= 0
+    if not keep.any():
+        return out
+    ids, first, inverse, counts = np.unique(
+        labels[keep], return_index=True, return_inverse=True, return_counts=True
+    )
+    order = np.lexsort((first, -counts))  # by size, then by first appearance
+    new_of = np.empty(len(ids), dtype=np.int64)
+    new_of[order] = np.arange(len(ids))
+    out[keep] = new_of[inverse]
     return out
+
+
+def _group_medians(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Median of ``values`` per group ``0..n_groups-1`` (NaN for empty groups), by one sort."""
+    order = np.lexsort((values, groups))
+    g, v = groups[order], values[order]
+    counts = np.bincount(g, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.full(n_groups, np.nan)
+    has = counts > 0
+    lo = starts[has] + (counts[has] - 1) // 2
+    hi = starts[has] + counts[has] // 2
+    out[has] = (v[lo] + v[hi]) / 2.0
+    return out
+
+
+def _cluster_means(Z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Mean of the rows of each cluster ``0..n_clusters-1`` (labels >= 0), one pass."""
+    counts = np.bincount(labels, minlength=n_clusters).astype(float)
+    sums = np.stack([np.bincount(labels, weights=Z[:, j], minlength=n_clusters)
+                     for j in range(Z.shape[1])], axis=1)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def vote(neigh_labels: np.ndarray, neigh_probs: np.ndarray | None = None,
+         chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Majority label of each row of ``neigh_labels`` (M, k), vectorised.
+
+    Returns ``(winner (M,), share (M,), mean_prob (M,))``: the most frequent label (ties:
+    the smallest label, like ``np.unique`` + ``argmax``), its vote share ``count / k``,
+    and the mean of ``neigh_probs`` over the neighbours that voted for it (1 without
+    ``neigh_probs``). Counted with ``np.unique(return_inverse)`` and ``np.bincount``, in
+    chunks of rows, instead of one ``np.unique`` per row (review L10)."""
+    m, k = neigh_labels.shape
+    winner = np.empty(m, dtype=np.int64)
+    share = np.empty(m)
+    mean_p = np.ones(m)
+    for a in range(0, m, chunk):
+        lab = neigh_labels[a:a + chunk]
+        rows = len(lab)
+        vals, inv = np.unique(lab, return_inverse=True)
+        inv = inv.reshape(lab.shape)
+        c = len(vals)
+        flat = (np.arange(rows)[:, None] * c + inv).ravel()
+        counts = np.bincount(flat, minlength=rows * c).reshape(rows, c)
+        best = counts.argmax(axis=1)
+        top = counts[np.arange(rows), best]
+        winner[a:a + rows] = vals[best]
+        share[a:a + rows] = top / k
+        if neigh_probs is not None:
+            sums = np.bincount(flat, weights=neigh_probs[a:a + chunk].ravel(),
+                               minlength=rows * c).reshape(rows, c)
+            mean_p[a:a + rows] = sums[np.arange(rows), best] / top
+    return winner, share, mean_p
 
 
 def _knee(ks: Sequence[int], values: Sequence[float]) -> int:
@@ -358,13 +440,11 @@ def cluster_scores(
     if k < 2 or k >= m:
         return out
     Zk, lk = Z[keep], labels[keep]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        idx = _sample(m, SCORE_SAMPLE, random_state)
-        if len(np.unique(lk[idx])) >= 2 and len(np.unique(lk[idx])) < len(idx):
-            out["silhouette"] = float(silhouette_score(Zk[idx], lk[idx]))
-        out["calinski_harabasz"] = float(calinski_harabasz_score(Zk, lk))
-        out["davies_bouldin"] = float(davies_bouldin_score(Zk, lk))
+    idx = _sample(m, SCORE_SAMPLE, random_state)
+    if len(np.unique(lk[idx])) >= 2 and len(np.unique(lk[idx])) < len(idx):
+        out["silhouette"] = float(silhouette_score(Zk[idx], lk[idx]))
+    out["calinski_harabasz"] = float(calinski_harabasz_score(Zk, lk))
+    out["davies_bouldin"] = float(davies_bouldin_score(Zk, lk))
     for key in ("silhouette", "calinski_harabasz", "davies_bouldin"):
         if out[key] is not None and not math.isfinite(out[key]):
             out[key] = None
@@ -394,20 +474,49 @@ def _assign_noise_knn(Z: np.ndarray, labels: np.ndarray, probs: np.ndarray, k: i
     prob_c = probs[clustered][idx]
     labels = labels.copy()
     probs = probs.copy()
-    new_l = np.empty(len(idx), dtype=labels.dtype)
-    new_p = np.empty(len(idx))
-    for i, (row, prow) in enumerate(zip(lab_c, prob_c)):
-        vals, counts = np.unique(row, return_counts=True)
-        w = vals[np.argmax(counts)]
-        new_l[i] = w
-        new_p[i] = counts.max() / k * float(prow[row == w].mean())
-    labels[noise] = new_l
-    probs[noise] = new_p
+    winner, share, mean_p = vote(lab_c, prob_c)
+    labels[noise] = winner
+    probs[noise] = share * mean_p
     return labels, probs
 
 
+def assign_new(Z_old: Any, labels_old: Any, Z_new: Any, *, k: int = 10
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters for new rows ``Z_new`` in an existing clustering of ``Z_old`` (N, d),
+    without re-clustering: each new row takes the majority cluster of its ``k`` nearest
+    clustered old rows (Euclidean in the clusterable space; old noise points do not
+    vote). Its probability is the winning vote share. When no old row is clustered,
+    every new row is noise (-1, probability 0).
+
+    Returns ``(labels (M,) int64, probabilities (M,) float)``. Raises ``ValueError`` for
+    mismatched shapes, NaN/inf or ``k < 1``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = _int_param("k", k, 1)
+    Z_old = as_matrix(Z_old, "Z_old", np.float64, cols="d")
+    Z_new = as_matrix(Z_new, "Z_new", np.float64, cols="d")
+    labels_old = np.asarray(labels_old)
+    if labels_old.ndim != 1 or len(labels_old) != len(Z_old) or labels_old.dtype.kind not in "iu":
+        raise ValueError(
+            f"labels_old must be {len(Z_old)} integer labels, one per row of Z_old; "
+            f"got shape {labels_old.shape} of {labels_old.dtype}"
+        )
+    m = len(Z_new)
+    if m and Z_new.shape[1] != Z_old.shape[1]:
+        raise ValueError(f"Z_new has {Z_new.shape[1]} columns but Z_old has {Z_old.shape[1]}")
+    clustered = labels_old >= 0
+    if m == 0 or not clustered.any():
+        return np.full(m, -1, dtype=np.int64), np.zeros(m)
+    k = min(k, int(clustered.sum()))
+    idx = NearestNeighbors(n_neighbors=k).fit(Z_old[clustered]).kneighbors(
+        Z_new, return_distance=False)
+    winner, share, _ = vote(labels_old[clustered][idx].astype(np.int64))
+    return winner, share
+
+
 def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
-    """HDBSCAN (the ``hdbscan`` package) on ``Z``.
+    """HDBSCAN (``hdbscan`` or ``fast_hdbscan``) on ``Z``.
 
     Defaults (measured with ``bench/quality.py`` on the clothing photos, 5-D UMAP space):
     ``cluster_selection_method="leaf"`` and ``min_cluster_size="auto"`` = N/50
@@ -419,9 +528,13 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
     membership, so it stays visibly less certain than HDBSCAN's own members; the note
     says how many points were assigned. ``assign_noise=False`` keeps HDBSCAN's noise as
     ``-1`` with probability 0. A float ``min_cluster_size`` in (0, 1) is a fraction of N.
-    """
-    import hdbscan
 
+    ``min_samples=None`` is ``min(min_cluster_size, MAX_AUTO_MIN_SAMPLES)``.
+    ``backend``: ``"hdbscan"`` or ``"fast_hdbscan"`` (same algorithm; on the test blobs
+    and clothing features the labels agree, see ``bench/reduce.py --quality``);
+    ``"auto"`` uses fast_hdbscan from :data:`FAST_HDBSCAN_FROM` points, where hdbscan
+    gets slow, and hdbscan below (fast_hdbscan's first call in a process compiles).
+    """
     n = len(Z)
     mcs = p["min_cluster_size"]
     if mcs == "auto":
@@ -432,23 +545,35 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         notes.append(f"min_cluster_size={mcs} clamped to {n} (only {n} points)")
         mcs = n
     ms = p["min_samples"]
-    if ms is not None and ms > n - 1:
+    if ms is None:
+        ms = min(int(mcs), MAX_AUTO_MIN_SAMPLES, n - 1)
+    elif ms > n - 1:
         notes.append(f"min_samples={ms} clamped to {n - 1}")
         ms = n - 1
-    used = {**p, "min_cluster_size": int(mcs), "min_samples": ms}
-    clusterer = hdbscan.HDBSCAN(
-        min_cluster_size=int(mcs),
-        min_samples=ms,
-        cluster_selection_method=p["cluster_selection_method"],
-        cluster_selection_epsilon=p["cluster_selection_epsilon"],
-        core_dist_n_jobs=1,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    backend = p["backend"]
+    if backend == "auto":
+        backend = "hdbscan"
+        if n >= FAST_HDBSCAN_FROM:
+            backend = "cuml" if _cuml_hdbscan_available() else "fast_hdbscan"
+    used = {**p, "min_cluster_size": int(mcs), "min_samples": int(ms), "backend": backend}
+    if backend == "fast_hdbscan":
+        labels, probs, outl = _fast_hdbscan(Z, int(mcs), int(ms), p)
+    elif backend == "cuml":
+        labels, probs, outl = _cuml_hdbscan(Z, int(mcs), int(ms), p)
+    else:
+        import hdbscan
+
+        clusterer = hdbscan.HDBSCAN(
+            min_cluster_size=int(mcs),
+            min_samples=int(ms),
+            cluster_selection_method=p["cluster_selection_method"],
+            cluster_selection_epsilon=p["cluster_selection_epsilon"],
+            core_dist_n_jobs=1,
+        )
         clusterer.fit(Z)
-    labels = np.asarray(clusterer.labels_, dtype=np.int64)
-    probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
-    outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
+        labels = np.asarray(clusterer.labels_, dtype=np.int64)
+        probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
+        outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
     n_noise = int((labels < 0).sum())
     if labels.max(initial=-1) < 0:
         notes.append("HDBSCAN found no clusters; every point is noise")
@@ -462,16 +587,72 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
     return labels, probs, outl, used, {}
 
 
+def _cuml_hdbscan_available() -> bool:
+    try:
+        import cuml  # noqa: F401
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # not installed, or no working CUDA runtime
+        return False
+
+
+def _cuml_hdbscan(Z: np.ndarray, mcs: int, ms: int, p: dict[str, Any]):
+    """RAPIDS cuML's HDBSCAN on the GPU (untested here: no GPU, no cuml)."""
+    from cuml.cluster import HDBSCAN as CuHDBSCAN
+
+    c = CuHDBSCAN(min_cluster_size=mcs, min_samples=ms,
+                  cluster_selection_method=p["cluster_selection_method"],
+                  cluster_selection_epsilon=p["cluster_selection_epsilon"])
+    c.fit(np.ascontiguousarray(Z, dtype=np.float32))
+
+    def host(a):
+        return np.asarray(a.get() if hasattr(a, "get") else a, dtype=float)
+
+    labels = host(c.labels_).astype(np.int64)
+    probs = np.nan_to_num(host(c.probabilities_))
+    outl = getattr(c, "outlier_scores_", None)
+    outl = np.zeros(len(Z)) if outl is None else np.clip(np.nan_to_num(host(outl)), 0, 1)
+    return labels, probs, outl
+
+
+def _fast_hdbscan(Z: np.ndarray, mcs: int, ms: int, p: dict[str, Any]):
+    """fast_hdbscan's HDBSCAN; GLOSH outlier scores from its condensed tree by the
+    ``hdbscan`` package's own routine, so both backends score outliers alike."""
+    import fast_hdbscan
+    from hdbscan._hdbscan_tree import outlier_scores
+
+    clusterer = fast_hdbscan.HDBSCAN(
+        min_cluster_size=mcs,
+        min_samples=ms,
+        cluster_selection_method=p["cluster_selection_method"],
+        cluster_selection_epsilon=p["cluster_selection_epsilon"],
+    )
+    clusterer.fit(np.ascontiguousarray(Z))
+    labels = np.asarray(clusterer.labels_, dtype=np.int64)
+    probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
+    ct = clusterer._condensed_tree
+    tree = np.empty(len(ct), dtype=[("parent", np.intp), ("child", np.intp),
+                                    ("lambda_val", np.float64), ("child_size", np.intp)])
+    for name in tree.dtype.names:
+        tree[name] = ct[name]
+    if len(tree):
+        outl = np.clip(np.nan_to_num(np.asarray(outlier_scores(tree), dtype=float)), 0, 1)
+        if len(outl) < len(Z):  # points the tree never mentions (cannot happen on finite Z)
+            outl = np.pad(outl, (0, len(Z) - len(outl)))
+    else:
+        outl = np.zeros(len(Z))
+    return labels, probs, outl
+
+
 def _kmeans(Z: np.ndarray, k: int, random_state):
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if len(Z) > 50_000:
-            km = MiniBatchKMeans(n_clusters=k, random_state=random_state, n_init=3, batch_size=4096)
-        else:
-            km = KMeans(n_clusters=k, random_state=random_state, n_init=4)
-        km.fit(Z)
+    if len(Z) > 50_000:
+        km = MiniBatchKMeans(n_clusters=k, random_state=random_state, n_init=3, batch_size=4096)
+    else:
+        km = KMeans(n_clusters=k, random_state=random_state, n_init=4)
+    km.fit(Z)
     return km
 
 
@@ -556,7 +737,7 @@ def _fit_agglomerative(
     else:
         labels = lab_f
     labels = _relabel_by_size(labels)
-    centers = np.stack([Z[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    centers = _cluster_means(Z, labels, int(labels.max()) + 1)
     probs, outl = _centroid_scores(Z, labels, centers)
     return labels, probs, outl, {**p, "k": int(k)}, {}
 
@@ -579,9 +760,7 @@ def _fit_gmm(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
             reg_covar=1e-5,
             n_init=1,
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g.fit(X)
+        g.fit(X)
         return g
 
     k = p["k"]
