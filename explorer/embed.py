@@ -146,7 +146,11 @@ class Decoder:
 
     def _known(self, h: str) -> tuple[bool, bool]:
         """(the store has its vector, the store has its decode facts for this thumb size)."""
-        db = self._db()
+        try:
+            db = self._db()
+        except sqlite3.Error:  # e.g. a Ray worker on another machine: no store here
+            self.store_path = None
+            db = None
         if db is None:
             return False, False
         try:
