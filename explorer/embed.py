@@ -169,6 +169,7 @@ class Decoder:
 
         i, path, known = task
         item = Item(i, hash=known)
+        thumb = None
         try:
             data, item.hash = read_file(path, self.max_bytes)
             has_vec, has_info = self._known(item.hash)
@@ -179,22 +180,19 @@ class Decoder:
             need_px = not has_vec and self.prep is not None
             draft = self.prep.scale_size if need_px else self.thumb_size
             img, item.size = decode_image(data, draft, name=path)
-            item.decoded = True
             del data
             thumb = thumbnail(img, self.thumb_size)
             item.phash = int(phash_of(thumb))
             item.stats = image_stats(thumb)
             if need_px:
                 item.pixels = self.prep(img)
-            if want_thumb:
-                self.sink(i, item.hash, thumb)
+            item.decoded = True
         except ImageLoadError as exc:
             item.error = exc.reason
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None and self.sink is not None \
-                    and item.decoded:
-                raise  # writing the thumbnail failed (disk full ...): stop the run
             item.error = f"cannot decode ({type(exc).__name__}: {exc})"
+        if item.error is None and item.decoded and want_thumb:
+            self.sink(i, item.hash, thumb)  # may raise (disk full ...): that stops the run
         return item
 
 
