@@ -223,11 +223,21 @@ class ThumbSink:
         os.replace(tmp, path)
 
 
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
 class _Stages:
-    """Stage timer that also prints a line per stage."""
+    """Stage timer that also prints a line per stage and notes the peak RSS after it."""
 
     def __init__(self, console):
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float | None] = {}
         self.console = console
 
     @contextmanager
@@ -235,6 +245,7 @@ class _Stages:
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_mb[name] = _peak_rss_mb()
         if self.console is not None:
             self.console.print(f"[dim]{name}: {self.timings[name]:.1f} s[/dim]")
 
@@ -554,6 +565,7 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
         "metadata": df.attrs.pop("metadata_report", None),
         "notes": ctx.notes,
         "timings": {**ctx.stage.timings, "total": round(time.perf_counter() - ctx.t_start, 3)},
+        "peak_rss_mb_after": ctx.stage.peak_rss_mb,  # process peak so far, after each stage
         "versions": versions(),
     }
     table.write_json(table.sidecar(ctx.csv_path, "run.json"), run)
