@@ -449,6 +449,7 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
         if lay is not None:
             return lay
     from explorer import cluster as cluster_mod
+    from explorer.reduce import map_and_space
 
     with ctx.stage("map"):
         m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
@@ -473,6 +474,7 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
 
 def _classic_layout(ctx: BuildContext, imgs: Images) -> Layout:
     from explorer import similarity
+    from explorer.reduce import map_and_space
 
     o = ctx.opts
     with ctx.stage("map"):
@@ -576,22 +578,6 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
 
 
 # --------------------------------------------------------------------------- map + placement
-def map_and_space(X, *, map_method="umap", random_state=None, device="cpu", progress=False):
-    """``explorer.reduce.map_and_space`` (one kNN graph for the map and the cluster space)."""
-    from explorer import reduce as reduce_mod
-
-    if hasattr(reduce_mod, "map_and_space"):
-        return reduce_mod.map_and_space(X, map_method=map_method, random_state=random_state,
-                                        device=device, progress=progress)
-    # until branch `reduce` is merged: the two UMAP fits of the old pipeline
-    from types import SimpleNamespace
-
-    xy, n1 = reduce_mod.reduce_map(X, random_state=random_state, progress=progress)
-    space, n2 = reduce_mod.reduce_cluster_space(X, random_state=random_state, progress=progress)
-    return SimpleNamespace(xy=xy, space=space, knn=None, notes=list(n1) + list(n2),
-                           info={"map_method": "umap", "random_state": random_state})
-
-
 def _layout_key(ctx: BuildContext, imgs: Images) -> str:
     o = ctx.opts
     return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))), o.map_method,
@@ -646,12 +632,11 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
     if n_new:
         with ctx.stage("place"):
             X_old, X_new = imgs.features[kept], imgs.features[~kept]
-            place = getattr(reduce_mod, "place_new", _place_new)
-            assign = getattr(cluster_mod, "assign_new", _assign_new)
-            xy[~kept] = place(X_old, prev["xy"][rows], X_new, k=15)
-            z_new = place(X_old, prev["space"][rows], X_new, k=15)
+            xy[~kept] = reduce_mod.place_new(X_old, prev["xy"][rows], X_new, k=15)
+            z_new = reduce_mod.place_new(X_old, prev["space"][rows], X_new, k=15)
             space[~kept] = z_new
-            lab, p = assign(prev["space"][rows], prev["labels"][rows], z_new, k=10)
+            lab, p = cluster_mod.assign_new(prev["space"][rows], prev["labels"][rows], z_new,
+                                            k=10)
             labels[~kept], probs[~kept] = lab, p
             outl[~kept] = 1.0 - np.asarray(p, float)
     ctx.notes.append(f"placed {n_new} new image(s) on the previous map ({n_removed} removed); "
@@ -660,39 +645,6 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
                   info={"map": {"placed_on_previous": True}, "clustering": {
                       "placed_on_previous": True, "method": ctx.opts.cluster}},
                   placed=n_new, recomputed=0)
-
-
-def _unit(X):
-    X = np.asarray(X, np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def _place_new(X_old, Y_old, X_new, *, k=15):
-    """Fallback until branch `reduce` is merged: cosine kNN, distance-weighted mean."""
-    A, B = _unit(X_old), _unit(X_new)
-    k = min(k, len(A))
-    out = np.empty((len(B), Y_old.shape[1]), np.float64)
-    for a in range(0, len(B), 1024):
-        sim = B[a:a + 1024] @ A.T
-        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        s = np.take_along_axis(sim, idx, 1)
-        w = 1.0 / np.maximum(1.0 - s, 1e-6)
-        out[a:a + 1024] = (w[..., None] * Y_old[idx]).sum(1) / w.sum(1, keepdims=True)
-    return out
-
-
-def _assign_new(Z_old, labels_old, Z_new, *, k=10):
-    """Fallback until branch `reduce` is merged: majority label of the k nearest old points."""
-    Z_old, Z_new = np.asarray(Z_old, np.float64), np.asarray(Z_new, np.float64)
-    k = min(k, len(Z_old))
-    d = ((Z_new[:, None, :] - Z_old[None]) ** 2).sum(-1)
-    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
-    lab = np.asarray(labels_old)[idx]
-    out, prob = np.empty(len(Z_new), np.int64), np.empty(len(Z_new))
-    for r in range(len(Z_new)):
-        v, c = np.unique(lab[r], return_counts=True)
-        out[r], prob[r] = v[c.argmax()], c.max() / k
-    return out, prob
 
 
 # --------------------------------------------------------------------------- internals
