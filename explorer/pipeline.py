@@ -94,6 +94,7 @@ class BuildOptions:
     remap: bool = False
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     progress: bool = True
+    embed_process: bool = True  # local engine: embed in a child process (see _embed)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class BuildContext:
     root: Path
     csv_path: Path
     app_dir: Path | None
-    device: str  # resolved: "cpu", "cuda", "mps"
+    device: str  # as asked ("auto" ...) until the embedding stage resolves it
     engine: str  # "local" or "ray"
     console: Any = None
     stage: Any = None
@@ -307,12 +308,13 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
     app_dir, csv_path = resolve_outputs(app, out)
     if app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
-    from explorer.models import resolve_device
-
-    try:
-        device = resolve_device(opts.device)
-    except ValueError as exc:
-        raise BuildError(f"--device: {exc}") from None
+    # the device: "cpu" stays; "auto" / "cuda" / "mps" are resolved where torch is loaded
+    # (the embedding process, which fails early when CUDA is asked for and missing); the
+    # map stage then follows what the embedding used
+    device = opts.device if opts.method == "timm" else "cpu"
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps")
+                                           or device.startswith("cuda:")):
+        raise BuildError(f"--device must be auto, cpu, cuda or mps, got {device!r}")
     if console is None and opts.progress:
         from rich.console import Console
 
@@ -370,24 +372,66 @@ def _install_app(ctx: BuildContext) -> None:
 
 
 def _embed(ctx: BuildContext) -> Images:
-    """Embeddings (+ size, phash, quality statistics) through the store."""
+    """Embeddings (+ size, phash, quality statistics) through the store.
+
+    With the local engine this runs in a child process (``opts.embed_process``): torch and
+    the model live only there, so the build's peak memory is the larger of the embedding
+    process and the map process, not their sum. The child writes every vector into the
+    store; this process reads the rows it needs from the store's memory-mapped file.
+    """
+    o = ctx.opts
+    store = table.sidecar(ctx.csv_path, "store")
+    kw = dict(paths=ctx.paths, model=o.model, checkpoint=o.checkpoint, batch_size=o.batch_size,
+              store=store, thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress,
+              device=ctx.device, engine=ctx.engine, ray_address=o.ray_address,
+              max_file_mb=o.max_file_mb)
+    with ctx.stage("embed"):
+        if ctx.engine == "local" and o.embed_process:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                res = ex.submit(_embed_job, kw, False).result()
+            res["embeddings"] = _read_vectors(store, res["model_info"]["model_key"],
+                                              res["hashes"])
+        else:
+            res = _embed_job(kw, True)
+    ctx.device = res["model_info"].get("device", ctx.device)  # "auto", resolved
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in res["errors"]]
+    info = dict(res["model_info"])
+    info.update(n_cached=int(res["n_cached"]), n_read=int(res["n_read"]),
+                n_decoded=int(res["n_decoded"]), embed_timings=res["timings"])
+    _check_some(ctx, res["ok"])
+    return Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
+                  width=res["width"], height=res["height"], hashes=res["hashes"],
+                  phash=res["phash"], stats=res["stats"], info=info)
+
+
+def _embed_job(kw: dict, with_vectors: bool) -> dict:
+    """``embed.embed_paths`` as a plain dict (the vectors only when asked: a child process
+    leaves them in the store)."""
     from explorer import embed as embed_mod
 
-    o = ctx.opts
-    with ctx.stage("embed"):
-        res = embed_mod.embed_paths(
-            ctx.paths, model=o.model or embed_mod.DEFAULT_MODEL, checkpoint=o.checkpoint,
-            batch_size=o.batch_size, store=table.sidecar(ctx.csv_path, "store"),
-            thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress, device=ctx.device,
-            engine=ctx.engine, ray_address=o.ray_address, max_file_mb=o.max_file_mb)
-    ctx.errors += [(_relname(p, ctx.root), r) for p, r in res.errors]
-    info = dict(res.model_info)
-    info.update(n_cached=int(res.n_cached), n_read=int(res.n_read),
-                n_decoded=int(res.n_decoded), embed_timings=res.timings)
-    _check_some(ctx, res.ok)
-    return Images(ok=np.asarray(res.ok, dtype=int), features=res.embeddings, width=res.width,
-                  height=res.height, hashes=res.hashes, phash=res.phash, stats=res.stats,
-                  info=info)
+    kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
+    res = embed_mod.embed_paths(kw.pop("paths"), **kw)
+    out = dict(res.__dict__)
+    if not with_vectors:
+        out["embeddings"] = None
+    return out
+
+
+def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
+    from explorer.store import Store
+
+    with Store(store_path) as st:
+        mid = st.model_id(key)
+        out = np.empty((len(hashes), st.dim(mid) or 0), np.float32)
+        rows = st.rows(mid, hashes)
+        if (rows < 0).any():
+            raise BuildError(f"the store {store_path} lacks {(rows < 0).sum()} vectors just made")
+        for a in range(0, len(hashes), 65536):
+            st.read(mid, rows[a:a + 65536], out=out[a:a + 65536])
+    return out
 
 
 def _classic_features(ctx: BuildContext) -> Images:
@@ -453,7 +497,8 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
 
     with ctx.stage("map"):
         m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
-                          device=ctx.device, progress=o.progress)
+                          device=ctx.device if ctx.device.startswith("cuda") else "cpu",
+                          progress=o.progress)
     ctx.notes += list(m.notes)
     with ctx.stage("cluster"):
         cres = cluster_mod.cluster(m.space, o.cluster, random_state=o.seed, progress=o.progress,
