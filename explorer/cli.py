@@ -109,6 +109,23 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=42)
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(mode="copy")
+
+    s = sub.add_parser("search", help="find images by words or by an example image",
+                       description="Rank the images of a build by a text query (search by "
+                       "ImageNet concept with a bundled sentence model, or CLIP with "
+                       "--text-model/--checkpoint) or by similarity to --image FILE.")
+    s.add_argument("csv", metavar="NAME.csv")
+    s.add_argument("query", nargs="?", default=None, metavar="TEXT",
+                   help='what to look for, e.g. "a red dress"')
+    s.add_argument("--image", default=None, metavar="FILE",
+                   help="find the images most like FILE (embedded with the build's model)")
+    s.add_argument("--top", type=int, default=10, metavar="K", help="results (default 10)")
+    s.add_argument("--json", action="store_true",
+                   help="print a JSON list of {path, score, ...} instead of a table")
+    s.add_argument("--text-model", default=None, metavar="NAME",
+                   help="an open_clip model name (or config .json) for CLIP text search")
+    s.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="the CLIP weights on disk (with --text-model; nothing is downloaded)")
     return p
 
 
@@ -182,7 +199,27 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export}
+def cmd_search(a: argparse.Namespace) -> int:
+    from explorer.search import search
+
+    hits = search(a.csv, text=a.query, image=a.image, top=a.top, text_model=a.text_model,
+                  checkpoint=a.checkpoint)
+    if a.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    if not hits:
+        print("no results")
+        return 0
+    if hits[0].get("query_read_as"):
+        print("read as: " + ", ".join(hits[0]["query_read_as"]))
+    for rank, h in enumerate(hits, 1):
+        what = ", ".join(h.get("concepts", [])) or h.get("cluster_name", "")
+        print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  ({what})" if what else ""))
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
+            "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:
