@@ -87,6 +87,9 @@ DEFAULTS: dict[str, Any] = {
     "height": 0,
     "duplicate_group": -1,
     "label": "",
+    "cluster_name": "",
+    **{flag: 0 for flag in ("blurry", "dark", "bright", "low_information", "grayscale",
+                            "odd_aspect", "odd_size", "exact_duplicate")},
 }
 
 
