@@ -72,9 +72,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="method for the duplicate_group column (default phash)")
     b.add_argument("--duplicate-threshold", type=float, default=None)
     b.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default 8)")
+                   help="images per forward pass (default 8 on CPU, 256 on CUDA)")
     b.add_argument("--thumb-size", type=int, default=256)
-    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the model runs (auto: CUDA when torch sees a GPU, else MPS, "
+                   "else every CPU core)")
+    b.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (default) or ray: decode and embed as a Ray Data pipeline")
+    b.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --engine ray: a running Ray cluster (default: start a local Ray)")
+    b.add_argument("--seed", type=int, default=None,
+                   help="a reproducible map and clustering (default: none = parallel, faster, "
+                   "not reproducible; the run record says which)")
+    b.add_argument("--map", dest="map_method", default="umap", choices=["umap", "tsne", "pca"],
+                   help="how the 2-D map is made (default umap)")
+    b.add_argument("--remap", action="store_true",
+                   help="recompute map and clusters even when only a few images were added "
+                   "(default: new images are placed on the previous map)")
+    b.add_argument("--max-file-mb", type=float, default=256.0, metavar="MB",
+                   help="refuse image files larger than this, unread (default 256)")
     b.add_argument("--metadata", default=None, metavar="FILE",
                    help="CSV or JSON of per-image metadata to join by file name")
     b.add_argument("--key", default=None, help="the metadata column that holds the file name")
@@ -140,6 +156,8 @@ def cmd_build(a: argparse.Namespace) -> int:
           threshold=a.threshold, duplicates=None if a.duplicates == "none" else a.duplicates,
           duplicate_threshold=a.duplicate_threshold, batch_size=a.batch_size,
           thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
+          device=a.device, engine=a.engine, ray_address=a.ray_address,
+          map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
           progress=not a.quiet)
     return 0
 

@@ -224,6 +224,46 @@ def decode_image(
     return LoadedImage(img, (int(w), int(h)))
 
 
+def content_hash(data: bytes) -> str:
+    """The store key of a file: blake2b-128 of its bytes, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_file(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[bytes, str]:
+    """Read a file once, hashing it while streaming: ``(data, content_hash(data))``.
+
+    Files larger than ``max_bytes`` are refused before they are read (``os.stat`` first)
+    and while reading (a file that grows): ``ImageLoadError("file too large ...")``.
+    Other failures: ``ImageLoadError("file not found" / "cannot read (...)")``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise ImageLoadError(path, _too_large(size, max_bytes))
+            h = hashlib.blake2b(digest_size=16)
+            parts = []
+            total = 0
+            while block := fh.read(1 << 20):
+                total += len(block)
+                if max_bytes is not None and total > max_bytes:
+                    raise ImageLoadError(path, _too_large(total, max_bytes))
+                h.update(block)
+                parts.append(block)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a directory") from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read ({exc.strerror or exc})") from None
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return data, h.hexdigest()
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"file too large ({size / 2**20:.1f} MB; limit {limit / 2**20:g} MB, see --max-file-mb)"
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a whole file; ``ImageLoadError("cannot read: ...")`` if that fails."""
     try:

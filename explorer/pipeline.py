@@ -1,23 +1,34 @@
 """``build()``: folder of images -> embeddings -> map -> clusters -> CSV (+ app folder).
 
-The stages themselves are pure (``images``, ``embed``, ``reduce``, ``cluster``,
-``similarity``, ``table``); this module runs them in order and is the one place (with
-the CLI and the app) that writes files:
+``build`` is a short list of stage calls over a :class:`BuildContext`; each stage is a
+function below. The stages' work is done by pure modules (``images``, ``embed``,
+``reduce``, ``cluster``, ``similarity``, ``table``): arrays in, arrays out. The device
+and engine choices are made once, in :func:`_context`. What this module writes:
 
 * ``NAME.csv``            the table (schema: :mod:`explorer.table`)
 * ``NAME.errors.csv``     files that were skipped, with the reason
-* ``NAME.run.json``       parameters, model, package versions, counts, stage timings
-* ``NAME.features.npy``   one embedding row per CSV row (for neighbours and re-clustering)
-* ``NAME.embeddings/``    the embedding cache, keyed by file content hash and model
+* ``NAME.run.json``       parameters, device, engine, model, versions, counts, stage timings
+* ``NAME.features.npy``   one embedding row per CSV row, float16 (neighbours, re-clustering)
+* ``NAME.layout.npz``     per row: content hash, map xy, cluster space, cluster, probability,
+                          outlier score - so a re-run can place new images on the same map
+* ``NAME.store/``         the vector store (:mod:`explorer.store`): vectors per content hash
+                          and model, size, phash, quality statistics; old ``NAME.embeddings/``
+                          cache folders are ignored (delete them)
 * ``NAME/``               the Bokeh app (copied from ``app_files/``) with thumbnails in
-                          ``NAME/static/thumbs/``
+                          ``NAME/static/thumbs/`` (named by path AND content, so a file
+                          replaced in place gets a new thumbnail)
+
+Re-runs (``--remap`` off): when the previous layout has the same model, map method and
+clustering, and the folder changed by at most :data:`PLACE_MAX_SHARE` (new images and
+removed images each at most 10% of the previous rows), the old rows keep their xy,
+cluster space and cluster, the new rows are placed with ``reduce.place_new`` and
+``cluster.assign_new``; otherwise (or with ``--remap``) everything is recomputed.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -35,6 +47,13 @@ from explorer import table
 APP_TEMPLATE = Path(__file__).resolve().parent.parent / "app_files"
 THUMBS = Path("static") / "thumbs"
 METHODS = ("timm", "phash", "ssim", "orb", "minhash", "tm")
+MAP_METHODS = ("umap", "tsne", "pca")
+ENGINES = ("local", "ray")
+#: a re-run places new images on the old map when new and removed rows are each at most
+#: this share of the previous rows (and --remap is not given)
+PLACE_MAX_SHARE = 0.10
+#: files larger than this are refused unread (``--max-file-mb``)
+DEFAULT_MAX_FILE_MB = 256.0
 
 
 class BuildError(ValueError):
@@ -49,6 +68,85 @@ class BuildResult:
     errors: list[tuple[str, str]]
     run: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``explorer build`` can be asked (see its ``--help``)."""
+
+    method: str = "timm"
+    model: str | None = None
+    checkpoint: str | os.PathLike | None = None
+    cluster: str = "hdbscan"
+    cluster_params: dict[str, Any] | None = None
+    threshold: float | None = None
+    duplicates: str | None = "phash"
+    duplicate_threshold: float | None = None
+    batch_size: int | None = None
+    thumb_size: int = 256
+    seed: int | None = None
+    metadata: str | os.PathLike | None = None
+    key: str | None = None
+    device: str = "auto"
+    engine: str = "local"
+    ray_address: str | None = None
+    map_method: str = "umap"
+    remap: bool = False
+    max_file_mb: float | None = DEFAULT_MAX_FILE_MB
+    progress: bool = True
+
+
+@dataclass
+class Images:
+    """What the embedding (or classic features) stage yields, one row per usable image."""
+
+    ok: np.ndarray  # indices into ctx.paths
+    features: np.ndarray  # (n, D) float32: the map and cluster input
+    width: np.ndarray
+    height: np.ndarray
+    hashes: list[str]  # content hash per row
+    phash: np.ndarray | None = None  # uint64 per row
+    stats: np.ndarray | None = None  # float32 (n, len(quality.STAT_NAMES))
+    classic: Any = None  # the classic method's features (phash/ssim/...), else None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Layout:
+    """Map, cluster space and clusters, one row per image."""
+
+    xy: np.ndarray
+    space: np.ndarray | None
+    labels: np.ndarray
+    probabilities: np.ndarray
+    outlier_scores: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    placed: int = 0  # rows placed on the previous map
+    recomputed: int = 0  # rows whose map position was computed afresh
+
+
+@dataclass
+class BuildContext:
+    """The state the stages share. Stages read it and fill in their part."""
+
+    opts: BuildOptions
+    root: Path
+    csv_path: Path
+    app_dir: Path | None
+    device: str  # resolved: "cpu", "cuda", "mps"
+    engine: str  # "local" or "ray"
+    console: Any = None
+    stage: Any = None
+    paths: list[Path] = field(default_factory=list)
+    rel: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sink: Any = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def thumb_dir(self) -> Path | None:
+        return None if self.app_dir is None else self.app_dir / THUMBS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -102,10 +200,27 @@ def install_app(app_dir: Path, template: Path = APP_TEMPLATE) -> None:
     (app_dir / THUMBS).mkdir(parents=True, exist_ok=True)
 
 
-def _save_thumbnail(img, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, path)
+class ThumbSink:
+    """Writes thumbnails into the app folder (a picklable callable: runs in worker threads,
+    DataLoader processes and Ray tasks). Names carry the relative path's hash AND the file
+    content's hash (review M2), so a file replaced in place gets a new thumbnail."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder = Path(folder)
+        self.names = names
+
+    def name(self, i: int, content_hash: str) -> str:
+        stem = self.names[i][: -len(".jpg")]
+        return f"{stem}-{content_hash[:10]}.jpg"
+
+    def need(self, i: int, content_hash: str) -> bool:
+        return not (self.folder / self.name(i, content_hash)).is_file()
+
+    def __call__(self, i: int, content_hash: str, img) -> None:
+        path = self.folder / self.name(i, content_hash)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        img.save(tmp, format="JPEG", quality=85)
+        os.replace(tmp, path)
 
 
 class _Stages:
@@ -124,46 +239,56 @@ class _Stages:
             self.console.print(f"[dim]{name}: {self.timings[name]:.1f} s[/dim]")
 
 
+
 # --------------------------------------------------------------------------- build
 def build(
     image_dir: str | os.PathLike,
     *,
     app: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
-    method: str = "timm",
-    model: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    cluster: str = "hdbscan",
-    cluster_params: dict[str, Any] | None = None,
-    threshold: float | None = None,
-    duplicates: str | None = "phash",
-    duplicate_threshold: float | None = None,
-    batch_size: int | None = None,
-    thumb_size: int = 256,
-    seed: int = 42,
-    metadata: str | os.PathLike | None = None,
-    key: str | None = None,
-    progress: bool = True,
     console=None,
+    **options: Any,
 ) -> BuildResult:
     """Run every stage on ``image_dir`` and write the CSV (and the app folder).
 
-    Parameters mirror ``explorer build --help``. Raises :class:`BuildError` (a ``ValueError``)
-    for anything the user can fix; unreadable images never stop the run, they are listed in
-    ``NAME.errors.csv`` and in ``BuildResult.errors``.
+    ``options`` are the fields of :class:`BuildOptions` (they mirror ``explorer build
+    --help``). Raises :class:`BuildError` (a ``ValueError``) for anything the user can fix;
+    unreadable images never stop the run, they are listed in ``NAME.errors.csv`` and in
+    ``BuildResult.errors``.
     """
-    from explorer import images as images_mod
+    unknown = set(options) - set(BuildOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"build() got unknown options: {', '.join(sorted(unknown))}")
+    ctx = _context(image_dir, app, out, BuildOptions(**options), console)
+    _discover(ctx)
+    _install_app(ctx)
+    imgs = _embed(ctx) if ctx.opts.method == "timm" else _classic_features(ctx)
+    dups = _duplicates(ctx, imgs)
+    lay = _layout(ctx, imgs)
+    df = _table(ctx, imgs, lay, dups)
+    _write(ctx, df, imgs, lay)
+    return _record(ctx, df, imgs, lay)
 
-    if console is None and progress:
-        from rich.console import Console
 
-        console = Console(stderr=True)
-    if method not in METHODS:
-        raise BuildError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if batch_size is not None and batch_size < 1:
-        raise BuildError(f"--batch-size must be >= 1, got {batch_size}")
-    if thumb_size < 16:
-        raise BuildError(f"--thumb-size must be >= 16, got {thumb_size}")
+# --------------------------------------------------------------------------- stages
+def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
+    """Check the parameters; choose the device and the engine (the one place that does)."""
+    if opts.method not in METHODS:
+        raise BuildError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    if opts.map_method not in MAP_METHODS:
+        raise BuildError(f"unknown --map {opts.map_method!r}; choose one of {', '.join(MAP_METHODS)}")
+    if opts.engine not in ENGINES:
+        raise BuildError(f"unknown --engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise BuildError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.thumb_size < 16:
+        raise BuildError(f"--thumb-size must be >= 16, got {opts.thumb_size}")
+    if opts.max_file_mb is not None and not opts.max_file_mb > 0:
+        raise BuildError(f"--max-file-mb must be > 0, got {opts.max_file_mb}")
+    if opts.seed is not None and (not isinstance(opts.seed, int) or opts.seed < 0):
+        raise BuildError(f"--seed must be a non-negative int, got {opts.seed!r}")
+    if opts.engine == "ray" and opts.method != "timm":
+        raise BuildError("--engine ray runs the timm embedding; the classic methods run locally")
     root = Path(image_dir).expanduser()
     if not root.is_dir():
         raise BuildError(f"image folder not found: {image_dir}")
@@ -171,201 +296,391 @@ def build(
     app_dir, csv_path = resolve_outputs(app, out)
     if app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
+    from explorer.models import resolve_device
 
-    stage = _Stages(console if progress else None)
-    notes: list[str] = []
-    t_start = time.perf_counter()
+    try:
+        device = resolve_device(opts.device)
+    except ValueError as exc:
+        raise BuildError(f"--device: {exc}") from None
+    if console is None and opts.progress:
+        from rich.console import Console
 
-    with stage("discover"):
-        if console is not None:
-            with console.status(f"Looking for images in {root} ..."):
-                paths = images_mod.discover(root)
+        console = Console(stderr=True)
+    ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
+                       engine=opts.engine, console=console if opts.progress else None)
+    ctx.stage = _Stages(ctx.console)
+    return ctx
+
+
+def _discover(ctx: BuildContext) -> None:
+    """The image files, natural order; names that are not valid UTF-8 are skipped with an
+    errors.csv line (review H3: the CSV is UTF-8; rename such files to include them)."""
+    from explorer import images as images_mod
+
+    with ctx.stage("discover"):
+        if ctx.console is not None:
+            with ctx.console.status(f"Looking for images in {ctx.root} ..."):
+                found = images_mod.discover(ctx.root)
         else:
-            paths = images_mod.discover(root)
-    if not paths:
-        raise BuildError(f"no images found in {root} (looked for "
+            found = images_mod.discover(ctx.root)
+    for p in found:
+        rel = p.relative_to(ctx.root).as_posix()
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            ctx.errors.append((printable_name(rel), "file name is not valid UTF-8 (skipped; "
+                               "rename the file to include it)"))
+            continue
+        ctx.paths.append(p)
+        ctx.rel.append(rel)
+    if not ctx.paths:
+        if ctx.errors:
+            _write_errors(ctx.csv_path, ctx.errors)
+        raise BuildError(f"no images found in {ctx.root} (looked for "
                          f"{', '.join(sorted(images_mod.IMAGE_EXTENSIONS))})")
-    rel = [p.relative_to(root).as_posix() for p in paths]
-    if console is not None:
-        console.print(f"Found [bold]{len(paths)}[/bold] images in {root}")
+    if ctx.console is not None:
+        ctx.console.print(f"Found [bold]{len(ctx.paths)}[/bold] images in {ctx.root}")
 
-    thumb_dir = None
-    thumb_names: list[str] = images_mod.thumbnail_names(rel)
-    if app_dir is not None:
-        with stage("app"):
-            install_app(app_dir)
-        thumb_dir = app_dir / THUMBS
 
-    hashes_of_thumbs: dict[int, Any] = {}
-    want_phash = duplicates == "phash"
+def printable_name(rel: str) -> str:
+    """A relative path as UTF-8 text, losslessly: bytes that are not UTF-8 percent-encoded
+    (``os.fsencode`` + ``%XX``); ``urllib.parse.unquote_to_bytes`` gives the bytes back."""
+    return quote(os.fsencode(rel), safe="/ !$&'()*+,;=:@~")
 
-    def need_thumbnail(i: int) -> bool:
-        if thumb_dir is None:
-            return want_phash
-        return want_phash or not (thumb_dir / thumb_names[i]).is_file()
 
-    def on_thumbnail(i: int, img) -> None:
-        if thumb_dir is not None and not (thumb_dir / thumb_names[i]).is_file():
-            _save_thumbnail(img, thumb_dir / thumb_names[i])
-        if want_phash:
-            from explorer.similarity import phash_of
+def _install_app(ctx: BuildContext) -> None:
+    from explorer import images as images_mod
 
-            hashes_of_thumbs[i] = phash_of(img)
+    if ctx.app_dir is None:
+        return
+    with ctx.stage("app"):
+        install_app(ctx.app_dir)
+    ctx.sink = ThumbSink(ctx.thumb_dir, images_mod.thumbnail_names(ctx.rel))
 
-    model_info: dict[str, Any] = {}
-    cluster_info: dict[str, Any] = {}
-    dup_labels = None
-    feats_for_map: np.ndarray
-    if method == "timm":
-        from explorer import embed as embed_mod
 
-        cache = table.sidecar(csv_path, "embeddings")
-        with stage("embed"):
-            res = embed_mod.embed_paths(
-                paths, model=model or embed_mod.DEFAULT_MODEL, checkpoint=checkpoint,
-                batch_size=batch_size or 8, cache=cache, thumb_size=thumb_size,
-                on_thumbnail=on_thumbnail, need_thumbnail=need_thumbnail, progress=progress,
-            )
-        ok = np.asarray(res.ok, dtype=int)
-        feats = np.asarray(res.embeddings, dtype=np.float32)
-        width, height = np.asarray(res.width), np.asarray(res.height)
-        errors = [(_relname(p, root), r) for p, r in res.errors]
-        model_info = dict(res.model_info)
-        model_info["n_cached"] = int(res.n_cached)
-        model_info["embed_timings"] = res.timings
-        feats_for_map = feats
-    else:
-        from explorer import similarity
+def _embed(ctx: BuildContext) -> Images:
+    """Embeddings (+ size, phash, quality statistics) through the store."""
+    from explorer import embed as embed_mod
 
-        with stage("features"):
-            sfeats, ok, serrors = similarity.compute_features(paths, method, progress=progress)
-            ok = np.asarray(ok, dtype=int)
-        errors = [(_relname(p, root), r) for p, r in serrors]
-        with stage("thumbnails"):
-            width, height, feats_for_map = _thumbnails_and_describe(
-                [paths[i] for i in ok], ok, thumb_size, on_thumbnail, need_thumbnail, progress)
-        feats = feats_for_map
-        model_info = {"method": method}
+    o = ctx.opts
+    with ctx.stage("embed"):
+        res = embed_mod.embed_paths(
+            ctx.paths, model=o.model or embed_mod.DEFAULT_MODEL, checkpoint=o.checkpoint,
+            batch_size=o.batch_size, store=table.sidecar(ctx.csv_path, "store"),
+            thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress, device=ctx.device,
+            engine=ctx.engine, ray_address=o.ray_address, max_file_mb=o.max_file_mb)
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in res.errors]
+    info = dict(res.model_info)
+    info.update(n_cached=int(res.n_cached), n_read=int(res.n_read),
+                n_decoded=int(res.n_decoded), embed_timings=res.timings)
+    _check_some(ctx, res.ok)
+    return Images(ok=np.asarray(res.ok, dtype=int), features=res.embeddings, width=res.width,
+                  height=res.height, hashes=res.hashes, phash=res.phash, stats=res.stats,
+                  info=info)
 
+
+def _classic_features(ctx: BuildContext) -> Images:
+    """Classic methods: one decode per image gives the feature, thumbnail, size, map row."""
+    from explorer import similarity
+
+    o = ctx.opts
+    max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
+    with ctx.stage("features"):
+        feats, ok, errs, w, h, rows, hashes = similarity.features_and_thumbnails(
+            ctx.paths, o.method, thumb_size=o.thumb_size, sink=ctx.sink, max_bytes=max_bytes,
+            progress=o.progress)
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in errs]
+    _check_some(ctx, ok)
+    return Images(ok=np.asarray(ok, dtype=int), features=rows, width=w, height=h,
+                  hashes=hashes, classic=feats, info={"method": o.method})
+
+
+def _check_some(ctx: BuildContext, ok) -> None:
     if len(ok) == 0:
-        _write_errors(csv_path, errors)
-        raise BuildError(f"none of the {len(paths)} files in {root} could be read as an image; "
-                         f"see {table.sidecar(csv_path, 'errors.csv')}")
+        _write_errors(ctx.csv_path, ctx.errors)
+        raise BuildError(f"none of the {len(ctx.paths)} files in {ctx.root} could be read as "
+                         f"an image; see {table.sidecar(ctx.csv_path, 'errors.csv')}")
 
-    # --- thumbnails for images that were served from the cache and not decoded
-    if want_phash:
-        with stage("duplicates"):
-            missing = [i for i in ok if i not in hashes_of_thumbs]
-            for i in missing:
-                img = _open_thumb(thumb_dir, thumb_names[i], paths[i], thumb_size)
-                if img is not None:
-                    on_thumbnail(i, img)
-            from explorer.similarity import DEFAULT_THRESHOLDS, group_hashes
 
-            thr = duplicate_threshold if duplicate_threshold is not None else DEFAULT_THRESHOLDS["phash"]
+def _duplicates(ctx: BuildContext, imgs: Images) -> np.ndarray | None:
+    """Near-duplicate groups: phash from the embedding stage (no decode), or another method."""
+    o = ctx.opts
+    if o.duplicates in (None, "none"):
+        return None
+    from explorer import similarity
+
+    with ctx.stage("duplicates"):
+        if o.duplicates == "phash":
+            hv = imgs.phash if imgs.phash is not None else np.asarray(imgs.classic, np.uint64) \
+                if o.method == "phash" else None
+            if hv is None:  # classic non-phash method: phash of the map rows' bits
+                bits = (imgs.features[:, :64] > 0.5).astype(np.uint8)
+                hv = np.frombuffer(np.packbits(bits, axis=1).tobytes(), ">u8").astype(np.uint64)
+            thr = (o.duplicate_threshold if o.duplicate_threshold is not None
+                   else similarity.DEFAULT_THRESHOLDS["phash"])
             max_d = int(np.floor((1.0 - thr) * 64 + 1e-9))  # phash similarity = 1 - d/64
-            hv = np.array([hashes_of_thumbs.get(i, 0) for i in ok], dtype=np.uint64)
-            dup_labels = np.asarray(group_hashes(hv, max_d), dtype=int)
-    elif duplicates not in (None, "none"):
-        from explorer import similarity
+            return np.asarray(similarity.group_hashes(hv, max_d), dtype=int)
+        g = similarity.find_groups([ctx.paths[i] for i in imgs.ok], o.duplicates,
+                                   threshold=o.duplicate_threshold, progress=o.progress)
+        return np.asarray(g.labels)
 
-        with stage("duplicates"):
-            g = similarity.find_groups([paths[i] for i in ok], duplicates,
-                                       threshold=duplicate_threshold, progress=progress)
-            dup_labels = np.asarray(g.labels)
 
-    # --- reduce and cluster
+def _layout(ctx: BuildContext, imgs: Images) -> Layout:
+    """Map + cluster space + clusters: placed on the previous layout when the folder barely
+    changed (see the module docstring), else computed with ``reduce.map_and_space``."""
+    o = ctx.opts
+    if o.method != "timm":
+        return _classic_layout(ctx, imgs)
+    key = _layout_key(ctx, imgs)
+    prev = None if o.remap else _load_layout(ctx.csv_path, key)
+    if prev is not None:
+        lay = _place(ctx, imgs, prev)
+        if lay is not None:
+            return lay
     from explorer import cluster as cluster_mod
-    from explorer import reduce as reduce_mod
 
-    with stage("map"):
-        xy, map_notes = _as_notes(
-            reduce_mod.reduce_map(feats_for_map, random_state=seed, progress=progress))
-    notes += map_notes
-    if method == "timm":
-        with stage("cluster"):
-            Z, z_notes = _as_notes(
-                reduce_mod.reduce_cluster_space(feats, random_state=seed, progress=progress))
-            notes += z_notes
-            cres = cluster_mod.cluster(Z, cluster, random_state=seed, progress=progress,
-                                       **(cluster_params or {}))
-        labels = np.asarray(cres.labels, dtype=int)
-        probs = np.asarray(cres.probabilities, dtype=float)
-        outl = np.asarray(cres.outlier_scores, dtype=float)
-        notes += list(getattr(cres, "notes", []) or [])
-        cluster_info = _jsonable(cres.to_dict())
-        if cres.elbow is not None:
-            elbow_path = table.sidecar(csv_path, "elbow.html")
-            cluster_mod.elbow_plot(cres.elbow, cres.elbow.get("chosen_k"), elbow_path)
-            cluster_info["elbow_plot"] = elbow_path.name
+    with ctx.stage("map"):
+        m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
+                          device=ctx.device, progress=o.progress)
+    ctx.notes += list(m.notes)
+    with ctx.stage("cluster"):
+        cres = cluster_mod.cluster(m.space, o.cluster, random_state=o.seed, progress=o.progress,
+                                   **(o.cluster_params or {}))
+    ctx.notes += list(getattr(cres, "notes", []) or [])
+    info = {"map": _jsonable(m.info), "clustering": _jsonable(cres.to_dict())}
+    if cres.elbow is not None:
+        elbow_path = table.sidecar(ctx.csv_path, "elbow.html")
+        cluster_mod.elbow_plot(cres.elbow, cres.elbow.get("chosen_k"), elbow_path)
+        info["clustering"]["elbow_plot"] = elbow_path.name
+    n = len(imgs.ok)
+    return Layout(xy=np.asarray(m.xy, float), space=np.asarray(m.space, np.float32),
+                  labels=np.asarray(cres.labels, int),
+                  probabilities=np.asarray(cres.probabilities, float),
+                  outlier_scores=np.asarray(cres.outlier_scores, float),
+                  info=info, placed=0, recomputed=n)
+
+
+def _classic_layout(ctx: BuildContext, imgs: Images) -> Layout:
+    from explorer import similarity
+
+    o = ctx.opts
+    with ctx.stage("map"):
+        m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
+                          device="cpu", progress=o.progress)
+    ctx.notes += list(m.notes)
+    with ctx.stage("cluster"):
+        g = similarity.group(imgs.classic, o.method, threshold=o.threshold, progress=o.progress)
+    labels = np.asarray(g.labels, dtype=int)
+    info = {"map": _jsonable(m.info), "clustering": {
+        "method": f"{o.method} links (connected components)", "params": {"threshold": g.threshold},
+        "n_pairs_compared": int(g.n_pairs_compared), "n_links": int(g.n_links),
+        "complete": bool(getattr(g, "complete", True))}}
+    if not getattr(g, "complete", True):
+        ctx.notes.append(f"{o.method} grouping compared a sample of the pairs (batched merge): "
+                         "some near-duplicates may be in separate groups")
+    return Layout(xy=np.asarray(m.xy, float), space=None, labels=labels,
+                  probabilities=(labels >= 0).astype(float),
+                  outlier_scores=(labels < 0).astype(float), info=info, recomputed=len(labels))
+
+
+def _table(ctx: BuildContext, imgs: Images, lay: Layout, dups) -> pd.DataFrame:
+    ok = imgs.ok
+    if ctx.sink is not None:
+        images_col = [(THUMBS / ctx.sink.name(i, h)).as_posix() for i, h in zip(ok, imgs.hashes)]
     else:
-        from explorer import similarity
-
-        with stage("cluster"):
-            g = similarity.group(sfeats, method, threshold=threshold, progress=progress)
-        labels = np.asarray(g.labels, dtype=int)
-        probs = (labels >= 0).astype(float)
-        outl = (labels < 0).astype(float)
-        cluster_info = {"method": f"{method} links (connected components)",
-                        "params": {"threshold": g.threshold},
-                        "n_pairs_compared": int(g.n_pairs_compared), "n_links": int(g.n_links)}
-
-    # --- table
-    images_col = [(THUMBS / thumb_names[i]).as_posix() if thumb_dir is not None else ""
-                  for i in ok]
+        images_col = [""] * len(ok)
     df = table.make_table(
-        paths=[rel[i] for i in ok], images=images_col, xy=xy, cluster=labels, probability=probs,
-        outlier_score=outl, width=width, height=height, duplicate_group=dup_labels,
+        paths=[ctx.rel[i] for i in ok], images=images_col, xy=lay.xy, cluster=lay.labels,
+        probability=lay.probabilities, outlier_score=lay.outlier_scores, width=imgs.width,
+        height=imgs.height, duplicate_group=dups,
     )
-    meta_report = None
-    if metadata is not None:
+    if ctx.opts.metadata is not None:
         from explorer import metadata as metadata_mod
 
-        meta = metadata_mod.read_metadata(metadata, key)
-        df, report = metadata_mod.join_metadata(df, meta, key)
-        meta_report = report.to_dict()
+        meta = metadata_mod.read_metadata(ctx.opts.metadata, ctx.opts.key)
+        df, report = metadata_mod.join_metadata(df, meta, ctx.opts.key)
+        df.attrs["metadata_report"] = report.to_dict()
+    return df
 
-    # --- write
-    with stage("write"):
-        table.write_table(df, csv_path)
-        _write_errors(csv_path, errors)
-        feats_path = table.sidecar(csv_path, "features.npy")
-        _save_npy(feats_path, feats.astype(np.float16))
-    n_clusters = int(len(set(labels.tolist()) - {-1}))
+
+def _write(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> None:
+    with ctx.stage("write"):
+        table.write_table(df, ctx.csv_path)
+        _write_errors(ctx.csv_path, ctx.errors)
+        _save_npy_f16(table.sidecar(ctx.csv_path, "features.npy"), imgs.features)
+        if lay.space is not None:
+            _save_layout(ctx.csv_path, _layout_key(ctx, imgs), imgs.hashes, lay)
+
+
+def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> BuildResult:
+    o = ctx.opts
+    labels = lay.labels
+    mi = imgs.info
     run = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("explorer") else None,
-        "image_dir": str(root),
+        "image_dir": str(ctx.root),
         # the same folder relative to the CSV's folder: still right after the two move together
-        "image_dir_from_csv": os.path.relpath(root, csv_path.parent),
-        "csv": csv_path.name,
-        "app": str(app_dir) if app_dir else None,
+        "image_dir_from_csv": os.path.relpath(ctx.root, ctx.csv_path.parent),
+        "csv": ctx.csv_path.name,
+        "app": str(ctx.app_dir) if ctx.app_dir else None,
         "parameters": {
-            "method": method, "model": model_info.get("name", model), "checkpoint":
-                str(checkpoint) if checkpoint else None, "cluster": cluster,
-            "cluster_params": cluster_params or {}, "threshold": threshold,
-            "duplicates": duplicates, "duplicate_threshold": duplicate_threshold,
-            "batch_size": batch_size, "thumb_size": thumb_size, "seed": seed,
-            "metadata": str(metadata) if metadata else None, "key": key,
+            "method": o.method, "model": mi.get("name", o.model), "checkpoint":
+                str(o.checkpoint) if o.checkpoint else None, "cluster": o.cluster,
+            "cluster_params": o.cluster_params or {}, "threshold": o.threshold,
+            "duplicates": o.duplicates, "duplicate_threshold": o.duplicate_threshold,
+            "batch_size": o.batch_size, "thumb_size": o.thumb_size, "seed": o.seed,
+            "reproducible": o.seed is not None, "map": o.map_method, "remap": o.remap,
+            "engine": ctx.engine, "ray_address": o.ray_address, "device": o.device,
+            "max_file_mb": o.max_file_mb,
+            "metadata": str(o.metadata) if o.metadata else None, "key": o.key,
         },
-        "model": model_info,
-        "clustering": cluster_info,
+        # what was actually used (after "auto" and fallbacks)
+        "execution": {"device": mi.get("device", "cpu"), "engine": ctx.engine,
+                      "batch_size": mi.get("batch_size"), "precision": mi.get("precision"),
+                      "jit": mi.get("jit"), "workers": mi.get("workers"),
+                      "seed": o.seed, "reproducible": o.seed is not None},
+        "model": mi,
+        "map": lay.info.get("map"),
+        "clustering": lay.info.get("clustering"),
         "counts": {
-            "found": len(paths), "rows": int(len(df)), "skipped": len(errors),
-            "cached": int(model_info.get("n_cached", 0)), "clusters": n_clusters,
+            "found": len(ctx.paths), "rows": int(len(df)), "skipped": len(ctx.errors),
+            "cached": int(mi.get("n_cached", 0)), "decoded": int(mi.get("n_decoded", len(df))),
+            "placed": int(lay.placed), "recomputed": int(lay.recomputed),
+            "clusters": int(len(set(labels.tolist()) - {-1})),
             "noise": int((labels < 0).sum()),
             "duplicate_groups": int(len(set(df["duplicate_group"]) - {-1})),
         },
-        "metadata": meta_report,
-        "notes": notes,
-        "timings": {**stage.timings, "total": round(time.perf_counter() - t_start, 3)},
+        "metadata": df.attrs.pop("metadata_report", None),
+        "notes": ctx.notes,
+        "timings": {**ctx.stage.timings, "total": round(time.perf_counter() - ctx.t_start, 3)},
         "versions": versions(),
     }
-    table.write_json(table.sidecar(csv_path, "run.json"), run)
-    result = BuildResult(df, csv_path, app_dir, errors, run, notes)
-    if console is not None:
-        print_summary(result, console)
+    table.write_json(table.sidecar(ctx.csv_path, "run.json"), run)
+    result = BuildResult(df, ctx.csv_path, ctx.app_dir, ctx.errors, run, ctx.notes)
+    if ctx.console is not None:
+        print_summary(result, ctx.console)
     return result
+
+
+# --------------------------------------------------------------------------- map + placement
+def map_and_space(X, *, map_method="umap", random_state=None, device="cpu", progress=False):
+    """``explorer.reduce.map_and_space`` (one kNN graph for the map and the cluster space)."""
+    from explorer import reduce as reduce_mod
+
+    if hasattr(reduce_mod, "map_and_space"):
+        return reduce_mod.map_and_space(X, map_method=map_method, random_state=random_state,
+                                        device=device, progress=progress)
+    # until branch `reduce` is merged: the two UMAP fits of the old pipeline
+    from types import SimpleNamespace
+
+    xy, n1 = reduce_mod.reduce_map(X, random_state=random_state, progress=progress)
+    space, n2 = reduce_mod.reduce_cluster_space(X, random_state=random_state, progress=progress)
+    return SimpleNamespace(xy=xy, space=space, knn=None, notes=list(n1) + list(n2),
+                           info={"map_method": "umap", "random_state": random_state})
+
+
+def _layout_key(ctx: BuildContext, imgs: Images) -> str:
+    o = ctx.opts
+    return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))), o.map_method,
+                     o.cluster, repr(sorted((o.cluster_params or {}).items()))])
+
+
+def _save_layout(csv_path: Path, key: str, hashes: list[str], lay: Layout) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), hashes=np.array(hashes, dtype="U32"),
+             xy=np.asarray(lay.xy, np.float32), space=np.asarray(lay.space, np.float32),
+             labels=lay.labels.astype(np.int64), probabilities=lay.probabilities,
+             outlier_scores=lay.outlier_scores)
+    table.atomic_write_bytes(table.sidecar(csv_path, "layout.npz"), buf.getvalue())
+
+
+def _load_layout(csv_path: Path, key: str):
+    path = table.sidecar(csv_path, "layout.npz")
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return {k: z[k] for k in ("hashes", "xy", "space", "labels", "probabilities",
+                                      "outlier_scores")}
+    except Exception:  # an unreadable layout only means a full recompute
+        return None
+
+
+def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
+    """Keep the previous rows' layout and place the new rows, when few changed."""
+    old_row = {h: r for r, h in reversed(list(enumerate(prev["hashes"].tolist())))}
+    cur = imgs.hashes
+    kept = np.array([h in old_row for h in cur], bool)
+    n_old, n_new = len(prev["hashes"]), int((~kept).sum())
+    n_removed = len(set(old_row) - set(cur))
+    if n_old < 20 or n_new > PLACE_MAX_SHARE * n_old or n_removed > PLACE_MAX_SHARE * n_old:
+        return None
+    from explorer import cluster as cluster_mod
+    from explorer import reduce as reduce_mod
+
+    rows = np.array([old_row[h] for h, k in zip(cur, kept) if k], np.int64)
+    xy = np.empty((len(cur), 2), np.float64)
+    space = np.empty((len(cur), prev["space"].shape[1]), np.float32)
+    labels = np.empty(len(cur), np.int64)
+    probs = np.empty(len(cur), np.float64)
+    outl = np.empty(len(cur), np.float64)
+    xy[kept], space[kept], labels[kept] = prev["xy"][rows], prev["space"][rows], prev["labels"][rows]
+    probs[kept], outl[kept] = prev["probabilities"][rows], prev["outlier_scores"][rows]
+    if n_new:
+        with ctx.stage("place"):
+            X_old, X_new = imgs.features[kept], imgs.features[~kept]
+            place = getattr(reduce_mod, "place_new", _place_new)
+            assign = getattr(cluster_mod, "assign_new", _assign_new)
+            xy[~kept] = place(X_old, prev["xy"][rows], X_new, k=15)
+            z_new = place(X_old, prev["space"][rows], X_new, k=15)
+            space[~kept] = z_new
+            lab, p = assign(prev["space"][rows], prev["labels"][rows], z_new, k=10)
+            labels[~kept], probs[~kept] = lab, p
+            outl[~kept] = 1.0 - np.asarray(p, float)
+    ctx.notes.append(f"placed {n_new} new image(s) on the previous map ({n_removed} removed); "
+                     "use --remap to recompute the map and the clusters")
+    return Layout(xy=xy, space=space, labels=labels, probabilities=probs, outlier_scores=outl,
+                  info={"map": {"placed_on_previous": True}, "clustering": {
+                      "placed_on_previous": True, "method": ctx.opts.cluster}},
+                  placed=n_new, recomputed=0)
+
+
+def _unit(X):
+    X = np.asarray(X, np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def _place_new(X_old, Y_old, X_new, *, k=15):
+    """Fallback until branch `reduce` is merged: cosine kNN, distance-weighted mean."""
+    A, B = _unit(X_old), _unit(X_new)
+    k = min(k, len(A))
+    out = np.empty((len(B), Y_old.shape[1]), np.float64)
+    for a in range(0, len(B), 1024):
+        sim = B[a:a + 1024] @ A.T
+        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(sim, idx, 1)
+        w = 1.0 / np.maximum(1.0 - s, 1e-6)
+        out[a:a + 1024] = (w[..., None] * Y_old[idx]).sum(1) / w.sum(1, keepdims=True)
+    return out
+
+
+def _assign_new(Z_old, labels_old, Z_new, *, k=10):
+    """Fallback until branch `reduce` is merged: majority label of the k nearest old points."""
+    Z_old, Z_new = np.asarray(Z_old, np.float64), np.asarray(Z_new, np.float64)
+    k = min(k, len(Z_old))
+    d = ((Z_new[:, None, :] - Z_old[None]) ** 2).sum(-1)
+    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    lab = np.asarray(labels_old)[idx]
+    out, prob = np.empty(len(Z_new), np.int64), np.empty(len(Z_new))
+    for r in range(len(Z_new)):
+        v, c = np.unique(lab[r], return_counts=True)
+        out[r], prob[r] = v[c.argmax()], c.max() / k
+    return out, prob
 
 
 # --------------------------------------------------------------------------- internals
@@ -374,19 +689,6 @@ def _relname(p, root: Path) -> str:
         return Path(p).resolve().relative_to(root).as_posix()
     except ValueError:
         return str(p)
-
-
-def _as_notes(res) -> tuple[np.ndarray, list[str]]:
-    """Accept ``array``, ``(array, notes)`` or an object with ``.embedding``/``.notes``."""
-    if isinstance(res, tuple) and len(res) == 2:
-        arr, notes = res
-    elif hasattr(res, "embedding"):
-        arr, notes = res.embedding, getattr(res, "notes", [])
-    else:
-        arr, notes = res, []
-    if isinstance(notes, str):
-        notes = [notes] if notes else []
-    return np.asarray(arr, dtype=float), list(notes or [])
 
 
 def _jsonable(o):
@@ -406,51 +708,16 @@ def _write_errors(csv_path: Path, errors: list[tuple[str, str]]) -> None:
     table.atomic_write_text(path, pd.DataFrame(errors, columns=["path", "reason"]).to_csv(index=False))
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    table.atomic_write_bytes(path, buf.getvalue())
-
-
-def _open_thumb(thumb_dir, name, original, size):
-    from PIL import Image
-
-    from explorer import images as images_mod
-
-    try:
-        if thumb_dir is not None and (thumb_dir / name).is_file():
-            with Image.open(thumb_dir / name) as im:
-                return im.convert("RGB")
-        img, _ = images_mod.load_image(original, size)
-        return images_mod.thumbnail(img, size)
-    except (OSError, ValueError):
-        return None
-
-
-def _thumbnails_and_describe(paths, ok, thumb_size, on_thumbnail, need_thumbnail, progress):
-    """Classic methods: one decode per image for the thumbnail, the size and the map vector."""
-    from explorer import images as images_mod
-    from explorer.similarity import describe
-
-    from explorer.progress import track
-
-    width, height, chunk, rows = [], [], [], []
-    for i, p in track(list(zip(ok, paths)), "Thumbnails", progress):
-        img, (w, h) = images_mod.load_image(p, thumb_size)
-        t = images_mod.thumbnail(img, thumb_size)
-        if need_thumbnail(i):
-            on_thumbnail(i, t)
-        width.append(w)
-        height.append(h)
-        chunk.append(t)
-        if len(chunk) == 512:  # bounded memory: describe thumbnails a chunk at a time
-            rows.append(describe(chunk))
-            chunk = []
-    if chunk:
-        rows.append(describe(chunk))
-    return np.array(width), np.array(height), np.concatenate(rows).astype(np.float32)
+def _save_npy_f16(path: Path, arr: np.ndarray) -> None:
+    """``arr`` as float16 .npy, converted a block at a time (no full-size copy), atomic."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=arr.shape)
+    for a in range(0, len(arr), 65536):
+        out[a:a + 65536] = arr[a:a + 65536]
+    out.flush()
+    del out
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def print_summary(result: BuildResult, console) -> None:
@@ -462,7 +729,12 @@ def print_summary(result: BuildResult, console) -> None:
     t.add_row("images found", str(c["found"]))
     t.add_row("rows written", str(c["rows"]))
     t.add_row("skipped (unreadable)", str(c["skipped"]))
-    t.add_row("embeddings from cache", str(c["cached"]))
+    t.add_row("embeddings from the store", str(c["cached"]))
+    t.add_row("images decoded", str(c["decoded"]))
+    t.add_row("map", f"{c['placed']} placed on the previous map, {c['recomputed']} recomputed")
+    ex = run.get("execution", {})
+    t.add_row("device", f"{ex.get('device')} ({ex.get('engine')}, batch {ex.get('batch_size')}, "
+              f"{ex.get('precision')}, {'seed ' + str(ex['seed']) if ex.get('reproducible') else 'parallel, not reproducible'})")
     t.add_row("clusters", f"{c['clusters']} (+{c['noise']} noise/outliers)")
     t.add_row("near-duplicate groups", str(c["duplicate_groups"]))
     t.add_row("time", f"{run['timings']['total']:.1f} s")

@@ -102,26 +102,13 @@ def _check_threshold(method: str, threshold: float | None) -> float:
 
 # =========================================================================== images
 def _open_image(path: str | os.PathLike, size: int):
-    """Decoded RGB PIL image, at least ``size`` px on its short side where possible.
+    """Decoded RGB PIL image (:func:`explorer.images.load_image`: EXIF rotation, modes), at
+    least ``size`` px on its short side where the format allows. Raises on unreadable files;
+    callers record the error and go on."""
+    from explorer.images import load_image
 
-    Uses :func:`explorer.images.load_image` (EXIF rotation, modes) when it exists.
-    Raises on unreadable files; callers record the error and go on.
-    """
-    try:
-        from explorer.images import load_image
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        out = load_image(path, size)
-        img = out[0] if isinstance(out, tuple) else out
-        return img.convert("RGB") if img.mode != "RGB" else img
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
-        im = ImageOps.exif_transpose(im)
-        im.load()
-        return im.convert("RGB")
+    img = load_image(path, size).image
+    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def _grey_square(img, size: int) -> np.ndarray:
@@ -802,6 +789,53 @@ def describe(items: Iterable, *, size: int = 64, progress: bool = False) -> np.n
         except Exception:  # noqa: BLE001 - unreadable item: NaN row, documented
             continue
     return out
+
+
+def features_and_thumbnails(paths: Sequence[str | os.PathLike], method: str, *,
+                            thumb_size: int = 256, sink=None, max_bytes: int | None = None,
+                            size: int | None = None, progress: bool = True):
+    """Classic methods in ONE decode per image (review L15): read each file once (hashing it),
+    decode it once, and take from that image the method's feature, the original size, the
+    thumbnail (handed to ``sink(i, content_hash, thumb)`` when ``sink.need(i, content_hash)``)
+    and the :func:`describe` row for the map.
+
+    Returns ``(features, ok, errors, width, height, map_rows, hashes)``; ``ok`` indexes the
+    readable paths, ``errors`` lists ``(path, reason)``. A file that cannot be read or decoded
+    is an error line, never an exception (exceptions from ``sink`` stop the run).
+    """
+    from explorer.images import ImageLoadError, decode_image, read_file, thumbnail
+
+    _check_method(method)
+    size = int(size or DEFAULT_SIZES[method])
+    items, ok, errors, width, height, hashes, rows, chunk = [], [], [], [], [], [], [], []
+    for k, p in enumerate(track(list(paths), f"{method} features", progress)):
+        try:
+            data, h = read_file(p, max_bytes)
+            img, (w, ht) = decode_image(data, max(size, thumb_size), name=p)
+            feat = _feature_of(img, method, size)
+        except ImageLoadError as exc:
+            errors.append((str(p), exc.reason))
+            continue
+        except Exception as exc:  # noqa: BLE001 - any bad file is recorded, never fatal
+            errors.append((str(p), f"cannot decode ({type(exc).__name__}: {exc})"))
+            continue
+        thumb = thumbnail(img, thumb_size)
+        if sink is not None and sink.need(k, h):
+            sink(k, h, thumb)
+        items.append(feat)
+        ok.append(k)
+        width.append(w)
+        height.append(ht)
+        hashes.append(h)
+        chunk.append(thumb)
+        if len(chunk) == 512:  # bounded memory: describe thumbnails a chunk at a time
+            rows.append(describe(chunk))
+            chunk = []
+    if chunk:
+        rows.append(describe(chunk))
+    map_rows = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 128), np.float32)
+    return (_stack(items, method, size), np.asarray(ok, dtype=np.int64), errors,
+            np.asarray(width, dtype=np.int64), np.asarray(height, dtype=np.int64), map_rows, hashes)
 
 
 # =========================================================================== threshold

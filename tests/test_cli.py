@@ -76,8 +76,17 @@ def test_threshold_plot_is_written(phash_build, tmp_path, capsys):
     out = tmp_path / "thr.html"
     assert cli(["threshold", str(imgs), "--method", "phash", "--out", str(out), "-q"]) == 0
     html = out.read_text()
-    assert "Bokeh" in html and "threshold" in html.lower()
+    assert "Bokeh" in html and "n_pairs" in html
     assert "default for phash" in capsys.readouterr().out
+    # the curve it plots: fewer similar pairs as the threshold rises; at the default the
+    # 4 copies of each photo (6 pairs per family) are linked, other families mostly not
+    from explorer import images, similarity
+
+    curve = similarity.threshold_curve(images.discover(imgs), "phash", sample=None,
+                                       progress=False)
+    assert (curve["n_pairs"].diff().dropna() <= 0).all()
+    at = curve.iloc[(curve["threshold"] - similarity.DEFAULT_THRESHOLDS["phash"]).abs().argmin()]
+    assert 6 * len(SOURCES) <= at["n_pairs"] < 120
 
 
 def test_export_with_missing_columns_is_a_clear_error(tmp_path, capsys):

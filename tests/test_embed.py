@@ -1,4 +1,5 @@
-"""explorer.embed: real bundled weights, offline-only weights, checkpoints, embed_paths, cache."""
+"""explorer.embed / explorer.models: bundled weights (lite0/1/2), offline-only weights,
+checkpoints, model keys, embed_paths through the store, the engines, devices."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ except ImportError:  # tests/ made a package
     from tests import _imagegen as gen
 
 from explorer import embed as E
+from explorer import models as M
 from explorer.embed import (
     DEFAULT_MODEL,
-    EmbeddingCache,
     ModelWeightsError,
     Preprocessor,
     embed_images,
@@ -94,7 +95,7 @@ def test_bundled_default_weights_are_real(no_network):
     assert E._resolve_name("efficientnet_lite0") == DEFAULT_MODEL
     # the bfloat16 path ("auto" on CPUs with native bf16) keeps the classes
     model2, _ = load_model(num_classes=None)
-    runner = E._Runner(model2, 2, (224, 224), jit=False, precision="bfloat16")
+    runner = M.Runner(model2, 2, (224, 224), jit=False, precision="bfloat16")
     x = prep.to_tensor(np.stack([prep(im) for im in imgs]))
     assert runner(x).argmax(1).tolist() == top
 
@@ -200,11 +201,11 @@ def test_parameters_are_validated(tmp_path):
     for kw, word in [({"batch_size": 0}, "batch_size"), ({"thumb_size": -1}, "thumb_size"),
                      ({"precision": "fp8"}, "precision"),
                      ({"jit": "yes"}, "jit"),
-                     ({"workers": 0}, "workers"), ({"threads": 0}, "threads")]:
+                     ({"workers": 0}, "workers"), ({"threads": 0}, "threads"),
+                     ({"device": "tpu"}, "tpu"), ({"engine": "spark"}, "spark"),
+                     ({"max_file_mb": 0}, "max_file_mb")]:
         with pytest.raises(ValueError, match=word):
             embed_paths([], progress=False, **kw)
-    with pytest.raises(ValueError, match="model_key"):
-        EmbeddingCache(tmp_path, "")
 
 
 # --------------------------------------------------------------------------- embed_paths
@@ -225,8 +226,7 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     paths = [good[0], bad[0], *good[1:5], bad[1], *good[5:], bad[2]]
     thumbs = {}
     res = embed_paths(paths, model=TINY, checkpoint=tiny_ckpt, batch_size=4, thumb_size=64,
-                      on_thumbnail=lambda i, t: thumbs.__setitem__(i, t), progress=False,
-                      precision="float32")
+                      sink=Sink(thumbs), progress=False, precision="float32")
     bad_idx = [1, 6, len(paths) - 1]
     assert res.ok.tolist() == [i for i in range(len(paths)) if i not in bad_idx]
     assert [e[0] for e in res.errors] == [str(b) for b in bad]
@@ -247,15 +247,15 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     direct = embed_images([load_image(p).image for p in good], model, cfg)
     np.testing.assert_allclose(res.embeddings, direct, rtol=1e-3, atol=1e-4)
     assert len(set(res.hashes)) == len(good)
-    # bfloat16: close to float32, kept apart in the cache
+    # bfloat16 (torch runs it on any CPU, natively or emulated): close to float32, and the
+    # run says so (no silent fallback: section 8 #9)
     bf = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
                      precision="bfloat16")
-    if bf.model_info["precision"] == "bfloat16":
-        cos = (bf.embeddings * direct).sum(1) / (
-            np.linalg.norm(bf.embeddings, axis=1) * np.linalg.norm(direct, axis=1))
-        assert cos.min() > 0.98 and not np.array_equal(bf.embeddings, direct)
+    assert bf.model_info["precision"] == "bfloat16"
+    cos = (bf.embeddings * direct).sum(1) / (
+        np.linalg.norm(bf.embeddings, axis=1) * np.linalg.norm(direct, axis=1))
+    assert cos.min() > 0.98 and not np.array_equal(bf.embeddings, direct)
     assert bf.embeddings.dtype == np.float32
-    assert model_key(TINY, tiny_ckpt, "float32") != model_key(TINY, tiny_ckpt, "bfloat16")
 
 
 def test_embed_paths_is_deterministic(folder, tiny_ckpt):
@@ -273,116 +273,182 @@ def test_embed_paths_is_deterministic(folder, tiny_ckpt):
     np.testing.assert_allclose(c.embeddings, a.embeddings, rtol=1e-3, atol=1e-4)
 
 
-def test_cache_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, monkeypatch):
+class Sink:
+    """Collects thumbnails; ``want`` says which indices need one (default: all)."""
+
+    def __init__(self, got=None, want=lambda i: True):
+        self.got = {} if got is None else got
+        self.want = want
+
+    def need(self, i, h):
+        return self.want(i)
+
+    def __call__(self, i, h, thumb):
+        self.got[i] = thumb
+
+
+def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, monkeypatch):
     _, good, _ = folder
-    cache_dir = tmp_path / "demo.embeddings"
+    store = tmp_path / "demo.store"
     first = embed_paths(good[:7], model=TINY, checkpoint=tiny_ckpt, batch_size=4,
-                        cache=cache_dir, progress=False)
-    assert first.n_cached == 0
+                        store=store, progress=False)
+    assert first.n_cached == 0 and first.n_decoded == 7
 
     embedded = []
-    real_call = E._Runner.__call__
+    real_call = M.Runner.__call__
 
     def counting(self, x):
         out = real_call(self, x)
         embedded.append(len(out))
         return out
 
-    monkeypatch.setattr(E._Runner, "__call__", counting)
-    thumbs = []
+    monkeypatch.setattr(M.Runner, "__call__", counting)
+    sink = Sink(want=lambda i: i >= 5)
     second = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4,
-                         cache=cache_dir, on_thumbnail=lambda i, t: thumbs.append(i),
-                         need_thumbnail=lambda i: i >= 5, progress=False)
+                         store=store, sink=sink, progress=False)
     assert second.n_cached == 7 and second.n_embedded == 3
     assert sum(embedded) == 3
-    assert sorted(thumbs) == list(range(5, 10))
+    assert sorted(sink.got) == list(range(5, 10))
     np.testing.assert_array_equal(second.embeddings[:7], first.embeddings)
     assert second.width.tolist() == first.width.tolist() + [120, 60, 80]
     assert second.height.tolist()[7:] == [120, 90, 120]
+    np.testing.assert_array_equal(second.phash[:7], first.phash)
+    np.testing.assert_allclose(second.stats[:7], first.stats)
 
-    # everything cached and no thumbnail wanted: no decode and no model at all
+    # everything stored, files unchanged, no thumbnail wanted: no read, no decode, no model
     decoded = []
     monkeypatch.setattr(E, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(E, "read_file", lambda *a, **k: pytest.fail("file read"))
     monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    third = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, cache=cache_dir,
-                        progress=False)
-    assert third.n_cached == len(good) and not decoded
+    third = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    assert third.n_cached == len(good) and third.n_read == 0 and not decoded
     np.testing.assert_array_equal(third.embeddings, second.embeddings)
     assert third.height.tolist() == second.height.tolist()
+    np.testing.assert_array_equal(third.phash, second.phash)
 
 
-def test_cache_is_per_model_and_survives_corruption(folder, tiny_ckpt, tmp_path):
+def test_a_changed_file_is_read_again(folder, tiny_ckpt, tmp_path):
     _, good, _ = folder
-    cache_dir = tmp_path / "c.embeddings"
-    embed_paths(good[:4], model=TINY, checkpoint=tiny_ckpt, cache=cache_dir, progress=False)
+    store = tmp_path / "s.store"
+    a = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    gen.save(gen.variant(30, 120), good[1])  # replaced in place: new content, new mtime
+    b = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    assert b.n_read == 1 and b.n_cached == 2 and b.hashes[1] != a.hashes[1]
+    assert not np.array_equal(b.embeddings[1], a.embeddings[1])
+
+
+def test_store_is_per_model_key(folder, tiny_ckpt, tmp_path):
+    _, good, _ = folder
+    store = tmp_path / "c.store"
+    embed_paths(good[:4], model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
     # another checkpoint = another model key: nothing reused
     other = tmp_path / "other.pth"
     sd = torch.load(tiny_ckpt, weights_only=True)
     sd["conv_stem.weight"] = sd["conv_stem.weight"] * 2
     torch.save(sd, other)
-    assert model_key(TINY, other) != model_key(TINY, tiny_ckpt)
-    res = embed_paths(good[:4], model=TINY, checkpoint=other, cache=cache_dir, progress=False)
+    res = embed_paths(good[:4], model=TINY, checkpoint=other, store=store, progress=False)
     assert res.n_cached == 0
-    # a corrupt shard is ignored with a warning and its images are embedded again
-    shards = list(cache_dir.glob("*/shard-*.npz"))
-    assert len(shards) == 2
-    for s in shards:
-        s.write_bytes(b"garbage")
-    with pytest.warns(RuntimeWarning, match="unreadable embedding cache"):
-        res = embed_paths(good[:4], model=TINY, checkpoint=tiny_ckpt, cache=cache_dir,
-                          progress=False)
-    assert res.n_cached == 0 and res.embeddings.shape == (4, 256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert len(EmbeddingCache.for_model(cache_dir, TINY, tiny_ckpt)) == 4
+    # the same weights under another file name: the same key (content, not name: L3)
+    copy = tmp_path / "renamed.pth"
+    copy.write_bytes(tiny_ckpt.read_bytes())
+    res = embed_paths(good[:4], model=TINY, checkpoint=copy, store=store, progress=False)
+    assert res.n_cached == 4
 
 
-def test_cache_lookup_add_save_roundtrip(tmp_path):
-    c = EmbeddingCache(tmp_path, "m|w|prep1")
-    rng = np.random.default_rng(0)
-    v = rng.normal(size=(5, 3)).astype(np.float32)
-    c.add([f"h{i}" for i in range(5)], v, [(i + 1, 2 * i + 1) for i in range(5)])
-    c.save()
-    for k in range(EmbeddingCache.MAX_SHARDS + 2):  # many saves get compacted
-        c.add([f"k{k}"], v[:1], [(1, 1)])
-        c.save()
-    assert len(list(c.folder.glob("shard-*.npz"))) <= EmbeddingCache.MAX_SHARDS
-    d = EmbeddingCache(tmp_path, "m|w|prep1")
-    mask, vecs, sizes = d.lookup(["h3", "nope", "h0", "k5"])
-    assert mask.tolist() == [True, False, True, True]
-    np.testing.assert_array_equal(vecs[:2], v[[3, 0]])
-    assert sizes.tolist() == [[4, 7], [1, 1], [1, 1]]
-    assert len(EmbeddingCache(tmp_path, "another|model")) == 0
-    with pytest.raises(ValueError, match="dimension"):
-        d.add(["z"], np.zeros((1, 4), np.float32), [(1, 1)])
+def test_model_key_covers_weights_content_precision_and_jit(tiny_ckpt, tmp_path):
+    keys = {model_key(TINY, tiny_ckpt, p, j) for p in ("float32", "bfloat16") for j in (0, 1)}
+    assert len(keys) == 4
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(tiny_ckpt.read_bytes())
+    assert model_key(TINY, copy, "float32") == model_key(TINY, tiny_ckpt, "float32")
+    assert model_key() != model_key("tf_efficientnet_lite1")
+
+
+def test_jit_auto_follows_what_the_store_holds(folder, tiny_ckpt, tmp_path):
+    """A few new images next to many traced vectors reuse them (no eager/jit split, L4)."""
+    _, good, _ = folder
+    store = tmp_path / "j.store"
+    a = embed_paths(good[:8], model=TINY, checkpoint=tiny_ckpt, store=store, jit=True,
+                    progress=False)
+    assert a.model_info["jit"] is True
+    b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    assert b.n_cached == 8 and b.model_info["jit"] is True
+
+
+def test_files_over_the_size_limit_are_refused_unread(folder, tiny_ckpt, tmp_path, monkeypatch):
+    _, good, _ = folder
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:  # a sparse 3 MB file that claims to be a JPEG
+        fh.write(b"\xff\xd8\xff")
+        fh.truncate(3 * 2**20)
+    real = E.read_file
+    monkeypatch.setattr(E, "read_file", lambda p, m=None: pytest.fail("big file read")
+                        if str(p) == str(big) else real(p, m))
+    res = embed_paths([good[0], big], model=TINY, checkpoint=tiny_ckpt, max_file_mb=1,
+                      progress=False)
+    assert res.ok.tolist() == [0]
+    assert res.errors[0][0] == str(big) and res.errors[0][1].startswith("file too large")
+
+
+def test_loader_engine_gives_the_thread_engine_vectors(folder, tiny_ckpt, tmp_path):
+    """The DataLoader engine (worker processes, used on CUDA) run on CPU."""
+    _, good, bad = folder
+    paths = [*good, *bad]
+    kw = dict(model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False, precision="float32")
+    threads = embed_paths(paths, **kw)
+    procs = embed_paths(paths, loader=True, workers=2, store=tmp_path / "l.store", **kw)
+    assert procs.model_info["loader"] is True
+    assert procs.ok.tolist() == threads.ok.tolist() and procs.errors == threads.errors
+    np.testing.assert_allclose(procs.embeddings, threads.embeddings, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(procs.phash, threads.phash)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_bigger_lite_backbones_load_bundled_weights(name, no_network):
+    model, cfg = load_model(name, num_classes=None)
+    prep = Preprocessor(cfg)
+    img = Image.fromarray(gen.photo("chelsea"))
+    with torch.inference_mode():
+        top = model(prep.to_tensor(prep(img)[None])).argmax(1).item()
+    assert 281 <= top <= 285, f"{name}: chelsea classified as {top}, not a cat"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_vectors_agree_with_cpu(folder):
+    _, good, _ = folder
+    cpu = embed_paths(good, device="cpu", precision="float32", progress=False)
+    gpu = embed_paths(good, device="cuda", progress=False)
+    assert gpu.model_info["device"] == "cuda" and gpu.model_info["loader"] is True
+    a, b = cpu.embeddings, gpu.embeddings
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.99
 
 
 def test_interrupted_run_keeps_finished_vectors(folder, tiny_ckpt, tmp_path):
     _, good, _ = folder
-    cache_dir = tmp_path / "i.embeddings"
+    store = tmp_path / "i.store"
 
-    def boom(i, thumb):
-        if i == 9:
-            raise OSError("disk full")
+    class Boom(Sink):
+        def __call__(self, i, h, thumb):
+            if i == 9:
+                raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, cache=cache_dir,
-                    on_thumbnail=boom, progress=False, workers=1)
-    res = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, cache=cache_dir,
+        embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, store=store,
+                    sink=Boom(), progress=False, workers=1)
+    res = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=2, store=store,
                       progress=False)
     assert 2 <= res.n_cached < len(good)
 
 
-def test_progress_bar_runs(folder, tiny_ckpt, capsys):
+def test_progress_bar_shows_the_count(folder, tiny_ckpt, capsys):
     _, good, _ = folder
     res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=True)
     assert res.embeddings.shape == (3, 256)
+    err = capsys.readouterr().err
+    assert "Embedding" in err and "3/3" in err
 
 
 def test_empty_input():
     res = embed_paths([], progress=False)
     assert res.embeddings.shape[0] == 0 and res.ok.tolist() == [] and res.errors == []
-
-
-def test_default_model_constant():
-    assert DEFAULT_MODEL == "tf_efficientnet_lite0"

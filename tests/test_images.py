@@ -53,8 +53,28 @@ def test_discover_natural_key_numbers():
     assert keys == ["img1", "img2", "img02b", "IMG3", "img10"]
 
 
-def test_discover_extension_set():
-    assert {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"} == set(IMAGE_EXTENSIONS)
+def test_discover_finds_every_image_extension_in_any_case(tmp_path):
+    exts = ["jpg", "JPEG", "png", "WebP", "bmp", "gif", "tif", "TIFF"]
+    for k, e in enumerate(exts):
+        (tmp_path / f"f{k}.{e}").write_bytes(b"x")
+    for other in ["a.txt", "b.jpg.part", "c.svg", "noext"]:
+        (tmp_path / other).write_bytes(b"x")
+    assert sorted(p.name for p in discover(tmp_path)) == sorted(
+        f"f{k}.{e}" for k, e in enumerate(exts))
+
+
+def test_read_file_hashes_while_reading_and_refuses_big_files(tmp_path):
+    from explorer.images import ImageLoadError, content_hash, read_file
+
+    p = gen.save(gen.variant(1, 64), tmp_path / "a.png")
+    data, h = read_file(p)
+    assert data == p.read_bytes() and h == content_hash(data)
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:
+        fh.truncate(3 * 2**20)
+    with pytest.raises(ImageLoadError, match="file too large"):
+        read_file(big, max_bytes=2**20)
+    assert read_file(big, max_bytes=4 * 2**20)[0] == bytes(3 * 2**20)
 
 
 def test_discover_not_a_directory(tmp_path):

