@@ -86,6 +86,15 @@ def make_parser() -> argparse.ArgumentParser:
                    "not reproducible; the run record says which)")
     b.add_argument("--map", dest="map_method", default="umap", choices=["umap", "tsne", "pca"],
                    help="how the 2-D map is made (default umap)")
+    b.add_argument("--features", default="auto",
+                   choices=["auto", "cnn", "pixels", "hog", "autoencoder"],
+                   help="what the map and clusters are computed from: auto (default: from 200 "
+                   "images on, the CNN, pixels or HOG, whichever shows the clearest cluster "
+                   "structure; the run record says why), cnn (ImageNet network), pixels "
+                   "(small thumbnail + PCA), hog, autoencoder (trained on the collection)")
+    b.add_argument("--ae-loss", default="mse", choices=["mse", "l1", "perceptual"],
+                   help="loss of --features autoencoder (perceptual: through the CNN's early "
+                   "layers)")
     b.add_argument("--remap", action="store_true",
                    help="recompute map and clusters even when only a few images were added "
                    "(default: new images are placed on the previous map)")
@@ -158,7 +167,7 @@ def cmd_build(a: argparse.Namespace) -> int:
           thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
           device=a.device, engine=a.engine, ray_address=a.ray_address,
           map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
-          progress=not a.quiet)
+          features=a.features, ae_loss=a.ae_loss, progress=not a.quiet)
     return 0
 
 

@@ -46,7 +46,11 @@ HOG_DEFAULTS: dict[str, Any] = {"size": 64, "orientations": 9, "pixels_per_cell"
 AE_DEFAULTS: dict[str, Any] = {"size": 32, "latent": 32, "loss": "mse", "epochs": 30,
                                "batch_size": 64, "lr": 2e-3}
 #: points :func:`choose_features` scores (a random sample of larger collections)
-CHOICE_SAMPLE = 2000
+CHOICE_SAMPLE = 1000
+#: below this many images ``auto`` keeps the CNN (too few points to judge structure by)
+AUTO_MIN_IMAGES = 200
+#: the side of the small images the pipeline hands to the pixel/HOG/autoencoder options
+SMALL_SIZE = 64
 #: a candidate must beat ``cnn`` by this margin in score to replace it (photos keep the CNN
 #: unless another option is clearly better)
 CNN_MARGIN = 0.05
