@@ -201,3 +201,36 @@ def test_clip_search_with_weights_on_disk(small_build, tmp_path):
     assert len(list(table.sidecar(small_build["csv"], "clip").glob("*.npy"))) == 1
     with pytest.raises(ValueError, match="checkpoint"):
         S.search(small_build["csv"], "a cat", text_model=str(cfg), checkpoint=tmp_path / "no.pt")
+
+
+# --------------------------------------------------------------------------- end to end
+def test_build_writes_names_flags_and_concepts_and_search_finds_a_concept(tmp_path, monkeypatch,
+                                                                           capsys):
+    from explorer.cli import main
+
+    images, labels = col.photos(5, sources=("chelsea", "coffee", "rocket", "astronaut"),
+                                size=128, seed=9)
+    images.append(np.zeros((128, 128, 3), np.uint8))  # a black frame: dark, low information
+    labels.append("black")
+    col.write_folder(images, labels, tmp_path / "imgs", ext="png")
+    # an exact copy of one file
+    src = next((tmp_path / "imgs" / "coffee").glob("*.png"))
+    (tmp_path / "imgs" / "copy.png").write_bytes(src.read_bytes())
+    app = tmp_path / "proj"
+    assert main(["build", str(tmp_path / "imgs"), "--app", str(app), "--seed", "1", "-q"]) == 0
+    csv = tmp_path / "proj.csv"
+    df = table.read_table(csv)
+    for c in ("cluster_name", "blurry", "dark", "low_information", "exact_duplicate"):
+        assert c in df.columns
+    row = df.set_index("path")
+    assert row.loc["black/black_20.png", "dark"] == 1
+    assert row.loc["black/black_20.png", "low_information"] == 1
+    assert df["exact_duplicate"].sum() == 1
+    assert (df["cluster_name"] != "").all()
+    run = json.loads(table.sidecar(csv, "run.json").read_text())
+    assert run["features"]["name"] == "cnn" and "only" in run["features"]["reason"]
+    assert table.sidecar(csv, "concepts.npz").is_file()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["search", str(csv), "a cat", "--top", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["path"].split("/")[0] for h in hits] == ["chelsea"] * 3
