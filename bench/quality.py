@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     src.add_argument("--data", type=Path, default=None, help=f"image folder (default {DEFAULT_DATA})")
     src.add_argument("--csv", type=Path, help="an existing build's CSV (with NAME.features.npy)")
     src.add_argument("--features", type=Path, help=".npz with X and labels (or paths)")
-    src.add_argument("--generated", choices=["nonphoto", "glyphs", "shapes", "pages", "photos"],
+    src.add_argument("--generated", choices=["nonphoto", "glyphs", "digits", "shapes", "pages", "photos"],
                      help="a labelled set from tests/_collections.py (non-photographs: nonphoto)")
     ap.add_argument("--feature-options", action="store_true",
                     help="NMI/ARI/noise/seconds per --features option and for auto")

@@ -5,6 +5,7 @@ labels (the true class of each image), deterministic for a given ``seed``.
 
 - :func:`glyphs`  letters rendered with the fonts on this machine (``fc-list``), random size,
   position, rotation and stroke colour: the class is the letter;
+- :func:`digits`  digits centred at one size in every font (aligned glyphs, like forms);
 - :func:`shapes`  generated shapes (disc, square, triangle, star, cross, ring), random size,
   position, rotation and colours: the class is the shape;
 - :func:`pages`   scanned-looking pages (one column, two columns, a table, a form, a slide),
@@ -87,6 +88,25 @@ def glyphs(n_per_class: int = 30, *, letters=LETTERS, size: int = 64, seed: int 
             rgb = (1 - a) * bg + a * ink
             images.append(np.clip(rgb, 0, 255).astype(np.uint8))
             labels.append(letter)
+    return images, labels
+
+
+def digits(n_per_class: int = 30, *, size: int = 32, seed: int = 0):
+    """Digits 0-9 centred at one size, black on white, in the machine's fonts with a pixel
+    or two of jitter (aligned glyphs, like scanned forms): ``(images, labels)``."""
+    rng = np.random.default_rng(seed)
+    fonts = list(font_files()) or [None]
+    images, labels = [], []
+    for d in "0123456789":
+        for i in range(n_per_class):
+            font = _font(fonts[i % len(fonts)], int(size * 0.8))
+            img = Image.new("L", (size, size), 255)
+            dx, dy = rng.integers(-1, 2, size=2)
+            ImageDraw.Draw(img).text((size / 2 + dx, size / 2 + dy), d, fill=0, font=font,
+                                     anchor="mm")
+            a = np.asarray(img, dtype=np.float32) + rng.normal(0, 4, size=(size, size))
+            images.append(np.repeat(np.clip(a, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+            labels.append(d)
     return images, labels
 
 
@@ -240,7 +260,8 @@ def photos(n_per_class: int = 30, *, sources=tuple(PHOTO_SOURCES), size: int = 9
     return images, labels
 
 
-COLLECTIONS = {"glyphs": glyphs, "shapes": shapes, "pages": pages, "photos": photos}
+COLLECTIONS = {"glyphs": glyphs, "digits": digits, "shapes": shapes, "pages": pages,
+               "photos": photos}
 
 
 def non_photographic(n_per_class: int = 30, *, seed: int = 0):
