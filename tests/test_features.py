@@ -131,3 +131,22 @@ def test_choose_features_rejects_mismatched_candidates():
         F.choose_features({"a": np.zeros((10, 2)), "b": np.zeros((11, 2))})
     with pytest.raises(ValueError, match="'tsne'"):
         F.choose_features({"a": np.zeros((10, 2))}, score="tsne")
+
+
+def test_build_with_hog_features_clusters_on_hog_and_keeps_cnn_vectors(tmp_path):
+    import json
+
+    from explorer import table
+    from explorer.pipeline import build
+
+    images, labels = C.shapes(4, kinds=("disc", "star", "cross"), size=48, seed=4)
+    C.write_folder(images, labels, tmp_path / "imgs")
+    res = build(tmp_path / "imgs", out=tmp_path / "s.csv", features="hog", seed=0,
+                progress=False)
+    run = json.loads(table.sidecar(res.csv_path, "run.json").read_text())
+    assert run["features"]["name"] == "hog" and run["parameters"]["features"] == "hog"
+    # the stored vectors stay the CNN's (neighbours and search by image use them)
+    assert np.load(table.sidecar(res.csv_path, "features.npy")).shape == (12, 1280)
+    assert len(res.table) == 12
+    with pytest.raises(ValueError, match="'sift'"):
+        build(tmp_path / "imgs", out=tmp_path / "t.csv", features="sift", progress=False)
