@@ -132,6 +132,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, metavar="IMAGE_DIR",
                    help="where the original images are (default: from NAME.run.json)")
     e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--drop", default=None, metavar="FLAG,...",
+                   help="leave out images with any of these quality flags, e.g. "
+                   "blurry,exact_duplicate (flags: blurry, dark, bright, low_information, "
+                   "grayscale, odd_aspect, odd_size, exact_duplicate)")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(mode="copy")
 
@@ -213,6 +217,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         from explorer.labels import LabelBook, labelled_table
 
         df = labelled_table(df, LabelBook.from_journal(Journal(journal)))
+    dropped = None
+    if a.drop:
+        from explorer.quality import drop_flagged
+
+        df, dropped = drop_flagged(df, a.drop)
     if a.imagefolder:
         from explorer.imagefolder import export_imagefolder
 
@@ -222,6 +231,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         summary = export_folders(df, root, Path(a.to), by=a.by, sample=a.sample, mode=a.mode,
                                  seed=a.seed, progress=not a.quiet)
+    if dropped is not None and isinstance(summary, dict):
+        summary["dropped_by_flag"] = dropped
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -146,3 +146,27 @@ def flags(stats, width, height, content_hash, thresholds: dict | None = None):
         "exact_duplicate": dup,
     })
     return out[list(FLAG_NAMES)]
+
+
+def drop_flagged(df, names):
+    """The rows of ``df`` (a build's table) with none of the flags ``names`` set, and the
+    count dropped per flag: ``(df, {flag: n})``. ``names``: flag names or a comma list.
+    Raises ``ValueError`` naming an unknown flag."""
+    import numpy as np
+
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in FLAG_NAMES]
+    if unknown:
+        raise ValueError(f"unknown quality flag(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(FLAG_NAMES)}")
+    if not names:
+        return df, {}
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+        raise ValueError(f"the table has no column {missing[0]!r}: it was built before quality "
+                         "flags; rebuild it")
+    flagged = {n: np.asarray(df[n].fillna(0).astype(int) != 0) for n in names}
+    mask = np.logical_or.reduce(list(flagged.values()))
+    return df[~mask], {n: int(v.sum()) for n, v in flagged.items()}

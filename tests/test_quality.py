@@ -87,3 +87,30 @@ def test_image_stats_keeps_its_signature_and_names():
     assert v.shape == (len(Q.STAT_NAMES),) and v.dtype == np.float32
     with pytest.raises(ValueError, match="HxWx3"):
         Q.image_stats(np.zeros((8,), np.uint8))
+
+
+def test_export_drop_leaves_out_flagged_images(tmp_path, capsys):
+    import json
+
+    from explorer import table
+    from explorer.cli import main
+
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    for i, n in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / n)
+    df = table.make_table(paths=names, images=[""] * 4, xy=np.zeros((4, 2)),
+                          cluster=[0, 0, 1, 1], probability=np.ones(4),
+                          outlier_score=np.zeros(4), width=[8] * 4, height=[8] * 4)
+    df["blurry"] = [1, 0, 0, 0]
+    df["exact_duplicate"] = [0, 0, 1, 0]
+    table.write_table(df, tmp_path / "t.csv")
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "t.csv"), "--to", str(out), "--images", str(tmp_path),
+                 "--drop", "blurry,exact_duplicate", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dropped_by_flag"] == {"blurry": 1, "exact_duplicate": 1}
+    written = sorted(p.name for p in out.rglob("*.png"))
+    assert written == ["b.png", "d.png"]
+    assert main(["export", str(tmp_path / "t.csv"), "--to", str(tmp_path / "o2"),
+                 "--images", str(tmp_path), "--drop", "fuzzy"]) == 1
+    assert "'fuzzy'" in capsys.readouterr().err
