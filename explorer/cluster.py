@@ -279,10 +279,14 @@ def _knn_outlier_scores(Z: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K) -
         return np.zeros(n)
     r = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z)[0][:, -1]
     ref = np.full(n, float(np.median(r)))
-    for c in np.unique(labels):
-        m = labels == c
-        if c >= 0 and m.sum() > k:
-            ref[m] = float(np.median(r[m]))
+    keep = labels >= 0
+    if keep.any():
+        ids, inv, counts = np.unique(labels[keep], return_inverse=True, return_counts=True)
+        med = _group_medians(r[keep], inv, len(ids))
+        big = counts[inv] > k  # clusters of more than k points use their own median
+        ref_keep = ref[keep]
+        ref_keep[big] = med[inv][big]
+        ref[keep] = ref_keep
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(r > ref, 1.0 - ref / r, 0.0)
     return np.clip(np.nan_to_num(out), 0.0, 1.0)
@@ -307,12 +311,73 @@ def _centroid_scores(Z: np.ndarray, labels: np.ndarray, centers: np.ndarray):
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
     """Renumber clusters 0, 1, ... by decreasing size (ties by first appearance); -1 kept."""
+    labels = np.asarray(labels)
     out = np.full(len(labels), -1, dtype=np.int64)
-    ids, first, counts = np.unique(labels[labels >= 0], return_index=True, return_counts=True)
-    order = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
-    for new, i in enumerate(order):
-        out[labels == ids[i]] = new
+    keep = labels >= 0
+    if not keep.any():
+        return out
+    ids, first, inverse, counts = np.unique(
+        labels[keep], return_index=True, return_inverse=True, return_counts=True
+    )
+    order = np.lexsort((first, -counts))  # by size, then by first appearance
+    new_of = np.empty(len(ids), dtype=np.int64)
+    new_of[order] = np.arange(len(ids))
+    out[keep] = new_of[inverse]
     return out
+
+
+def _group_medians(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Median of ``values`` per group ``0..n_groups-1`` (NaN for empty groups), by one sort."""
+    order = np.lexsort((values, groups))
+    g, v = groups[order], values[order]
+    counts = np.bincount(g, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.full(n_groups, np.nan)
+    has = counts > 0
+    lo = starts[has] + (counts[has] - 1) // 2
+    hi = starts[has] + counts[has] // 2
+    out[has] = (v[lo] + v[hi]) / 2.0
+    return out
+
+
+def _cluster_means(Z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Mean of the rows of each cluster ``0..n_clusters-1`` (labels >= 0), one pass."""
+    counts = np.bincount(labels, minlength=n_clusters).astype(float)
+    sums = np.stack([np.bincount(labels, weights=Z[:, j], minlength=n_clusters)
+                     for j in range(Z.shape[1])], axis=1)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def vote(neigh_labels: np.ndarray, neigh_probs: np.ndarray | None = None,
+         chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Majority label of each row of ``neigh_labels`` (M, k), vectorised.
+
+    Returns ``(winner (M,), share (M,), mean_prob (M,))``: the most frequent label (ties:
+    the smallest label, like ``np.unique`` + ``argmax``), its vote share ``count / k``,
+    and the mean of ``neigh_probs`` over the neighbours that voted for it (1 without
+    ``neigh_probs``). Counted with ``np.unique(return_inverse)`` and ``np.bincount``, in
+    chunks of rows, instead of one ``np.unique`` per row (review L10)."""
+    m, k = neigh_labels.shape
+    winner = np.empty(m, dtype=np.int64)
+    share = np.empty(m)
+    mean_p = np.ones(m)
+    for a in range(0, m, chunk):
+        lab = neigh_labels[a:a + chunk]
+        rows = len(lab)
+        vals, inv = np.unique(lab, return_inverse=True)
+        inv = inv.reshape(lab.shape)
+        c = len(vals)
+        flat = (np.arange(rows)[:, None] * c + inv).ravel()
+        counts = np.bincount(flat, minlength=rows * c).reshape(rows, c)
+        best = counts.argmax(axis=1)
+        top = counts[np.arange(rows), best]
+        winner[a:a + rows] = vals[best]
+        share[a:a + rows] = top / k
+        if neigh_probs is not None:
+            sums = np.bincount(flat, weights=neigh_probs[a:a + chunk].ravel(),
+                               minlength=rows * c).reshape(rows, c)
+            mean_p[a:a + rows] = sums[np.arange(rows), best] / top
+    return winner, share, mean_p
 
 
 def _knee(ks: Sequence[int], values: Sequence[float]) -> int:
@@ -358,13 +423,11 @@ def cluster_scores(
     if k < 2 or k >= m:
         return out
     Zk, lk = Z[keep], labels[keep]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        idx = _sample(m, SCORE_SAMPLE, random_state)
-        if len(np.unique(lk[idx])) >= 2 and len(np.unique(lk[idx])) < len(idx):
-            out["silhouette"] = float(silhouette_score(Zk[idx], lk[idx]))
-        out["calinski_harabasz"] = float(calinski_harabasz_score(Zk, lk))
-        out["davies_bouldin"] = float(davies_bouldin_score(Zk, lk))
+    idx = _sample(m, SCORE_SAMPLE, random_state)
+    if len(np.unique(lk[idx])) >= 2 and len(np.unique(lk[idx])) < len(idx):
+        out["silhouette"] = float(silhouette_score(Zk[idx], lk[idx]))
+    out["calinski_harabasz"] = float(calinski_harabasz_score(Zk, lk))
+    out["davies_bouldin"] = float(davies_bouldin_score(Zk, lk))
     for key in ("silhouette", "calinski_harabasz", "davies_bouldin"):
         if out[key] is not None and not math.isfinite(out[key]):
             out[key] = None
@@ -394,16 +457,45 @@ def _assign_noise_knn(Z: np.ndarray, labels: np.ndarray, probs: np.ndarray, k: i
     prob_c = probs[clustered][idx]
     labels = labels.copy()
     probs = probs.copy()
-    new_l = np.empty(len(idx), dtype=labels.dtype)
-    new_p = np.empty(len(idx))
-    for i, (row, prow) in enumerate(zip(lab_c, prob_c)):
-        vals, counts = np.unique(row, return_counts=True)
-        w = vals[np.argmax(counts)]
-        new_l[i] = w
-        new_p[i] = counts.max() / k * float(prow[row == w].mean())
-    labels[noise] = new_l
-    probs[noise] = new_p
+    winner, share, mean_p = vote(lab_c, prob_c)
+    labels[noise] = winner
+    probs[noise] = share * mean_p
     return labels, probs
+
+
+def assign_new(Z_old: Any, labels_old: Any, Z_new: Any, *, k: int = 10
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters for new rows ``Z_new`` in an existing clustering of ``Z_old`` (N, d),
+    without re-clustering: each new row takes the majority cluster of its ``k`` nearest
+    clustered old rows (Euclidean in the clusterable space; old noise points do not
+    vote). Its probability is the winning vote share. When no old row is clustered,
+    every new row is noise (-1, probability 0).
+
+    Returns ``(labels (M,) int64, probabilities (M,) float)``. Raises ``ValueError`` for
+    mismatched shapes, NaN/inf or ``k < 1``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = _int_param("k", k, 1)
+    Z_old = as_matrix(Z_old, "Z_old", np.float64, cols="d")
+    Z_new = as_matrix(Z_new, "Z_new", np.float64, cols="d")
+    labels_old = np.asarray(labels_old)
+    if labels_old.ndim != 1 or len(labels_old) != len(Z_old) or labels_old.dtype.kind not in "iu":
+        raise ValueError(
+            f"labels_old must be {len(Z_old)} integer labels, one per row of Z_old; "
+            f"got shape {labels_old.shape} of {labels_old.dtype}"
+        )
+    m = len(Z_new)
+    if m and Z_new.shape[1] != Z_old.shape[1]:
+        raise ValueError(f"Z_new has {Z_new.shape[1]} columns but Z_old has {Z_old.shape[1]}")
+    clustered = labels_old >= 0
+    if m == 0 or not clustered.any():
+        return np.full(m, -1, dtype=np.int64), np.zeros(m)
+    k = min(k, int(clustered.sum()))
+    idx = NearestNeighbors(n_neighbors=k).fit(Z_old[clustered]).kneighbors(
+        Z_new, return_distance=False)
+    winner, share, _ = vote(labels_old[clustered][idx].astype(np.int64))
+    return winner, share
 
 
 def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
@@ -443,9 +535,7 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
         cluster_selection_epsilon=p["cluster_selection_epsilon"],
         core_dist_n_jobs=1,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clusterer.fit(Z)
+    clusterer.fit(Z)
     labels = np.asarray(clusterer.labels_, dtype=np.int64)
     probs = np.nan_to_num(np.asarray(clusterer.probabilities_, dtype=float))
     outl = np.clip(np.nan_to_num(np.asarray(clusterer.outlier_scores_, dtype=float)), 0, 1)
@@ -465,13 +555,11 @@ def _fit_hdbscan(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str
 def _kmeans(Z: np.ndarray, k: int, random_state):
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if len(Z) > 50_000:
-            km = MiniBatchKMeans(n_clusters=k, random_state=random_state, n_init=3, batch_size=4096)
-        else:
-            km = KMeans(n_clusters=k, random_state=random_state, n_init=4)
-        km.fit(Z)
+    if len(Z) > 50_000:
+        km = MiniBatchKMeans(n_clusters=k, random_state=random_state, n_init=3, batch_size=4096)
+    else:
+        km = KMeans(n_clusters=k, random_state=random_state, n_init=4)
+    km.fit(Z)
     return km
 
 
@@ -556,7 +644,7 @@ def _fit_agglomerative(
     else:
         labels = lab_f
     labels = _relabel_by_size(labels)
-    centers = np.stack([Z[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    centers = _cluster_means(Z, labels, int(labels.max()) + 1)
     probs, outl = _centroid_scores(Z, labels, centers)
     return labels, probs, outl, {**p, "k": int(k)}, {}
 
@@ -579,9 +667,7 @@ def _fit_gmm(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
             reg_covar=1e-5,
             n_init=1,
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g.fit(X)
+        g.fit(X)
         return g
 
     k = p["k"]

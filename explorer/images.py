@@ -321,9 +321,9 @@ def load(
     root_p = Path(root) if root is not None else None
     seq = list(paths)
     if progress and len(seq) > 20:
-        from rich.progress import track
+        from explorer.progress import track
 
-        seq = track(seq, description=f"Loading {len(seq)} images", transient=True)
+        seq = track(seq, f"Loading {len(seq)} images")
     for p in seq:
         p = Path(p)
         full = root_p / p if (root_p is not None and not p.is_absolute()) else p

@@ -96,6 +96,7 @@ class BuildOptions:
     remap: bool = False
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     progress: bool = True
+    embed_process: bool = True  # local engine: embed in a child process (see _embed)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class BuildContext:
     root: Path
     csv_path: Path
     app_dir: Path | None
-    device: str  # resolved: "cpu", "cuda", "mps"
+    device: str  # as asked ("auto" ...) until the embedding stage resolves it
     engine: str  # "local" or "ray"
     console: Any = None
     stage: Any = None
@@ -233,11 +234,21 @@ class ThumbSink:
         os.replace(tmp, path)
 
 
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
 class _Stages:
-    """Stage timer that also prints a line per stage."""
+    """Stage timer that also prints a line per stage and notes the peak RSS after it."""
 
     def __init__(self, console):
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float | None] = {}
         self.console = console
 
     @contextmanager
@@ -245,6 +256,7 @@ class _Stages:
         t0 = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_mb[name] = _peak_rss_mb()
         if self.console is not None:
             self.console.print(f"[dim]{name}: {self.timings[name]:.1f} s[/dim]")
 
@@ -317,12 +329,13 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
     app_dir, csv_path = resolve_outputs(app, out)
     if app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
-    from explorer.models import resolve_device
-
-    try:
-        device = resolve_device(opts.device)
-    except ValueError as exc:
-        raise BuildError(f"--device: {exc}") from None
+    # the device: "cpu" stays; "auto" / "cuda" / "mps" are resolved where torch is loaded
+    # (the embedding process, which fails early when CUDA is asked for and missing); the
+    # map stage then follows what the embedding used
+    device = opts.device if opts.method == "timm" else "cpu"
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps")
+                                           or device.startswith("cuda:")):
+        raise BuildError(f"--device must be auto, cpu, cuda or mps, got {device!r}")
     if console is None and opts.progress:
         from rich.console import Console
 
@@ -380,24 +393,74 @@ def _install_app(ctx: BuildContext) -> None:
 
 
 def _embed(ctx: BuildContext) -> Images:
-    """Embeddings (+ size, phash, quality statistics) through the store."""
+    """Embeddings (+ size, phash, quality statistics) through the store.
+
+    With the local engine this runs in a child process (``opts.embed_process``): torch and
+    the model live only there, so the build's peak memory is the larger of the embedding
+    process and the map process, not their sum. The child writes every vector into the
+    store; this process reads the rows it needs from the store's memory-mapped file.
+    """
+    o = ctx.opts
+    store = table.sidecar(ctx.csv_path, "store")
+    kw = dict(paths=ctx.paths, model=o.model, checkpoint=o.checkpoint, batch_size=o.batch_size,
+              store=store, thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress,
+              device=ctx.device, engine=ctx.engine, ray_address=o.ray_address,
+              max_file_mb=o.max_file_mb)
+    with ctx.stage("embed"):
+        if ctx.engine == "local" and o.embed_process:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                res = ex.submit(_embed_job, kw, False).result()
+            res["embeddings"] = _read_vectors(store, res["model_info"]["model_key"],
+                                              res["hashes"])
+        else:
+            res = _embed_job(kw, True)
+    ctx.device = res["model_info"].get("device", ctx.device)  # "auto", resolved
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in res["errors"]]
+    info = dict(res["model_info"])
+    info.update(n_cached=int(res["n_cached"]), n_read=int(res["n_read"]),
+                n_decoded=int(res["n_decoded"]), embed_timings=res["timings"])
+    _check_some(ctx, res["ok"])
+    return Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
+                  width=res["width"], height=res["height"], hashes=res["hashes"],
+                  phash=res["phash"], stats=res["stats"], info=info)
+
+
+def _embed_job(kw: dict, with_vectors: bool) -> dict:
+    """``embed.embed_paths`` as a plain dict (the vectors only when asked: a child process
+    leaves them in the store)."""
     from explorer import embed as embed_mod
 
-    o = ctx.opts
-    with ctx.stage("embed"):
-        res = embed_mod.embed_paths(
-            ctx.paths, model=o.model or embed_mod.DEFAULT_MODEL, checkpoint=o.checkpoint,
-            batch_size=o.batch_size, store=table.sidecar(ctx.csv_path, "store"),
-            thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress, device=ctx.device,
-            engine=ctx.engine, ray_address=o.ray_address, max_file_mb=o.max_file_mb)
-    ctx.errors += [(_relname(p, ctx.root), r) for p, r in res.errors]
-    info = dict(res.model_info)
-    info.update(n_cached=int(res.n_cached), n_read=int(res.n_read),
-                n_decoded=int(res.n_decoded), embed_timings=res.timings)
-    _check_some(ctx, res.ok)
-    return Images(ok=np.asarray(res.ok, dtype=int), features=res.embeddings, width=res.width,
-                  height=res.height, hashes=res.hashes, phash=res.phash, stats=res.stats,
-                  info=info)
+    kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
+    res = embed_mod.embed_paths(kw.pop("paths"), **kw)
+    out = dict(res.__dict__)
+    if not with_vectors:
+        out["embeddings"] = None
+    return out
+
+
+def _concepts_job(store_path: Path, key: str, hashes: list[str], model, checkpoint):
+    """Top ImageNet classes of the stored vectors (run in a child: torch stays there)."""
+    from explorer import concepts as concepts_mod
+
+    return concepts_mod.concepts_from_features(_read_vectors(store_path, key, hashes), model,
+                                               checkpoint)
+
+
+def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
+    from explorer.store import Store
+
+    with Store(store_path) as st:
+        mid = st.model_id(key)
+        out = np.empty((len(hashes), st.dim(mid) or 0), np.float32)
+        rows = st.rows(mid, hashes)
+        if (rows < 0).any():
+            raise BuildError(f"the store {store_path} lacks {(rows < 0).sum()} vectors just made")
+        for a in range(0, len(hashes), 65536):
+            st.read(mid, rows[a:a + 65536], out=out[a:a + 65536])
+    return out
 
 
 def _classic_features(ctx: BuildContext) -> Images:
@@ -459,10 +522,12 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
         if lay is not None:
             return lay
     from explorer import cluster as cluster_mod
+    from explorer.reduce import map_and_space
 
     with ctx.stage("map"):
         m = map_and_space(imgs.for_layout, map_method=o.map_method, random_state=o.seed,
-                          device=ctx.device, progress=o.progress)
+                          device=ctx.device if ctx.device.startswith("cuda") else "cpu",
+                          progress=o.progress)
     ctx.notes += list(m.notes)
     with ctx.stage("cluster"):
         cres = cluster_mod.cluster(m.space, o.cluster, random_state=o.seed, progress=o.progress,
@@ -483,6 +548,7 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
 
 def _classic_layout(ctx: BuildContext, imgs: Images) -> Layout:
     from explorer import similarity
+    from explorer.reduce import map_and_space
 
     o = ctx.opts
     with ctx.stage("map"):
@@ -577,6 +643,7 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
         "metadata": df.attrs.pop("metadata_report", None),
         "notes": ctx.notes,
         "timings": {**ctx.stage.timings, "total": round(time.perf_counter() - ctx.t_start, 3)},
+        "peak_rss_mb_after": ctx.stage.peak_rss_mb,  # process peak so far, after each stage
         "versions": versions(),
     }
     table.write_json(table.sidecar(ctx.csv_path, "run.json"), run)
@@ -662,11 +729,24 @@ def _understand(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) 
     from explorer import quality
 
     idx = p = None
+    o = ctx.opts
     with ctx.stage("concepts"):
-        if ctx.opts.method == "timm":
+        if o.method == "timm":
+            model = imgs.info.get("name") or o.model
             try:
-                idx, p = concepts_mod.concepts_from_features(
-                    imgs.features, imgs.info.get("name") or ctx.opts.model, ctx.opts.checkpoint)
+                if ctx.engine == "local" and o.embed_process and imgs.info.get("model_key"):
+                    # like the embedding: torch (the classifier) only in a child process
+                    import multiprocessing
+                    from concurrent.futures import ProcessPoolExecutor
+
+                    with ProcessPoolExecutor(
+                            1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                        idx, p = ex.submit(_concepts_job, table.sidecar(ctx.csv_path, "store"),
+                                           imgs.info["model_key"], imgs.hashes, model,
+                                           o.checkpoint).result()
+                else:
+                    idx, p = concepts_mod.concepts_from_features(imgs.features, model,
+                                                                 o.checkpoint)
                 concepts_mod.save_concepts(table.sidecar(ctx.csv_path, "concepts.npz"), idx, p)
             except ValueError as exc:  # a backbone without an ImageNet-1k classifier
                 ctx.notes.append(f"no ImageNet concepts (cluster names, search by concept): {exc}")
@@ -684,22 +764,6 @@ def _understand(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) 
 
 
 # --------------------------------------------------------------------------- map + placement
-def map_and_space(X, *, map_method="umap", random_state=None, device="cpu", progress=False):
-    """``explorer.reduce.map_and_space`` (one kNN graph for the map and the cluster space)."""
-    from explorer import reduce as reduce_mod
-
-    if hasattr(reduce_mod, "map_and_space"):
-        return reduce_mod.map_and_space(X, map_method=map_method, random_state=random_state,
-                                        device=device, progress=progress)
-    # until branch `reduce` is merged: the two UMAP fits of the old pipeline
-    from types import SimpleNamespace
-
-    xy, n1 = reduce_mod.reduce_map(X, random_state=random_state, progress=progress)
-    space, n2 = reduce_mod.reduce_cluster_space(X, random_state=random_state, progress=progress)
-    return SimpleNamespace(xy=xy, space=space, knn=None, notes=list(n1) + list(n2),
-                           info={"map_method": "umap", "random_state": random_state})
-
-
 def _layout_key(ctx: BuildContext, imgs: Images) -> str:
     o = ctx.opts
     return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))),
@@ -755,12 +819,11 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
     if n_new:
         with ctx.stage("place"):
             X_old, X_new = imgs.for_layout[kept], imgs.for_layout[~kept]
-            place = getattr(reduce_mod, "place_new", _place_new)
-            assign = getattr(cluster_mod, "assign_new", _assign_new)
-            xy[~kept] = place(X_old, prev["xy"][rows], X_new, k=15)
-            z_new = place(X_old, prev["space"][rows], X_new, k=15)
+            xy[~kept] = reduce_mod.place_new(X_old, prev["xy"][rows], X_new, k=15)
+            z_new = reduce_mod.place_new(X_old, prev["space"][rows], X_new, k=15)
             space[~kept] = z_new
-            lab, p = assign(prev["space"][rows], prev["labels"][rows], z_new, k=10)
+            lab, p = cluster_mod.assign_new(prev["space"][rows], prev["labels"][rows], z_new,
+                                            k=10)
             labels[~kept], probs[~kept] = lab, p
             outl[~kept] = 1.0 - np.asarray(p, float)
     ctx.notes.append(f"placed {n_new} new image(s) on the previous map ({n_removed} removed); "
@@ -769,39 +832,6 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
                   info={"map": {"placed_on_previous": True}, "clustering": {
                       "placed_on_previous": True, "method": ctx.opts.cluster}},
                   placed=n_new, recomputed=0)
-
-
-def _unit(X):
-    X = np.asarray(X, np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def _place_new(X_old, Y_old, X_new, *, k=15):
-    """Fallback until branch `reduce` is merged: cosine kNN, distance-weighted mean."""
-    A, B = _unit(X_old), _unit(X_new)
-    k = min(k, len(A))
-    out = np.empty((len(B), Y_old.shape[1]), np.float64)
-    for a in range(0, len(B), 1024):
-        sim = B[a:a + 1024] @ A.T
-        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        s = np.take_along_axis(sim, idx, 1)
-        w = 1.0 / np.maximum(1.0 - s, 1e-6)
-        out[a:a + 1024] = (w[..., None] * Y_old[idx]).sum(1) / w.sum(1, keepdims=True)
-    return out
-
-
-def _assign_new(Z_old, labels_old, Z_new, *, k=10):
-    """Fallback until branch `reduce` is merged: majority label of the k nearest old points."""
-    Z_old, Z_new = np.asarray(Z_old, np.float64), np.asarray(Z_new, np.float64)
-    k = min(k, len(Z_old))
-    d = ((Z_new[:, None, :] - Z_old[None]) ** 2).sum(-1)
-    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
-    lab = np.asarray(labels_old)[idx]
-    out, prob = np.empty(len(Z_new), np.int64), np.empty(len(Z_new))
-    for r in range(len(Z_new)):
-        v, c = np.unique(lab[r], return_counts=True)
-        out[r], prob[r] = v[c.argmax()], c.max() / k
-    return out, prob
 
 
 # --------------------------------------------------------------------------- internals

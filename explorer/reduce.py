@@ -39,6 +39,7 @@ umap-learn is imported inside the functions, so importing this module is cheap.
 from __future__ import annotations
 
 import numbers
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, NamedTuple
@@ -217,6 +218,9 @@ def _reduce(
 
     import umap
 
+    if random_state is not None:
+        # seeded umap-learn is single-threaded anyway; saying so avoids its warning
+        umap_kwargs.setdefault("n_jobs", 1)
     reducer = umap.UMAP(
         n_components=n_components,
         n_neighbors=n_neighbors,
@@ -225,23 +229,10 @@ def _reduce(
         random_state=random_state,
         **umap_kwargs,
     )
-    with warnings.catch_warnings(record=True) as caught, _spinner(
-        progress, f"UMAP {what} ({n:,} points, {d} features)"
-    ):
-        warnings.simplefilter("always")
+    # no warnings.catch_warnings here: it is process-global and this runs in the app's
+    # worker threads (review M4); what its warnings told us is read from the result
+    with _spinner(progress, f"UMAP {what} ({n:,} points, {d} features)"):
         Y = reducer.fit_transform(X)
-    for w in caught:
-        msg = str(w.message)
-        # the n_jobs notice is the documented price of reproducibility, not news
-        if "n_jobs value" in msg or "overridden" in msg:
-            continue
-        if "disconnected" in msg.lower() or "connected components" in msg.lower():
-            note = "UMAP: the neighbour graph is not fully connected; far-apart groups"
-            note += " are placed arbitrarily relative to each other"
-        else:
-            note = f"UMAP warning: {msg.splitlines()[0][:200]}"
-        if note not in notes:
-            notes.append(note)
     Y = np.asarray(Y, dtype=np.float32)
     if not np.isfinite(Y).all():
         # has not been seen, but a map with NaNs would be unusable downstream
@@ -318,3 +309,340 @@ def reduce_cluster_space(
         what=f"{n_components}-D clustering space",
         **umap_kwargs,
     )
+
+
+# =========================================================================== one graph, two maps
+#: the 2-D maps :func:`map_and_space` can draw
+MAP_METHODS: tuple[str, ...] = ("umap", "tsne", "pca")
+
+#: UMAP initialisations :func:`map_and_space` accepts ("auto": spectral up to
+#: :data:`SPECTRAL_MAX_POINTS` points, "pca" above, where the spectral step does not scale)
+INITS: tuple[str, ...] = ("auto", "spectral", "pca", "random")
+
+#: above this many points "auto" initialises UMAP with PCA instead of the spectral layout
+SPECTRAL_MAX_POINTS = 100_000
+
+#: default parameters of the 2-D map (umap-learn's defaults for visualisation)
+MAP_DEFAULTS: dict[str, Any] = {"n_neighbors": 15, "min_dist": 0.1}
+
+# We pass umap-learn the neighbour graph without a search index (we never call
+# ``transform``); it warns about that on every fit. Filtered once, here, at import
+# (``catch_warnings`` is not thread-safe, review M4).
+warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+
+
+class MapResult(NamedTuple):
+    """What :func:`map_and_space` computed from one neighbour graph."""
+
+    xy: np.ndarray
+    """``(N, 2)`` float32: the map to look at."""
+    space: np.ndarray
+    """``(N, space_dim)`` float32: the clusterable space (UMAP, ``min_dist=0``)."""
+    knn: tuple[np.ndarray, np.ndarray]
+    """``(indices (N, k) int32, distances (N, k) float32)`` of the input rows: column 0 is
+    the point itself, then its nearest others (cosine neighbours for ``metric="cosine"``;
+    distances are Euclidean in the prepared space, see :func:`explorer.knn.prepare`)."""
+    notes: list[str]
+    """Human-readable notes (fallbacks, clamped parameters)."""
+    info: dict
+    """For the run record: pca dims, knn method, map method, init, seed/parallel, timings."""
+
+
+def _graph_pieces(graph: Any) -> int | None:
+    """Number of connected pieces of a UMAP graph (groups with no neighbours in common:
+    their distances on the map say little). ``None`` without a graph."""
+    if graph is None:
+        return None
+    from scipy.sparse.csgraph import connected_components
+
+    return int(connected_components(graph, directed=False, return_labels=False))
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _scaled(Y: np.ndarray) -> np.ndarray:
+    scale = float(np.abs(Y).max()) if Y.size else 0.0
+    return (Y * (5.0 / scale) if scale > 0 else Y).astype(np.float32)
+
+
+def _pca_columns(Xp: np.ndarray, k: int) -> np.ndarray:
+    """First ``k`` principal components of ``Xp`` (zero-padded), deterministic signs,
+    by an eigendecomposition of the (D, D) covariance: no (N, N) or SVD of N rows."""
+    n, d = Xp.shape
+    out = np.zeros((n, k), dtype=np.float32)
+    if n < 2 or d == 0:
+        return out
+    mean = Xp.mean(axis=0, dtype=np.float64)
+    C = np.zeros((d, d))
+    for a in range(0, n, 65_536):
+        B = Xp[a:a + 65_536].astype(np.float64) - mean
+        C += B.T @ B
+    vals, vecs = np.linalg.eigh(C)
+    order = np.argsort(vals)[::-1][: min(k, d)]
+    W = vecs[:, order]
+    signs = np.sign(W[np.abs(W).argmax(axis=0), np.arange(W.shape[1])])
+    signs[signs == 0] = 1
+    W = (W * signs).astype(np.float32)
+    out[:, : W.shape[1]] = (Xp - mean.astype(np.float32)) @ W
+    return _scaled(out)
+
+
+def _cuml_available(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    try:
+        import cuml  # noqa: F401
+    except Exception:  # not installed, or installed without a working CUDA runtime
+        return False
+    return True
+
+
+def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, engine, what,
+                     progress, notes, info):
+    """UMAP of the prepared rows ``Xp`` from the shared graph's first ``k`` columns."""
+    if engine == "cuml":  # RAPIDS: cannot be tested without a GPU and cuml installed
+        from cuml.manifold import UMAP as CuUMAP
+        from scipy.sparse import csr_matrix
+
+        n = len(Xp)
+        rows = np.repeat(np.arange(n), k)
+        graph = csr_matrix((knn.distances[:, :k].ravel(), (rows, knn.indices[:, :k].ravel())),
+                           shape=(n, n))
+        reducer = CuUMAP(n_components=n_components, n_neighbors=k, min_dist=min_dist,
+                         init="spectral" if init == "spectral" else "random",
+                         random_state=random_state)
+        Y = reducer.fit_transform(Xp, knn_graph=graph)
+        return np.asarray(getattr(Y, "get", lambda: Y)(), dtype=np.float32)
+
+    import umap
+
+    reducer = umap.UMAP(
+        n_components=n_components,
+        n_neighbors=k,
+        min_dist=min_dist,
+        metric="euclidean",
+        init=init,
+        random_state=random_state,
+        n_jobs=1 if random_state is not None else -1,
+        precomputed_knn=(knn.indices[:, :k].copy(), knn.distances[:, :k].copy()),
+        low_memory=True,
+        verbose=False,
+    )
+    with _spinner(progress, f"UMAP {what} ({len(Xp):,} points)"):
+        Y = reducer.fit_transform(Xp)
+    info.setdefault("graph_pieces", {})[what] = _graph_pieces(getattr(reducer, "graph_", None))
+    Y = np.asarray(Y, dtype=np.float32)
+    if not np.isfinite(Y).all():
+        notes.append(f"UMAP returned non-finite coordinates for the {what}; used PCA instead")
+        Y = _pca_columns(Xp, n_components)
+    return Y
+
+
+def _tsne_from_graph(Xp, knn, random_state, progress, notes, info):
+    """openTSNE with perplexity affinities computed from the shared graph."""
+    from openTSNE import TSNE
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.initialization import rescale
+    from openTSNE.nearest_neighbors import KNNIndex
+
+    idx = knn.indices[:, 1:].astype(np.int64)  # openTSNE's graph leaves the point out
+    dist = knn.distances[:, 1:].astype(np.float64)
+
+    class _Given(KNNIndex):
+        VALID_METRICS = ["euclidean"]
+
+        def build(self):
+            return idx, dist
+
+    n_jobs = 1 if random_state is not None else -1
+    perplexity = float(min(30.0, max(1.0, idx.shape[1] / 3.0)))
+    info["tsne_perplexity"] = round(perplexity, 2)
+    aff = PerplexityBasedNN(
+        knn_index=_Given(Xp, idx.shape[1], random_state=random_state),
+        perplexity=perplexity, n_jobs=n_jobs, random_state=random_state, verbose=False,
+    )
+    init = rescale(_pca_columns(Xp, 2).astype(np.float64), target_std=1e-4)
+    tsne = TSNE(n_jobs=n_jobs, random_state=random_state, verbose=False)
+    with _spinner(progress, f"t-SNE map ({len(Xp):,} points)"):
+        Y = np.asarray(tsne.fit(affinities=aff, initialization=init), dtype=np.float32)
+    if not np.isfinite(Y).all():
+        notes.append("t-SNE returned non-finite coordinates; used PCA instead")
+        Y = _pca_columns(Xp, 2)
+    return Y
+
+
+def map_and_space(
+    X: Any,
+    *,
+    map_method: str = "umap",
+    n_neighbors: int = MAP_DEFAULTS["n_neighbors"],
+    space_dim: int = CLUSTER_SPACE_DEFAULTS["n_components"],
+    random_state: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    metric: str = "cosine",
+    min_dist: float = MAP_DEFAULTS["min_dist"],
+    space_neighbors: int = CLUSTER_SPACE_DEFAULTS["n_neighbors"],
+    pca_dims: int | None = 64,
+    knn_method: str = "auto",
+    init: str = "auto",
+) -> MapResult:
+    """The 2-D map and the clusterable space of ``X`` (N, D) from one neighbour graph.
+
+    1. rows prepared once (:func:`explorer.knn.prepare`): L2-normalised for
+       ``metric="cosine"``, projected on ``pca_dims`` principal components when D is
+       larger (``None``: never);
+    2. one k-nearest-neighbour graph (:func:`explorer.knn.knn_graph`, k =
+       ``max(n_neighbors, space_neighbors)``): exact for small N, pynndescent on CPU,
+       exact blocked top-k with torch on CUDA;
+    3. the clusterable space: UMAP (``space_dim`` dims, ``min_dist=0``,
+       ``space_neighbors``) from that graph;
+    4. the map: ``map_method="umap"`` (``n_neighbors``, ``min_dist``) from the same
+       graph, ``"tsne"`` (openTSNE, perplexity affinities from the same graph) or
+       ``"pca"`` (the first two principal components).
+
+    ``random_state=None`` (default) runs in parallel on every core and is not
+    reproducible; an int gives the same result every run (single-threaded).
+    ``init="auto"`` uses UMAP's spectral initialisation up to
+    :data:`SPECTRAL_MAX_POINTS` points and PCA above. With ``device="cuda"`` and RAPIDS
+    cuML importable, cuML's UMAP runs on the GPU (never required).
+
+    Small or degenerate input falls back like :func:`reduce_map` (notes say so).
+    Raises ``ValueError`` naming the bad value for a bad array or parameter.
+    """
+    t_all = time.perf_counter()
+    from explorer import knn as knn_mod
+
+    map_method = _check_choice("map_method", map_method, MAP_METHODS)
+    space_dim = _check_int("space_dim", space_dim, 1)
+    _, n_neighbors, min_dist = _check_params(2, n_neighbors, min_dist, "euclidean", None)
+    space_neighbors = _check_int("space_neighbors", space_neighbors, 2)
+    random_state = knn_mod.check_random_state(random_state)
+    metric = _check_choice("metric", metric, knn_mod.PREPARE_METRICS)
+    if pca_dims is not None:
+        pca_dims = _check_int("pca_dims", pca_dims, 2)
+    _check_choice("knn_method", knn_method, knn_mod.KNN_METHODS)
+    init = _check_choice("init", init, INITS)
+    device = knn_mod.check_device(device)
+    X = knn_mod.check_rows(X, "X")
+    n, d = X.shape
+
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    info: dict[str, Any] = {
+        "n_points": int(n), "n_features": int(d), "metric": metric, "map_method": map_method,
+        "n_neighbors": n_neighbors, "min_dist": min_dist, "space_dim": space_dim,
+        "space_neighbors": space_neighbors, "random_state": random_state,
+        "parallel": random_state is None, "device": device,
+        "reproducible": random_state is not None,
+    }
+
+    def trivial(why: str) -> MapResult:
+        notes.append(why)
+        idx = np.arange(n, dtype=np.int32)[:, None]
+        info.update(knn_method=None, init=None, engine=None, timings={"total": 0.0})
+        return MapResult(np.zeros((n, 2), np.float32), np.zeros((n, space_dim), np.float32),
+                         (idx, np.zeros((n, 1), np.float32)), notes, info)
+
+    if n == 0:
+        return trivial("no points to map")
+    if d == 0:
+        return trivial("the points have no features (D = 0); all placed at the origin")
+    if _all_rows_identical(X):
+        return trivial(("only one point" if n == 1 else f"all {n} points are identical")
+                       + "; all placed at the origin")
+    if d == 1 and metric == "cosine":
+        notes.append("metric 'cosine' is meaningless for 1 feature; using 'euclidean'")
+        metric = info["metric"] = "euclidean"
+
+    t = time.perf_counter()
+    Xp, pinfo = knn_mod.prepare(X, metric=metric, pca_dims=pca_dims)
+    timings["prepare"] = round(time.perf_counter() - t, 3)
+    info["pca_dims"] = pinfo["pca_dims"]
+    info["pca_explained_variance"] = pinfo["pca_explained_variance"]
+
+    for name, v in (("n_neighbors", n_neighbors), ("space_neighbors", space_neighbors)):
+        if v > n - 1:
+            notes.append(f"{name}={v} clamped to {n - 1} (only {n} points)")
+    n_neighbors, space_neighbors = min(n_neighbors, n - 1), min(space_neighbors, n - 1)
+    k = max(n_neighbors, space_neighbors, 1)
+    t = time.perf_counter()
+    g = knn_mod.knn_graph(Xp, k, method=knn_method, device=device, random_state=random_state)
+    timings["knn"] = round(time.perf_counter() - t, 3)
+    info["knn_method"] = g.method
+    info["knn_k"] = int(g.indices.shape[1])
+
+    if n < MIN_UMAP_POINTS:
+        notes.append(f"only {n} points (UMAP needs at least {MIN_UMAP_POINTS}); "
+                     "map and clustering space computed with PCA instead")
+        info.update(init=None, engine="pca", map_method_used="pca",
+                    timings={**timings, "total": round(time.perf_counter() - t_all, 3)})
+        return MapResult(_pca(Xp, 2, "euclidean"), _pca(Xp, space_dim, "euclidean"),
+                         (g.indices, g.distances), notes, info)
+
+    if init == "auto":
+        init = "spectral" if n <= SPECTRAL_MAX_POINTS else "pca"
+    info["init"] = init
+    engine = "cuml" if _cuml_available(device) else "umap-learn"
+    info["engine"] = engine
+
+    t = time.perf_counter()
+    space = _umap_from_graph(Xp, g, space_neighbors, space_dim, 0.0, init, random_state,
+                             engine, f"{space_dim}-D clustering space", progress, notes, info)
+    timings["space"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    if map_method == "umap":
+        xy = _umap_from_graph(Xp, g, n_neighbors, 2, min_dist, init, random_state, engine,
+                              "2-D map", progress, notes, info)
+    elif map_method == "tsne":
+        xy = _tsne_from_graph(Xp, g, random_state, progress, notes, info)
+    else:
+        xy = _pca_columns(Xp, 2)
+    timings["map"] = round(time.perf_counter() - t, 3)
+    timings["total"] = round(time.perf_counter() - t_all, 3)
+    info["timings"] = timings
+    try:
+        import numba
+
+        info["threads"] = 1 if random_state is not None else int(numba.get_num_threads())
+    except ImportError:
+        pass
+    return MapResult(np.ascontiguousarray(xy, dtype=np.float32),
+                     np.ascontiguousarray(space, dtype=np.float32),
+                     (g.indices, g.distances), notes, info)
+
+
+# =========================================================================== new rows
+def place_new(X_old: Any, Y_old: Any, X_new: Any, *, k: int = 15) -> np.ndarray:
+    """Positions for new rows ``X_new`` in an existing embedding ``Y_old`` (a map or a
+    clusterable space) of ``X_old``, so a re-run with a few new images keeps the map.
+
+    Each new row goes to the weighted mean of ``Y_old`` at its ``k`` nearest old rows by
+    cosine distance in ``X``, weighted by ``1 / c`` (``c = sqrt(2 (1 - cos))``, the
+    distance between the unit vectors): a near-copy of an old image lands on it, an
+    image between two groups lands between them. ``X_old``
+    is read in blocks (a memory-mapped store is fine). Returns (M, Y_old.shape[1])
+    float32. Raises ``ValueError`` for mismatched shapes, NaN/inf or ``k < 1``.
+    """
+    from explorer import knn as knn_mod
+
+    k = _check_int("k", k, 1)
+    Y_old = as_matrix(Y_old, "Y_old", np.float32, cols="m")
+    X_new = as_matrix(X_new, "X_new", np.float32)
+    if len(X_old) != len(Y_old):
+        raise ValueError(f"X_old has {len(X_old)} rows but Y_old has {len(Y_old)}")
+    m = len(X_new)
+    if m == 0:
+        return np.zeros((0, Y_old.shape[1]), np.float32)
+    if len(Y_old) == 0:
+        raise ValueError("X_old is empty: there is no map to place new rows on")
+    idx, dist = knn_mod.query(X_old, X_new, k, metric="cosine")
+    chord = np.sqrt(2.0 * dist.astype(np.float64))  # Euclidean between unit vectors
+    w = 1.0 / (chord + 1e-12)
+    w /= w.sum(axis=1, keepdims=True)
+    return np.einsum("mk,mkc->mc", w, Y_old[idx].astype(np.float64)).astype(np.float32)

@@ -235,3 +235,87 @@ def test_elbow_plot_writes_standalone_html_with_the_chosen_k(results, tmp_path):
 def test_elbow_plot_rejects_a_ragged_curve(tmp_path):
     with pytest.raises(ValueError, match="inertia"):
         elbow_plot({"k": [1, 2, 3], "inertia": [3.0, 2.0]}, 2, tmp_path / "x.html")
+
+
+# --------------------------------------------------------------------------- new rows, noise
+from explorer.cluster import _assign_noise_knn, _relabel_by_size, assign_new, vote  # noqa: E402
+
+
+def test_assign_new_gives_the_cluster_of_the_nearest_neighbours(blobs):
+    X, y = blobs
+    res = cluster(X, "hdbscan")
+    rng = np.random.default_rng(3)
+    new = X[:20] + 0.05 * rng.normal(size=(20, X.shape[1]))
+    labels, probs = assign_new(X, res.labels, new)
+    assert labels.shape == (20,) and probs.shape == (20,)
+    assert np.array_equal(labels, res.labels[:20])
+    assert ((probs > 0.5) & (probs <= 1)).all()
+
+
+def test_assign_new_ignores_old_noise_and_handles_none_clustered():
+    Z = np.array([[0.0, 0], [0.1, 0], [0.2, 0], [5, 5], [5.1, 5]])
+    labels, probs = assign_new(Z, [0, 0, 0, -1, -1], [[5.05, 5.0]], k=2)
+    assert labels.tolist() == [0]  # the noise neighbours do not vote
+    labels, probs = assign_new(Z, [-1] * 5, [[0.0, 0.0]])
+    assert labels.tolist() == [-1] and probs.tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        ((np.zeros((3, 2)), [0, 1], np.zeros((1, 2))), "labels_old"),
+        ((np.zeros((3, 2)), [0, 1, 1], np.zeros((1, 3))), "columns"),
+        ((np.zeros((3, 2)), [0.5, 1, 1], np.zeros((1, 2))), "labels_old"),
+    ],
+)
+def test_assign_new_bad_input_raises(args, word):
+    with pytest.raises(ValueError, match=word):
+        assign_new(*args)
+    with pytest.raises(ValueError, match="k"):
+        assign_new(np.zeros((3, 2)), [0, 1, 1], np.zeros((1, 2)), k=0)
+
+
+def _old_assign_noise_loop(Z, labels, probs, k=10):
+    """The per-noise-point loop this module used before (kept here as the reference)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    noise = labels < 0
+    clustered = ~noise
+    k = min(k, int(clustered.sum()))
+    _, idx = NearestNeighbors(n_neighbors=k).fit(Z[clustered]).kneighbors(Z[noise])
+    lab_c, prob_c = labels[clustered][idx], probs[clustered][idx]
+    labels, probs = labels.copy(), probs.copy()
+    new_l, new_p = np.empty(len(idx), dtype=labels.dtype), np.empty(len(idx))
+    for i, (row, prow) in enumerate(zip(lab_c, prob_c)):
+        vals, counts = np.unique(row, return_counts=True)
+        w = vals[np.argmax(counts)]
+        new_l[i] = w
+        new_p[i] = counts.max() / k * float(prow[row == w].mean())
+    labels[noise], probs[noise] = new_l, new_p
+    return labels, probs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_noise_assignment_equals_the_old_loop(seed):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(400, 3))
+    labels = rng.integers(-1, 6, size=400)  # many ties among 7 values and k=10
+    probs = np.where(labels >= 0, rng.uniform(0.1, 1, size=400), 0.0)
+    new_l, new_p = _assign_noise_knn(Z, labels, probs)
+    old_l, old_p = _old_assign_noise_loop(Z, labels, probs)
+    assert np.array_equal(new_l, old_l)
+    assert np.allclose(new_p, old_p, rtol=1e-12, atol=1e-12)
+
+
+def test_vote_in_chunks_equals_one_chunk():
+    lab = np.random.default_rng(4).integers(0, 9, size=(1000, 7))
+    a = vote(lab, chunk=1000)
+    b = vote(lab, chunk=64)
+    for x, z in zip(a, b):
+        assert np.array_equal(x, z)
+
+
+def test_relabel_by_size_orders_by_size_then_first_appearance():
+    raw = np.array([5, 5, 2, 9, 9, -1, 2, 9, 7])
+    # 9 has 3; 5 and 2 have 2 each (5 seen first); 7 has 1
+    assert _relabel_by_size(raw).tolist() == [1, 1, 2, 0, 0, -1, 2, 0, 3]

@@ -141,3 +141,195 @@ def test_bad_n_components_raises():
 def test_bad_arrays_raise_value_error(X, word):
     with pytest.raises(ValueError, match=word):
         reduce_map(X)
+
+
+# --------------------------------------------------------------------------- map_and_space
+from explorer.reduce import MAP_METHODS, MapResult, map_and_space, place_new  # noqa: E402
+
+
+def rays(n_per=60, dirs=3, d=12, seed=0):
+    """Groups that differ by direction, not length: each group is a thin cone (angles
+    0.03 apart, 0.003 spread) with lengths spread log-uniformly over 0.1..10, so the
+    cosine neighbours are the group while Euclidean neighbours mix groups."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=d)
+    base /= np.linalg.norm(base)
+    offs = rng.normal(size=(dirs, d))
+    offs -= (offs @ base)[:, None] * base
+    offs /= np.linalg.norm(offs, axis=1, keepdims=True)
+    y = np.repeat(np.arange(dirs), n_per)
+    U = base + 0.03 * offs[y] + (0.003 / np.sqrt(d)) * rng.normal(size=(len(y), d))
+    X = U * np.exp(rng.uniform(np.log(0.1), np.log(10), size=(len(y), 1)))
+    return X.astype(np.float32), y
+
+
+def nn_purity(Y, y):
+    d = np.linalg.norm(Y[:, None] - Y[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    return (y[d.argmin(axis=1)] == y).mean()
+
+
+@pytest.fixture(scope="module")
+def rays_result():
+    X, y = rays()
+    return X, y, map_and_space(X, random_state=0)
+
+
+def test_default_cosine_path_groups_by_direction(rays_result):
+    X, y, res = rays_result
+    # the data is built so that the two metrics disagree
+    assert nn_purity(X, y) < 0.8
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert nn_purity(U, y) >= 0.95
+    assert isinstance(res, MapResult)
+    assert res.xy.shape == (len(X), 2) and res.xy.dtype == np.float32
+    assert res.space.shape == (len(X), 5) and res.space.dtype == np.float32
+    assert nn_purity(res.xy, y) >= 0.95
+    assert nn_purity(res.space, y) >= 0.95
+    assert res.info["metric"] == "cosine"
+
+
+def test_knn_of_the_result_is_the_cosine_graph(rays_result):
+    X, _, res = rays_result
+    idx, dist = res.knn
+    assert idx.shape == (len(X), 30) and dist.shape == (len(X), 30)
+    assert (idx[:, 0] == np.arange(len(X))).all()
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    want = np.argsort(-(U @ U.T), axis=1, kind="stable")[:, :30]
+    assert np.mean([len(set(a) & set(b)) / 30 for a, b in zip(idx, want)]) >= 0.99
+
+
+def test_one_neighbour_graph_feeds_both_umap_fits(monkeypatch):
+    import umap
+
+    from explorer import knn as knn_mod
+
+    calls = {"knn": 0, "umap": []}
+    real_graph, real_init = knn_mod.knn_graph, umap.UMAP.__init__
+
+    def counting_graph(*a, **kw):
+        calls["knn"] += 1
+        return real_graph(*a, **kw)
+
+    def recording_init(self, *a, **kw):
+        calls["umap"].append(kw.get("precomputed_knn"))
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(knn_mod, "knn_graph", counting_graph)
+    monkeypatch.setattr(umap.UMAP, "__init__", recording_init)
+    X, _ = rays(n_per=30)
+    res = map_and_space(X, random_state=1)
+    assert calls["knn"] == 1
+    assert len(calls["umap"]) == 2
+    idx, dist = res.knn
+    for pre, k in zip(calls["umap"], (30, 15)):  # the space, then the map
+        assert pre is not None
+        assert np.array_equal(pre[0], idx[:, :k]) and np.array_equal(pre[1], dist[:, :k])
+
+
+def test_seeded_runs_are_reproducible_and_say_so():
+    X, _ = rays(n_per=30, seed=4)
+    a = map_and_space(X, random_state=7)
+    b = map_and_space(X, random_state=7)
+    assert np.array_equal(a.xy, b.xy) and np.array_equal(a.space, b.space)
+    assert a.info["random_state"] == 7 and a.info["reproducible"] and not a.info["parallel"]
+
+
+def test_parallel_is_the_default():
+    import inspect
+
+    assert inspect.signature(map_and_space).parameters["random_state"].default is None
+    X, y = rays(n_per=30, seed=5)
+    res = map_and_space(X, map_method="pca")
+    assert res.info["parallel"] and res.info["random_state"] is None
+    assert not res.info["reproducible"]
+    assert nn_purity(res.space, y) >= 0.9
+
+
+@pytest.mark.parametrize("method", ["tsne", "pca"])
+def test_tsne_and_pca_maps_keep_groups_apart(method):
+    X, y = rays(n_per=40, seed=6)
+    res = map_and_space(X, map_method=method, random_state=0)
+    assert res.info["map_method"] == method
+    assert res.xy.shape == (len(X), 2) and np.isfinite(res.xy).all()
+    assert nn_purity(res.xy, y) >= (0.9 if method == "tsne" else 0.8)
+    assert trustworthiness(X / np.linalg.norm(X, axis=1, keepdims=True), res.xy,
+                           n_neighbors=5) >= 0.8
+
+
+def test_high_dimensional_input_is_reduced_with_pca_first():
+    X, y = make_blobs(n_samples=150, centers=3, n_features=200, random_state=2)
+    res = map_and_space(X.astype(np.float32), map_method="pca", random_state=0, pca_dims=16)
+    assert res.info["pca_dims"] == 16
+    assert nn_purity(res.space, y) >= 0.95
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, MIN_UMAP_POINTS - 1])
+def test_map_and_space_tiny_inputs_never_crash(n):
+    X = np.random.default_rng(0).normal(size=(n, 8))
+    res = map_and_space(X)
+    assert res.xy.shape == (n, 2) and res.space.shape == (n, 5)
+    assert np.isfinite(res.xy).all() and np.isfinite(res.space).all()
+    assert res.notes
+    assert len(res.knn[0]) == n
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"map_method": "mds"}, "mds"),
+        ({"n_neighbors": 1}, "n_neighbors"),
+        ({"space_dim": 0}, "space_dim"),
+        ({"space_neighbors": 1}, "space_neighbors"),
+        ({"random_state": -2}, "random_state"),
+        ({"device": "gpu0"}, "gpu0"),
+        ({"metric": "hamming"}, "hamming"),
+        ({"init": "tsne"}, "tsne"),
+        ({"knn_method": "faiss"}, "faiss"),
+        ({"pca_dims": 0}, "pca_dims"),
+        ({"min_dist": 2.0}, "min_dist"),
+    ],
+)
+def test_map_and_space_bad_parameters_raise_value_error(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        map_and_space(np.random.default_rng(0).normal(size=(30, 4)), **kwargs)
+
+
+def test_map_methods_are_listed():
+    assert MAP_METHODS == ("umap", "tsne", "pca")
+
+
+# --------------------------------------------------------------------------- place_new
+def test_place_new_puts_a_near_copy_next_to_its_original(rays_result):
+    X, y, res = rays_result
+    rng = np.random.default_rng(8)
+    picks = [0, 70, 150]
+    jitter = 1e-5 * np.linalg.norm(X[picks], axis=1, keepdims=True)  # far below the groups' spread
+    new = (X[picks] * 1.3 + jitter * rng.normal(size=(3, X.shape[1]))).astype(np.float32)
+    for Y in (res.xy, res.space):
+        P = place_new(X, Y, new)
+        assert P.shape == (3, Y.shape[1]) and P.dtype == np.float32
+        spread = np.median(np.linalg.norm(Y[:, None] - Y[None], axis=2))
+        assert (np.linalg.norm(P - Y[picks], axis=1) < 0.02 * spread).all()
+
+
+def test_place_new_puts_a_new_point_among_its_group(rays_result):
+    X, y, res = rays_result
+    new, ynew = rays(n_per=2, seed=0)[0][::1], np.repeat(np.arange(3), 2)
+    new = new * 0.7  # same directions as the map's groups, other lengths
+    P = place_new(X, res.xy, new)
+    d = np.linalg.norm(P[:, None] - res.xy[None], axis=2)
+    assert (y[d.argmin(axis=1)] == ynew).all()
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        ((np.zeros((5, 3)), np.zeros((4, 2)), np.zeros((1, 3))), "rows"),
+        ((np.ones((5, 3)), np.zeros((5, 2)), np.ones((1, 4))), "columns"),
+        ((np.ones((5, 3)), np.zeros((5, 2)), np.full((1, 3), np.nan)), "NaN"),
+    ],
+)
+def test_place_new_bad_input_raises(args, word):
+    with pytest.raises(ValueError, match=word):
+        place_new(*args)

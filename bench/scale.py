@@ -1,0 +1,187 @@
+"""Benchmark a whole build at scale on generated photos; compare with a naive embed loop.
+
+    .venv/bin/python bench/scale.py --n 2000
+    .venv/bin/python bench/scale.py --n 20000 --naive-sample 1000
+    .venv/bin/python bench/scale.py --n 20000 --device cuda
+
+1. Generates N photo-like JPEGs (~400 px) from scikit-image's sample photos: random crops,
+   colour scaling, flips (kept in --dir, reused when already there).
+2. Runs ``explorer build`` on them in a child process (cold store) and prints the per-stage
+   seconds from the run record and the child's peak RSS; then a second, warm build.
+3. Times a naive loop (PIL open + timm's transform + eager float32 forward, batch 32, torch
+   threads = cores) on ``--naive-sample`` of the images and scales it to N.
+
+Prints the figures and the load average (the machine may be shared). Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "immunohistochemistry",
+          "hubble_deep_field", "retina", "motorcycle_left", "cat")
+
+
+def _photo(name):
+    import numpy as np
+    import skimage.data
+
+    try:
+        a = getattr(skimage.data, name)()
+    except Exception:  # some samples need a download: skip them
+        return None
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    return a[..., :3].astype("uint8")
+
+
+_SRC = None
+
+
+def _make(args):
+    import numpy as np
+    from PIL import Image
+
+    global _SRC
+    i, out = args
+    if _SRC is None:
+        _SRC = [p for p in (_photo(n) for n in PHOTOS) if p is not None]
+    rng = np.random.default_rng(i)
+    src = _SRC[i % len(_SRC)]
+    h, w = src.shape[:2]
+    s = rng.uniform(0.45, 0.95)
+    ch, cw = int(h * s), int(w * s * rng.uniform(0.8, 1.2))
+    cw = min(cw, w)
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    a = src[y:y + ch, x:x + cw].astype(np.float32) * rng.uniform(0.75, 1.25, 3)
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img.thumbnail((400, 400))
+    p = Path(out) / f"{i % 100:02d}" / f"img{i}.jpg"
+    img.save(p, quality=85)
+
+
+def generate(folder: Path, n: int) -> float:
+    t0 = time.perf_counter()
+    have = sum(1 for _ in folder.rglob("*.jpg")) if folder.is_dir() else 0
+    if have == n:
+        return 0.0
+    for k in range(100):
+        (folder / f"{k:02d}").mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_make, [(i, str(folder)) for i in range(n)], chunksize=64)
+    return time.perf_counter() - t0
+
+
+def build_child(image_dir: str, app: str, device: str) -> None:
+    """Child process: one build, prints its run record's figures as JSON."""
+    from explorer.pipeline import build
+
+    res = build(image_dir, app=app, progress=False, device=device, duplicates="phash")
+    print(json.dumps({"timings": res.run["timings"], "counts": res.run["counts"],
+                      "execution": res.run["execution"],
+                      "embed": res.run["model"].get("embed_timings"),
+                      "rss_after": res.run.get("peak_rss_mb_after"),
+                      # the build process and its embedding child process (not at once)
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_child_mb":
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def naive_child(image_dir: str, sample: int) -> None:
+    """Child process: PIL + timm transform + eager float32 forward, batch 32: seconds/image."""
+    import timm
+    import torch
+
+    from explorer.images import discover
+    from explorer.models import load_model
+
+    torch.set_num_threads(os.cpu_count())
+    paths = discover(image_dir)[:sample]
+    model, cfg = load_model()
+    tf = timm.data.create_transform(**cfg)
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    batch = []
+    with torch.inference_mode():
+        for p in paths:
+            with Image.open(p) as im:
+                batch.append(tf(im.convert("RGB")))
+            if len(batch) == 32:
+                model(torch.stack(batch))
+                batch = []
+        if batch:
+            model(torch.stack(batch))
+    print(json.dumps({"s_per_image": (time.perf_counter() - t0) / len(paths), "n": len(paths)}))
+
+
+def _child(*args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--dir", type=Path, default=None, help="default /tmp/explorer-scale-N")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--naive-sample", type=int, default=1000,
+                    help="images the naive loop embeds (scaled to N)")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        if a.child[0] == "build":
+            build_child(a.child[1], a.child[2], a.child[3])
+        else:
+            naive_child(a.child[1], int(a.child[2]))
+        return
+    folder = a.dir or Path(f"/tmp/explorer-scale-{a.n}")
+    work = folder.with_name(folder.name + "-out")
+    print(f"n={a.n} in {folder}; cpus {os.cpu_count()}; load average {os.getloadavg()}")
+    g = generate(folder / "imgs", a.n)
+    print(f"generated in {g:.0f} s")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cold = _child("--child", "build", str(folder / "imgs"), str(work / "app"), a.device)
+    print(f"cold build: total {cold['timings']['total']:.1f} s, peak RSS {cold['peak_rss_mb']:.0f} MB"
+          f" (embedding process {cold['peak_rss_child_mb']:.0f} MB), load average {os.getloadavg()}")
+    print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in cold["timings"].items()))
+    print("  peak RSS after stage (MB): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in (cold.get("rss_after") or {}).items() if v is not None))
+    e = cold["embed"] or {}
+    print(f"  embed: model load {e.get('model_load', 0):.1f} s; worker-seconds decode "
+          f"{e.get('decode', 0):.1f}, forward {e.get('forward', 0):.1f}; {cold['execution']}")
+    warm = _child("--child", "build", str(folder / "imgs"), str(work / "app"), a.device)
+    print(f"warm build: total {warm['timings']['total']:.1f} s, decoded {warm['counts']['decoded']},"
+          f" peak RSS {warm['peak_rss_mb']:.0f} MB (embedding process "
+          f"{warm['peak_rss_child_mb']:.0f} MB)")
+    print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in warm["timings"].items()))
+    k = min(a.naive_sample, a.n)
+    nv = _child("--child", "naive", str(folder / "imgs"), str(k))
+    naive = nv["s_per_image"] * a.n
+    print(f"naive PIL + timm embed loop: {1 / nv['s_per_image']:.0f} img/s on {nv['n']} images "
+          f"-> {naive:.0f} s for {a.n}; load average {os.getloadavg()}")
+    print(f"cold build / naive embed time: {cold['timings']['total'] / naive:.2f} (goal <= 0.40)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The k-nearest-neighbour graph, computed once and shared by every map.
+
+Arrays in, arrays out::
+
+    Xp, info = prepare(X, metric="cosine", pca_dims=64)   # normalise, PCA when D > 64
+    g = knn_graph(Xp, 30)                                  # KnnGraph(indices, distances, method)
+
+``prepare`` turns the comparison into plain Euclidean distance: for ``metric="cosine"``
+the rows are L2-normalised (Euclidean distance between unit vectors is
+``sqrt(2 - 2 cos)``, so the neighbours are the cosine neighbours); high-dimensional rows
+are then projected on their first ``pca_dims`` principal components (fitted on a seeded
+sample of at most :data:`PCA_FIT_ROWS` rows, projected in chunks, so a million 1280-d
+rows never need a second full-size copy).
+
+``knn_graph`` follows umap-learn's convention: column 0 of each row is the point itself
+(distance 0), then its ``k - 1`` nearest other points, nearest first. Methods:
+
+``"exact"``
+    blocked brute force with numpy (every pair), used up to :data:`EXACT_MAX_POINTS`.
+``"nndescent"``
+    pynndescent's approximate graph (recall well above 0.9), parallel unless seeded.
+``"torch"``
+    blocked exact top-k with torch on a CUDA device (``device="cuda"``).
+``"auto"``
+    ``"torch"`` on CUDA, else ``"exact"`` for small N, else ``"nndescent"``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from explorer._checks import as_matrix
+
+#: the methods :func:`knn_graph` accepts
+KNN_METHODS: tuple[str, ...] = ("auto", "exact", "nndescent", "torch")
+
+#: ``"auto"`` uses exact brute force up to this many points (numpy, blocked)
+EXACT_MAX_POINTS = 20_000
+
+#: PCA is fitted on a seeded sample of at most this many rows
+PCA_FIT_ROWS = 50_000
+
+#: rows per block in chunked work (normalising, projecting, brute-force search)
+CHUNK_ROWS = 65_536
+
+#: metrics :func:`prepare` understands
+PREPARE_METRICS: tuple[str, ...] = ("cosine", "euclidean")
+
+
+class KnnGraph(NamedTuple):
+    """A k-nearest-neighbour graph; column 0 is the point itself."""
+
+    indices: np.ndarray
+    """``(N, k)`` int32 row numbers, nearest first."""
+    distances: np.ndarray
+    """``(N, k)`` float32 Euclidean distances in the prepared space."""
+    method: str
+    """``"exact"``, ``"nndescent"`` or ``"torch"``: what computed it."""
+
+
+# --------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_random_state(random_state: Any) -> int | None:
+    """``None`` or an int in [0, 2**32); ValueError naming the bad value otherwise."""
+    if random_state is None:
+        return None
+    if (
+        isinstance(random_state, bool)
+        or not isinstance(random_state, numbers.Integral)
+        or not 0 <= random_state < 2**32
+    ):
+        raise ValueError(
+            f"random_state must be None or an integer in [0, 2**32); got {random_state!r}"
+        )
+    return int(random_state)
+
+
+def check_device(device: Any) -> str:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when torch sees one), resolved."""
+    if not isinstance(device, str) or not (
+        device in ("cpu", "cuda", "auto") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except ImportError:  # torch is a dependency, but the map must not need it on CPU
+        has_cuda = False
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if not has_cuda:
+        raise ValueError(f"device={device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def check_rows(X: Any, name: str) -> np.ndarray:
+    """Like :func:`explorer._checks.as_matrix`, without copying a float array and with
+    the NaN check done in blocks (no (N, D) temporary at a million rows)."""
+    if not (isinstance(X, np.ndarray) and X.dtype.kind == "f"):
+        return as_matrix(X, name, np.float32, nan_hint="; fix or drop them before mapping")
+    if X.ndim == 1 and X.size == 0:
+        X = X.reshape(0, 0)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (N, D); got shape {X.shape}")
+    bad = 0
+    for a in range(0, len(X), CHUNK_ROWS):
+        bad += int((~np.isfinite(X[a:a + CHUNK_ROWS])).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} row(s) with NaN or infinite values; "
+                         "fix or drop them before mapping")
+    return X
+
+
+# --------------------------------------------------------------------------- prepare
+def _normalised(block: np.ndarray) -> np.ndarray:
+    block = np.asarray(block, dtype=np.float32)
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
+
+
+def prepare(
+    X: Any, *, metric: str = "cosine", pca_dims: int | None = 64
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``X`` (N, D) as float32 rows in which Euclidean distance is the wanted comparison.
+
+    ``metric="cosine"`` L2-normalises each row (all-zero rows stay zero);
+    ``"euclidean"`` leaves them. When ``pca_dims`` is set and D > ``pca_dims``, the rows
+    are then projected on their first ``pca_dims`` principal components (fitted on a
+    sample of at most :data:`PCA_FIT_ROWS` rows, a fixed seed, so the result does not
+    depend on ``random_state``). Returns the (N, min(D, pca_dims)) array and a dict for
+    the run record (``metric``, ``pca_dims``, ``pca_explained_variance``, ``seconds``).
+    """
+    t0 = time.perf_counter()
+    if metric not in PREPARE_METRICS:
+        raise ValueError(f"metric must be one of {PREPARE_METRICS}; got {metric!r}")
+    if pca_dims is not None:
+        pca_dims = _check_int("pca_dims", pca_dims, 2)
+    X = check_rows(X, "X")
+    n, d = X.shape
+    info: dict[str, Any] = {"metric": metric, "pca_dims": None, "pca_explained_variance": None}
+
+    def rows(a: int, b: int) -> np.ndarray:
+        blk = np.asarray(X[a:b], dtype=np.float32)
+        return _normalised(blk) if metric == "cosine" else blk
+
+    if pca_dims is None or d <= pca_dims or n < 3:
+        out = np.empty((n, d), dtype=np.float32)
+        for a in range(0, n, CHUNK_ROWS):
+            out[a:a + CHUNK_ROWS] = rows(a, a + CHUNK_ROWS)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        return out, info
+
+    # PCA fitted on a sample: mean and covariance in float64, eigenvectors by eigh
+    rng = np.random.default_rng(0)
+    fit = np.arange(n) if n <= PCA_FIT_ROWS else np.sort(rng.choice(n, PCA_FIT_ROWS, replace=False))
+    S = np.asarray(X[fit], dtype=np.float32)
+    if metric == "cosine":
+        S = _normalised(S)
+    mean = S.mean(axis=0, dtype=np.float64)
+    Sc = (S - mean.astype(np.float32)).astype(np.float64)
+    cov = Sc.T @ Sc / max(len(fit) - 1, 1)
+    del S, Sc
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1][:pca_dims]
+    W = vecs[:, order]
+    # deterministic signs: largest |loading| of each component positive
+    signs = np.sign(W[np.abs(W).argmax(axis=0), np.arange(W.shape[1])])
+    signs[signs == 0] = 1
+    W = (W * signs).astype(np.float32)
+    mean32 = mean.astype(np.float32)
+    total = float(vals.clip(min=0).sum())
+    out = np.empty((n, W.shape[1]), dtype=np.float32)
+    for a in range(0, n, CHUNK_ROWS):
+        out[a:a + CHUNK_ROWS] = (rows(a, a + CHUNK_ROWS) - mean32) @ W
+    info["pca_dims"] = int(W.shape[1])
+    info["pca_explained_variance"] = (
+        round(float(vals[order].clip(min=0).sum()) / total, 4) if total > 0 else None
+    )
+    info["pca_fit_rows"] = int(len(fit))
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return out, info
+
+
+# --------------------------------------------------------------------------- search
+def _self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Make column 0 the point itself (distance 0), keeping the others in order.
+
+    Exact ties (duplicate rows) and approximate search can put another point first or
+    leave the point out; umap-learn expects it in column 0."""
+    n, k = idx.shape
+    me = np.arange(n, dtype=idx.dtype)
+    bad = np.flatnonzero(idx[:, 0] != me)
+    for i in bad.tolist():  # only rows with duplicates or a missed self: few
+        row, drow = idx[i], dist[i]
+        keep = row != i
+        others, dothers = row[keep][: k - 1], drow[keep][: k - 1]
+        idx[i, 0], dist[i, 0] = i, 0.0
+        idx[i, 1:1 + len(others)] = others
+        dist[i, 1:1 + len(others)] = dothers
+    dist[:, 0] = 0.0
+    return idx, dist
+
+
+def _exact_numpy(X: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    n = len(X)
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64).astype(np.float32)
+    idx = np.empty((n, k), dtype=np.int32)
+    dist = np.empty((n, k), dtype=np.float32)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        d2 = sq[a:b, None] + sq[None, :] - 2.0 * (X[a:b] @ X.T)
+        np.maximum(d2, 0.0, out=d2)
+        d2[np.arange(b - a), np.arange(a, b)] = -1.0  # self first, even among duplicates
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        # the k candidates' distances again, directly (the expansion above loses
+        # precision for near-duplicates), then nearest first, self first among ties
+        pd = np.linalg.norm(X[a:b, None, :] - X[part], axis=2)
+        pd[part == np.arange(a, b)[:, None]] = -1.0
+        order = np.argsort(pd, axis=1, kind="stable")
+        idx[a:b] = np.take_along_axis(part, order, axis=1)
+        dist[a:b] = np.maximum(np.take_along_axis(pd, order, axis=1), 0.0)
+    return idx, dist
+
+
+def _exact_torch(X: np.ndarray, k: int, device: str, block: int = 8192):
+    """Exact top-k on a CUDA device: blocked ``||a||^2 + ||b||^2 - 2ab`` in float32."""
+    import torch
+
+    dev = torch.device(device)
+    n = len(X)
+    Xt = torch.from_numpy(np.ascontiguousarray(X)).to(dev)
+    sq = (Xt * Xt).sum(dim=1)
+    idx = np.empty((n, k), dtype=np.int32)
+    dist = np.empty((n, k), dtype=np.float32)
+    with torch.inference_mode():
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            d2 = sq[a:b, None] + sq[None, :] - 2.0 * (Xt[a:b] @ Xt.T)
+            d2.clamp_(min=0.0)
+            d2[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)] = -1.0
+            vals, ids = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+            idx[a:b] = ids.to(torch.int32).cpu().numpy()
+            dist[a:b] = vals.clamp(min=0.0).sqrt().cpu().numpy()
+    return idx, dist
+
+
+def _nndescent(X: np.ndarray, k: int, random_state: int | None):
+    from pynndescent import NNDescent
+
+    n_trees = min(64, 5 + int(round((X.shape[0]) ** 0.5 / 20.0)))
+    n_iters = max(5, int(round(np.log2(X.shape[0]))))
+    index = NNDescent(
+        X,
+        n_neighbors=k,
+        metric="euclidean",
+        n_trees=n_trees,
+        n_iters=n_iters,
+        max_candidates=60,
+        low_memory=True,
+        random_state=random_state,
+        n_jobs=1 if random_state is not None else -1,
+        compressed=True,
+        verbose=False,
+    )
+    idx, dist = index.neighbor_graph
+    return np.asarray(idx, dtype=np.int32), np.asarray(dist, dtype=np.float32)
+
+
+def resolve_knn_method(method: str, n: int, device: str) -> str:
+    """The method ``"auto"`` stands for at ``n`` points on ``device``."""
+    if method not in KNN_METHODS:
+        raise ValueError(f"knn_method must be one of {KNN_METHODS}; got {method!r}")
+    if method != "auto":
+        return method
+    if device.startswith("cuda"):
+        return "torch"
+    return "exact" if n <= EXACT_MAX_POINTS else "nndescent"
+
+
+def knn_graph(
+    X: Any,
+    k: int,
+    *,
+    method: str = "auto",
+    device: str = "cpu",
+    random_state: int | None = None,
+) -> KnnGraph:
+    """The ``k``-nearest-neighbour graph of the rows of ``X`` by Euclidean distance.
+
+    Column 0 is each point itself, so ``k`` counts it (umap-learn's ``n_neighbors``
+    convention); ``k`` is clamped to N. Pass rows from :func:`prepare` for cosine
+    neighbours. ``random_state=None`` lets pynndescent use every core; an int makes it
+    single-threaded and reproducible (the exact methods are deterministic anyway).
+    Raises ``ValueError`` naming a bad ``k``, ``method``, ``device`` or ``random_state``.
+    """
+    k = _check_int("k", k, 1)
+    device = check_device(device)
+    random_state = check_random_state(random_state)
+    method = resolve_knn_method(method, 0 if not hasattr(X, "__len__") else len(X), device)
+    X = as_matrix(X, "X", np.float32, nan_hint="; fix or drop them before the neighbour search")
+    n = len(X)
+    k = min(k, n)
+    if n == 0:
+        return KnnGraph(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), method)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if method == "torch":
+        if not device.startswith("cuda"):
+            raise ValueError("knn_method='torch' needs device='cuda'")
+        idx, dist = _exact_torch(X, k, device)
+    elif method == "nndescent" and n > k + 1:
+        idx, dist = _nndescent(X, k, random_state)
+    else:
+        method = "exact"
+        idx, dist = _exact_numpy(X, k)
+    idx, dist = _self_first(idx, dist)
+    return KnnGraph(idx, dist, method)
+
+
+def query(X_ref: Any, X_new: Any, k: int, *, metric: str = "cosine",
+          block: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``k`` nearest rows of ``X_ref`` for each row of ``X_new``.
+
+    Distances are cosine distances (``1 - cos``, 1 for an all-zero row) for
+    ``metric="cosine"``, Euclidean for ``"euclidean"``; the final ``k`` are recomputed in
+    float64, so a near-copy is told apart from close neighbours. ``X_ref`` is read in blocks (a memory-mapped store works), so the
+    cost is one pass over it; meant for a few new rows against many old ones.
+    Returns ``(indices (M, k) int64, distances (M, k) float32)``, nearest first.
+    """
+    if metric not in PREPARE_METRICS:
+        raise ValueError(f"metric must be one of {PREPARE_METRICS}; got {metric!r}")
+    k = _check_int("k", k, 1)
+    Q = as_matrix(X_new, "X_new", np.float32)
+    R = X_ref if isinstance(X_ref, np.ndarray) else np.asarray(X_ref, dtype=np.float32)
+    if R.ndim != 2 or (len(Q) and R.shape[1] != Q.shape[1]):
+        raise ValueError(
+            f"X_ref must be a 2-D array with as many columns as X_new ({Q.shape[1]}); "
+            f"got shape {R.shape}"
+        )
+    n, m = len(R), len(Q)
+    k = min(k, n)
+    if m == 0 or k == 0:
+        return np.zeros((m, k), np.int64), np.zeros((m, k), np.float32)
+    if metric == "cosine":
+        Q = _normalised(Q)
+    else:
+        q_sq = np.einsum("ij,ij->i", Q, Q)
+    best_i = np.zeros((m, 0), np.int64)
+    best_d = np.zeros((m, 0), np.float32)
+    for a in range(0, n, block):
+        blk = np.asarray(R[a:a + block], dtype=np.float32)
+        if not np.isfinite(blk).all():
+            raise ValueError("X_ref has rows with NaN or infinite values")
+        if metric == "cosine":
+            d = 1.0 - Q @ _normalised(blk).T
+        else:
+            d2 = q_sq[:, None] + np.einsum("ij,ij->i", blk, blk)[None, :] - 2.0 * (Q @ blk.T)
+            d = np.sqrt(np.maximum(d2, 0.0))
+        d = np.maximum(d, 0.0).astype(np.float32)
+        cand_i = np.concatenate([best_i, np.arange(a, a + len(blk))[None, :].repeat(m, 0)], axis=1)
+        cand_d = np.concatenate([best_d, d], axis=1)
+        kk = min(k, cand_d.shape[1])
+        part = np.argpartition(cand_d, kk - 1, axis=1)[:, :kk]
+        best_i = np.take_along_axis(cand_i, part, axis=1)
+        best_d = np.take_along_axis(cand_d, part, axis=1)
+    # the chosen rows' distances again, directly and in float64: the blocked products
+    # above lose the small differences that tell a near-copy from its close neighbours
+    flat = best_i.ravel()
+    uniq, inv = np.unique(flat, return_inverse=True)
+    Rk = np.asarray(R[uniq], dtype=np.float64)[inv].reshape(m, k, -1)
+    Q64 = np.asarray(Q, dtype=np.float64)
+    if metric == "cosine":
+        Q64 = Q64 / np.maximum(np.linalg.norm(Q64, axis=1, keepdims=True), 1e-300)
+        norms = np.linalg.norm(Rk, axis=2, keepdims=True)
+        Rk = np.divide(Rk, norms, out=np.zeros_like(Rk), where=norms > 0)
+        chord = np.linalg.norm(Q64[:, None, :] - Rk, axis=2)
+        exact = np.where(norms[..., 0] > 0, chord**2 / 2.0, 1.0)
+    else:
+        exact = np.linalg.norm(Q64[:, None, :] - Rk, axis=2)
+    order = np.argsort(exact, axis=1, kind="stable")
+    return (np.take_along_axis(best_i, order, axis=1),
+            np.take_along_axis(exact, order, axis=1).astype(np.float32))
