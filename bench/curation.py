@@ -135,7 +135,7 @@ def main() -> None:
 
         # --- ImageFolder export of the clothing photos
         if CLOTHING.is_dir():
-            from explorer.imagefolder import export_imagefolder
+            from explorer.exports import export_imagefolder
 
             files = sorted(p.relative_to(CLOTHING).as_posix() for p in CLOTHING.rglob("*.jpg"))
             cdf = pd.DataFrame({"path": files, "label": [f.split("/")[1] for f in files]})

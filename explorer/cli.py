@@ -117,18 +117,26 @@ def make_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write cluster/label folders, samples or an ImageFolder",
                        description="Write DIR/cluster_0/, DIR/cluster_1/, ... (or one folder "
-                       "per label) and DIR/outliers/ from a CSV written by `explorer build`.")
+                       "per label) and DIR/outliers/ from a CSV written by `explorer build`. "
+                       "Only image files inside the image folder are exported; the others are "
+                       "listed in the summary.")
     e.add_argument("csv", metavar="NAME.csv")
     e.add_argument("--to", required=True, metavar="DIR")
-    e.add_argument("--by", default="cluster", choices=["cluster", "label"])
+    e.add_argument("--by", default=None, choices=["cluster", "label"],
+                   help="one folder per cluster (default) or per label (default with "
+                   "--imagefolder)")
     e.add_argument("--sample", type=_fraction, default=None, metavar="SHARE",
-                   help="also write DIR/sample/ with this share of each cluster (e.g. 10%%)")
+                   help="also write DIR/sample/ with this share of each cluster (e.g. 10%%); "
+                   "not with --imagefolder")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--copy", dest="mode", action="store_const", const="copy")
-    mode.add_argument("--link", dest="mode", action="store_const", const="link")
+    mode.add_argument("--link", dest="mode", action="store_const", const="link",
+                      help="symbolic links instead of copies (not with --zip)")
     e.add_argument("--imagefolder", action="store_true",
-                   help="write a torchvision ImageFolder tree (one folder per label) + labels CSV")
-    e.add_argument("--zip", action="store_true", help="with --imagefolder: write a zip instead")
+                   help="write a torchvision ImageFolder tree (one folder per label, or per "
+                   "cluster with --by cluster) + labels CSV")
+    e.add_argument("--zip", action="store_true", help="write the tree into the zip DIR(.zip) "
+                   "instead of a folder")
     e.add_argument("--images", default=None, metavar="IMAGE_DIR",
                    help="where the original images are (default: from NAME.run.json)")
     e.add_argument("--seed", type=int, default=42)
@@ -136,7 +144,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="leave out images with any of these quality flags, e.g. "
                    "blurry,exact_duplicate (flags: blurry, dark, bright, low_information, "
                    "grayscale, odd_aspect, odd_size, exact_duplicate)")
-    e.add_argument("-q", "--quiet", action="store_true")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(mode="copy")
 
     s = sub.add_parser("search", help="find images by words or by an example image",
@@ -193,21 +201,45 @@ def cmd_threshold(a: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """Options that do not go together, or input the command refuses outright (exit 2)."""
+
+
 def _image_root(csv: Path, override: str | None) -> Path:
-    from explorer import table
+    """The image folder: ``--images`` as given, else the checked one from NAME.run.json
+    (:class:`explorer.paths.UnsafePath` for a hostile record: exit 2)."""
+    from explorer.paths import require_image_root
+
     if override:
-        return Path(override)
-    root = table.image_root(csv)
-    if root is None:
-        raise ValueError(f"cannot tell where the images of {csv} are "
-                         f"({table.sidecar(csv, 'run.json').name} is missing or names a folder "
-                         "that is not there); pass --images IMAGE_DIR")
-    return root
+        root = Path(override)
+        if not root.is_dir():
+            raise ValueError(f"--images {override}: not a folder")
+        return root
+    try:
+        return require_image_root(csv)
+    except ValueError as exc:
+        from explorer.paths import UnsafePath
+
+        if isinstance(exc, UnsafePath):
+            raise UnsafePath(f"{exc}; nothing exported. If the images really are there, pass "
+                             "--images IMAGE_DIR", reason=exc.reason, path=exc.path) from None
+        raise ValueError(f"cannot tell where the images of {csv} are ({exc}); "
+                         "pass --images IMAGE_DIR") from None
+
+
+def _check_export_options(a: argparse.Namespace) -> None:
+    """L8: every option is honoured or refused, never silently ignored."""
+    if a.imagefolder and a.sample is not None:
+        raise UsageError("--sample cannot be used with --imagefolder (an ImageFolder holds "
+                         "every labelled image; sample the folders export instead)")
+    if a.zip and a.mode == "link":
+        raise UsageError("--link cannot be used with --zip (a zip holds copies)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from explorer import table
 
+    _check_export_options(a)
     csv = Path(a.csv)
     df = table.read_table(csv)
     root = _image_root(csv, a.images)
@@ -223,14 +255,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         df, dropped = drop_flagged(df, a.drop)
     if a.imagefolder:
-        from explorer.imagefolder import export_imagefolder
+        from explorer.exports import export_imagefolder
 
-        summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip)
+        summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip, by=a.by or "label",
+                                     mode=a.mode, progress=not a.quiet)
     else:
-        from explorer.export import export_folders
+        from explorer.exports import export_folders
 
-        summary = export_folders(df, root, Path(a.to), by=a.by, sample=a.sample, mode=a.mode,
-                                 seed=a.seed, progress=not a.quiet)
+        summary = export_folders(df, root, Path(a.to), by=a.by or "cluster", sample=a.sample,
+                                 mode=a.mode, seed=a.seed, as_zip=a.zip, progress=not a.quiet)
     if dropped is not None and isinstance(summary, dict):
         summary["dropped_by_flag"] = dropped
     print(json.dumps(summary, indent=2, default=str))
@@ -271,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"explorer {a.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, OSError) as exc:  # bad input, missing or existing files, permissions
+        from explorer.paths import UnsafePath
+
+        if isinstance(exc, UnsafePath):  # a hostile run record or path: refused outright
+            print(f"explorer {a.command}: refused: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"explorer {a.command}: error: {exc}", file=sys.stderr)
         return 1
 

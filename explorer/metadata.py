@@ -43,11 +43,50 @@ __all__ = [
     "split_tags",
     "looks_like_tags",
     "normalize_key",
+    "MetadataTooLarge",
+    "MAX_BYTES",
+    "MAX_ROWS",
+    "MAX_LINE",
+    "MAX_KEY",
 ]
 
 #: prefix given to metadata columns whose names clash with the table's
 CLASH_PREFIX = "meta_"
-_MAX_BYTES = 512 * 1024 * 1024
+#: default caps on what :func:`read_metadata` reads, from a file or an upload alike
+MAX_BYTES = 512 * 1024 * 1024
+#: rows (10M images, with room for the metadata of images not in the table)
+MAX_ROWS = 20_000_000
+#: characters of one line of a CSV, TSV or JSON Lines file
+MAX_LINE = 1024 * 1024
+#: characters of one key value (a file path; PATH_MAX is 4096 on Linux)
+MAX_KEY = 8192
+_MAX_BYTES = MAX_BYTES  # the old private name
+_DOT_SLASHES = re.compile(r"(?:\./)+")
+
+
+class MetadataTooLarge(ValueError):
+    """Metadata over one of the caps (bytes, rows, line length, key length)."""
+
+
+def _line_stats(data: bytes, chunk: int = 16 << 20) -> tuple[int, int]:
+    """(number of lines, longest line in bytes) of ``data``, in bounded memory."""
+    lines, longest = 0, 0
+    arr = np.frombuffer(data, dtype=np.uint8)
+    carry = 0  # bytes of the current line before this chunk
+    for lo in range(0, len(arr), chunk):
+        nl = np.flatnonzero(arr[lo:lo + chunk] == 10)
+        if len(nl):
+            first = carry + int(nl[0])
+            gaps = np.diff(nl) - 1 if len(nl) > 1 else np.zeros(0, dtype=np.int64)
+            longest = max(longest, first, int(gaps.max()) if len(gaps) else 0)
+            lines += len(nl)
+            carry = min(len(arr), lo + chunk) - lo - int(nl[-1]) - 1
+        else:
+            carry += min(chunk, len(arr) - lo)
+        longest = max(longest, carry)
+    if carry:
+        lines += 1
+    return lines, longest
 
 
 # ---------------------------------------------------------------------- reading
@@ -56,8 +95,8 @@ def normalize_key(value) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
     s = str(value).strip().replace("\\", "/")
-    while s.startswith("./"):
-        s = s[2:]
+    if s.startswith("./"):  # one regex pass: a key of many "./" costs linear time
+        s = s[_DOT_SLASHES.match(s).end():]
     return s
 
 
@@ -130,7 +169,7 @@ def _from_csv(text: str, sep: str | None) -> pd.DataFrame:
     if sep is None:
         sep = _sniff_separator(text)
     try:
-        return pd.read_csv(io.StringIO(text), sep=sep, engine="python", dtype=str,
+        return pd.read_csv(io.StringIO(text), sep=sep, engine="c", dtype=str,
                            keep_default_na=False, na_values=[""], skipinitialspace=True)
     except pd.errors.EmptyDataError:
         raise ValueError("the metadata file is empty") from None
@@ -158,7 +197,9 @@ def _infer_numbers(df: pd.DataFrame, key: str) -> pd.DataFrame:
 KEY_CANDIDATES = ("path", "file", "filename", "file_name", "image", "name")
 
 
-def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None) -> pd.DataFrame:
+def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None,
+                  max_bytes: int = MAX_BYTES, max_rows: int = MAX_ROWS,
+                  max_line: int = MAX_LINE, max_key: int = MAX_KEY) -> pd.DataFrame:
     """Read per-image metadata from a file path or the bytes of an upload.
 
     ``fmt`` (``"csv"``, ``"tsv"``, ``"json"``, ``"jsonl"``) defaults to the file's suffix,
@@ -170,22 +211,38 @@ def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None) -> 
     ``key=None`` picks the first of :data:`KEY_CANDIDATES` that is a column (any case);
     the chosen name is in ``df.attrs["key"]``.
 
+    Caps, the same for a file and for the bytes of an upload: ``max_bytes`` in all,
+    ``max_rows`` rows, ``max_line`` characters per line (CSV, TSV, JSON Lines) and
+    ``max_key`` characters per key value; over a cap raises :class:`MetadataTooLarge` (a
+    ``ValueError``) naming the cap, before the data is parsed where it can be.
+
     Raises ``ValueError`` with a clear message for: a missing file, unreadable CSV/JSON, a
     missing ``key`` column (naming the columns there are), or no rows.
     """
+    for cap, v in (("max_bytes", max_bytes), ("max_rows", max_rows), ("max_line", max_line),
+                   ("max_key", max_key)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{cap} must be a positive int; got {v!r}")
     if key is not None and (not isinstance(key, str) or not key.strip()):
         raise ValueError(f"key must be the name of the column with file names, got {key!r}")
     name = "upload"
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        if len(path_or_bytes) > max_bytes:
+            raise MetadataTooLarge(f"the upload is {len(path_or_bytes):,} bytes, more than the "
+                                   f"limit of {max_bytes:,}; not read")
         data = bytes(path_or_bytes)
     elif isinstance(path_or_bytes, (str, os.PathLike)):
         p = Path(path_or_bytes)
         name = str(p)
         if not p.is_file():
             raise ValueError(f"metadata file not found: {p}")
-        if p.stat().st_size > _MAX_BYTES:
-            raise ValueError(f"{p} is larger than {_MAX_BYTES // 2**20} MiB; not read")
-        data = p.read_bytes()
+        if p.stat().st_size > max_bytes:
+            raise MetadataTooLarge(f"{p} is {p.stat().st_size:,} bytes, more than the limit "
+                                   f"of {max_bytes:,}; not read")
+        with open(p, "rb") as fh:  # never more than the cap, even if it grew meanwhile
+            data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise MetadataTooLarge(f"{p} is more than the limit of {max_bytes:,} bytes; not read")
         if fmt is None:
             suffix = p.suffix.lower().lstrip(".")
             fmt = {"csv": "csv", "tsv": "tsv", "tab": "tsv", "txt": "csv", "json": "json",
@@ -194,13 +251,21 @@ def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None) -> 
         raise ValueError(
             f"read_metadata takes a path or bytes, got {type(path_or_bytes).__name__}"
         )
-    text, problems = _decode(data)
     if fmt is None:
-        head = text.lstrip()[:1]
-        fmt = "json" if head in ("[", "{") else "csv"
-        if fmt == "json" and head == "{" and "\n{" in text.strip():
+        head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        fmt = "json" if head in (b"[", b"{") else "csv"
+        if fmt == "json" and head == b"{" and b"\n{" in data.rstrip():
             fmt = "jsonl"
     fmt = fmt.lower()
+    n_lines, longest = _line_stats(data)
+    if fmt != "json" and longest > max_line:
+        raise MetadataTooLarge(f"{name}: a line is {longest:,} bytes long, more than the limit "
+                               f"of {max_line:,}; not read")
+    if n_lines > max_rows + 1:
+        raise MetadataTooLarge(f"{name}: {n_lines - 1:,} rows, more than the limit of "
+                               f"{max_rows:,}; not read")
+    text, problems = _decode(data)
+    del data
     try:
         if fmt in ("json", "jsonl"):
             meta = _from_json(text, key, jsonl=(fmt == "jsonl"))
@@ -225,6 +290,15 @@ def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None) -> 
         raise ValueError(f"{name}: no column {key!r} to match images by; columns: {cols}")
     if len(meta) == 0:
         raise ValueError(f"{name}: the metadata has no rows")
+    if len(meta) > max_rows:
+        raise MetadataTooLarge(f"{name}: {len(meta):,} rows, more than the limit of "
+                               f"{max_rows:,}")
+    key_len = meta[key].astype(str).str.len()
+    if len(key_len) and int(key_len.max()) > max_key:
+        at = int(key_len.to_numpy().argmax())
+        raise MetadataTooLarge(f"{name}: the {key!r} value of row {at + 1} is "
+                               f"{int(key_len.iloc[at]):,} characters long, more than the "
+                               f"limit of {max_key:,} for a file path")
     dup_cols = [c for c, n in Counter(meta.columns).items() if n > 1]
     if dup_cols:
         raise ValueError(f"{name}: column name(s) used twice: {dup_cols}")
@@ -334,14 +408,22 @@ def join_metadata(df: pd.DataFrame, meta: pd.DataFrame, key: str | None = None, 
     meta = meta[meta[key] != ""].drop_duplicates(subset=key, keep="first")
     keys = meta[key].tolist()
     exact = {k: i for i, k in enumerate(keys)}
+    paths = df[path_col].fillna("").astype(str).map(normalize_key).tolist()
+    # a path of d components can only match a key's last d components: index each key's
+    # suffixes up to the table's deepest path, found from the end (no split of the key),
+    # so the cost is linear in keys x depth, whatever the keys hold (H2)
+    depth = max((p.count("/") + 1 for p in paths if p), default=0)
     by_suffix: dict[str, int] = {}
     for i, k in enumerate(keys):
-        parts = k.split("/")
-        for j in range(1, len(parts)):
-            by_suffix.setdefault("/".join(parts[j:]), i)
+        end = len(k)
+        for _ in range(depth):
+            cut = k.rfind("/", 0, end)
+            if cut < 0:
+                break
+            by_suffix.setdefault(k[cut + 1:], i)
+            end = cut
     names = {k: i for i, k in enumerate(keys) if "/" not in k}
 
-    paths = df[path_col].fillna("").astype(str).map(normalize_key).tolist()
     basenames = [posixpath.basename(p) for p in paths]
     name_freq = Counter(basenames)
     rows = np.full(len(paths), -1, dtype=np.int64)

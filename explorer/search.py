@@ -209,22 +209,29 @@ def clip_images(model, preprocess, images, batch_size: int = 32) -> np.ndarray:
 
 
 def _row_image(csv_path: Path, run: dict, df, i: int):
-    """The thumbnail of CSV row ``i`` (the app's copy), else the original image."""
+    """The thumbnail of CSV row ``i`` (the app's copy), else the original image; both paths
+    through :mod:`explorer.paths` (the run record and the CSV are untrusted input)."""
     from PIL import Image
 
     from explorer import images as images_mod
+    from explorer import paths as paths_mod
 
     thumb = str(df["image"].iloc[i]) if "image" in df.columns else ""
-    if run.get("app") and thumb:
-        p = Path(run["app"]) / thumb
-        if p.is_file():
+    app = run.get("app")
+    if isinstance(app, str) and app and thumb:
+        try:
+            p = paths_mod.resolve_under(app, thumb, must_be_image=True)
             with Image.open(p) as im:
                 return im.convert("RGB")
-    root = table.image_root(csv_path, run)
-    if root is None:
-        raise SearchError(f"cannot find the images of {csv_path} (no thumbnails, and "
-                          "NAME.run.json names no folder that exists)")
-    img, _ = images_mod.load_image(root / str(df["path"].iloc[i]), 256)
+        except (OSError, ValueError):
+            pass  # no usable thumbnail: the original
+    try:
+        root = paths_mod.require_image_root(csv_path, run or None)
+        p = paths_mod.resolve_under(root, str(df["path"].iloc[i]), must_be_image=True)
+        img, _ = images_mod.load_image(p, 256)
+    except (OSError, ValueError) as exc:
+        raise SearchError(f"cannot open the image of row {i} ({df['path'].iloc[i]}) for CLIP: "
+                          f"{exc}") from exc
     return img.convert("RGB")
 
 

@@ -109,37 +109,60 @@ def sidecar(csv_path: str | os.PathLike, kind: str) -> Path:
     return p.with_name(f"{stem}.{kind}")
 
 
-def image_root(csv_path: str | os.PathLike, run: dict | None = None) -> Path | None:
-    """Where the original images of ``csv_path`` are, from its run record; None if unknown.
-
-    Tries the absolute ``image_dir`` first, then ``image_dir_from_csv`` (relative to the
-    CSV), so a project folder that was moved or cloned elsewhere still finds its images.
-    """
-    csv_path = Path(csv_path)
-    if run is None:
-        try:
-            run = json.loads(sidecar(csv_path, "run.json").read_text())
-        except (OSError, ValueError):
-            return None
-    candidates = []
-    if run.get("image_dir"):
-        candidates.append(Path(run["image_dir"]))
-    if run.get("image_dir_from_csv"):
-        candidates.append((csv_path.resolve().parent / run["image_dir_from_csv"]).resolve())
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
 # --------------------------------------------------------------------------- writers
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the only portable way (briefly changes it)
+    os.umask(old)
+    return old
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``os.mkdir`` would give a new folder: ``0o777 & ~umask``."""
+    return 0o777 & ~_umask()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new entry in ``folder`` durable (no-op where folders cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash never leaves a half-written file."""
+    """Write ``data`` to ``path`` so that a crash never leaves a half-written file.
+
+    The file gets the user's normal permissions (``0o666 & ~umask``, not ``mkstemp``'s
+    0600), its bytes are fsynced before the rename, and the folder after it, so the new
+    file survives a power loss once this returns.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), default_file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -150,6 +173,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except OSError:
             pass
         raise
+    fsync_dir(path.parent)
     return path
 
 

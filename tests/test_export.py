@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from explorer.export import export_folders, parse_sample, safe_name
+from explorer.exports import export_folders, parse_sample, safe_name
 
 
 def _files(folder: Path) -> set[str]:
@@ -150,3 +150,252 @@ def test_safe_name_and_parse_sample():
     assert len(safe_name("x" * 500 + ".jpeg")) == 100 and safe_name("x" * 500 + ".jpeg").endswith(".jpeg")
     assert parse_sample("10%") == pytest.approx(0.1) and parse_sample(0.25) == 0.25
     assert parse_sample(None) is None
+
+
+# --------------------------------------------------------------------------- plan + zip
+import io  # noqa: E402
+import json  # noqa: E402
+import tracemalloc  # noqa: E402
+import zipfile  # noqa: E402
+
+from explorer import table  # noqa: E402
+from explorer.cli import main as cli  # noqa: E402
+from explorer.exports import CHUNK, plan_export, write_zip, write_zip_file  # noqa: E402
+
+
+class _Recorder(io.RawIOBase):
+    """A write-only, unseekable file object that keeps only the size of each write."""
+
+    def __init__(self):
+        self.sizes, self.total = [], 0
+        self.digest = __import__("hashlib").sha256()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        n = len(b)
+        self.sizes.append(n)
+        self.total += n
+        self.digest.update(bytes(b))
+        return n
+
+
+def test_zip_streams_one_chunk_at_a_time(tmp_path):
+    """A 20 MB source goes through in chunks: no write and no allocation near its size."""
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:
+        for _ in range(20):
+            fh.write(os.urandom(1 << 20))
+    rec = _Recorder()
+    tracemalloc.start()
+    try:
+        rep = write_zip([("x/big.jpg", big), ("note.txt", b"hello")], rec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rep.files == 2 and rep.bytes_in == (20 << 20) + 5 and not rep.failed
+    assert rec.total > 20 << 20
+    assert max(rec.sizes) <= CHUNK + 4096
+    assert peak < 4 * CHUNK  # a few chunks, never the 20 MB file
+    # and the same entries to a real file read back byte for byte
+    out = write_zip_file([("x/big.jpg", big), ("note.txt", b"hello")], tmp_path / "o.zip")
+    assert out.files == 2
+    with zipfile.ZipFile(tmp_path / "o.zip") as zf:
+        assert zf.read("x/big.jpg") == big.read_bytes()
+        assert zf.getinfo("x/big.jpg").compress_type == zipfile.ZIP_STORED
+        assert zf.getinfo("note.txt").compress_type == zipfile.ZIP_DEFLATED
+        assert zf.testzip() is None
+
+
+def test_zip_to_an_unseekable_stream_is_readable(images, tmp_path):
+    root, df = images
+    plan = plan_export(df, root, layout="flat")
+    rec = io.BytesIO()
+
+    class Pipe(io.RawIOBase):  # like a socket or an HTTP response: no seek, no tell
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return rec.write(b)
+
+    seen = []
+    rep = write_zip(plan.entries, Pipe(), on_progress=lambda d, t: seen.append((d, t)))
+    assert rep.files == len(df) and seen[-1] == (len(df), len(df))
+    with zipfile.ZipFile(io.BytesIO(rec.getvalue())) as zf:
+        assert sorted(zf.namelist()) == sorted(df["path"])
+        assert zf.read("x/a.jpg") == (root / "x/a.jpg").read_bytes()
+
+
+def test_zip_size_cap_leaves_the_rest_out_and_stays_valid(images, tmp_path):
+    root, df = images
+    plan = plan_export(df, root, layout="flat")
+    sizes = [src.stat().st_size for _, src in plan.entries]
+    cap = sum(sizes[:3])
+    buf = io.BytesIO()
+    rep = write_zip(plan.entries, buf, max_bytes=cap)
+    assert rep.capped and rep.files == 3 and rep.bytes_in == cap
+    assert rep.left_out == [a for a, _ in plan.entries[3:]]
+    with zipfile.ZipFile(buf) as zf:
+        assert zf.namelist() == [a for a, _ in plan.entries[:3]]
+    with pytest.raises(ValueError, match="max_bytes"):
+        write_zip([], io.BytesIO(), max_bytes=-5)
+    with pytest.raises(ValueError, match="relative"):
+        write_zip([("../evil.jpg", b"x")], io.BytesIO())
+
+
+def test_flat_plan_refuses_hostile_rows_and_falls_back_to_thumbnails(images, tmp_path):
+    """What the app's "Save images" zips: originals inside the image folder, else thumbnails."""
+    root, df = images
+    app = tmp_path / "app"
+    (app / "static" / "thumbs").mkdir(parents=True)
+    (app / "static" / "thumbs" / "t1.jpg").write_bytes((root / "c.jpg").read_bytes())
+    (tmp_path / "secret.txt").write_text("secret")
+    (root / "fake.jpg").write_text("not an image")
+    if hasattr(os, "symlink"):
+        os.symlink(tmp_path / "secret.txt", root / "link.jpg")
+    hostile = pd.DataFrame({
+        "path": ["b.png", "../secret.txt", "/etc/passwd", "fake.jpg", "link.jpg", "gone.jpg"],
+        "image": ["", "static/thumbs/t1.jpg", "http://evil/x.jpg", "../../secret.txt",
+                  "static/../../secret.txt", "//evil/t.jpg"],
+    })
+    plan = plan_export(hostile, root, layout="flat", thumb_root=app)
+    assert [a for a, _ in plan.entries] == ["b.png", "thumbnails/t1.jpg"]
+    assert plan.originals == 1 and plan.thumbnails == 1
+    assert [r.reason for r in plan.refused] == ["absolute", "not_image", "outside", "missing"]
+    for _, src in plan.entries:
+        assert src.is_relative_to(root.resolve()) or src.is_relative_to(app.resolve())
+    note = plan.refused_note().decode()
+    assert "/etc/passwd" in note and "gone.jpg" in note
+    # no image folder known: thumbnails only
+    plan2 = plan_export(hostile, None, layout="flat", thumb_root=app)
+    assert [a for a, _ in plan2.entries] == ["thumbnails/t1.jpg"]
+    with pytest.raises(ValueError, match="image_root"):
+        plan_export(hostile, None, layout="flat")
+    with pytest.raises(ValueError, match="layout"):
+        plan_export(hostile, root, layout="tree")
+    with pytest.raises(ValueError, match="sample"):
+        plan_export(df, root, layout="label", imagefolder=True, sample=0.5)
+
+
+def test_folder_export_refuses_non_images_and_can_zip(images, tmp_path):
+    root, df = images
+    (root / "fake.jpg").write_text("#!/bin/sh\n")
+    df2 = pd.concat([df, pd.DataFrame([{"path": "fake.jpg", "cluster": 0, "label": ""}])],
+                    ignore_index=True)
+    s = export_folders(df2, root, tmp_path / "out", progress=False)
+    assert [p for p, _ in s["errors"]] == ["fake.jpg"] and "image" in s["errors"][0][1]
+    assert not (tmp_path / "out" / "cluster_0" / "fake.jpg").exists()
+    z = export_folders(df2, root, tmp_path / "clusters", sample="50%", as_zip=True,
+                       progress=False)
+    assert z["to"] == str(tmp_path / "clusters.zip") 
+    assert z["written"] == s["written"] + sum(z["sample_folders"].values()) == 11 + 7
+    with zipfile.ZipFile(tmp_path / "clusters.zip") as zf:
+        names = set(zf.namelist())
+    assert "clusters/cluster_0/y__a.jpg" in names and "clusters/manifest.csv" in names
+    assert {n.split("/")[1] for n in names} == {"cluster_0", "cluster_1", "cluster_2",
+                                                "outliers", "sample", "manifest.csv"}
+    assert (tmp_path / "clusters.zip").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with pytest.raises(FileExistsError):
+        export_folders(df2, root, tmp_path / "clusters.zip", as_zip=True, progress=False)
+    with pytest.raises(ValueError, match="link"):
+        export_folders(df2, root, tmp_path / "l.zip", as_zip=True, mode="link", progress=False)
+
+
+def _umask() -> int:
+    old = os.umask(0o22)
+    os.umask(old)
+    return old
+
+
+# --------------------------------------------------------------------------- the CLI
+@pytest.fixture
+def project(images, tmp_path):
+    """NAME.csv + NAME.run.json over the images fixture, as `explorer build` writes them."""
+    root, df = images
+    n = len(df)
+    t = table.make_table(df["path"], [""] * n, np.zeros((n, 2)), df["cluster"], np.ones(n),
+                         np.zeros(n), [8] * n, [8] * n)
+    t["label"] = df["label"]
+    csv = table.write_table(t, tmp_path / "proj.csv")
+    table.write_json(table.sidecar(csv, "run.json"),
+                     {"image_dir": str(root), "image_dir_from_csv": os.path.relpath(root, tmp_path)})
+    return csv, root
+
+
+@pytest.mark.parametrize("run", [{"image_dir_from_csv": "../../../../../../../../../.."},
+                                 {"image_dir": "/etc"}, {"image_dir": "/"}])
+def test_cli_refuses_a_hostile_run_record(project, tmp_path, capsys, run):
+    csv, _ = project
+    table.write_json(table.sidecar(csv, "run.json"), run)
+    assert cli(["export", str(csv), "--to", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "proj.run.json" in err and "--images" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_imagefolder_honours_or_refuses_every_option(project, tmp_path, capsys):
+    """L8: -q, --by, --link are honoured with --imagefolder; --sample and --zip --link refused."""
+    csv, root = project
+    assert cli(["export", str(csv), "--to", str(tmp_path / "s"), "--imagefolder",
+                "--sample", "10%"]) == 2
+    assert "--sample" in capsys.readouterr().err
+    assert cli(["export", str(csv), "--to", str(tmp_path / "z"), "--zip", "--link"]) == 2
+    assert "--link" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob("z*"))
+
+    assert cli(["export", str(csv), "--to", str(tmp_path / "byc"), "--imagefolder", "--by",
+                "cluster", "--link", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # -q: no progress bar
+    summary = json.loads(out)
+    assert summary["classes"] == {"cluster_0": 6, "cluster_1": 3, "cluster_2": 1}
+    assert (tmp_path / "byc" / "cluster_1" / "f.jpg").is_symlink()
+
+    assert cli(["export", str(csv), "--to", str(tmp_path / "byl"), "--imagefolder", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classes"]["cat"] == 3 and "" not in summary["classes"]
+
+
+def test_cli_zip_of_cluster_folders(project, tmp_path, capsys):
+    csv, _ = project
+    assert cli(["export", str(csv), "--to", str(tmp_path / "c"), "--zip", "-q"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mode"] == "zip" and s["written"] == 11
+    with zipfile.ZipFile(tmp_path / "c.zip") as zf:
+        assert "c/cluster_1/f.jpg" in zf.namelist()
+
+
+def test_zip_extra_notes_and_entry_order(images):
+    root, df = images
+    plan = plan_export(df, root, layout="flat")
+    buf = io.BytesIO()
+    rep = write_zip(plan.entries[:2], buf, extra={"MISSING.txt": "gone.jpg\n", "NONE.txt": None})
+    assert rep.files == 3
+    with zipfile.ZipFile(buf) as zf:
+        assert zf.namelist()[-1] == "MISSING.txt" and zf.read("MISSING.txt") == b"gone.jpg\n"
+    with pytest.raises(TypeError, match=r"\(arcname, source\)"):
+        write_zip([(src, arc) for arc, src in plan.entries[:1]], io.BytesIO())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
+def test_images_discover_finds_through_a_symlink_out_are_refused_at_export(images, tmp_path):
+    """M9, the one symlink policy: discover follows a symlinked folder, but an image that
+    resolves outside the image folder is not exported (the summary says why)."""
+    from explorer.images import discover
+
+    root, df = images
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.jpg").write_bytes((root / "c.jpg").read_bytes())
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root / "x", root / "inside")  # a symlinked folder that stays inside
+    found = [p.relative_to(root).as_posix() for p in discover(root)]
+    assert "linked/far.jpg" in found and "inside/a.jpg" in found
+    t = pd.DataFrame({"path": ["linked/far.jpg", "inside/a.jpg"], "cluster": [0, 0]})
+    s = export_folders(t, root, tmp_path / "out", progress=False)
+    assert s["written"] == 1 and (tmp_path / "out" / "cluster_0" / "a.jpg").is_file()
+    assert [p for p, _ in s["errors"]] == ["linked/far.jpg"]
+    assert "outside the image folder" in s["errors"][0][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from explorer.imagefolder import LABELS_CSV, export_imagefolder
+from explorer.exports import LABELS_CSV, export_imagefolder
 from explorer.journal import Journal
 from explorer.labels import LabelBook, labelled_table
 
@@ -89,8 +90,62 @@ def test_zip_export_loads_after_unzipping(image_root, tmp_path):
 def test_keep_unlabelled_and_discard_when_asked(image_root, tmp_path):
     summary = export_imagefolder(frame(BASIC), image_root, tmp_path / "all",
                                  skip_unlabelled=False, skip_discard=False, progress=False)
-    assert summary["classes"] == {"cat": 2, "drink": 1, "person": 1, "unlabelled": 1,
-                                  "discard": 1}
+    assert summary["classes"] == {"cat": 2, "drink": 1, "person": 1, "": 1, "discard": 1}
+    assert summary["folders"][""] == "unlabelled"
+    assert (tmp_path / "all" / "unlabelled" / "rocket.jpg").is_file()
+    csv = pd.read_csv(tmp_path / "all" / LABELS_CSV, keep_default_na=False)
+    assert csv.set_index("path").loc["a/rocket.jpg", "label"] == ""  # not given a label
+
+
+def test_a_real_label_named_unlabelled_is_not_merged(image_root, tmp_path):
+    """L9: the label "unlabelled" and the rows without a label stay two classes."""
+    rows = [("a/chelsea.jpg", "unlabelled"), ("a/coffee.jpg", "unlabelled"), ("a/rocket.jpg", ""),
+            ("a/astronaut.jpg", "person")]
+    summary = export_imagefolder(frame(rows), image_root, tmp_path / "out",
+                                 skip_unlabelled=False, progress=False)
+    assert summary["classes"] == {"unlabelled": 2, "": 1, "person": 1}
+    real, none = summary["folders"]["unlabelled"], summary["folders"][""]
+    assert real != none and none == "unlabelled"
+    assert sorted(p.name for p in (tmp_path / "out" / real).iterdir()) == ["chelsea.jpg",
+                                                                         "coffee.jpg"]
+    assert sorted(p.name for p in (tmp_path / "out" / none).iterdir()) == ["rocket.jpg"]
+    # without the unlabelled rows, the real label keeps its own name
+    s2 = export_imagefolder(frame(rows), image_root, tmp_path / "out2", progress=False)
+    assert s2["folders"] == {"unlabelled": "unlabelled", "person": "person"}
+
+
+def test_imagefolder_by_cluster_and_links(image_root, tmp_path):
+    """L8: --by cluster and --link are honoured by the ImageFolder export."""
+    df = frame(BASIC).assign(cluster=[0, 0, 1, 1, -1, 2])
+    s = export_imagefolder(df, image_root, tmp_path / "byc", by="cluster", mode="link",
+                           progress=False)
+    assert s["classes"] == {"cluster_0": 2, "cluster_1": 2, "cluster_2": 1}
+    assert s["skipped_unlabelled"] == 1  # the noise row
+    f = tmp_path / "byc" / "cluster_1" / "coffee.jpg"
+    assert f.is_symlink() and f.resolve() == (image_root / "a" / "coffee.jpg").resolve()
+    with pytest.raises(ValueError, match="link"):
+        export_imagefolder(df, image_root, tmp_path / "z", by="cluster", mode="link",
+                           as_zip=True, progress=False)
+
+
+def test_non_images_and_symlinks_out_are_not_exported(image_root, tmp_path):
+    """H1: a text file named .jpg and a symlink leading out of the image folder stay behind."""
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (root / "a" / name).write_bytes((image_root / "a" / name).read_bytes())
+    (root / "a" / "passwd.jpg").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "secret.jpg").write_bytes((image_root / "a" / "rocket.jpg").read_bytes())
+    os.symlink(tmp_path / "secret.jpg", root / "a" / "leak.jpg")
+    rows = [("a/chelsea.jpg", "cat"), ("a/passwd.jpg", "cat"), ("a/leak.jpg", "cat"),
+            ("a/coffee.jpg", "drink")]
+    s = export_imagefolder(frame(rows), root, tmp_path / "out.zip", as_zip=True, progress=False)
+    assert s["images"] == 2
+    assert [p for p, _ in s["refused"]] == ["a/passwd.jpg", "a/leak.jpg"]
+    assert s["outside_root"] == ["a/leak.jpg"]
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        names = zf.namelist()
+    assert sorted(names) == ["out/cat/chelsea.jpg", "out/drink/coffee.jpg", "out/labels.csv"]
 
 
 def test_never_overwrites(image_root, tmp_path):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from explorer.metadata import (
+    MetadataTooLarge,
     join_metadata,
+    normalize_key,
     looks_like_tags,
     read_metadata,
     rows_with_tag,
@@ -113,6 +116,82 @@ def test_missing_file_and_bad_argument(tmp_path):
         read_metadata(123, "file")
     with pytest.raises(ValueError):
         read_metadata(b"file\na\n", "")
+
+
+# ------------------------------------------------------------------ caps (H2)
+HUGE_KEY = "d/" * (512 * 1024) + "x.jpg"  # a 1 MiB key of 512k folders
+
+
+def _peak(fn):
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_1mib_key_costs_bounded_memory_in_the_join():
+    """H2: the old join indexed every suffix of every key (hundreds of GB for this key)."""
+    df = table([f"d/d/x{i}.jpg" for i in range(300)] + ["d/d/x.jpg"])
+    meta = pd.DataFrame({"file": [HUGE_KEY, "x3.jpg"], "place": ["deep", "Rome"]})
+    (out, rep), peak = _peak(lambda: join_metadata(df, meta, "file"))
+    assert peak < 50 * 2**20
+    assert out["place"].iloc[-1] == "deep" and out["place"].iloc[3] == "Rome"
+    assert (rep.matched, rep.by_suffix, rep.by_name) == (2, 1, 1)
+
+
+def test_a_1mib_key_upload_is_refused_clearly_or_read_in_bounded_memory():
+    data = ("file,place\n" + HUGE_KEY + ",deep\nd/y.jpg,near\n").encode()
+    with pytest.raises(MetadataTooLarge, match="line is 1,048,5.. bytes long"):
+        read_metadata(data, "file")  # the default line cap
+    with pytest.raises(MetadataTooLarge, match="characters long, more than the limit of 8,192"):
+        read_metadata(data, "file", max_line=4 << 20)  # the key cap
+    # with both caps raised it is read and joined in bounded memory
+    df = table(["d/d/x.jpg", "d/y.jpg"])
+
+    def both():
+        meta = read_metadata(data, "file", max_line=4 << 20, max_key=2 << 20)
+        return join_metadata(df, meta)
+
+    (out, rep), peak = _peak(both)
+    assert peak < 50 * 2**20
+    assert out["place"].tolist() == ["deep", "near"]
+
+
+def test_uploads_and_files_are_capped_in_bytes_rows_and_lines(tmp_path):
+    data = b"file,n\n" + b"".join(b"f%d.jpg,%d\n" % (i, i) for i in range(100))
+    assert len(read_metadata(data, "file")) == 100
+    with pytest.raises(MetadataTooLarge, match="upload is 1,... bytes, more than the limit of 1,000"):
+        read_metadata(data, "file", max_bytes=1000)
+    p = tmp_path / "m.csv"
+    p.write_bytes(data)
+    with pytest.raises(MetadataTooLarge, match="more than the limit of 1,000; not read"):
+        read_metadata(p, "file", max_bytes=1000)
+    with pytest.raises(MetadataTooLarge, match="100 rows, more than the limit of 99"):
+        read_metadata(data, "file", max_rows=99)
+    assert len(read_metadata(data, "file", max_rows=100)) == 100
+    jl = b"".join(b'{"file": "f%d.jpg"}\n' % i for i in range(5))
+    with pytest.raises(MetadataTooLarge, match="rows"):
+        read_metadata(jl, "file", max_rows=3)
+    js = json.dumps([{"file": f"f{i}.jpg"} for i in range(5)]).encode()  # one line: no line cap
+    assert len(read_metadata(js, "file", max_line=10)) == 5
+    with pytest.raises(MetadataTooLarge, match="rows"):
+        read_metadata(js, "file", max_rows=3)
+    with pytest.raises(ValueError, match="max_rows"):
+        read_metadata(data, "file", max_rows=0)
+
+
+def test_many_dot_slashes_normalise_in_linear_time():
+    assert normalize_key("./" * 500_000 + "a.jpg") == "a.jpg"
+    assert normalize_key(" ./.\\b/c.jpg ") == "b/c.jpg"
+
+
+def test_quoted_fields_with_separators_and_newlines_still_parse():
+    data = b'file,caption\n"a,1.jpg","two\nlines, and a comma"\nb.jpg,plain\n'
+    meta = read_metadata(data, "file")
+    assert meta["file"].tolist() == ["a,1.jpg", "b.jpg"]
+    assert meta["caption"].tolist() == ["two\nlines, and a comma", "plain"]
 
 
 # ------------------------------------------------------------------ joining

@@ -103,3 +103,41 @@ def test_text_columns_keep_their_exact_text_and_junk_numbers_are_reported(tmp_pa
     assert df["cluster"].tolist() == [3, -1] and np.isnan(df["y"][1])
     problems = " ".join(df.attrs["problems"])
     assert "'y'" in problems and "'cluster'" in problems
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_users_normal_permissions(tmp_path, umask, mode):
+    """M10: not mkstemp's owner-only 0600, but what the umask gives a plain new file."""
+    old = os.umask(umask)
+    try:
+        p = table.write_table(_small(), tmp_path / "t.csv")
+        j = table.write_json(tmp_path / "t.run.json", {"a": 1})
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        expected_plain = plain.stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == mode == expected_plain
+    assert j.stat().st_mode & 0o777 == mode
+
+
+def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """M10: the rename is made durable: the parent folder is fsynced after os.replace."""
+    events = []
+    real_replace, real_fsync, real_open = os.replace, os.fsync, os.open
+    folders = {}
+
+    def spy_open(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        if os.path.isdir(path):
+            folders[fd] = os.path.realpath(path)
+        return fd
+
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(folders.get(fd, "file")),
+                                                  real_fsync(fd)))
+    table.atomic_write_text(tmp_path / "t.txt", "hello")
+    assert events == ["file", "replace", os.path.realpath(tmp_path)]
+    assert (tmp_path / "t.txt").read_text() == "hello"

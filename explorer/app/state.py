@@ -34,7 +34,8 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from explorer.table import image_root, read_table, sidecar, write_table
+from explorer.paths import image_root_from_run
+from explorer.table import read_table, sidecar, write_table
 
 #: columns a person can colour the map by / filter the label MultiSelect on
 LABEL_COLUMNS: tuple[str, ...] = ("cluster", "label", "duplicate_group")
@@ -1082,7 +1083,7 @@ class AppState:
         result, zp = self._write_export_csv(stem, df, imagefolder)
         parts = [f"saved {len(df):,} row(s) with labels to {result.csv.name}"]
         if zp is not None:
-            from explorer.imagefolder import export_imagefolder
+            from explorer.exports import export_imagefolder
 
             try:
                 summary = export_imagefolder(df, self.image_dir, zp, as_zip=True, progress=progress)
@@ -1295,7 +1296,7 @@ def _image_dir_from_run(csv_path: Path) -> tuple[Path | None, str | None]:
         return None, f"cannot read {run.name} ({exc}): Save images will zip thumbnails"
     if not isinstance(record, dict) or not (record.get("image_dir") or record.get("image_dir_from_csv")):
         return None, f"{run.name} names no image_dir: Save images will zip thumbnails"
-    found = image_root(csv_path, record)
+    found = image_root_from_run(csv_path, record)[0]
     if found is not None:
         return found, None
     wanted = record.get("image_dir") or record.get("image_dir_from_csv")
