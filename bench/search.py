@@ -12,6 +12,11 @@ queries and counts how many of the top 5 show what was asked:
     python bench/search.py [--per-class 20] [--seed 7]
 
 Nothing is asserted; figures and the load average are printed.
+
+Measured (120 crops of 6 photos, load average 17): text P@5 1.00 for "a cat", "a cup of
+coffee", "a rocket", "a space rocket on the launch pad"; 0.00 for "an astronaut", "galaxies
+in the night sky", "a microscope image of tissue" (no ImageNet class: read as space
+shuttle / planetarium / consomme); mean 0.57. Image search P@5 1.00 for all 6 photos.
 """
 
 from __future__ import annotations
