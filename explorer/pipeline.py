@@ -116,6 +116,8 @@ class Images:
     # CNN (pixels/hog/autoencoder); ``features`` stays the CNN's (neighbours, search)
     layout_input: np.ndarray | None = None
     choice: dict[str, Any] | None = None
+    # (idx, p) top ImageNet classes per row from the embedding process, or why there are none
+    concepts: Any = None
 
     @property
     def for_layout(self) -> np.ndarray:
@@ -423,9 +425,11 @@ def _embed(ctx: BuildContext) -> Images:
     info.update(n_cached=int(res["n_cached"]), n_read=int(res["n_read"]),
                 n_decoded=int(res["n_decoded"]), embed_timings=res["timings"])
     _check_some(ctx, res["ok"])
-    return Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
+    imgs = Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
                   width=res["width"], height=res["height"], hashes=res["hashes"],
                   phash=res["phash"], stats=res["stats"], info=info)
+    imgs.concepts = res.get("concepts")
+    return imgs
 
 
 def _embed_job(kw: dict, with_vectors: bool) -> dict:
@@ -436,17 +440,23 @@ def _embed_job(kw: dict, with_vectors: bool) -> dict:
     kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
     res = embed_mod.embed_paths(kw.pop("paths"), **kw)
     out = dict(res.__dict__)
+    out["concepts"] = _concepts_of(res.embeddings, kw["model"], kw.get("checkpoint"))
     if not with_vectors:
         out["embeddings"] = None
     return out
 
 
-def _concepts_job(store_path: Path, key: str, hashes: list[str], model, checkpoint):
-    """Top ImageNet classes of the stored vectors (run in a child: torch stays there)."""
+def _concepts_of(vectors, model, checkpoint):
+    """Top ImageNet classes ``(idx, p)`` of the vectors, where torch is already loaded (the
+    embedding process), or the reason there are none (a backbone without that classifier)."""
     from explorer import concepts as concepts_mod
 
-    return concepts_mod.concepts_from_features(_read_vectors(store_path, key, hashes), model,
-                                               checkpoint)
+    if vectors is None or len(vectors) == 0:
+        return "no vectors"
+    try:
+        return concepts_mod.concepts_from_features(vectors, model, checkpoint)
+    except ValueError as exc:
+        return str(exc)
 
 
 def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
@@ -729,27 +739,13 @@ def _understand(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) 
     from explorer import quality
 
     idx = p = None
-    o = ctx.opts
     with ctx.stage("concepts"):
-        if o.method == "timm":
-            model = imgs.info.get("name") or o.model
-            try:
-                if ctx.engine == "local" and o.embed_process and imgs.info.get("model_key"):
-                    # like the embedding: torch (the classifier) only in a child process
-                    import multiprocessing
-                    from concurrent.futures import ProcessPoolExecutor
-
-                    with ProcessPoolExecutor(
-                            1, mp_context=multiprocessing.get_context("spawn")) as ex:
-                        idx, p = ex.submit(_concepts_job, table.sidecar(ctx.csv_path, "store"),
-                                           imgs.info["model_key"], imgs.hashes, model,
-                                           o.checkpoint).result()
-                else:
-                    idx, p = concepts_mod.concepts_from_features(imgs.features, model,
-                                                                 o.checkpoint)
-                concepts_mod.save_concepts(table.sidecar(ctx.csv_path, "concepts.npz"), idx, p)
-            except ValueError as exc:  # a backbone without an ImageNet-1k classifier
-                ctx.notes.append(f"no ImageNet concepts (cluster names, search by concept): {exc}")
+        got = imgs.concepts
+        if isinstance(got, tuple) and len(got[0]) == len(df):
+            idx, p = got
+            concepts_mod.save_concepts(table.sidecar(ctx.csv_path, "concepts.npz"), idx, p)
+        elif ctx.opts.method == "timm":  # a backbone without an ImageNet-1k classifier
+            ctx.notes.append(f"no ImageNet concepts (cluster names, search by concept): {got}")
         groups = {"folder": concepts_mod.folder_of(df["path"].tolist())}
         for col in df.columns:
             if col not in table.COLUMNS and df[col].dtype == object:
