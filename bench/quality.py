@@ -14,6 +14,24 @@ Three ways to get embeddings:
     # a features file: .npz with X (N, D) and labels (N,) (paths optional)
     python bench/quality.py --features /tmp/h2/clothing_feats.npz --all-methods
 
+Feature options (``--features``): with ``--feature-options`` the CNN embedding, pixels, HOG
+and the autoencoder are computed once from the same images and each goes through the
+build's clustering path (UMAP cluster space + HDBSCAN); ``auto`` is ``choose_features`` among
+cnn/pixels/hog, then the same. Seconds include computing that option's features:
+
+    python bench/quality.py --data ../shared/data/clothing-small --feature-options
+    python bench/quality.py --generated nonphoto --feature-options   # glyphs, shapes, pages
+
+Measured (seed 42, 2 cores shared by 7 helpers, load average 8-18; seconds are inflated
+accordingly): generated non-photographs (630 images, 21 classes: glyphs, shapes, pages) NMI
+cnn 0.919, pixels 0.566, hog 0.712, autoencoder (mse, 20 epochs) 0.457, auto -> cnn 0.919;
+aligned digits (210 images, 10 classes) cnn 0.804, pixels 0.699, hog 0.910, autoencoder
+0.243, auto -> hog 0.910 (silhouette hog 0.559 vs cnn 0.542); clothing-small (3,781 photos)
+cnn 0.632 (ARI 0.559), pixels 0.113, hog 0.278, autoencoder (mse, 10 epochs) 0.146, auto ->
+cnn 0.632 (silhouette on a 1,000 sample: cnn 0.389, pixels 0.333, hog 0.336; choice 21 s;
+auto cost 1,190 s vs cnn 982 s end to end here, +21%, mostly decoding small images and HOG).
+No noise (HDBSCAN's noise is assigned) in any row.
+
 The class of an image is the name of the folder that holds it (``train/hat/x.jpg`` ->
 ``hat``). Nothing is asserted: this prints figures for the developers' guide's targets
 (default: NMI >= 0.60 and noise <= 10% on clothing-small).
@@ -127,6 +145,89 @@ def from_build(data: Path, seeds, workdir: Path, progress: bool):
     return rows, feats, truth
 
 
+FEATURE_OPTIONS = ("cnn", "pixels", "hog", "autoencoder", "auto")
+
+
+def generated_folder(name: str, root: Path, n_per_class: int) -> Path:
+    """Write one of tests/_collections.py's labelled sets as root/<label>/*.png."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests import _collections as C
+
+    if name == "nonphoto":
+        images, labels = C.non_photographic(n_per_class, seed=7)
+    else:
+        images, labels = C.COLLECTIONS[name](n_per_class, seed=7)
+    C.write_folder(images, labels, root / name)
+    return root / name
+
+
+def feature_options(data: Path, seeds, workdir: Path, options, ae_loss: str, ae_epochs: int):
+    """Rows (option, median measures, median seconds) for each ``--features`` option."""
+    from explorer import embed, images as images_mod
+    from explorer import features as F
+    from explorer.cluster import cluster
+    from explorer.reduce import reduce_cluster_space
+
+    paths = images_mod.discover(data)
+    t0 = time.perf_counter()
+    res = embed.embed_paths(paths, store=workdir / "bench.store", progress=False)
+    t_cnn = time.perf_counter() - t0
+    ok = np.asarray(res.ok)
+    truth = folder_labels([paths[i] for i in ok])
+    print(f"  {len(ok)} images, {len(set(truth))} classes; CNN embedding {t_cnn:.1f} s "
+          f"({res.n_cached} from the store)", flush=True)
+    t0 = time.perf_counter()
+    small = []
+    for i in ok:
+        img = images_mod.load_image(paths[i], F.SMALL_SIZE)[0]
+        img.thumbnail((F.SMALL_SIZE, F.SMALL_SIZE))
+        small.append(img)
+    t_small = time.perf_counter() - t0
+    print(f"  small images decoded in {t_small:.1f} s", flush=True)
+    feats: dict[str, tuple[np.ndarray, float]] = {"cnn": (res.embeddings, t_cnn)}
+    per: dict[str, list] = {o: [] for o in options}
+    secs: dict[str, list] = {o: [] for o in options}
+    picked: list[str] = []
+    for seed in seeds:
+        for name in ("pixels", "hog", "autoencoder"):
+            if name in options or (name != "autoencoder" and "auto" in options):
+                t0 = time.perf_counter()
+                kw = {"ae_loss": ae_loss, "epochs": ae_epochs} if name == "autoencoder" else {}
+                X = F.compute(name, small, seed=seed, **kw)
+                feats[name] = (X, time.perf_counter() - t0 + t_small)
+        layout_secs: dict[str, float] = {}
+        # auto last: when it picks an option measured above with this seed, the layout is the
+        # same computation, so its labels are reused and its time = choice + that layout
+        for opt in sorted(options, key=lambda o: o == "auto"):
+            t0 = time.perf_counter()
+            if opt == "auto":
+                ch = F.choose_features({k: feats[k][0] for k in F.AUTO_CANDIDATES}, seed=seed)
+                X, t_feat = feats[ch.name][0], sum(feats[k][1] for k in F.AUTO_CANDIDATES)
+                picked.append(ch.name)
+                print(f"    auto: {ch.reason} ({ch.seconds:.1f} s)", flush=True)
+                if ch.name in layout_secs:
+                    secs[opt].append(time.perf_counter() - t0 + t_feat + layout_secs[ch.name])
+                    per[opt].append(per[ch.name][-1])
+                    print(f"    seed {seed} {opt:<12} {per[opt][-1]}  ({secs[opt][-1]:.1f} s)",
+                          flush=True)
+                    continue
+            else:
+                X, t_feat = feats[opt]
+            Z, _ = reduce_cluster_space(X, random_state=seed)
+            labels = cluster(Z, "hdbscan", random_state=seed).labels
+            layout_secs[opt] = time.perf_counter() - t0
+            secs[opt].append(time.perf_counter() - t0 + t_feat)
+            per[opt].append(measure(truth, labels))
+            print(f"    seed {seed} {opt:<12} {per[opt][-1]}  ({secs[opt][-1]:.1f} s)", flush=True)
+    rows = []
+    for opt in options:
+        name = opt if opt != "auto" else f"auto -> {', '.join(sorted(set(picked)))}"
+        if opt == "autoencoder":
+            name = f"autoencoder ({ae_loss})"
+        rows.append((name[:30], median_row(per[opt]), statistics.median(secs[opt])))
+    return rows, truth
+
+
 def load_features(path: Path):
     with np.load(path, allow_pickle=False) as f:
         X = np.asarray(f["X"], dtype=np.float32)
@@ -154,6 +255,15 @@ def main(argv=None) -> int:
     src.add_argument("--data", type=Path, default=None, help=f"image folder (default {DEFAULT_DATA})")
     src.add_argument("--csv", type=Path, help="an existing build's CSV (with NAME.features.npy)")
     src.add_argument("--features", type=Path, help=".npz with X and labels (or paths)")
+    src.add_argument("--generated", choices=["nonphoto", "glyphs", "digits", "shapes", "pages", "photos"],
+                     help="a labelled set from tests/_collections.py (non-photographs: nonphoto)")
+    ap.add_argument("--feature-options", action="store_true",
+                    help="NMI/ARI/noise/seconds per --features option and for auto")
+    ap.add_argument("--options", default=",".join(FEATURE_OPTIONS),
+                    help="comma list for --feature-options")
+    ap.add_argument("--ae-loss", default="mse", choices=["mse", "l1", "perceptual"])
+    ap.add_argument("--ae-epochs", type=int, default=30)
+    ap.add_argument("--per-class", type=int, default=40, help="images per class for --generated")
     ap.add_argument("--all-methods", action="store_true", help="also every --cluster choice")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list for --all-methods")
     ap.add_argument("--seeds", default="42", help="comma list of seeds; figures are medians")
@@ -167,6 +277,28 @@ def main(argv=None) -> int:
             ap.error(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
 
     rows: list = []
+    if args.feature_options or args.generated:
+        import os
+
+        options = [o.strip() for o in args.options.split(",") if o.strip()]
+        for o in options:
+            if o not in FEATURE_OPTIONS:
+                ap.error(f"unknown feature option {o!r}; choose from {', '.join(FEATURE_OPTIONS)}")
+        with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+            workdir = args.workdir or Path(tmp)
+            if args.generated:
+                data = generated_folder(args.generated, workdir, args.per_class)
+                source = f"generated {args.generated}"
+            else:
+                data = args.data or DEFAULT_DATA
+                source = f"{data}"
+            rows, truth = feature_options(data, seeds, workdir, options, args.ae_loss,
+                                          args.ae_epochs)
+        n_seeds = f"median of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        print_table(f"--features on {source}: {len(truth)} images, {len(set(truth))} classes "
+                    f"({n_seeds})", rows)
+        print(f"load average (1, 5, 15 min): {os.getloadavg()}")
+        return 0
     if args.features is not None:
         X, truth = load_features(args.features)
         source = f"features {args.features} {X.shape}"

@@ -86,6 +86,15 @@ def make_parser() -> argparse.ArgumentParser:
                    "not reproducible; the run record says which)")
     b.add_argument("--map", dest="map_method", default="umap", choices=["umap", "tsne", "pca"],
                    help="how the 2-D map is made (default umap)")
+    b.add_argument("--features", default="auto",
+                   choices=["auto", "cnn", "pixels", "hog", "autoencoder"],
+                   help="what the map and clusters are computed from: auto (default: from 200 "
+                   "images on, the CNN, pixels or HOG, whichever shows the clearest cluster "
+                   "structure; the run record says why), cnn (ImageNet network), pixels "
+                   "(small thumbnail + PCA), hog, autoencoder (trained on the collection)")
+    b.add_argument("--ae-loss", default="mse", choices=["mse", "l1", "perceptual"],
+                   help="loss of --features autoencoder (perceptual: through the CNN's early "
+                   "layers)")
     b.add_argument("--remap", action="store_true",
                    help="recompute map and clusters even when only a few images were added "
                    "(default: new images are placed on the previous map)")
@@ -131,6 +140,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, metavar="IMAGE_DIR",
                    help="where the original images are (default: from NAME.run.json)")
     e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--drop", default=None, metavar="FLAG,...",
+                   help="leave out images with any of these quality flags, e.g. "
+                   "blurry,exact_duplicate (flags: blurry, dark, bright, low_information, "
+                   "grayscale, odd_aspect, odd_size, exact_duplicate)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(mode="copy")
 
@@ -174,6 +187,23 @@ def make_parser() -> argparse.ArgumentParser:
     ur = usub.add_parser("remove", help="remove a user (their token stops working at once)")
     ur.add_argument("name", metavar="NAME")
     ur.add_argument("--data", required=True, metavar="DIR")
+
+    s = sub.add_parser("search", help="find images by words or by an example image",
+                       description="Rank the images of a build by a text query (search by "
+                       "ImageNet concept with a bundled sentence model, or CLIP with "
+                       "--text-model/--checkpoint) or by similarity to --image FILE.")
+    s.add_argument("csv", metavar="NAME.csv")
+    s.add_argument("query", nargs="?", default=None, metavar="TEXT",
+                   help='what to look for, e.g. "a red dress"')
+    s.add_argument("--image", default=None, metavar="FILE",
+                   help="find the images most like FILE (embedded with the build's model)")
+    s.add_argument("--top", type=int, default=10, metavar="K", help="results (default 10)")
+    s.add_argument("--json", action="store_true",
+                   help="print a JSON list of {path, score, ...} instead of a table")
+    s.add_argument("--text-model", default=None, metavar="NAME",
+                   help="an open_clip model name (or config .json) for CLIP text search")
+    s.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="the CLIP weights on disk (with --text-model; nothing is downloaded)")
     return p
 
 
@@ -190,7 +220,7 @@ def cmd_build(a: argparse.Namespace) -> int:
           thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
           device=a.device, engine=a.engine, ray_address=a.ray_address,
           map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
-          progress=not a.quiet)
+          features=a.features, ae_loss=a.ae_loss, progress=not a.quiet)
     return 0
 
 
@@ -261,6 +291,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         from explorer.labels import LabelBook, labelled_table
 
         df = labelled_table(df, LabelBook.from_journal(journal))
+    dropped = None
+    if a.drop:
+        from explorer.quality import drop_flagged
+
+        df, dropped = drop_flagged(df, a.drop)
     if a.imagefolder:
         from explorer.exports import export_imagefolder
 
@@ -271,6 +306,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         summary = export_folders(df, root, Path(a.to), by=a.by or "cluster", sample=a.sample,
                                  mode=a.mode, seed=a.seed, as_zip=a.zip, progress=not a.quiet)
+    if dropped is not None and isinstance(summary, dict):
+        summary["dropped_by_flag"] = dropped
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -316,8 +353,27 @@ def cmd_users(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(a: argparse.Namespace) -> int:
+    from explorer.search import search
+
+    hits = search(a.csv, text=a.query, image=a.image, top=a.top, text_model=a.text_model,
+                  checkpoint=a.checkpoint)
+    if a.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    if not hits:
+        print("no results")
+        return 0
+    if hits[0].get("query_read_as"):
+        print("read as: " + ", ".join(hits[0]["query_read_as"]))
+    for rank, h in enumerate(hits, 1):
+        what = ", ".join(h.get("concepts", [])) or h.get("cluster_name", "")
+        print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  ({what})" if what else ""))
+    return 0
+
+
 COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
-            "serve": cmd_serve, "users": cmd_users}
+            "serve": cmd_serve, "users": cmd_users, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,8 @@ class BuildOptions:
     engine: str = "local"
     ray_address: str | None = None
     map_method: str = "umap"
+    features: str = "auto"
+    ae_loss: str = "mse"
     remap: bool = False
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     progress: bool = True
@@ -110,6 +112,16 @@ class Images:
     stats: np.ndarray | None = None  # float32 (n, len(quality.STAT_NAMES))
     classic: Any = None  # the classic method's features (phash/ssim/...), else None
     info: dict[str, Any] = field(default_factory=dict)
+    # what the map and the clusters are computed from when --features chose other than the
+    # CNN (pixels/hog/autoencoder); ``features`` stays the CNN's (neighbours, search)
+    layout_input: np.ndarray | None = None
+    choice: dict[str, Any] | None = None
+    # (idx, p) top ImageNet classes per row from the embedding process, or why there are none
+    concepts: Any = None
+
+    @property
+    def for_layout(self) -> np.ndarray:
+        return self.features if self.layout_input is None else self.layout_input
 
 
 @dataclass
@@ -276,8 +288,11 @@ def build(
     _install_app(ctx)
     imgs = _embed(ctx) if ctx.opts.method == "timm" else _classic_features(ctx)
     dups = _duplicates(ctx, imgs)
+    if ctx.opts.method == "timm":
+        _choose_features(ctx, imgs)
     lay = _layout(ctx, imgs)
     df = _table(ctx, imgs, lay, dups)
+    df = _understand(ctx, df, imgs, lay)
     _write(ctx, df, imgs, lay)
     return _record(ctx, df, imgs, lay)
 
@@ -289,6 +304,14 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         raise BuildError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
     if opts.map_method not in MAP_METHODS:
         raise BuildError(f"unknown --map {opts.map_method!r}; choose one of {', '.join(MAP_METHODS)}")
+    from explorer.features import AE_LOSSES, FEATURES
+
+    if opts.features not in FEATURES:
+        raise BuildError(f"unknown --features {opts.features!r}; choose one of "
+                         f"{', '.join(FEATURES)}")
+    if opts.ae_loss not in AE_LOSSES:
+        raise BuildError(f"unknown --ae-loss {opts.ae_loss!r}; choose one of "
+                         f"{', '.join(AE_LOSSES)}")
     if opts.engine not in ENGINES:
         raise BuildError(f"unknown --engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
     if opts.batch_size is not None and opts.batch_size < 1:
@@ -402,9 +425,11 @@ def _embed(ctx: BuildContext) -> Images:
     info.update(n_cached=int(res["n_cached"]), n_read=int(res["n_read"]),
                 n_decoded=int(res["n_decoded"]), embed_timings=res["timings"])
     _check_some(ctx, res["ok"])
-    return Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
+    imgs = Images(ok=np.asarray(res["ok"], dtype=int), features=res["embeddings"],
                   width=res["width"], height=res["height"], hashes=res["hashes"],
                   phash=res["phash"], stats=res["stats"], info=info)
+    imgs.concepts = res.get("concepts")
+    return imgs
 
 
 def _embed_job(kw: dict, with_vectors: bool) -> dict:
@@ -415,9 +440,23 @@ def _embed_job(kw: dict, with_vectors: bool) -> dict:
     kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
     res = embed_mod.embed_paths(kw.pop("paths"), **kw)
     out = dict(res.__dict__)
+    out["concepts"] = _concepts_of(res.embeddings, kw["model"], kw.get("checkpoint"))
     if not with_vectors:
         out["embeddings"] = None
     return out
+
+
+def _concepts_of(vectors, model, checkpoint):
+    """Top ImageNet classes ``(idx, p)`` of the vectors, where torch is already loaded (the
+    embedding process), or the reason there are none (a backbone without that classifier)."""
+    from explorer import concepts as concepts_mod
+
+    if vectors is None or len(vectors) == 0:
+        return "no vectors"
+    try:
+        return concepts_mod.concepts_from_features(vectors, model, checkpoint)
+    except ValueError as exc:
+        return str(exc)
 
 
 def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
@@ -496,7 +535,7 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
     from explorer.reduce import map_and_space
 
     with ctx.stage("map"):
-        m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
+        m = map_and_space(imgs.for_layout, map_method=o.map_method, random_state=o.seed,
                           device=ctx.device if ctx.device.startswith("cuda") else "cpu",
                           progress=o.progress)
     ctx.notes += list(m.notes)
@@ -589,6 +628,7 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
             "duplicates": o.duplicates, "duplicate_threshold": o.duplicate_threshold,
             "batch_size": o.batch_size, "thumb_size": o.thumb_size, "seed": o.seed,
             "reproducible": o.seed is not None, "map": o.map_method, "remap": o.remap,
+            "features": o.features, "ae_loss": o.ae_loss,
             "engine": ctx.engine, "ray_address": o.ray_address, "device": o.device,
             "max_file_mb": o.max_file_mb,
             "metadata": str(o.metadata) if o.metadata else None, "key": o.key,
@@ -600,6 +640,7 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
                       "seed": o.seed, "reproducible": o.seed is not None},
         "model": mi,
         "map": lay.info.get("map"),
+        "features": imgs.choice,
         "clustering": lay.info.get("clustering"),
         "counts": {
             "found": len(ctx.paths), "rows": int(len(df)), "skipped": len(ctx.errors),
@@ -622,10 +663,107 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
     return result
 
 
+# --------------------------------------------------------------------------- understand
+def _small_images(ctx: BuildContext, imgs: Images, size: int) -> list:
+    """A small RGB image per row for the pixel/HOG/autoencoder features: the app's thumbnail
+    when there is one (no decode of the original), else the original decoded at ``size``."""
+    from PIL import Image
+
+    from explorer import images as images_mod
+    from explorer.progress import track
+
+    out = []
+    for i, h in track(list(zip(imgs.ok, imgs.hashes)), "Small images", ctx.opts.progress):
+        img = None
+        if ctx.sink is not None:
+            p = ctx.thumb_dir / ctx.sink.name(int(i), h)
+            if p.is_file():
+                try:
+                    with Image.open(p) as im:
+                        im.draft("RGB", (size, size))
+                        img = im.convert("RGB")
+                except OSError:
+                    img = None
+        if img is None:
+            try:
+                img = images_mod.load_image(ctx.paths[int(i)], size)[0]
+            except (OSError, ValueError):
+                img = Image.new("RGB", (size, size))
+        img = img.copy()
+        img.thumbnail((size, size))
+        out.append(img)
+    return out
+
+
+def _choose_features(ctx: BuildContext, imgs: Images) -> None:
+    """``--features``: keep the CNN, or compute pixels / HOG / autoencoder features from small
+    images, or (``auto``) choose among cnn, pixels and hog by cluster structure. Sets
+    ``imgs.layout_input`` (what the map and clusters use) and ``imgs.choice`` (run record)."""
+    from explorer import features as F
+
+    o = ctx.opts
+    want = o.features
+    n = len(imgs.ok)
+    if want == "cnn":
+        imgs.choice = {"requested": "cnn", "name": "cnn", "reason": "asked for"}
+        return
+    if want == "auto" and n < F.AUTO_MIN_IMAGES:
+        imgs.choice = {"requested": "auto", "name": "cnn", "reason":
+                       f"only {n} images (auto compares options from {F.AUTO_MIN_IMAGES} on)"}
+        return
+    seed = 0 if o.seed is None else o.seed
+    with ctx.stage("features"):
+        small = _small_images(ctx, imgs, F.SMALL_SIZE)
+        if want == "auto":
+            cands = {"cnn": imgs.features}
+            for name in ("pixels", "hog"):
+                cands[name] = F.compute(name, small, seed=seed)
+            choice = F.choose_features(cands, seed=seed, progress=o.progress)
+            imgs.choice = {"requested": "auto", **choice.to_dict()}
+            if choice.name != "cnn":
+                imgs.layout_input = cands[choice.name]
+        else:
+            cache = F.FeatureCache(table.sidecar(ctx.csv_path, "features"))
+            imgs.layout_input = F.compute(want, small, seed=seed, ae_loss=o.ae_loss,
+                                          hashes=imgs.hashes, cache=cache, progress=o.progress)
+            imgs.choice = {"requested": want, "name": want, "reason": "asked for",
+                           **({"ae_loss": o.ae_loss} if want == "autoencoder" else {})}
+    if ctx.console is not None:
+        ctx.console.print(f"features: [bold]{imgs.choice['name']}[/bold] "
+                          f"({imgs.choice['reason']})")
+
+
+def _understand(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> pd.DataFrame:
+    """Concepts sidecar (top ImageNet classes per row), ``cluster_name`` and quality flags."""
+    from explorer import concepts as concepts_mod
+    from explorer import quality
+
+    idx = p = None
+    with ctx.stage("concepts"):
+        got = imgs.concepts
+        if isinstance(got, tuple) and len(got[0]) == len(df):
+            idx, p = got
+            concepts_mod.save_concepts(table.sidecar(ctx.csv_path, "concepts.npz"), idx, p)
+        elif ctx.opts.method == "timm":  # a backbone without an ImageNet-1k classifier
+            ctx.notes.append(f"no ImageNet concepts (cluster names, search by concept): {got}")
+        groups = {"folder": concepts_mod.folder_of(df["path"].tolist())}
+        for col in df.columns:
+            if col not in table.COLUMNS and df[col].dtype == object:
+                groups[col] = df[col].tolist()
+        names = concepts_mod.name_clusters(df["cluster"].to_numpy(), idx, p, groups=groups)
+        df["cluster_name"] = [names[int(c)] for c in df["cluster"]]
+    if imgs.stats is not None and len(imgs.stats) == len(df):
+        fl = quality.flags(imgs.stats, imgs.width, imgs.height, imgs.hashes)
+        for c in fl.columns:
+            df[c] = fl[c].astype(int).to_numpy()
+    return df
+
+
 # --------------------------------------------------------------------------- map + placement
 def _layout_key(ctx: BuildContext, imgs: Images) -> str:
     o = ctx.opts
-    return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))), o.map_method,
+    return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))),
+                     str((imgs.choice or {}).get("name", "cnn")), o.map_method,
                      o.cluster, repr(sorted((o.cluster_params or {}).items()))])
 
 
@@ -676,7 +814,7 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
     probs[kept], outl[kept] = prev["probabilities"][rows], prev["outlier_scores"][rows]
     if n_new:
         with ctx.stage("place"):
-            X_old, X_new = imgs.features[kept], imgs.features[~kept]
+            X_old, X_new = imgs.for_layout[kept], imgs.for_layout[~kept]
             xy[~kept] = reduce_mod.place_new(X_old, prev["xy"][rows], X_new, k=15)
             z_new = reduce_mod.place_new(X_old, prev["space"][rows], X_new, k=15)
             space[~kept] = z_new

@@ -17,6 +17,11 @@ outlier_score  float   outlier score in [0, 1] (higher = more unusual)
 width, height  int     original image size in pixels (after EXIF rotation)
 duplicate_group int    near-duplicate group id, -1 = no near-duplicate
 label          str     a person's label ("" = none); the app's journal adds these
+cluster_name   str     the cluster's name: top ImageNet concepts, and a folder or
+                       metadata value most of its images share ("noise" for -1)
+blurry ...     int     quality flags, 1 = flagged: blurry, dark, bright,
+                       low_information, grayscale, odd_aspect, odd_size,
+                       exact_duplicate (see explorer.quality.flags for thresholds)
 ============== ======= ===========================================================
 """
 
@@ -45,6 +50,16 @@ COLUMNS: dict[str, str] = {
     "height": "int",
     "duplicate_group": "int",
     "label": "str",
+    "cluster_name": "str",
+    # quality flags (explorer.quality.FLAG_NAMES), 0/1
+    "blurry": "int",
+    "dark": "int",
+    "bright": "int",
+    "low_information": "int",
+    "grayscale": "int",
+    "odd_aspect": "int",
+    "odd_size": "int",
+    "exact_duplicate": "int",
 }
 
 #: the columns ``explorer build`` always writes
@@ -72,6 +87,9 @@ DEFAULTS: dict[str, Any] = {
     "height": 0,
     "duplicate_group": -1,
     "label": "",
+    "cluster_name": "",
+    **{flag: 0 for flag in ("blurry", "dark", "bright", "low_information", "grayscale",
+                            "odd_aspect", "odd_size", "exact_duplicate")},
 }
 
 
