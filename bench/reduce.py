@@ -23,8 +23,10 @@ at once, so this process had a fraction of a core):
   init) 927 s; 2-D map 473 s; map+space 1,737 s; cluster (fast_hdbscan,
   min_cluster_size 2,000, min_samples 100, 42% noise assigned) 153 s; peak RSS 1.77 GB.
   13 clusters for the 50 groups: NMI 0.651, ARI 0.259.
-* ``--n 1000000``: generate 276 s, peak RSS 5.25 GB (the input alone is 4.9 GB); the
-  map did not finish before the session's deadline at that load.
+* ``--n 1000000``: generate 276 s, peak RSS 5.25 GB (the input alone is 4.9 GB);
+  map_and_space had not finished after 36 more minutes (stopped at the session's
+  deadline; peak RSS by then 9.1 GB, under the 12 GB goal). Largest n that finished:
+  100,000.
 * ``--quality`` clothing (3,781 x 1280 lite0 features, seeds 42-44, medians): before
   (two seeded UMAPs + hdbscan) NMI 0.632 ARI 0.562, 0% noise, 10 clusters;
   map_and_space (full dimension, exact kNN) + hdbscan NMI 0.630 ARI 0.564, 10 clusters;
