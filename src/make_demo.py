@@ -101,7 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     app = Path(a.app)
     if (app / "static" / "thumbs").exists():
         shutil.rmtree(app / "static" / "thumbs")  # a fresh demo: no stale thumbnails
-    return cli(["build", str(out), "--app", str(app)])
+    rc = cli(["build", str(out), "--app", str(app), "--seed", "42"])  # reproducible demo
+    if rc == 0:
+        _relative_run_record(ROOT / "demo.run.json")
+    return rc
+
+
+def _relative_run_record(path: Path) -> None:
+    """The committed record names this machine's folders relative to the repo, not absolutely
+    (the app finds the images through ``image_dir_from_csv`` either way)."""
+    import json
+
+    from explorer.table import write_json
+
+    if not path.is_file():
+        return
+    run = json.loads(path.read_text())
+    for field in ("image_dir", "app"):
+        if run.get(field):
+            p = Path(run[field])
+            if p.is_absolute() and (p == ROOT or ROOT in p.parents):
+                run[field] = p.relative_to(ROOT).as_posix()
+    write_json(path, run)
 
 
 if __name__ == "__main__":
