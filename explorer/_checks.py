@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -28,3 +29,25 @@ def as_matrix(a: Any, name: str, dtype, *, cols: str = "D", nan_hint: str = "",
         bad = int((~np.isfinite(a)).any(axis=1).sum())
         raise ValueError(f"{name} has {bad} row(s) with NaN or infinite values{nan_hint}")
     return a
+
+
+def check_int(name: str, value: Any, minimum: int, error: type[ValueError] = ValueError) -> int:
+    """``value`` as an int >= ``minimum``; ``error`` (a ``ValueError``) naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise error(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_random_state(random_state: Any) -> int | None:
+    """``None`` or an int in [0, 2**32); ValueError naming the bad value otherwise."""
+    if random_state is None:
+        return None
+    if (
+        isinstance(random_state, bool)
+        or not isinstance(random_state, numbers.Integral)
+        or not 0 <= random_state < 2**32
+    ):
+        raise ValueError(
+            f"random_state must be None or an integer in [0, 2**32); got {random_state!r}"
+        )
+    return int(random_state)

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -65,6 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from explorer._checks import as_matrix
+from explorer._checks import check_random_state as _check_random_state
 
 #: the methods :func:`cluster` accepts
 METHODS: tuple[str, ...] = ("hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto")
@@ -195,16 +195,6 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def _check_random_state(random_state: Any) -> int | None:
-    if random_state is None:
-        return None
-    if (
-        isinstance(random_state, bool)
-        or not isinstance(random_state, numbers.Integral)
-        or not 0 <= random_state < 2**32
-    ):
-        raise ValueError(f"random_state must be None or an integer in [0, 2**32); got {random_state!r}")
-    return int(random_state)
 
 
 def _merge_params(method: str, params: dict[str, Any]) -> dict[str, Any]:

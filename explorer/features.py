@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from explorer._checks import check_int
+
 #: values of ``--features``
 FEATURES: tuple[str, ...] = ("auto", "cnn", "pixels", "hog", "autoencoder")
 #: the candidates ``auto`` computes and scores (the autoencoder trains: not cheap)
@@ -71,9 +73,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise FeatureError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum, error=FeatureError)
 
 
 def to_array(img, size: int, grey: bool = False) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from explorer._checks import as_matrix
+from explorer._checks import check_int as _check_int
 
 __all__ = [
     "NOISE",
@@ -62,10 +63,6 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _normalize_rows(X: np.ndarray) -> np.ndarray:

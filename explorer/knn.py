@@ -27,13 +27,13 @@ rows never need a second full-size copy).
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from explorer._checks import as_matrix
+from explorer._checks import as_matrix, check_random_state
+from explorer._checks import check_int as _check_int
 
 #: the methods :func:`knn_graph` accepts
 KNN_METHODS: tuple[str, ...] = ("auto", "exact", "nndescent", "torch")
@@ -63,25 +63,8 @@ class KnnGraph(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
 
 
-def check_random_state(random_state: Any) -> int | None:
-    """``None`` or an int in [0, 2**32); ValueError naming the bad value otherwise."""
-    if random_state is None:
-        return None
-    if (
-        isinstance(random_state, bool)
-        or not isinstance(random_state, numbers.Integral)
-        or not 0 <= random_state < 2**32
-    ):
-        raise ValueError(
-            f"random_state must be None or an integer in [0, 2**32); got {random_state!r}"
-        )
-    return int(random_state)
 
 
 def check_device(device: Any) -> str:

@@ -62,6 +62,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from explorer._checks import as_matrix
+from explorer._checks import check_int as _check_int
 
 #: below this many points the embedding is PCA, not UMAP
 MIN_UMAP_POINTS = 16
@@ -92,10 +93,6 @@ def _check_X(X: Any) -> np.ndarray:
     return as_matrix(X, "X", np.float32, nan_hint="; fix or drop them before reducing")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def _check_params(
