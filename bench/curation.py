@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-CLOTHING = Path("/work/shared/data/clothing-small")
+CLOTHING = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clothing-small"
 
 
 def timed(fn, repeats):

@@ -37,7 +37,7 @@ from explorer.embed import (  # noqa: E402
 )
 from explorer.images import decode_image, discover, read_bytes  # noqa: E402
 
-DATA = Path("/work/shared/data/clothing-small")
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clothing-small"
 
 
 def peak_rss_mb() -> float:

@@ -6,7 +6,7 @@ Prints ARI, NMI, noise fraction and cluster count for the default build and, wit
 Three ways to get embeddings:
 
     # the real thing: a default build through the pipeline (embeds every image)
-    python bench/quality.py --data /work/shared/data/clothing-small --all-methods
+    python bench/quality.py --data ../shared/data/clothing-small --all-methods
 
     # reuse a build's CSV and its NAME.features.npy (no embedding)
     python bench/quality.py --csv /tmp/clothing/clothing.csv --all-methods
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path("/work/shared/data/clothing-small")
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clothing-small"
 ALL_METHODS = ("hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto")
 
 

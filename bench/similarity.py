@@ -11,7 +11,7 @@ separately (median of --repeats runs) and printed with the pairs compared.
 
 Calibration: near-duplicate families (crops of 1-5 % per side, resizing to 60-140 %, JPEG
 quality 40-90, brightness x0.8-1.2) of 12 skimage.data pictures, and a random sample of
-real clothing photos (/work/shared/data/clothing-small, different photos of clothes). For
+real clothing photos (../shared/data/clothing-small, different photos of clothes). For
 each method and threshold it prints the share of family pairs linked (should be ~1), how
 many families end up as one group with nothing else, the highest similarity between two
 different sources, and the false-link rate among the clothing photos (pairs linked, and
@@ -36,7 +36,7 @@ from explorer import similarity as S  # noqa: E402
 
 SOURCES = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "page", "horse",
            "moon", "text", "clock", "immunohistochemistry")
-CLOTHING = Path("/work/shared/data/clothing-small")
+CLOTHING = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clothing-small"
 
 
 def source_images() -> list[Image.Image]:
