@@ -18,6 +18,7 @@ import io
 import os
 import re
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
@@ -236,26 +237,19 @@ def read_file(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[by
     and while reading (a file that grows): ``ImageLoadError("file too large ...")``.
     Other failures: ``ImageLoadError("file not found" / "cannot read (...)")``.
     """
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if max_bytes is not None and size > max_bytes:
-                raise ImageLoadError(path, _too_large(size, max_bytes))
-            h = hashlib.blake2b(digest_size=16)
-            parts = []
-            total = 0
-            while block := fh.read(1 << 20):
-                total += len(block)
-                if max_bytes is not None and total > max_bytes:
-                    raise ImageLoadError(path, _too_large(total, max_bytes))
-                h.update(block)
-                parts.append(block)
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageLoadError(path, "is a directory") from None
-    except OSError as exc:
-        raise ImageLoadError(path, f"cannot read ({exc.strerror or exc})") from None
+    with _reading(path), open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ImageLoadError(path, _too_large(size, max_bytes))
+        h = hashlib.blake2b(digest_size=16)
+        parts = []
+        total = 0
+        while block := fh.read(1 << 20):
+            total += len(block)
+            if max_bytes is not None and total > max_bytes:
+                raise ImageLoadError(path, _too_large(total, max_bytes))
+            h.update(block)
+            parts.append(block)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     return data, h.hexdigest()
 
@@ -266,9 +260,15 @@ def _too_large(size: int, limit: int) -> str:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a whole file; ``ImageLoadError("cannot read: ...")`` if that fails."""
+    with _reading(path), open(path, "rb") as fh:
+        return fh.read()
+
+
+@contextmanager
+def _reading(path):
+    """File errors as ``ImageLoadError`` with a short reason (for errors.csv)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        yield
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except IsADirectoryError:
