@@ -633,6 +633,16 @@ def _zip_with_progress(entries, dest: Path, progress: bool, what: str,
             close()
 
 
+def _check_options(by: str, mode: str, as_zip: bool) -> None:
+    """The folder and ImageFolder exports' shared parameter checks (ValueError naming the value)."""
+    if by not in ("cluster", "label"):
+        raise ValueError(f"by must be 'cluster' or 'label'; got {by!r}")
+    if mode not in ("copy", "link"):
+        raise ValueError(f"mode must be 'copy' or 'link'; got {mode!r}")
+    if as_zip and mode == "link":
+        raise ValueError("mode='link' cannot be used with a zip (a zip holds copies)")
+
+
 def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os.PathLike, *,
                    by: str = "cluster", sample: float | str | None = None, mode: str = "copy",
                    seed: int = 42, as_zip: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -651,12 +661,7 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
     Raises ValueError for bad parameters or a missing column and FileExistsError (before
     writing anything) if a file it would write already exists.
     """
-    if by not in ("cluster", "label"):
-        raise ValueError(f"by must be 'cluster' or 'label'; got {by!r}")
-    if mode not in ("copy", "link"):
-        raise ValueError(f"mode must be 'copy' or 'link'; got {mode!r}")
-    if as_zip and mode == "link":
-        raise ValueError("mode='link' cannot be used with a zip (a zip holds copies)")
+    _check_options(by, mode, as_zip)
     frac = parse_sample(sample)
     to = Path(to)
     if as_zip and to.suffix.lower() != ".zip":
@@ -752,12 +757,7 @@ def export_imagefolder(df: pd.DataFrame, image_root, dest, *, as_zip: bool = Fal
     """
     from explorer.table import default_dir_mode, order_columns
 
-    if by not in ("cluster", "label"):
-        raise ValueError(f"by must be 'cluster' or 'label'; got {by!r}")
-    if mode not in ("copy", "link"):
-        raise ValueError(f"mode must be 'copy' or 'link'; got {mode!r}")
-    if as_zip and mode == "link":
-        raise ValueError("mode='link' cannot be used with a zip (a zip holds copies)")
+    _check_options(by, mode, as_zip)
     for col in (path_col, label_col if by == "label" else "cluster"):
         if col not in df.columns:
             raise ValueError(f"the table has no {col!r} column; cannot export an ImageFolder")
