@@ -47,12 +47,14 @@ def launch(
     timeout: float = 60.0,
     extra_args: Sequence[str] = (),
     warm_up: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``bokeh serve APP --args CSV`` on a free port and wait until the app answers.
 
     Returns ``(process, app URL)``; the caller stops the process (tests may SIGKILL it).
     The server's output goes to ``process.log`` (a temporary file). ``warm_up=False`` skips
     the app's background numba warm-up (app_hooks.py) so short-lived servers stay light.
+    ``env``: extra environment variables for the server (e.g. ``EXPLORER_IMAGE_MAP_ABOVE``).
     """
     port = free_port()
     cmd = [
@@ -63,7 +65,7 @@ def launch(
     if csv is not None:
         cmd += ["--args", str(csv)]
     log = tempfile.TemporaryFile()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if not warm_up:
         env["EXPLORER_NO_WARMUP"] = "1"
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -113,13 +115,14 @@ def serve(
     cwd: str | os.PathLike | None = None,
     timeout: float = 60.0,
     extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run ``bokeh serve APP --args CSV`` on a free port; yield the app URL.
 
     Polls until the app answers; always stops the server. ``app_dir``/``csv`` are passed
     as given (relative paths resolve against ``cwd``).
     """
-    proc, url = launch(app_dir, csv, cwd=cwd, timeout=timeout, extra_args=extra_args)
+    proc, url = launch(app_dir, csv, cwd=cwd, timeout=timeout, extra_args=extra_args, env=env)
     try:
         yield url
     finally:
@@ -222,8 +225,14 @@ const pv = views.find_one(plot);
 if (!pv) return false;
 if (pv.is_idle === false) return false;
 if (!pv.has_finished()) return false;
-const rv = [...pv.renderer_views.values()].find(v => v.model.name === "scatter");
-return rv != null && rv.glyph != null && rv.glyph.data_size > 0;
+const rvs = [...pv.renderer_views.values()];
+const rv = rvs.find(v => v.model.name === "scatter");
+if (rv != null && rv.model.visible && rv.glyph != null && rv.glyph.data_size > 0) return true;
+// a big map is one server-rendered image: drawn when it holds every point
+const iv = rvs.find(v => v.model.name === "map_image");
+if (iv == null || !iv.model.visible || iv.glyph == null || iv.glyph.data_size == 0) return false;
+const d = iv.model.data_source.data;
+return d.n.length > 0 && d.n[0] === d.total[0];
 """
 
 

@@ -53,6 +53,8 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
+from explorer.app.density import image_threshold
+from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
 
@@ -105,6 +107,7 @@ _TOOLTIP_NO_NAME = _TOOLTIP.replace('<div style="font-weight:600;word-break:brea
 
 #: the thumbnails in view (client-side; throttled; nothing goes to the server)
 _THUMBS_JS = """
+if (image.visible) return;  // image mode: the server sends the thumbnails in view
 if (thumbs._ex_timer) clearTimeout(thumbs._ex_timer);
 thumbs._ex_timer = setTimeout(() => {
   const d = points.data, xs = d.x, ys = d.y, rows = d.row;
@@ -200,6 +203,12 @@ class AppView:
         tap = TapTool(renderers=[self.renderer], name="tap")
         self.plot.add_tools(lasso, box, hover, tap)
         self.plot.toolbar.active_drag = lasso
+        # big maps: one server-rendered image, select tools resolved on the server
+        self.image_map = ImageMap(self)
+        self.image_map.wire(lasso, box, tap, hover)
+        for rng in (self.plot.x_range, self.plot.y_range):  # fit the data, not the image or thumbnails
+            rng.renderers = [self.image_map.bounds]
+        self.image_map.set_data(self.image_mode)
         # zoomed in far enough, the thumbnails themselves at their positions
         self.thumbs_source = ColumnDataSource(data={"url": [], "x": [], "y": []}, name="thumbs_source")
         self.thumbs = self.plot.add_glyph(
@@ -210,7 +219,8 @@ class AppView:
         )  # fmt: skip
         in_view = CustomJS(
             args={"points": self.source, "thumbs": self.thumbs_source, "xr": self.plot.x_range,
-                  "yr": self.plot.y_range, "prefix": self.thumb_prefix, "limit": THUMBS_IN_VIEW},
+                  "yr": self.plot.y_range, "prefix": self.thumb_prefix, "limit": THUMBS_IN_VIEW,
+                  "image": self.image_map.renderer},
             code=_THUMBS_JS,
         )  # fmt: skip
         for rng in (self.plot.x_range, self.plot.y_range):
@@ -310,7 +320,8 @@ class AppView:
             self.table,
             name="explorer",
         )
-        self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "map", "columns"}))
+        # the map's source was filled above: "map" is not rendered twice
+        self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "columns"}))
 
     # ------------------------------------------------------------------ building
     def lasso_renderers(self) -> list[Any]:
@@ -329,14 +340,32 @@ class AppView:
         st = self.state
         return not st.drill and len(self.plot_rows) == st.n_rows
 
+    def map_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 x, y and int32 colour code of the drawn rows (:attr:`plot_rows`); the
+        project's own arrays when every row is drawn."""
+        st = self.state
+        pr = st.project
+        r = self.plot_rows
+        codes = st.color_codes()[0]
+        if self._all_drawn():
+            return pr.x32, pr.y32, codes
+        x, y = st.xy()
+        return x[r].astype(np.float32), y[r].astype(np.float32), codes[r]
+
     def _points_data(self) -> dict[str, Any]:
         """The map's columns: float32 x/y, int32 colour code and row (binary, sent once).
 
         With every row drawn (no drill-down, no missing coordinates) these are the
-        project's own arrays: a session adds no copy of them."""
+        project's own arrays: a session adds no copy of them. Above the image threshold
+        (:mod:`explorer.app.mapimage`) the columns are empty: the map is an image."""
         st = self.state
         pr = st.project
         self.plot_rows = r = self._drawn_rows()
+        #: the map is one server-rendered image (many points) rather than dots
+        self.image_mode = len(r) > image_threshold()
+        if self.image_mode:
+            return {"x": np.zeros(0, np.float32), "y": np.zeros(0, np.float32),
+                    "code": np.zeros(0, np.int32), "row": np.zeros(0, np.int32)}  # fmt: skip
         codes = st.color_codes()[0]
         if self._all_drawn():
             data = {"x": pr.x32, "y": pr.y32, "code": codes, "row": pr.rows}
@@ -816,12 +845,18 @@ class AppView:
         """Bring the widgets in line with the state (``what``: aspects that changed)."""
         st = self.state
         self._syncing = True
+        redraw = "map" in what or "point_size" in what  # the image map (big maps)
         try:
             if "map" in what:
                 self.source.data = self._points_data()
+                self.image_map.set_data(self.image_mode)
             if ("label_column" in what or ("labels" in what and st.label_column == "label")) and "map" not in what:
-                # only the code column (binary) is re-sent, never the whole source
-                self.source.data.update(code=self._codes())
+                if self.image_mode:
+                    self.image_map.set_codes()
+                    redraw = True
+                else:
+                    # only the code column (binary) is re-sent, never the whole source
+                    self.source.data.update(code=self._codes())
             if "label_column" in what or "map" in what or ("labels" in what and st.label_column == "label"):
                 _, palette, alphas, _ = st.color_codes()
                 self.color_mapper.update(
@@ -832,12 +867,18 @@ class AppView:
                 self.color_by.value = st.label_column
                 self.legend.text = self._legend_html()
                 self.title.text = self._title_html()
-            if "selection" in what:
+            if "selection" in what and self.image_mode:
+                self.image_map.set_selection()
+                redraw = True
+                if len(self.source.selected.indices):
+                    self.source.selected.indices = []
+            elif "selection" in what:
                 # an int32 array: bokeh validates it at once (a list is checked item by item)
                 want = np.searchsorted(self.plot_rows, st.selection).astype(np.int32)
                 have = self.source.selected.indices
                 if len(have) != len(want) or not np.array_equal(np.asarray(have), want):
                     self.source.selected.indices = want
+            if "selection" in what:
                 self.grid_page = 0
                 self._render_selection()
             if "filter" in what and list(self.labels.value) != list(st.label_filter):
@@ -856,6 +897,8 @@ class AppView:
             self._render_curation(what)
             if "message" in what:
                 self.status.text = self._status_html()
+            if redraw and self.image_mode:
+                self.image_map.refresh()
         finally:
             self._syncing = False
 
@@ -953,13 +996,25 @@ class AppView:
     def _on_select(self, attr: str, old: Any, new: Sequence[int]) -> None:
         if self._syncing:
             return
-        self.selection_callbacks += 1
         idx = np.asarray(new, dtype=np.int64)
         idx = idx[(idx >= 0) & (idx < len(self.plot_rows))]
-        self._links = []
+        self.state_select(self.plot_rows[idx])
+
+    def state_select(self, rows: np.ndarray, mode: str = "replace") -> None:
+        """A person selected ``rows`` on the map (dots: Bokeh's indices; image: the server's
+        lasso); ``mode`` combines them with the selection as the select tools do
+        ("replace", "append", "intersect", "subtract", or "toggle" for a Shift-click)."""
         st = self.state
+        rows = np.asarray(rows, dtype=np.int64)
+        combine = {"replace": lambda a, b: b, "append": np.union1d, "intersect": np.intersect1d,
+                   "subtract": np.setdiff1d, "toggle": np.setxor1d}  # fmt: skip
+        if mode not in combine:
+            raise ValueError(f"mode must be one of {sorted(combine)}, got {mode!r}")
+        rows = combine[mode](st.selection, rows)
+        self.selection_callbacks += 1
+        self._links = []
         st.defer_neighbours = self.served
-        st.select(self.plot_rows[idx])
+        st.select(rows)
         if self.served and len(st.selection) == 1 and st.has_features:
             row = int(st.selection[0])
             self._background_quiet(lambda: st.neighbours_compute(row), st.neighbours_show)

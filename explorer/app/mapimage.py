@@ -1,0 +1,280 @@
+"""Big maps as one server-rendered image; lasso, box and click resolved on the server.
+
+Above :func:`explorer.app.density.image_threshold` drawn points an :class:`ImageMap` takes
+over the map of an :class:`explorer.app.view.AppView`: the dots' source stays empty (no
+per-point columns travel), the server renders the points in view as an RGBA image
+(:func:`explorer.app.density.shade`) and re-renders it when the view range (Bokeh's
+``RangesUpdate``), the selection, the colours or the point size change. Renders of more
+than :data:`INLINE_POINTS` points run in the process-wide thread pool, the newest request
+winning (so a burst of wheel-zoom steps costs at most two renders).
+
+The select tools then act on an invisible two-point "bounds" renderer, so the browser
+never sends a per-point index list: a small CustomJS sends the lasso / box / click
+geometry (data coordinates, a few hundred numbers) with the selection mode (toolbar mode,
+or Shift = append, Ctrl = intersect, both = subtract) through the ``lasso_geometry``
+source, and :meth:`ImageMap.on_geometry` finds the points with numpy.
+
+When at most ``THUMBS_IN_VIEW`` points are in view, their thumbnails are sent (as in the
+dot mode, where the browser finds them itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from bokeh.events import RangesUpdate
+from bokeh.models import ColumnDataSource, CustomJS
+
+from explorer.app import density as D
+
+__all__ = ["ImageMap", "INLINE_POINTS", "CLICK_PX"]
+
+#: renders of at most this many drawn points run on the event loop (a few ms)
+INLINE_POINTS = 200_000
+#: a click selects the nearest point within this many screen pixels
+CLICK_PX = 6
+#: frame size used before the browser reports the real one
+DEFAULT_FRAME = (580, 750)
+
+#: the browser side of the lasso channel: on the final geometry of a select tool, send
+#: the polygon (data coordinates) and the mode; ``seq`` makes a repeated shape a change
+_GEOMETRY_JS = """
+if (!cb_obj.final || !image.visible) return;
+const g = cb_obj.geometry;
+let xs, ys, mode;
+if (g.type == "poly") { xs = Array.from(g.x); ys = Array.from(g.y); mode = lasso.mode; }
+else if (g.type == "rect") { xs = [g.x0, g.x1, g.x1, g.x0]; ys = [g.y0, g.y0, g.y1, g.y1]; mode = box.mode; }
+else if (g.type == "point") { xs = [g.x]; ys = [g.y]; mode = "replace"; }
+else return;
+const k = window.explorerKeys || {};
+if (k.shift && k.ctrl) mode = "subtract";
+else if (k.shift) mode = g.type == "point" ? "toggle" : "append";
+else if (k.ctrl) mode = "intersect";
+window.__explorerSeq = (window.__explorerSeq || 0) + 1;
+const n = xs.length, seq = window.__explorerSeq;
+geometry.data = {x: xs, y: ys, kind: xs.map(() => g.type), mode: xs.map(() => mode),
+                 seq: xs.map(() => seq)};
+"""
+
+MODES = ("replace", "append", "intersect", "subtract", "toggle")
+
+
+def empty_image() -> dict[str, Any]:
+    return {"image": [], "x": [], "y": [], "dw": [], "dh": [], "n": [], "total": []}
+
+
+class ImageMap:
+    """The image side of one session's map (see the module docstring).
+
+    ``view``: the :class:`explorer.app.view.AppView` (its ``plot``, ``state``,
+    ``plot_rows`` and ``map_columns()``); :attr:`active` tells which mode the map is in."""
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+        plot = view.plot
+        self.source = ColumnDataSource(data=empty_image(), name="map_image_source")
+        self.renderer = plot.image_rgba(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, name="map_image", visible=False
+        )
+        # the data's padded extent: what the ranges fit, and what the select tools hit in image mode
+        self.bounds_source = ColumnDataSource(data={"x": [], "y": []}, name="map_bounds_source")
+        self.bounds = plot.scatter("x", "y", source=self.bounds_source, size=1, fill_alpha=0, line_alpha=0,
+                                   name="map_bounds")  # fmt: skip
+        self.bounds.selection_glyph = self.bounds.glyph.clone()
+        self.bounds.nonselection_glyph = self.bounds.glyph.clone()
+        self.geometry = ColumnDataSource(
+            data={"x": [], "y": [], "kind": [], "mode": [], "seq": []}, name="lasso_geometry"
+        )
+        self.active = False
+        self.view_bounds: tuple[float, float, float, float] | None = None
+        self._x = self._y = self._codes = np.zeros(0, dtype=np.float32)
+        self._selected: np.ndarray | None = None
+        self._running = False
+        self._again = False
+        #: renders shown so far (tests wait for a new one)
+        self.renders = 0
+
+    # ------------------------------------------------------------------ wiring
+    def wire(self, lasso: Any, box: Any, tap: Any, hover: Any) -> None:
+        """Connect the select tools' geometry and the plot's range updates."""
+        self._tools = {"lasso": lasso, "box": box, "tap": tap, "hover": hover}
+        self._dot_renderers = {k: list(t.renderers) for k, t in self._tools.items()}
+        self.view.plot.js_on_event(
+            "selectiongeometry",
+            CustomJS(args={"image": self.renderer, "geometry": self.geometry, "lasso": lasso, "box": box},
+                     code=_GEOMETRY_JS),
+        )  # fmt: skip
+        self.view.plot.on_event(RangesUpdate, self.on_ranges)
+        self.geometry.on_change("data", self.on_geometry)
+
+    def set_data(self, active: bool) -> None:
+        """The map's rows changed (load, drill-down): take the drawn columns, fit the ranges,
+        switch between dots and image."""
+        view = self.view
+        x, y, codes = view.map_columns()
+        b = D.padded_bounds(x, y, padding=0.0)
+        self.bounds_source.data = {"x": [b[0], b[1]], "y": [b[2], b[3]]}
+        self.active = bool(active)
+        self.renderer.visible = self.active
+        view.renderer.visible = not self.active
+        for key, tool in self._tools.items():
+            if key == "hover":
+                continue
+            tool.renderers = [self.bounds] if self.active else self._dot_renderers[key]
+        if self.active:
+            self._x, self._y, self._codes = x, y, codes
+            self.view_bounds = D.padded_bounds(x, y)
+            self.set_selection()
+        else:
+            self._x = self._y = self._codes = np.zeros(0, dtype=np.float32)
+            self._selected = None
+            self.source.data = empty_image()
+
+    def set_codes(self) -> None:
+        if self.active:
+            self._codes = self.view.map_columns()[2]
+
+    def set_selection(self) -> None:
+        """The session's selection as a mask over the drawn points (None: nothing selected)."""
+        sel = self.view.state.selection
+        if not self.active or not len(sel):
+            self._selected = None
+            return
+        rows = self.view.plot_rows
+        pos = np.searchsorted(rows, sel)
+        ok = pos < len(rows)
+        pos = pos[ok]
+        pos = pos[rows[pos] == sel[ok]]
+        mask = np.zeros(len(rows), dtype=bool)
+        mask[pos] = True
+        self._selected = mask
+
+    # ------------------------------------------------------------------ rendering
+    def _shape(self) -> tuple[int, int]:
+        plot = self.view.plot
+        try:
+            w, h = plot.inner_width, plot.inner_height
+        except Exception:  # not laid out by a browser yet (bokeh's UnsetValueError)
+            return DEFAULT_FRAME
+        if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 10 and h > 10:
+            return int(h), int(w)
+        return DEFAULT_FRAME
+
+    def _radius(self) -> int:
+        return int(min(4, max(0, self.view.state.point_size // 2 - 1)))
+
+    def _job(self) -> dict[str, Any]:
+        st = self.view.state
+        _, palette, alphas, _ = st.color_codes()
+        return {
+            "x": self._x, "y": self._y, "codes": self._codes, "colors": D.rgb_table(palette),
+            "alphas": np.asarray(alphas, dtype=np.float32), "bounds": self.view_bounds or D.padded_bounds(self._x, self._y),
+            "shape": self._shape(), "selected": self._selected, "radius": self._radius(),
+            "rows": self.view.plot_rows,
+        }  # fmt: skip
+
+    @staticmethod
+    def compute(job: dict[str, Any], thumbs_limit: int) -> tuple[D.Shaded, np.ndarray | None]:
+        """Render ``job`` (from :meth:`_job`); also the rows in view when at most
+        ``thumbs_limit`` are (else None). Pure: runs in a worker thread."""
+        shaded = D.shade(job["x"], job["y"], job["codes"], job["colors"], job["alphas"], job["bounds"],
+                         job["shape"], selected=job["selected"], radius=job["radius"])  # fmt: skip
+        rows = None
+        if shaded.n_drawn <= thumbs_limit:
+            pos = np.flatnonzero(D.in_view(job["x"], job["y"], shaded.bounds))
+            rows = np.asarray(job["rows"])[pos]
+        return shaded, rows
+
+    def refresh(self) -> None:
+        """Re-render the image for the current view, colours and selection (no-op in dot mode)."""
+        if not self.active:
+            return
+        view = self.view
+        from explorer.app.view import THUMBS_IN_VIEW
+
+        if not view.served or len(self._x) <= INLINE_POINTS:
+            self._show(*self.compute(self._job(), THUMBS_IN_VIEW))
+            return
+        if self._running:  # the newest request wins; one render at a time per session
+            self._again = True
+            return
+        from explorer.app import work
+
+        self._running = True
+        job = self._job()
+        doc = view.doc
+
+        def done(fut: Any) -> None:
+            def on_loop() -> None:
+                self._running = False
+                try:
+                    result = fut.result()
+                except Exception as exc:  # shown on the page, never lost in a thread
+                    view.state._refuse(f"map not drawn: {exc}")
+                    result = None
+                if self._again:
+                    self._again = False
+                    self.refresh()
+                elif result is not None and self.active:
+                    self._show(*result)
+
+            try:
+                doc.add_next_tick_callback(on_loop)
+            except Exception:  # the session is gone
+                pass
+
+        work.threads().submit(self.compute, job, THUMBS_IN_VIEW).add_done_callback(done)
+
+    def _show(self, shaded: D.Shaded, rows: np.ndarray | None) -> None:
+        x0, x1, y0, y1 = shaded.bounds
+        self.source.data = {
+            "image": [shaded.image], "x": [x0], "y": [y0], "dw": [x1 - x0], "dh": [y1 - y0],
+            "n": [shaded.n_drawn], "total": [len(self._x)],
+        }  # fmt: skip
+        view = self.view
+        if rows is not None:
+            x, y = view.state.xy()
+            view.thumbs_source.data = {
+                "url": [view.thumb(r) for r in rows.tolist()],
+                "x": x[rows].tolist(), "y": y[rows].tolist(),
+            }  # fmt: skip
+        elif len(view.thumbs_source.data["url"]):
+            view.thumbs_source.data = {"url": [], "x": [], "y": []}
+        self.renders += 1
+
+    # ------------------------------------------------------------------ events
+    def on_ranges(self, event: RangesUpdate) -> None:
+        vals = (event.x0, event.x1, event.y0, event.y1)
+        if not self.active or any(v is None or not np.isfinite(v) for v in vals):
+            return
+        if vals[0] == vals[1] or vals[2] == vals[3]:
+            return
+        self.view_bounds = tuple(float(v) for v in vals)  # type: ignore[assignment]
+        self.refresh()
+
+    def on_geometry(self, attr: str, old: Any, new: dict[str, Any]) -> None:
+        """A lasso, box or click arrived as geometry: select the points it holds."""
+        if not self.active or not len(new.get("x", ())):
+            return
+        kind = str(new["kind"][0])
+        mode = str(new["mode"][0])
+        self.view.state_select(self.rows_of(kind, new["x"], new["y"]), mode if mode in MODES else "replace")
+
+    def rows_of(self, kind: str, xs: Any, ys: Any) -> np.ndarray:
+        """The drawn rows a ``kind`` ("poly", "rect", "point") geometry holds."""
+        xs = np.asarray(xs, dtype=np.float64)
+        ys = np.asarray(ys, dtype=np.float64)
+        if kind == "poly":
+            pos = D.points_in_polygon(self._x, self._y, xs, ys)
+        elif kind == "rect":
+            pos = D.points_in_rect(self._x, self._y, (xs.min(), xs.max(), ys.min(), ys.max()))
+        elif kind == "point":
+            b = self.view_bounds or D.padded_bounds(self._x, self._y)
+            h, w = self._shape()
+            radius = (CLICK_PX * (b[1] - b[0]) / w, CLICK_PX * (b[3] - b[2]) / h)
+            hit = D.nearest_point(self._x, self._y, (float(xs[0]), float(ys[0])), radius)
+            pos = np.asarray([] if hit is None else [hit], dtype=np.int64)
+        else:
+            raise ValueError(f"geometry kind must be poly, rect or point, got {kind!r}")
+        return np.asarray(self.view.plot_rows)[pos].astype(np.int64)
