@@ -267,9 +267,10 @@ return [canvas.left + sx, canvas.top + sy];
     )
 
 
-def lasso(drv: Any, points: Sequence[tuple[float, float]], steps: int = 6) -> None:
+def lasso(drv: Any, points: Sequence[tuple[float, float]], steps: int = 6, shift: bool = False) -> None:
     """Drag a lasso through data points ``points`` (closed automatically) with real mouse
-    moves on the plot canvas (the lasso tool must be the active drag tool)."""
+    moves on the plot canvas (the lasso tool must be the active drag tool); ``shift``
+    holds the Shift key down meanwhile (append to the selection)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.actions.pointer_input import PointerInput
@@ -288,11 +289,20 @@ def lasso(drv: Any, points: Sequence[tuple[float, float]], steps: int = 6) -> No
     px, py = page[0]
     builder.pointer_action.move_to_location(int(px), int(py))
     builder.pointer_action.pointer_down()
+    ticks = 2
     for (ax, ay), (bx, by) in zip(page[:-1], page[1:]):
         for k in range(1, steps + 1):
             t = k / steps
             builder.pointer_action.move_to_location(int(ax + (bx - ax) * t), int(ay + (by - ay) * t))
+            ticks += 1
     builder.pointer_action.pointer_up()
+    if shift:  # one key action per pointer action (tick): Shift is held from the first to the last
+        from selenium.webdriver.common.keys import Keys
+
+        builder.key_action.key_down(Keys.SHIFT)
+        for _ in range(ticks):
+            builder.key_action.pause(0)
+        builder.key_action.key_up(Keys.SHIFT)
     builder.perform()
     ActionChains(drv).reset_actions()
 

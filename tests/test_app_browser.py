@@ -327,3 +327,130 @@ def test_thumbnails_drawn_on_the_map_when_few_points_are_in_view(page):
     )
     n = wait_model(page, "thumbs_source", "m.data.url.length < 35 && m.data.url.length >= 8 ? m.data.url.length : null")
     assert n <= 10
+
+
+# --------------------------------------------------------------------------- big maps: one image
+BIG_POINTS = 2000
+IMAGE_ABOVE = 1000  # a small threshold, so a big-map test stays fast
+
+IMAGE_JS = """
+const m = Bokeh.documents[0].get_model_by_name("map_image_source");
+const d = m.data;
+if (!d.n.length) return null;
+const img = d.image[0];
+let lit = 0;  // pixels with a visible colour (alpha above 40 of 255)
+for (let i = 0; i < img.length; i++) if ((img[i] >>> 24) > 40) lit++;
+return {n: d.n[0], total: d.total[0], x: d.x[0], dw: d.dw[0], y: d.y[0], dh: d.dh[0], lit: lit};
+"""
+
+
+def polygon_contains(px, py, x, y):
+    """Even-odd point-in-polygon, one edge at a time (a plain reference for the test)."""
+    import numpy as np
+
+    inside = np.zeros(len(x), dtype=bool)
+    for i in range(len(px)):
+        ax, ay, bx, by = px[i], py[i], px[(i + 1) % len(px)], py[(i + 1) % len(py)]
+        crosses = (ay > y) != (by > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xint = ax + (y - ay) * (bx - ax) / (by - ay)
+        inside ^= crosses & (x < xint)
+    return inside
+
+
+@pytest.fixture(scope="module")
+def big_site(tmp_path_factory):
+    from _appdata import make_big_csv
+
+    root = tmp_path_factory.mktemp("bigmap")
+    app_dir, csv = make_big_csv(root, BIG_POINTS)
+    with B.serve(app_dir, csv, env={"EXPLORER_IMAGE_MAP_ABOVE": str(IMAGE_ABOVE)}) as url:
+        with B.chromium() as drv:
+            yield {"url": url, "drv": drv, "csv": csv}
+
+
+def _selected_count(drv):
+    text = B.model_value(drv, "table_info", "m.text") or ""
+    import re
+
+    found = re.search(r"([\d,]+) selected row", text) or re.search(r"of ([\d,]+)\s+selected", text)
+    return int(found.group(1).replace(",", "")) if found else None
+
+
+def test_big_map_is_an_image_and_a_real_lasso_selects_on_the_server(big_site):
+    """Above the threshold the map is one server-rendered image holding every point; a
+    real mouse lasso sends only its polygon (no per-point list) and the table shows
+    exactly the points inside it; Shift+lasso appends."""
+    import numpy as np
+    import pandas as pd
+
+    drv = big_site["drv"]
+    drv.get(big_site["url"])
+    B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=60)
+    assert B.model_value(drv, "points", "m.data['x'].length") == 0  # no dots sent
+    first = drv.execute_script(IMAGE_JS)
+    assert first["n"] == first["total"] == BIG_POINTS
+    assert first["lit"] > 500  # coloured pixels, not a blank image
+    assert B.model_value(drv, "map_image", "m.visible") and not B.model_value(drv, "scatter", "m.visible")
+
+    table = pd.read_csv(big_site["csv"])
+    x, y = table["x"].to_numpy(np.float32), table["y"].to_numpy(np.float32)
+    names = table["path"].str.rsplit("/", n=1).str[-1].to_numpy()
+
+    B.lasso(drv, [(-22, -22), (0, -22), (0, 0), (-22, 0)])
+    B.wait_for(drv, "const m = Bokeh.documents[0].get_model_by_name('table_source');"
+                    "return m.data['_file'].length > 0;", timeout=20)  # fmt: skip
+    geom = B.model_value(drv, "lasso_geometry", "[Array.from(m.data.x), Array.from(m.data.y), m.data.kind[0]]")
+    assert geom[2] == "poly" and len(geom[0]) >= 4
+    want = polygon_contains(np.asarray(geom[0]), np.asarray(geom[1]), x, y)
+    assert 0 < want.sum() < BIG_POINTS
+    assert _selected_count(drv) == int(want.sum())
+    shown = B.model_value(drv, "table_source", "m.data['_file']")
+    assert sorted(shown) == sorted(names[want].tolist())
+    assert B.model_value(drv, "points", "m.selected.indices.length") == 0  # no per-point list
+    # the image shows the selection: fewer strongly coloured pixels than before
+    B.wait_for(drv, "return (" + "(() => {" + IMAGE_JS + "})()" + f").lit < {first['lit']}", timeout=20)
+
+    # Shift + lasso elsewhere: appended
+    B.lasso(drv, [(2, 2), (22, 2), (22, 22), (2, 22)], shift=True)
+    geom2 = B.wait_for(
+        drv, "const m = Bokeh.documents[0].get_model_by_name('lasso_geometry');"
+             "return m.data.seq[0] > 1 ? [Array.from(m.data.x), Array.from(m.data.y), m.data.mode[0]] : null;",
+        timeout=20,
+    )  # fmt: skip
+    assert geom2[2] == "append"
+    both = want | polygon_contains(np.asarray(geom2[0]), np.asarray(geom2[1]), x, y)
+    B.wait_for(drv, "const t = Bokeh.documents[0].get_model_by_name('table_info').text;"
+                    f"return t.includes('{int(both.sum()):,} selected') || t.includes('of {int(both.sum()):,}');",
+               timeout=20)  # fmt: skip
+    assert _selected_count(drv) == int(both.sum())
+
+
+def test_big_map_zoom_re_renders_the_image_for_the_view(big_site):
+    """Wheel-zooming re-renders the image for the visible range (fewer points, same
+    pixels); zoomed in far enough, the thumbnails are drawn."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    drv = big_site["drv"]
+    drv.get(big_site["url"])
+    B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=60)
+    first = drv.execute_script(IMAGE_JS)
+    import pandas as pd
+
+    table = pd.read_csv(big_site["csv"])
+    blob = table[table["cluster"] == 0]  # zoom into a group of points
+    px, py = B.data_to_page(drv, float(blob["x"].median()), float(blob["y"].median()))
+    for _ in range(4):
+        ActionChains(drv).scroll_from_origin(ScrollOrigin.from_viewport(int(px), int(py)), 0, -300).perform()
+    zoomed = B.wait_for(drv, "const r = (() => {" + IMAGE_JS + "})(); return r.dw < arguments[0] * 0.7 ? r : null;",
+                        first["dw"], timeout=20)  # fmt: skip
+    assert zoomed["n"] < first["n"] and zoomed["lit"] > 0
+    xr = B.model_value(drv, "plot", "[m.x_range.start, m.x_range.end]")
+    assert zoomed["x"] == pytest.approx(min(xr), abs=1e-6 * abs(first["dw"]) + 1e-9)
+    # far in: a few hundred points or fewer in view -> their thumbnails on the map
+    for _ in range(10):
+        ActionChains(drv).scroll_from_origin(ScrollOrigin.from_viewport(int(px), int(py)), 0, -300).perform()
+    n = wait_model(drv, "thumbs_source", "m.data.url.length > 0 ? m.data.url.length : null", timeout=20)
+    img = drv.execute_script(IMAGE_JS)
+    assert n == img["n"] <= 300
