@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "IMAGE_THRESHOLD", "image_threshold", "Shaded", "shade", "rgb_table", "padded_bounds",
+    "IMAGE_THRESHOLD", "image_threshold", "Shaded", "Binned", "shade", "bin_points", "shade_binned",
+    "rgb_table", "padded_bounds",
     "points_in_polygon", "points_in_rect", "nearest_point", "in_view",
 ]  # fmt: skip
 
@@ -114,6 +115,101 @@ def _spread(grid: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+class Binned:
+    """Points in view and their pixel (from :func:`bin_points`); reused while only the
+    colours or the selection change."""
+
+    __slots__ = ("keep", "pix", "bounds", "shape")
+
+    def __init__(self, keep: np.ndarray | None, pix: np.ndarray, bounds: tuple[float, float, float, float],
+                 shape: tuple[int, int]) -> None:
+        self.keep = keep  # positions of the points in view (None: all of them)
+        self.pix = pix
+        self.bounds = bounds
+        self.shape = shape
+
+
+def bin_points(x: np.ndarray, y: np.ndarray, bounds: Sequence[float], shape: tuple[int, int]) -> Binned:
+    """The pixel (row-major, row 0 at the bottom) of every point inside ``bounds`` on a
+    grid of ``shape`` = (height, width). Non-finite coordinates are never in view."""
+    h, w = (int(s) for s in shape)
+    if h < 1 or w < 1 or h * w > 16_000_000:
+        raise ValueError(f"shape must be (height, width) with 1..16M pixels, got {tuple(shape)!r}")
+    x0, x1, y0, y1 = _ordered(bounds)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"bounds must span a non-empty area, got {tuple(bounds)!r}")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have one value per point, got lengths {len(x)} and {len(y)}")
+    mask = in_view(x, y, (x0, x1, y0, y1))
+    keep: np.ndarray | None
+    if mask.all():
+        keep, xs, ys = None, x, y
+    else:
+        keep = np.flatnonzero(mask)
+        xs, ys = x[keep], y[keep]
+    fx = np.float32(w / (x1 - x0))
+    fy = np.float32(h / (y1 - y0))
+    ix = ((xs - np.float32(x0)) * fx).astype(np.int32)
+    np.clip(ix, 0, w - 1, out=ix)
+    iy = ((ys - np.float32(y0)) * fy).astype(np.int32)
+    np.clip(iy, 0, h - 1, out=iy)
+    iy *= w
+    iy += ix
+    return Binned(keep, iy, (x0, x1, y0, y1), (h, w))
+
+
+def shade_binned(
+    binned: Binned,
+    codes: np.ndarray,
+    colors: np.ndarray,
+    alphas: np.ndarray,
+    selected: np.ndarray | None = None,
+    radius: int = 0,
+) -> Shaded:
+    """The RGBA image of binned points (see :func:`shade`)."""
+    if radius < 0 or radius > 16:
+        raise ValueError(f"radius must be 0..16 pixels, got {radius!r}")
+    h, w = binned.shape
+    npx = h * w
+    keep, pix = binned.keep, binned.pix
+    k = len(colors)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if len(alphas) != k:
+        raise ValueError(f"colors and alphas must have one row per group, got {k} and {len(alphas)}")
+    c = codes if keep is None else codes[keep]
+    any_sel = selected is not None and bool(np.any(selected))
+    if any_sel:
+        # codes k.. 2k-1: the selected points of each group; every per-point weight is a
+        # look-up in a table of 2k entries
+        sel = selected if keep is None else selected[keep]
+        c = c + np.int32(k) * sel.astype(np.int32)
+        strong = np.concatenate([np.zeros(k), alphas])
+        faint = np.concatenate([alphas, np.zeros(k)])
+        colour_w = strong + faint * DIM_WEIGHT
+        rgb = np.concatenate([colors, colors]).astype(np.float64)
+        layers = [np.bincount(pix, strong[c], npx), np.bincount(pix, faint[c], npx)]
+    else:
+        colour_w = alphas
+        rgb = colors.astype(np.float64)
+        layers = [np.bincount(pix, colour_w[c], npx)]
+    sums = [np.bincount(pix, (colour_w * rgb[:, j])[c], npx) for j in range(3)]
+    total_w = layers[0] if not any_sel else np.bincount(pix, colour_w[c], npx)
+    grid = np.empty((3 + 1 + len(layers), h, w), dtype=np.float32)
+    for i, layer in enumerate(sums + [total_w] + layers):
+        grid[i] = layer.reshape(h, w)
+    grid = _spread(grid, radius)
+    total = grid[3]
+    safe = np.where(total > 0, total, 1)
+    out = np.empty((h, w, 4), dtype=np.uint8)
+    for j in range(3):
+        out[..., j] = np.clip(grid[j] / safe, 0, 255)
+    alpha = 1 - np.exp(-OPACITY * grid[4])
+    if any_sel:
+        alpha = np.maximum(alpha, DIM_ALPHA * (1 - np.exp(-OPACITY * grid[5])))
+    out[..., 3] = np.clip(alpha * 255, 0, 255)
+    return Shaded(out.view(np.uint32).reshape(h, w), binned.bounds, len(pix))
+
+
 def shade(
     x: np.ndarray,
     y: np.ndarray,
@@ -128,55 +224,15 @@ def shade(
     """Render points as an RGBA image of ``shape`` = (height, width) pixels over ``bounds``.
 
     ``codes`` index ``colors`` ((K, 3) 0..255, see :func:`rgb_table`) and ``alphas`` (K,)
-    per group. ``selected``: a boolean mask (or None: nothing selected); while any point
-    is selected, the others are dimmed. ``radius`` spreads each point over a disk of that
-    many pixels (few points stay visible). Non-finite coordinates are skipped."""
-    h, w = (int(s) for s in shape)
-    if h < 1 or w < 1 or h * w > 16_000_000:
-        raise ValueError(f"shape must be (height, width) with 1..16M pixels, got {tuple(shape)!r}")
-    if radius < 0 or radius > 16:
-        raise ValueError(f"radius must be 0..16 pixels, got {radius!r}")
-    x0, x1, y0, y1 = _ordered(bounds)
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"bounds must span a non-empty area, got {tuple(bounds)!r}")
+    per group. A pixel's colour is the mean of its points' colours weighted by their
+    group's alpha; its opacity is ``1 - exp(-OPACITY * total weight)``. ``selected``: a
+    boolean mask (or None: nothing selected); while any point is selected, the others
+    are dimmed. ``radius`` spreads each point over a disk of that many pixels (few
+    points stay visible). Non-finite coordinates are skipped."""
     if not (len(x) == len(y) == len(codes)) or (selected is not None and len(selected) != len(x)):
         raise ValueError(f"x, y, codes (and selected) must have one value per point, got lengths "
                          f"{len(x)}, {len(y)}, {len(codes)}" + (f", {len(selected)}" if selected is not None else ""))
-    keep = np.flatnonzero(in_view(x, y, (x0, x1, y0, y1)))
-    xs, ys = x[keep], y[keep]
-    ix = ((xs - x0) * (w / (x1 - x0))).astype(np.int64)
-    iy = ((ys - y0) * (h / (y1 - y0))).astype(np.int64)
-    np.clip(ix, 0, w - 1, out=ix)
-    np.clip(iy, 0, h - 1, out=iy)
-    pix = iy * w + ix
-    del ix, iy, xs, ys
-    c = codes[keep]
-    weight = np.asarray(alphas, dtype=np.float32)[c]
-    npx = h * w
-    any_sel = selected is not None and bool(np.any(selected))
-    if any_sel:
-        sel = selected[keep]
-        strong = np.where(sel, weight, np.float32(0))
-        faint = np.where(sel, np.float32(0), weight)
-        colour_w = strong + faint * np.float32(DIM_WEIGHT)
-        layers = [np.bincount(pix, strong, npx), np.bincount(pix, faint, npx)]
-    else:
-        colour_w = weight
-        layers = [np.bincount(pix, weight, npx)]
-    rgb = colors[c]
-    sums = [np.bincount(pix, colour_w * rgb[:, k], npx) for k in range(3)]
-    grid = np.stack(sums + [np.bincount(pix, colour_w, npx)] + layers).astype(np.float32).reshape(-1, h, w)
-    grid = _spread(grid, radius)
-    total = grid[3]
-    safe = np.where(total > 0, total, 1)
-    out = np.empty((h, w, 4), dtype=np.uint8)
-    for k in range(3):
-        out[..., k] = np.clip(grid[k] / safe, 0, 255)
-    alpha = 1 - np.exp(-OPACITY * grid[4])
-    if any_sel:
-        alpha = np.maximum(alpha, DIM_ALPHA * (1 - np.exp(-OPACITY * grid[5])))
-    out[..., 3] = np.clip(alpha * 255, 0, 255)
-    return Shaded(out.view(np.uint32).reshape(h, w), (x0, x1, y0, y1), int(len(keep)))
+    return shade_binned(bin_points(x, y, bounds, shape), codes, colors, alphas, selected, radius)
 
 
 # --------------------------------------------------------------------------- geometry

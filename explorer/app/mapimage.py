@@ -90,6 +90,9 @@ class ImageMap:
         self.view_bounds: tuple[float, float, float, float] | None = None
         self._x = self._y = self._codes = np.zeros(0, dtype=np.float32)
         self._selected: np.ndarray | None = None
+        #: the last binning (points in view -> pixel), reused while the view stays
+        self._binned: D.Binned | None = None
+        self._initial_bounds: tuple[float, float, float, float] | None = None
         self._running = False
         self._again = False
         #: renders shown so far (tests wait for a new one)
@@ -122,9 +125,10 @@ class ImageMap:
             if key == "hover":
                 continue
             tool.renderers = [self.bounds] if self.active else self._dot_renderers[key]
+        self._binned = None
         if self.active:
             self._x, self._y, self._codes = x, y, codes
-            self.view_bounds = D.padded_bounds(x, y)
+            self.view_bounds = self._initial_bounds = D.padded_bounds(x, y)
             self.set_selection()
         else:
             self._x = self._y = self._codes = np.zeros(0, dtype=np.float32)
@@ -167,24 +171,40 @@ class ImageMap:
     def _job(self) -> dict[str, Any]:
         st = self.view.state
         _, palette, alphas, _ = st.color_codes()
+        bounds = self.view_bounds or D.padded_bounds(self._x, self._y)
+        shape = self._shape()
+        b = self._binned
+        same_view = b is not None and b.bounds == D._ordered(bounds) and b.shape == shape
         return {
             "x": self._x, "y": self._y, "codes": self._codes, "colors": D.rgb_table(palette),
-            "alphas": np.asarray(alphas, dtype=np.float32), "bounds": self.view_bounds or D.padded_bounds(self._x, self._y),
-            "shape": self._shape(), "selected": self._selected, "radius": self._radius(),
-            "rows": self.view.plot_rows,
+            "alphas": np.asarray(alphas, dtype=np.float32), "bounds": bounds, "shape": shape,
+            "selected": self._selected, "radius": self._radius(), "rows": self.view.plot_rows,
+            "binned": b if same_view else None,
         }  # fmt: skip
 
     @staticmethod
-    def compute(job: dict[str, Any], thumbs_limit: int) -> tuple[D.Shaded, np.ndarray | None]:
+    def compute(job: dict[str, Any], thumbs_limit: int) -> tuple[D.Shaded, np.ndarray | None, D.Binned]:
         """Render ``job`` (from :meth:`_job`); also the rows in view when at most
-        ``thumbs_limit`` are (else None). Pure: runs in a worker thread."""
-        shaded = D.shade(job["x"], job["y"], job["codes"], job["colors"], job["alphas"], job["bounds"],
-                         job["shape"], selected=job["selected"], radius=job["radius"])  # fmt: skip
+        ``thumbs_limit`` are (else None), and the binning. Pure: runs in a worker thread."""
+        binned = job["binned"] or D.bin_points(job["x"], job["y"], job["bounds"], job["shape"])
+        shaded = D.shade_binned(binned, job["codes"], job["colors"], job["alphas"],
+                                selected=job["selected"], radius=job["radius"])  # fmt: skip
         rows = None
         if shaded.n_drawn <= thumbs_limit:
-            pos = np.flatnonzero(D.in_view(job["x"], job["y"], shaded.bounds))
+            pos = np.arange(len(job["x"])) if binned.keep is None else binned.keep
             rows = np.asarray(job["rows"])[pos]
-        return shaded, rows
+        return shaded, rows, binned
+
+    def _initial(self) -> tuple[D.Shaded, np.ndarray | None, D.Binned] | None:
+        """The first view's image with nothing selected: the same for every session of a
+        project (per colour column and point size), so it is rendered once per process."""
+        st = self.view.state
+        if (self._selected is not None or self.view_bounds != self._initial_bounds
+                or self._shape() != DEFAULT_FRAME or st.drill):
+            return None
+        from explorer.app.view import THUMBS_IN_VIEW
+
+        return st._cached(f"map_image\0{self._radius()}", lambda: self.compute(self._job(), THUMBS_IN_VIEW))
 
     def refresh(self) -> None:
         """Re-render the image for the current view, colours and selection (no-op in dot mode)."""
@@ -193,6 +213,10 @@ class ImageMap:
         view = self.view
         from explorer.app.view import THUMBS_IN_VIEW
 
+        first = self._initial()
+        if first is not None:
+            self._show(*first)
+            return
         if not view.served or len(self._x) <= INLINE_POINTS:
             self._show(*self.compute(self._job(), THUMBS_IN_VIEW))
             return
@@ -226,7 +250,8 @@ class ImageMap:
 
         work.threads().submit(self.compute, job, THUMBS_IN_VIEW).add_done_callback(done)
 
-    def _show(self, shaded: D.Shaded, rows: np.ndarray | None) -> None:
+    def _show(self, shaded: D.Shaded, rows: np.ndarray | None, binned: D.Binned) -> None:
+        self._binned = binned
         x0, x1, y0, y1 = shaded.bounds
         self.source.data = {
             "image": [shaded.image], "x": [x0], "y": [y0], "dw": [x1 - x0], "dh": [y1 - y0],
