@@ -1,11 +1,14 @@
 """Benchmark the explorer app in headless Chromium with a large generated CSV.
 
 Prints medians of a few runs of
-  * drawn: navigation start -> plot drawn (all points rendered)
+  * drawn: navigation start -> plot drawn (all points rendered: every dot drawn, or, above
+    the image threshold (explorer.app.density), the server's map image holding every point)
   * lasso: mouse release of a lasso -> table showing the selection
+  * zoom (image mode): wheel step -> the re-rendered image for the new range shown
   Goals on a 2-core machine with canvas: 1M drawn < 5 s, lasso < 1.5 s; 100k drawn < 1.5 s,
   lasso < 0.5 s.
-  * server: Python time to build a session's document and to handle one selection
+  * server: Python time to build a session's document and to handle one selection (dots:
+    the index list the browser sends; image: the lasso polygon the browser sends)
   * browser: one repaint of the plot. Without a GPU, Chromium emulates WebGL in software
     (SwiftShader) and a 100k-point repaint takes seconds; the page then draws with canvas
     instead (app_files/static/js/renderer.js). --renderer webgl measures forced WebGL.
@@ -40,9 +43,25 @@ if (!src || src.data["_file"].length == 0) return null;
 const v = Bokeh.index.find_one(table);
 if (!v) return null;
 const rows = v.el.shadowRoot ? v.el.shadowRoot.querySelectorAll(".slick-row").length : 0;
-const sel = Bokeh.documents[0].get_model_by_name("points").selected.indices.length;
-return rows > 0 ? [performance.now(), sel] : null;
+// the count the page shows ("N selected row(s)" or "first 2,000 of N selected rows")
+const info = Bokeh.documents[0].get_model_by_name("table_info").text.replace(/,/g, "");
+const m = info.match(/of (\\d+)\\s+selected/) || info.match(/(\\d+) selected row/);
+return rows > 0 && m ? [performance.now(), parseInt(m[1])] : null;
 """
+
+IMAGE_JS = """
+const m = Bokeh.documents[0].get_model_by_name("map_image_source");
+if (!m || !m.data.n.length) return null;
+return [m.data.x[0], m.data.dw[0], m.data.n[0], m.data.total[0]];
+"""
+
+MODE_JS = """
+const m = Bokeh.documents[0].get_model_by_name("map_image");
+return m && m.visible ? "image" : "dots";
+"""
+
+#: the lasso drawn in the browser (data coordinates; closed)
+LASSO = [(-22, -22), (0, -22), (0, 0), (-22, 0)]
 
 REPAINT_JS = """
 const pv = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name("plot"));
@@ -67,12 +86,36 @@ def server_side(app_dir: Path, csv: Path, runs: int) -> tuple[float, float]:
         t = time.perf_counter()
         doc = app.create_document()
         builds.append(time.perf_counter() - t)
-        src = doc.select_one({"name": "points"})
-        idx = list(range(0, len(src.data["x"]), 8))
-        t = time.perf_counter()
-        src.selected.indices = idx
-        sels.append(time.perf_counter() - t)
+        view = doc.explorer_view
+        if view.image_mode:  # what the browser sends: the polygon
+            geom = doc.select_one({"name": "lasso_geometry"})
+            xs, ys = [p[0] for p in LASSO], [p[1] for p in LASSO]
+            t = time.perf_counter()
+            geom.data = {"x": xs, "y": ys, "kind": ["poly"] * 4, "mode": ["replace"] * 4, "seq": [1] * 4}
+            sels.append(time.perf_counter() - t)
+        else:
+            src = doc.select_one({"name": "points"})
+            idx = list(range(0, len(src.data["x"]), 8))
+            t = time.perf_counter()
+            src.selected.indices = idx
+            sels.append(time.perf_counter() - t)
     return statistics.median(builds), statistics.median(sels)
+
+
+def zoom_once(drv) -> float:
+    """One wheel step over the plot's centre; seconds until the image for the new range is shown."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    before = drv.execute_script(IMAGE_JS)
+    r = B.plot_canvas_rect(drv)
+    t = time.perf_counter()
+    ActionChains(drv).scroll_from_origin(
+        ScrollOrigin.from_viewport(int(r["left"] + r["width"] / 2), int(r["top"] + r["height"] / 2)), 0, -200
+    ).perform()
+    B.wait_for(drv, "const r = (() => {" + IMAGE_JS + "})(); return r && r[1] < arguments[0] * 0.99;",
+               before[1], timeout=60, poll=0.01)  # fmt: skip
+    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         app_dir, csv = make_big_csv(tmp, args.points)
         print(f"generated {args.points:,} points in {time.perf_counter() - t:.1f} s ({csv.stat().st_size / 1e6:.1f} MB CSV)")
         build, sel = server_side(app_dir, csv, args.runs)
-        print(f"server: document build {build:.2f} s, one selection of {args.points // 8:,} points {sel:.2f} s (median of {args.runs})", flush=True)
-        loads, lassos, counts, paints = [], [], [], []
+        print(f"server: document build {build:.2f} s, one selection {sel:.2f} s (median of {args.runs})", flush=True)
+        loads, lassos, counts, paints, zooms = [], [], [], [], []
         with B.serve(app_dir, csv, timeout=300) as url, B.chromium(width=1400, height=1300) as drv:
             drv.set_script_timeout(300)
             if args.renderer != "auto":
@@ -104,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 drawn = B.wait_for(drv, DRAWN_AT_JS, timeout=120, poll=0.02)
                 loads.append(drawn / 1000.0)  # performance.now() counts from navigation start
                 drv.execute_script(ARM_JS)
-                B.lasso(drv, [(-22, -22), (0, -22), (0, 0), (-22, 0)])
+                B.lasso(drv, LASSO)
                 shown, n = B.wait_for(drv, TABLE_AT_JS, timeout=60, poll=0.02)
                 up = drv.execute_script("return window.__t_up")
                 lassos.append((shown - up) / 1000.0)
@@ -116,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # selenium's script timeout on a very slow repaint
                     print(f"  repaint not measured: {type(exc).__name__}", flush=True)
                     paints.append(float("nan"))
+                if drv.execute_script(MODE_JS) == "image":
+                    zooms.append(zoom_once(drv))
+                    print(f"  zoom: wheel -> new image {zooms[-1]:.2f} s", flush=True)
             used = drv.execute_script("return window.explorerRenderer || null")
+            mode = drv.execute_script(MODE_JS)
         goal_draw, goal_lasso = (5.0, 1.5) if args.points > 300_000 else (1.5, 0.5)
         print(f"drawn: navigation -> plot drawn: median {statistics.median(loads):.2f} s  runs {', '.join(f'{v:.2f}' for v in loads)}  (goal < {goal_draw} s)")
         print(
@@ -127,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             f"repaint: one repaint of the {args.points:,}-point plot: median {statistics.median(paints):.2f} s"
             f"  runs {', '.join(f'{v:.2f}' for v in paints)}"
         )
+        if zooms:
+            print(f"zoom: wheel step -> re-rendered image shown: median {statistics.median(zooms):.2f} s"
+                  f"  runs {', '.join(f'{v:.2f}' for v in zooms)}")
+        from explorer.app.density import image_threshold
+
+        print(f"map: {mode} (image above {image_threshold():,} points)")
         print(f"renderer: {used}")
         print(f"machine: {os.cpu_count()} cores, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from bokeh.events import RangesUpdate
-from bokeh.models import ColumnDataSource, CustomJS
+from bokeh.models import ColumnDataSource, CustomJS, GlyphRenderer, Scatter
 
 from explorer.app import density as D
 
@@ -79,10 +79,10 @@ class ImageMap:
         )
         # the data's padded extent: what the ranges fit, and what the select tools hit in image mode
         self.bounds_source = ColumnDataSource(data={"x": [], "y": []}, name="map_bounds_source")
-        self.bounds = plot.scatter("x", "y", source=self.bounds_source, size=1, fill_alpha=0, line_alpha=0,
-                                   name="map_bounds")  # fmt: skip
-        self.bounds.selection_glyph = self.bounds.glyph.clone()
-        self.bounds.nonselection_glyph = self.bounds.glyph.clone()
+        dot = Scatter(x="x", y="y", size=1, fill_alpha=0, line_alpha=0)
+        self.bounds = GlyphRenderer(data_source=self.bounds_source, glyph=dot, selection_glyph=dot,
+                                    nonselection_glyph=dot, name="map_bounds")  # fmt: skip
+        plot.renderers.append(self.bounds)
         self.geometry = ColumnDataSource(
             data={"x": [], "y": [], "kind": [], "mode": [], "seq": []}, name="lasso_geometry"
         )
@@ -95,6 +95,7 @@ class ImageMap:
         self._initial_bounds: tuple[float, float, float, float] | None = None
         self._running = False
         self._again = False
+        self._queued = False
         #: renders shown so far (tests wait for a new one)
         self.renders = 0
 
@@ -205,6 +206,28 @@ class ImageMap:
         from explorer.app.view import THUMBS_IN_VIEW
 
         return st._cached(f"map_image\0{self._radius()}", lambda: self.compute(self._job(), THUMBS_IN_VIEW))
+
+    def request(self) -> None:
+        """Re-render soon: served, on the next tick, so what changed with it (the table, the
+        grid) reaches the browser first, in its own message; else at once."""
+        view = self.view
+        if not self.active:
+            return
+        if not view.served:
+            self.refresh()
+            return
+        if self._queued:
+            return
+        self._queued = True
+
+        def later() -> None:
+            self._queued = False
+            self.refresh()
+
+        try:
+            view.doc.add_next_tick_callback(later)
+        except Exception:  # the session is gone
+            self._queued = False
 
     def refresh(self) -> None:
         """Re-render the image for the current view, colours and selection (no-op in dot mode)."""

@@ -45,6 +45,7 @@ from bokeh.models import (
     NumberFormatter,
     Select,
     Slider,
+    StringEditor,
     StringFormatter,
     TableColumn,
     TextInput,
@@ -415,8 +416,14 @@ class AppView:
         return source, table
 
     def _table_columns(self) -> list[TableColumn]:
-        """The DataTable's columns (every column of the table, joined metadata included)."""
+        """The DataTable's columns (every column of the table, joined metadata included).
+
+        The columns share one editor and one formatter of each kind (fewer models for every
+        new session to build and send)."""
         st = self.state
+        editor = StringEditor()
+        text = StringFormatter()
+        real, whole = NumberFormatter(format="0.000"), NumberFormatter(format="0")
         cols = [
             TableColumn(
                 field="_thumb",
@@ -426,9 +433,10 @@ class AppView:
                 formatter=HTMLTemplateFormatter(
                     template='<img src="<%- value %>" alt="" style="height:46px;max-width:56px">'
                 ),
+                editor=editor,
             ),
-            TableColumn(field="_file", title="file name", width=180, formatter=StringFormatter()),
-            TableColumn(field="_label", title="label", width=100, formatter=StringFormatter()),
+            TableColumn(field="_file", title="file name", width=180, formatter=text, editor=editor),
+            TableColumn(field="_label", title="label", width=100, formatter=text, editor=editor),
         ]
         self._table_fields: list[tuple[str, str]] = []
         for i, name in enumerate(st.table.columns):
@@ -438,12 +446,12 @@ class AppView:
             self._table_fields.append((field, name))
             dtype = st.table[name].dtype
             if pd.api.types.is_float_dtype(dtype):
-                fmt: Any = NumberFormatter(format="0.000")
+                fmt: Any = real
             elif pd.api.types.is_integer_dtype(dtype):
-                fmt = NumberFormatter(format="0")
+                fmt = whole
             else:
-                fmt = StringFormatter()
-            cols.append(TableColumn(field=field, title=str(name), formatter=fmt, width=90))
+                fmt = text
+            cols.append(TableColumn(field=field, title=str(name), formatter=fmt, width=90, editor=editor))
         return cols
 
     def _table_data(self, rows: np.ndarray) -> dict[str, Any]:
@@ -898,7 +906,7 @@ class AppView:
             if "message" in what:
                 self.status.text = self._status_html()
             if redraw and self.image_mode:
-                self.image_map.refresh()
+                self.image_map.request()
         finally:
             self._syncing = False
 

@@ -36,4 +36,10 @@
     };
   }
   window.explorerRenderer = {renderer: renderer, why: why};
+  // the modifier keys of the last press/release: big maps send the lasso's geometry to the
+  // server with the selection mode (Shift = append, Ctrl = intersect, both = subtract)
+  window.explorerKeys = {shift: false, ctrl: false};
+  var keys = function (e) { window.explorerKeys = {shift: !!e.shiftKey, ctrl: !!e.ctrlKey}; };
+  window.addEventListener("pointerdown", keys, {capture: true, passive: true});
+  window.addEventListener("pointerup", keys, {capture: true, passive: true});
 })();
