@@ -371,3 +371,138 @@ def test_a_stale_background_result_is_dropped(built, tmp_path):
         time.sleep(0.02)
     ticks.pop(0)()
     assert view.state.neighbours is not None and view.state.neighbours[0] == view.plot_rows[second]
+
+
+# --------------------------------------------------------------------------- big maps: one image
+def send_geometry(doc, kind, xs, ys, mode="replace", seq=[0]):
+    """What the page's select-tool callback sends in image mode: the shape, not the points."""
+    seq[0] += 1
+    n = len(xs)
+    w(doc, "lasso_geometry").data = {"x": list(xs), "y": list(ys), "kind": [kind] * n, "mode": [mode] * n,
+                                     "seq": [seq[0]] * n}  # fmt: skip
+
+
+def inside(px, py, x, y):
+    """Even-odd point-in-polygon, plain numpy (the reference)."""
+    res = np.zeros(len(x), dtype=bool)
+    for i in range(len(px)):
+        ax, ay, bx, by = px[i], py[i], px[(i + 1) % len(px)], py[(i + 1) % len(px)]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res ^= ((ay > y) != (by > y)) & (x < ax + (y - ay) * (bx - ax) / (by - ay))
+    return res
+
+
+@pytest.fixture
+def image_doc(app, monkeypatch):
+    monkeypatch.setenv("EXPLORER_IMAGE_MAP_ABOVE", "10")
+    return make_doc(app[0], [app[1]])
+
+
+def image_rgba(doc):
+    img = w(doc, "map_image_source").data["image"][0]
+    return img.view(np.uint8).reshape(*img.shape, 4)
+
+
+def test_image_map_replaces_the_dots_above_the_threshold(image_doc):
+    doc = image_doc
+    view = doc.explorer_view
+    assert view.image_mode and len(w(doc, "points").data["x"]) == 0
+    assert w(doc, "map_image").visible and not w(doc, "scatter").visible
+    data = w(doc, "map_image_source").data
+    assert data["n"] == data["total"] == [35]
+    assert (image_rgba(doc)[..., 3] > 0).sum() > 35  # every point drawn (spread over a few pixels)
+    # the select tools hit only the invisible two-point bounds: the page never sends a point list
+    bounds = w(doc, "map_bounds")
+    assert view.lasso_renderers() == [bounds] and len(bounds.data_source.data["x"]) == 2
+    # the ranges fit the data, not the image (which follows the ranges)
+    assert view.plot.x_range.renderers == [bounds]
+
+
+def test_image_map_lasso_modes_and_click(image_doc):
+    doc = image_doc
+    view, st = doc.explorer_view, doc.explorer_view.state
+    x, y = st.xy()
+    clusters = st.labels("cluster")
+    send_geometry(doc, "poly", [-3, 13, 13, -3], [-3, -3, 3, 3])  # clusters 0 and 1
+    assert set(clusters[st.selection]) == {"0", "1"} and len(st.selection) == 16
+    assert w(doc, "labels").value == ["0", "1"] and len(w(doc, "table_source").data["_file"]) == 16
+    assert view.selection_callbacks == 1
+    dimmed = image_rgba(doc)
+    send_geometry(doc, "rect", [-3, 3, 3, -3], [7, 7, 13, 13], mode="append")  # + cluster 2
+    assert set(clusters[st.selection]) == {"0", "1", "2"}
+    send_geometry(doc, "rect", [-3, 3], [-3, 13], mode="subtract")  # - clusters 0 and 2
+    assert set(clusters[st.selection]) == {"1"}
+    send_geometry(doc, "poly", [7, 13, 13], [-3, -3, 3], mode="intersect")  # a triangle of cluster 1
+    want = np.flatnonzero(inside([7, 13, 13], [-3, -3, 3], x, y) & (clusters == "1"))
+    assert 0 < len(want) < 8 and st.selection.tolist() == want.tolist()
+    # a click picks the nearest point within a few pixels; Shift-click toggles it
+    r = int(np.flatnonzero(clusters == "3")[0])
+    send_geometry(doc, "point", [x[r] + 0.01], [y[r]])
+    assert st.selection.tolist() == [r]
+    send_geometry(doc, "point", [x[r]], [y[r]], mode="toggle")
+    assert len(st.selection) == 0
+    send_geometry(doc, "point", [100.0], [100.0])  # empty space: nothing
+    assert len(st.selection) == 0
+    assert (image_rgba(doc)[..., 3] > dimmed[..., 3]).any()  # nothing selected: nothing dimmed
+
+
+def test_image_map_follows_colours_filters_zoom_and_reset(image_doc):
+    from bokeh.events import RangesUpdate
+
+    doc = image_doc
+    view = doc.explorer_view
+    before = image_rgba(doc).copy()
+    w(doc, "color_by").value = "label"
+    assert not np.array_equal(image_rgba(doc), before)
+    w(doc, "labels").value = ["cat"]  # a filter selects: the others are dimmed
+    assert len(view.state.selection) == 7  # (the eighth cat has the hostile label)
+    lit = (image_rgba(doc)[..., 3] > 100).sum()
+    assert lit < (before[..., 3] > 100).sum()
+    # a zoom (what the browser's tools announce): the image covers the new range, fewer points
+    view.plot._trigger_event(RangesUpdate(view.plot, x0=-2, x1=2, y0=-2, y1=2))
+    data = w(doc, "map_image_source").data
+    assert data["x"] == [-2] and data["dw"] == [4] and 0 < data["n"][0] < 35
+    assert len(w(doc, "thumbs_source").data["url"]) == data["n"][0]  # few in view: their thumbnails
+    click(w(doc, "reset"))
+    assert len(view.state.selection) == 0 and w(doc, "color_by").value == "cluster"
+
+
+def test_a_lasso_on_a_million_rows_sends_a_polygon_and_no_point_list():
+    """Issue 8: at 1M rows no per-point column or index list travels either way: the page
+    gets one image, sends the lasso's vertices, and gets back the table and a new image."""
+    from bokeh.document import Document
+    from bokeh.protocol import Protocol
+
+    from explorer.app.state import AppState
+    from explorer.app.view import TABLE_LIMIT, AppView
+
+    n = 1_000_000
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 5, n).astype(np.float32)
+    y = rng.normal(0, 5, n).astype(np.float32)
+    df = pd.DataFrame({"path": [f"i/{i}.jpg" for i in range(n)], "image": "", "x": x, "y": y,
+                       "cluster": rng.integers(-1, 30, n)})  # fmt: skip
+    view = AppView(AppState(df))
+    doc = Document()
+    doc.add_root(view.layout)
+    assert view.image_mode and len(w(doc, "points").data["x"]) == 0
+    sent = [len(v) for m in doc.models if hasattr(m, "data") and m.name != "map_image_source" for v in m.data.values()]
+    assert max(sent) <= TABLE_LIMIT  # no per-point column in the page
+    assert w(doc, "map_image_source").data["n"] == [n]
+
+    events = []
+    doc.on_change(lambda event: events.append(event))
+    px, py = [-4, 6, 8, 1, -6], [-5, -6, 2, 7, 3]
+    send_geometry(doc, "poly", px, py)
+    want = np.flatnonzero(inside(px, py, x.astype(np.float64), y.astype(np.float64)))
+    assert len(want) > 100_000
+    assert np.array_equal(view.state.selection, want)
+    assert f"{len(want):,}" in w(doc, "table_info").text
+    assert len(w(doc, "table_source").data["_file"]) == TABLE_LIMIT
+    assert len(w(doc, "points").selected.indices) == 0
+    # what goes back to the page: the table, the widgets and one image of the plot's size
+    msg = Protocol().create("PATCH-DOC", [e for e in events if getattr(e, "model", None) is not w(doc, "lasso_geometry")])
+    image_bytes = w(doc, "map_image_source").data["image"][0].nbytes
+    sizes = sorted(memoryview(b.data).nbytes for b in msg.buffers)
+    assert sizes[-1] == image_bytes and all(s < 100_000 for s in sizes[:-1]), sizes[-5:]
+    assert len(msg.content) < 2_000_000
