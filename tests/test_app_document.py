@@ -506,3 +506,88 @@ def test_a_lasso_on_a_million_rows_sends_a_polygon_and_no_point_list():
     sizes = sorted(memoryview(b.data).nbytes for b in msg.buffers)
     assert sizes[-1] == image_bytes and all(s < 100_000 for s in sizes[:-1]), sizes[-5:]
     assert len(msg.content) < 2_000_000
+
+
+def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, monkeypatch):
+    """M4: ``warnings.catch_warnings`` is process-global and not thread-safe. Every job the
+    served app runs in its thread pool (suggestions, neighbours, overview, saves with
+    images, tag counts, map images) runs here in that pool, and none of our code may enter
+    it there; the re-cluster (UMAP + HDBSCAN, which wrap whole fits in it) goes to the
+    worker process. (pandas enters it briefly inside dtype checks, in any thread: not ours.)"""
+    import threading
+    import warnings
+    from concurrent.futures import Future
+
+    from explorer.app import work
+
+    entered = []
+
+    import explorer
+
+    ours = str(Path(explorer.__file__).parent)
+
+    class Spy(warnings.catch_warnings):
+        def __enter__(self):
+            caller = sys._getframe(1).f_code.co_filename  # our code, not pandas' brief internal use
+            if threading.current_thread() is not threading.main_thread() and caller.startswith(ours):
+                entered.append(f"{caller}:{sys._getframe(1).f_lineno}")
+            return super().__enter__()
+
+    monkeypatch.setattr(warnings, "catch_warnings", Spy)
+    sent_to_process = []
+
+    class Processes:  # the worker process itself is not started here (numba compiles for long)
+        def submit(self, fn, *args):
+            sent_to_process.append(fn)
+            fut = Future()
+            fut.set_result(ValueError("not run in this test"))
+            return fut
+
+    monkeypatch.setattr(work, "processes", lambda: Processes())
+    monkeypatch.setenv("EXPLORER_IMAGE_MAP_ABOVE", "10")
+    app = copy_app(*built, tmp_path / "m4", sidecars=("run.json", "features.npy"))
+    doc = make_doc(app[0], [app[1]])
+    view = doc.explorer_view
+    ticks = []
+
+    class Served:
+        session_context = object()
+
+        def add_next_tick_callback(self, cb):
+            ticks.append(cb)
+
+    view.doc = Served()
+
+    def drain():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            while ticks:
+                ticks.pop(0)()
+            time.sleep(0.05)
+            if not ticks and not view._busy and not view.image_map._running:
+                return
+        raise TimeoutError("background work did not finish")
+
+    send_geometry(doc, "poly", [-3, 13, 13, -3], [-3, -3, 3, 3])  # image map re-rendered
+    drain()
+    w(doc, "label_input").value = "mug"
+    click(w(doc, "apply_label"))
+    click(w(doc, "propose"))
+    drain()
+    assert "suggestions" in w(doc, "status").text  # the search ran (in the pool)
+    click(w(doc, "recluster"))
+    drain()
+    w(doc, "tabs").active = 2  # the overview
+    drain()
+    w(doc, "save_images").active = True
+    click(w(doc, "save"))
+    drain()
+    assert "saved" in w(doc, "status").text
+    w(doc, "tag_column").value = "photographer"
+    drain()
+    r = int(view.plot_rows[0])
+    send_geometry(doc, "point", [view.state.xy()[0][r]], [view.state.xy()[1][r]])  # one image: neighbours
+    drain()
+    assert view.state.neighbours is not None and view.state.neighbours[0] == r
+    assert entered == []
+    assert sent_to_process == [work.recluster_in_worker]
