@@ -34,8 +34,9 @@ __all__ = ["ImageMap", "INLINE_POINTS", "CLICK_PX"]
 INLINE_POINTS = 200_000
 #: a click selects the nearest point within this many screen pixels
 CLICK_PX = 6
-#: frame size used before the browser reports the real one
-DEFAULT_FRAME = (580, 750)
+#: frame size (height, width) used before the browser reports the real one (measured in Chromium:
+#: a 760 x 620 plot with its toolbar above)
+DEFAULT_FRAME = (585, 750)
 
 #: the browser side of the lasso channel: on the final geometry of a select tool, send
 #: the polygon (data coordinates) and the mode; ``seq`` makes a repeated shape a change
