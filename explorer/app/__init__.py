@@ -10,6 +10,8 @@ their own session, thumbnails by row: :mod:`explorer.app.downloads`) once per se
   :mod:`~explorer.app.files`)
 * :mod:`explorer.app.work` - the process-wide pools that keep slow work off the event loop
 * :mod:`explorer.app.view` - the Bokeh widgets wired to a session's state
+* :mod:`explorer.app.mapimage` - big maps as one server-rendered image; lasso, box and
+  click resolved on the server (pure numpy parts: :mod:`explorer.app.density`)
 
 Importing this package does not import Bokeh.
 """

@@ -6,6 +6,9 @@ state methods. One :class:`AppView` (and one state) per session; the data behind
 process's :class:`explorer.app.project.Project`, and the map's columns are the project's own
 numpy arrays (sent to the browser once, as binary float32/int32 columns).
 
+Above :func:`explorer.app.density.image_threshold` points the map is one server-rendered
+image instead (:mod:`explorer.app.mapimage`): no per-point column or index list travels.
+
 Thumbnails travel as row numbers: the browser asks ``/<route>/_thumb/<row>`` (our handler,
 :mod:`explorer.app.downloads`), so no per-row URL strings are sent. When a few hundred points
 are in view, the thumbnails themselves are drawn at their positions (client-side, throttled).
