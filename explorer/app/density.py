@@ -21,9 +21,11 @@ __all__ = [
     "points_in_polygon", "points_in_rect", "nearest_point", "in_view",
 ]  # fmt: skip
 
-#: above this many drawn points the map is an image (measured: bench/app.py; the canvas
-#: draws 100k dots in ~2 s on a 2-core machine, the image path in well under a second)
-IMAGE_THRESHOLD = 50_000
+#: above this many drawn points the map is an image. Measured with bench/app.py on the 2-core
+#: machine (canvas, load ~11): 30k points drawn 3.4 s as dots / 2.1 s as an image, lasso ->
+#: table 2.4 s / 1.1 s; 10k: 2.1 / 1.7 s and 1.1 / 0.8 s (within the noise). Dots keep the
+#: hover tooltips, so they stay up to here.
+IMAGE_THRESHOLD = 20_000
 #: environment variable that overrides :data:`IMAGE_THRESHOLD` (tests, very fast machines)
 THRESHOLD_ENV = "EXPLORER_IMAGE_MAP_ABOVE"
 #: weight of an unselected point's colour while something is selected (selected ones: 1)
