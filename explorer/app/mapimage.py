@@ -53,7 +53,7 @@ if (k.shift && k.ctrl) mode = "subtract";
 else if (k.shift) mode = g.type == "point" ? "toggle" : "append";
 else if (k.ctrl) mode = "intersect";
 window.__explorerSeq = (window.__explorerSeq || 0) + 1;
-const n = xs.length, seq = window.__explorerSeq;
+const seq = window.__explorerSeq;
 geometry.data = {x: xs, y: ys, kind: xs.map(() => g.type), mode: xs.map(() => mode),
                  seq: xs.map(() => seq)};
 """
@@ -101,9 +101,9 @@ class ImageMap:
         self.renders = 0
 
     # ------------------------------------------------------------------ wiring
-    def wire(self, lasso: Any, box: Any, tap: Any, hover: Any) -> None:
+    def wire(self, lasso: Any, box: Any, tap: Any) -> None:
         """Connect the select tools' geometry and the plot's range updates."""
-        self._tools = {"lasso": lasso, "box": box, "tap": tap, "hover": hover}
+        self._tools = {"lasso": lasso, "box": box, "tap": tap}
         self._dot_renderers = {k: list(t.renderers) for k, t in self._tools.items()}
         self.view.plot.js_on_event(
             "selectiongeometry",
@@ -124,8 +124,6 @@ class ImageMap:
         self.renderer.visible = self.active
         view.renderer.visible = not self.active
         for key, tool in self._tools.items():
-            if key == "hover":
-                continue
             tool.renderers = [self.bounds] if self.active else self._dot_renderers[key]
         self._binned = None
         if self.active:

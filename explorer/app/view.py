@@ -209,7 +209,7 @@ class AppView:
         self.plot.toolbar.active_drag = lasso
         # big maps: one server-rendered image, select tools resolved on the server
         self.image_map = ImageMap(self)
-        self.image_map.wire(lasso, box, tap, hover)
+        self.image_map.wire(lasso, box, tap)
         for rng in (self.plot.x_range, self.plot.y_range):  # fit the data, not the image or thumbnails
             rng.renderers = [self.image_map.bounds]
         self.image_map.set_data(self.image_mode)
