@@ -591,3 +591,36 @@ def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, mo
     assert view.state.neighbours is not None and view.state.neighbours[0] == r
     assert entered == []
     assert sent_to_process == [work.recluster_in_worker]
+
+
+def test_big_renders_run_off_the_event_loop_and_the_newest_view_wins(image_doc, monkeypatch):
+    """Served, renders of many points run in the map's own thread; a burst of zoom steps
+    ends with the image of the last one (the ones in between may be skipped)."""
+    from bokeh.events import RangesUpdate
+
+    from explorer.app import mapimage
+
+    monkeypatch.setattr(mapimage, "INLINE_POINTS", 0)  # "many points" for a 35-point map
+    doc = image_doc
+    view = doc.explorer_view
+    ticks = []
+
+    class Served:
+        session_context = object()
+
+        def add_next_tick_callback(self, cb):
+            ticks.append(cb)
+
+    view.doc = Served()
+    before = view.image_map.renders
+    for x0 in (-5.0, -4.0, -3.0):  # three wheel steps before any render is back
+        view.plot._trigger_event(RangesUpdate(view.plot, x0=x0, x1=3.0, y0=-3.0, y1=3.0))
+    assert view.image_map._running and view.image_map.renders == before  # nothing drawn on the loop
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (view.image_map._running or ticks):
+        while ticks:
+            ticks.pop(0)()
+        time.sleep(0.02)
+    data = w(doc, "map_image_source").data
+    assert data["x"] == [-3.0] and data["dw"] == [6.0]
+    assert view.image_map.renders == before + 1  # the first result was stale: only the last shown
