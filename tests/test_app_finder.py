@@ -8,7 +8,6 @@ grey camera photos) given what a build adds: ``cluster_name``, quality-flag colu
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
