@@ -1,9 +1,8 @@
 """The app's Find tab as a Bokeh Document: search by words and "more like this", the
 quality-flag filter, cluster names in the legend and the label MultiSelect.
 
-The data is a small app (tests/_appdata.py: cats, coffee, astronauts, rockets and a few
-grey camera photos) given what a build adds: ``cluster_name``, quality-flag columns and
-``NAME.concepts.npz`` made from the real backbone's view of the original images.
+The data: tests/_finderdata.py (a small app with concepts, cluster names and a few quality
+flags set: 3 blurry rows in cluster 1, 2 dark rows in cluster 2, the grey photos grayscale).
 """
 
 from __future__ import annotations
@@ -17,47 +16,17 @@ import pytest
 from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, make_app, plot_positions, widget as w  # noqa: E402
+from _appdata import click, copy_app, plot_positions, widget as w  # noqa: E402
+from _finderdata import make_finder_app  # noqa: E402
 
 from explorer import concepts as C  # noqa: E402
 from explorer.app import finder as F  # noqa: E402
 from explorer.table import read_table, sidecar, write_table  # noqa: E402
 
-#: rows given a quality flag (by cluster and position in it)
-BLURRY = {1: [0, 1, 2]}
-DARK = {2: [0, 1]}
-
-
-def add_build_columns(csv: Path) -> pd.DataFrame:
-    """``cluster_name`` and the quality flags (a few set), as a build writes them."""
-    df = read_table(csv)
-    for flag, where in (("blurry", BLURRY), ("dark", DARK)):
-        col = np.zeros(len(df), dtype=int)
-        for c, pos in where.items():
-            col[np.flatnonzero(df["cluster"].to_numpy() == c)[pos]] = 1
-        df[flag] = col
-    df["grayscale"] = (df["cluster"] == -1).astype(int)  # the camera photos
-    return df
-
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """An app with concepts: every original embedded once with the default backbone."""
-    from PIL import Image
-
-    from explorer import embed
-
-    root = tmp_path_factory.mktemp("finder")
-    app_dir, csv = make_app(root)
-    df = add_build_columns(csv)
-    model, cfg = embed.load_model()
-    imgs = [Image.open(root / "images" / p).convert("RGB") for p in df["path"]]
-    idx, p = C.concepts_from_features(embed.embed_images(imgs, model, cfg))
-    C.save_concepts(sidecar(csv, "concepts.npz"), idx, p)
-    names = C.name_clusters(df["cluster"].to_numpy(), idx, p, groups={"folder": C.folder_of(df["path"])})
-    df["cluster_name"] = [names[c] for c in df["cluster"]]
-    write_table(df, csv)
-    return app_dir, csv, names
+    return make_finder_app(tmp_path_factory.mktemp("finder"))
 
 
 @pytest.fixture

@@ -252,7 +252,9 @@ class Finder:
         self.search_clear = Button(name="search_clear", label="Clear results", width=width)
         self.search_note = Div(name="search_note", text="", stylesheets=css, width=width)
         self.results_div = Div(name="search_results", text="", stylesheets=css, width=results_width)
-        counts = flag_counts(st.project.table, st.project.valid)
+        counts = st.project.cached("finder.flag_counts", lambda: flag_counts(st.project.table, st.project.valid))
+        #: the flag filter in force: (flags, mode)
+        self.applied: tuple[tuple[str, ...], str] = ((), "hide")
         self.flag_values = list(counts)
         self.flag_mode = RadioButtonGroup(name="flag_mode", labels=["hide flagged", "show only flagged"],
                                           active=0, width=width)
@@ -366,27 +368,26 @@ class Finder:
 
     def set_flags(self, flags: Iterable[str], mode: str = "hide") -> bool:
         """Filter the map by quality flags (see :func:`flag_keep`); the widgets follow."""
-        flags = list(flags)
+        flags = tuple(flags)
         keep = flag_keep(self.state.project.table, flags, mode)
-        self._syncing = True
-        try:
-            self.flag_filter.active = [self.flag_values.index(f) for f in flags if f in self.flag_values]
-            self.flag_mode.active = FLAG_MODES.index(mode)
-        finally:
-            self._syncing = False
+        before, self.applied = self.applied, (flags, mode)
         if keep is None and self.state.row_filter is None:
-            return True
-        shown = "hiding" if mode == "hide" else "only"
-        why = f"{shown} {', '.join(f.replace('_', ' ') for f in flags)}" if flags else "quality filter off"
-        return self.state.set_row_filter(keep, why)
+            ok = True
+        else:
+            shown = "hiding" if mode == "hide" else "only"
+            why = f"{shown} {', '.join(f.replace('_', ' ') for f in flags)}" if flags else "quality filter off"
+            ok = self.state.set_row_filter(keep, why)
+        if not ok:
+            self.applied = before
+        self._render_flags()
+        return ok
 
     _syncing = False
 
     def _on_flags(self) -> None:
         if self._syncing:
             return
-        if not self.set_flags(self.chosen_flags(), FLAG_MODES[int(self.flag_mode.active or 0)]):
-            self._render_flags()  # refused: the boxes show the filter in force
+        self.set_flags(self.chosen_flags(), FLAG_MODES[int(self.flag_mode.active or 0)])
 
     def _on_reset(self) -> None:
         self.results = None
@@ -404,14 +405,18 @@ class Finder:
             self._render_flags()
 
     def _render_flags(self) -> None:
-        st = self.state
-        self.flag_filter.disabled = self.flag_mode.disabled = bool(st.drill)
-        if st.row_filter is None and self.flag_filter.active and not self._syncing:
-            self._syncing = True
-            try:
-                self.flag_filter.active = []
-            finally:
-                self._syncing = False
+        """The boxes show the filter in force (also after a refusal); off while drilled in."""
+        self.flag_filter.disabled = self.flag_mode.disabled = bool(self.state.drill)
+        flags, mode = self.applied
+        active = [self.flag_values.index(f) for f in flags if f in self.flag_values]
+        self._syncing = True
+        try:
+            if list(self.flag_filter.active) != active:
+                self.flag_filter.active = active
+            if self.flag_mode.active != FLAG_MODES.index(mode):
+                self.flag_mode.active = FLAG_MODES.index(mode)
+        finally:
+            self._syncing = False
 
     def _render_note(self) -> None:
         st = self.state
