@@ -1,8 +1,6 @@
-"""The Find tab in real headless Chromium against ``bokeh serve``: a person types words into
-the search box and sees the ranked results, selected on the map.
-
-Needs Debian's chromium + chromium-driver; skipped with a reason when they are absent.
-"""
+"""The Find tab in headless Chromium (Debian's chromium + chromium-driver, else skipped)
+against ``bokeh serve``: a person types words into the search box and sees the ranked
+results, selected on the map."""
 
 from __future__ import annotations
 
@@ -17,13 +15,8 @@ from _finderdata import make_finder_app  # noqa: E402
 
 import _browser as B  # noqa: E402
 
-pytestmark = pytest.mark.browser
-
-if B.find_chromium() is None:
-    pytest.skip(
-        "chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)",
-        allow_module_level=True,
-    )
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(
+    B.find_chromium() is None, reason="chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)")]
 
 DEEP_JS = """
 function deep(root, sel, out) {
