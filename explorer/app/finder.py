@@ -317,6 +317,23 @@ class Finder:
                 for v, _ in st.label_options()]
 
     # ------------------------------------------------------------------ search
+    def warm(self) -> None:
+        """Load the text model and the concepts in the pool (once per process) when the Find
+        tab is opened in a served app, so the first query does not wait for them."""
+        if self.view.served and _model is None and not self.index.words_problem:
+            from explorer.app import work
+
+            index = self.index
+
+            def load() -> None:
+                try:
+                    index.concepts()
+                    text_model()
+                except Exception:  # noqa: BLE001 - the query says what is wrong
+                    pass
+
+            work.threads().submit(load)
+
     def _top(self) -> int:
         try:
             return int(self.search_top.value)

@@ -302,6 +302,7 @@ class AppView:
             width=SIDEBAR_WIDTH + 20,
         )
         self.tabs.on_change("active", self._on_tab)
+        self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
         self.layout = column(
             self.title,
             self.status,
