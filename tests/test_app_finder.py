@@ -200,3 +200,24 @@ def test_row_filter_rejects_a_bad_mask(doc):
     st = doc.explorer_view.state
     with pytest.raises(ValueError, match=r"shape \(35,\)"):
         st.set_row_filter(np.ones(3, dtype=bool))
+
+
+def test_flag_filter_holds_through_a_drill_down_and_waits_for_the_whole_map(doc):
+    from explorer.hierarchy import Recluster
+
+    view, boxes = doc.explorer_view, w(doc, "flag_filter")
+    st = view.state
+    boxes.active = [0]  # hide blurry
+    shown = rows_of(doc, 1)[3:]
+    w(doc, "labels").value = ["1"]
+    assert st.selection.tolist() == shown.tolist()
+    # the drill-down's map (as re-clustering the selection shows it) holds only shown rows
+    n = len(shown)
+    st.recluster_show(st.selection.copy(), "1", Recluster(
+        xy=np.c_[np.arange(n), np.zeros(n)].astype(np.float32), sub_ids=["1.1"] * n,
+        labels=np.ones(n, int), notes=[]))
+    assert sorted(view.plot_rows.tolist()) == shown.tolist() and boxes.disabled
+    boxes.active = [0, 1]  # refused while drilled in: the boxes show the filter in force
+    assert boxes.active == [0] and "whole map" in w(doc, "status").text
+    click(w(doc, "top"))
+    assert not boxes.disabled and len(view.plot_rows) == 35 - 3
