@@ -45,11 +45,6 @@ __all__ = [
 NOISE = "noise"
 #: selections smaller than this are shown as one group, not clustered
 MIN_RECLUSTER = 6
-#: from this many images on, UMAP is told to use its approximate neighbour search
-#: (pynndescent): below 4096 points umap-learn otherwise computes all pairwise distances
-#: with a Python-level metric call per pair, which took ~38 s for 1,000 images here
-#: (bench/curation.py); the approximate search took ~3 s once compiled
-APPROX_NEIGHBOURS_FROM = 400
 
 
 # ---------------------------------------------------------------------- helpers
@@ -135,8 +130,9 @@ def recluster(
 
     Returns a :class:`Recluster` (``xy, sub_ids = recluster(...)`` also works).
 
-    The map is :func:`explorer.reduce.reduce_map` and the clustering runs, like the main
-    build, on :func:`explorer.reduce.reduce_cluster_space`. Selections of fewer than
+    The map and the clusterable space come, like the main build's, from one neighbour
+    graph (:func:`explorer.reduce.map_and_space`); the clustering runs on that space.
+    Selections of fewer than
     :data:`MIN_RECLUSTER` images are not clustered: they get a simple layout, all in
     ``"<parent>.1"``, and a note saying so. When the clustering finds no structure
     (everything noise), all images are put in ``"<parent>.1"`` with a note. Notes from
@@ -154,10 +150,9 @@ def recluster(
     if method not in cluster_mod.METHODS:
         raise ValueError(f"unknown clustering method {method!r}; use one of {cluster_mod.METHODS}")
     notes: list[str] = []
-    umap_kwargs = {"force_approximation_algorithm": True} if n >= APPROX_NEIGHBOURS_FROM else {}
-    xy, map_notes = reduce_mod.reduce_map(X, random_state=seed, **umap_kwargs)
-    xy = np.asarray(xy, dtype=np.float32)
-    notes += list(map_notes)
+    mapped = reduce_mod.map_and_space(X, random_state=seed)
+    xy = np.asarray(mapped.xy, dtype=np.float32)
+    notes += list(mapped.notes)
     if n < MIN_RECLUSTER:
         notes.append(
             f"only {n} image(s) selected: too few to re-cluster (need {MIN_RECLUSTER}); "
@@ -165,9 +160,7 @@ def recluster(
         )
         labels = np.ones(n, dtype=int)
     else:
-        Z, z_notes = reduce_mod.reduce_cluster_space(X, random_state=seed, **umap_kwargs)
-        notes += list(z_notes)
-        res = cluster_mod.cluster(np.asarray(Z), method, random_state=seed, **cluster_params)
+        res = cluster_mod.cluster(np.asarray(mapped.space), method, random_state=seed, **cluster_params)
         notes += list(res.notes)
         raw = np.asarray(res.labels, dtype=int)
         if (raw < 0).all():

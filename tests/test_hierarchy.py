@@ -68,6 +68,21 @@ def test_recluster_numbers_largest_first_and_nests():
     del rng
 
 
+def test_recluster_builds_one_neighbour_graph_for_map_and_clustering(monkeypatch):
+    from explorer import knn
+
+    real, calls = knn.knn_graph, []
+    monkeypatch.setattr(knn, "knn_graph", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    X, truth = blobs(2, 30, seed=4)
+    res = recluster(X, parent_id="4", seed=3)
+    assert len(calls) == 1
+    # and the one graph still separates the two blobs
+    from collections import Counter
+
+    main = [Counter(s for s, t in zip(res.sub_ids, truth) if t == b).most_common(1)[0][0] for b in (0, 1)]
+    assert main[0] != main[1] and not any(m.endswith("noise") for m in main)
+
+
 @pytest.mark.parametrize("n", range(1, MIN_RECLUSTER))
 def test_tiny_selections_work_and_say_so(n):
     X, _ = blobs(1, n)

@@ -14,15 +14,13 @@ import textwrap
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
 from explorer.journal import Journal, JournalError, JournalWarning, journal_for
 from explorer.labels import LabelBook
 from explorer.table import sidecar
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._procs import ROOT, in_new_process
 
 
 def raw_rows(path, sql):
@@ -32,15 +30,6 @@ def raw_rows(path, sql):
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
-
-
-def in_new_process(code: str, *args) -> str:
-    """Run ``code`` in a fresh interpreter (nothing cached in this process) and return stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
 
 
 READ_LABELS = """

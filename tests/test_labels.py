@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
 import sys
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -26,18 +23,9 @@ from explorer.labels import (
     validate_label,
 )
 from explorer.neighbours import nearest, row_norms
+from tests._procs import in_new_process
 
 KEYS = [f"img/{i:02d}.jpg" for i in range(10)]
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def in_new_process(code: str, *args) -> str:
-    """Run ``code`` in a fresh interpreter (another server process) and return stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
 
 
 @pytest.fixture(params=["memory", "journal"])

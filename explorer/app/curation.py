@@ -280,6 +280,39 @@ class Curation:
         self._say(f"{len(pos):,} suggestion(s) rejected")
         self._emit("suggestions", "message")
 
+    # ------------------------------------------------------------------ row filter
+    #: the rows the map shows besides those without coordinates (None: all of them); set
+    #: by the quality-flag filter of :mod:`explorer.app.finder`
+    row_filter: np.ndarray | None = None
+
+    def set_row_filter(self, keep: np.ndarray | None, why: str = "") -> bool:
+        """Show only the rows where ``keep`` is True (``None``: every row) on the map, in the
+        legend, the MultiSelect and the selection; selected rows no longer shown drop out of
+        the selection. ``why`` is said on the page. Refused (False, with a message) while a
+        drill-down map is shown. Raises ``ValueError`` for a mask of the wrong shape."""
+        if keep is not None:
+            keep = np.asarray(keep)
+            if keep.dtype != bool or keep.shape != (self.n_rows,):
+                raise ValueError(f"keep must be a bool array of shape ({self.n_rows},), "
+                                 f"got {keep.dtype} {keep.shape}")
+        if self.drill:
+            self._refuse("go back to the whole map first (the filter applies to the whole map)")
+            return False
+        self.generation.bump()
+        self.row_filter = keep
+        # no filter: the project's own mask again, so the shared per-process caches apply
+        self.valid = self.project.valid if keep is None else (self.project.valid & keep)
+        self.invalidate_labels()
+        self.selection = self.selection[self.valid[self.selection]]
+        self.scope = self.scope[self.valid[self.scope]]
+        self.label_filter = self.present_labels()
+        self.neighbours = None
+        shown = int(self.valid.sum())
+        self._say(f"{why}: {shown:,} of {self.n_rows:,} images shown" if why else
+                  f"{shown:,} of {self.n_rows:,} images shown")
+        self._emit("map", "label_column", "selection", "filter", "message", "neighbours")
+        return True
+
     # ------------------------------------------------------------------ drill down
     def xy(self) -> tuple[np.ndarray, np.ndarray]:
         """Map coordinates of every row (the drill-down's own map while drilled in)."""

@@ -248,18 +248,49 @@ def store() -> DownloadStore:
 
 
 # --------------------------------------------------------------------------- Tornado
-def _handler_class() -> type:
+def _handler_classes() -> tuple[type, type]:
+    """(DownloadHandler, ThumbHandler): two GET handlers that send one file or answer 404."""
     from tornado import web
 
-    class DownloadHandler(web.RequestHandler):
+    class _FileHandler(web.RequestHandler):
+        """Sends one file (404 when it cannot be opened or is too big); never sniffed."""
+
+        #: Cache-Control of every answer, errors included ("" = none)
+        cache_control = ""
+
+        def set_default_headers(self) -> None:
+            self.set_header("X-Content-Type-Options", "nosniff")
+            if self.cache_control:
+                self.set_header("Cache-Control", self.cache_control)
+
+        async def send(self, path: Any, kind: str, *, max_bytes: int | None = None,
+                       headers: dict[str, str] | None = None) -> None:
+            try:
+                f = open(path, "rb")
+            except OSError:
+                raise web.HTTPError(404) from None
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise web.HTTPError(404)
+                self.set_header("Content-Type", kind)
+                self.set_header("Content-Length", str(size))
+                for k, v in (headers or {}).items():
+                    self.set_header(k, v)
+                while True:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    self.write(chunk)
+                    await self.flush()
+
+    class DownloadHandler(_FileHandler):
         """GET /<route>/_exports/<token>/<name>: the file, for its owner only."""
+
+        cache_control = "no-store"
 
         def initialize(self, store: DownloadStore) -> None:
             self.store = store
-
-        def set_default_headers(self) -> None:
-            self.set_header("Cache-Control", "no-store")
-            self.set_header("X-Content-Type-Options", "nosniff")
 
         async def get(self, token: str, name: str) -> None:
             from urllib.parse import unquote
@@ -269,37 +300,15 @@ def _handler_class() -> type:
                 raise web.HTTPError(404)
             if item is False:
                 raise web.HTTPError(403)
-            try:
-                f = open(item.path, "rb")
-            except OSError:
-                raise web.HTTPError(404) from None
-            with f:
-                size = os.fstat(f.fileno()).st_size
-                kind = "text/csv" if item.name.lower().endswith(".csv") else "application/zip"
-                self.set_header("Content-Type", kind)
-                self.set_header("Content-Length", str(size))
-                self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(item.name)}")
-                while True:
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
-                    self.write(chunk)
-                    await self.flush()
+            kind = "text/csv" if item.name.lower().endswith(".csv") else "application/zip"
+            await self.send(item.path, kind, headers={
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(item.name)}"})
 
-    return DownloadHandler
-
-
-def _thumb_handler_class() -> type:
-    from tornado import web
-
-    class ThumbHandler(web.RequestHandler):
+    class ThumbHandler(_FileHandler):
         """GET /<route>/_thumb/<row>: that row's thumbnail, if it is an image inside the app."""
 
         def initialize(self, route: str) -> None:
             self.route = route
-
-        def set_default_headers(self) -> None:
-            self.set_header("X-Content-Type-Options", "nosniff")
 
         async def get(self, row: str) -> None:
             from explorer.app.project import project_for_route
@@ -308,18 +317,10 @@ def _thumb_handler_class() -> type:
             f = project.thumb_file(int(row)) if project is not None and len(row) < 12 else None
             if f is None:
                 raise web.HTTPError(404)
-            try:
-                data = f.read_bytes() if f.stat().st_size <= 8 << 20 else None
-            except OSError:
-                data = None
-            if data is None:
-                raise web.HTTPError(404)
             kind = {".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}.get(f.suffix.lower(), "image/jpeg")
-            self.set_header("Content-Type", kind)
-            self.set_header("Cache-Control", "private, max-age=3600")
-            self.write(data)
+            await self.send(f, kind, max_bytes=8 << 20, headers={"Cache-Control": "private, max-age=3600"})
 
-    return ThumbHandler
+    return DownloadHandler, ThumbHandler
 
 
 def url_pattern(app_url: str, prefix: str = "") -> str:
@@ -372,9 +373,10 @@ def install(server_context: Any, downloads: DownloadStore | None = None) -> str 
     prefix = getattr(app, "_prefix", "") or ""
     pattern = url_pattern(ctx.url, prefix)
     base = (prefix.rstrip("/") + "/" + ctx.url.strip("/")).rstrip("/")
+    download_handler, thumb_handler = _handler_classes()
     app.add_handlers(r".*", [
-        (pattern, _handler_class(), {"store": downloads or store()}),
-        (base + f"/{THUMB_SEGMENT}/([0-9]+)", _thumb_handler_class(), {"route": base.strip("/")}),
+        (pattern, download_handler, {"store": downloads or store()}),
+        (base + f"/{THUMB_SEGMENT}/([0-9]+)", thumb_handler, {"route": base.strip("/")}),
     ])  # fmt: skip
     log.info("explorer: exports served to their own session at %s", pattern)
     return pattern

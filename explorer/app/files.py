@@ -209,23 +209,21 @@ def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
 
 def describe(result: SaveResult, imagefolder: bool = False) -> str:
     """The sentence shown after a save."""
+    csv_name = result.downloads[0][0]
     if imagefolder:
-        parts = [f"saved {result.rows:,} row(s) with labels to {result.downloads[0][0]}"]
-        if result.zip is not None:
-            parts.append(f"{result.originals:,} image(s) in {result.classes} class folder(s) to {result.downloads[1][0]}")
-            if result.missing:
-                parts.append(f"{len(result.missing):,} labelled image(s) not found as originals")
-        if result.left_out:
-            parts.append(f"{result.left_out:,} image(s) left out: the export size limit was reached")
-        return "; ".join(parts)
-    parts = [f"saved {result.rows:,} row(s) to {result.downloads[0][0]}"]
-    if result.zip is not None:
+        parts = [f"saved {result.rows:,} row(s) with labels to {csv_name}"]
+        what = f"{result.originals:,} image(s) in {result.classes} class folder(s)"
+        missing = "labelled image(s) not found as originals"
+    else:
+        parts = [f"saved {result.rows:,} row(s) to {csv_name}"]
         what = f"{result.originals:,} original image(s)"
         if result.thumbnails:
             what += f" and {result.thumbnails:,} thumbnail(s) (originals not found)"
+        missing = "image(s) found neither as original nor thumbnail"
+    if result.zip is not None:
         parts.append(f"{what} to {result.downloads[1][0]}")
         if result.missing:
-            parts.append(f"{len(result.missing):,} image(s) found neither as original nor thumbnail")
+            parts.append(f"{len(result.missing):,} {missing}")
     if result.left_out:
         parts.append(f"{result.left_out:,} image(s) left out: the export size limit was reached")
     return "; ".join(parts)

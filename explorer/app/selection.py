@@ -175,7 +175,7 @@ class SelectionModel:
 
     def _cached(self, kind: str, make: Callable[[], Any]) -> Any:
         col = self.label_column
-        if self._shared_column(col) and not self.drill:
+        if self._shared_column(col) and self.valid is self.project.valid:  # no drill-down, no row filter
             return self.project.cached(f"{kind}\0{col}", make)
         key = (kind, col)
         if key not in self._derived:

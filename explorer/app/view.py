@@ -58,6 +58,7 @@ from bokeh.models import (
 from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
+from explorer.app.finder import Finder
 from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
@@ -302,6 +303,7 @@ class AppView:
             width=SIDEBAR_WIDTH,
         )
         self._build_curation(css)
+        self.finder = Finder(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
         self.tabs = Tabs(
             name="tabs",
             tabs=[
@@ -309,15 +311,18 @@ class AppView:
                 TabPanel(child=self.label_panel, title="Label"),
                 TabPanel(child=self.overview_panel, title="Overview"),
                 TabPanel(child=self.metadata_panel, title="Metadata"),
+                TabPanel(child=self.finder.panel, title="Find"),
             ],
             width=SIDEBAR_WIDTH + 20,
         )
         self.tabs.on_change("active", self._on_tab)
+        self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
         self.layout = column(
             self.title,
             self.status,
             row(self.crumbs, self.back, self.top),
             row(self.plot, self.tabs),
+            self.finder.results_div,
             row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours),
             self.grid,
             self.table_info,
@@ -874,7 +879,7 @@ class AppView:
                     palette=_rgba(palette, alphas), low=-0.5, high=max(len(palette), 1) - 0.5
                 )
                 self.hover_labels.args = {"labels": self._label_texts(), "column": st.label_column}
-                self.labels.options = st.label_options()
+                self.labels.options = self.finder.label_options()
                 self.color_by.value = st.label_column
                 self.legend.text = self._legend_html()
                 self.title.text = self._title_html()
@@ -980,8 +985,8 @@ class AppView:
         shown = items[:300]
         rows = "".join(
             f"<div class='ex-legend-item'><span class='ex-swatch' style='background:{c}'></span>"
-            f"<span class='ex-legend-text'>{_esc(t)}</span><span class='ex-count'>{n:,}</span></div>"
-            for _, t, c, n in shown
+            f"<span class='ex-legend-text'>{_esc(self.finder.group_text(v, t))}</span><span class='ex-count'>{n:,}</span></div>"
+            for v, t, c, n in shown
         )
         more = f"<div class='ex-muted'>... and {len(items) - len(shown):,} more</div>" if len(items) > len(shown) else ""
         return f"<div class='ex-legend'>{rows}{more}</div>"
