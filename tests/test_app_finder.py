@@ -221,3 +221,29 @@ def test_flag_filter_holds_through_a_drill_down_and_waits_for_the_whole_map(doc)
     assert boxes.active == [0] and "whole map" in w(doc, "status").text
     click(w(doc, "top"))
     assert not boxes.disabled and len(view.plot_rows) == 35 - 3
+
+
+def test_flag_filter_and_search_show_on_the_image_map(app, tmp_path_factory, monkeypatch):
+    """Above the image threshold the map is a server-rendered image: hiding flagged images
+    draws fewer points, and a word search lights its results and dims the rest."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("EXPLORER_IMAGE_MAP_ABOVE", "0")
+    doc = make_doc(*app)
+    view = doc.explorer_view
+    assert view.image_mode and len(w(doc, "points").data["x"]) == 0
+    source = w(doc, "map_image_source")
+    n = source.data["n"][0]
+    assert n == view.state.n_rows
+    w(doc, "flag_filter").active = [0, 1]  # hide the 3 blurry and 2 dark images
+    assert source.data["n"][0] == n - 5
+    def alpha():
+        img = source.data["image"][0]
+        return img.view(np.uint8).reshape(*img.shape, 4)[..., 3]
+
+    before = alpha().copy()
+    w(doc, "search_top").value = "10"
+    w(doc, "search_box").value = "a cat"
+    assert len(view.state.selection) == 10
+    assert (alpha() > 100).sum() < (before > 100).sum()  # the others dimmed
+    click(w(doc, "reset"))
+    assert source.data["n"][0] == n
