@@ -138,6 +138,13 @@ def from_build(data: Path, seeds, workdir: Path, progress: bool):
         truth = folder_labels(df["path"])
         per.append(measure(truth, df["cluster"].to_numpy()))
         print(f"  build seed {seed}: {per[-1]}  ({secs[-1]:.1f} s)", flush=True)
+        feats_choice = (res.run or {}).get("features") or {}
+        if feats_choice:
+            print(f"    features: {feats_choice.get('name')} ({feats_choice.get('reason')})",
+                  flush=True)
+        timings = (res.run or {}).get("timings") or (res.run or {}).get("stages")
+        if timings:
+            print(f"    stage seconds: {timings}", flush=True)
         fpath = Path(res.csv_path).with_name(Path(res.csv_path).stem + ".features.npy")
         if fpath.is_file():
             feats = np.load(fpath)
@@ -332,6 +339,9 @@ def main(argv=None) -> int:
     print_table(f"Quality vs folder labels: {source}, {len(truth)} images, "
                 f"{len(set(truth))} classes ({n_seeds})", rows)
     print("target (default): NMI >= 0.60 and noise <= 10%")
+    import os
+
+    print(f"load average (1, 5, 15 min): {os.getloadavg()}")
     return 0
 
 
