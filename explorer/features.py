@@ -302,7 +302,8 @@ def feature_key(name: str, hashes: Sequence[str], params: Mapping[str, Any]) -> 
 
 
 class FeatureCache:
-    """A folder of ``KEY.npy`` arrays (a build's ``NAME.features/`` sidecar)."""
+    """A folder of ``KEY.npy`` arrays and ``KEY.json`` values (a build's ``NAME.features/``
+    sidecar: autoencoder vectors, auto's feature choice)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
