@@ -63,8 +63,9 @@ median of seeds 42-44 (s42: seed 42 only); the default is 0.630 (0.626 / 0.630 /
   (resolution 0.5 / 1) 0.57-0.625 instead of UMAP + HDBSCAN;
 * features (1,000-image subset, same path, 3 seeds): mean pooling 0.636, GeM 0.626,
   horizontal-flip averaged 0.629; tf_efficientnet_lite2 (all 3,781) 0.632 (ARI 0.516, 8
-  clusters; embedding 2,408 s vs lite0 394 s here); lite0 and lite2 vectors (each L2-normalised)
-  concatenated 0.661 (ARI 0.589, 10 clusters): the best found, at about 7x lite0's embedding.
+  clusters; embedding 2,408 s at a lower priority than the build's 394 s for lite0, so not a
+  like-for-like time); lite0 and lite2 vectors (each L2-normalised) concatenated 0.661 (ARI
+  0.589, 10 clusters): the best found, at the cost of embedding every image twice.
 
 The vectors are the limit: the share of each photo's 10 nearest neighbours (cosine) with its
 own class is 0.754 for lite0, 0.769 lite2, 0.786 both; shirt / longsleeve / outwear and
