@@ -17,6 +17,8 @@ Measured (120 crops of 6 photos, load average 17): text P@5 1.00 for "a cat", "a
 coffee", "a rocket", "a space rocket on the launch pad"; 0.00 for "an astronaut", "galaxies
 in the night sky", "a microscope image of tissue" (no ImageNet class: read as space
 shuttle / planetarium / consomme); mean 0.57. Image search P@5 1.00 for all 6 photos.
+Run again on 1 Dec 2026 (load average 9.8): the same precision (text mean 0.57, image
+1.00); build of the 120 crops 82.6 s, median seconds per query 1.09 (text), 2.95 (image).
 """
 
 from __future__ import annotations

@@ -302,13 +302,14 @@ def feature_key(name: str, hashes: Sequence[str], params: Mapping[str, Any]) -> 
 
 
 class FeatureCache:
-    """A folder of ``KEY.npy`` arrays (a build's ``NAME.features/`` sidecar)."""
+    """A folder of ``KEY.npy`` arrays and ``KEY.json`` values (a build's ``NAME.features/``
+    sidecar: autoencoder vectors, auto's feature choice)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
 
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}.npy"
+    def path(self, key: str, suffix: str = ".npy") -> Path:
+        return self.directory / f"{key}{suffix}"
 
     def get(self, key: str) -> np.ndarray | None:
         p = self.path(key)
@@ -328,6 +329,22 @@ class FeatureCache:
         buf = io.BytesIO()
         np.save(buf, np.asarray(arr))
         return atomic_write_bytes(self.path(key), buf.getvalue())
+
+    def get_json(self, key: str) -> Any:
+        """The JSON value stored under ``key`` (``KEY.json``), or ``None``."""
+        p = self.path(key, ".json")
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put_json(self, key: str, value: Any) -> Path:
+        from explorer.table import atomic_write_text
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(self.path(key, ".json"), json.dumps(value, sort_keys=True))
 
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
         """``(array, from_cache)``."""
@@ -372,9 +389,17 @@ class FeatureChoice:
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     sample: int = 0
     seconds: float = 0.0
+    #: True when the choice was read from the cache (scored on an earlier build of the same
+    #: images with the same parameters), not scored again
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureChoice":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _subsample(n: int, size: int, seed: int) -> np.ndarray:
@@ -459,3 +484,58 @@ def choose_features(candidates: Mapping[str, np.ndarray], *, score: str = "silho
                   f"not more than the margin {margin} better ({others})")
     return FeatureChoice(winner, scores, reason, score, details, int(len(idx)),
                          round(time.perf_counter() - t0, 2))
+
+
+#: part of :func:`choice_key`: bump when the way ``auto`` scores candidates changes, so
+#: choices cached by an older version are scored again
+CHOICE_VERSION = 1
+
+
+def choice_key(hashes: Sequence[str], *, seed: int = 0, model: str | None = None,
+               score: str = "silhouette", sample: int = CHOICE_SAMPLE,
+               margin: float = CNN_MARGIN) -> str:
+    """Cache key of ``auto``'s choice for a collection: its content hashes (in order), the
+    CNN (``model``: the embedding's model key) and everything that shapes the scores."""
+    params = {"seed": seed, "model": model, "score": score, "sample": sample,
+              "margin": margin, "candidates": list(AUTO_CANDIDATES), "pixels": PIXEL_DEFAULTS,
+              "hog": HOG_DEFAULTS, "small": SMALL_SIZE, "version": CHOICE_VERSION}
+    return feature_key("auto-choice", hashes, params)
+
+
+def auto_features(cnn: np.ndarray, small_images: Callable[[], Sequence], *, seed: int = 0,
+                  hashes: Sequence[str] | None = None, cache: FeatureCache | None = None,
+                  model: str | None = None, progress: bool = False
+                  ) -> tuple[FeatureChoice, np.ndarray | None]:
+    """``--features auto``: the choice among :data:`AUTO_CANDIDATES` and the winner's
+    features (``None`` when the CNN wins: use ``cnn``).
+
+    ``small_images`` is called only when needed (it decodes the small images): to compute
+    pixels and HOG for scoring, or the winner's features. With ``cache`` and ``hashes``
+    (one content hash per row) the choice is read from / written to the cache under
+    :func:`choice_key`, so a re-run on the same images neither decodes small images nor
+    scores candidates when the CNN won, and computes only the winner otherwise; the
+    returned choice then says ``cached=True``.
+    """
+    key = None
+    if cache is not None and hashes is not None:
+        if len(hashes) != len(cnn):
+            raise FeatureError(f"{len(hashes)} hashes for {len(cnn)} rows")
+        key = choice_key(hashes, seed=seed, model=model)
+        hit = cache.get_json(key)
+        if isinstance(hit, dict) and hit.get("name") in AUTO_CANDIDATES:
+            t0 = time.perf_counter()
+            choice = FeatureChoice.from_dict(hit)
+            choice.cached = True
+            choice.reason += " (cached: scored on an earlier build of these images)"
+            X = None if choice.name == "cnn" else compute(choice.name, small_images(), seed=seed)
+            choice.seconds = round(time.perf_counter() - t0, 2)
+            return choice, X
+    small = small_images()
+    cands = {"cnn": cnn}
+    for name in AUTO_CANDIDATES:
+        if name != "cnn":
+            cands[name] = compute(name, small, seed=seed)
+    choice = choose_features(cands, seed=seed, progress=progress)
+    if key is not None:
+        cache.put_json(key, choice.to_dict())
+    return choice, (None if choice.name == "cnn" else cands[choice.name])

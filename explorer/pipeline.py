@@ -713,17 +713,17 @@ def _choose_features(ctx: BuildContext, imgs: Images) -> None:
         return
     seed = 0 if o.seed is None else o.seed
     with ctx.stage("features"):
-        small = _small_images(ctx, imgs, F.SMALL_SIZE)
-        if want == "auto":
-            cands = {"cnn": imgs.features}
-            for name in ("pixels", "hog"):
-                cands[name] = F.compute(name, small, seed=seed)
-            choice = F.choose_features(cands, seed=seed, progress=o.progress)
+        cache = F.FeatureCache(table.sidecar(ctx.csv_path, "features"))
+        if want == "auto":  # the choice is cached by content hashes (a re-run reuses it)
+            choice, X = F.auto_features(
+                imgs.features, lambda: _small_images(ctx, imgs, F.SMALL_SIZE), seed=seed,
+                hashes=imgs.hashes, cache=cache, model=imgs.info.get("model_key"),
+                progress=o.progress)
             imgs.choice = {"requested": "auto", **choice.to_dict()}
-            if choice.name != "cnn":
-                imgs.layout_input = cands[choice.name]
+            if X is not None:
+                imgs.layout_input = X
         else:
-            cache = F.FeatureCache(table.sidecar(ctx.csv_path, "features"))
+            small = _small_images(ctx, imgs, F.SMALL_SIZE)
             imgs.layout_input = F.compute(want, small, seed=seed, ae_loss=o.ae_loss,
                                           hashes=imgs.hashes, cache=cache, progress=o.progress)
             imgs.choice = {"requested": want, "name": want, "reason": "asked for",

@@ -150,3 +150,52 @@ def test_build_with_hog_features_clusters_on_hog_and_keeps_cnn_vectors(tmp_path)
     assert len(res.table) == 12
     with pytest.raises(ValueError, match="'sift'"):
         build(tmp_path / "imgs", out=tmp_path / "t.csv", features="sift", progress=False)
+
+
+def _counting(images):
+    calls = []
+
+    def small():
+        calls.append(1)
+        return images
+
+    return small, calls
+
+
+def test_auto_choice_is_cached_by_content_hashes(tmp_path):
+    """A re-run of ``auto`` on the same images reuses the choice: when the CNN won, the small
+    images are not even decoded; other images (hashes) or another seed are scored again."""
+    images, labels = C.shapes(30, kinds=("disc", "square", "star"), size=32, seed=2)
+    cnn, _ = _blobs(n_per=30, k=3, dim=16, seed=5)
+    cnn = cnn[np.argsort(np.argsort(labels, kind="stable"), kind="stable")]  # blobs = shapes
+    hashes = [f"h{i}" for i in range(len(images))]
+    cache = F.FeatureCache(tmp_path / "c.features")
+    small, calls = _counting(images)
+    first, X1 = F.auto_features(cnn, small, seed=0, hashes=hashes, cache=cache, model="m")
+    assert first.name == "cnn" and X1 is None and not first.cached and calls == [1]
+    assert set(first.scores) == set(F.AUTO_CANDIDATES)
+    again, X2 = F.auto_features(cnn, small, seed=0, hashes=hashes, cache=cache, model="m")
+    assert again.cached and again.name == "cnn" and X2 is None
+    assert again.scores == first.scores and "cached" in again.reason
+    assert calls == [1]  # no second decode
+    # another collection (hashes), another seed or another CNN: not in the cache
+    key = F.choice_key(hashes, seed=0, model="m")
+    assert cache.get_json(key)["name"] == "cnn"
+    for kw in (dict(hashes=hashes[::-1], seed=0, model="m"), dict(hashes=hashes, seed=1, model="m"),
+               dict(hashes=hashes, seed=0, model="other")):
+        assert cache.get_json(F.choice_key(kw.pop("hashes"), **kw)) is None
+
+
+def test_auto_choice_from_the_cache_computes_only_the_winner(tmp_path):
+    images, labels = C.shapes(30, kinds=("disc", "square", "star"), size=32, seed=2)
+    noise = np.random.default_rng(0).normal(size=(len(images), 16)).astype(np.float32)
+    hashes = [f"h{i}" for i in range(len(images))]
+    cache = F.FeatureCache(tmp_path / "c.features")
+    small, calls = _counting(images)
+    first, X1 = F.auto_features(noise, small, seed=0, hashes=hashes, cache=cache)
+    assert first.name in ("pixels", "hog") and X1 is not None
+    again, X2 = F.auto_features(noise, small, seed=0, hashes=hashes, cache=cache)
+    assert again.cached and again.name == first.name
+    np.testing.assert_array_equal(X1, X2)  # the same features the choice was made on
+    with pytest.raises(ValueError, match="hashes"):
+        F.auto_features(noise, small, hashes=hashes[:-1], cache=cache)
