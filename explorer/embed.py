@@ -320,8 +320,13 @@ class _NoStore:
     def rows(self, model, hashes):
         return np.full(len(hashes), -1, np.int64)
 
-    def images(self, hashes, n_stats, thumb=None):
-        return {}
+    def image_facts(self, hashes, n_stats, thumb=None):
+        from .store import ImageFacts
+
+        n = len(hashes)
+        return ImageFacts(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                          np.zeros(n, np.uint64), np.zeros(n, bool),
+                          np.full((n, n_stats), np.nan, np.float32), np.zeros(n, bool))
 
     def known_hashes(self, paths, sizes, mtimes):
         return [None] * len(paths)
@@ -392,18 +397,21 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
 
     # --- 3. what is done already: known path, vector and decode facts, no thumbnail wanted
     rows = np.full(n, -1, np.int64)
+    complete = np.zeros(n, bool)  # the store has size, phash and stats (this thumb side)
     if kh:
         kidx = [i for i in live if known[i] is not None]
-        rows[kidx] = st.rows(mid, [known[i] for i in kidx])
-    facts = st.images(kh, n_stats, thumb_size)
+        rows[kidx] = st.rows(mid, kh)
+        complete[kidx] = st.image_facts(kh, n_stats, thumb_size).complete
+    del kh
     work, done = [], []
     for i in live:
         h = known[i]
-        if (h is not None and rows[i] >= 0 and h in facts and facts[h][2] is not None
-                and facts[h][3] is not None and not (sink is not None and sink.need(i, h))):
+        if (h is not None and rows[i] >= 0 and complete[i]
+                and not (sink is not None and sink.need(i, h))):
             done.append(i)
         else:
             work.append(i)
+    del complete
     need_model = any(known[i] is None or rows[i] < 0 for i in work)
 
     # --- 4. the model, when anything may need a forward pass
@@ -433,7 +441,9 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     out = np.empty((n, dim), np.float32)
     have = np.zeros(n, bool)  # rows of out that are filled
     hashes: list[str | None] = list(known)
-    size_of: dict[int, tuple[int, int]] = {}
+    width = np.zeros(n, np.int64)
+    height = np.zeros(n, np.int64)
+    sized = np.zeros(n, bool)  # width/height known (decoded now or read from the store)
     phash = np.zeros(n, np.uint64)
     stats = np.full((n, n_stats), np.nan, np.float32)
     n_read = n_decoded = 0
@@ -456,7 +466,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             files.append(it)
             if it.decoded:
                 n_decoded += 1
-                size_of[it.index] = it.size
+                width[it.index], height[it.index] = it.size
+                sized[it.index] = True
                 phash[it.index] = np.uint64(it.phash)
                 stats[it.index] = it.stats
                 infos.append(it)
@@ -502,28 +513,24 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         bar.close()
 
     # --- 5. whatever was not computed now comes from the store (only those rows are read)
-    okmask = np.zeros(n, bool)
-    okmask[[i for i in range(n) if i not in errors]] = True
-    fill = [i for i in range(n) if okmask[i] and not have[i]]
+    okmask = np.ones(n, bool)
+    okmask[list(errors)] = False
+    fill = np.flatnonzero(okmask & ~have)
     n_cached = len(fill)
-    if fill:
+    if len(fill):
         r = st.rows(mid, [hashes[i] for i in fill])
-        missing = [i for i, x in zip(fill, r) if x < 0]
+        missing = int((r < 0).sum())
         if missing:  # cannot happen unless the store changed under us
-            raise RuntimeError(f"{len(missing)} vectors vanished from the store {st.folder}")
+            raise RuntimeError(f"{missing} vectors vanished from the store {st.folder}")
         for a in range(0, len(fill), 4096):
-            part = fill[a:a + 4096]
-            out[part] = st.read(mid, r[a:a + 4096])
-    need_facts = [i for i in range(n) if okmask[i] and i not in size_of]
-    if need_facts:
-        f = st.images([hashes[i] for i in need_facts], n_stats)
-        for i in need_facts:
-            w, h, ph, s = f[hashes[i]]
-            size_of[i] = (w, h)
-            if ph is not None:
-                phash[i] = ph
-            if s is not None:
-                stats[i] = s
+            out[fill[a:a + 4096]] = st.read(mid, r[a:a + 4096])
+    need_facts = np.flatnonzero(okmask & ~sized)
+    for a in range(0, len(need_facts), 65_536):  # the store's facts, a block at a time
+        part = need_facts[a:a + 65_536]
+        f = st.image_facts([hashes[i] for i in part], n_stats)
+        width[part], height[part] = f.width, f.height
+        phash[part[f.has_phash]] = f.phash[f.has_phash]
+        stats[part[f.has_stats]] = f.stats[f.has_stats]
 
     ok = np.flatnonzero(okmask)
     # compact in place: rows only move towards the front, one block (a copy) at a time
@@ -540,8 +547,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     return EmbedResult(
         embeddings=emb,
         ok=ok,
-        width=np.array([size_of[i][0] for i in ok], dtype=np.int64),
-        height=np.array([size_of[i][1] for i in ok], dtype=np.int64),
+        width=width[ok],
+        height=height[ok],
         hashes=[hashes[i] for i in ok],
         errors=[(str(paths[i]), errors[i]) for i in sorted(errors)],
         n_cached=n_cached,
