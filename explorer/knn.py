@@ -196,20 +196,35 @@ def _self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return idx, dist
 
 
-def _exact_numpy(X: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    n = len(X)
+def _exact_numpy(X: np.ndarray, k: int, block: int | None = None,
+                 max_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
+    """Blocked brute force. Temporaries stay within about ``3 * max_bytes``: a block of
+    rows against all rows (``block x N`` float32), and the candidates' recomputed
+    distances a sub-block at a time (``rows x k x D``), not ``block x k x D`` at once
+    (that was 630 MB at 20,000 x 1280)."""
+    n, d = X.shape
+    if block is None:
+        block = int(min(2048, max(64, max_bytes // max(4 * n, 1))))
+    sub = int(max(1, max_bytes // max(4 * k * d, 1)))
     sq = np.einsum("ij,ij->i", X, X, dtype=np.float64).astype(np.float32)
     idx = np.empty((n, k), dtype=np.int32)
     dist = np.empty((n, k), dtype=np.float32)
     for a in range(0, n, block):
         b = min(a + block, n)
-        d2 = sq[a:b, None] + sq[None, :] - 2.0 * (X[a:b] @ X.T)
+        d2 = X[a:b] @ X.T
+        d2 *= -2.0
+        d2 += sq[None, :]
+        d2 += sq[a:b, None]
         np.maximum(d2, 0.0, out=d2)
         d2[np.arange(b - a), np.arange(a, b)] = -1.0  # self first, even among duplicates
         part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        del d2
         # the k candidates' distances again, directly (the expansion above loses
         # precision for near-duplicates), then nearest first, self first among ties
-        pd = np.linalg.norm(X[a:b, None, :] - X[part], axis=2)
+        pd = np.empty(part.shape, np.float32)
+        for c in range(0, b - a, sub):
+            e = min(c + sub, b - a)
+            pd[c:e] = np.linalg.norm(X[a + c:a + e, None, :] - X[part[c:e]], axis=2)
         pd[part == np.arange(a, b)[:, None]] = -1.0
         order = np.argsort(pd, axis=1, kind="stable")
         idx[a:b] = np.take_along_axis(part, order, axis=1)
