@@ -69,7 +69,9 @@ DEFAULT_BATCH = {"cpu": 8, "cuda": 256, "mps": 64}
 class EmbedResult:
     """What :func:`embed_paths` returns. Arrays cover the ``ok`` images, in input order."""
 
-    embeddings: np.ndarray  # float32 (n_ok, D); (0, 0) when no image could be used
+    # float32 (n_ok, D); (0, 0) when no image could be used; None with vectors=False
+    # (they are in the store: rows(model_info["model_key"], hashes))
+    embeddings: np.ndarray | None
     ok: np.ndarray  # int indices into the input paths
     width: np.ndarray  # original width (after EXIF rotation)
     height: np.ndarray
@@ -100,6 +102,7 @@ class Item:
     stats: np.ndarray | None = None
     pixels: np.ndarray | None = None  # preprocessed uint8 (H, W, 3), when a vector is needed
     has_vector: bool = False  # the store holds its vector (no forward pass)
+    jpeg: bytes | None = None  # raw JPEG left for the device to decode (gpu_decode)
     decoded: bool = False
     error: str | None = None
 
@@ -116,8 +119,10 @@ class Decoder:
 
     def __init__(self, prep: Preprocessor | None, *, thumb_size: int, max_bytes: int | None,
                  sink=None, store_path: str | None = None, model_id: int | None = None,
-                 n_stats: int = 0):
+                 n_stats: int = 0, raw_jpeg: bool = False):
         self.prep = prep
+        # hand JPEGs that need a vector over undecoded (the device decodes them)
+        self.raw_jpeg = raw_jpeg and prep is not None and prep.fast
         self.thumb_size = thumb_size
         self.max_bytes = max_bytes
         self.sink = sink
@@ -164,12 +169,8 @@ class Decoder:
         return bool(v), info
 
     def __call__(self, task) -> Item:
-        from .quality import image_stats
-        from .similarity import phash_of
-
         i, path, known = task
         item = Item(i, hash=known)
-        thumb = None
         try:
             data, item.hash = read_file(path, self.max_bytes)
             has_vec, has_info = self._known(item.hash)
@@ -177,23 +178,51 @@ class Decoder:
             want_thumb = self.sink is not None and self.sink.need(i, item.hash)
             if has_vec and has_info and not want_thumb:
                 return item
-            need_px = not has_vec and self.prep is not None
+            if self.raw_jpeg and not has_vec and data[:3] == b"\xff\xd8\xff":
+                item.jpeg = data  # decoded on the device (decode_jpeg_batch)
+                return item
+        except ImageLoadError as exc:
+            item.error = exc.reason
+            return item
+        except (OSError, ValueError) as exc:
+            item.error = f"cannot decode ({type(exc).__name__}: {exc})"
+            return item
+        return self.decode(item, data, path, need_px=not has_vec and self.prep is not None)
+
+    def decode(self, item: Item, data: bytes, name, *, need_px: bool) -> Item:
+        """Decode ``data`` on the CPU: size, thumbnail (to the sink), phash, statistics and,
+        with ``need_px``, the model's input pixels."""
+        thumb = None
+        try:
             draft = self.prep.scale_size if need_px else self.thumb_size
-            img, item.size = decode_image(data, draft, name=path)
+            img, item.size = decode_image(data, draft, name=name)
             del data
             thumb = thumbnail(img, self.thumb_size)
-            item.phash = int(phash_of(thumb))
-            item.stats = image_stats(thumb)
+            self.describe(item, thumb)
             if need_px:
                 item.pixels = self.prep(img)
-            item.decoded = True
         except ImageLoadError as exc:
             item.error = exc.reason
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
             item.error = f"cannot decode ({type(exc).__name__}: {exc})"
-        if item.error is None and item.decoded and want_thumb:
-            self.sink(i, item.hash, thumb)  # may raise (disk full ...): that stops the run
+        if item.error is None and item.decoded:
+            self.to_sink(item, thumb)
         return item
+
+    def describe(self, item: Item, thumb: Image.Image) -> None:
+        """phash and quality statistics of the thumbnail."""
+        from .quality import image_stats
+        from .similarity import phash_of
+
+        item.phash = int(phash_of(thumb))
+        item.stats = image_stats(thumb)
+        item.decoded = True
+
+    def to_sink(self, item: Item, thumb: Image.Image) -> None:
+        """The thumbnail to the sink when it wants it; may raise (disk full ...): that
+        stops the run."""
+        if self.sink is not None and self.sink.need(item.index, item.hash):
+            self.sink(item.index, item.hash, thumb)
 
 
 def _default_workers() -> int:
@@ -225,6 +254,7 @@ def embed_paths(
     ray_address: str | None = None,
     chunk_size: int | None = None,
     max_file_mb: float | None = None,
+    vectors: bool = True,
 ) -> EmbedResult:
     """Embed image files through the store: one read and at most one decode per file.
 
@@ -255,6 +285,9 @@ def embed_paths(
 
     Memory: one (N, D) float32 output is allocated and filled in place; cached vectors
     are read from the store's memory-mapped file row by row range, nothing else is kept.
+    ``vectors=False`` (needs a ``store``) allocates no output at all: the vectors are only
+    written to the store and ``embeddings`` is ``None`` (the build's embedding process,
+    whose parent reads the rows it needs from the store).
     """
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -282,6 +315,8 @@ def embed_paths(
         raise ValueError(f"max_file_mb must be a positive number, got {max_file_mb!r}")
     if loader is None:
         loader = kind != "cpu"
+    if not vectors and store is None:
+        raise ValueError("vectors=False keeps the vectors only in the store: give a store")
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
     name = _resolve_name(model)
     _check_weights(name, checkpoint)  # fail fast, before any file is read
@@ -297,7 +332,7 @@ def embed_paths(
                       workers=workers, threads=threads, jit=jit, precision=precision,
                       device=device, loader=loader, engine=engine, ray_address=ray_address,
                       chunk_size=chunk_size, max_bytes=max_bytes, n_stats=n_stats,
-                      t_start=t_start)
+                      t_start=t_start, keep=bool(vectors))
     finally:
         if own_store:
             store.close()
@@ -351,7 +386,7 @@ class _NoStore:
 
 def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, progress, workers,
            threads, jit, precision, device, loader, engine, ray_address, chunk_size,
-           max_bytes, n_stats, t_start) -> EmbedResult:
+           max_bytes, n_stats, t_start, keep=True) -> EmbedResult:
     paths = [Path(p) for p in paths]
     n = len(paths)
     st: Store | _NoStore = store if store is not None else _NoStore()
@@ -438,7 +473,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     else:
         dim = st.dim(mid) or 0
 
-    out = np.empty((n, dim), np.float32)
+    out = np.empty((n if keep else 0, dim), np.float32)
     have = np.zeros(n, bool)  # rows of out that are filled
     hashes: list[str | None] = list(known)
     width = np.zeros(n, np.int64)
@@ -474,7 +509,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         fresh = [it for it in items if it.error is None and it.pixels is not None]
         if fresh:
             idx = [it.index for it in fresh]
-            out[idx] = vecs
+            if keep:
+                out[idx] = vecs
             have[idx] = True
         with st.transaction():
             if fresh:
@@ -517,7 +553,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     okmask[list(errors)] = False
     fill = np.flatnonzero(okmask & ~have)
     n_cached = len(fill)
-    if len(fill):
+    if len(fill) and keep:
         r = st.rows(mid, [hashes[i] for i in fill])
         missing = int((r < 0).sum())
         if missing:  # cannot happen unless the store changed under us
@@ -533,11 +569,13 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         stats[part[f.has_stats]] = f.stats[f.has_stats]
 
     ok = np.flatnonzero(okmask)
-    # compact in place: rows only move towards the front, one block (a copy) at a time
-    for a in range(0, len(ok), 4096):
-        part = ok[a:a + 4096]
-        out[a:a + len(part)] = out[part]
-    emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
+    emb = None
+    if keep:
+        # compact in place: rows only move towards the front, one block (a copy) at a time
+        for a in range(0, len(ok), 4096):
+            part = ok[a:a + 4096]
+            out[a:a + len(part)] = out[part]
+        emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
     info = state["info"] or _model_info(name, checkpoint, None, None, None, dim=dim or None)
     info.setdefault("jit", use_jit)
     info.setdefault("precision", precision)

@@ -433,30 +433,65 @@ def _embed(ctx: BuildContext) -> Images:
 
 
 def _embed_job(kw: dict, with_vectors: bool) -> dict:
-    """``embed.embed_paths`` as a plain dict (the vectors only when asked: a child process
-    leaves them in the store)."""
+    """``embed.embed_paths`` as a plain dict. Without ``with_vectors`` (the embedding child
+    process) no (N, D) array is made at all: the vectors go to the store, and the concepts
+    are computed from the store a block of rows at a time."""
     from explorer import embed as embed_mod
 
     kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
+    if not with_vectors and kw.get("store") is not None:
+        kw["vectors"] = False
     res = embed_mod.embed_paths(kw.pop("paths"), **kw)
     out = dict(res.__dict__)
-    out["concepts"] = _concepts_of(res.embeddings, kw["model"], kw.get("checkpoint"))
+    if res.embeddings is not None:
+        blocks = (res.embeddings[a:a + CONCEPT_ROWS]
+                  for a in range(0, len(res.embeddings), CONCEPT_ROWS))
+        n = len(res.embeddings)
+    else:
+        blocks = _store_blocks(kw["store"], res.model_info["model_key"], res.hashes)
+        n = len(res.hashes)
+    out["concepts"] = _concepts_of(blocks, n, kw["model"], kw.get("checkpoint"))
     if not with_vectors:
         out["embeddings"] = None
     return out
 
 
-def _concepts_of(vectors, model, checkpoint):
-    """Top ImageNet classes ``(idx, p)`` of the vectors, where torch is already loaded (the
-    embedding process), or the reason there are none (a backbone without that classifier)."""
+#: rows per block when computing concepts (a (rows, 1000) probability block at a time:
+#: at a million rows all at once it would be 4 GB)
+CONCEPT_ROWS = 16_384
+
+
+def _store_blocks(store_path, key: str, hashes: list[str], rows: int = CONCEPT_ROWS):
+    """The stored vectors of ``hashes``, ``rows`` at a time (only those rows are read)."""
+    from explorer.store import Store
+
+    with Store(store_path) as st:
+        mid = st.model_id(key)
+        for a in range(0, len(hashes), rows):
+            r = st.rows(mid, hashes[a:a + rows])
+            if (r < 0).any():
+                raise BuildError(f"the store {store_path} lacks {(r < 0).sum()} vectors just made")
+            yield st.read(mid, r)
+
+
+def _concepts_of(blocks, n: int, model, checkpoint):
+    """Top ImageNet classes ``(idx, p)`` of ``n`` vectors given as row blocks, where torch
+    is already loaded (the embedding process), or the reason there are none (a backbone
+    without that classifier)."""
     from explorer import concepts as concepts_mod
 
-    if vectors is None or len(vectors) == 0:
+    if n == 0:
         return "no vectors"
+    idx, p = [], []
     try:
-        return concepts_mod.concepts_from_features(vectors, model, checkpoint)
+        W, b = concepts_mod.classifier_weights(model, checkpoint)
+        for block in blocks:
+            i, q = concepts_mod.top_concepts(concepts_mod.class_probabilities(block, W, b))
+            idx.append(i)
+            p.append(q)
     except ValueError as exc:
         return str(exc)
+    return np.concatenate(idx), np.concatenate(p)
 
 
 def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:

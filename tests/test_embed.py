@@ -327,6 +327,22 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
     np.testing.assert_array_equal(third.phash, second.phash)
 
 
+def test_vectors_false_leaves_them_in_the_store_only(folder, tiny_ckpt, tmp_path):
+    from explorer.store import Store
+
+    _, good, _ = folder
+    res = embed_paths(good[:5], model=TINY, checkpoint=tiny_ckpt, store=tmp_path / "s",
+                      progress=False, vectors=False)
+    assert res.embeddings is None and len(res.ok) == 5 and res.width.tolist()[0] > 0
+    ref = embed_paths(good[:5], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    with Store(tmp_path / "s") as st:
+        mid = st.model_id(res.model_info["model_key"])
+        got = st.read(mid, st.rows(mid, res.hashes))
+    np.testing.assert_allclose(got, ref.embeddings, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="store"):
+        embed_paths(good[:1], model=TINY, checkpoint=tiny_ckpt, progress=False, vectors=False)
+
+
 def test_a_changed_file_is_read_again(folder, tiny_ckpt, tmp_path):
     _, good, _ = folder
     store = tmp_path / "s.store"
