@@ -255,6 +255,7 @@ def embed_paths(
     chunk_size: int | None = None,
     max_file_mb: float | None = None,
     vectors: bool = True,
+    gpu_decode: bool = False,
 ) -> EmbedResult:
     """Embed image files through the store: one read and at most one decode per file.
 
@@ -288,6 +289,13 @@ def embed_paths(
     ``vectors=False`` (needs a ``store``) allocates no output at all: the vectors are only
     written to the store and ``embeddings`` is ``None`` (the build's embedding process,
     whose parent reads the rows it needs from the store).
+
+    ``gpu_decode`` (the ``loader`` engine only; off by default because it has not been
+    measured faster here): JPEGs that need a vector are not decoded by the workers but
+    handed over as bytes and decoded in batches by ``torchvision.io.decode_jpeg`` on the
+    model's device (nvjpeg on CUDA), resized there (:func:`decode_jpeg_batch`); other
+    files, and JPEGs it cannot decode, take the CPU path. Ignored by the CPU threads
+    engine; ``model_info["gpu_decode"]`` says whether it was used.
     """
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -315,6 +323,7 @@ def embed_paths(
         raise ValueError(f"max_file_mb must be a positive number, got {max_file_mb!r}")
     if loader is None:
         loader = kind != "cpu"
+    gpu_decode = bool(gpu_decode and loader)  # the CPU threads engine decodes with PIL
     if not vectors and store is None:
         raise ValueError("vectors=False keeps the vectors only in the store: give a store")
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
@@ -332,7 +341,7 @@ def embed_paths(
                       workers=workers, threads=threads, jit=jit, precision=precision,
                       device=device, loader=loader, engine=engine, ray_address=ray_address,
                       chunk_size=chunk_size, max_bytes=max_bytes, n_stats=n_stats,
-                      t_start=t_start, keep=bool(vectors))
+                      t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode))
     finally:
         if own_store:
             store.close()
@@ -386,7 +395,7 @@ class _NoStore:
 
 def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, progress, workers,
            threads, jit, precision, device, loader, engine, ray_address, chunk_size,
-           max_bytes, n_stats, t_start, keep=True) -> EmbedResult:
+           max_bytes, n_stats, t_start, keep=True, gpu_decode=False) -> EmbedResult:
     paths = [Path(p) for p in paths]
     n = len(paths)
     st: Store | _NoStore = store if store is not None else _NoStore()
@@ -485,7 +494,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
 
     decoder = Decoder(state["prep"], thumb_size=thumb_size, max_bytes=max_bytes, sink=sink,
                       store_path=(str(st.folder / "index.sqlite") if st.folder is not None
-                                  else None), model_id=mid, n_stats=n_stats)
+                                  else None), model_id=mid, n_stats=n_stats,
+                      raw_jpeg=gpu_decode and engine == "local")
     tasks = [(i, paths[i], known[i]) for i in work]
 
     def take(items: list[Item], vecs: np.ndarray | None) -> None:
@@ -580,7 +590,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     info.setdefault("jit", use_jit)
     info.setdefault("precision", precision)
     info.update(device=device, batch_size=batch_size, workers=workers, torch_threads=threads,
-                engine=engine, loader=bool(loader), model_key=requested_key)
+                engine=engine, loader=bool(loader), model_key=requested_key,
+                gpu_decode=bool(decoder.raw_jpeg))
     timings["total"] = time.perf_counter() - t_start
     return EmbedResult(
         embeddings=emb,
@@ -707,7 +718,109 @@ def _run_loader(tasks, decoder, state, batch_size, workers, timings):
             t0 = time.perf_counter()
             vecs = runner.embed_uint8(batch, prep)
             timings["forward"] += time.perf_counter() - t0
+        if any(it.jpeg is not None for it in items):
+            vecs = _device_jpegs(items, vecs, decoder, runner, prep, timings)
         yield items, vecs
+
+
+def _device_jpegs(items, vecs, decoder, runner, prep, timings):
+    """The items the workers left as raw JPEG: decoded and embedded on the model's device
+    (CPU decode for those it cannot decode). Returns every new vector in ``items`` order
+    (what ``take`` expects), ``vecs`` being those of the CPU-decoded batch."""
+    from PIL import Image as PILImage
+
+    cpu_new = [it for it in items if it.pixels is not None]  # embedded above, in order
+    jp = [it for it in items if it.jpeg is not None]
+    t0 = time.perf_counter()
+    sizes, x, thumbs = decode_jpeg_batch([it.jpeg for it in jp], prep, decoder.thumb_size,
+                                         runner.device)
+    timings["decode"] += time.perf_counter() - t0
+    row: dict[int, np.ndarray] = {}
+    if vecs is not None:
+        row.update((id(it), v) for it, v in zip(cpu_new, vecs))
+    on_device, fallback = [], []
+    for it, size, th in zip(jp, sizes, thumbs):
+        data, it.jpeg = it.jpeg, None
+        if size is None:  # CMYK, corrupt, ...: the CPU path (and its error messages)
+            decoder.decode(it, data, f"image {it.index}", need_px=True)
+            if it.pixels is not None:
+                fallback.append(it)
+            continue
+        it.size = size
+        thumb = PILImage.fromarray(th)
+        decoder.describe(it, thumb)
+        decoder.to_sink(it, thumb)
+        it.pixels = np.empty(0, np.uint8)  # "vector made now"
+        on_device.append(it)
+    t0 = time.perf_counter()
+    if on_device:
+        row.update((id(it), v) for it, v in zip(on_device, runner.embed_uint8(x, prep)))
+    if fallback:
+        u8 = np.stack([it.pixels for it in fallback])
+        for it in fallback:
+            it.pixels = np.empty(0, np.uint8)
+        import torch
+
+        got = runner.embed_uint8(torch.from_numpy(u8), prep)
+        row.update((id(it), v) for it, v in zip(fallback, got))
+    timings["forward"] += time.perf_counter() - t0
+    fresh = [it for it in items if it.error is None and it.pixels is not None]
+    return np.stack([row[id(it)] for it in fresh]) if fresh else None
+
+
+def decode_jpeg_batch(datas, prep: Preprocessor, thumb_size: int, device):
+    """Decode JPEG bytes with ``torchvision.io.decode_jpeg`` on ``device`` (nvjpeg on
+    CUDA, batched), EXIF orientation applied, and make on that device what the CPU path
+    makes with PIL: the model input (timm's eval transform for a square centre crop:
+    shorter side to ``prep.scale_size``, bicubic, antialiased, then the centre crop) and
+    the thumbnail (longer side ``thumb_size``, bilinear, antialiased).
+
+    Returns ``(sizes, x, thumbs)``: per input the original ``(width, height)`` or ``None``
+    where it could not be decoded (then its thumbnail is ``None`` too and the caller
+    decodes it on the CPU), ``x`` the model inputs of the decoded ones as a uint8 NHWC
+    tensor on ``device`` (``None`` when none), and the thumbnails as uint8 (h, w, 3) numpy
+    arrays. Needs ``prep.fast`` (square centre crop)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if not prep.fast:
+        raise ValueError("decode_jpeg_batch needs a square centre-crop preprocessing")
+    n = len(datas)
+    sizes: list = [None] * n
+    thumbs: list = [None] * n
+    if n == 0:
+        return sizes, None, thumbs
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device,
+                           apply_exif_orientation=True)
+    except RuntimeError:  # one bad file fails the batch: one at a time then
+        imgs = []
+        for r in raw:
+            try:
+                imgs.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device,
+                                        apply_exif_orientation=True))
+            except RuntimeError:
+                imgs.append(None)
+    xs = []
+    for j, img in enumerate(imgs):
+        if img is None or img.ndim != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+            continue
+        h, w = int(img.shape[1]), int(img.shape[2])
+        sizes[j] = (w, h)
+        s = prep.scale_size  # torchvision Resize(int): shorter side -> s, longer truncated
+        nh, nw = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
+        big = TF.resize(img, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        xs.append(TF.center_crop(big, [prep.height, prep.width]))
+        scale = thumb_size / max(w, h)
+        th = img if scale >= 1 else TF.resize(
+            img, [max(1, round(h * scale)), max(1, round(w * scale))],
+            interpolation=InterpolationMode.BILINEAR, antialias=True)
+        thumbs[j] = th.permute(1, 2, 0).contiguous().cpu().numpy()
+    x = torch.stack(xs).permute(0, 2, 3, 1) if xs else None
+    return sizes, x, thumbs
 
 
 def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
