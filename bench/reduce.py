@@ -91,6 +91,7 @@ def run_scale(args) -> None:
             print(f"{step:10s} {sec:8.1f} s", flush=True)
     print(f"map+space  {total:8.1f} s   peak RSS {peak_rss_gb():5.2f} GB   "
           f"knn={res.info['knn_method']} init={res.info['init']} pca={res.info['pca_dims']} "
+          f"fitted={res.info.get('fit_points')} "
           f"parallel={res.info['parallel']} threads={res.info.get('threads')}", flush=True)
     del X
     t = time.perf_counter()
