@@ -21,6 +21,18 @@ load average 6-16 from other jobs throughout, so absolute figures are pessimisti
              stage), embedding process 1549 MB; warm re-build 19.5 s, 0 images decoded,
              381 MB; naive PIL+timm loop 4 img/s (measured at load ~6, the build ran at
              10-16) -> 4806 s; ratio 0.54 (goal 0.40).
+  Memory, measured 2026-12-01 16:38-17:13 (psutil RSS sampled per stage, load 8-12):
+    cold build of 600 of these images: embedding process 1,235 MB; build process
+    1,167 MB, of which 600 MB came from importing torch in the concepts stage (timm's
+    class names) - now read without torch. Warm --remap build of the 20k (no embedding,
+    the map recomputed, after the fixes): build process 1,322 MB peak, in the map stage
+    (1,049 MB reached in the features stage: --features auto computes pixels and HOG for
+    every row, though the choice scores 1,000 of them); no torch in it; embedding process
+    1,326 MB. The embedding process's floor on this install: import torch 559 MB (the
+    CUDA build), timm +200, the traced lite0 +250, two forward lanes -> 1,359 MB peak,
+    whatever N. Removed since the 20k figures above: the embedding process's (N, D)
+    vector array and (N, 1000) concept probabilities (vectors stay in the store; concepts
+    a block at a time), the exact kNN's 630 MB gather (now ~200 MB of temporaries).
   --n 2000 (before the one-kNN map and the embedding child process): cold 415 s
              (embed 296, map 117), peak RSS 1482 MB; warm 13.2 s, 0 decoded; ratio 0.48.
 """
