@@ -24,7 +24,8 @@ sessions), this process at nice 0 after 10 minutes at nice 19/10:
 
 * ``--n 1000000``: generate 248 s, peak RSS 5.22 GB; prepare (NaN check, normalise,
   PCA-64) 225 s; kNN (pynndescent on the 100k sample, including its first-call compile,
-  plus 900k queries against it) 642 s; 5-D space 704 s; 2-D map 158 s; placing 900k
+  plus 900k queries against it at epsilon 0.1; the default is now 0.2, which searches
+  wider) 642 s; 5-D space 704 s; 2-D map 158 s; placing 900k
   rows 7.3 s; map+space 1,765 s, peak RSS 6.63 GB (the input alone is 4.9 GB); cluster
   (fast_hdbscan, min_cluster_size 20,000, min_samples 100, 31% noise assigned) 1,012 s;
   15 clusters for the 50 groups: NMI 0.701, ARI 0.328. Whole run 50.6 min wall, 16.9

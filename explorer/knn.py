@@ -47,6 +47,9 @@ PCA_FIT_ROWS = 50_000
 #: rows per block in chunked work (normalising, projecting, brute-force search)
 CHUNK_ROWS = 65_536
 
+#: pynndescent's search breadth for :func:`graph_and_nearest`'s queries (its default: 0.1)
+QUERY_EPSILON = 0.2
+
 #: metrics :func:`prepare` understands
 PREPARE_METRICS: tuple[str, ...] = ("cosine", "euclidean")
 
@@ -372,7 +375,9 @@ def graph_and_nearest(
     qi = np.empty((len(Q), q_k), np.int32)
     qd = np.empty((len(Q), q_k), np.float32)
     for a in range(0, len(Q), block):
-        i, d = index.query(np.ascontiguousarray(Q[a:a + block]), k=q_k)
+        # epsilon 0.2 (pynndescent's default 0.1): recall 0.93 instead of 0.88 on
+        # unstructured 16-d data (tests/test_knn.py)
+        i, d = index.query(np.ascontiguousarray(Q[a:a + block]), k=q_k, epsilon=QUERY_EPSILON)
         qi[a:a + block], qd[a:a + block] = i, d
     return KnnGraph(idx, dist, "nndescent"), qi, qd
 
