@@ -21,6 +21,13 @@ load average 6-16 from other jobs throughout, so absolute figures are pessimisti
              stage), embedding process 1549 MB; warm re-build 19.5 s, 0 images decoded,
              381 MB; naive PIL+timm loop 4 img/s (measured at load ~6, the build ran at
              10-16) -> 4806 s; ratio 0.54 (goal 0.40).
+  --n 2000, 2026-12-01 17:16, quiet machine (load 1.1-1.8, the same for both): cold build
+             105.3 s (embed 60.5 incl. model load 7.2, features 35.5, map 8.6); peak RSS
+             build process 676 MB (no torch in it), embedding process 1,304 MB; warm
+             re-build 46.8 s (features 36.5), 0 decoded; naive loop 17 img/s -> 119 s;
+             ratio 0.88 (goal 0.40). The embedding alone is 0.51x the naive loop (37.7
+             vs 17 img/s); --features auto (pixels/HOG and three UMAP+HDBSCAN fits on a
+             1,000-row sample) costs a fixed ~35 s, which dominates at this size.
   Memory, measured 2026-12-01 16:38-17:13 (psutil RSS sampled per stage, load 8-12):
     cold build of 600 of these images: embedding process 1,235 MB; build process
     1,167 MB, of which 600 MB came from importing torch in the concepts stage (timm's
