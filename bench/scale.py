@@ -40,6 +40,9 @@ load average 6-16 from other jobs throughout, so absolute figures are pessimisti
     whatever N. Removed since the 20k figures above: the embedding process's (N, D)
     vector array and (N, 1000) concept probabilities (vectors stay in the store; concepts
     a block at a time), the exact kNN's 630 MB gather (now ~200 MB of temporaries).
+    Again at 17:20 with the heap trimmed after every stage (load 1-2): build process
+    1,297 MB peak (map stage; features stage 1,048 MB), embedding process 1,314 MB;
+    stages: features 88.7 s, map 43.8 s (exact kNN, two spectral UMAPs), cluster 1.2 s.
   --n 2000 (before the one-kNN map and the embedding child process): cold 415 s
              (embed 296, map 117), peak RSS 1482 MB; warm 13.2 s, 0 decoded; ratio 0.48.
 """
