@@ -15,8 +15,26 @@ features) compares, against the labels, the previous default (two separate seede
 UMAPs via ``reduce_cluster_space`` + hdbscan) with ``map_and_space`` + ``cluster`` for
 each HDBSCAN backend, over ``--seeds``.
 
-Measured 2026-12-01 on the shared 2-core machine (load average 8-18: seven sessions
-at once, so this process had a fraction of a core):
+Above ``FIT_POINTS`` (100,000) rows ``map_and_space`` fits the graph and both UMAPs on a
+seeded sample of 100,000 rows and places the others among their nearest sampled rows
+(one pynndescent index builds the sample's graph and answers the other rows' queries).
+
+Measured 2026-12-01 16:20-17:11 with that, same machine, load average 6-12 (four
+sessions), this process at nice 0 after 10 minutes at nice 19/10:
+
+* ``--n 1000000``: generate 248 s, peak RSS 5.22 GB; prepare (NaN check, normalise,
+  PCA-64) 225 s; kNN (pynndescent on the 100k sample, including its first-call compile,
+  plus 900k queries against it at epsilon 0.1; the default is now 0.2, which searches
+  wider) 642 s; 5-D space 704 s; 2-D map 158 s; placing 900k
+  rows 7.3 s; map+space 1,765 s, peak RSS 6.63 GB (the input alone is 4.9 GB); cluster
+  (fast_hdbscan, min_cluster_size 20,000, min_samples 100, 31% noise assigned) 1,012 s;
+  15 clusters for the 50 groups: NMI 0.701, ARI 0.328. Whole run 50.6 min wall, 16.9
+  CPU-minutes (user 958 s + system 55 s: 33% of one core on average), maximum RSS 6.95 GB
+  (``/usr/bin/time -v``); the goal was "completes, < 12 GB". Load average 6.3 at the start,
+  8.6 at the end.
+
+Before (all rows fitted), measured 2026-12-01 on the shared 2-core machine (load average
+8-18: seven sessions at once, so this process had a fraction of a core):
 
 * ``--n 100000`` (unseeded, parallel): generate 21 s; prepare (normalise + PCA-64)
   37 s; kNN (pynndescent, includes its first-call compile) 294 s; 5-D space (spectral
@@ -91,6 +109,7 @@ def run_scale(args) -> None:
             print(f"{step:10s} {sec:8.1f} s", flush=True)
     print(f"map+space  {total:8.1f} s   peak RSS {peak_rss_gb():5.2f} GB   "
           f"knn={res.info['knn_method']} init={res.info['init']} pca={res.info['pca_dims']} "
+          f"fitted={res.info.get('fit_points')} "
           f"parallel={res.info['parallel']} threads={res.info.get('threads')}", flush=True)
     del X
     t = time.perf_counter()

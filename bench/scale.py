@@ -21,6 +21,28 @@ load average 6-16 from other jobs throughout, so absolute figures are pessimisti
              stage), embedding process 1549 MB; warm re-build 19.5 s, 0 images decoded,
              381 MB; naive PIL+timm loop 4 img/s (measured at load ~6, the build ran at
              10-16) -> 4806 s; ratio 0.54 (goal 0.40).
+  --n 2000, 2026-12-01 17:16, quiet machine (load 1.1-1.8, the same for both): cold build
+             105.3 s (embed 60.5 incl. model load 7.2, features 35.5, map 8.6); peak RSS
+             build process 676 MB (no torch in it), embedding process 1,304 MB; warm
+             re-build 46.8 s (features 36.5), 0 decoded; naive loop 17 img/s -> 119 s;
+             ratio 0.88 (goal 0.40). The embedding alone is 0.51x the naive loop (37.7
+             vs 17 img/s); --features auto (pixels/HOG and three UMAP+HDBSCAN fits on a
+             1,000-row sample) costs a fixed ~35 s, which dominates at this size.
+  Memory, measured 2026-12-01 16:38-17:13 (psutil RSS sampled per stage, load 8-12):
+    cold build of 600 of these images: embedding process 1,235 MB; build process
+    1,167 MB, of which 600 MB came from importing torch in the concepts stage (timm's
+    class names) - now read without torch. Warm --remap build of the 20k (no embedding,
+    the map recomputed, after the fixes): build process 1,322 MB peak, in the map stage
+    (1,049 MB reached in the features stage: --features auto computes pixels and HOG for
+    every row, though the choice scores 1,000 of them); no torch in it; embedding process
+    1,326 MB. The embedding process's floor on this install: import torch 559 MB (the
+    CUDA build), timm +200, the traced lite0 +250, two forward lanes -> 1,359 MB peak,
+    whatever N. Removed since the 20k figures above: the embedding process's (N, D)
+    vector array and (N, 1000) concept probabilities (vectors stay in the store; concepts
+    a block at a time), the exact kNN's 630 MB gather (now ~200 MB of temporaries).
+    Again at 17:20 with the heap trimmed after every stage (load 1-2): build process
+    1,297 MB peak (map stage; features stage 1,048 MB), embedding process 1,314 MB;
+    stages: features 88.7 s, map 43.8 s (exact kNN, two spectral UMAPs), cluster 1.2 s.
   --n 2000 (before the one-kNN map and the embedding child process): cold 415 s
              (embed 296, map 117), peak RSS 1482 MB; warm 13.2 s, 0 decoded; ratio 0.48.
 """
@@ -108,7 +130,9 @@ def build_child(image_dir: str, app: str, device: str) -> None:
                       # the build process and its embedding child process (not at once)
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "peak_rss_child_mb":
-                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                      # torch belongs in the embedding process only (+600 MB here)
+                      "torch_in_build_process": "torch" in sys.modules}))
 
 
 def naive_child(image_dir: str, sample: int) -> None:
@@ -176,6 +200,7 @@ def main(argv=None) -> None:
     print(f"cold build: total {cold['timings']['total']:.1f} s, peak RSS {cold['peak_rss_mb']:.0f} MB"
           f" (embedding process {cold['peak_rss_child_mb']:.0f} MB), load average {os.getloadavg()}")
     print("  stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in cold["timings"].items()))
+    print(f"  torch imported in the build process: {cold.get('torch_in_build_process')}")
     print("  peak RSS after stage (MB): " + ", ".join(
         f"{k} {v:.0f}" for k, v in (cold.get("rss_after") or {}).items() if v is not None))
     e = cold["embed"] or {}

@@ -77,6 +77,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where the model runs (auto: CUDA when torch sees a GPU, else MPS, "
                    "else every CPU core)")
+    b.add_argument("--gpu-decode", action="store_true",
+                   help="on CUDA: decode JPEGs on the GPU (nvjpeg) instead of in CPU "
+                   "workers; off by default (not yet measured faster)")
     b.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local (default) or ray: decode and embed as a Ray Data pipeline")
     b.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -220,7 +223,8 @@ def cmd_build(a: argparse.Namespace) -> int:
           thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
           device=a.device, engine=a.engine, ray_address=a.ray_address,
           map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
-          features=a.features, ae_loss=a.ae_loss, progress=not a.quiet)
+          gpu_decode=a.gpu_decode, features=a.features, ae_loss=a.ae_loss,
+          progress=not a.quiet)
     return 0
 
 

@@ -44,9 +44,30 @@ class ConceptError(ValueError):
 # --------------------------------------------------------------------------- classes
 @lru_cache(maxsize=1)
 def _imagenet_info():
-    from timm.data import ImageNetInfo
+    # timm's class lists read without importing timm (which imports torch: +600 MB in the
+    # build process, which otherwise never loads torch); timm's ImageNetInfo if they moved
+    import csv
+    import importlib.util
 
-    return ImageNetInfo()
+    spec = importlib.util.find_spec("timm")
+    folder = Path(next(iter(spec.submodule_search_locations or [""]))) / "data" / "_info"
+    try:
+        synsets = (folder / "imagenet_synsets.txt").read_text("utf-8").splitlines()
+        lemmas = dict(csv.reader((folder / "imagenet_synset_to_lemma.txt")
+                                 .read_text("utf-8").splitlines(), delimiter="\t"))
+    except OSError:
+        from timm.data import ImageNetInfo
+
+        return ImageNetInfo()
+
+    class _Info:
+        def num_classes(self):
+            return len(synsets)
+
+        def index_to_description(self, i):
+            return lemmas[synsets[i]]
+
+    return _Info()
 
 
 @lru_cache(maxsize=1)

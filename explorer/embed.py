@@ -69,7 +69,9 @@ DEFAULT_BATCH = {"cpu": 8, "cuda": 256, "mps": 64}
 class EmbedResult:
     """What :func:`embed_paths` returns. Arrays cover the ``ok`` images, in input order."""
 
-    embeddings: np.ndarray  # float32 (n_ok, D); (0, 0) when no image could be used
+    # float32 (n_ok, D); (0, 0) when no image could be used; None with vectors=False
+    # (they are in the store: rows(model_info["model_key"], hashes))
+    embeddings: np.ndarray | None
     ok: np.ndarray  # int indices into the input paths
     width: np.ndarray  # original width (after EXIF rotation)
     height: np.ndarray
@@ -100,6 +102,7 @@ class Item:
     stats: np.ndarray | None = None
     pixels: np.ndarray | None = None  # preprocessed uint8 (H, W, 3), when a vector is needed
     has_vector: bool = False  # the store holds its vector (no forward pass)
+    jpeg: bytes | None = None  # raw JPEG left for the device to decode (gpu_decode)
     decoded: bool = False
     error: str | None = None
 
@@ -116,8 +119,10 @@ class Decoder:
 
     def __init__(self, prep: Preprocessor | None, *, thumb_size: int, max_bytes: int | None,
                  sink=None, store_path: str | None = None, model_id: int | None = None,
-                 n_stats: int = 0):
+                 n_stats: int = 0, raw_jpeg: bool = False):
         self.prep = prep
+        # hand JPEGs that need a vector over undecoded (the device decodes them)
+        self.raw_jpeg = raw_jpeg and prep is not None and prep.fast
         self.thumb_size = thumb_size
         self.max_bytes = max_bytes
         self.sink = sink
@@ -164,12 +169,8 @@ class Decoder:
         return bool(v), info
 
     def __call__(self, task) -> Item:
-        from .quality import image_stats
-        from .similarity import phash_of
-
         i, path, known = task
         item = Item(i, hash=known)
-        thumb = None
         try:
             data, item.hash = read_file(path, self.max_bytes)
             has_vec, has_info = self._known(item.hash)
@@ -177,23 +178,51 @@ class Decoder:
             want_thumb = self.sink is not None and self.sink.need(i, item.hash)
             if has_vec and has_info and not want_thumb:
                 return item
-            need_px = not has_vec and self.prep is not None
+            if self.raw_jpeg and not has_vec and data[:3] == b"\xff\xd8\xff":
+                item.jpeg = data  # decoded on the device (decode_jpeg_batch)
+                return item
+        except ImageLoadError as exc:
+            item.error = exc.reason
+            return item
+        except (OSError, ValueError) as exc:
+            item.error = f"cannot decode ({type(exc).__name__}: {exc})"
+            return item
+        return self.decode(item, data, path, need_px=not has_vec and self.prep is not None)
+
+    def decode(self, item: Item, data: bytes, name, *, need_px: bool) -> Item:
+        """Decode ``data`` on the CPU: size, thumbnail (to the sink), phash, statistics and,
+        with ``need_px``, the model's input pixels."""
+        thumb = None
+        try:
             draft = self.prep.scale_size if need_px else self.thumb_size
-            img, item.size = decode_image(data, draft, name=path)
+            img, item.size = decode_image(data, draft, name=name)
             del data
             thumb = thumbnail(img, self.thumb_size)
-            item.phash = int(phash_of(thumb))
-            item.stats = image_stats(thumb)
+            self.describe(item, thumb)
             if need_px:
                 item.pixels = self.prep(img)
-            item.decoded = True
         except ImageLoadError as exc:
             item.error = exc.reason
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
             item.error = f"cannot decode ({type(exc).__name__}: {exc})"
-        if item.error is None and item.decoded and want_thumb:
-            self.sink(i, item.hash, thumb)  # may raise (disk full ...): that stops the run
+        if item.error is None and item.decoded:
+            self.to_sink(item, thumb)
         return item
+
+    def describe(self, item: Item, thumb: Image.Image) -> None:
+        """phash and quality statistics of the thumbnail."""
+        from .quality import image_stats
+        from .similarity import phash_of
+
+        item.phash = int(phash_of(thumb))
+        item.stats = image_stats(thumb)
+        item.decoded = True
+
+    def to_sink(self, item: Item, thumb: Image.Image) -> None:
+        """The thumbnail to the sink when it wants it; may raise (disk full ...): that
+        stops the run."""
+        if self.sink is not None and self.sink.need(item.index, item.hash):
+            self.sink(item.index, item.hash, thumb)
 
 
 def _default_workers() -> int:
@@ -225,6 +254,8 @@ def embed_paths(
     ray_address: str | None = None,
     chunk_size: int | None = None,
     max_file_mb: float | None = None,
+    vectors: bool = True,
+    gpu_decode: bool = False,
 ) -> EmbedResult:
     """Embed image files through the store: one read and at most one decode per file.
 
@@ -255,6 +286,16 @@ def embed_paths(
 
     Memory: one (N, D) float32 output is allocated and filled in place; cached vectors
     are read from the store's memory-mapped file row by row range, nothing else is kept.
+    ``vectors=False`` (needs a ``store``) allocates no output at all: the vectors are only
+    written to the store and ``embeddings`` is ``None`` (the build's embedding process,
+    whose parent reads the rows it needs from the store).
+
+    ``gpu_decode`` (the ``loader`` engine only; off by default because it has not been
+    measured faster here): JPEGs that need a vector are not decoded by the workers but
+    handed over as bytes and decoded in batches by ``torchvision.io.decode_jpeg`` on the
+    model's device (nvjpeg on CUDA), resized there (:func:`decode_jpeg_batch`); other
+    files, and JPEGs it cannot decode, take the CPU path. Ignored by the CPU threads
+    engine; ``model_info["gpu_decode"]`` says whether it was used.
     """
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -282,6 +323,9 @@ def embed_paths(
         raise ValueError(f"max_file_mb must be a positive number, got {max_file_mb!r}")
     if loader is None:
         loader = kind != "cpu"
+    gpu_decode = bool(gpu_decode and loader)  # the CPU threads engine decodes with PIL
+    if not vectors and store is None:
+        raise ValueError("vectors=False keeps the vectors only in the store: give a store")
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
     name = _resolve_name(model)
     _check_weights(name, checkpoint)  # fail fast, before any file is read
@@ -297,7 +341,7 @@ def embed_paths(
                       workers=workers, threads=threads, jit=jit, precision=precision,
                       device=device, loader=loader, engine=engine, ray_address=ray_address,
                       chunk_size=chunk_size, max_bytes=max_bytes, n_stats=n_stats,
-                      t_start=t_start)
+                      t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode))
     finally:
         if own_store:
             store.close()
@@ -320,8 +364,13 @@ class _NoStore:
     def rows(self, model, hashes):
         return np.full(len(hashes), -1, np.int64)
 
-    def images(self, hashes, n_stats, thumb=None):
-        return {}
+    def image_facts(self, hashes, n_stats, thumb=None):
+        from .store import ImageFacts
+
+        n = len(hashes)
+        return ImageFacts(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                          np.zeros(n, np.uint64), np.zeros(n, bool),
+                          np.full((n, n_stats), np.nan, np.float32), np.zeros(n, bool))
 
     def known_hashes(self, paths, sizes, mtimes):
         return [None] * len(paths)
@@ -346,7 +395,7 @@ class _NoStore:
 
 def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, progress, workers,
            threads, jit, precision, device, loader, engine, ray_address, chunk_size,
-           max_bytes, n_stats, t_start) -> EmbedResult:
+           max_bytes, n_stats, t_start, keep=True, gpu_decode=False) -> EmbedResult:
     paths = [Path(p) for p in paths]
     n = len(paths)
     st: Store | _NoStore = store if store is not None else _NoStore()
@@ -392,18 +441,21 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
 
     # --- 3. what is done already: known path, vector and decode facts, no thumbnail wanted
     rows = np.full(n, -1, np.int64)
+    complete = np.zeros(n, bool)  # the store has size, phash and stats (this thumb side)
     if kh:
         kidx = [i for i in live if known[i] is not None]
-        rows[kidx] = st.rows(mid, [known[i] for i in kidx])
-    facts = st.images(kh, n_stats, thumb_size)
+        rows[kidx] = st.rows(mid, kh)
+        complete[kidx] = st.image_facts(kh, n_stats, thumb_size).complete
+    del kh
     work, done = [], []
     for i in live:
         h = known[i]
-        if (h is not None and rows[i] >= 0 and h in facts and facts[h][2] is not None
-                and facts[h][3] is not None and not (sink is not None and sink.need(i, h))):
+        if (h is not None and rows[i] >= 0 and complete[i]
+                and not (sink is not None and sink.need(i, h))):
             done.append(i)
         else:
             work.append(i)
+    del complete
     need_model = any(known[i] is None or rows[i] < 0 for i in work)
 
     # --- 4. the model, when anything may need a forward pass
@@ -430,17 +482,20 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     else:
         dim = st.dim(mid) or 0
 
-    out = np.empty((n, dim), np.float32)
+    out = np.empty((n if keep else 0, dim), np.float32)
     have = np.zeros(n, bool)  # rows of out that are filled
     hashes: list[str | None] = list(known)
-    size_of: dict[int, tuple[int, int]] = {}
+    width = np.zeros(n, np.int64)
+    height = np.zeros(n, np.int64)
+    sized = np.zeros(n, bool)  # width/height known (decoded now or read from the store)
     phash = np.zeros(n, np.uint64)
     stats = np.full((n, n_stats), np.nan, np.float32)
     n_read = n_decoded = 0
 
     decoder = Decoder(state["prep"], thumb_size=thumb_size, max_bytes=max_bytes, sink=sink,
                       store_path=(str(st.folder / "index.sqlite") if st.folder is not None
-                                  else None), model_id=mid, n_stats=n_stats)
+                                  else None), model_id=mid, n_stats=n_stats,
+                      raw_jpeg=gpu_decode and engine == "local")
     tasks = [(i, paths[i], known[i]) for i in work]
 
     def take(items: list[Item], vecs: np.ndarray | None) -> None:
@@ -456,14 +511,16 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             files.append(it)
             if it.decoded:
                 n_decoded += 1
-                size_of[it.index] = it.size
+                width[it.index], height[it.index] = it.size
+                sized[it.index] = True
                 phash[it.index] = np.uint64(it.phash)
                 stats[it.index] = it.stats
                 infos.append(it)
         fresh = [it for it in items if it.error is None and it.pixels is not None]
         if fresh:
             idx = [it.index for it in fresh]
-            out[idx] = vecs
+            if keep:
+                out[idx] = vecs
             have[idx] = True
         with st.transaction():
             if fresh:
@@ -502,46 +559,45 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         bar.close()
 
     # --- 5. whatever was not computed now comes from the store (only those rows are read)
-    okmask = np.zeros(n, bool)
-    okmask[[i for i in range(n) if i not in errors]] = True
-    fill = [i for i in range(n) if okmask[i] and not have[i]]
+    okmask = np.ones(n, bool)
+    okmask[list(errors)] = False
+    fill = np.flatnonzero(okmask & ~have)
     n_cached = len(fill)
-    if fill:
+    if len(fill) and keep:
         r = st.rows(mid, [hashes[i] for i in fill])
-        missing = [i for i, x in zip(fill, r) if x < 0]
+        missing = int((r < 0).sum())
         if missing:  # cannot happen unless the store changed under us
-            raise RuntimeError(f"{len(missing)} vectors vanished from the store {st.folder}")
+            raise RuntimeError(f"{missing} vectors vanished from the store {st.folder}")
         for a in range(0, len(fill), 4096):
-            part = fill[a:a + 4096]
-            out[part] = st.read(mid, r[a:a + 4096])
-    need_facts = [i for i in range(n) if okmask[i] and i not in size_of]
-    if need_facts:
-        f = st.images([hashes[i] for i in need_facts], n_stats)
-        for i in need_facts:
-            w, h, ph, s = f[hashes[i]]
-            size_of[i] = (w, h)
-            if ph is not None:
-                phash[i] = ph
-            if s is not None:
-                stats[i] = s
+            out[fill[a:a + 4096]] = st.read(mid, r[a:a + 4096])
+    need_facts = np.flatnonzero(okmask & ~sized)
+    for a in range(0, len(need_facts), 65_536):  # the store's facts, a block at a time
+        part = need_facts[a:a + 65_536]
+        f = st.image_facts([hashes[i] for i in part], n_stats)
+        width[part], height[part] = f.width, f.height
+        phash[part[f.has_phash]] = f.phash[f.has_phash]
+        stats[part[f.has_stats]] = f.stats[f.has_stats]
 
     ok = np.flatnonzero(okmask)
-    # compact in place: rows only move towards the front, one block (a copy) at a time
-    for a in range(0, len(ok), 4096):
-        part = ok[a:a + 4096]
-        out[a:a + len(part)] = out[part]
-    emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
+    emb = None
+    if keep:
+        # compact in place: rows only move towards the front, one block (a copy) at a time
+        for a in range(0, len(ok), 4096):
+            part = ok[a:a + 4096]
+            out[a:a + len(part)] = out[part]
+        emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
     info = state["info"] or _model_info(name, checkpoint, None, None, None, dim=dim or None)
     info.setdefault("jit", use_jit)
     info.setdefault("precision", precision)
     info.update(device=device, batch_size=batch_size, workers=workers, torch_threads=threads,
-                engine=engine, loader=bool(loader), model_key=requested_key)
+                engine=engine, loader=bool(loader), model_key=requested_key,
+                gpu_decode=bool(decoder.raw_jpeg))
     timings["total"] = time.perf_counter() - t_start
     return EmbedResult(
         embeddings=emb,
         ok=ok,
-        width=np.array([size_of[i][0] for i in ok], dtype=np.int64),
-        height=np.array([size_of[i][1] for i in ok], dtype=np.int64),
+        width=width[ok],
+        height=height[ok],
         hashes=[hashes[i] for i in ok],
         errors=[(str(paths[i]), errors[i]) for i in sorted(errors)],
         n_cached=n_cached,
@@ -662,7 +718,109 @@ def _run_loader(tasks, decoder, state, batch_size, workers, timings):
             t0 = time.perf_counter()
             vecs = runner.embed_uint8(batch, prep)
             timings["forward"] += time.perf_counter() - t0
+        if any(it.jpeg is not None for it in items):
+            vecs = _device_jpegs(items, vecs, decoder, runner, prep, timings)
         yield items, vecs
+
+
+def _device_jpegs(items, vecs, decoder, runner, prep, timings):
+    """The items the workers left as raw JPEG: decoded and embedded on the model's device
+    (CPU decode for those it cannot decode). Returns every new vector in ``items`` order
+    (what ``take`` expects), ``vecs`` being those of the CPU-decoded batch."""
+    from PIL import Image as PILImage
+
+    cpu_new = [it for it in items if it.pixels is not None]  # embedded above, in order
+    jp = [it for it in items if it.jpeg is not None]
+    t0 = time.perf_counter()
+    sizes, x, thumbs = decode_jpeg_batch([it.jpeg for it in jp], prep, decoder.thumb_size,
+                                         runner.device)
+    timings["decode"] += time.perf_counter() - t0
+    row: dict[int, np.ndarray] = {}
+    if vecs is not None:
+        row.update((id(it), v) for it, v in zip(cpu_new, vecs))
+    on_device, fallback = [], []
+    for it, size, th in zip(jp, sizes, thumbs):
+        data, it.jpeg = it.jpeg, None
+        if size is None:  # CMYK, corrupt, ...: the CPU path (and its error messages)
+            decoder.decode(it, data, f"image {it.index}", need_px=True)
+            if it.pixels is not None:
+                fallback.append(it)
+            continue
+        it.size = size
+        thumb = PILImage.fromarray(th)
+        decoder.describe(it, thumb)
+        decoder.to_sink(it, thumb)
+        it.pixels = np.empty(0, np.uint8)  # "vector made now"
+        on_device.append(it)
+    t0 = time.perf_counter()
+    if on_device:
+        row.update((id(it), v) for it, v in zip(on_device, runner.embed_uint8(x, prep)))
+    if fallback:
+        u8 = np.stack([it.pixels for it in fallback])
+        for it in fallback:
+            it.pixels = np.empty(0, np.uint8)
+        import torch
+
+        got = runner.embed_uint8(torch.from_numpy(u8), prep)
+        row.update((id(it), v) for it, v in zip(fallback, got))
+    timings["forward"] += time.perf_counter() - t0
+    fresh = [it for it in items if it.error is None and it.pixels is not None]
+    return np.stack([row[id(it)] for it in fresh]) if fresh else None
+
+
+def decode_jpeg_batch(datas, prep: Preprocessor, thumb_size: int, device):
+    """Decode JPEG bytes with ``torchvision.io.decode_jpeg`` on ``device`` (nvjpeg on
+    CUDA, batched), EXIF orientation applied, and make on that device what the CPU path
+    makes with PIL: the model input (timm's eval transform for a square centre crop:
+    shorter side to ``prep.scale_size``, bicubic, antialiased, then the centre crop) and
+    the thumbnail (longer side ``thumb_size``, bilinear, antialiased).
+
+    Returns ``(sizes, x, thumbs)``: per input the original ``(width, height)`` or ``None``
+    where it could not be decoded (then its thumbnail is ``None`` too and the caller
+    decodes it on the CPU), ``x`` the model inputs of the decoded ones as a uint8 NHWC
+    tensor on ``device`` (``None`` when none), and the thumbnails as uint8 (h, w, 3) numpy
+    arrays. Needs ``prep.fast`` (square centre crop)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if not prep.fast:
+        raise ValueError("decode_jpeg_batch needs a square centre-crop preprocessing")
+    n = len(datas)
+    sizes: list = [None] * n
+    thumbs: list = [None] * n
+    if n == 0:
+        return sizes, None, thumbs
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device,
+                           apply_exif_orientation=True)
+    except RuntimeError:  # one bad file fails the batch: one at a time then
+        imgs = []
+        for r in raw:
+            try:
+                imgs.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device,
+                                        apply_exif_orientation=True))
+            except RuntimeError:
+                imgs.append(None)
+    xs = []
+    for j, img in enumerate(imgs):
+        if img is None or img.ndim != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+            continue
+        h, w = int(img.shape[1]), int(img.shape[2])
+        sizes[j] = (w, h)
+        s = prep.scale_size  # torchvision Resize(int): shorter side -> s, longer truncated
+        nh, nw = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
+        big = TF.resize(img, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        xs.append(TF.center_crop(big, [prep.height, prep.width]))
+        scale = thumb_size / max(w, h)
+        th = img if scale >= 1 else TF.resize(
+            img, [max(1, round(h * scale)), max(1, round(w * scale))],
+            interpolation=InterpolationMode.BILINEAR, antialias=True)
+        thumbs[j] = th.permute(1, 2, 0).contiguous().cpu().numpy()
+    x = torch.stack(xs).permute(0, 2, 3, 1) if xs else None
+    return sizes, x, thumbs
 
 
 def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:

@@ -342,6 +342,12 @@ PCA_DIMS = 64
 #: with 128 dims, 0.614 with 64; the previous two-UMAP default 0.632.
 PCA_FROM_POINTS = 20_000
 
+#: ``fit_points="auto"``: above this many points UMAP is fitted on a seeded sample of this
+#: many rows and the others are placed among them (:func:`map_and_space`). Optimising a
+#: million points on 2 cores did not finish in 36 min; 100,000 is the largest fit
+#: measured to finish on this project's 2-core machine.
+FIT_POINTS = 100_000
+
 #: default parameters of the 2-D map (umap-learn's defaults for visualisation)
 MAP_DEFAULTS: dict[str, Any] = {"n_neighbors": 15, "min_dist": 0.1}
 
@@ -510,6 +516,7 @@ def map_and_space(
     pca_dims: int | str | None = "auto",
     knn_method: str = "auto",
     init: str = "auto",
+    fit_points: int | str | None = "auto",
 ) -> MapResult:
     """The 2-D map and the clusterable space of ``X`` (N, D) from one neighbour graph.
 
@@ -526,6 +533,14 @@ def map_and_space(
     4. the map: ``map_method="umap"`` (``n_neighbors``, ``min_dist``) from the same
        graph, ``"tsne"`` (openTSNE, perplexity affinities from the same graph) or
        ``"pca"`` (the first two principal components).
+
+    ``fit_points`` bounds the work of steps 2-4 at scale (``"auto"``:
+    :data:`FIT_POINTS`; ``None``: never): above it the graph and both fits use a sample
+    of ``fit_points`` rows (seeded), and every other row is placed in the map and in the
+    space at the distance-weighted mean of its ``n_neighbors`` nearest sample rows
+    (pynndescent's search over the sample's index), as :func:`place_new` places new
+    images. Then ``knn`` holds, for those rows, themselves and their nearest sample rows;
+    ``info["fit_points"]`` says how many rows were fitted.
 
     ``random_state=None`` (default) runs in parallel on every core and is not
     reproducible; an int gives the same result every run (single-threaded).
@@ -550,10 +565,14 @@ def map_and_space(
     _check_choice("knn_method", knn_method, knn_mod.KNN_METHODS)
     init = _check_choice("init", init, INITS)
     device = knn_mod.check_device(device)
+    if fit_points is not None and fit_points != "auto":
+        fit_points = _check_int("fit_points", fit_points, MIN_UMAP_POINTS)
     X = knn_mod.check_rows(X, "X")
     n, d = X.shape
     if pca_dims == "auto":
         pca_dims = PCA_DIMS if n > PCA_FROM_POINTS else None
+    if fit_points == "auto":
+        fit_points = FIT_POINTS
 
     notes: list[str] = []
     timings: dict[str, float] = {}
@@ -595,10 +614,27 @@ def map_and_space(
     n_neighbors, space_neighbors = min(n_neighbors, n - 1), min(space_neighbors, n - 1)
     k = max(n_neighbors, space_neighbors, 1)
     t = time.perf_counter()
-    g = knn_mod.knn_graph(Xp, k, method=knn_method, device=device, random_state=random_state)
-    timings["knn"] = round(time.perf_counter() - t, 3)
+    fit = rest = None
+    if fit_points is not None and n > fit_points:
+        # a seeded sample is fitted; the other rows are placed among it afterwards
+        rng = np.random.default_rng(0 if random_state is None else random_state)
+        keep = np.zeros(n, bool)
+        keep[rng.choice(n, fit_points, replace=False)] = True
+        fit, rest = np.flatnonzero(keep), np.flatnonzero(~keep)
+        del keep
+        Xfit = Xp[fit]
+        g, r_idx, r_dist = knn_mod.graph_and_nearest(
+            Xfit, k, Xp[rest], max(k - 1, 1), method=knn_method, device=device,
+            random_state=random_state)
+        timings["knn"] = round(time.perf_counter() - t, 3)
+    else:
+        Xfit = Xp
+        g = knn_mod.knn_graph(Xp, k, method=knn_method, device=device,
+                              random_state=random_state)
+        timings["knn"] = round(time.perf_counter() - t, 3)
     info["knn_method"] = g.method
     info["knn_k"] = int(g.indices.shape[1])
+    info["fit_points"] = int(len(Xfit))
 
     if n < MIN_UMAP_POINTS:
         notes.append(f"only {n} points (UMAP needs at least {MIN_UMAP_POINTS}); "
@@ -615,19 +651,43 @@ def map_and_space(
     info["engine"] = engine
 
     t = time.perf_counter()
-    space = _umap_from_graph(Xp, g, space_neighbors, space_dim, 0.0, init, random_state,
+    space = _umap_from_graph(Xfit, g, space_neighbors, space_dim, 0.0, init, random_state,
                              engine, f"{space_dim}-D clustering space", progress, notes, info)
     timings["space"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     if map_method == "umap":
-        xy = _umap_from_graph(Xp, g, n_neighbors, 2, min_dist, init, random_state, engine,
+        xy = _umap_from_graph(Xfit, g, n_neighbors, 2, min_dist, init, random_state, engine,
                               "2-D map", progress, notes, info)
     elif map_method == "tsne":
-        xy = _tsne_from_graph(Xp, g, random_state, progress, notes, info)
+        xy = _tsne_from_graph(Xfit, g, random_state, progress, notes, info)
     else:
         xy = _pca_columns(Xp, 2)
     timings["map"] = round(time.perf_counter() - t, 3)
+
+    indices, distances = g.indices, g.distances
+    if fit is not None:
+        t = time.perf_counter()
+        w = _inverse_distance_weights(r_dist[:, :n_neighbors])
+        space = _scatter(n, fit, space, rest, _weighted_mean(w, space, r_idx[:, :n_neighbors]))
+        if map_method != "pca":  # the PCA map was computed for every row
+            xy = _scatter(n, fit, xy, rest, _weighted_mean(w, xy, r_idx[:, :n_neighbors]))
+        indices = np.empty((n, k), np.int32)
+        distances = np.zeros((n, k), np.float32)
+        indices[fit] = fit[g.indices]
+        distances[fit] = g.distances
+        indices[rest, 0] = rest
+        m = min(k - 1, r_idx.shape[1])
+        indices[rest, 1:1 + m] = fit[r_idx[:, :m]]
+        distances[rest, 1:1 + m] = r_dist[:, :m]
+        if 1 + m < k:  # fewer sample rows than k: repeat the farthest
+            indices[rest, 1 + m:] = indices[rest, m:m + 1]
+            distances[rest, 1 + m:] = distances[rest, m:m + 1]
+        del r_idx, r_dist, w
+        timings["place"] = round(time.perf_counter() - t, 3)
+        notes.append(f"the map and the clustering space were fitted on a sample of "
+                     f"{len(fit):,} of the {n:,} images; the others were placed among "
+                     f"their nearest sampled images")
     timings["total"] = round(time.perf_counter() - t_all, 3)
     info["timings"] = timings
     try:
@@ -638,7 +698,31 @@ def map_and_space(
         pass
     return MapResult(np.ascontiguousarray(xy, dtype=np.float32),
                      np.ascontiguousarray(space, dtype=np.float32),
-                     (g.indices, g.distances), notes, info)
+                     (indices, distances), notes, info)
+
+
+def _inverse_distance_weights(dist: np.ndarray) -> np.ndarray:
+    """Rows of weights ``1 / d`` (normalised to sum 1): a near-copy takes its twin's place."""
+    w = 1.0 / (dist.astype(np.float64) + 1e-12)
+    w /= w.sum(axis=1, keepdims=True)
+    return w
+
+
+def _weighted_mean(w: np.ndarray, Y: np.ndarray, idx: np.ndarray,
+                   block: int = 65_536) -> np.ndarray:
+    """``sum_j w[i, j] * Y[idx[i, j]]`` per row, in blocks (no (M, k, c) array at 1M rows)."""
+    out = np.empty((len(idx), Y.shape[1]), np.float32)
+    for a in range(0, len(idx), block):
+        out[a:a + block] = np.einsum("mk,mkc->mc", w[a:a + block],
+                                     Y[idx[a:a + block]].astype(np.float64))
+    return out
+
+
+def _scatter(n: int, fit: np.ndarray, Y_fit: np.ndarray, rest: np.ndarray,
+             Y_rest: np.ndarray) -> np.ndarray:
+    out = np.empty((n, Y_fit.shape[1]), np.float32)
+    out[fit], out[rest] = Y_fit, Y_rest
+    return out
 
 
 # =========================================================================== new rows
@@ -667,6 +751,4 @@ def place_new(X_old: Any, Y_old: Any, X_new: Any, *, k: int = 15) -> np.ndarray:
         raise ValueError("X_old is empty: there is no map to place new rows on")
     idx, dist = knn_mod.query(X_old, X_new, k, metric="cosine")
     chord = np.sqrt(2.0 * dist.astype(np.float64))  # Euclidean between unit vectors
-    w = 1.0 / (chord + 1e-12)
-    w /= w.sum(axis=1, keepdims=True)
-    return np.einsum("mk,mkc->mc", w, Y_old[idx].astype(np.float64)).astype(np.float32)
+    return _weighted_mean(_inverse_distance_weights(chord), Y_old, idx)

@@ -29,13 +29,38 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 #: bump when the on-disk layout changes
 STORE_VERSION = 1
 _CHUNK = 500  # SQLite parameters per IN (...) query
+
+
+class ImageFacts(NamedTuple):
+    """What the store knows of each asked-for hash, as arrays in the order asked
+    (:meth:`Store.image_facts`)."""
+
+    found: np.ndarray
+    """``(n,)`` bool: the store has a row for this hash (its original size is known)."""
+    width: np.ndarray
+    """``(n,)`` int64 original width (0 where not found)."""
+    height: np.ndarray
+    """``(n,)`` int64 original height (0 where not found)."""
+    phash: np.ndarray
+    """``(n,)`` uint64 64-bit phash (0 where ``has_phash`` is False)."""
+    has_phash: np.ndarray
+    """``(n,)`` bool: a phash is stored (made from a thumbnail of the asked side)."""
+    stats: np.ndarray
+    """``(n, n_stats)`` float32 quality statistics (NaN where ``has_stats`` is False)."""
+    has_stats: np.ndarray
+    """``(n,)`` bool: statistics of the asked length are stored (and thumbnail side)."""
+
+    @property
+    def complete(self) -> np.ndarray:
+        """``(n,)`` bool: size, phash and statistics are all known (no decode needed)."""
+        return self.found & self.has_phash & self.has_stats
 
 
 class StoreError(ValueError):
@@ -50,6 +75,18 @@ def _fskey(path: str | os.PathLike) -> bytes:
 def _chunks(seq: Sequence, n: int = _CHUNK) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+def _positions(hashes: Sequence[str | None], n: int = _CHUNK):
+    """``(start, {hash: positions})`` per chunk of about ``n`` hashes (``None`` skipped;
+    a repeated hash lists every position), so a query never needs a dict over all of them."""
+    for a in range(0, len(hashes), n):
+        pos: dict[str, list[int]] = {}
+        for i, h in enumerate(hashes[a:a + n], a):
+            if h is not None:
+                pos.setdefault(h, []).append(i)
+        if pos:
+            yield a, pos
 
 
 class Store:
@@ -125,16 +162,12 @@ class Store:
 
     # ------------------------------------------------------------------ vectors
     def rows(self, model: int, hashes: Sequence[str]) -> np.ndarray:
-        """Row of each hash in the model's array file, -1 where the store has none."""
+        """Row of each hash in the model's array file, -1 where the store has none.
+        Queried a chunk of hashes at a time: memory beyond the answer stays constant."""
         out = np.full(len(hashes), -1, np.int64)
-        pos: dict[str, list[int]] = {}
-        for i, h in enumerate(hashes):
-            if h is not None:
-                pos.setdefault(h, []).append(i)
-        keys = list(pos)
-        for part in _chunks(keys):
-            q = f"SELECT hash, row FROM vectors WHERE model=? AND hash IN ({','.join('?' * len(part))})"
-            for h, r in self.db.execute(q, (model, *part)):
+        for a, pos in _positions(hashes):
+            q = f"SELECT hash, row FROM vectors WHERE model=? AND hash IN ({','.join('?' * len(pos))})"
+            for h, r in self.db.execute(q, (model, *pos)):
                 out[pos[h]] = r
         return out
 
@@ -226,23 +259,28 @@ class Store:
             rows.append((h, int(w), int(ht), ps, sb, int(thumb)))
         self.db.executemany("INSERT OR REPLACE INTO images VALUES(?,?,?,?,?,?)", rows)
 
-    def images(self, hashes: Sequence[str], n_stats: int, thumb: int | None = None) -> dict:
-        """``{hash: (width, height, phash or None, stats or None)}`` for the stored hashes;
-        phash and stats only when made from a thumbnail of side ``thumb`` (when given)."""
-        out = {}
-        keys = list({h for h in hashes if h is not None})
-        for part in _chunks(keys):
-            q = f"SELECT hash, width, height, phash, stats, thumb FROM images WHERE hash IN ({','.join('?' * len(part))})"
-            for h, w, ht, p, s, t in self.db.execute(q, part):
+    def image_facts(self, hashes: Sequence[str | None], n_stats: int,
+                    thumb: int | None = None) -> ImageFacts:
+        """Original size, phash and quality statistics of each hash (``None``: unknown),
+        as arrays in the order asked (:class:`ImageFacts`); phash and statistics count
+        only when made from a thumbnail of side ``thumb`` (when given). Queried a chunk
+        of hashes at a time: nothing is built over the whole store or the whole list
+        beyond the answer's arrays."""
+        n = len(hashes)
+        f = ImageFacts(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                       np.zeros(n, np.uint64), np.zeros(n, bool),
+                       np.full((n, n_stats), np.nan, np.float32), np.zeros(n, bool))
+        for _, pos in _positions(hashes):
+            q = f"SELECT hash, width, height, phash, stats, thumb FROM images WHERE hash IN ({','.join('?' * len(pos))})"
+            for h, w, ht, p, s, t in self.db.execute(q, tuple(pos)):
+                i = pos[h]
                 fresh = thumb is None or t == thumb
-                ph = None if (p is None or not fresh) else np.int64(p).astype(np.uint64)
-                st = None
-                if s is not None and fresh:
-                    st = np.frombuffer(s, np.float32)
-                    if len(st) != n_stats:
-                        st = None
-                out[h] = (int(w), int(ht), ph, st)
-        return out
+                f.found[i], f.width[i], f.height[i] = True, w, ht
+                if p is not None and fresh:
+                    f.phash[i], f.has_phash[i] = np.int64(p).astype(np.uint64), True
+                if s is not None and fresh and len(s) == 4 * n_stats:
+                    f.stats[i], f.has_stats[i] = np.frombuffer(s, np.float32), True
+        return f
 
     # ------------------------------------------------------------------ files
     def known_hashes(self, paths: Sequence[str | os.PathLike], sizes, mtimes) -> list[str | None]:

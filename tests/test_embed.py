@@ -327,6 +327,22 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
     np.testing.assert_array_equal(third.phash, second.phash)
 
 
+def test_vectors_false_leaves_them_in_the_store_only(folder, tiny_ckpt, tmp_path):
+    from explorer.store import Store
+
+    _, good, _ = folder
+    res = embed_paths(good[:5], model=TINY, checkpoint=tiny_ckpt, store=tmp_path / "s",
+                      progress=False, vectors=False)
+    assert res.embeddings is None and len(res.ok) == 5 and res.width.tolist()[0] > 0
+    ref = embed_paths(good[:5], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    with Store(tmp_path / "s") as st:
+        mid = st.model_id(res.model_info["model_key"])
+        got = st.read(mid, st.rows(mid, res.hashes))
+    np.testing.assert_allclose(got, ref.embeddings, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="store"):
+        embed_paths(good[:1], model=TINY, checkpoint=tiny_ckpt, progress=False, vectors=False)
+
+
 def test_a_changed_file_is_read_again(folder, tiny_ckpt, tmp_path):
     _, good, _ = folder
     store = tmp_path / "s.store"
@@ -401,6 +417,60 @@ def test_loader_engine_gives_the_thread_engine_vectors(folder, tiny_ckpt, tmp_pa
     assert procs.ok.tolist() == threads.ok.tolist() and procs.errors == threads.errors
     np.testing.assert_allclose(procs.embeddings, threads.embeddings, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(procs.phash, threads.phash)
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_decode_jpeg_batch_sizes_thumbnails_and_bad_bytes(folder):
+    _, good, bad = folder
+    model_cfg = load_model(DEFAULT_MODEL)[1]
+    prep = Preprocessor(model_cfg)
+    datas = [good[0].read_bytes(), good[9].read_bytes(), b"\xff\xd8\xff not a jpeg"]
+    sizes, x, thumbs = E.decode_jpeg_batch(datas, prep, 64, "cpu")
+    # the original sizes after EXIF rotation (img9.jpg is stored 120 x 80, orientation 6)
+    assert sizes == [(120, 120), (80, 120), None] and thumbs[2] is None
+    assert thumbs[0].shape == (64, 64, 3) and thumbs[1].shape == (64, 43, 3)
+    assert x.shape == (2, prep.height, prep.width, 3) and x.dtype == torch.uint8
+    # the same pixels as the PIL path, up to resampling differences
+    ref = prep(load_image(good[9]).image)
+    assert np.abs(x[1].numpy().astype(int) - ref.astype(int)).mean() < 4
+
+
+def test_gpu_decode_path_on_cpu_gives_the_cpu_vectors(folder, tmp_path):
+    """gpu_decode (torchvision.io.decode_jpeg on the model's device), run on the CPU: the
+    JPEGs go through it, the PNG and the bad files through the PIL path."""
+    _, good, bad = folder
+    paths = [*good, *bad]
+    kw = dict(batch_size=4, progress=False, precision="float32", jit=False)
+    thumbs = {}
+    ref = embed_paths(paths, **kw)
+    got = embed_paths(paths, loader=True, workers=2, gpu_decode=True, sink=Sink(thumbs),
+                      store=tmp_path / "g.store", **kw)
+    assert got.model_info["gpu_decode"] is True
+    assert got.ok.tolist() == ref.ok.tolist() and got.errors == ref.errors
+    assert got.width.tolist() == ref.width.tolist()
+    assert got.height.tolist() == ref.height.tolist()
+    assert _cos(got.embeddings, ref.embeddings).min() >= 0.99
+    # thumbnails of the device-decoded JPEGs are made here (the PNG's in a worker process)
+    assert set(thumbs) == {i for i in got.ok.tolist() if paths[i].suffix == ".jpg"}
+    assert all(max(t.size) <= 256 and t.mode == "RGB" for t in thumbs.values())
+    hamming = [bin(int(a) ^ int(b)).count("1") for a, b in zip(got.phash, ref.phash)]
+    assert np.median(hamming) <= 6  # near-duplicate detection sees the same image
+    # the CPU threads engine decodes with PIL whatever is asked (so --device auto can ask)
+    cpu = embed_paths(paths[:1], gpu_decode=True, progress=False)
+    assert cpu.model_info["gpu_decode"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_on_cuda_agrees_with_cpu(folder):
+    _, good, _ = folder
+    cpu = embed_paths(good, device="cpu", precision="float32", progress=False)
+    gpu = embed_paths(good, device="cuda", gpu_decode=True, progress=False)
+    assert gpu.model_info["gpu_decode"] is True and gpu.model_info["device"] == "cuda"
+    assert gpu.width.tolist() == cpu.width.tolist()
+    assert _cos(gpu.embeddings, cpu.embeddings).min() >= 0.99
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])

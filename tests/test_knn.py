@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.knn import KNN_METHODS, knn_graph, prepare, query
+from explorer.knn import KNN_METHODS, graph_and_nearest, knn_graph, prepare, query
 
 
 def brute(X, k):
@@ -91,6 +91,21 @@ def test_pca_keeps_neighbours_of_high_dimensional_rows():
     assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]) >= 0.5
 
 
+@pytest.mark.parametrize("method", ["exact", pytest.param("nndescent", marks=pytest.mark.slow)])
+def test_graph_and_nearest_answers_queries_against_the_graphs_rows(rows, method):
+    # the map's sampled fit: a graph of the sample, and each other row's nearest sample rows
+    sample, others = rows[:200], rows[200:]
+    g, idx, dist = graph_and_nearest(sample, 10, others, 5, method=method, random_state=0)
+    assert g.method == method and g.indices.shape == (200, 10)
+    assert (g.indices[:, 0] == np.arange(200)).all()
+    d = np.linalg.norm(others[:, None] - sample[None], axis=2)
+    want = np.argsort(d, axis=1)[:, :5]
+    assert idx.shape == (100, 5) and idx.dtype == np.int32 and dist.dtype == np.float32
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx, want)])
+    assert recall >= (1.0 if method == "exact" else 0.9)
+    assert np.allclose(dist, np.take_along_axis(d, idx, axis=1), atol=1e-4)
+
+
 def test_query_finds_the_same_rows_as_brute_force(rows):
     new = rows[:7] + 0.01
     idx, dist = query(rows, new, 4, metric="euclidean", block=50)  # several blocks
@@ -111,6 +126,8 @@ def test_query_finds_the_same_rows_as_brute_force(rows):
         (lambda X: prepare(X, metric="manhattan"), "manhattan"),
         (lambda X: prepare(X, pca_dims=1), "pca_dims"),
         (lambda X: query(X, X[:2, :3], 2), "columns"),
+        (lambda X: graph_and_nearest(X, 5, X[:2, :3], 2), "columns"),
+        (lambda X: graph_and_nearest(X, 5, X[:2], 0), "q_k"),
         (lambda X: knn_graph(np.full((3, 2), np.nan), 2), "NaN"),
     ],
 )

@@ -96,6 +96,25 @@ def test_build_writes_csv_app_thumbnails_and_run_record(built):
     assert run["counts"]["recomputed"] == len(df) and run["counts"]["placed"] == 0
     feats = np.load(table.sidecar(csv, "features.npy"))
     assert feats.shape[0] == len(df)
+    # concepts were computed in the embedding process from the store, a block at a time:
+    # the same as from the vectors at once
+    from explorer import concepts as C
+
+    idx, p = C.load_concepts(table.sidecar(csv, "concepts.npz"))
+    assert idx.shape == (len(df), C.TOP_K)
+    want_idx, _ = C.concepts_from_features(feats.astype(np.float32))
+    assert (idx[:, 0] == want_idx[:, 0]).mean() >= 0.95  # features.npy is float16
+
+
+def test_concepts_in_blocks_equal_concepts_at_once():
+    from explorer import concepts as C
+    from explorer.pipeline import _concepts_of
+
+    X = np.random.default_rng(0).normal(size=(70, 1280)).astype(np.float32)
+    idx, p = _concepts_of((X[a:a + 16] for a in range(0, 70, 16)), 70, None, None)
+    want_idx, want_p = C.concepts_from_features(X)
+    assert np.array_equal(idx, want_idx) and np.allclose(p, want_p)
+    assert _concepts_of(iter(()), 0, None, None) == "no vectors"
 
 
 def test_bad_files_are_listed_with_reasons(built):

@@ -267,6 +267,25 @@ def test_high_dimensional_input_is_reduced_with_pca_first():
     assert res.info["pca_dims"] is None and res.info["knn_method"] == "exact"
 
 
+def test_large_collections_fit_a_sample_and_place_the_rest_among_it():
+    # fit_points stands in for FIT_POINTS (100,000): the same path at test size
+    X, y = rays(n_per=100, seed=8)
+    res = map_and_space(X, random_state=0, fit_points=120)
+    assert res.info["fit_points"] == 120 and res.info["timings"]["place"] >= 0
+    assert any("sample of 120" in s for s in res.notes)
+    assert res.xy.shape == (len(X), 2) and res.space.shape == (len(X), 5)
+    assert np.isfinite(res.xy).all() and np.isfinite(res.space).all()
+    # placed rows land in their own group on the map and in the clustering space
+    assert nn_purity(res.xy, y) >= 0.95 and nn_purity(res.space, y) >= 0.95
+    idx, dist = res.knn
+    assert idx.shape == (len(X), 30) and (idx[:, 0] == np.arange(len(X))).all()
+    assert (dist[:, 0] == 0).all() and (np.diff(dist, axis=1) >= -1e-5).all()
+    assert (y[idx[:, 1]] == y).mean() >= 0.95
+    # fit_points=None: every row fitted, nothing placed
+    full = map_and_space(X, random_state=0, fit_points=None)
+    assert full.info["fit_points"] == len(X) and "place" not in full.info["timings"]
+
+
 @pytest.mark.parametrize("n", [0, 1, 5, MIN_UMAP_POINTS - 1])
 def test_map_and_space_tiny_inputs_never_crash(n):
     X = np.random.default_rng(0).normal(size=(n, 8))
@@ -292,6 +311,8 @@ def test_map_and_space_tiny_inputs_never_crash(n):
         ({"pca_dims": 0}, "pca_dims"),
         ({"pca_dims": "many"}, "pca_dims"),
         ({"min_dist": 2.0}, "min_dist"),
+        ({"fit_points": 3}, "fit_points"),
+        ({"fit_points": "half"}, "fit_points"),
     ],
 )
 def test_map_and_space_bad_parameters_raise_value_error(kwargs, word):

@@ -64,12 +64,37 @@ def test_images_and_files(tmp_path):
     with Store(tmp_path / "s") as st:
         st.put_images(["a", "b"], [10, 20], [5, 6], [np.uint64(2**63 + 5), 7],
                       [np.arange(3, dtype=np.float32), np.ones(3, np.float32)], thumb=256)
-        got = st.images(["a", "b", "c"], n_stats=3, thumb=256)
-        assert set(got) == {"a", "b"}
-        w, h, ph, s = got["a"]
-        assert (w, h) == (10, 5) and ph == np.uint64(2**63 + 5) and s.tolist() == [0, 1, 2]
+        # in the order asked, repeats and unknown hashes included
+        got = st.image_facts(["b", "c", "a", None, "a"], n_stats=3, thumb=256)
+        assert got.found.tolist() == [True, False, True, False, True]
+        assert got.complete.tolist() == [True, False, True, False, True]
+        assert got.width.tolist() == [20, 0, 10, 0, 10]
+        assert got.height.tolist() == [6, 0, 5, 0, 5]
+        assert got.phash[2] == got.phash[4] == np.uint64(2**63 + 5) and got.phash[0] == 7
+        assert got.stats[2].tolist() == [0, 1, 2] and got.stats[0].tolist() == [1, 1, 1]
+        assert np.isnan(got.stats[1]).all() and got.stats.dtype == np.float32
         # another thumbnail size: sizes are kept, phash and stats are not reused
-        assert st.images(["a"], 3, thumb=128)["a"][2:] == (None, None)
+        other = st.image_facts(["a"], 3, thumb=128)
+        assert other.found[0] and other.width[0] == 10
+        assert not other.has_phash[0] and not other.has_stats[0] and not other.complete[0]
+        # statistics of another length (an older STAT_NAMES) are not reused either
+        assert not st.image_facts(["a"], 4).has_stats[0]
+
+
+def test_lookups_span_many_query_chunks(tmp_path):
+    # more hashes than one SQLite IN (...) chunk, in shuffled order, with repeats
+    hs = [f"h{i}" for i in range(1300)]
+    with Store(tmp_path / "s") as st:
+        mid = st.model_id("m")
+        st.put(mid, hs, np.arange(1300, dtype=np.float32)[:, None].repeat(2, 1))
+        st.put_images(hs, range(1300), range(1300), range(1300), [None] * 1300, thumb=64)
+        ask = hs[::-1] + ["nope"] + hs[:3]
+        rows = st.rows(mid, ask)
+        assert rows[:1300].tolist() == list(range(1299, -1, -1))
+        assert rows[1300] == -1 and rows[1301:].tolist() == [0, 1, 2]
+        f = st.image_facts(ask, 0)
+        assert f.width[:1300].tolist() == list(range(1299, -1, -1)) and not f.found[1300]
+        assert f.has_phash[:1300].all() and not f.has_stats.any()
         weird = "caf\udce9.jpg"  # a non-UTF-8 file name as Python surrogate-escapes it
         st.put_files([tmp_path / weird, tmp_path / "x.jpg"], [10, 20], [1, 2], ["a", "b"])
         assert st.known_hashes([tmp_path / weird, tmp_path / "x.jpg", tmp_path / "y.jpg"],
