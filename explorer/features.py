@@ -488,7 +488,7 @@ def choose_features(candidates: Mapping[str, np.ndarray], *, score: str = "silho
 
 #: part of :func:`choice_key`: bump when the way ``auto`` scores candidates changes, so
 #: choices cached by an older version are scored again
-CHOICE_VERSION = 1
+CHOICE_VERSION = 2
 
 
 def choice_key(hashes: Sequence[str], *, seed: int = 0, model: str | None = None,
@@ -502,25 +502,28 @@ def choice_key(hashes: Sequence[str], *, seed: int = 0, model: str | None = None
     return feature_key("auto-choice", hashes, params)
 
 
-def auto_features(cnn: np.ndarray, small_images: Callable[[], Sequence], *, seed: int = 0,
+def auto_features(cnn: np.ndarray, small_images: Callable[..., Sequence], *, seed: int = 0,
                   hashes: Sequence[str] | None = None, cache: FeatureCache | None = None,
-                  model: str | None = None, progress: bool = False
+                  model: str | None = None, sample: int = CHOICE_SAMPLE, progress: bool = False
                   ) -> tuple[FeatureChoice, np.ndarray | None]:
     """``--features auto``: the choice among :data:`AUTO_CANDIDATES` and the winner's
     features (``None`` when the CNN wins: use ``cnn``).
 
-    ``small_images`` is called only when needed (it decodes the small images): to compute
-    pixels and HOG for scoring, or the winner's features. With ``cache`` and ``hashes``
+    ``small_images`` is called only when needed (it decodes the small images):
+    ``small_images(rows)`` for the scoring sample of ``sample`` rows (pixels and HOG are
+    computed for those rows only), ``small_images()`` for every row when a candidate other
+    than the CNN wins and its features are needed for all rows. With ``cache`` and ``hashes``
     (one content hash per row) the choice is read from / written to the cache under
     :func:`choice_key`, so a re-run on the same images neither decodes small images nor
     scores candidates when the CNN won, and computes only the winner otherwise; the
     returned choice then says ``cached=True``.
     """
+    sample = _check_int("sample", sample, 10)
     key = None
     if cache is not None and hashes is not None:
         if len(hashes) != len(cnn):
             raise FeatureError(f"{len(hashes)} hashes for {len(cnn)} rows")
-        key = choice_key(hashes, seed=seed, model=model)
+        key = choice_key(hashes, seed=seed, model=model, sample=sample)
         hit = cache.get_json(key)
         if isinstance(hit, dict) and hit.get("name") in AUTO_CANDIDATES:
             t0 = time.perf_counter()
@@ -530,12 +533,17 @@ def auto_features(cnn: np.ndarray, small_images: Callable[[], Sequence], *, seed
             X = None if choice.name == "cnn" else compute(choice.name, small_images(), seed=seed)
             choice.seconds = round(time.perf_counter() - t0, 2)
             return choice, X
-    small = small_images()
-    cands = {"cnn": cnn}
+    idx = _subsample(len(cnn), sample, seed)
+    whole = len(idx) == len(cnn)
+    small = small_images() if whole else small_images(idx)
+    # score on the sample only: a large collection decodes 1,000 small images, not all
+    cands = {"cnn": np.asarray(cnn)[idx]}
     for name in AUTO_CANDIDATES:
         if name != "cnn":
             cands[name] = compute(name, small, seed=seed)
-    choice = choose_features(cands, seed=seed, progress=progress)
+    choice = choose_features(cands, seed=seed, sample=len(idx), progress=progress)
     if key is not None:
         cache.put_json(key, choice.to_dict())
-    return choice, (None if choice.name == "cnn" else cands[choice.name])
+    if choice.name == "cnn":
+        return choice, None
+    return choice, (cands[choice.name] if whole else compute(choice.name, small_images(), seed=seed))

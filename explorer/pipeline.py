@@ -719,16 +719,20 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
 
 
 # --------------------------------------------------------------------------- understand
-def _small_images(ctx: BuildContext, imgs: Images, size: int) -> list:
-    """A small RGB image per row for the pixel/HOG/autoencoder features: the app's thumbnail
-    when there is one (no decode of the original), else the original decoded at ``size``."""
+def _small_images(ctx: BuildContext, imgs: Images, size: int, rows: np.ndarray | None = None) -> list:
+    """A small RGB image per row (or per row of ``rows``, positions in ``imgs.ok``) for the
+    pixel/HOG/autoencoder features: the app's thumbnail when there is one (no decode of the
+    original), else the original decoded at ``size``."""
     from PIL import Image
 
     from explorer import images as images_mod
     from explorer.progress import track
 
     out = []
-    for i, h in track(list(zip(imgs.ok, imgs.hashes)), "Small images", ctx.opts.progress):
+    pairs = list(zip(imgs.ok, imgs.hashes))
+    if rows is not None:
+        pairs = [pairs[int(r)] for r in rows]
+    for i, h in track(pairs, "Small images", ctx.opts.progress):
         img = None
         if ctx.sink is not None:
             p = ctx.thumb_dir / ctx.sink.name(int(i), h)
@@ -771,7 +775,7 @@ def _choose_features(ctx: BuildContext, imgs: Images) -> None:
         cache = F.FeatureCache(table.sidecar(ctx.csv_path, "features"))
         if want == "auto":  # the choice is cached by content hashes (a re-run reuses it)
             choice, X = F.auto_features(
-                imgs.features, lambda: _small_images(ctx, imgs, F.SMALL_SIZE), seed=seed,
+                imgs.features, lambda rows=None: _small_images(ctx, imgs, F.SMALL_SIZE, rows), seed=seed,
                 hashes=imgs.hashes, cache=cache, model=imgs.info.get("model_key"),
                 progress=o.progress)
             imgs.choice = {"requested": "auto", **choice.to_dict()}

@@ -155,9 +155,9 @@ def test_build_with_hog_features_clusters_on_hog_and_keeps_cnn_vectors(tmp_path)
 def _counting(images):
     calls = []
 
-    def small():
-        calls.append(1)
-        return images
+    def small(rows=None):
+        calls.append(1 if rows is None else len(rows))
+        return images if rows is None else [images[int(r)] for r in rows]
 
     return small, calls
 
@@ -199,3 +199,22 @@ def test_auto_choice_from_the_cache_computes_only_the_winner(tmp_path):
     np.testing.assert_array_equal(X1, X2)  # the same features the choice was made on
     with pytest.raises(ValueError, match="hashes"):
         F.auto_features(noise, small, hashes=hashes[:-1], cache=cache)
+
+
+def test_auto_decodes_only_the_scoring_sample_unless_another_option_wins():
+    """A collection larger than the scoring sample: pixels and HOG are computed for the sample
+    rows only; the winner (if not the CNN) then for every row."""
+    images, labels = C.shapes(30, kinds=("disc", "square", "star"), size=32, seed=2)
+    cnn, _ = _blobs(n_per=30, k=3, dim=16, seed=5)
+    cnn = cnn[np.argsort(np.argsort(labels, kind="stable"), kind="stable")]  # blobs = shapes
+    small, calls = _counting(images)
+    choice, X = F.auto_features(cnn, small, seed=0, sample=40)
+    assert choice.name == "cnn" and X is None
+    assert calls == [40] and choice.sample == 40  # 40 small images decoded, not 90
+    noise = np.random.default_rng(0).normal(size=(len(images), 16)).astype(np.float32)
+    small, calls = _counting(images)
+    choice, X = F.auto_features(noise, small, seed=0, sample=40)
+    assert choice.name in ("pixels", "hog") and X is not None and len(X) == len(images)
+    assert calls == [40, 1]  # the sample, then every row for the winner
+    with pytest.raises(ValueError, match="sample"):
+        F.auto_features(cnn, small, sample=0)
