@@ -28,6 +28,10 @@ load average 6-16 from other jobs throughout, so absolute figures are pessimisti
              ratio 0.88 (goal 0.40). The embedding alone is 0.51x the naive loop (37.7
              vs 17 img/s); --features auto (pixels/HOG and three UMAP+HDBSCAN fits on a
              1,000-row sample) costs a fixed ~35 s, which dominates at this size.
+  --n 2000, 2026-12-01 17:38, quiet (load 1.3-1.6), after --features auto scores only its
+             1,000-row sample and caches its choice: cold build 95.0 s (embed 53.8, features
+             31.1, map 9.4); peak RSS build 631 MB, embedding 1,286 MB; warm re-build 9.8 s
+             (features 0.0: the cached choice), 0 decoded; naive 16 img/s -> 125 s; ratio 0.76.
   Memory, measured 2026-12-01 16:38-17:13 (psutil RSS sampled per stage, load 8-12):
     cold build of 600 of these images: embedding process 1,235 MB; build process
     1,167 MB, of which 600 MB came from importing torch in the concepts stage (timm's
