@@ -66,7 +66,11 @@ def on_server_loaded(server_context) -> None:
     # saved CSVs and zips are served by our own handler, to the session that saved them only;
     # thumbnails by row number from /<app>/_thumb/<row>
     install(server_context)
-    server_context.add_periodic_callback(store().expire, 60_000)
+    # expired exports are deleted every minute (bokeh's server context has no periodic
+    # callbacks of its own: a Tornado one on the server's loop)
+    from tornado.ioloop import PeriodicCallback
+
+    PeriodicCallback(store().expire, 60_000).start()
     threading.Thread(target=preload, name="explorer-preload", daemon=True).start()
     if not os.environ.get("EXPLORER_NO_WARMUP"):
         warm_up()

@@ -45,8 +45,24 @@ def server(tmp_path_factory):
         proc, url = B.launch(app_dir, csv)
     finally:
         mp.undo()
+    _SERVED.append(proc)
     yield url, app_dir
     B.stop(proc)
+    _SERVED.remove(proc)
+
+
+_SERVED: list = []
+
+
+def test_the_server_loaded_hook_runs_without_error(server):
+    """on_server_loaded installs the export handler, schedules the expiry of exports and
+    starts the preload: an exception there (bokeh only logs it) would leave exports undeleted."""
+    _get(server[0])
+    log = _SERVED[-1].log
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    assert "exports served to their own session" in text
+    assert "Error in server loaded hook" not in text and "Traceback" not in text, text[-3000:]
 
 
 def _host(url):
