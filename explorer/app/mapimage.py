@@ -30,6 +30,7 @@ from bokeh.events import RangesUpdate
 from bokeh.models import ColumnDataSource, CustomJS, GlyphRenderer, Scatter
 
 from explorer.app import density as D
+from explorer.app import work
 
 __all__ = ["ImageMap", "INLINE_POINTS", "CLICK_PX"]
 
@@ -263,28 +264,19 @@ class ImageMap:
             return
         self._running = True
         job = self._job()
-        doc = view.doc
 
-        def done(fut: Any) -> None:
-            def on_loop() -> None:
-                self._running = False
-                try:
-                    result = fut.result()
-                except Exception as exc:  # shown on the page, never lost in a thread
-                    view.state._refuse(f"map not drawn: {exc}")
-                    result = None
-                if self._again:
-                    self._again = False
-                    self.refresh()
-                elif result is not None and self.active:
-                    self._show(*result)
+        def on_loop(result: Any) -> None:
+            self._running = False
+            if isinstance(result, Exception):  # shown on the page, never lost in a thread
+                view.state._refuse(f"map not drawn: {result}")
+                result = None
+            if self._again:
+                self._again = False
+                self.refresh()
+            elif result is not None and self.active:
+                self._show(*result)
 
-            try:
-                doc.add_next_tick_callback(on_loop)
-            except Exception:  # the session is gone
-                pass
-
-        render_pool().submit(self.compute, job, THUMBS_IN_VIEW).add_done_callback(done)
+        work.when_done(render_pool().submit(self.compute, job, THUMBS_IN_VIEW), view.doc, on_loop)
 
     def _show(self, shaded: D.Shaded, rows: np.ndarray | None, binned: D.Binned) -> None:
         self._binned = binned

@@ -631,26 +631,15 @@ class AppView:
             self.state._refuse(f"{what} failed: {exc}")
             return
 
-        def done(fut: Any) -> None:
-            try:
-                result = fut.result()
-            except Exception as exc:  # reported on the page, never lost in a thread
-                result = exc
+        def on_loop(result: Any) -> None:
+            self._busy = ""
+            if drop_if_moved and not self.state.generation.current(gen):
+                self.state._say(f"{what}: result dropped (the selection changed meanwhile)")
+                self.state._emit("message")
+                return
+            self._finish(what, finish, result)
 
-            def on_loop() -> None:
-                self._busy = ""
-                if drop_if_moved and not self.state.generation.current(gen):
-                    self.state._say(f"{what}: result dropped (the selection changed meanwhile)")
-                    self.state._emit("message")
-                    return
-                self._finish(what, finish, result)
-
-            try:
-                doc.add_next_tick_callback(on_loop)
-            except Exception:  # the session is gone
-                pass
-
-        future.add_done_callback(done)
+        work.when_done(future, doc, on_loop)
 
     def _finish(self, what: str, finish: Callable[[Any], None], result: Any) -> None:
         if isinstance(result, Exception) and not isinstance(result, ValueError):
@@ -1039,24 +1028,13 @@ class AppView:
         """A short search in the pool (no busy message); the result is dropped if stale."""
         from explorer.app import work
 
-        doc, gen = self.doc, self.state.generation.value
+        gen = self.state.generation.value
 
-        def done(fut: Any) -> None:
-            try:
-                result = fut.result()
-            except Exception as exc:
-                result = exc
+        def on_loop(result: Any) -> None:
+            if self.state.generation.current(gen):
+                finish(result)
 
-            def on_loop() -> None:
-                if self.state.generation.current(gen):
-                    finish(result)
-
-            try:
-                doc.add_next_tick_callback(on_loop)
-            except Exception:
-                pass
-
-        work.threads().submit(compute).add_done_callback(done)
+        work.when_done(work.threads().submit(compute), self.doc, on_loop)
 
     def _on_labels(self, attr: str, old: Any, new: Sequence[str]) -> None:
         if self._syncing:

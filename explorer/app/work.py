@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Callable
 
 __all__ = ["threads", "processes", "Generation", "MAX_THREADS", "MAX_PROCESSES"]
 
@@ -56,6 +57,24 @@ def processes() -> Executor:
             _processes = ProcessPoolExecutor(max_workers=MAX_PROCESSES,
                                              mp_context=multiprocessing.get_context("spawn"))
         return _processes
+
+
+def when_done(future: Future, doc: Any, finish: Callable[[Any], None]) -> None:
+    """Once ``future`` is done, call ``finish(result)`` on ``doc``'s next tick (the result,
+    or the exception it raised: reported by ``finish``, never lost in a thread); nothing
+    when the session is gone."""
+
+    def done(fut: Future) -> None:
+        try:
+            result = fut.result()
+        except Exception as exc:
+            result = exc
+        try:
+            doc.add_next_tick_callback(lambda: finish(result))
+        except Exception:  # the session is gone
+            pass
+
+    future.add_done_callback(done)
 
 
 def recluster_in_worker(X, parent: str, seed: int = 42):
