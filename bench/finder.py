@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--like-rows", type=int, default=200_000, help="rows of the embedding file")
     args = ap.parse_args()
     from explorer.app import finder as F
+    from explorer.search import query_scores
     from explorer.neighbours import nearest, row_norms
 
     n, rng = args.rows, np.random.default_rng(0)
@@ -56,11 +57,11 @@ def main() -> None:
 
     def word():
         with F._one_torch_thread():  # as SearchIndex.words runs it
-            scores, _ = F.word_scores("a red dress", idx, p, encoder, class_vecs)
+            scores, _ = query_scores("a red dress", idx, p, class_vecs, encoder)
         F.top_rows(scores, allowed, 40)
 
     def word_default_threads():
-        scores, _ = F.word_scores("a red dress", idx, p, encoder, class_vecs)
+        scores, _ = query_scores("a red dress", idx, p, class_vecs, encoder)
         F.top_rows(scores, allowed, 40)
 
     print(f"word query, {n:,} rows, top 40 (median of {args.repeats}): {timed(word, args.repeats):.3f} s")

@@ -127,17 +127,24 @@ def rank(scores: np.ndarray, top: int) -> np.ndarray:
     return np.lexsort((np.arange(len(scores)), -scores))[:top].astype(np.int64)
 
 
+def query_scores(query: str, idx: np.ndarray, p: np.ndarray,
+                 class_vecs: np.ndarray | None = None, encoder=None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Search-by-concept score of every row for ``query`` and the classes it was read as."""
+    if class_vecs is None:
+        class_vecs = C.class_text_embeddings()
+    enc = encoder or C.text_encoder()
+    w = C.query_class_weights(enc.encode([str(query)])[0], class_vecs)
+    return C.concept_scores(idx, p, w), C.matching_classes(w)
+
+
 def concept_search(query: str, idx: np.ndarray, p: np.ndarray, top: int = 10,
                    class_vecs: np.ndarray | None = None, encoder=None
                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pure core of search by concept: ``(rows, scores, classes the query was read as)``."""
-    if class_vecs is None:
-        class_vecs = C.class_text_embeddings()
-    enc = encoder or C.text_encoder()
-    w = C.query_class_weights(enc.encode([query])[0], class_vecs)
-    scores = C.concept_scores(idx, p, w)
+    scores, read_as = query_scores(query, idx, p, class_vecs, encoder)
     rows = rank(scores, top)
-    return rows, scores[rows], C.matching_classes(w)
+    return rows, scores[rows], read_as
 
 
 def image_search(features: np.ndarray, query_vec: np.ndarray, top: int = 10

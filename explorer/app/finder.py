@@ -32,7 +32,7 @@ from explorer.quality import FLAG_NAMES
 
 __all__ = [
     "FLAG_MODES", "SEARCH_TOPS", "flag_counts", "flag_keep", "cluster_names", "group_text",
-    "top_rows", "word_scores", "SearchIndex", "search_index", "Finder",
+    "top_rows", "SearchIndex", "search_index", "Finder",
 ]  # fmt: skip
 
 #: what the flag filter does with the images that carry a chosen flag
@@ -94,16 +94,6 @@ def group_text(value: str, text: str, names: dict[str, str], muted: str) -> str:
     if not name or value == muted:
         return text
     return f"{value}: {name}"
-
-
-def word_scores(query: str, idx: np.ndarray, p: np.ndarray, encoder: Any,
-                class_vecs: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Search-by-concept score of every row for ``query`` and the classes it was read as
-    (:func:`explorer.concepts.concept_scores` with the query's class weights)."""
-    from explorer import concepts as C
-
-    w = C.query_class_weights(encoder.encode([str(query)])[0], class_vecs)
-    return C.concept_scores(idx, p, w), C.matching_classes(w)
 
 
 def top_rows(scores: np.ndarray, allowed: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,13 +190,15 @@ class SearchIndex:
     def words(self, query: str, allowed: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(rows, scores, classes read)`` of the ``top`` rows for ``query`` among ``allowed``
         (thread-safe; slow the first time in a process)."""
+        from explorer.search import query_scores
+
         query = str(query).strip()
         if not query:
             raise ValueError("type some words to search for")
         idx, p = self.concepts()
         encoder, class_vecs = text_model()
         with _one_torch_thread():
-            scores, read_as = word_scores(query, idx, p, encoder, class_vecs)
+            scores, read_as = query_scores(query, idx, p, class_vecs, encoder)
         rows, s = top_rows(scores, allowed, top)
         return rows, s, read_as
 
