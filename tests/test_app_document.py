@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 from explorer.app import downloads  # noqa: E402
-from explorer.table import read_table, sidecar  # noqa: E402
+from explorer.table import read_table  # noqa: E402
 
 WIDGETS = [
     "plot", "points", "scatter", "table", "table_source", "grid", "grid_prev", "grid_next",
@@ -508,6 +508,33 @@ def test_a_lasso_on_a_million_rows_sends_a_polygon_and_no_point_list():
     assert len(msg.content) < 2_000_000
 
 
+def served_on_ticks(view):
+    """Make ``view`` behave as served: background work goes to the pools and its results
+    come back as next-tick callbacks, which the returned ``drain(timeout=60)`` runs until
+    no work is left (raises TimeoutError if some does not finish)."""
+    ticks = []
+
+    class Served:
+        session_context = object()
+
+        def add_next_tick_callback(self, cb):
+            ticks.append(cb)
+
+    view.doc = Served()
+
+    def drain(timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while ticks:
+                ticks.pop(0)()
+            time.sleep(0.02)
+            if not ticks and not view._busy and not view.image_map._running:
+                return
+        raise TimeoutError("background work did not finish")
+
+    return drain
+
+
 def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, monkeypatch):
     """M4: ``warnings.catch_warnings`` is process-global and not thread-safe. Every job the
     served app runs in its thread pool (suggestions, neighbours, overview, saves with
@@ -548,25 +575,7 @@ def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, mo
     app = copy_app(*built, tmp_path / "m4", sidecars=("run.json", "features.npy"))
     doc = make_doc(app[0], [app[1]])
     view = doc.explorer_view
-    ticks = []
-
-    class Served:
-        session_context = object()
-
-        def add_next_tick_callback(self, cb):
-            ticks.append(cb)
-
-    view.doc = Served()
-
-    def drain():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            while ticks:
-                ticks.pop(0)()
-            time.sleep(0.05)
-            if not ticks and not view._busy and not view.image_map._running:
-                return
-        raise TimeoutError("background work did not finish")
+    drain = served_on_ticks(view)
 
     send_geometry(doc, "poly", [-3, 13, 13, -3], [-3, -3, 3, 3])  # image map re-rendered
     drain()
@@ -603,24 +612,12 @@ def test_big_renders_run_off_the_event_loop_and_the_newest_view_wins(image_doc, 
     monkeypatch.setattr(mapimage, "INLINE_POINTS", 0)  # "many points" for a 35-point map
     doc = image_doc
     view = doc.explorer_view
-    ticks = []
-
-    class Served:
-        session_context = object()
-
-        def add_next_tick_callback(self, cb):
-            ticks.append(cb)
-
-    view.doc = Served()
+    drain = served_on_ticks(view)
     before = view.image_map.renders
     for x0 in (-5.0, -4.0, -3.0):  # three wheel steps before any render is back
         view.plot._trigger_event(RangesUpdate(view.plot, x0=x0, x1=3.0, y0=-3.0, y1=3.0))
     assert view.image_map._running and view.image_map.renders == before  # nothing drawn on the loop
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (view.image_map._running or ticks):
-        while ticks:
-            ticks.pop(0)()
-        time.sleep(0.02)
+    drain(timeout=20)
     data = w(doc, "map_image_source").data
     assert data["x"] == [-3.0] and data["dw"] == [6.0]
     assert view.image_map.renders == before + 1  # the first result was stale: only the last shown
