@@ -702,8 +702,21 @@ def map_and_space(
 
 
 def _inverse_distance_weights(dist: np.ndarray) -> np.ndarray:
-    """Rows of weights ``1 / d`` (normalised to sum 1): a near-copy takes its twin's place."""
-    w = 1.0 / (dist.astype(np.float64) + 1e-12)
+    """Rows of weights (normalised to sum 1) over sorted neighbour distances ``d``: UMAP's
+    membership strengths ``exp(-(d - rho) / sigma)`` (``rho`` the nearest distance, ``sigma``
+    set so a row sums to ``log2(k)``: ``umap.umap_.smooth_knn_dist``, what UMAP's
+    ``transform`` averages with) times ``1 / d``. The nearest neighbours dominate, so a new
+    image lands among its own group even when some of its ``k`` neighbours lie in other
+    groups (``1 / d`` alone is almost flat for CNN vectors and averaged it between groups),
+    and a near-copy takes its twin's place."""
+    from umap.umap_ import smooth_knn_dist
+
+    d = np.ascontiguousarray(dist, dtype=np.float32)
+    if d.shape[1] == 0:
+        return np.zeros(d.shape, np.float64)
+    sigma, rho = smooth_knn_dist(d, float(d.shape[1]))
+    w = np.exp(-np.maximum(d - rho[:, None], 0.0) / sigma[:, None]).astype(np.float64)
+    w /= d.astype(np.float64) + 1e-12
     w /= w.sum(axis=1, keepdims=True)
     return w
 

@@ -347,6 +347,19 @@ def test_place_new_puts_a_new_point_among_its_group(rays_result):
     assert (y[d.argmin(axis=1)] == ynew).all()
 
 
+def test_place_new_lands_in_its_small_group_when_most_neighbours_are_elsewhere():
+    """8 old images of its kind, 30 of another: 7 of its 15 neighbours are the other kind.
+    The new image must land among its 8, not between the groups (plain 1/d weights put it
+    a quarter of the way over)."""
+    rng = np.random.default_rng(0)
+    a, b = np.eye(16)[0], np.eye(16)[0] + 0.9 * np.eye(16)[1]
+    X = np.vstack([a + 0.05 * rng.normal(size=(8, 16)), b + 0.05 * rng.normal(size=(30, 16))])
+    Y = np.vstack([rng.normal(size=(8, 2)) * 0.3, [10.0, 0.0] + rng.normal(size=(30, 2)) * 0.3])
+    new = (a + 0.05 * rng.normal(size=(3, 16))).astype(np.float32)
+    P = place_new(X.astype(np.float32), Y.astype(np.float32), new, k=15)
+    assert (np.linalg.norm(P - Y[:8].mean(0), axis=1) < 1.0).all(), P
+
+
 @pytest.mark.parametrize(
     "args,word",
     [
