@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from explorer.embed import (  # noqa: E402
     DEFAULT_BATCH,
     DEFAULT_MODEL,
+    OnnxRunner,
     Preprocessor,
     Runner,
     _default_workers,
     embed_paths,
     load_model,
+    onnx_available,
     resolve_device,
     resolve_precision,
 )
@@ -118,7 +120,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per forward pass")
     ap.add_argument("--workers", type=int, default=None,
                     help="threads that each decode and run the model (default: CPUs)")
-    ap.add_argument("--jit", choices=["auto", "on", "off"], default="on")
+    ap.add_argument("--jit", choices=["auto", "on", "off"], default="on",
+                    help="torch runtime only: trace + freeze")
+    ap.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto: onnxruntime on the CPU in float32 where installed (the build's "
+                    "default), else torch")
     ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--thumbs", action="store_true", help="also make + JPEG-encode thumbnails")
@@ -138,15 +144,23 @@ def main(argv=None) -> None:
     print(f"{len(paths)} images in {args.dir}; torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
     jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
+    precision = resolve_precision(args.precision, device)
+    if args.runtime == "auto":
+        args.runtime = ("onnx" if device == "cpu" and precision == "float32"
+                        and onnx_available() else "torch")
 
     dec, fwd, e2e = [], [], []
     if not args.skip_parts:
-        model, cfg = load_model(args.model)
+        model, cfg = load_model(args.model, num_classes=0)
         prep = Preprocessor(cfg)
         t0 = time.perf_counter()
-        runner = Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True,
-                        precision=resolve_precision(args.precision, device), device=device)
-        print(f"model ready (jit={runner.jit}, {runner.precision}) in "
+        if args.runtime == "onnx":
+            runner = OnnxRunner(model, args.batch_size, (prep.height, prep.width),
+                                threads=args.threads)
+        else:
+            runner = Runner(model, args.batch_size, (prep.height, prep.width), jit=jit is True,
+                            precision=precision, device=device)
+        print(f"model ready ({args.runtime}, jit={runner.jit}, {runner.precision}) in "
               f"{time.perf_counter() - t0:.1f} s")
         lanes = (args.workers or _default_workers()) if device == "cpu" else 1
         for r in range(args.repeats):
@@ -161,7 +175,7 @@ def main(argv=None) -> None:
         res = embed_paths(
             paths, model=args.model, batch_size=args.batch_size, threads=args.threads,
             workers=args.workers, jit=jit, precision=args.precision, progress=False,
-            sink=sink, device=device,
+            sink=sink, device=device, runtime=args.runtime,
         )
         t = res.timings
         run = t["total"] - t["model_load"]
@@ -169,7 +183,8 @@ def main(argv=None) -> None:
         print(f"  run {r + 1}: end to end {e2e[-1]:.0f} img/s ({len(res.ok)} images, "
               f"{len(res.errors)} errors, {run:.1f} s + model {t['model_load']:.1f} s; "
               f"thread-seconds: decode {t['decode']:.1f}, forward {t['forward']:.1f}; "
-              f"jit={res.model_info.get('jit')}, {res.model_info.get('precision')}, "
+              f"{res.model_info.get('runtime')}, jit={res.model_info.get('jit')}, "
+              f"{res.model_info.get('precision')}, "
               f"{res.model_info.get('device')}, thumbnails {sink.n if sink else 0}), "
               f"load average {os.getloadavg()[0]:.2f}")
 

@@ -43,12 +43,14 @@ from .models import (  # noqa: F401 - re-exported
     JIT_MIN_IMAGES,
     PREPROCESS_VERSION,
     ModelWeightsError,
+    OnnxRunner,
     Preprocessor,
     Runner,
     _Runner,
     _check_weights,
     _is_default,
     _resolve_name,
+    onnx_available,
     bundled_weights_path,
     embed_images,
     file_digest,
@@ -256,6 +258,7 @@ def embed_paths(
     max_file_mb: float | None = None,
     vectors: bool = True,
     gpu_decode: bool = False,
+    runtime: str = "auto",
 ) -> EmbedResult:
     """Embed image files through the store: one read and at most one decode per file.
 
@@ -296,6 +299,13 @@ def embed_paths(
     model's device (nvjpeg on CUDA), resized there (:func:`decode_jpeg_batch`); other
     files, and JPEGs it cannot decode, take the CPU path. Ignored by the CPU threads
     engine; ``model_info["gpu_decode"]`` says whether it was used.
+
+    ``runtime``: what runs the forward pass of the CPU threads engine. ``"onnx"``: the model
+    exported to onnxruntime (:class:`~explorer.models.OnnxRunner`, float32); ``"torch"``:
+    torch, eager or traced as ``jit`` says; ``"auto"`` (default): the kind the store already
+    holds most of these images' vectors under, else onnxruntime where it is installed, the
+    precision is float32 and ``jit`` is ``"auto"``, else torch. A model that does not export
+    falls back to torch (the store keys the vectors by what was used).
     """
     t_start = time.perf_counter()
     device = resolve_device(device)
@@ -317,12 +327,26 @@ def embed_paths(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if jit not in (True, False, "auto"):
         raise ValueError(f"jit must be True, False or 'auto', got {jit!r}")
+    if runtime not in ("auto", "torch", "onnx"):
+        raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if max_file_mb is not None and not (isinstance(max_file_mb, (int, float)) and max_file_mb > 0):
         raise ValueError(f"max_file_mb must be a positive number, got {max_file_mb!r}")
     if loader is None:
         loader = kind != "cpu"
+    onnx_ok = kind == "cpu" and not loader and engine == "local" and precision == "float32"
+    if runtime == "onnx":
+        if not onnx_ok:
+            raise ValueError("runtime 'onnx' runs only the CPU threads engine in float32 "
+                             f"(device {device!r}, engine {engine!r}, precision {precision!r})")
+        if not onnx_available():
+            raise ValueError("runtime 'onnx' needs onnxruntime and onnx: "
+                             "pip install onnxruntime onnx")
+    graphs: tuple = (False, True)
+    if runtime == "onnx" or (runtime == "auto" and jit == "auto" and onnx_ok
+                             and onnx_available()):
+        graphs = (False, True, "onnx")
     gpu_decode = bool(gpu_decode and loader)  # the CPU threads engine decodes with PIL
     if not vectors and store is None:
         raise ValueError("vectors=False keeps the vectors only in the store: give a store")
@@ -341,7 +365,8 @@ def embed_paths(
                       workers=workers, threads=threads, jit=jit, precision=precision,
                       device=device, loader=loader, engine=engine, ray_address=ray_address,
                       chunk_size=chunk_size, max_bytes=max_bytes, n_stats=n_stats,
-                      t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode))
+                      t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode),
+                      graphs=graphs, runtime=runtime)
     finally:
         if own_store:
             store.close()
@@ -395,7 +420,8 @@ class _NoStore:
 
 def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, progress, workers,
            threads, jit, precision, device, loader, engine, ray_address, chunk_size,
-           max_bytes, n_stats, t_start, keep=True, gpu_decode=False) -> EmbedResult:
+           max_bytes, n_stats, t_start, keep=True, gpu_decode=False, graphs=(False, True),
+           runtime="auto") -> EmbedResult:
     paths = [Path(p) for p in paths]
     n = len(paths)
     st: Store | _NoStore = store if store is not None else _NoStore()
@@ -424,18 +450,23 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     for i, h in zip(live, st.known_hashes([paths[i] for i in live], sizes[live], mtimes[live])):
         known[i] = h
 
-    # --- 2. the model key: precision and jit as they will be used (L3, L4)
-    keys = {j: model_key(name, checkpoint, precision, j) for j in (False, True)}
+    # --- 2. the model key: graph (eager / jit / onnx) and precision as they will be used
+    keys = {g: model_key(name, checkpoint, precision, g) for g in graphs}
     kh = [known[i] for i in live if known[i] is not None]
-    if jit == "auto":
-        present = {j: int((st.rows(st.model_id(keys[j], create=False) or -1, kh) >= 0).sum())
-                   if st.model_id(keys[j], create=False) is not None else 0 for j in keys}
-        if present[True] or present[False]:
-            use_jit = present[True] >= present[False]
-        else:
-            use_jit = len(live) >= JIT_MIN_IMAGES
-    else:
+    present = {}
+    for g in graphs:
+        g_id = st.model_id(keys[g], create=False) if kh else None
+        present[g] = int((st.rows(g_id, kh) >= 0).sum()) if g_id is not None else 0
+    if runtime == "onnx":
+        use_jit = "onnx"
+    elif jit != "auto":
         use_jit = bool(jit)
+    elif any(present.values()):  # keep using the kind most of these vectors are (ties: last)
+        use_jit = max(reversed(graphs), key=lambda g: present[g])
+    elif "onnx" in graphs:
+        use_jit = "onnx"
+    else:
+        use_jit = len(live) >= JIT_MIN_IMAGES
     requested_key = keys[use_jit]
     mid = st.model_id(requested_key)
 
@@ -464,8 +495,16 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         t0 = time.perf_counter()
         m, cfg = load_model(name, checkpoint, num_classes=0)
         prep = Preprocessor(cfg)
-        runner = Runner(m, batch_size, (prep.height, prep.width), jit=use_jit,
-                        precision=precision, device=device)
+        runner = None
+        if use_jit == "onnx":
+            try:
+                runner = OnnxRunner(m, batch_size, (prep.height, prep.width), threads=threads)
+            except RuntimeError:  # does not export or does not agree: torch, traced
+                if runtime == "onnx":
+                    raise
+        if runner is None:
+            runner = Runner(m, batch_size, (prep.height, prep.width),
+                            jit=use_jit is not False, precision=precision, device=device)
         state.update(runner=runner, prep=prep, info=_model_info(name, checkpoint, m, cfg, runner))
         timings["model_load"] = time.perf_counter() - t0
         actual_key = model_key(name, checkpoint, runner.precision, runner.jit)
@@ -587,7 +626,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             out[a:a + len(part)] = out[part]
         emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
     info = state["info"] or _model_info(name, checkpoint, None, None, None, dim=dim or None)
-    info.setdefault("jit", use_jit)
+    info.setdefault("jit", use_jit is True)
+    info.setdefault("runtime", "onnxruntime" if use_jit == "onnx" else "torch")
     info.setdefault("precision", precision)
     info.update(device=device, batch_size=batch_size, workers=workers, torch_threads=threads,
                 engine=engine, loader=bool(loader), model_key=requested_key,
@@ -836,7 +876,8 @@ def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
     if m is not None:
         info["embedding_dim"] = int(m.num_features)
         info["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-        info["jit"] = bool(runner.jit)
+        info["jit"] = runner.jit is True
+        info["runtime"] = "onnxruntime" if runner.jit == "onnx" else "torch"
         info["precision"] = runner.precision
     else:
         info["embedding_dim"] = dim

@@ -8,7 +8,8 @@
 - :func:`model_key` names the vectors a model makes (name, weights content, precision
   actually used, jit, preprocessing version): the store keeps vectors per key.
 - :class:`Preprocessor` turns a PIL image into timm's eval input; :class:`Runner` runs
-  fixed-size batches on a device (CPU or CUDA/MPS), in float32 or bfloat16, eager or traced.
+  fixed-size batches on a device (CPU or CUDA/MPS), in float32 or bfloat16, eager or traced;
+  :class:`OnnxRunner` runs them on the CPU through onnxruntime (1.4-2x torch's rate here).
 - :func:`resolve_device` and :func:`resolve_precision` make the device and precision choices.
 
 Heavy imports (torch, timm) happen inside functions.
@@ -372,19 +373,23 @@ def model_key(
     name: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     precision: str = "auto",
-    jit: bool = False,
+    jit: bool | str = False,
 ) -> str:
     """Identity of the vectors a model makes (review L3): name, the weights file's CONTENT
     hash, the precision actually used (``"auto"`` resolved for the CPU; pass the runner's
-    ``precision`` when it fell back), whether the model was traced (``jit``), and the
-    preprocessing version. Vectors under different keys never mix in the store."""
+    ``precision`` when it fell back), how the graph ran (``jit``: ``False`` eager torch,
+    ``True`` traced + frozen torch, ``"onnx"`` onnxruntime), and the preprocessing version.
+    Vectors under different keys never mix in the store."""
+    if jit not in (True, False, "onnx"):
+        raise ValueError(f"jit must be True, False or 'onnx', got {jit!r}")
+    graph = "onnx" if jit == "onnx" else "jit" if jit else "eager"
     precision = resolve_precision(precision)
     name = ALIASES.get(name, name)
     wf = weights_file(name, checkpoint)
     if wf is None:
         raise ModelWeightsError(f"no local weights for timm model {name!r}")
     weights = weights_digest(wf)
-    return f"{name}|w:{weights}|{precision}|{'jit' if jit else 'eager'}|prep{PREPROCESS_VERSION}"
+    return f"{name}|w:{weights}|{precision}|{graph}|prep{PREPROCESS_VERSION}"
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -608,6 +613,76 @@ class Runner:
 
 
 _Runner = Runner  # the old private name
+
+
+def onnx_available() -> bool:
+    """Whether onnxruntime (to run) and onnx (for torch's exporter) are importable."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+class OnnxRunner:
+    """The model exported to ONNX (in memory, once per process) and run by onnxruntime's CPU
+    provider: same interface as :class:`Runner` for float32 NCHW batches on the CPU.
+
+    On this project's 2-core machine lite0 runs 1.4-2x faster than torch's traced + frozen
+    graph. The export is checked against the eager model on a seeded random batch (the same
+    tolerance as :class:`Runner`'s trace check); a model that does not export or does not
+    agree raises ``RuntimeError`` and the caller keeps torch. One session is shared by every
+    thread (``run`` is thread-safe); ``threads`` is onnxruntime's intra-op thread count per
+    call (1: each calling thread keeps one core busy)."""
+
+    jit = "onnx"
+    precision = "float32"
+
+    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], threads: int = 1):
+        import io
+
+        import onnxruntime as ort
+        import torch
+
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        model = model.eval().float().cpu()
+        example = torch.zeros(batch_size, 3, *input_hw)
+        example.normal_(generator=torch.Generator().manual_seed(0))
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, example[:1], buf, input_names=["x"],
+                                  output_names=["y"], dynamic_axes={"x": {0: "n"}},
+                                  opset_version=17, dynamo=False)
+        except Exception as exc:  # an op the exporter does not know
+            raise RuntimeError(f"the model does not export to ONNX: {exc}") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(buf.getvalue(), opts,
+                                            providers=["CPUExecutionProvider"])
+        with torch.inference_mode():
+            ref = model(example).float().flatten(1)
+        got = torch.from_numpy(self._run(example.numpy()))
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-4):
+            raise RuntimeError("onnxruntime's output differs from the model's")
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return out.reshape(out.shape[0], -1)
+
+    def __call__(self, x) -> np.ndarray:
+        """Normalised float32 NCHW batch (torch or numpy) -> float32 numpy (n, D)."""
+        if not isinstance(x, np.ndarray):
+            x = x.detach().cpu().numpy()
+        n = x.shape[0]
+        if n < self.batch_size:  # same shape every call: same kernels, same numbers
+            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
+        return self._run(x)[:n].astype(np.float32, copy=True)
 
 
 def embed_images(

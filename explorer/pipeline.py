@@ -96,6 +96,7 @@ class BuildOptions:
     remap: bool = False
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     gpu_decode: bool = False  # JPEG decode on the GPU (not measured faster: off by default)
+    runtime: str = "auto"  # CPU forward pass: onnxruntime or torch (embed.embed_paths)
     progress: bool = True
     embed_process: bool = True  # local engine: embed in a child process (see _embed)
 
@@ -341,6 +342,10 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         raise BuildError(f"--max-file-mb must be > 0, got {opts.max_file_mb}")
     if opts.seed is not None and (not isinstance(opts.seed, int) or opts.seed < 0):
         raise BuildError(f"--seed must be a non-negative int, got {opts.seed!r}")
+    if opts.runtime not in ("auto", "torch", "onnx"):
+        raise BuildError(f"unknown --runtime {opts.runtime!r}; choose one of auto, torch, onnx")
+    if opts.runtime == "onnx" and (opts.engine == "ray" or opts.device not in ("cpu", "auto")):
+        raise BuildError("--runtime onnx runs the model on the CPU with the local engine")
     if opts.engine == "ray" and opts.method != "timm":
         raise BuildError("--engine ray runs the timm embedding; the classic methods run locally")
     root = Path(image_dir).expanduser()
@@ -426,7 +431,7 @@ def _embed(ctx: BuildContext) -> Images:
     kw = dict(paths=ctx.paths, model=o.model, checkpoint=o.checkpoint, batch_size=o.batch_size,
               store=store, thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress,
               device=ctx.device, engine=ctx.engine, ray_address=o.ray_address,
-              max_file_mb=o.max_file_mb, gpu_decode=o.gpu_decode)
+              max_file_mb=o.max_file_mb, gpu_decode=o.gpu_decode, runtime=o.runtime)
     with ctx.stage("embed"):
         if ctx.engine == "local" and o.embed_process:
             import multiprocessing
@@ -684,13 +689,14 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
             "reproducible": o.seed is not None, "map": o.map_method, "remap": o.remap,
             "features": o.features, "ae_loss": o.ae_loss,
             "engine": ctx.engine, "ray_address": o.ray_address, "device": o.device,
-            "max_file_mb": o.max_file_mb, "gpu_decode": o.gpu_decode,
+            "max_file_mb": o.max_file_mb, "gpu_decode": o.gpu_decode, "runtime": o.runtime,
             "metadata": str(o.metadata) if o.metadata else None, "key": o.key,
         },
         # what was actually used (after "auto" and fallbacks)
         "execution": {"device": mi.get("device", "cpu"), "engine": ctx.engine,
                       "batch_size": mi.get("batch_size"), "precision": mi.get("precision"),
-                      "jit": mi.get("jit"), "workers": mi.get("workers"),
+                      "jit": mi.get("jit"), "runtime": mi.get("runtime"),
+                      "workers": mi.get("workers"),
                       "gpu_decode": bool(mi.get("gpu_decode")),
                       "seed": o.seed, "reproducible": o.seed is not None},
         "model": mi,

@@ -265,12 +265,17 @@ def test_embed_paths_is_deterministic(folder, tiny_ckpt):
                     workers=1)
     assert np.array_equal(a.embeddings, b.embeddings)
     assert a.hashes == b.hashes
-    assert a.model_info["jit"] is False  # "auto": small runs skip tracing
-    # the traced + frozen model gives the same vectors (up to float rounding)
+    assert a.model_info["runtime"] == "onnxruntime"  # "auto" on the CPU
+    assert a.model_info["model_key"].split("|")[3] == "onnx"
+    # torch, eager and traced + frozen, gives the same vectors (up to float rounding)
+    e = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
+                    runtime="torch")
+    assert e.model_info["runtime"] == "torch" and e.model_info["jit"] is False  # small run
     c = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
                     jit=True)
-    assert c.model_info["jit"] is True
-    np.testing.assert_allclose(c.embeddings, a.embeddings, rtol=1e-3, atol=1e-4)
+    assert c.model_info["jit"] is True and c.model_info["runtime"] == "torch"
+    np.testing.assert_allclose(c.embeddings, e.embeddings, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(a.embeddings, e.embeddings, rtol=1e-3, atol=1e-4)
 
 
 class Sink:
@@ -295,14 +300,13 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
     assert first.n_cached == 0 and first.n_decoded == 7
 
     embedded = []
-    real_call = M.Runner.__call__
+    for cls in (M.Runner, M.OnnxRunner):
+        def counting(self, x, real_call=cls.__call__):
+            out = real_call(self, x)
+            embedded.append(len(out))
+            return out
 
-    def counting(self, x):
-        out = real_call(self, x)
-        embedded.append(len(out))
-        return out
-
-    monkeypatch.setattr(M.Runner, "__call__", counting)
+        monkeypatch.setattr(cls, "__call__", counting)
     sink = Sink(want=lambda i: i >= 5)
     second = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4,
                          store=store, sink=sink, progress=False)
@@ -372,8 +376,11 @@ def test_store_is_per_model_key(folder, tiny_ckpt, tmp_path):
 
 
 def test_model_key_covers_weights_content_precision_and_jit(tiny_ckpt, tmp_path):
-    keys = {model_key(TINY, tiny_ckpt, p, j) for p in ("float32", "bfloat16") for j in (0, 1)}
-    assert len(keys) == 4
+    keys = {model_key(TINY, tiny_ckpt, p, j) for p in ("float32", "bfloat16")
+            for j in (False, True, "onnx")}
+    assert len(keys) == 6
+    with pytest.raises(ValueError, match="'tensorrt'"):
+        model_key(TINY, tiny_ckpt, "float32", "tensorrt")
     copy = tmp_path / "copy.pth"
     copy.write_bytes(tiny_ckpt.read_bytes())
     assert model_key(TINY, copy, "float32") == model_key(TINY, tiny_ckpt, "float32")
@@ -389,6 +396,47 @@ def test_jit_auto_follows_what_the_store_holds(folder, tiny_ckpt, tmp_path):
     assert a.model_info["jit"] is True
     b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
     assert b.n_cached == 8 and b.model_info["jit"] is True
+
+
+def test_runtime_auto_keeps_the_kind_of_vectors_the_store_holds(folder, tiny_ckpt, tmp_path):
+    """A store filled by torch stays torch (no re-embedding after onnxruntime is installed);
+    a fresh store on the CPU gets onnxruntime; asking for onnx keys its own vectors."""
+    _, good, _ = folder
+    store = tmp_path / "r.store"
+    a = embed_paths(good[:6], model=TINY, checkpoint=tiny_ckpt, store=store, runtime="torch",
+                    progress=False)
+    assert a.model_info["runtime"] == "torch"
+    b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    assert b.n_cached == 6 and b.model_info["runtime"] == "torch"
+    c = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, runtime="onnx",
+                    progress=False)
+    assert c.n_cached == 0 and c.model_info["runtime"] == "onnxruntime"
+    np.testing.assert_allclose(c.embeddings, b.embeddings, rtol=1e-3, atol=1e-4)
+    fresh = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt,
+                        store=tmp_path / "fresh.store", progress=False)
+    assert fresh.model_info["runtime"] == "onnxruntime"
+
+
+def test_runtime_onnx_is_refused_where_it_cannot_run(folder, tiny_ckpt):
+    _, good, _ = folder
+    with pytest.raises(ValueError, match="'gpu'"):
+        embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, runtime="gpu", progress=False)
+    with pytest.raises(ValueError, match="bfloat16"):
+        embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, runtime="onnx",
+                    precision="bfloat16", progress=False)
+
+
+def test_a_model_that_does_not_export_keeps_torch(folder, tiny_ckpt, monkeypatch):
+    _, good, _ = folder
+
+    def no_export(*a, **k):
+        raise RuntimeError("the model does not export to ONNX: test")
+
+    monkeypatch.setattr(E, "OnnxRunner", no_export)
+    res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    assert res.model_info["runtime"] == "torch" and len(res.embeddings) == 3
+    with pytest.raises(RuntimeError, match="does not export"):
+        embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, runtime="onnx", progress=False)
 
 
 def test_files_over_the_size_limit_are_refused_unread(folder, tiny_ckpt, tmp_path, monkeypatch):
