@@ -650,7 +650,7 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
 
     Writes ``to/cluster_0/...`` (or one folder per label), ``to/outliers/...``, with
     ``sample`` also ``to/sample/<folder>/...``, and ``to/manifest.csv`` (source path, folder,
-    file name, sampled). With ``as_zip`` the same tree goes into the zip ``to`` (``.zip`` is
+    file name, sampled, and the cluster's name where the table has ``cluster_name``). With ``as_zip`` the same tree goes into the zip ``to`` (``.zip`` is
     added if missing) under one top folder named after it. ``df`` follows
     :mod:`explorer.table` (``path`` relative to ``image_root``). Returns a summary::
 
@@ -674,12 +674,17 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
               ("missing", "not_file", "empty")]
     missing = plan.missing
 
+    # the build's cluster names (issue 10) travel with the files they name
+    names = (df["cluster_name"].fillna("").astype(str).tolist()
+             if "cluster_name" in df.columns else None)
+    columns = ["path", "folder", "file", "sampled"] + (["cluster_name"] if names else [])
+
     def manifest(written_rows: set[int] | None = None) -> bytes:
         rows = [{"path": paths[r], "folder": arc.split("/", 1)[0], "file": arc.rsplit("/", 1)[1],
-                 "sampled": r in plan.sampled}
+                 "sampled": r in plan.sampled, **({"cluster_name": names[r]} if names else {})}
                 for (arc, _), r in zip(plan.entries, plan.rows)
                 if not arc.startswith(SAMPLE + "/") and (written_rows is None or r in written_rows)]
-        return pd.DataFrame(rows, columns=["path", "folder", "file", "sampled"]).to_csv(
+        return pd.DataFrame(rows, columns=columns).to_csv(
             index=False).encode("utf-8", "surrogateescape")
 
     summary = {"to": str(to), "by": by, "mode": "zip" if as_zip else mode, "sample": frac,

@@ -49,6 +49,26 @@ def test_cluster_folders_outliers_and_colliding_names(images, tmp_path):
     assert "outliers/i.jpg" in files and "cluster_2/j.jpg" in files
     man = pd.read_csv(to / "manifest.csv")
     assert len(man) == len(df) and set(man["path"]) == set(df["path"])
+    assert "cluster_name" not in man.columns  # the table has none
+
+
+def test_the_manifest_names_each_images_cluster(images, tmp_path):
+    root, df = images
+    names = {0: "dress, gown", 1: "sandal", 2: "folder: x", -1: ""}
+    df = df.assign(cluster_name=df["cluster"].map(names))
+    for as_zip in (False, True):
+        to = tmp_path / ("z" if as_zip else "d")
+        export_folders(df, root, to, as_zip=as_zip, progress=False)
+        if as_zip:
+            import zipfile
+
+            with zipfile.ZipFile(str(to) + ".zip") as z:
+                man = pd.read_csv(z.open("z/manifest.csv"), keep_default_na=False)
+        else:
+            man = pd.read_csv(to / "manifest.csv", keep_default_na=False)
+        got = dict(zip(man["path"], man["cluster_name"]))
+        assert got == dict(zip(df["path"], df["cluster_name"]))
+        assert got["x/j.jpg"] == "folder: x" and got["f.jpg"] == "sandal"
 
 
 def test_sample_has_one_per_cluster_at_least_and_is_reproducible(images, tmp_path):
