@@ -498,7 +498,8 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         runner = None
         if use_jit == "onnx":
             try:
-                runner = OnnxRunner(m, batch_size, (prep.height, prep.width), threads=threads)
+                runner = OnnxRunner(m, batch_size, (prep.height, prep.width), threads=threads,
+                                    cache=_onnx_cache(requested_key, prep))
             except RuntimeError:  # does not export or does not agree: torch, traced
                 if runtime == "onnx":
                     raise
@@ -648,6 +649,20 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         timings=timings,
         model_info=info,
     )
+
+
+def _onnx_cache(key: str, prep: Preprocessor) -> Path:
+    """The user-cache file for the ONNX export of the model ``key`` names (its weights'
+    content is in the key), per torch version and input size."""
+    import hashlib
+
+    import torch
+
+    from .paths import user_cache_dir
+
+    ident = f"{key}|torch {torch.__version__}|{prep.height}x{prep.width}|opset 17"
+    return user_cache_dir() / "onnx" / (hashlib.blake2b(ident.encode(), digest_size=12)
+                                        .hexdigest() + ".onnx")
 
 
 def _recheck(st, mid, known, done, work, rows) -> None:

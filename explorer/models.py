@@ -636,19 +636,48 @@ class OnnxRunner:
     jit = "onnx"
     precision = "float32"
 
-    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], threads: int = 1):
-        import io
-
-        import onnxruntime as ort
+    def __init__(self, model, batch_size: int, input_hw: tuple[int, int], threads: int = 1,
+                 cache: str | os.PathLike | None = None):
         import torch
 
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.batch_size = batch_size
         self.device = torch.device("cpu")
+        self.threads = threads
         model = model.eval().float().cpu()
         example = torch.zeros(batch_size, 3, *input_hw)
         example.normal_(generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ref = model(example).float().flatten(1).numpy()
+        # ``cache``: a file that keeps the exported graph (a few seconds to export); it is
+        # used only when it loads and agrees with the model, else exported and written anew
+        if cache is not None:
+            try:
+                self._session(Path(cache).read_bytes())
+                if self._agrees(example, ref):
+                    return
+            except Exception:  # missing, unreadable or stale: export again
+                pass
+        onnx = self._export(model, example)
+        self._session(onnx)
+        if not self._agrees(example, ref):
+            raise RuntimeError("onnxruntime's output differs from the model's")
+        if cache is not None:
+            try:
+                from .table import atomic_write_bytes
+
+                Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(Path(cache), onnx)
+            except OSError:  # a read-only home: export again next time
+                pass
+
+    @staticmethod
+    def _export(model, example) -> bytes:
+        import io
+
+        import torch
+
         buf = io.BytesIO()
         try:
             with warnings.catch_warnings():
@@ -658,18 +687,21 @@ class OnnxRunner:
                                   opset_version=17, dynamo=False)
         except Exception as exc:  # an op the exporter does not know
             raise RuntimeError(f"the model does not export to ONNX: {exc}") from exc
+        return buf.getvalue()
+
+    def _session(self, onnx: bytes) -> None:
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(buf.getvalue(), opts,
-                                            providers=["CPUExecutionProvider"])
-        with torch.inference_mode():
-            ref = model(example).float().flatten(1)
-        got = torch.from_numpy(self._run(example.numpy()))
-        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-4):
-            raise RuntimeError("onnxruntime's output differs from the model's")
+        self.session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
+
+    def _agrees(self, example, ref: np.ndarray) -> bool:
+        got = self._run(example.numpy())
+        return got.shape == ref.shape and bool(np.allclose(got, ref, rtol=1e-3, atol=1e-4))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         out = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]

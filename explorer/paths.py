@@ -46,6 +46,7 @@ __all__ = [
     "system_folder_reason",
     "IMAGE_SUFFIXES",
     "SYSTEM_FOLDERS",
+    "user_cache_dir",
 ]
 
 #: file suffixes (lower case, with dot) accepted by ``must_be_image``; kept equal to
@@ -383,3 +384,10 @@ def is_app_relative_url(value: str) -> bool:
         if dec == "..":
             return False
     return posixpath.normpath(value) not in ("", ".")
+
+
+def user_cache_dir() -> Path:
+    """This user's cache folder for the tool (``$XDG_CACHE_HOME/bulk-image-explorer``, else
+    ``~/.cache/bulk-image-explorer``): files that only save time and may be deleted."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bulk-image-explorer"

@@ -31,6 +31,7 @@ import numpy as np
 
 from explorer import concepts as C
 from explorer import table
+from explorer.paths import user_cache_dir
 
 
 class SearchError(ValueError):
@@ -83,11 +84,6 @@ def concepts_for(csv_path: str | os.PathLike, n_rows: int | None = None
     return idx, p
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bulk-image-explorer"
-
-
 def class_vectors(cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """MiniLM vectors of the ImageNet class names, kept in a per-user cache file (encoding
     1,000 names costs seconds; reading them back milliseconds)."""
@@ -96,7 +92,7 @@ def class_vectors(cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     weights = C.minilm_path() / "model.safetensors"
     key = f"{C.CLASS_PROMPT}|{weights.stat().st_size}"
     name = "minilm-imagenet-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + ".npy"
-    path = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    path = Path(cache_dir) if cache_dir is not None else user_cache_dir()
     path = path / name
     try:
         arr = np.load(path, allow_pickle=False)

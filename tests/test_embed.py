@@ -426,6 +426,25 @@ def test_runtime_onnx_is_refused_where_it_cannot_run(folder, tiny_ckpt):
                     precision="bfloat16", progress=False)
 
 
+def test_the_onnx_export_is_cached_and_a_bad_cache_file_is_replaced(folder, tiny_ckpt,
+                                                                    tmp_path, monkeypatch):
+    _, good, _ = folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    files = list((tmp_path / "cache" / "bulk-image-explorer" / "onnx").glob("*.onnx"))
+    assert len(files) == 1 and a.model_info["runtime"] == "onnxruntime"
+    exports = []
+    real = M.OnnxRunner._export
+    monkeypatch.setattr(M.OnnxRunner, "_export",
+                        staticmethod(lambda *x: exports.append(1) or real(*x)))
+    b = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    assert exports == [] and np.array_equal(a.embeddings, b.embeddings)  # read from the cache
+    files[0].write_bytes(b"not an onnx graph")
+    c = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    assert exports == [1] and np.array_equal(a.embeddings, c.embeddings)
+    assert files[0].read_bytes() != b"not an onnx graph"  # written anew
+
+
 def test_a_model_that_does_not_export_keeps_torch(folder, tiny_ckpt, monkeypatch):
     _, good, _ = folder
 
