@@ -437,7 +437,9 @@ def _embed(ctx: BuildContext) -> Images:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as ex:
                 res = ex.submit(_embed_job, kw, False).result()
             res["embeddings"] = _read_vectors(store, res["model_info"]["model_key"],
                                               res["hashes"])
@@ -454,6 +456,21 @@ def _embed(ctx: BuildContext) -> Images:
                   phash=res["phash"], stats=res["stats"], info=info)
     imgs.concepts = res.get("concepts")
     return imgs
+
+
+def exit_with_parent(parent_pid: int, every: float = 0.5) -> None:
+    """In a child process: exit as soon as ``parent_pid`` is no longer its parent (the build
+    was killed), instead of embedding on for nobody. What it wrote to the store stays, so
+    the next run starts from there."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="explorer-exit-with-parent", daemon=True).start()
 
 
 def _embed_job(kw: dict, with_vectors: bool) -> dict:

@@ -294,3 +294,39 @@ def test_console_script_builds_a_folder(tmp_path):
                           "--method", "phash", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(table.read_table(tmp_path / "c.csv")) == 4
+
+
+def test_the_embedding_child_exits_when_the_build_is_killed(tmp_path):
+    """The build embeds in a child process; a SIGKILLed build must not leave it embedding on
+    for nobody (it did: an orphan kept both cores busy)."""
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from explorer.pipeline import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    ex = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                             initializer=exit_with_parent, initargs=(os.getpid(),))\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")
