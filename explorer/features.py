@@ -513,10 +513,10 @@ def auto_features(cnn: np.ndarray, small_images: Callable[..., Sequence], *, see
     ``small_images(rows)`` for the scoring sample of ``sample`` rows (pixels and HOG are
     computed for those rows only), ``small_images()`` for every row when a candidate other
     than the CNN wins and its features are needed for all rows. With ``cache`` and ``hashes``
-    (one content hash per row) the choice is read from / written to the cache under
-    :func:`choice_key`, so a re-run on the same images neither decodes small images nor
-    scores candidates when the CNN won, and computes only the winner otherwise; the
-    returned choice then says ``cached=True``.
+    (one content hash per row) the choice, and the winner's features when it is not the CNN,
+    are read from / written to the cache under :func:`choice_key`, so a re-run on the same
+    images neither scores candidates nor decodes a small image; the returned choice then
+    says ``cached=True``.
     """
     sample = _check_int("sample", sample, 10)
     key = None
@@ -530,7 +530,8 @@ def auto_features(cnn: np.ndarray, small_images: Callable[..., Sequence], *, see
             choice = FeatureChoice.from_dict(hit)
             choice.cached = True
             choice.reason += " (cached: scored on an earlier build of these images)"
-            X = None if choice.name == "cnn" else compute(choice.name, small_images(), seed=seed)
+            X = None if choice.name == "cnn" else cache.get_or_compute(
+                f"{key}-{choice.name}", lambda: compute(choice.name, small_images(), seed=seed))[0]
             choice.seconds = round(time.perf_counter() - t0, 2)
             return choice, X
     idx = _subsample(len(cnn), sample, seed)
@@ -546,4 +547,7 @@ def auto_features(cnn: np.ndarray, small_images: Callable[..., Sequence], *, see
         cache.put_json(key, choice.to_dict())
     if choice.name == "cnn":
         return choice, None
-    return choice, (cands[choice.name] if whole else compute(choice.name, small_images(), seed=seed))
+    X = cands[choice.name] if whole else compute(choice.name, small_images(), seed=seed)
+    if key is not None:  # the winner's features too: a re-run decodes no small image again
+        cache.put(f"{key}-{choice.name}", X)
+    return choice, X

@@ -186,7 +186,7 @@ def test_auto_choice_is_cached_by_content_hashes(tmp_path):
         assert cache.get_json(F.choice_key(kw.pop("hashes"), **kw)) is None
 
 
-def test_auto_choice_from_the_cache_computes_only_the_winner(tmp_path):
+def test_auto_choice_and_winner_from_the_cache_decode_nothing(tmp_path):
     images, labels = C.shapes(30, kinds=("disc", "square", "star"), size=32, seed=2)
     noise = np.random.default_rng(0).normal(size=(len(images), 16)).astype(np.float32)
     hashes = [f"h{i}" for i in range(len(images))]
@@ -194,9 +194,11 @@ def test_auto_choice_from_the_cache_computes_only_the_winner(tmp_path):
     small, calls = _counting(images)
     first, X1 = F.auto_features(noise, small, seed=0, hashes=hashes, cache=cache)
     assert first.name in ("pixels", "hog") and X1 is not None
+    n_calls = len(calls)
     again, X2 = F.auto_features(noise, small, seed=0, hashes=hashes, cache=cache)
     assert again.cached and again.name == first.name
     np.testing.assert_array_equal(X1, X2)  # the same features the choice was made on
+    assert len(calls) == n_calls  # the winner's features came from the cache: nothing decoded
     with pytest.raises(ValueError, match="hashes"):
         F.auto_features(noise, small, hashes=hashes[:-1], cache=cache)
 
