@@ -15,8 +15,10 @@ One folder (the build uses ``NAME.store/``) holds
     so an unchanged file (same size and mtime) is not even read again.
 
 * ``vectors-<model id>.f32`` - one append-only float32 array file per model key, ``dim``
-  values per row, read through ``numpy.memmap`` (only the rows asked for are touched) and
-  written with ``os.pwrite`` at reserved rows. Nothing ever loads or rewrites the whole file.
+  values per row, read with positioned reads of the runs of rows asked for (only those bytes;
+  no memory map, so a pass over every row does not leave the whole file counted in the
+  process's resident memory) and written with ``os.pwrite`` at reserved rows. Nothing ever
+  loads or rewrites the whole file.
 
 Rows are written and indexed inside one SQLite write transaction (the row count is
 committed with the index): a crash before the commit leaves bytes past the counted rows,
@@ -116,10 +118,8 @@ class Store:
         elif row[0] != str(STORE_VERSION):
             raise StoreError(f"store {self.folder} has layout version {row[0]}, "
                              f"this explorer reads {STORE_VERSION}; delete the folder to rebuild it")
-        self._maps: dict[int, np.memmap] = {}
 
     def close(self) -> None:
-        self._maps.clear()
         self.db.close()
 
     def __enter__(self) -> "Store":
@@ -171,34 +171,36 @@ class Store:
                 out[pos[h]] = r
         return out
 
-    def _map(self, model: int) -> np.memmap | None:
-        dim = self.dim(model)
-        path = self._path(model)
-        if dim is None or not path.is_file():
-            return None
-        n = path.stat().st_size // (4 * dim)
-        m = self._maps.get(model)
-        if m is None or m.shape[0] < n:
-            m = np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)) if n else None
-            if m is not None:
-                self._maps[model] = m
-        return m
-
     def read(self, model: int, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Vectors at ``rows`` (all >= 0) into ``out`` (float32, (len(rows), dim)); only
-        those rows are read from disk, in file order."""
+        those rows are read from disk, in file order, a run of adjacent rows (at most
+        ``_CHUNK``) per read."""
         rows = np.asarray(rows, dtype=np.int64)
         dim = self.dim(model)
         if out is None:
             out = np.empty((len(rows), dim or 0), np.float32)
         if len(rows) == 0:
             return out
-        m = self._map(model)
-        if m is None or rows.min() < 0 or rows.max() >= m.shape[0]:
+        path = self._path(model)
+        n = path.stat().st_size // (4 * dim) if dim and path.is_file() else 0
+        if rows.min() < 0 or rows.max() >= n:
             raise StoreError(f"store {self.folder}: rows outside the array file of model {model}")
         order = np.argsort(rows, kind="stable")
-        for part in _chunks(order, 4096):
-            out[part] = m[rows[part]]
+        srt = rows[order]
+        # runs of adjacent (or repeated) rows, cut to at most _CHUNK positions each
+        cut = np.flatnonzero(np.diff(srt) > 1) + 1
+        starts = np.unique(np.concatenate([[0], cut, np.arange(0, len(srt), _CHUNK)]))
+        ends = np.append(starts[1:], len(srt))
+        with open(path, "rb", buffering=0) as fh:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                first, count = int(srt[a]), int(srt[b - 1] - srt[a]) + 1
+                buf = np.empty((count, dim), np.float32)
+                fh.seek(first * 4 * dim)
+                got = fh.readinto(memoryview(buf).cast("B"))
+                if got != buf.nbytes:
+                    raise StoreError(f"store {self.folder}: the array file of model {model} "
+                                     "ended early")
+                out[order[a:b]] = buf[srt[a:b] - first]
         return out
 
     def put(self, model: int, hashes: Sequence[str], vectors: np.ndarray) -> None:

@@ -113,3 +113,17 @@ def test_another_layout_version_is_refused(tmp_path):
         Store(tmp_path / "s")
     with pytest.raises(ValueError, match="model key"):
         Store(tmp_path / "t").model_id("")
+
+
+def test_read_gives_any_rows_in_any_order_across_runs(tmp_path):
+    """Rows in any order, repeated, scattered and in runs longer than one read."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(1300, 6)).astype(np.float32)
+    with Store(tmp_path / "s.store") as st:
+        mid = st.model_id("m")
+        st.put(mid, [f"h{i}" for i in range(len(X))], X)
+        for rows in (np.arange(1300)[::-1], rng.integers(0, 1300, 700), np.array([5, 5, 4, 6]),
+                     np.r_[np.arange(100, 1200), 3, 1299]):
+            np.testing.assert_array_equal(st.read(mid, rows), X[rows])
+        with pytest.raises(StoreError, match="outside"):
+            st.read(mid, np.array([1300]))
