@@ -13,8 +13,28 @@
 
 Prints the figures and the load average (the machine may be shared). Asserts nothing.
 
-Measured 2026-12-01 on the shared 2-core box (no GPU, CPU without native bf16 -> float32),
-load average 6-16 from other jobs throughout, so absolute figures are pessimistic:
+Measured 2026-12-01 evening, 2-core box (AMD EPYC, AVX2, no native bf16, no GPU), with the
+onnxruntime forward pass (the default since then):
+
+  --n 20000, quiet (load 1.4-1.8): cold build 425.6 s (embed 302.0 incl. model 1.3, features
+             94.6 -> hog won auto's choice on these generated crops, map 25.2, cluster 1.0);
+             naive loop 17 img/s -> 1,189 s: ratio 0.36 (goal <= 0.40). Peak RSS: build
+             process 1,288 MB, embedding process 1,474 MB (goal 1.3 GB: the embedding
+             process misses; torch's import alone is 559 MB here). Warm re-build 70.7 s,
+             0 decoded, but features 56.4 s re-decoding small images for HOG (since then the
+             winner's features are cached beside the choice).
+  --n 100000, the embedding at load 4-5 (another job used about one core), the rest quiet:
+             generated in 1,029 s; cold build 2,803.9 s = 46.7 min (embed 2,557.6 = 39 img/s,
+             duplicates 10.8, features 32.2, map 152.1, cluster 43.3, write 4.1); peak RSS
+             build process 1,985 MB (map stage), embedding process 1,874 MB (goal < 3 GB:
+             met; < 20 min: missed; the quiet end-to-end rate, 77 img/s, would still take
+             ~22 min to embed); warm re-build 53.6 s, 0 decoded; naive 16 img/s -> 6,101 s:
+             ratio 0.46. The embedding process's growth with N was the store's memory map
+             counted in RSS during the concepts pass (100k rows: 769 -> 274 MB since the
+             store reads with positioned reads).
+
+Earlier, 2026-12-01 afternoon (torch traced forward), load average 6-16 from other jobs
+throughout, so absolute figures are pessimistic:
 
   --n 20000: cold build 2592 s (embed 2490 incl. model load 45, map 92, cluster 4.6,
              duplicates 1.6, write 0.7); peak RSS build process 1478 MB (reached in the map
