@@ -91,6 +91,15 @@ def classifier_weights(model: str | None = None, checkpoint=None) -> tuple[np.nd
     """
     from explorer.embed import DEFAULT_MODEL, load_model
 
+    cache = _classifier_cache(model or DEFAULT_MODEL, checkpoint)
+    if cache is not None:  # kept from an earlier run: no torch needed to read it
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                W, b = z["W"], z["b"]
+            if W.ndim == 2 and W.shape[0] == len(class_descriptions()) and b.shape == W.shape[:1]:
+                return W.astype(np.float32), b.astype(np.float32)
+        except (OSError, ValueError, KeyError):
+            pass
     m, _ = load_model(model or DEFAULT_MODEL, checkpoint, num_classes=None)
     head = m.get_classifier()
     W = getattr(head, "weight", None)
@@ -98,7 +107,39 @@ def classifier_weights(model: str | None = None, checkpoint=None) -> tuple[np.nd
         raise ConceptError(f"model {model or DEFAULT_MODEL!r} has no ImageNet-1k classifier; "
                            "concepts need one")
     b = head.bias if head.bias is not None else W.new_zeros(W.shape[0])
-    return W.detach().float().numpy(), b.detach().float().numpy()
+    W, b = W.detach().float().numpy(), b.detach().float().numpy()
+    if cache is not None:
+        try:
+            import io
+
+            from explorer.table import atomic_write_bytes
+
+            buf = io.BytesIO()
+            np.savez(buf, W=W, b=b)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache, buf.getvalue())
+        except OSError:
+            pass
+    return W, b
+
+
+def _classifier_cache(model: str, checkpoint):
+    """The user-cache file of a model's classifier, keyed by its name and its weights file's
+    content; ``None`` when the weights are not a local file."""
+    import hashlib
+
+    from explorer.models import weights_digest, weights_file
+    from explorer.paths import user_cache_dir
+
+    try:
+        wf = weights_file(model, checkpoint)
+        if wf is None:
+            return None
+        ident = f"{model}|{weights_digest(wf)}"
+    except (OSError, ValueError):
+        return None
+    return user_cache_dir() / "classifier" / (
+        hashlib.blake2b(ident.encode(), digest_size=12).hexdigest() + ".npz")
 
 
 def class_probabilities(features, W: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:

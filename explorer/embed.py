@@ -493,26 +493,36 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     state: dict[str, Any] = {"runner": None, "prep": None, "info": None}
     if need_model and engine == "local":
         t0 = time.perf_counter()
-        m, cfg = load_model(name, checkpoint, num_classes=0)
-        prep = Preprocessor(cfg)
-        runner = None
-        if use_jit == "onnx":
-            try:
-                runner = OnnxRunner(m, batch_size, (prep.height, prep.width), threads=threads,
-                                    cache=_onnx_cache(requested_key, prep))
-            except RuntimeError:  # does not export or does not agree: torch, traced
-                if runtime == "onnx":
-                    raise
-        if runner is None:
-            runner = Runner(m, batch_size, (prep.height, prep.width),
-                            jit=use_jit is not False, precision=precision, device=device)
-        state.update(runner=runner, prep=prep, info=_model_info(name, checkpoint, m, cfg, runner))
+        got = OnnxRunner.cached(_onnx_cache(requested_key), batch_size, threads) \
+            if use_jit == "onnx" else None
+        if got is not None:  # the export from an earlier run: no torch in this process
+            runner, meta = got
+            cfg, dim = meta["data_config"], int(meta["dim"])
+            prep = Preprocessor(cfg)
+            info = _model_info(name, checkpoint, None, cfg, runner, dim=dim)
+        else:
+            m, cfg = load_model(name, checkpoint, num_classes=0)
+            prep = Preprocessor(cfg)
+            dim = int(m.num_features)
+            runner = None
+            if use_jit == "onnx":
+                try:
+                    runner = OnnxRunner(m, batch_size, (prep.height, prep.width),
+                                        threads=threads, cache=_onnx_cache(requested_key),
+                                        meta={"data_config": _plain(cfg), "dim": dim})
+                except RuntimeError:  # does not export or does not agree: torch, traced
+                    if runtime == "onnx":
+                        raise
+            if runner is None:
+                runner = Runner(m, batch_size, (prep.height, prep.width),
+                                jit=use_jit is not False, precision=precision, device=device)
+            info = _model_info(name, checkpoint, m, cfg, runner)
+        state.update(runner=runner, prep=prep, info=info)
         timings["model_load"] = time.perf_counter() - t0
         actual_key = model_key(name, checkpoint, runner.precision, runner.jit)
         if actual_key != requested_key:  # bf16 or tracing fell back: key what was used
             mid = st.alias(requested_key, actual_key)
             _recheck(st, mid, known, done, work, rows)
-        dim = int(m.num_features)
     elif need_model:  # ray: the actors load the model; the driver only needs the shape
         from . import ray_engine
 
@@ -574,9 +584,11 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
                              mtimes[[it.index for it in files]], [it.hash for it in files])
 
     bar = Bar(len(tasks), "Embedding", unit="img", enabled=progress)
-    import torch
+    torch = None
+    if not getattr(state["runner"], "numpy_input", False) and need_model:
+        import torch  # the onnxruntime runner from the cache runs without it
 
-    old_threads = torch.get_num_threads()
+        old_threads = torch.get_num_threads()
     try:
         if tasks:
             if engine == "ray":
@@ -588,14 +600,16 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             elif loader:
                 runs = _run_loader(tasks, decoder, state, batch_size, workers, timings)
             else:
-                torch.set_num_threads(threads)
+                if torch is not None:
+                    torch.set_num_threads(threads)
                 runs = _run_threads(tasks, decoder, state, batch_size, workers, chunk_size,
                                     timings)
             for items, vecs in runs:
                 take(items, vecs)
                 bar.advance(len(items))
     finally:
-        torch.set_num_threads(old_threads)
+        if torch is not None:
+            torch.set_num_threads(old_threads)
         bar.close()
 
     # --- 5. whatever was not computed now comes from the store (only those rows are read)
@@ -651,16 +665,19 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     )
 
 
-def _onnx_cache(key: str, prep: Preprocessor) -> Path:
+def _onnx_cache(key: str) -> Path:
     """The user-cache file for the ONNX export of the model ``key`` names (its weights'
-    content is in the key), per torch version and input size."""
+    content is in the key), per torch version (read without importing torch)."""
     import hashlib
-
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     from .paths import user_cache_dir
 
-    ident = f"{key}|torch {torch.__version__}|{prep.height}x{prep.width}|opset 17"
+    try:
+        tv = version("torch")
+    except PackageNotFoundError:
+        tv = "?"
+    ident = f"{key}|torch {tv}|opset 17|v2"
     return user_cache_dir() / "onnx" / (hashlib.blake2b(ident.encode(), digest_size=12)
                                         .hexdigest() + ".onnx")
 
@@ -693,7 +710,9 @@ def _run_threads(tasks, decoder, state, batch_size, workers, chunk_size, timings
             outs = []
             for b in range(0, len(new), batch_size):
                 sub = new[b:b + batch_size]
-                outs.append(runner(prep.to_tensor(np.stack([it.pixels for it in sub]))))
+                px = np.stack([it.pixels for it in sub])
+                outs.append(runner(prep.to_array(px) if getattr(runner, "numpy_input", False)
+                                   else prep.to_tensor(px)))
             for it in new:
                 it.pixels = np.empty(0, np.uint8)  # marks "vector made now", frees memory
             vecs = np.concatenate(outs)
@@ -878,6 +897,11 @@ def decode_jpeg_batch(datas, prep: Preprocessor, thumb_size: int, device):
     return sizes, x, thumbs
 
 
+def _plain(cfg: dict) -> dict:
+    """A timm data config as JSON values (tuples -> lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
 def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
     if checkpoint is not None:
         weights = str(checkpoint)
@@ -888,9 +912,9 @@ def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
         weights = "local hub cache"
     info: dict[str, Any] = {"name": name, "weights": weights, "checkpoint": (
         None if checkpoint is None else str(checkpoint))}
-    if m is not None:
-        info["embedding_dim"] = int(m.num_features)
-        info["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    if cfg is not None:
+        info["embedding_dim"] = int(m.num_features) if m is not None else dim
+        info["data_config"] = _plain(cfg)
         info["jit"] = runner.jit is True
         info["runtime"] = "onnxruntime" if runner.jit == "onnx" else "torch"
         info["precision"] = runner.precision

@@ -100,11 +100,13 @@ def _map_lukemelas_lite0(sd: dict, model) -> dict:
 
 
 def _resolve_name(name: str) -> str:
-    import timm
-
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     name = ALIASES.get(name.strip(), name.strip())
+    if name in BUNDLED:  # known without importing timm (which imports torch)
+        return name
+    import timm
+
     arch = name.split(".", 1)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
@@ -460,6 +462,14 @@ class Preprocessor:
         out = img.resize((self.width, self.height), self.resample, box=self.box(w, h))
         return np.asarray(out, dtype=np.uint8)
 
+    def to_array(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> normalised float32 NCHW numpy array (no torch: the
+        onnxruntime path), the same numbers as :meth:`to_tensor`."""
+        x = np.ascontiguousarray(np.asarray(batch).transpose(0, 3, 1, 2), dtype=np.float32)
+        x *= self.scale.reshape(1, 3, 1, 1)
+        x += self.shift.reshape(1, 3, 1, 1)
+        return x
+
     def to_tensor(self, batch: np.ndarray):
         """uint8 (B, H, W, 3) -> normalised float32 NCHW tensor in channels_last layout."""
         import torch
@@ -483,6 +493,8 @@ def resolve_device(device: str = "auto") -> str:
         device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")
     ):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {device!r}")
+    if device == "cpu" or (device == "auto" and _no_gpu_here()):
+        return "cpu"  # known without importing torch (+600 MB in the embedding process)
     import torch
 
     cuda = torch.cuda.is_available()
@@ -494,6 +506,30 @@ def resolve_device(device: str = "auto") -> str:
     if device == "mps" and not mps:
         raise ValueError("device 'mps' asked for, but torch sees no MPS device")
     return device
+
+
+def _no_gpu_here() -> bool:
+    """True on a Linux machine with no GPU device node (NVIDIA, ROCm, WSL): torch could not
+    see a GPU there either. Elsewhere (macOS: MPS) only torch can tell: False."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    return not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd",
+                                               "/dev/dxg"))
+
+
+def _cpu_lacks_avx512() -> bool:
+    """True on an x86 Linux CPU without any AVX-512 (read from /proc/cpuinfo): oneDNN has no
+    bfloat16 there, so ``precision="auto"`` is float32 without asking torch."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "avx512" not in line
+    except OSError:
+        pass
+    return False
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
@@ -510,6 +546,8 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         )
     if precision != "auto":
         return precision
+    if device == "cpu" and _cpu_lacks_avx512():
+        return "float32"
     import torch
 
     if device.startswith("cuda"):
@@ -623,54 +661,102 @@ def onnx_available() -> bool:
 
 
 class OnnxRunner:
-    """The model exported to ONNX (in memory, once per process) and run by onnxruntime's CPU
-    provider: same interface as :class:`Runner` for float32 NCHW batches on the CPU.
+    """The model exported to ONNX and run by onnxruntime's CPU provider: same interface as
+    :class:`Runner` for float32 NCHW batches on the CPU, plus ``numpy_input`` (it takes
+    :meth:`Preprocessor.to_array` batches, so the caller needs no torch).
 
-    On this project's 2-core machine lite0 runs 1.4-2x faster than torch's traced + frozen
-    graph. The export is checked against the eager model on a seeded random batch (the same
-    tolerance as :class:`Runner`'s trace check); a model that does not export or does not
-    agree raises ``RuntimeError`` and the caller keeps torch. One session is shared by every
-    thread (``run`` is thread-safe); ``threads`` is onnxruntime's intra-op thread count per
-    call (1: each calling thread keeps one core busy)."""
+    On this project's 2-core machine lite0 runs 1.7x faster than torch's traced + frozen
+    graph. The export is checked against the eager model on a seeded random pair of images
+    (the same tolerance as :class:`Runner`'s trace check); a model that does not export or
+    does not agree raises ``RuntimeError`` and the caller keeps torch. One session is shared
+    by every thread (``run`` is thread-safe); ``threads`` is onnxruntime's intra-op thread
+    count per call (1: each calling thread keeps one core busy).
+
+    ``cache`` (a ``.onnx`` path) keeps the export, with ``meta`` (JSON: the data config and
+    dimension the caller needs) and the model's output on the check pair beside it, so
+    :meth:`cached` can start a later run from it without torch at all."""
 
     jit = "onnx"
     precision = "float32"
+    numpy_input = True
 
     def __init__(self, model, batch_size: int, input_hw: tuple[int, int], threads: int = 1,
-                 cache: str | os.PathLike | None = None):
+                 cache: str | os.PathLike | None = None, meta: dict | None = None):
         import torch
 
+        self._setup(batch_size, threads)
+        model = model.eval().float().cpu()
+        example = self.check_pair(input_hw)
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(example)).float().flatten(1).numpy()
+        onnx = None
+        if cache is not None:
+            try:  # a cached export that loads and agrees with this model
+                self._session(Path(cache).read_bytes())
+                if not self._agrees(example, ref):
+                    raise ValueError("stale")
+            except Exception:  # missing, unreadable or stale: export again
+                onnx = b""
+        if cache is None or onnx is not None:
+            onnx = self._export(model, torch.from_numpy(example))
+            self._session(onnx)
+            if not self._agrees(example, ref):
+                raise RuntimeError("onnxruntime's output differs from the model's")
+        if cache is not None:
+            self._keep(Path(cache), onnx, ref, {**(meta or {}), "input_hw": list(input_hw)})
+
+    @staticmethod
+    def _keep(cache: Path, onnx: bytes | None, ref: np.ndarray, meta: dict) -> None:
+        """Write the export (when new), its reference output and meta beside it; a read-only
+        home only means exporting again next time."""
+        import io
+        import json
+
+        from .table import atomic_write_bytes, atomic_write_text
+
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.save(buf, ref)
+            atomic_write_bytes(cache.with_suffix(".ref.npy"), buf.getvalue())
+            atomic_write_text(cache.with_suffix(".json"), json.dumps(meta, default=list))
+            if onnx is not None:
+                atomic_write_bytes(cache, onnx)
+        except OSError:
+            pass
+
+    def _setup(self, batch_size: int, threads: int) -> None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.batch_size = batch_size
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.threads = threads
-        model = model.eval().float().cpu()
-        example = torch.zeros(batch_size, 3, *input_hw)
-        example.normal_(generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            ref = model(example).float().flatten(1).numpy()
-        # ``cache``: a file that keeps the exported graph (a few seconds to export); it is
-        # used only when it loads and agrees with the model, else exported and written anew
-        if cache is not None:
-            try:
-                self._session(Path(cache).read_bytes())
-                if self._agrees(example, ref):
-                    return
-            except Exception:  # missing, unreadable or stale: export again
-                pass
-        onnx = self._export(model, example)
-        self._session(onnx)
-        if not self._agrees(example, ref):
-            raise RuntimeError("onnxruntime's output differs from the model's")
-        if cache is not None:
-            try:
-                from .table import atomic_write_bytes
 
-                Path(cache).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(Path(cache), onnx)
-            except OSError:  # a read-only home: export again next time
-                pass
+    @staticmethod
+    def check_pair(input_hw) -> np.ndarray:
+        """The seeded random pair of inputs an export is checked on."""
+        return np.random.default_rng(0).standard_normal((2, 3, *input_hw), dtype=np.float32)
+
+    @classmethod
+    def cached(cls, cache: str | os.PathLike, batch_size: int, threads: int = 1
+               ) -> "tuple[OnnxRunner, dict] | None":
+        """``(runner, meta)`` from a cached export without importing torch, when the export,
+        its meta and its reference output are there and the export still reproduces the
+        reference; else ``None`` (then build the runner from the model)."""
+        import json
+
+        try:
+            cache = Path(cache)
+            meta = json.loads(cache.with_suffix(".json").read_text(encoding="utf-8"))
+            ref = np.load(cache.with_suffix(".ref.npy"), allow_pickle=False)
+            self = cls.__new__(cls)
+            self._setup(batch_size, threads)
+            self._session(cache.read_bytes())
+            if not self._agrees(cls.check_pair(tuple(meta["input_hw"])), ref):
+                return None
+            return self, meta
+        except Exception:  # missing, unreadable, stale or from another version
+            return None
 
     @staticmethod
     def _export(model, example) -> bytes:
@@ -699,8 +785,8 @@ class OnnxRunner:
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
 
-    def _agrees(self, example, ref: np.ndarray) -> bool:
-        got = self._run(example.numpy())
+    def _agrees(self, example: np.ndarray, ref: np.ndarray) -> bool:
+        got = self._run(example)
         return got.shape == ref.shape and bool(np.allclose(got, ref, rtol=1e-3, atol=1e-4))
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -445,13 +445,14 @@ def test_the_onnx_export_is_cached_and_a_bad_cache_file_is_replaced(folder, tiny
     assert files[0].read_bytes() != b"not an onnx graph"  # written anew
 
 
-def test_a_model_that_does_not_export_keeps_torch(folder, tiny_ckpt, monkeypatch):
+def test_a_model_that_does_not_export_keeps_torch(folder, tiny_ckpt, tmp_path, monkeypatch):
     _, good, _ = folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached export
 
     def no_export(*a, **k):
         raise RuntimeError("the model does not export to ONNX: test")
 
-    monkeypatch.setattr(E, "OnnxRunner", no_export)
+    monkeypatch.setattr(M.OnnxRunner, "_export", staticmethod(no_export))
     res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
     assert res.model_info["runtime"] == "torch" and len(res.embeddings) == 3
     with pytest.raises(RuntimeError, match="does not export"):

@@ -330,3 +330,37 @@ def test_the_embedding_child_exits_when_the_build_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its killed parent")
+
+
+def test_a_later_embedding_process_never_imports_torch(tmp_path):
+    """After one run on this machine has exported the model to the user cache, the build's
+    embedding process runs onnxruntime from the cache and reads the classifier from it:
+    torch is never imported there (it alone costs ~600 MB of its memory)."""
+    import os
+
+    imgs = tmp_path / "photos"
+    make_folder(imgs, per_source=2)
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from explorer.pipeline import _embed_job\n"
+        "paths = sorted(p for p in Path(sys.argv[1]).rglob('*') if p.is_file())\n"
+        "res = _embed_job(dict(paths=paths, model=None, checkpoint=None, store=sys.argv[2],\n"
+        "                      progress=False, device='auto'), True)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'rt': res['model_info']['runtime'],\n"
+        "                  'v': res['embeddings'][:, :8].tolist(),\n"
+        "                  'top': res['concepts'][0][:, 0].tolist()}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def run(store):
+        out = subprocess.run([sys.executable, str(script), str(imgs), str(tmp_path / store)],
+                             capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run("a.store"), run("b.store")
+    assert first["torch"] is True and first["rt"] == "onnxruntime"  # exported it
+    assert second["torch"] is False and second["rt"] == "onnxruntime"
+    np.testing.assert_allclose(second["v"], first["v"], rtol=1e-5, atol=1e-6)
+    assert second["top"] == first["top"]  # the same ImageNet concepts
