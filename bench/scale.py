@@ -23,6 +23,11 @@ onnxruntime forward pass (the default since then):
              process misses; torch's import alone is 559 MB here). Warm re-build 70.7 s,
              0 decoded, but features 56.4 s re-decoding small images for HOG (since then the
              winner's features are cached beside the choice).
+  --n 20000 again at 21:09, after the embedding process stopped importing torch (the ONNX
+             export cached) and auto's winner was cached, while a CI run used the cores (load
+             2.9: times inflated, the naive loop too, 7 img/s): cold 594.5 s (embed 445.9,
+             features 107.5, map 36.2); peak RSS build process 1,287 MB, embedding process
+             611 MB (was 1,474); warm re-build 9.1 s (features 0.0), 331 / 476 MB.
   --n 100000, the embedding at load 4-5 (another job used about one core), the rest quiet:
              generated in 1,029 s; cold build 2,803.9 s = 46.7 min (embed 2,557.6 = 39 img/s,
              duplicates 10.8, features 32.2, map 152.1, cluster 43.3, write 4.1); peak RSS
