@@ -126,20 +126,16 @@ def classifier_weights(model: str | None = None, checkpoint=None) -> tuple[np.nd
 def _classifier_cache(model: str, checkpoint):
     """The user-cache file of a model's classifier, keyed by its name and its weights file's
     content; ``None`` when the weights are not a local file."""
-    import hashlib
-
     from explorer.models import weights_digest, weights_file
-    from explorer.paths import user_cache_dir
+    from explorer.paths import user_cache_file
 
     try:
         wf = weights_file(model, checkpoint)
         if wf is None:
             return None
-        ident = f"{model}|{weights_digest(wf)}"
+        return user_cache_file("classifier", f"{model}|{weights_digest(wf)}", ".npz")
     except (OSError, ValueError):
         return None
-    return user_cache_dir() / "classifier" / (
-        hashlib.blake2b(ident.encode(), digest_size=12).hexdigest() + ".npz")
 
 
 def class_probabilities(features, W: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:

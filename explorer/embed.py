@@ -668,18 +668,15 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
 def _onnx_cache(key: str) -> Path:
     """The user-cache file for the ONNX export of the model ``key`` names (its weights'
     content is in the key), per torch version (read without importing torch)."""
-    import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
-    from .paths import user_cache_dir
+    from .paths import user_cache_file
 
     try:
         tv = version("torch")
     except PackageNotFoundError:
         tv = "?"
-    ident = f"{key}|torch {tv}|opset 17|v2"
-    return user_cache_dir() / "onnx" / (hashlib.blake2b(ident.encode(), digest_size=12)
-                                        .hexdigest() + ".onnx")
+    return user_cache_file("onnx", f"{key}|torch {tv}|opset 17|v2", ".onnx")
 
 
 def _recheck(st, mid, known, done, work, rows) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SYSTEM_FOLDERS",
     "user_cache_dir",
+    "user_cache_file",
 ]
 
 #: file suffixes (lower case, with dot) accepted by ``must_be_image``; kept equal to
@@ -391,3 +392,12 @@ def user_cache_dir() -> Path:
     ``~/.cache/bulk-image-explorer``): files that only save time and may be deleted."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "bulk-image-explorer"
+
+
+def user_cache_file(kind: str, ident: str, suffix: str) -> Path:
+    """The file in :func:`user_cache_dir` ``/kind/`` for the thing ``ident`` names (a short
+    blake2b of it, so any text can be a key): ``kind`` and ``suffix`` are ours, never input."""
+    import hashlib
+
+    name = hashlib.blake2b(ident.encode("utf-8"), digest_size=12).hexdigest()
+    return user_cache_dir() / kind / (name + suffix)
