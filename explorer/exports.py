@@ -650,8 +650,9 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
 
     Writes ``to/cluster_0/...`` (or one folder per label), ``to/outliers/...``, with
     ``sample`` also ``to/sample/<folder>/...``, and ``to/manifest.csv`` (source path, folder,
-    file name, sampled, and the cluster's name where the table has ``cluster_name``). With ``as_zip`` the same tree goes into the zip ``to`` (``.zip`` is
-    added if missing) under one top folder named after it. ``df`` follows
+    file name, sampled, and the cluster's name where the table has ``cluster_name``). With
+    ``as_zip`` the same tree goes into the zip ``to`` (``.zip`` is added if missing) under one
+    top folder named after it. ``df`` follows
     :mod:`explorer.table` (``path`` relative to ``image_root``). Returns a summary::
 
         {"to", "by", "mode", "sample", "seed", "folders": {folder: n}, "sample_folders",
