@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5006
 
-.PHONY: setup demo demo-build test browser-deps bench clean-venv
+.PHONY: setup demo demo-build test test-cpu-both browser-deps bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,17 @@ browser-deps:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
 	fi
 
+# The whole suite with the CPU check forced to "no native bf16", then the embedding, search
+# and pipeline tests again with it forced to "native bf16" (explorer.models.cpu_runs_bf16):
+# a machine of either kind proves both answers.
+CPU_BOTH_TESTS := tests/test_embed.py tests/test_search.py tests/test_pipeline.py
+
 test: setup browser-deps
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	EXPLORER_CPU_BF16=0 $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-cpu-both
+
+test-cpu-both: setup
+	EXPLORER_CPU_BF16=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) $(CPU_BOTH_TESTS)
 
 bench: setup
 	for s in bench/*.py; do echo "== $$s"; $(BIN)/python $$s || exit 1; done

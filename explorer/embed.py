@@ -10,7 +10,7 @@ Engines (how the work runs; the choice is made by the caller, the pipeline):
 
 * CPU (``device="cpu"``): worker threads, one per usable core, each decoding a chunk and
   running the model with one torch thread (no oversubscription), the model traced and
-  frozen (``jit``), channels_last, bfloat16 where the CPU runs it natively.
+  frozen (``jit``), channels_last, or onnxruntime (the default, float32).
 * CUDA / MPS: a torch ``DataLoader`` whose worker processes read, decode, make thumbnails
   and preprocess, feeding pinned uint8 batches; the device normalises them and runs large
   batches in bfloat16, channels_last.
@@ -23,7 +23,6 @@ here for older callers).
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -33,9 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .images import ImageLoadError, content_hash, decode_image, read_file, thumbnail
+from .engines.decode import Decoder, Item  # noqa: F401 - re-exported
 from .models import (  # noqa: F401 - re-exported
     ALIASES,
     BUNDLED,
@@ -52,10 +50,14 @@ from .models import (  # noqa: F401 - re-exported
     _resolve_name,
     onnx_available,
     bundled_weights_path,
+    cpu_runs_bf16,
     embed_images,
     file_digest,
     load_model,
+    model_info,
     model_key,
+    open_runner,
+    plain_config,
     resolve_device,
     resolve_precision,
 )
@@ -91,140 +93,6 @@ class EmbedResult:
     @property
     def n_embedded(self) -> int:
         return len(self.ok) - self.n_cached
-
-
-@dataclass
-class Item:
-    """One file's trip through a worker (picklable: crosses processes and Ray tasks)."""
-
-    index: int
-    hash: str | None = None
-    size: tuple[int, int] | None = None
-    phash: int | None = None
-    stats: np.ndarray | None = None
-    pixels: np.ndarray | None = None  # preprocessed uint8 (H, W, 3), when a vector is needed
-    has_vector: bool = False  # the store holds its vector (no forward pass)
-    jpeg: bytes | None = None  # raw JPEG left for the device to decode (gpu_decode)
-    decoded: bool = False
-    error: str | None = None
-
-
-# --------------------------------------------------------------------------- the decoder
-class Decoder:
-    """Read, hash, decode, thumbnail, describe and preprocess one file (a picklable callable).
-
-    ``task = (index, path, known_hash)``. With ``store_path`` it asks the store (its own
-    read-only SQLite connection per thread and process) whether the content already has a
-    vector and the decode facts, and then skips the decode (unless a thumbnail is wanted).
-    ``sink`` (optional) has ``need(i, hash) -> bool`` and ``__call__(i, hash, thumb)``.
-    """
-
-    def __init__(self, prep: Preprocessor | None, *, thumb_size: int, max_bytes: int | None,
-                 sink=None, store_path: str | None = None, model_id: int | None = None,
-                 n_stats: int = 0, raw_jpeg: bool = False):
-        self.prep = prep
-        # hand JPEGs that need a vector over undecoded (the device decodes them)
-        self.raw_jpeg = raw_jpeg and prep is not None and prep.fast
-        self.thumb_size = thumb_size
-        self.max_bytes = max_bytes
-        self.sink = sink
-        self.store_path = store_path
-        self.model_id = model_id
-        self.n_stats = n_stats
-        self._local = None
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_local"] = None
-        return d
-
-    def _db(self):
-        if self.store_path is None:
-            return None
-        if self._local is None:
-            self._local = threading.local()
-        key = os.getpid()
-        db = getattr(self._local, "db", None)
-        if db is None or getattr(self._local, "pid", None) != key:
-            db = sqlite3.connect(f"file:{self.store_path}?mode=ro", uri=True, timeout=60,
-                                 check_same_thread=False)
-            self._local.db, self._local.pid = db, key
-        return db
-
-    def _known(self, h: str) -> tuple[bool, bool]:
-        """(the store has its vector, the store has its decode facts for this thumb size)."""
-        try:
-            db = self._db()
-        except sqlite3.Error:  # e.g. a Ray worker on another machine: no store here
-            self.store_path = None
-            db = None
-        if db is None:
-            return False, False
-        try:
-            v = self.model_id is not None and db.execute(
-                "SELECT 1 FROM vectors WHERE model=? AND hash=?", (self.model_id, h)).fetchone()
-            r = db.execute("SELECT thumb, phash, stats FROM images WHERE hash=?", (h,)).fetchone()
-        except sqlite3.Error:
-            return False, False
-        info = (r is not None and r[0] == self.thumb_size and r[1] is not None
-                and r[2] is not None and len(r[2]) == 4 * self.n_stats)
-        return bool(v), info
-
-    def __call__(self, task) -> Item:
-        i, path, known = task
-        item = Item(i, hash=known)
-        try:
-            data, item.hash = read_file(path, self.max_bytes)
-            has_vec, has_info = self._known(item.hash)
-            item.has_vector = has_vec
-            want_thumb = self.sink is not None and self.sink.need(i, item.hash)
-            if has_vec and has_info and not want_thumb:
-                return item
-            if self.raw_jpeg and not has_vec and data[:3] == b"\xff\xd8\xff":
-                item.jpeg = data  # decoded on the device (decode_jpeg_batch)
-                return item
-        except ImageLoadError as exc:
-            item.error = exc.reason
-            return item
-        except (OSError, ValueError) as exc:
-            item.error = f"cannot decode ({type(exc).__name__}: {exc})"
-            return item
-        return self.decode(item, data, path, need_px=not has_vec and self.prep is not None)
-
-    def decode(self, item: Item, data: bytes, name, *, need_px: bool) -> Item:
-        """Decode ``data`` on the CPU: size, thumbnail (to the sink), phash, statistics and,
-        with ``need_px``, the model's input pixels."""
-        thumb = None
-        try:
-            draft = self.prep.scale_size if need_px else self.thumb_size
-            img, item.size = decode_image(data, draft, name=name)
-            del data
-            thumb = thumbnail(img, self.thumb_size)
-            self.describe(item, thumb)
-            if need_px:
-                item.pixels = self.prep(img)
-        except ImageLoadError as exc:
-            item.error = exc.reason
-        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-            item.error = f"cannot decode ({type(exc).__name__}: {exc})"
-        if item.error is None and item.decoded:
-            self.to_sink(item, thumb)
-        return item
-
-    def describe(self, item: Item, thumb: Image.Image) -> None:
-        """phash and quality statistics of the thumbnail."""
-        from .quality import image_stats
-        from .similarity import phash_of
-
-        item.phash = int(phash_of(thumb))
-        item.stats = image_stats(thumb)
-        item.decoded = True
-
-    def to_sink(self, item: Item, thumb: Image.Image) -> None:
-        """The thumbnail to the sink when it wants it; may raise (disk full ...): that
-        stops the run."""
-        if self.sink is not None and self.sink.need(item.index, item.hash):
-            self.sink(item.index, item.hash, thumb)
 
 
 def _default_workers() -> int:
@@ -284,8 +152,8 @@ def embed_paths(
     CUDA). ``workers``: decode workers (default: every usable core). ``threads``: torch
     threads per forward pass on CPU (1: one busy thread per core). ``jit``: trace + freeze
     (``"auto"``: when the store already holds traced vectors or >= ``JIT_MIN_IMAGES`` need
-    the model). ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bf16 where the
-    hardware runs it natively). The store keys vectors by what was actually used.
+    the model). ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (float32 on every CPU,
+    bf16 on CUDA GPUs that have it: :func:`~explorer.models.resolve_precision`). The store keys vectors by what was actually used.
 
     Memory: one (N, D) float32 output is allocated and filled in place; cached vectors
     are read from the store's memory-mapped file row by row range, nothing else is kept.
@@ -493,30 +361,12 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     state: dict[str, Any] = {"runner": None, "prep": None, "info": None}
     if need_model and engine == "local":
         t0 = time.perf_counter()
-        got = OnnxRunner.cached(_onnx_cache(requested_key), batch_size, threads) \
-            if use_jit == "onnx" else None
-        if got is not None:  # the export from an earlier run: no torch in this process
-            runner, meta = got
-            cfg, dim = meta["data_config"], int(meta["dim"])
-            prep = Preprocessor(cfg)
-            info = _model_info(name, checkpoint, None, cfg, runner, dim=dim)
-        else:
-            m, cfg = load_model(name, checkpoint, num_classes=0)
-            prep = Preprocessor(cfg)
-            dim = int(m.num_features)
-            runner = None
-            if use_jit == "onnx":
-                try:
-                    runner = OnnxRunner(m, batch_size, (prep.height, prep.width),
-                                        threads=threads, cache=_onnx_cache(requested_key),
-                                        meta={"data_config": _plain(cfg), "dim": dim})
-                except RuntimeError:  # does not export or does not agree: torch, traced
-                    if runtime == "onnx":
-                        raise
-            if runner is None:
-                runner = Runner(m, batch_size, (prep.height, prep.width),
-                                jit=use_jit is not False, precision=precision, device=device)
-            info = _model_info(name, checkpoint, m, cfg, runner)
+        runner, prep, info = open_runner(
+            name, checkpoint, batch_size=batch_size, graph=use_jit, precision=precision,
+            device=device, threads=threads,
+            onnx_cache=_onnx_cache(requested_key) if use_jit == "onnx" else None,
+            onnx_required=runtime == "onnx")
+        dim = info["embedding_dim"]
         state.update(runner=runner, prep=prep, info=info)
         timings["model_load"] = time.perf_counter() - t0
         actual_key = model_key(name, checkpoint, runner.precision, runner.jit)
@@ -640,13 +490,15 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             part = ok[a:a + 4096]
             out[a:a + len(part)] = out[part]
         emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
-    info = state["info"] or _model_info(name, checkpoint, None, None, None, dim=dim or None)
+    info = state["info"] or model_info(name, checkpoint, dim=dim or None)
     info.setdefault("jit", use_jit is True)
     info.setdefault("runtime", "onnxruntime" if use_jit == "onnx" else "torch")
     info.setdefault("precision", precision)
     info.update(device=device, batch_size=batch_size, workers=workers, torch_threads=threads,
                 engine=engine, loader=bool(loader), model_key=requested_key,
                 gpu_decode=bool(decoder.raw_jpeg))
+    if device == "cpu" and info["precision"] == "bfloat16":
+        info["cpu_bf16_native"] = cpu_runs_bf16()  # else emulated (slow)
     timings["total"] = time.perf_counter() - t_start
     return EmbedResult(
         embeddings=emb,
@@ -892,30 +744,3 @@ def decode_jpeg_batch(datas, prep: Preprocessor, thumb_size: int, device):
         thumbs[j] = th.permute(1, 2, 0).contiguous().cpu().numpy()
     x = torch.stack(xs).permute(0, 2, 3, 1) if xs else None
     return sizes, x, thumbs
-
-
-def _plain(cfg: dict) -> dict:
-    """A timm data config as JSON values (tuples -> lists)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
-def _model_info(name, checkpoint, m, cfg, runner, dim=None) -> dict[str, Any]:
-    if checkpoint is not None:
-        weights = str(checkpoint)
-    elif _is_default(name):
-        pkg = BUNDLED[name][0].replace("_", "-")
-        weights = f"bundled: {bundled_weights_path(name).name} ({pkg})"
-    else:
-        weights = "local hub cache"
-    info: dict[str, Any] = {"name": name, "weights": weights, "checkpoint": (
-        None if checkpoint is None else str(checkpoint))}
-    if cfg is not None:
-        info["embedding_dim"] = int(m.num_features) if m is not None else dim
-        info["data_config"] = _plain(cfg)
-        info["jit"] = runner.jit is True
-        info["runtime"] = "onnxruntime" if runner.jit == "onnx" else "torch"
-        info["precision"] = runner.precision
-    else:
-        info["embedding_dim"] = dim
-    info["preprocess_version"] = PREPROCESS_VERSION
-    return info

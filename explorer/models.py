@@ -519,9 +519,13 @@ def _no_gpu_here() -> bool:
                                                "/dev/dxg"))
 
 
+#: forces the answer of :func:`cpu_runs_bf16` ("1": native bf16, "0": none); unset: detect
+CPU_BF16_ENV = "EXPLORER_CPU_BF16"
+
+
 def _cpu_lacks_avx512() -> bool:
     """True on an x86 Linux CPU without any AVX-512 (read from /proc/cpuinfo): oneDNN has no
-    bfloat16 there, so ``precision="auto"`` is float32 without asking torch."""
+    bfloat16 there, known without importing torch."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             for line in fh:
@@ -532,13 +536,38 @@ def _cpu_lacks_avx512() -> bool:
     return False
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 / AMX, as oneDNN reports it).
+
+    ``EXPLORER_CPU_BF16=1`` or ``=0`` forces the answer (the tests run under both); unset or
+    empty: detected (torch-free on a CPU without AVX-512). Raises ``ValueError`` for any
+    other value of the variable. The answer no longer changes what ``precision="auto"``
+    picks (float32 on every CPU, see :func:`resolve_precision`); it says whether an asked-for
+    bfloat16 runs natively or emulated (slowly), and the run record keeps it."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"{CPU_BF16_ENV} must be 0, 1 or unset, got {forced!r}")
+    if _cpu_lacks_avx512():
+        return False
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     """``"float32"``, ``"bfloat16"`` or ``"auto"`` -> the one to use on ``device``.
 
-    ``"auto"`` on CPU picks bfloat16 when the CPU runs it natively (oneDNN reports bf16
-    support: AVX512-BF16 / AMX), where it is 2-2.5x faster than float32 for the default
-    model, with embeddings at cosine >= 0.99 to float32 and the same ImageNet classes; else
-    float32. On CUDA ``"auto"`` is bfloat16 where the GPU supports it; on MPS float32.
+    ``"auto"`` is float32 on every CPU, whether it runs bfloat16 natively or not: bf16
+    vectors fell to cosine 0.95 to float32 on low-texture images (flat sky, blank pages;
+    docs/precision.md has the table), below the 0.995 a default must keep, and onnxruntime
+    float32 is the faster float32. bfloat16 runs only when asked for. On CUDA ``"auto"`` is
+    bfloat16 where the GPU supports it (not measured against the 0.995 rule here); on MPS
+    float32. The answer does not depend on :func:`cpu_runs_bf16`.
     """
     if precision not in ("float32", "bfloat16", "auto"):
         raise ValueError(
@@ -546,22 +575,14 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         )
     if precision != "auto":
         return precision
-    if device == "cpu" and _cpu_lacks_avx512():
-        return "float32"
+    if not device.startswith("cuda"):
+        return "float32"  # CPU and MPS, known without importing torch
     import torch
 
-    if device.startswith("cuda"):
-        try:
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        except Exception:
-            return "float32"
-    if device == "mps":
-        return "float32"
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     except Exception:
-        native = False
-    return "bfloat16" if native else "float32"
+        return "float32"
 
 
 class Runner:
@@ -801,6 +822,72 @@ class OnnxRunner:
         if n < self.batch_size:  # same shape every call: same kernels, same numbers
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         return self._run(x)[:n].astype(np.float32, copy=True)
+
+
+# --------------------------------------------------------------------------- a ready model
+def plain_config(cfg: dict) -> dict:
+    """A timm data config as JSON values (tuples -> lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def model_info(name: str, checkpoint=None, cfg: dict | None = None, runner=None,
+               dim: int | None = None) -> dict[str, Any]:
+    """What the run record says about the model: name, weights, checkpoint, embedding
+    dimension, preprocessing version and, with ``cfg`` and ``runner``, the data config and
+    how the runner actually ran (``jit``, ``runtime``, ``precision``)."""
+    if checkpoint is not None:
+        weights = str(checkpoint)
+    elif _is_default(name):
+        pkg = BUNDLED[name][0].replace("_", "-")
+        weights = f"bundled: {bundled_weights_path(name).name} ({pkg})"
+    else:
+        weights = "local hub cache"
+    info: dict[str, Any] = {"name": name, "weights": weights, "checkpoint": (
+        None if checkpoint is None else str(checkpoint)), "embedding_dim": dim}
+    if cfg is not None:
+        info["data_config"] = plain_config(cfg)
+    if runner is not None:
+        info["jit"] = runner.jit is True
+        info["runtime"] = "onnxruntime" if runner.jit == "onnx" else "torch"
+        info["precision"] = runner.precision
+    info["preprocess_version"] = PREPROCESS_VERSION
+    return info
+
+
+def open_runner(name: str, checkpoint=None, *, batch_size: int, graph: bool | str,
+                precision: str, device: str = "cpu", threads: int = 1,
+                onnx_cache: str | os.PathLike | None = None, onnx_required: bool = False):
+    """The model ready for fixed-size batches, as every engine loads it:
+    ``(runner, preprocessor, model_info)``.
+
+    ``graph``: ``False`` eager torch, ``True`` traced + frozen torch, ``"onnx"`` onnxruntime
+    (from ``onnx_cache`` without torch when an earlier run left the export there; a model that
+    does not export falls back to traced torch unless ``onnx_required``). ``precision`` is
+    already resolved (``"float32"`` or ``"bfloat16"``). The runner's ``jit`` and
+    ``precision`` say what is actually used after fallbacks."""
+    if graph == "onnx" and onnx_cache is not None:
+        got = OnnxRunner.cached(onnx_cache, batch_size, threads)
+        if got is not None:  # the export from an earlier run: no torch in this process
+            runner, meta = got
+            cfg = meta["data_config"]
+            return runner, Preprocessor(cfg), model_info(name, checkpoint, cfg, runner,
+                                                         int(meta["dim"]))
+    m, cfg = load_model(name, checkpoint, num_classes=0)
+    prep = Preprocessor(cfg)
+    dim = int(m.num_features)
+    runner = None
+    if graph == "onnx":
+        try:
+            runner = OnnxRunner(m, batch_size, (prep.height, prep.width), threads=threads,
+                                cache=onnx_cache, meta={"data_config": plain_config(cfg),
+                                                        "dim": dim})
+        except RuntimeError:  # does not export or does not agree: torch, traced
+            if onnx_required:
+                raise
+    if runner is None:
+        runner = Runner(m, batch_size, (prep.height, prep.width), jit=graph is not False,
+                        precision=precision, device=device)
+    return runner, prep, model_info(name, checkpoint, cfg, runner, dim)
 
 
 def embed_images(

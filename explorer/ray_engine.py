@@ -5,7 +5,7 @@ writes every result into its store, exactly as the local engine does; Ray does t
 
 1. ``ray.data.from_items`` - one row per file (index, path, known content hash);
 2. ``map_batches(decode)`` in Ray tasks - read, hash, decode, thumbnail, phash, quality
-   statistics and preprocess (:class:`explorer.embed.Decoder`), giving fixed-size uint8
+   statistics and preprocess (:class:`explorer.engines.decode.Decoder`), giving fixed-size uint8
    pixel arrays;
 3. ``map_batches(Embedder)`` on an actor pool - each actor loads the model once and runs
    the forward pass (one GPU per actor where the cluster has GPUs, else CPU actors);
@@ -34,13 +34,11 @@ def model_shape(name: str, checkpoint) -> tuple[int, dict, dict[str, Any]]:
     """(embedding dim, timm data config, model info) without loading weights (driver side)."""
     import timm
 
-    from .embed import _model_info
+    from .models import model_info
 
     m = timm.create_model(name, pretrained=False, num_classes=0)
     cfg = timm.data.resolve_data_config({}, model=m)
-    info = _model_info(name, checkpoint, None, None, None, dim=int(m.num_features))
-    info["data_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-    return int(m.num_features), cfg, info
+    return int(m.num_features), cfg, model_info(name, checkpoint, cfg, dim=int(m.num_features))
 
 
 class _DecodeFn:
@@ -82,16 +80,16 @@ class Embedder:
     def __init__(self, name, checkpoint, batch_size, jit, precision):
         import torch
 
-        from .models import Preprocessor, Runner, load_model, resolve_device
+        from .models import open_runner, resolve_device
 
         device = resolve_device("auto")
         if device == "cpu":
             torch.set_num_threads(1)
-        m, cfg = load_model(name, checkpoint, num_classes=0)
-        self.prep = Preprocessor(cfg)
-        self.runner = Runner(m, batch_size, (self.prep.height, self.prep.width), jit=jit,
-                             precision=precision, device=device)
-        self.dim = int(m.num_features)
+        # the same loader as the local engines (and search by image)
+        self.runner, self.prep, info = open_runner(name, checkpoint, batch_size=batch_size,
+                                                   graph=bool(jit), precision=precision,
+                                                   device=device)
+        self.dim = int(info["embedding_dim"])
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -115,7 +113,7 @@ def run(tasks, decoder, *, name, checkpoint, batch_size, jit, precision, address
     """Yield ``(items, vectors)`` like the local engines, computed by a Ray Data pipeline."""
     import ray
 
-    from .embed import Item
+    from .engines.decode import Item
 
     started = False
     if not ray.is_initialized():

@@ -258,14 +258,40 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     assert bf.embeddings.dtype == np.float32
 
 
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_the_cpu_check_is_forced_and_auto_is_float32_on_every_cpu(folder, tiny_ckpt,
+                                                                   monkeypatch, native):
+    """EXPLORER_CPU_BF16 forces the CPU check; either way "auto" embeds in float32 with
+    onnxruntime (bf16 lost too much on low-texture images), and an asked-for bf16 run says
+    whether it ran natively. (Broken once: with "auto" back to bf16 on native CPUs, the
+    "1" case fails.)"""
+    monkeypatch.setenv(M.CPU_BF16_ENV, native)
+    assert M.cpu_runs_bf16() is (native == "1")
+    assert M.resolve_precision("auto", "cpu") == "float32"
+    assert M.resolve_precision("auto", "mps") == "float32"
+    _, good, _ = folder
+    auto = embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    assert (auto.model_info["precision"], auto.model_info["runtime"]) == ("float32",
+                                                                          "onnxruntime")
+    assert "cpu_bf16_native" not in auto.model_info
+    bf = embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                     precision="bfloat16")
+    assert bf.model_info["precision"] == "bfloat16"
+    assert bf.model_info["cpu_bf16_native"] is (native == "1")
+    monkeypatch.setenv(M.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match="EXPLORER_CPU_BF16.*'yes'"):
+        M.cpu_runs_bf16()
+
+
 def test_embed_paths_is_deterministic(folder, tiny_ckpt):
     _, good, _ = folder
-    a = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False)
+    a = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
+                    precision="float32")
     b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
-                    workers=1)
+                    workers=1, precision="float32")
     assert np.array_equal(a.embeddings, b.embeddings)
     assert a.hashes == b.hashes
-    assert a.model_info["runtime"] == "onnxruntime"  # "auto" on the CPU
+    assert a.model_info["runtime"] == "onnxruntime"  # "auto" runtime in float32
     assert a.model_info["model_key"].split("|")[3] == "onnx"
     # torch, eager and traced + frozen, gives the same vectors (up to float rounding)
     e = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
@@ -404,16 +430,18 @@ def test_runtime_auto_keeps_the_kind_of_vectors_the_store_holds(folder, tiny_ckp
     _, good, _ = folder
     store = tmp_path / "r.store"
     a = embed_paths(good[:6], model=TINY, checkpoint=tiny_ckpt, store=store, runtime="torch",
-                    progress=False)
+                    progress=False, precision="float32")
     assert a.model_info["runtime"] == "torch"
-    b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
+    b = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False,
+                    precision="float32")
     assert b.n_cached == 6 and b.model_info["runtime"] == "torch"
     c = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, runtime="onnx",
-                    progress=False)
+                    progress=False, precision="float32")
     assert c.n_cached == 0 and c.model_info["runtime"] == "onnxruntime"
     np.testing.assert_allclose(c.embeddings, b.embeddings, rtol=1e-3, atol=1e-4)
     fresh = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt,
-                        store=tmp_path / "fresh.store", progress=False)
+                        store=tmp_path / "fresh.store", progress=False,
+                        precision="float32")
     assert fresh.model_info["runtime"] == "onnxruntime"
 
 
@@ -430,17 +458,20 @@ def test_the_onnx_export_is_cached_and_a_bad_cache_file_is_replaced(folder, tiny
                                                                     tmp_path, monkeypatch):
     _, good, _ = folder
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    a = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    a = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                    precision="float32")
     files = list((tmp_path / "cache" / "bulk-image-explorer" / "onnx").glob("*.onnx"))
     assert len(files) == 1 and a.model_info["runtime"] == "onnxruntime"
     exports = []
     real = M.OnnxRunner._export
     monkeypatch.setattr(M.OnnxRunner, "_export",
                         staticmethod(lambda *x: exports.append(1) or real(*x)))
-    b = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    b = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                    precision="float32")
     assert exports == [] and np.array_equal(a.embeddings, b.embeddings)  # read from the cache
     files[0].write_bytes(b"not an onnx graph")
-    c = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    c = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                    precision="float32")
     assert exports == [1] and np.array_equal(a.embeddings, c.embeddings)
     assert files[0].read_bytes() != b"not an onnx graph"  # written anew
 
@@ -453,10 +484,12 @@ def test_a_model_that_does_not_export_keeps_torch(folder, tiny_ckpt, tmp_path, m
         raise RuntimeError("the model does not export to ONNX: test")
 
     monkeypatch.setattr(M.OnnxRunner, "_export", staticmethod(no_export))
-    res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False)
+    res = embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                      precision="float32")
     assert res.model_info["runtime"] == "torch" and len(res.embeddings) == 3
     with pytest.raises(RuntimeError, match="does not export"):
-        embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, runtime="onnx", progress=False)
+        embed_paths(good[:3], model=TINY, checkpoint=tiny_ckpt, runtime="onnx", progress=False,
+                    precision="float32")
 
 
 def test_files_over_the_size_limit_are_refused_unread(folder, tiny_ckpt, tmp_path, monkeypatch):

@@ -1,0 +1,1 @@
+"""Pieces the embedding engines (local threads, DataLoader, Ray) share."""
