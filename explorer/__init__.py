@@ -24,3 +24,11 @@ def build(*args, **kwargs):
     from explorer.pipeline import build as _build
 
     return _build(*args, **kwargs)
+
+
+def open(csv_path):  # noqa: A001 - explorer.open("NAME.csv")
+    """Open a build from its CSV: a :class:`explorer.dataset.Build` (table, run record,
+    vectors, concepts, layout, labels and store paths)."""
+    from explorer.dataset import open as _open
+
+    return _open(csv_path)

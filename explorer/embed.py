@@ -240,6 +240,49 @@ def embed_paths(
             store.close()
 
 
+def as_built(run: dict) -> dict[str, Any]:
+    """The :func:`embed_paths` keyword arguments that make vectors the way the build whose run
+    record is ``run`` made them: its model and checkpoint, and the precision and graph (eager,
+    traced or onnxruntime) of its model key, on the CPU, without a store. Records written
+    before the key existed fall back to their ``precision``/``runtime``/``jit`` entries
+    (float32 eager when they say nothing)."""
+    mi = run.get("model") or {}
+    params = run.get("parameters") or {}
+    name = mi.get("name") or params.get("model") or DEFAULT_MODEL
+    key = mi.get("model_key")
+    parts = key.split("|") if isinstance(key, str) else []
+    if len(parts) == 5:
+        precision, graph = parts[2], parts[3]
+    else:
+        precision = mi.get("precision") or (run.get("execution") or {}).get("precision")
+        precision = precision or "float32"
+        graph = ("onnx" if mi.get("runtime") == "onnxruntime" else
+                 "jit" if mi.get("jit") is True else "eager")
+    if precision not in ("float32", "bfloat16") or graph not in ("eager", "jit", "onnx"):
+        raise ValueError(f"the run record's model key {key!r} names no precision and graph "
+                         "this version knows")
+    batch = mi.get("batch_size")
+    batch = min(batch, DEFAULT_BATCH["cpu"]) if isinstance(batch, int) and batch > 0 else None
+    return {"model": name, "checkpoint": params.get("checkpoint"), "precision": precision,
+            "runtime": "onnx" if graph == "onnx" else "torch", "jit": graph == "jit",
+            "device": "cpu", "batch_size": batch, "store": None, "engine": "local"}
+
+
+def embed_as_built(paths: Sequence[str | os.PathLike], run: dict, **kw) -> EmbedResult:
+    """Embed files through the build's own path (:func:`embed_paths` with :func:`as_built`):
+    search by image, "more like this" from a file and the service use it, so an image of the
+    build finds its own row at cosine ~1 whatever precision the build ran in. Raises
+    ``ValueError`` when this machine's model key differs from the recorded one (the weights
+    or the preprocessing changed since the build: rebuild)."""
+    res = embed_paths(paths, **{"progress": False, "workers": 1, **as_built(run), **kw})
+    recorded = (run.get("model") or {}).get("model_key")
+    if recorded and res.model_info.get("model_key") != recorded:
+        raise ValueError(f"the build's vectors are {recorded!r} but this machine makes "
+                         f"{res.model_info.get('model_key')!r} (weights or preprocessing "
+                         "changed since the build): rebuild to search by image")
+    return res
+
+
 class _NoStore:
     """Stands in for a store when none is given (keeps nothing)."""
 

@@ -1,6 +1,7 @@
 """Find images in a build by words or by an example image.
 
-``search(csv_path, text=..., image=..., top=10)`` returns a ranked list of dicts with at
+``search(build, text=..., image=..., top=10)`` (``build``: ``explorer.open("NAME.csv")`` or
+the CSV's path) returns a ranked list of dicts with at
 least ``path`` and ``score`` (plus ``index``, the CSV row, ``image``, ``cluster`` and, for
 concept search, ``concepts``), the same list ``explorer search --json`` prints.
 
@@ -15,23 +16,27 @@ Three ways, none needs the network:
 - **CLIP** (``text_model=`` an open_clip model name or a JSON config file, ``checkpoint=``
   its weights on disk): the query and the images are embedded by that model; the image
   vectors are cached in ``NAME.clip/``.
-- **by image** (``image=FILE``): FILE is embedded with the build's own model (named in
-  ``NAME.run.json``) and its nearest neighbours among the stored features are returned,
-  through :func:`explorer.neighbours.nearest`, the app's "look around" index.
+- **by image** (``image=FILE``): FILE is embedded through the build's own path and model
+  key (:meth:`explorer.dataset.Build.embed`: same model, precision, runtime and
+  preprocessing as ``NAME.run.json`` records) and its nearest neighbours among the stored
+  features are returned, through :func:`explorer.neighbours.nearest`, the app's "look
+  around" index. An image of the build finds its own row first, at cosine ~1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from explorer import concepts as C
-from explorer import table
+from explorer import dataset, table
 from explorer.paths import user_cache_dir
+
+if TYPE_CHECKING:
+    from explorer.dataset import Build
 
 
 class SearchError(ValueError):
@@ -39,20 +44,12 @@ class SearchError(ValueError):
 
 
 # --------------------------------------------------------------------------- build files
-def _run_record(csv_path: Path) -> dict:
-    try:
-        return json.loads(table.sidecar(csv_path, "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def load_features(csv_path: str | os.PathLike) -> np.ndarray:
+def load_features(build: "Build | str | os.PathLike") -> np.ndarray:
     """The build's stored embedding matrix (``NAME.features.npy``), one row per CSV row."""
-    path = table.sidecar(csv_path, "features.npy")
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise SearchError(f"cannot read the build's features {str(path)!r}: {exc}") from exc
+        return dataset.open(build).vectors
+    except dataset.BuildFileError as exc:
+        raise SearchError(str(exc)) from exc
 
 
 def _build_model(run: dict) -> tuple[str | None, str | None]:
@@ -61,17 +58,18 @@ def _build_model(run: dict) -> tuple[str | None, str | None]:
     return model, params.get("checkpoint")
 
 
-def concepts_for(csv_path: str | os.PathLike, n_rows: int | None = None
+def concepts_for(build: "Build | str | os.PathLike", n_rows: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``(idx, p)`` top ImageNet classes per row: ``NAME.concepts.npz``, or computed from
     ``NAME.features.npy`` with the build's classifier (and saved) when it is missing."""
-    csv_path = Path(csv_path)
-    path = table.sidecar(csv_path, "concepts.npz")
-    if path.is_file():
-        idx, p = C.load_concepts(path)
+    build = dataset.open(build)
+    path = build.file("concepts.npz")
+    got = build.concepts()
+    if got is not None:
+        idx, p = got
     else:
-        feats = load_features(csv_path)
-        model, ckpt = _build_model(_run_record(csv_path))
+        feats = load_features(build)
+        model, ckpt = _build_model(build.run)
         try:
             idx, p = C.concepts_from_features(np.asarray(feats, np.float32), model, ckpt)
         except ValueError as exc:
@@ -211,7 +209,7 @@ def clip_images(model, preprocess, images, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _row_image(csv_path: Path, run: dict, df, i: int):
+def _row_image(build: "Build", i: int):
     """The thumbnail of CSV row ``i`` (the app's copy), else the original image; both paths
     through :mod:`explorer.paths` (the run record and the CSV are untrusted input)."""
     from PIL import Image
@@ -219,6 +217,7 @@ def _row_image(csv_path: Path, run: dict, df, i: int):
     from explorer import images as images_mod
     from explorer import paths as paths_mod
 
+    df, run = build.table, build.run
     thumb = str(df["image"].iloc[i]) if "image" in df.columns else ""
     app = run.get("app")
     if isinstance(app, str) and app and thumb:
@@ -229,7 +228,7 @@ def _row_image(csv_path: Path, run: dict, df, i: int):
         except (OSError, ValueError):
             pass  # no usable thumbnail: the original
     try:
-        root = paths_mod.require_image_root(csv_path, run or None)
+        root = paths_mod.require_image_root(build.csv_path, run or None)
         p = paths_mod.resolve_under(root, str(df["path"].iloc[i]), must_be_image=True)
         img, _ = images_mod.load_image(p, 256)
     except (OSError, ValueError) as exc:
@@ -238,13 +237,14 @@ def _row_image(csv_path: Path, run: dict, df, i: int):
     return img.convert("RGB")
 
 
-def clip_image_vectors(csv_path: Path, df, run: dict, model, preprocess, key: str,
+def clip_image_vectors(build: "Build", model, preprocess, key: str,
                        progress: bool = False) -> np.ndarray:
     """CLIP vectors of every row, cached in ``NAME.clip/`` under ``key``."""
     from explorer.features import FeatureCache, feature_key
     from explorer.progress import track
 
-    cache = FeatureCache(table.sidecar(csv_path, "clip"))
+    df = build.table
+    cache = FeatureCache(build.file("clip"))
     k = feature_key("clip", df["path"].astype(str).tolist(), {"model": key})
 
     def compute():
@@ -253,14 +253,14 @@ def clip_image_vectors(csv_path: Path, df, run: dict, model, preprocess, key: st
         for lo in track(range(0, len(rows), 64), "CLIP images", progress,
                         total=(len(rows) + 63) // 64):
             vecs.append(clip_images(model, preprocess,
-                                    [_row_image(csv_path, run, df, i) for i in rows[lo:lo + 64]]))
+                                    [_row_image(build, i) for i in rows[lo:lo + 64]]))
         return np.concatenate(vecs).astype(np.float32)
 
     return cache.get_or_compute(k, compute)[0]
 
 
 # --------------------------------------------------------------------------- entry point
-def search(csv_path: str | os.PathLike, text: str | None = None,
+def search(build: "Build | str | os.PathLike", text: str | None = None,
            image: str | os.PathLike | None = None, top: int = 10, *,
            text_model: str | None = None, checkpoint: str | os.PathLike | None = None,
            cache_dir: str | os.PathLike | None = None, progress: bool = False
@@ -271,31 +271,31 @@ def search(csv_path: str | os.PathLike, text: str | None = None,
     scores are probabilities in [0, 1], CLIP and image scores cosine similarities),
     ``index`` (CSV row), ``image``, ``cluster`` and, for concept search, ``concepts`` (the
     image's top ImageNet classes) and ``query_read_as`` (the classes the query matched).
+    ``build``: an opened build (:func:`explorer.open`) or the path of its CSV.
     Raises :class:`SearchError` (a ``ValueError``) for anything the user can fix.
     """
-    csv_path = Path(csv_path)
     if (text is None or not str(text).strip()) == (image is None):
         raise SearchError("give either a text query or --image FILE (exactly one)")
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise SearchError(f"top must be an integer >= 1, got {top!r}")
     if text_model is not None and image is not None:
         raise SearchError("--text-model is for text queries; --image uses the build's model")
-    df = table.read_table(csv_path)
-    run = _run_record(csv_path)
+    build = dataset.open(build)
+    df = build.table
     extra: list[dict[str, Any]] = [{} for _ in range(len(df))]
     if image is not None:
-        rows, scores = _by_image(csv_path, run, Path(image), len(df), top)
+        rows, scores = _by_image(build, Path(image), top)
     elif text_model is not None:
         model, preprocess, tok = load_clip(text_model, checkpoint)
         from explorer.embed import file_digest
 
         key = f"{text_model}|{file_digest(checkpoint)}"
-        V = clip_image_vectors(csv_path, df, run, model, preprocess, key, progress)
+        V = clip_image_vectors(build, model, preprocess, key, progress)
         scores_all = V @ clip_text(model, tok, [str(text)])[0]
         rows = rank(scores_all, top)
         scores = scores_all[rows]
     else:
-        idx, p = concepts_for(csv_path, len(df))
+        idx, p = concepts_for(build, len(df))
         rows, scores, read_as = concept_search(str(text), idx, p, top, class_vectors(cache_dir))
         names = C.class_names()
         for r in rows:
@@ -314,27 +314,29 @@ def search(csv_path: str | os.PathLike, text: str | None = None,
     return out
 
 
-def _by_image(csv_path: Path, run: dict, image: Path, n_rows: int, top: int):
-    from PIL import Image
+def image_vectors(build: "Build | str | os.PathLike", images) -> np.ndarray:
+    """Query vectors of image files, made the way the build made its own (its model key:
+    :meth:`explorer.dataset.Build.embed`), one row per file."""
+    build = dataset.open(build)
+    if (build.parameters.get("method") or "timm") != "timm":
+        raise SearchError("search by image needs a build with the CNN (--method timm); "
+                          f"{build.csv_path.name} was built with another method")
+    images = [Path(p) for p in images]
+    for p in images:
+        if not p.is_file():
+            raise SearchError(f"image not found: {str(p)!r}")
+    try:
+        res = build.embed(images)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from exc
+    if res.errors:
+        path, why = res.errors[0]
+        raise SearchError(f"cannot read {path!r} as an image: {why}")
+    return res.embeddings
 
-    from explorer import embed as embed_mod
-    from explorer import images as images_mod
 
+def _by_image(build: "Build", image: Path, top: int):
     if not image.is_file():
         raise SearchError(f"image not found: {str(image)!r}")
-    feats = load_features(csv_path)
-    if len(feats) != n_rows:
-        raise SearchError(f"{table.sidecar(csv_path, 'features.npy').name} has {len(feats)} "
-                          f"rows but the CSV {n_rows}; rebuild to bring them in step")
-    if (run.get("parameters") or {}).get("method", "timm") != "timm":
-        raise SearchError("search by image needs a build with the CNN (--method timm); "
-                          f"{csv_path.name} was built with another method")
-    model, ckpt = _build_model(run)
-    try:
-        img, _ = images_mod.load_image(image, 512)
-    except (OSError, ValueError) as exc:
-        raise SearchError(f"cannot read {str(image)!r} as an image: {exc}") from exc
-    m, cfg = embed_mod.load_model(model or embed_mod.DEFAULT_MODEL, ckpt)
-    q = embed_mod.embed_images([img if isinstance(img, Image.Image) else Image.fromarray(img)],
-                               m, cfg)[0]
-    return image_search(feats, q, top)
+    feats = load_features(build)
+    return image_search(feats, image_vectors(build, [image])[0], top)

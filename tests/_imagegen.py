@@ -91,3 +91,46 @@ def empty(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
     return path
+
+
+#: what :func:`low_texture` makes, in turn
+LOW_TEXTURE_KINDS = ("flat sky", "blank page", "line art", "flat colour")
+
+
+def low_texture(i: int, size: int = 128) -> np.ndarray:
+    """The i-th distinct low-texture RGB image (``LOW_TEXTURE_KINDS[i % 4]``): a flat sky
+    (a soft blue gradient with slight noise), a blank page with a few words, line art (a few
+    thin black strokes on white) or a flat colour with slight noise. The images where bf16
+    vectors drift furthest from float32 (review 2026-12-06, section 3.3)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(1000 + i)
+    kind = LOW_TEXTURE_KINDS[i % len(LOW_TEXTURE_KINDS)]
+    yy = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    if kind == "flat sky":
+        top = np.array([90, 140, 215], np.float32) + rng.uniform(-25, 25, 3)
+        bottom = np.array([170, 200, 235], np.float32) + rng.uniform(-15, 15, 3)
+        base = top + (bottom - top) * yy * rng.uniform(0.5, 1.0)
+        arr = np.broadcast_to(base, (size, size, 3)) + rng.normal(0, 2.0, (size, size, 3))
+    elif kind == "flat colour":
+        arr = rng.uniform(30, 225, 3) + rng.normal(0, 3.0, (size, size, 3))
+    else:
+        paper = 255 - rng.uniform(0, 12)
+        img = Image.new("RGB", (size, size), (int(paper),) * 3)
+        draw = ImageDraw.Draw(img)
+        if kind == "blank page":
+            words = ["notes", "page", "draft", "total", "date", "name", "ok", "list"]
+            for _ in range(int(rng.integers(1, 4))):
+                xy = (int(rng.integers(4, size // 2)), int(rng.integers(4, size - 16)))
+                draw.text(xy, " ".join(rng.choice(words, 2)), fill=(20, 20, 20))
+        else:
+            for _ in range(int(rng.integers(2, 5))):
+                a, b = rng.integers(0, size, 2), rng.integers(0, size, 2)
+                if rng.random() < 0.5:
+                    draw.line([tuple(a), tuple(b)], fill=(0, 0, 0), width=2)
+                else:
+                    r = int(rng.integers(6, size // 4))
+                    draw.ellipse([a[0] - r, a[1] - r, a[0] + r, a[1] + r], outline=(0, 0, 0),
+                                 width=2)
+        arr = np.asarray(img, np.float32) + rng.normal(0, 1.0, (size, size, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)

@@ -13,6 +13,7 @@ from explorer import concepts as C
 from explorer import search as S
 from explorer import table
 from tests import _collections as col
+from tests import _imagegen as gen
 
 
 # --------------------------------------------------------------------------- concepts
@@ -93,8 +94,8 @@ def small_build(tmp_path_factory):
     for t, a in zip(thumbs, images):
         (app / t).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(a).save(app / t)
-    model, cfg = embed.load_model()
-    feats = embed.embed_images([Image.open(p).convert("RGB") for p in paths], model, cfg)
+    res = embed.embed_paths(paths, precision="float32", progress=False)  # the build's path
+    feats = res.embeddings
     n = len(paths)
     df = table.make_table(paths=rel, images=thumbs, xy=np.zeros((n, 2)),
                           cluster=np.repeat(np.arange(4), 4), probability=np.ones(n),
@@ -105,7 +106,7 @@ def small_build(tmp_path_factory):
     table.write_json(table.sidecar(csv, "run.json"), {
         "image_dir": str(root / "imgs"), "image_dir_from_csv": "imgs", "app": str(app),
         "parameters": {"method": "timm", "model": None, "checkpoint": None},
-        "model": {"name": "tf_efficientnet_lite0"}})
+        "model": res.model_info})
     return {"csv": csv, "paths": paths, "labels": labels, "root": root}
 
 
@@ -136,6 +137,65 @@ def test_search_by_image_returns_the_same_photo_first(small_build):
     assert hits[0]["score"] == pytest.approx(1.0, abs=0.01)
     labels = [small_build["labels"][h["index"]] for h in hits]
     assert labels.count(small_build["labels"][5]) >= 3
+
+
+def test_search_takes_an_opened_build_and_reads_its_files_once(small_build, monkeypatch):
+    import explorer
+
+    reads = []
+    real = table.read_table
+    monkeypatch.setattr(table, "read_table", lambda *a, **k: reads.append(1) or real(*a, **k))
+    build = explorer.open(small_build["csv"])
+    assert build.run["model"]["model_key"].endswith("prep1") and build.n_rows == 16
+    first = S.search(build, image=small_build["paths"][2], top=2)
+    again = S.search(build, image=small_build["paths"][2], top=2)
+    assert first == again and first[0]["index"] == 2 and reads == [1]
+    assert build.labels_path.name == "app.labels.sqlite"
+    assert build.store_path.name == "app.store" and build.layout is None
+    with pytest.raises(ValueError, match="NAME.csv"):
+        explorer.open(small_build["root"] / "app.run.json")
+
+
+def _low_texture_build(root, precision: str):
+    """20 low-texture images embedded by the build's own path in ``precision``, written as a
+    build leaves them (CSV, float16 features, run record with the model entry)."""
+    from explorer import embed
+
+    paths = [gen.save(gen.low_texture(i, 128), root / "imgs" / f"lt{i:02d}.jpg", quality=92)
+             for i in range(20)]
+    res = embed.embed_paths(paths, precision=precision, progress=False)
+    assert res.model_info["precision"] == precision and len(res.ok) == 20
+    n = len(paths)
+    df = table.make_table(paths=[p.name for p in paths], images=[""] * n, xy=np.zeros((n, 2)),
+                          cluster=np.zeros(n, int), probability=np.ones(n),
+                          outlier_score=np.zeros(n), width=[128] * n, height=[128] * n)
+    csv = root / "low.csv"
+    table.write_table(df, csv)
+    np.save(table.sidecar(csv, "features.npy"), res.embeddings.astype(np.float16))
+    table.write_json(table.sidecar(csv, "run.json"), {
+        "image_dir": str(root / "imgs"), "parameters": {"method": "timm", "model": None,
+                                                        "checkpoint": None},
+        "model": res.model_info})
+    return csv, paths
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_every_low_texture_image_is_its_own_best_match(tmp_path, precision):
+    """Search by image embeds the query through the build's path and model key, so each of 20
+    flat skies, blank pages, line drawings and flat colours finds its own row first at cosine
+    >= 0.999, whatever precision the build ran in. (Broken once: with the query embedded in
+    float32 eager torch as before, the bfloat16 build's flat images fell to cosine ~0.95.)"""
+    import explorer
+
+    csv, paths = _low_texture_build(tmp_path, precision)
+    build = explorer.open(csv)
+    assert build.model["precision"] == precision
+    q = S.image_vectors(build, paths)  # what search(image=...) embeds, all 20 at once
+    for i in range(len(paths)):
+        rows, sims = S.image_search(build.vectors, q[i], top=2)
+        assert rows[0] == i and sims[0] >= 0.999, (i, rows.tolist(), sims.tolist())
+    hit = S.search(csv, image=paths[3], top=1)[0]
+    assert hit["index"] == 3 and hit["score"] >= 0.999
 
 
 def test_search_needs_exactly_one_query(small_build):
