@@ -4,6 +4,8 @@
     .venv/bin/python bench/embed.py --limit 500 --repeats 3
     .venv/bin/python bench/embed.py --dir DIR --threads 2 --workers 2 --batch-size 8
     .venv/bin/python bench/embed.py --dir DIR --device cuda        # DataLoader + GPU
+    .venv/bin/python bench/embed.py --precisions --data ../shared/data/clothing-small
+        # speed and cosine to float32 eager torch of each runtime/precision (docs/precision.md)
 
 Prints images/s for each part, the end-to-end rate as a share of the forward rate
 measured in the same run, and the peak RSS. The numbers depend on what else runs on
@@ -55,7 +57,18 @@ from explorer.embed import (  # noqa: E402
 )
 from explorer.images import decode_image, discover, read_bytes  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clothing-small"
+DATA = Path("../shared/data/clothing-small")  # relative to the repository root
+
+#: the options --precisions compares: label -> embed_paths keyword arguments
+OPTIONS = {
+    "torch float32 eager (reference)": {"runtime": "torch", "jit": False, "precision": "float32"},
+    "torch float32 traced": {"runtime": "torch", "jit": True, "precision": "float32"},
+    "onnxruntime float32": {"runtime": "onnx", "precision": "float32"},
+    "torch bfloat16 traced": {"runtime": "torch", "jit": True, "precision": "bfloat16"},
+    "torch bfloat16 eager": {"runtime": "torch", "jit": False, "precision": "bfloat16"},
+}
+#: the cosine to float32 every image must keep for an option to be the default
+MIN_COSINE = 0.995
 
 
 def peak_rss_mb() -> float:
@@ -114,9 +127,85 @@ class _Encode:
         self.n += 1
 
 
+
+def _cosine(a, b):
+    import numpy as np
+
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def low_texture_folder(root: Path, n: int) -> list[Path]:
+    """``n`` generated low-texture JPEGs (flat sky, blank page, line art, flat colour)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import _imagegen as gen
+
+    return [gen.save(gen.low_texture(i, 256), root / f"{gen.LOW_TEXTURE_KINDS[i % 4]}-{i}.jpg",
+                     quality=92) for i in range(n)]
+
+
+def precisions(args) -> None:
+    """Speed and cosine to float32 eager torch of each option in OPTIONS, on photos and on
+    generated low-texture images; prints a markdown table and the default the rule picks."""
+    import tempfile
+
+    import numpy as np
+
+    from explorer.models import cpu_runs_bf16
+
+    every = discover(args.data)
+    photos = every[:: max(1, len(every) // args.photos)][: args.photos]  # across classes
+    with tempfile.TemporaryDirectory() as tmp:
+        low = low_texture_folder(Path(tmp), args.low)
+        kinds = [p.name.split("-")[0] for p in low]
+        print(f"{len(photos)} photos from {args.data}, {len(low)} low-texture images; "
+              f"cpus {os.cpu_count()}, CPU runs bf16 natively: {cpu_runs_bf16()}, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        rows, ref = [], None
+        for label, kw in OPTIONS.items():
+            if args.skip_bf16 and kw["precision"] == "bfloat16":
+                continue
+            n_photos = args.bf16_photos if kw["precision"] == "bfloat16" else len(photos)
+            t0 = time.perf_counter()
+            a = embed_paths(photos[:n_photos], progress=False, workers=args.workers, **kw)
+            rate = len(a.ok) / (a.timings["total"] - a.timings["model_load"])
+            b = embed_paths(low, progress=False, workers=args.workers, **kw)
+            if ref is None:
+                ref = (a.embeddings, b.embeddings)
+            cp = _cosine(a.embeddings, ref[0][:n_photos])
+            cl = _cosine(b.embeddings, ref[1])
+            worst = {k: float(cl[[j for j, x in enumerate(kinds) if x == k]].min())
+                     for k in sorted(set(kinds))}
+            rows.append((label, rate, n_photos, float(cp.min()), float(np.median(cp)),
+                         float(cl.min()), worst, a.model_info.get("model_key", "")))
+            print(f"  {label}: {rate:.1f} img/s end to end, photos min cos {cp.min():.4f}, "
+                  f"low-texture min cos {cl.min():.4f} {worst} "
+                  f"({time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.2f})",
+                  flush=True)
+    print()
+    print("| option | img/s (end to end) | photos: min / median cosine | low-texture: min "
+          "cosine | worst kind | keeps >= 0.995 |")
+    print("|---|---|---|---|---|---|")
+    for label, rate, n_p, mn, med, ml, worst, _ in rows:
+        bad = min(worst, key=worst.get)
+        ok = "yes" if min(mn, ml) >= MIN_COSINE else "**no**"
+        print(f"| {label} | {rate:.1f} | {mn:.4f} / {med:.4f} ({n_p} photos) | {ml:.4f} | "
+              f"{bad} ({worst[bad]:.4f}) | {ok} |")
+    fit = [r for r in rows if min(r[3], r[5]) >= MIN_COSINE]
+    best = max(fit, key=lambda r: r[1]) if fit else None
+    print(f"\ndefault by the rule (fastest with cosine >= {MIN_COSINE} on every image): "
+          f"{best[0] if best else 'none'}; load average {os.getloadavg()[0]:.2f}")
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=DATA)
+    ap.add_argument("--dir", "--data", dest="data", type=Path, default=DATA,
+                    help="image folder (default ../shared/data/clothing-small)")
+    ap.add_argument("--precisions", action="store_true",
+                    help="compare runtimes/precisions: speed and cosine to float32 eager")
+    ap.add_argument("--photos", type=int, default=200, help="--precisions: photos used")
+    ap.add_argument("--bf16-photos", type=int, default=200,
+                    help="--precisions: photos embedded in bf16 (emulated bf16 is slow)")
+    ap.add_argument("--low", type=int, default=24, help="--precisions: low-texture images")
+    ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
@@ -136,6 +225,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-parts", action="store_true", help="end to end only")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    if args.precisions:
+        return precisions(args)
 
     import torch
 
@@ -143,10 +234,10 @@ def main(argv=None) -> None:
     if args.batch_size is None:
         args.batch_size = DEFAULT_BATCH[device.split(":")[0]]
     torch.set_num_threads(args.threads)
-    paths = discover(args.dir)[: args.limit]
+    paths = discover(args.data)[: args.limit]
     if device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name(0)}")
-    print(f"{len(paths)} images in {args.dir}; torch threads {torch.get_num_threads()}, "
+    print(f"{len(paths)} images in {args.data}; torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
     jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
     precision = resolve_precision(args.precision, device)

@@ -606,8 +606,8 @@ class Runner:
         self.dtype = torch.float32
         if precision == "bfloat16":
             try:
-                with torch.inference_mode():
-                    model.to(torch.bfloat16)(example.to(torch.bfloat16))
+                with torch.inference_mode():  # one image tells whether every op runs
+                    model.to(torch.bfloat16)(example[:1].to(torch.bfloat16))
                 self.dtype = torch.bfloat16
             except Exception:  # an op without bf16 support: stay in float32
                 model = model.float()

@@ -623,3 +623,20 @@ def test_progress_bar_shows_the_count(folder, tiny_ckpt, capsys):
 def test_empty_input():
     res = embed_paths([], progress=False)
     assert res.embeddings.shape[0] == 0 and res.ok.tolist() == [] and res.errors == []
+
+
+def test_no_import_circle_between_embed_and_the_engines():
+    """embed calls ray_engine; ray_engine and the shared decoder import only what sits below
+    both (engines/decode.py, models.py), never embed. (Broken once: with ray_engine importing
+    ``Item`` from embed again, this fails.)"""
+    import ast
+
+    import explorer
+
+    root = Path(explorer.__file__).parent
+    for rel in ("ray_engine.py", "engines/decode.py", "models.py"):
+        tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        found = {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in found if m.split(".")[-1] == "embed"}, (rel, sorted(found))
+    assert E.Item is __import__("explorer.engines.decode", fromlist=["Item"]).Item
