@@ -164,6 +164,9 @@ def precisions(args) -> None:
         for label, kw in OPTIONS.items():
             if args.skip_bf16 and kw["precision"] == "bfloat16":
                 continue
+            if (args.only and ref is not None
+                    and not any(w.strip() in label for w in args.only.split(","))):
+                continue
             n_photos = args.bf16_photos if kw["precision"] == "bfloat16" else len(photos)
             t0 = time.perf_counter()
             a = embed_paths(photos[:n_photos], progress=False, workers=args.workers, **kw)
@@ -206,6 +209,9 @@ def main(argv=None) -> None:
                     help="--precisions: photos embedded in bf16 (emulated bf16 is slow)")
     ap.add_argument("--low", type=int, default=24, help="--precisions: low-texture images")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--only", default=None,
+                    help="--precisions: comma-separated words; run the options whose label "
+                    "has one (the reference always runs)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
