@@ -83,3 +83,25 @@ def test_job_progress_from_events_never_goes_back_and_counts_in_the_stage_text()
     assert "embed: Embedding 4/4" in [s for _, s in got] and got[-1][1] == "unknown_stage"
     embed = [f for f, s in got if s.startswith("embed: ")]
     assert len(set(embed)) == 4  # each count moved the figure
+
+
+def test_clustering_and_map_spinners_send_the_same_events():
+    """``cluster``'s auto search and the map's spinner report through explorer.progress
+    (they drew their own rich displays, which no build listener could see)."""
+    import numpy as np
+
+    from explorer import progress
+    from explorer.cluster import cluster
+
+    Z = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    Z[:30] += 6
+    got = []
+    with progress.reporting(got.append), progress.stage("cluster"):
+        cluster(Z, "auto", random_state=0, progress=True)
+        with progress.spinner(True, "UMAP map (60 points)"):
+            pass
+    auto = [e for e in got if e.what == "auto: trying clusterings"]
+    assert auto and auto[-1].done == auto[-1].total > 1
+    assert all(e.stage == "cluster" for e in got)
+    assert any(e.what == "UMAP map (60 points)" and e.total is None for e in got)
+    assert got[-1].finished
