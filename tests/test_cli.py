@@ -96,12 +96,29 @@ def test_export_with_missing_columns_is_a_clear_error(tmp_path, capsys):
     assert "missing column" in capsys.readouterr().err
 
 
-def test_cluster_choice_kmeans_writes_elbow_plot(tmp_path):
+def test_cluster_choice_kmeans_writes_elbow_plot(tmp_path, quick_build):
+    """(The tiny model in this process: the test is about the clustering's options; the
+    command line's --k is read by the one options schema, tests/test_options.py.)"""
+    from explorer.pipeline import build
+
     imgs = families(tmp_path / "imgs")
     csv = tmp_path / "k.csv"
-    assert cli(["build", str(imgs), "--out", str(csv), "--cluster", "kmeans", "-q"]) == 0
+    build(imgs, out=csv, cluster="kmeans", progress=False, **quick_build)
     run = json.loads(table.sidecar(csv, "run.json").read_text())
     assert run["clustering"]["method"] == "kmeans"
     assert table.sidecar(csv, "elbow.html").is_file()
-    assert cli(["build", str(imgs), "--out", str(csv), "--cluster", "kmeans", "--k", "4", "-q"]) == 0
+    build(imgs, out=csv, cluster="kmeans", k=4, progress=False, **quick_build)
     assert table.read_table(csv)["cluster"].nunique() == 4
+
+
+def test_build_shows_one_progress_display_with_every_stage(tmp_path, capsys):
+    """Without -q: the rich display (stage, count, time) and the summary, on stderr."""
+    imgs = families(tmp_path / "imgs")
+    assert cli(["build", str(imgs), "--out", str(tmp_path / "p.csv"), "--method", "phash",
+                "--map", "pca"]) == 0
+    err = capsys.readouterr().err
+    run = json.loads(table.sidecar(tmp_path / "p.csv", "run.json").read_text())
+    for stage in set(run["timings"]) - {"total"}:
+        assert f"{stage} " in err, (stage, err)
+    assert "phash features" in err and "16/16" in err  # a count from inside a stage
+    assert "rows written" in err  # the summary

@@ -64,13 +64,15 @@ def built(tmp_path_factory):
         _source("coffee").resize((120, 80)).save(imgs / sub / "a.jpg")
     _source("chelsea").resize((90, 60)).save(imgs / "<img src=x onerror=alert(1)>.jpg")
     app = base / "photos_app"
-    code = cli(["build", str(imgs), "--app", str(app), "-q"])
-    assert code == 0
-    return base, imgs, app, base / "photos_app.csv"
+    from explorer.pipeline import build
+
+    events = []
+    build(imgs, app=app, progress=False, on_progress=events.append)
+    return base, imgs, app, base / "photos_app.csv", events
 
 
 def test_build_writes_csv_app_thumbnails_and_run_record(built):
-    base, imgs, app, csv = built
+    base, imgs, app, csv, _ = built
     df = table.read_table(csv)
     assert df.attrs["problems"] == []
     assert len(df) == 5 * 6 + 3  # every readable image, none of the bad files
@@ -106,6 +108,24 @@ def test_build_writes_csv_app_thumbnails_and_run_record(built):
     assert (idx[:, 0] == want_idx[:, 0]).mean() >= 0.95  # features.npy is float16
 
 
+def test_every_stage_reports_progress_events_the_embedding_process_too(built):
+    """``build(on_progress=...)``: a start and an end (with seconds) for every stage of the
+    run record's timings, and counts from the embedding child process (no Bar there could
+    be seen before: it ran in another process)."""
+    _, _, _, csv, events = built
+    run = json.loads(table.sidecar(csv, "run.json").read_text())
+    stages = set(run["timings"]) - {"total"}
+    ended = {e.stage: e.seconds for e in events if e.finished}
+    assert set(ended) == stages
+    for name in stages:
+        assert ended[name] == pytest.approx(run["timings"][name], abs=0.01)
+    counts = [(e.done, e.total) for e in events if e.stage == "embed" and e.total
+              and not e.finished]
+    assert counts and counts[-1][0] == counts[-1][1] >= len(table.read_table(csv))
+    assert all(e.what == "Embedding" for e in events if e.stage == "embed" and e.total
+               and not e.finished)
+
+
 def test_concepts_in_blocks_equal_concepts_at_once():
     from explorer import concepts as C
     from explorer.pipeline import _concepts_of
@@ -118,14 +138,14 @@ def test_concepts_in_blocks_equal_concepts_at_once():
 
 
 def test_bad_files_are_listed_with_reasons(built):
-    _, _, _, csv = built
+    _, _, _, csv, _ = built
     errs = pd.read_csv(table.sidecar(csv, "errors.csv"))
     assert set(errs["path"]) == {"broken.jpg", "empty.png", "truncated.jpg"}
     assert errs["reason"].str.len().min() > 3
 
 
 def test_map_and_clusters_separate_the_photo_families(built):
-    _, _, _, csv = built
+    _, _, _, csv, _ = built
     df = table.read_table(csv)
     fam = df["path"].str.split("/").str[0]
     mask = fam.isin(SOURCES)
@@ -139,10 +159,15 @@ def test_map_and_clusters_separate_the_photo_families(built):
     assert df["probability"].between(0, 1).all() and df["outlier_score"].between(0, 1).all()
 
 
-def test_rerun_decodes_nothing_seen_and_places_new_images_on_the_old_map(tmp_path):
+def test_rerun_decodes_nothing_seen_and_places_new_images_on_the_old_map(tmp_path, quick_build):
     """Own folder (not the shared fixture, section 8 #13): warm re-run, a few new images,
-    then --remap."""
+    then --remap. (The tiny model in this process: the test is about the store and the
+    placement, not the weights.)"""
+    from functools import partial
+
     from explorer.pipeline import build
+
+    build = partial(build, **quick_build)
 
     imgs = tmp_path / "photos"
     make_folder(imgs, per_source=8)  # 40 images
@@ -215,7 +240,7 @@ def test_non_utf8_file_name_is_skipped_and_the_build_lands(tmp_path):
     assert unquote_to_bytes(errs["path"][0]) == b"bad-\xff\xfe.jpg"  # lossless
 
 
-def test_duplicates_are_grouped(tmp_path):
+def test_duplicates_are_grouped(tmp_path, quick_build):
     imgs = tmp_path / "dups"
     imgs.mkdir()
     src = _source("astronaut").resize((256, 256))
@@ -225,31 +250,32 @@ def test_duplicates_are_grouped(tmp_path):
     _source("camera").resize((200, 200)).save(imgs / "c.png")
     from explorer.pipeline import build
 
-    df = build(imgs, out=tmp_path / "d.csv", progress=False).table.set_index("path")
+    df = build(imgs, out=tmp_path / "d.csv", progress=False, map_method="pca",
+               **quick_build).table.set_index("path")
     g = df["duplicate_group"]
     assert g["a.jpg"] >= 0 and g["a.jpg"] == g["a_recompressed.jpg"]
     assert g["b.jpg"] == -1 and g["c.png"] == -1
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
-def test_tiny_folders_still_give_a_valid_csv(tmp_path, n):
+def test_tiny_folders_still_give_a_valid_csv(tmp_path, n, quick_build):
     imgs = tmp_path / "tiny"
     make_folder(imgs, per_source=1, sources=SOURCES[:n])
     from explorer.pipeline import build
 
-    res = build(imgs, out=tmp_path / "t.csv", progress=False)
+    res = build(imgs, out=tmp_path / "t.csv", progress=False, map_method="pca", **quick_build)
     df = table.read_table(res.csv_path)
     assert len(df) == n and np.isfinite(df[["x", "y"]].to_numpy()).all()
 
 
-def test_identical_images_give_a_valid_csv(tmp_path):
+def test_identical_images_give_a_valid_csv(tmp_path, quick_build):
     imgs = tmp_path / "same"
     imgs.mkdir()
     for i in range(6):
         _source("coins").save(imgs / f"c{i}.png")
     from explorer.pipeline import build
 
-    res = build(imgs, out=tmp_path / "t.csv", progress=False)
+    res = build(imgs, out=tmp_path / "t.csv", progress=False, map_method="pca", **quick_build)
     df = table.read_table(res.csv_path)
     assert len(df) == 6 and np.isfinite(df[["x", "y"]].to_numpy()).all()
     assert df["duplicate_group"].nunique() == 1 and df["duplicate_group"].iloc[0] >= 0
@@ -263,14 +289,24 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "e.csv").exists()
 
 
-def test_folder_of_only_bad_files_is_a_clear_error(tmp_path, capsys):
+def test_folder_of_only_bad_files_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """... before the embedding process is started (it costs seconds to say nothing)."""
+    import concurrent.futures
+
+    def no_child(*a, **k):
+        raise AssertionError("the embedding process was started for unreadable files")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_child)
     d = tmp_path / "bad"
     d.mkdir()
     (d / "x.jpg").write_text("nope")
+    (d / "y.png").write_bytes(b"")
     code = cli(["build", str(d), "--out", str(tmp_path / "b.csv"), "-q"])
     assert code == 1
     assert "could be read" in capsys.readouterr().err
-    assert table.sidecar(tmp_path / "b.csv", "errors.csv").is_file()
+    errs = pd.read_csv(table.sidecar(tmp_path / "b.csv", "errors.csv"))
+    assert dict(zip(errs["path"], errs["reason"])) == {"x.jpg": "not an image",
+                                                        "y.png": "empty file"}
 
 
 def test_missing_folder_and_bad_options(tmp_path, capsys):

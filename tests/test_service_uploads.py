@@ -178,36 +178,6 @@ def test_public_address_passes_and_private_passes_only_when_allowed():
         "127.0.0.1"
 
 
-# --------------------------------------------------------------------------- job progress
-def test_worker_progress_from_stage_lines_and_bars_never_goes_back(monkeypatch):
-    from explorer import progress
-    from explorer.service import worker
-
-    class FakeBar:  # the shape of explorer.progress.Bar
-        def __init__(self, total, description, *, unit="", enabled=True):
-            self.done = 0
-
-        def update(self, done):
-            self.done = done
-
-    monkeypatch.setattr(progress, "Bar", FakeBar, raising=False)
-    got = []
-    console = worker.ProgressConsole(lambda f, s: got.append((f, s)), io.StringIO())
-    worker.hook_progress_bars(console)
-    console.print("[dim]discover: 0.1 s[/dim]")
-    bar = progress.Bar(4, "Embedding", unit="img")
-    for i in range(1, 5):
-        console._last = 0.0  # no throttling in the test
-        bar.update(i)
-    console.print("[dim]embed: 3.0 s[/dim]")
-    console.print("[dim]unknown_stage: 1.0 s[/dim]")
-    console.print("Found [bold]4[/bold] images")  # not a stage line: no report
-    fractions = [f for f, _ in got]
-    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
-    assert ("Embedding 4/4" in [s for _, s in got]) and got[-1][1] == "unknown_stage"
-    assert len(got) == 7
-
-
 # --------------------------------------------------------------------------- streaming
 def test_stream_from_passes_every_byte_and_stops_the_writer_when_the_client_goes():
     import threading as th

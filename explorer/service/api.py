@@ -34,6 +34,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from explorer.options import build_request_model
 from explorer.service.apps import AppServers, AppUnavailable, proxy_http, proxy_websocket
 from explorer.service.db import DB, PROJECT_NAME, dataset_dir
 from explorer.service.fetch import FetchRules, download
@@ -124,28 +125,9 @@ class DatasetPatch(BaseModel):
         return None if v is None else _text(v, "name")
 
 
-class BuildIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["timm", "phash", "ssim", "orb", "minhash", "tm"] = "timm"
-    model: Optional[str] = Field(None, max_length=100, pattern=r"^[A-Za-z0-9_.\-/]+$",
-                                 description="timm model name (default tf_efficientnet_lite0)")
-    cluster: Literal["hdbscan", "kmeans", "agglomerative", "dbscan", "gmm", "auto"] = "hdbscan"
-    k: Optional[int] = Field(None, ge=1, le=1000)
-    cluster_params: Optional[dict[str, int | float | str | bool]] = Field(
-        None, max_length=20, description="extra clustering parameters, e.g. min_cluster_size")
-    threshold: Optional[float] = Field(None, ge=0, le=1)
-    duplicates: Literal["phash", "ssim", "orb", "minhash", "tm", "none"] = "phash"
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    batch_size: Optional[int] = Field(None, ge=1, le=512)
-    thumb_size: int = Field(256, ge=16, le=1024)
-
-    @field_validator("cluster_params")
-    @classmethod
-    def _params(cls, v):
-        for k in v or {}:
-            if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", k):
-                raise ValueError(f"cluster parameter name {k!r} is not a parameter name")
-        return v
+#: the build request: every option of ``explorer build`` that makes sense remotely, with the
+#: CLI's defaults and checks (derived from :mod:`explorer.options`)
+BuildIn = build_request_model()
 
 
 class ExportIn(BaseModel):
@@ -500,8 +482,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
         ds = dataset_for(user, dataset_id, change=True)
         image_folder_of(ds)
         params = (body or BuildIn()).model_dump()
-        if params["duplicates"] == "none":
-            params["duplicates"] = None
         job_id = queue.submit(ds["id"], user["id"], params)
         return {"job": job_id, "state": "queued", "url": f"/api/jobs/{job_id}"}
 

@@ -9,84 +9,51 @@ fails this job: the queue sees the exit status and records it.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
 #: share of a build's time spent in each stage of :func:`explorer.pipeline.build` (rough, for
-#: the progress figure; stages not listed count as small)
-STAGE_WEIGHTS = {"discover": 0.03, "app": 0.01, "embed": 0.6, "features": 0.3,
-                 "thumbnails": 0.3, "duplicates": 0.04, "map": 0.12, "cluster": 0.12,
-                 "write": 0.02}
-_STAGE_LINE = re.compile(r"^\[dim\](\w+): [\d.]+ s\[/dim\]$")
+#: the progress figure; a stage not listed counts as small)
+STAGE_WEIGHTS = {"discover": 0.03, "app": 0.01, "embed": 0.55, "features": 0.15,
+                 "duplicates": 0.04, "map": 0.1, "place": 0.02, "cluster": 0.08,
+                 "concepts": 0.01, "write": 0.02}
+SMALL_STAGE = 0.01
+#: the job row is written at most this often while a stage runs (stage ends always)
+WRITE_EVERY = 0.1
 
 
-class ProgressConsole:
-    """Stands in for the rich console ``build()`` prints to: stage lines become progress."""
+class JobProgress:
+    """Turns a build's progress events into the job's figure (0-1, never going back) and
+    stage text, and hands them to ``report(fraction, stage)`` (the job row)."""
 
-    def __init__(self, report, log):
+    def __init__(self, report, log=None):
         self.report = report
         self.log = log
-        self.done = 0.0
+        self.finished = 0.0  # the weights of the stages that ended
+        self.shown = 0.0
+        self._written = 0.0
 
-    def print(self, *objects, **kw):
-        text = " ".join(str(o) for o in objects)
-        m = _STAGE_LINE.match(text)
-        if m:
-            self.done = min(0.99, self.done + STAGE_WEIGHTS.get(m.group(1), 0.02))
-            self._emit(self.done, m.group(1))
-        if objects and isinstance(objects[0], str):
-            print(text, file=self.log, flush=True)
-
-    def status(self, *a, **kw):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def within(self, description: str, fraction: float, done: int, total: int) -> None:
-        """A progress bar inside the running stage moved: move the figure within it."""
-        import time
-
-        now = time.monotonic()
-        if now - getattr(self, "_last", 0.0) < 0.5 and fraction < 1:
-            return
-        self._last = now
-        share = 0.6 if "mbed" in description else 0.1
-        at = min(0.99, self.done + share * max(0.0, min(1.0, fraction)))
-        self._emit(at, f"{description} {done}/{total}")
-
-    def _emit(self, at: float, stage: str) -> None:
-        """Report ``at`` (never less than what was reported before) and the stage."""
-        self._shown = max(at, getattr(self, "_shown", 0.0))
-        self.report(self._shown, stage)
-
-
-def hook_progress_bars(console: ProgressConsole) -> None:
-    """Forward every ``explorer.progress.Bar`` of this process to ``console.within``.
-
-    The project's one progress helper draws rich bars; in a worker process their counts also
-    become the job's progress. (Without ``Bar``, only stage ends move the figure.)
-    """
-    from explorer import progress
-
-    bar = getattr(progress, "Bar", None)
-    if bar is None or getattr(bar, "_service_hooked", False):
-        return
-    init, update = bar.__init__, bar.update
-
-    def __init__(self, total, description, *a, **kw):
-        init(self, total, description, *a, **kw)
-        self._service = (total, description)
-
-    def _update(self, done):
-        update(self, done)
-        total, description = getattr(self, "_service", (None, ""))
-        if total:
-            console.within(str(description), done / total, done, total)
-
-    bar.__init__, bar.update, bar._service_hooked = __init__, _update, True
+    def __call__(self, ev) -> None:
+        w = STAGE_WEIGHTS.get(ev.stage, SMALL_STAGE)
+        if ev.finished:
+            self.finished += w
+            at, text = self.finished, ev.stage
+            if self.log is not None:
+                print(f"{ev.stage}: {ev.seconds:.1f} s", file=self.log, flush=True)
+        else:
+            frac = ev.fraction or 0.0
+            at = self.finished + w * frac
+            text = ev.stage + (f": {ev.what}" if ev.what and ev.what != ev.stage else "") + (
+                f" {ev.done}/{ev.total}" if ev.total else "")
+            now = time.monotonic()
+            if now - self._written < WRITE_EVERY and frac < 1:
+                return
+            self._written = now
+        self.shown = max(self.shown, min(0.99, at))
+        self.report(self.shown, text)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -121,19 +88,11 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
     report(0.0, "starting")
     try:
         import explorer
+        from explorer import options
 
-        console = ProgressConsole(report, sys.stderr)
-        hook_progress_bars(console)
-        params = dict(p.get("cluster_params") or {})
-        if p.get("k") is not None:
-            params["k"] = p["k"]
-        res = explorer.build(
-            ds["folder"], app=out_dir / "app", method=p.get("method", "timm"),
-            model=p.get("model"), cluster=p.get("cluster", "hdbscan"),
-            cluster_params=params or None, threshold=p.get("threshold"),
-            duplicates=p.get("duplicates", "phash"), seed=p.get("seed", 42),
-            batch_size=p.get("batch_size"), thumb_size=p.get("thumb_size", 256),
-            progress=True, console=console)
+        res = explorer.build(ds["folder"], app=out_dir / "app", progress=False,
+                             on_progress=JobProgress(report, sys.stderr),
+                             **options.from_request(p))
     except MemoryError:
         db.finish(job_id, run_token, "failed", error="out of memory while building")
         return 0
