@@ -28,3 +28,18 @@ def test_missing_txt_names_no_folder_of_the_server(tmp_path):
     note = plan_export(df, root, layout="cluster").refused_note().decode()
     assert "gone.jpg" in note and "link.jpg" in note and "outside the image folder" in note
     assert str(tmp_path) not in note and "secret-place" not in note
+
+
+# --------------------------------------------------------------------------- N9: k_max
+@pytest.mark.parametrize("method", ["kmeans", "agglomerative", "gmm", "auto"])
+def test_k_max_above_the_limit_is_refused_naming_the_value(method):
+    import numpy as np
+
+    from explorer.cluster import K_MAX_LIMIT, cluster
+
+    X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k_max must be an integer in 2\.\.100; got 1000"):
+        cluster(X, method, k_max=1000)
+    assert K_MAX_LIMIT == 100
+    if method == "kmeans":  # the limit itself is accepted (clamped to the distinct points)
+        assert cluster(X[:5], method, k_max=K_MAX_LIMIT).labels is not None
