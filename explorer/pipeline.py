@@ -99,6 +99,7 @@ class BuildOptions:
     runtime: str = "auto"  # CPU forward pass: onnxruntime or torch (embed.embed_paths)
     progress: bool = True
     embed_process: bool = True  # local engine: embed in a child process (see _embed)
+    contained: bool = False  # keep only files that resolve inside the folder (images.discover)
 
 
 @dataclass
@@ -380,9 +381,9 @@ def _discover(ctx: BuildContext) -> None:
     with ctx.stage("discover"):
         if ctx.console is not None:
             with ctx.console.status(f"Looking for images in {ctx.root} ..."):
-                found = images_mod.discover(ctx.root)
+                found = images_mod.discover(ctx.root, contained=ctx.opts.contained)
         else:
-            found = images_mod.discover(ctx.root)
+            found = images_mod.discover(ctx.root, contained=ctx.opts.contained)
     for p in found:
         rel = p.relative_to(ctx.root).as_posix()
         try:

@@ -21,6 +21,18 @@ STAGE_WEIGHTS = {"discover": 0.03, "app": 0.01, "embed": 0.6, "features": 0.3,
                  "thumbnails": 0.3, "duplicates": 0.04, "map": 0.12, "cluster": 0.12,
                  "write": 0.02}
 _STAGE_LINE = re.compile(r"^\[dim\](\w+): [\d.]+ s\[/dim\]$")
+#: an absolute POSIX path of two or more components inside a message
+_ABS_PATH = re.compile(r"(?<![\w.~>])/(?:[^\s'\"/]+/)+([^\s'\"/]*)")
+
+
+def public_error(message: str, folder: str, data_dir: str) -> str:
+    """``message`` without absolute server paths (job errors are shown to users): the image
+    folder becomes ``<image folder>``, the service's data folder ``<data>``, any other
+    absolute path ``.../NAME``."""
+    for path, name in ((folder, "<image folder>"), (data_dir, "<data>")):
+        for form in {str(path), os.path.realpath(path)}:
+            message = message.replace(form.rstrip("/") + "/", name + "/").replace(form, name)
+    return _ABS_PATH.sub(lambda m: ".../" + m.group(1), message)
 
 
 class ProgressConsole:
@@ -118,6 +130,10 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
     def report(fraction: float, stage: str) -> None:
         db.set_progress(job_id, run_token, fraction, stage)
 
+    def fail(error: str) -> None:
+        db.finish(job_id, run_token, "failed",
+                  error=public_error(error, ds["folder"], str(Path(db_path).parent)))
+
     report(0.0, "starting")
     try:
         import explorer
@@ -133,16 +149,16 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
             cluster_params=params or None, threshold=p.get("threshold"),
             duplicates=p.get("duplicates", "phash"), seed=p.get("seed", 42),
             batch_size=p.get("batch_size"), thumb_size=p.get("thumb_size", 256),
-            progress=True, console=console)
+            progress=True, console=console, contained=True)  # review N6: no symlinks out
     except MemoryError:
-        db.finish(job_id, run_token, "failed", error="out of memory while building")
+        fail("out of memory while building")
         return 0
     except (ValueError, OSError) as exc:  # BuildError and friends: the user can fix them
-        db.finish(job_id, run_token, "failed", error=str(exc) or type(exc).__name__)
+        fail(str(exc) or type(exc).__name__)
         return 0
     except Exception as exc:  # noqa: BLE001 - any bug fails this job, not the service
-        traceback.print_exc()
-        db.finish(job_id, run_token, "failed", error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()  # the full text, paths included, goes to the job's log only
+        fail(f"{type(exc).__name__}: {exc}")
         return 0
     c = res.run.get("counts", {})
     db.finish(job_id, run_token, "done", result={
