@@ -21,7 +21,9 @@ from fastapi import FastAPI
 from explorer.service.apps import AppServers
 from explorer.service.config import ServiceConfig
 from explorer.service.db import DB
+from explorer.service.deps import user_for_token
 from explorer.service.errors import ServiceError, install_error_handlers, not_found
+from explorer.service.guard import Guard
 from explorer.service.jobs import JobQueue
 
 __all__ = ["ServiceConfig", "ServiceError", "create_app", "not_found"]
@@ -59,6 +61,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.queue = queue
     app.state.apps = apps
     install_error_handlers(app)
+    app.add_middleware(Guard, limits=config.limits,
+                       authorized=lambda header: user_for_token(db, header) is not None)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -15,6 +15,7 @@ from explorer.service.config import ServiceConfig
 from explorer.service.db import DB
 from explorer.service.deps import current_user, dataset_for, get_config, get_db
 from explorer.service.errors import ServiceError
+from explorer.service.guard import search_image_cap
 from explorer.service.models import SearchIn
 from explorer.service.records import built
 from explorer.service.uploads import FORMATS, Limits, RequestTooLarge, image_format, \
@@ -60,7 +61,7 @@ async def search_image(dataset_id: str, request: Request, user: dict = Depends(c
     """The dataset's images nearest to an example image (multipart field ``image``)."""
     p = built(config, dataset_for(db, user, dataset_id))
     staging = p["dir"] / f"search-{secrets.token_hex(4)}"
-    limits = Limits(max_request_bytes=config.limits.max_file_bytes + 65536, max_files=1)
+    limits = Limits(max_request_bytes=search_image_cap(config.limits), max_files=1)
     try:
         fields, files = await receive_multipart(request, staging, limits)
         if not files:
