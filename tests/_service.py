@@ -1,4 +1,6 @@
-"""Helpers for the service tests: a real ``explorer serve`` subprocess on a free port."""
+"""Helpers for the service tests: the app in this process (:class:`Local`, most tests) or a
+real ``explorer serve`` subprocess on a free port (:class:`Server`, for the process model:
+restart, crash, the app processes and their websockets, limits on real sockets)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,47 @@ def add_user(data: Path, name: str, *extra: str) -> str:
                           "--data", str(data)], env=_env(), capture_output=True, text=True,
                          check=True)
     return out.stdout.strip().splitlines()[-1]
+
+
+def local_user(data: Path, name: str, *, admin: bool = False, projects: tuple = ()) -> str:
+    """A user added straight to the records (what ``explorer users add`` does); the token."""
+    from explorer.service.db import DB
+
+    Path(data).mkdir(parents=True, exist_ok=True)
+    return DB(Path(data) / "service.db").add_user(name, admin=admin, projects=list(projects))
+
+
+class Local:
+    """The service's app in this process (``create_app``), its lifespan (the job queue)
+    running while the ``with`` block lasts; ``client(token)`` is a ``TestClient``."""
+
+    def __init__(self, root: Path, data: Path, **config):
+        from explorer.service.api import ServiceConfig, create_app
+
+        self.root, self.data = Path(root), Path(data)
+        self.app = create_app(ServiceConfig(root=root, data=data, **config))
+        self._life = None
+        self._clients: list = []
+
+    def __enter__(self) -> "Local":
+        from fastapi.testclient import TestClient
+
+        self._life = TestClient(self.app)
+        self._life.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for c in self._clients:
+            c.close()
+        self._life.__exit__(*exc)
+
+    def client(self, token: str | None = None):
+        from fastapi.testclient import TestClient
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        c = TestClient(self.app, headers=headers, raise_server_exceptions=False)
+        self._clients.append(c)
+        return c
 
 
 def _env() -> dict:

@@ -1,6 +1,13 @@
 """``explorer serve``: the explorer as a service for a team.
 
-* :mod:`explorer.service.api`     the FastAPI app (API under ``/api``, ``/docs``, ``/apps/{id}``)
+* :mod:`explorer.service.api`     ``create_app``: the state, the error handlers, the routers
+* :mod:`explorer.service.routes`  one ``APIRouter`` per resource (auth, datasets, builds, jobs,
+  results, labels, exports, search, apps)
+* :mod:`explorer.service.deps`    the routes' dependencies: config, records, queue, the caller,
+  the dataset asked for (swappable with ``app.dependency_overrides``)
+* :mod:`explorer.service.records` what the service keeps per dataset; folder and project rules
+* :mod:`explorer.service.models`  the JSON bodies (``BuildIn`` in ``build_request``)
+* :mod:`explorer.service.config`  ``ServiceConfig``; :mod:`explorer.service.errors` JSON errors
 * :mod:`explorer.service.db`      users, datasets and jobs in SQLite (tokens stored hashed)
 * :mod:`explorer.service.jobs`    the persistent job queue; builds in worker processes
 * :mod:`explorer.service.worker`  one build in its own process

