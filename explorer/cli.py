@@ -348,8 +348,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from explorer.service import serve
     from explorer.service.policy import private_data
 
-    private_data(a.data)  # review N12: before anything is written in it
-
     if not 0 < a.port < 65536:
         raise ValueError(f"--port must be 1-65535, got {a.port}")
     if a.workers < 1:
@@ -359,6 +357,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"explorer serve: listening on {a.host} without TLS; tokens and images cross "
               "the network in clear text unless an HTTPS proxy sits in front", file=sys.stderr)
+    private_data(a.data)  # review N12: 0700 and umask 077 before anything is written in it
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
           log_level=a.log_level,
@@ -384,7 +383,7 @@ def cmd_users(a: argparse.Namespace) -> int:
     elif a.users_command == "list":
         for u in db.users():
             print(f"{u['name']}\t{'admin' if u['admin'] else 'user'}\t"
-                  f"{','.join(u['projects']) or '-'}")
+                  f"{','.join(u['projects']) or '-'}" + ("\trevoked" if u["disabled"] else ""))
     elif a.users_command == "revoke":
         db.disable_user(a.name)
         print(f"revoked user {a.name}: the token and browser sessions no longer work "

@@ -39,6 +39,17 @@ def local_user(data: Path, name: str, *, admin: bool = False, projects: tuple = 
     return DB(Path(data) / "service.db").add_user(name, admin=admin, projects=list(projects))
 
 
+def grant(data: Path, folder: str = ".", *, user: str | None = None,
+          project: str | None = None) -> None:
+    """Let ``user`` or ``project`` register ``folder`` (relative to --root; "." is all of it)
+    and its sub-folders: ``explorer users grant`` (explorer.service.policy, the access
+    model: otherwise only users/NAME/ and projects/P/ belong to users)."""
+    from explorer.service.db import DB
+    from explorer.service.policy import rel_folder
+
+    DB(Path(data) / "service.db").grant(rel_folder(folder), user=user, project=project)
+
+
 class Local:
     """The service's app in this process (``create_app``), its lifespan (the job queue)
     running while the ``with`` block lasts; ``client(token)`` is a ``TestClient``."""

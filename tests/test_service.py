@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder, jpeg_bytes, variant  # noqa: E402
-from _service import Local, Server, add_user, local_user, wait_job  # noqa: E402
+from _service import Local, Server, add_user, grant, local_user, wait_job  # noqa: E402
 
 N_PHOTOS = 30
 
@@ -60,6 +60,8 @@ def site(tmp_path_factory):
     (root / "a-file.txt").write_text("not a folder")
     data = base / "data"
     tokens = _users(data, _local_add)
+    for p in ("p1", "p2"):  # all of --root (explorer users grant . --project P)
+        grant(data, ".", project=p)
     with Local(root, data, allow_private_urls=True, url_timeout=1,
                limits=Limits(max_file_bytes=2**20)) as service:
         clients = {name: service.client(tok) for name, tok in tokens.items()}
@@ -76,6 +78,7 @@ def served(tmp_path_factory):
     image_folder(root / "photos", 12, size=48)
     data = base / "data"
     tokens = _users(data, add_user)
+    grant(data, "photos", user="alice")
     server = Server(root, data).start()
     c = server.client(tokens["alice"])
     ds = c.post("/api/datasets", json={"name": "photos", "folder": "photos"}).json()["id"]
@@ -506,10 +509,15 @@ def test_uploads_and_reads_are_served_while_a_build_runs(site, built):
 
 
 # --------------------------------------------------------------------------- the queue
-def _pid_of(data: Path, job: str):
-    with sqlite3.connect(data / "service.db") as con:
-        row = con.execute("SELECT pid FROM jobs WHERE id = ?", (job,)).fetchone()
-    return row[0] if row else None
+def _pid_of(data: Path, job: str, timeout: float = 10.0):
+    """The worker pid of a running job (recorded just after the job is marked running)."""
+    t0 = time.monotonic()
+    while True:
+        with sqlite3.connect(data / "service.db") as con:
+            row = con.execute("SELECT pid FROM jobs WHERE id = ?", (job,)).fetchone()
+        if (row and row[0] is not None) or time.monotonic() - t0 > timeout:
+            return row[0] if row else None
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -529,6 +537,7 @@ def test_queue_survives_a_crashed_worker_and_a_killed_service(tmp_path):
         image_folder(root / f"set{i}", 12, size=40)
     data = tmp_path / "data"
     tok = add_user(data, "dora")
+    grant(data, ".", user="dora")
     server = Server(root, data)
     try:
         server.start()

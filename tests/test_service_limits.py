@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
-from _service import Local, Server, add_user, local_user  # noqa: E402
+from _service import Local, Server, add_user, grant, local_user  # noqa: E402
 
 MiB = 2**20
 
@@ -30,6 +30,7 @@ def local(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
     image_folder(base / "root" / "photos", 4, size=32)
     token = local_user(base / "data", "alice", projects=("p1",))
+    grant(base / "data", "photos", user="alice")
     service = Local(base / "root", base / "data")
     return service, token
 

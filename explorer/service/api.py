@@ -25,6 +25,7 @@ from explorer.service.deps import user_for_token
 from explorer.service.errors import ServiceError, install_error_handlers, not_found
 from explorer.service.guard import Guard
 from explorer.service.jobs import JobQueue
+from explorer.service.policy import UploadSlots
 
 __all__ = ["ServiceConfig", "ServiceError", "create_app", "not_found"]
 
@@ -35,7 +36,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     from explorer.service.routes import ROUTERS
 
     db = DB(config.data / "service.db")
-    queue = JobQueue(db, config.data, concurrency=config.concurrency)
+    queue = JobQueue(db, config.data, concurrency=config.concurrency,
+                     max_seconds=config.quotas.job_seconds)
     (config.data / "logs").mkdir(parents=True, exist_ok=True)
     apps = AppServers(config.data, idle=config.app_idle)
 
@@ -60,6 +62,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.db = db
     app.state.queue = queue
     app.state.apps = apps
+    app.state.uploads = UploadSlots(config.quotas)
     install_error_handlers(app)
     app.add_middleware(Guard, limits=config.limits,
                        authorized=lambda header: user_for_token(db, header) is not None)

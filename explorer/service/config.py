@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from explorer.service.fetch import FetchRules
+from explorer.service.policy import Quotas
 from explorer.service.uploads import Limits
 
 
@@ -18,6 +19,7 @@ class ServiceConfig:
     concurrency: int = 1
     allow_private_urls: bool = False
     limits: Limits = field(default_factory=Limits)
+    quotas: Quotas = field(default_factory=Quotas)
     fetch: FetchRules | None = None
     app_idle: float = 1800.0
     url_timeout: float = 10.0

@@ -18,6 +18,7 @@ from explorer.service.config import ServiceConfig
 from explorer.service.db import DB
 from explorer.service.errors import ServiceError, not_found
 from explorer.service.jobs import JobQueue
+from explorer.service.policy import UploadSlots
 
 bearer = HTTPBearer(auto_error=False)
 COOKIE = "explorer_session"
@@ -37,6 +38,10 @@ def get_queue(conn: HTTPConnection) -> JobQueue:
 
 def get_apps(conn: HTTPConnection) -> AppServers:
     return conn.app.state.apps
+
+
+def get_uploads(conn: HTTPConnection) -> UploadSlots:
+    return conn.app.state.uploads
 
 
 def user_for_token(db: DB, authorization: Optional[str]) -> Optional[dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Optional
 from explorer.service.config import ServiceConfig
 from explorer.service.db import DB, PROJECT_NAME, dataset_dir
 from explorer.service.errors import ServiceError
+from explorer.service.policy import FolderRefused, check_folder, rel_folder, used_bytes
 
 
 def paths_of(config: ServiceConfig, ds: dict) -> dict[str, Path]:
@@ -71,14 +71,31 @@ def project_for(user: dict, visibility: str, project: Optional[str], current=Non
     return project
 
 
+def registrable_folder(config: ServiceConfig, db: DB, user: dict, rel: str) -> Path:
+    """The folder ``rel`` under --root that ``user`` may register (explorer.service.policy:
+    403 if the folder, as asked or after symlinks, is not theirs; checked as asked first, so
+    a refused caller learns nothing about what exists), else as :func:`folder_under_root`."""
+    try:
+        rel = rel_folder(rel)
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from None
+    grants = db.grants_for(user)
+    try:
+        check_folder(user, rel, grants)
+        target = folder_under_root(config, rel)
+        resolved = "" if target == config.root else target.relative_to(config.root).as_posix()
+        check_folder(user, resolved, grants)
+    except FolderRefused as exc:
+        raise ServiceError(403, str(exc)) from None
+    return target
+
+
 def folder_under_root(config: ServiceConfig, rel: str) -> Path:
     """The folder ``rel`` names under --root, after symlinks; ServiceError if not one."""
-    if "\x00" in rel or not rel.strip():
-        raise ServiceError(422, f"folder {rel!r} is not a folder name")
-    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
-    if rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel) or ".." in parts:
-        raise ServiceError(422, f"folder {rel!r} must be relative to the server's root, "
-                                "without '..'")
+    try:
+        parts = [p for p in rel_folder(rel).split("/") if p]
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from None
     try:
         target = config.root.joinpath(*parts).resolve(strict=True)
     except (OSError, RuntimeError):
@@ -113,6 +130,26 @@ def image_folder_of(config: ServiceConfig, ds: dict) -> Path:
         raise ServiceError(409, "the dataset's image folder is no longer under the "
                                 "server's root; register the folder again")
     return folder
+
+
+def check_quota(config: ServiceConfig, db: DB, user: dict, *, dataset: bool = False,
+                jobs: int | None = None) -> int:
+    """429 when ``user`` is at a limit of ``config.quotas``: their datasets (with
+    ``dataset``: about to add one), their queued or running ``jobs`` (a count), the bytes
+    kept under --data for their datasets. Returns the bytes they may still add."""
+    q = config.quotas
+    ids = [r["id"] for r in db.all("SELECT id FROM datasets WHERE owner_id = ?", (user["id"],))]
+    if dataset and len(ids) >= q.max_datasets:
+        raise ServiceError(429, f"you have {len(ids)} datasets, the limit per user; delete "
+                                "one first")
+    if jobs is not None and jobs >= q.max_jobs:
+        raise ServiceError(429, f"you have {jobs} builds queued or running, the limit per "
+                                "user; wait for one to end or cancel one (DELETE /api/jobs/ID)")
+    used = used_bytes([dataset_dir(config.data, i) for i in ids])
+    if used >= q.max_bytes:
+        raise ServiceError(429, f"your datasets keep {used:,} bytes on the server, the limit "
+                                f"is {q.max_bytes:,}; delete some first")
+    return q.max_bytes - used
 
 
 def insert_dataset(db: DB, user, name, kind, folder: Path, visibility, project,

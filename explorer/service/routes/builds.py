@@ -11,7 +11,7 @@ from explorer.service.config import ServiceConfig
 from explorer.service.db import DB
 from explorer.service.deps import current_user, dataset_for, get_config, get_db, get_queue
 from explorer.service.jobs import JobQueue
-from explorer.service.records import image_folder_of
+from explorer.service.records import check_quota, image_folder_of
 
 router = APIRouter(prefix="/api/datasets", tags=["jobs"])
 
@@ -23,6 +23,7 @@ def start_build(dataset_id: str, body: Optional[BuildIn] = None,
     """Queue a build (embed, map, cluster) of the dataset; poll ``/api/jobs/{job}``."""
     ds = dataset_for(db, user, dataset_id, change=True)
     image_folder_of(config, ds)
+    check_quota(config, db, user, jobs=queue.queued_of(user["id"]))
     params = (body or BuildIn()).model_dump()
     if params["duplicates"] == "none":
         params["duplicates"] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 
@@ -13,13 +14,15 @@ from explorer.service.build_request import BuildIn, build_methods
 from explorer.service.config import ServiceConfig
 from explorer.service.db import DB, dataset_dir
 from explorer.service.deps import (can_see, current_user, dataset_for, get_apps, get_config,
-                                   get_db, get_queue, owned_dataset, visible_dataset)
+                                   get_db, get_queue, get_uploads, owned_dataset,
+                                   visible_dataset)
 from explorer.service.errors import ServiceError
 from explorer.service.fetch import download
 from explorer.service.jobs import JobQueue
 from explorer.service.models import DatasetIn, DatasetPatch, URLsIn, clean_text
-from explorer.service.records import (describe, folder_under_root, insert_dataset, paths_of,
-                                      project_for)
+from explorer.service.policy import QuotaExceeded, UploadSlots
+from explorer.service.records import (check_quota, describe, insert_dataset, paths_of,
+                                      project_for, registrable_folder)
 from explorer.service.uploads import Intake, RequestTooLarge, receive_multipart
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
@@ -30,8 +33,9 @@ def create_dataset(body: DatasetIn, user: dict = Depends(current_user),
                    config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db)):
     """Register a folder under the server's --root (or an empty dataset to upload into)."""
     project = project_for(user, body.visibility, body.project)
+    check_quota(config, db, user, dataset=True)
     if body.folder is not None:
-        folder, kind = folder_under_root(config, body.folder), "folder"
+        folder, kind = registrable_folder(config, db, user, body.folder), "folder"
         ds_id = insert_dataset(db, user, body.name, kind, folder, body.visibility, project)
         dataset_dir(config.data, ds_id).mkdir(parents=True, exist_ok=True)
     else:
@@ -55,14 +59,25 @@ def create_dataset(body: DatasetIn, user: dict = Depends(current_user),
                       "description": "images and/or zips of images"}}}}}}})
 async def upload_dataset(request: Request, user: dict = Depends(current_user),
                          config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db),
-                         queue: JobQueue = Depends(get_queue)):
+                         queue: JobQueue = Depends(get_queue),
+                         uploads: UploadSlots = Depends(get_uploads)):
     """Create a dataset from uploaded images and zips (streamed to disk, checked, every
     skipped file reported). Fields: ``name``, ``visibility``, ``project``, ``files``, and
     ``build`` (a method: queue a build at once; the answer's ``job``)."""
+    room = check_quota(config, db, user, dataset=True)  # the build, if asked: below
+    try:
+        slot = uploads.take(user["id"])
+    except QuotaExceeded as exc:
+        raise ServiceError(429, str(exc)) from None
     ds_id = secrets.token_hex(8)
     d = dataset_dir(config.data, ds_id)
+    # the request may bring no more than the caller's room under the bytes quota
+    limits = replace(config.limits, max_request_bytes=max(1, min(
+        config.limits.max_request_bytes, room)))
     try:
-        fields, files = await receive_multipart(request, d / "staging", config.limits)
+        too_big: list[tuple[str, str]] = []
+        fields, files = await receive_multipart(request, d / "staging", limits,
+                                                skipped=too_big)
         name = fields.get("name") or "upload"
         vis = fields.get("visibility") or "private"
         try:
@@ -72,9 +87,11 @@ async def upload_dataset(request: Request, user: dict = Depends(current_user),
         if vis not in ("private", "project"):
             raise ServiceError(422, f"visibility must be 'private' or 'project', got {vis!r}")
         project = project_for(user, vis, fields.get("project") or None)
-        if not files:
+        if not files and not too_big:
             raise ServiceError(422, "no files in the upload (send them as 'files')")
         intake = Intake(d / "images", config.limits)
+        for fname, why in too_big:
+            intake.skip(fname, why)
 
         def take():
             for tmp, fname in files:
@@ -89,6 +106,8 @@ async def upload_dataset(request: Request, user: dict = Depends(current_user),
         method = fields.get("build") or ""
         if method and method not in build_methods():
             raise ServiceError(422, f"build must be a method name, got {method!r}")
+        if method:
+            check_quota(config, db, user, jobs=queue.queued_of(user["id"]))
         insert_dataset(db, user, name, "upload", d / "images", vis, project, ds_id)
         job = queue.submit(ds_id, user["id"], BuildIn(method=method).model_dump()) \
             if method else None
@@ -102,6 +121,7 @@ async def upload_dataset(request: Request, user: dict = Depends(current_user),
         shutil.rmtree(d, ignore_errors=True)
         raise
     finally:
+        slot.release()
         shutil.rmtree(d / "staging", ignore_errors=True)
     out = describe(config, db, dataset_for(db, user, ds_id))
     out.update(added=intake.added, skipped=intake.skipped, report=intake.report, job=job)
@@ -158,12 +178,18 @@ def delete_dataset(ds: dict = Depends(owned_dataset), config: ServiceConfig = De
 
 @router.post("/{dataset_id}/urls")
 async def add_urls(dataset_id: str, body: URLsIn, user: dict = Depends(current_user),
-                   config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db)):
+                   config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db),
+                   uploads: UploadSlots = Depends(get_uploads)):
     """Download images from http(s) URLs into an uploaded dataset; a report per URL."""
     ds = dataset_for(db, user, dataset_id, change=True)
     if ds["kind"] != "upload":
         raise ServiceError(409, "this dataset is a folder under the server's root; "
                                 "download into an uploaded (or empty) dataset instead")
+    check_quota(config, db, user)
+    try:
+        slot = uploads.take(user["id"])
+    except QuotaExceeded as exc:
+        raise ServiceError(429, str(exc)) from None
     p = paths_of(config, ds)
     intake = Intake(p["images"], config.limits)
     staging = p["dir"] / f"staging-{secrets.token_hex(4)}"
@@ -172,6 +198,7 @@ async def add_urls(dataset_id: str, body: URLsIn, user: dict = Depends(current_u
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from None
     finally:
+        slot.release()
         shutil.rmtree(staging, ignore_errors=True)
     return {"added": sum(r["ok"] for r in report),
             "skipped": sum(not r["ok"] for r in report), "report": report}

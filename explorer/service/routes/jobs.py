@@ -7,8 +7,9 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Depends
 
 from explorer.service.db import DB
-from explorer.service.deps import can_see, current_user, get_db
-from explorer.service.errors import not_found
+from explorer.service.deps import can_see, current_user, get_db, get_queue
+from explorer.service.errors import ServiceError, not_found
+from explorer.service.jobs import JobQueue
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -20,21 +21,43 @@ def job_view(j: dict) -> dict:
             "created": j["created"], "started": j["started"], "finished": j["finished"]}
 
 
-@router.get("/{job_id}")
-def get_job(job_id: str, user: dict = Depends(current_user), db: DB = Depends(get_db)):
-    """A job's state (queued, running, done, failed), progress (0-1) and error."""
+def job_for(db: DB, user: dict, job_id: str) -> tuple[dict, dict | None]:
+    """The job and its dataset record if ``user`` may see the job; 404 otherwise."""
     j = db.job(job_id) if len(job_id) < 64 else None
     if j is None:
         raise not_found("job")
     ds = db.one("SELECT * FROM datasets WHERE id = ?", (j["dataset_id"],))
     if not (user["admin"] or j["owner_id"] == user["id"] or (ds and can_see(user, ds))):
         raise not_found("job")
-    return job_view(j)
+    return j, ds
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, user: dict = Depends(current_user), db: DB = Depends(get_db)):
+    """A job's state (queued, running, done, failed, cancelled), progress (0-1) and error."""
+    return job_view(job_for(db, user, job_id)[0])
+
+
+@router.delete("/{job_id}")
+def cancel_job(job_id: str, user: dict = Depends(current_user), db: DB = Depends(get_db),
+               queue: JobQueue = Depends(get_queue)):
+    """Cancel a queued or running build (the worker is stopped): state ``cancelled``. For
+    the job's submitter, the dataset's owner and admins; 409 if the job has ended."""
+    j, ds = job_for(db, user, job_id)
+    if not (user["admin"] or j["owner_id"] == user["id"]
+            or (ds is not None and ds["owner_id"] == user["id"])):
+        raise ServiceError(403, "only who queued the job, the dataset's owner or an admin may "
+                                "cancel it")
+    if not queue.cancel(j["id"], f"cancelled by {user['name']}"):
+        raise ServiceError(409, f"the job has ended ({db.job(j['id'])['state']}); nothing to "
+                                "cancel")
+    return job_view(db.job(j["id"]))
 
 
 @router.get("")
 def list_jobs(user: dict = Depends(current_user),
-              state: Optional[Literal["queued", "running", "done", "failed"]] = None,
+              state: Optional[Literal["queued", "running", "done", "failed",
+                                      "cancelled"]] = None,
               db: DB = Depends(get_db)):
     """The caller's jobs (every job for admins), newest first."""
     sql = "SELECT id FROM jobs" + ("" if user["admin"] else " WHERE owner_id = ?")

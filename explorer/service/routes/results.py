@@ -17,7 +17,32 @@ from explorer.service.errors import ServiceError
 from explorer.service.records import built
 
 router = APIRouter(prefix="/api/datasets", tags=["results"])
-_elbow_lock = threading.Lock()  # one elbow computation at a time (each holds the features)
+#: rows of the feature matrix the elbow curve is computed on (a seeded sample)
+ELBOW_ROWS = 20_000
+_elbow_locks: dict[str, threading.Lock] = {}  # one computation per dataset at a time
+_elbow_locks_guard = threading.Lock()
+_elbow_slots = threading.BoundedSemaphore(2)  # and at most two in the whole service
+
+
+def sample_features(path, rows: int = ELBOW_ROWS, seed: int = 0):
+    """At most ``rows`` rows of the ``.npy`` feature matrix at ``path``, as float32, in file
+    order (a seeded sample when there are more). The file is memory-mapped and only the
+    sampled rows are read and converted, so memory stays ~``rows`` x D x 4 bytes at any N
+    (review N15: the whole matrix was converted first, 7 GB at 1M images)."""
+    import numpy as np
+
+    X = np.load(path, mmap_mode="r")
+    if X.ndim != 2:
+        raise ValueError(f"features must be a 2-d matrix, got shape {X.shape}")
+    if len(X) > rows:
+        idx = np.sort(np.random.default_rng(seed).choice(len(X), rows, replace=False))
+        return np.asarray(X[idx], dtype=np.float32)
+    return np.asarray(X, dtype=np.float32)
+
+
+def _elbow_lock(ds_id: str) -> threading.Lock:
+    with _elbow_locks_guard:
+        return _elbow_locks.setdefault(ds_id, threading.Lock())
 
 
 @router.get("/{dataset_id}/table.csv", response_class=FileResponse)
@@ -40,18 +65,14 @@ async def elbow(dataset_id: str, user: dict = Depends(current_user),
     key = f"{feats.stat().st_mtime_ns}:{feats.stat().st_size}:{k_max}"
 
     def compute():
-        with _elbow_lock:
+        with _elbow_lock(p["dir"].name), _elbow_slots:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 c = json.loads(cache.read_text())
                 if c["key"] == key:
                     return c["elbow"]
-            import numpy as np
-
             from explorer import cluster as cluster_mod
 
-            X = np.load(feats).astype(np.float32)
-            if len(X) > 20_000:
-                X = X[np.random.default_rng(0).choice(len(X), 20_000, replace=False)]
+            X = sample_features(feats)
             res = cluster_mod.cluster(X, "kmeans", k_max=k_max)
             if res.elbow is None:
                 out = {"k": [], "inertia": [], "suggested_k": int(res.n_clusters)
