@@ -176,6 +176,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="largest upload request in MiB (default 2048)")
     s.add_argument("--max-file-mb", type=float, default=50,
                    help="largest single image in MiB (default 50)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers within "
+                   "this time (default 10)")
+    s.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections at most; more are answered 503 (default 1000)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -360,7 +365,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     private_data(a.data)  # review N12: 0700 and umask 077 before anything is written in it
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
-          log_level=a.log_level,
+          log_level=a.log_level, header_timeout=a.header_timeout,
+          max_connections=a.max_connections,
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20))
     return 0

@@ -94,8 +94,9 @@ def _env() -> dict:
 class Server:
     """``explorer serve`` on 127.0.0.1:free port; ``start()``/``stop()`` (SIGTERM, then kill)."""
 
-    def __init__(self, root: Path, data: Path, *args: str):
+    def __init__(self, root: Path, data: Path, *args: str, nofile: int | None = None):
         self.root, self.data, self.args = Path(root), Path(data), list(args)
+        self.nofile = nofile  # a soft descriptor limit to start under (like ``ulimit -n``)
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log = self.data / "serve.log"
@@ -108,7 +109,8 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "explorer.cli", "serve", "--root", str(self.root),
                  "--data", str(self.data), "--port", str(port), "--log-level", "warning",
-                 *self.args], env=_env(), stdout=log, stderr=log)
+                 *self.args], env=_env(), stdout=log, stderr=log,
+                preexec_fn=self._limit if self.nofile else None)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -121,6 +123,16 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError("explorer serve did not answer within the timeout")
+
+    def _limit(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (self.nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:
