@@ -24,7 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _imagegen import image_folder  # noqa: E402
-from _service import Server, add_user, wait_job  # noqa: E402
+from _service import Server, add_user, grant, wait_job  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -51,6 +51,7 @@ def main() -> int:
         image_folder(base / "root" / "small", a.csv_images, size=64)
         image_folder(base / "root" / "big", a.images, size=96)
         token = add_user(base / "data", "bench")
+        grant(base / "data", ".", user="bench")  # the access model: all of --root
         server = Server(base / "root", base / "data").start()
         try:
             c = server.client(token)

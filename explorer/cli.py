@@ -122,6 +122,11 @@ def add_serve(sub) -> None:
                    help="largest upload request in MiB (default 2048)")
     s.add_argument("--max-file-mb", type=float, default=50,
                    help="largest single image in MiB (default 50)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers within "
+                   "this time (default 10)")
+    s.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections at most; more are answered 503 (default 1000)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -138,9 +143,34 @@ def add_users(sub) -> None:
     ua.add_argument("--data", required=True, metavar="DIR")
     ul = usub.add_parser("list", help="list users and their projects")
     ul.add_argument("--data", required=True, metavar="DIR")
-    ur = usub.add_parser("remove", help="remove a user (their token stops working at once)")
+    ur = usub.add_parser("remove", help="remove a user (their token stops working at once)",
+                         description="Remove a user. A user who owns datasets is refused "
+                         "unless they go to an admin (--transfer-to) or are deleted with "
+                         "everything the service keeps for them (--delete-datasets).")
     ur.add_argument("name", metavar="NAME")
+    ur.add_argument("--transfer-to", default=None, metavar="ADMIN",
+                    help="give the user's datasets to this admin")
+    ur.add_argument("--delete-datasets", action="store_true",
+                    help="delete the user's datasets (records, uploads and builds)")
     ur.add_argument("--data", required=True, metavar="DIR")
+    for action, text in (("revoke", "disable a user: their token and browser sessions stop "
+                          "working at once; datasets stay (rotate gives a new token)"),
+                         ("rotate", "a new token for a user (the old one stops working; "
+                          "a revoked user is enabled again); printed as the last line")):
+        ux = usub.add_parser(action, help=text)
+        ux.add_argument("name", metavar="NAME")
+        ux.add_argument("--data", required=True, metavar="DIR")
+    ug = usub.add_parser("grant", help="let a user or a project's members register a folder "
+                         "under --root (and its sub-folders)",
+                         description="Folders under ROOT/users/NAME/ belong to NAME, under "
+                         "ROOT/projects/P/ to P's members, the rest to admins; grant adds "
+                         "more (docs/service.md, Access model).")
+    ug.add_argument("folder", metavar="FOLDER", help="relative to the server's --root")
+    who = ug.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", default=None, metavar="NAME")
+    who.add_argument("--project", default=None, metavar="P")
+    ug.add_argument("--revoke", action="store_true", help="take the grant back")
+    ug.add_argument("--data", required=True, metavar="DIR")
 
 
 def add_search(sub) -> None:
@@ -260,6 +290,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from explorer.service import serve
+    from explorer.service.policy import private_data
 
     if not 0 < a.port < 65536:
         raise ValueError(f"--port must be 1-65535, got {a.port}")
@@ -270,17 +301,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"explorer serve: listening on {a.host} without TLS; tokens and images cross "
               "the network in clear text unless an HTTPS proxy sits in front", file=sys.stderr)
+    private_data(a.data)  # review N12: 0700 and umask 077 before anything is written in it
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
-          log_level=a.log_level,
+          log_level=a.log_level, header_timeout=a.header_timeout,
+          max_connections=a.max_connections,
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20))
     return 0
 
 
 def cmd_users(a: argparse.Namespace) -> int:
-    from explorer.service.db import DB
+    import shutil
 
+    from explorer.service.db import DB, dataset_dir
+    from explorer.service.policy import private_data, rel_folder
+
+    private_data(a.data)  # review N12: --data 0700, what is written in it 0600
     db = DB(Path(a.data).expanduser() / "service.db")
     if a.users_command == "add":
         token = db.add_user(a.name, admin=a.admin, projects=a.project)
@@ -291,11 +328,32 @@ def cmd_users(a: argparse.Namespace) -> int:
     elif a.users_command == "list":
         for u in db.users():
             print(f"{u['name']}\t{'admin' if u['admin'] else 'user'}\t"
-                  f"{','.join(u['projects']) or '-'}")
+                  f"{','.join(u['projects']) or '-'}" + ("\trevoked" if u["disabled"] else ""))
+    elif a.users_command == "revoke":
+        db.disable_user(a.name)
+        print(f"revoked user {a.name}: the token and browser sessions no longer work "
+              f"(`explorer users rotate {a.name}` gives a new token)")
+    elif a.users_command == "rotate":
+        token = db.rotate_token(a.name)
+        print(f"new token for {a.name} (the old one no longer works; shown once):")
+        print(token)
+    elif a.users_command == "grant":
+        folder = rel_folder(a.folder)
+        if a.revoke:
+            if not db.revoke_grant(folder, user=a.user, project=a.project):
+                raise ValueError(f"no such grant of {folder!r}")
+            print(f"took back {folder!r} from {a.user or 'project ' + a.project}")
+        else:
+            db.grant(folder, user=a.user, project=a.project)
+            print(f"granted {folder!r} to {a.user or 'project ' + a.project}")
     else:
-        if not db.remove_user(a.name):
-            raise ValueError(f"no user named {a.name!r}")
-        print(f"removed user {a.name}")
+        deleted = db.remove_user(a.name, transfer_to=a.transfer_to,
+                                 delete_datasets=a.delete_datasets)
+        for ds_id in deleted:
+            shutil.rmtree(dataset_dir(Path(a.data).expanduser(), ds_id), ignore_errors=True)
+        print(f"removed user {a.name}"
+              + (f"; their datasets now belong to {a.transfer_to}" if a.transfer_to else "")
+              + (f"; {len(deleted)} dataset(s) deleted" if deleted else ""))
     return 0
 
 

@@ -77,6 +77,10 @@ SCORE_SAMPLE = 5000
 #: nearest cluster (noted in ``notes``)
 MAX_FIT_POINTS = 10_000
 
+#: the largest ``k_max`` a search over k may use: each k is a full fit, and a grid over
+#: k=1..1000 would hold a build (or the service's only worker) for hours
+K_MAX_LIMIT = 100
+
 #: below this many points there is nothing to cluster: one cluster, with a note
 MIN_POINTS = 3
 
@@ -166,12 +170,15 @@ def _check_Z(Z: Any) -> np.ndarray:
     return as_matrix(Z, "Z", np.float64, cols="d")
 
 
-def _int_param(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+def _int_param(name: str, value: Any, minimum: int, allow_none: bool = False,
+               maximum: int | None = None) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
+            or (maximum is not None and value > maximum):
         extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}; got {value!r}")
+        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{name} must be an integer {span}{extra}; got {value!r}")
     return int(value)
 
 
@@ -212,7 +219,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
     """Check every parameter of ``method``; ValueError names the bad one."""
     if method in ("kmeans", "agglomerative", "gmm"):
         p["k"] = _int_param("k", p["k"], 1, allow_none=True)
-        p["k_max"] = _int_param("k_max", p["k_max"], 2)
+        p["k_max"] = _int_param("k_max", p["k_max"], 2, maximum=K_MAX_LIMIT)
     if method == "agglomerative":
         _choice("linkage", p["linkage"], _LINKAGES)
     if method == "gmm":
@@ -238,7 +245,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
         p["min_samples"] = _int_param("min_samples", p["min_samples"], 1)
         p["eps_quantile"] = _float_param("eps_quantile", p["eps_quantile"], 0.0, 1.0, lo_open=True)
     if method == "auto":
-        p["k_max"] = _int_param("k_max", p["k_max"], 2)
+        p["k_max"] = _int_param("k_max", p["k_max"], 2, maximum=K_MAX_LIMIT)
         p["max_noise"] = _float_param("max_noise", p["max_noise"], 0.0, 1.0)
         if p["methods"] is not None:
             ms = list(p["methods"]) if not isinstance(p["methods"], str) else [p["methods"]]

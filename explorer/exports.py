@@ -91,10 +91,13 @@ def safe_name(name: str, default: str = "unnamed", max_len: int = 100) -> str:
     Separators, control characters and ``<>:"|?*`` become ``_``; leading dots and
     trailing dots/spaces are removed; reserved Windows names get a ``_`` suffix; the
     result is at most ``max_len`` characters (keeping the extension) and never empty.
-    Lone surrogates (undecodable bytes in a file name) become ``_``.
+    Lone surrogates (undecodable bytes in a file name) become ``_``. Format characters
+    (Unicode category Cf: the bidi overrides and isolates that make ``\u202egpj.exe`` look
+    like ``exe.jpg``, zero-width joiners, BOMs) are removed.
     """
     s = unicodedata.normalize("NFC", str(name))
     s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\ufffd", "_")
+    s = "".join(ch for ch in s if unicodedata.category(ch) != "Cf")
     s = _UNSAFE.sub("_", s).strip()
     s = s.lstrip(".").rstrip(". ")
     if not s:
@@ -188,6 +191,19 @@ def _sample_rows(groups: dict[str, list[int]], frac: float, seed: int) -> dict[s
 
 
 # --------------------------------------------------------------------------- plan
+#: what ``MISSING.txt`` says for each refusal reason (explorer.paths.UnsafePath reasons)
+REFUSED_WHY = {
+    "no_root": "the original image folder is not known",
+    "empty": "empty path",
+    "absolute": "absolute path; CSV paths must be relative to the image folder",
+    "outside": "leads outside the image folder; refused",
+    "missing": "not found in the image folder",
+    "not_file": "not a regular file",
+    "too_large": "larger than the export's per-file limit",
+    "not_image": "not an image",
+}
+
+
 class Refused(NamedTuple):
     """A row whose image is not exported: its CSV ``path``, a reason tag, a message."""
 
@@ -231,11 +247,14 @@ class ExportPlan:
         return [r.path for r in self.refused if r.reason in ("absolute", "outside")]
 
     def refused_note(self, title: str = "Images not exported") -> bytes | None:
-        """A small text file listing the refused rows (for ``MISSING.txt``); None if none."""
+        """A small text file listing the refused rows (for ``MISSING.txt``); None if none.
+
+        Each line is the row's CSV path and why, in words that name no folder of the machine
+        that wrote it (the file travels to whoever downloads the export)."""
         if not self.refused:
             return None
         lines = [f"{title} ({len(self.refused)}):"]
-        lines += [f"{r.path}\t{r.message}" for r in self.refused]
+        lines += [f"{r.path}\t{REFUSED_WHY.get(r.reason, r.reason)}" for r in self.refused]
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 

@@ -72,18 +72,26 @@ def _is_image_name(name: str) -> bool:
     return bool(dot) and ext.lower() in IMAGE_EXTENSIONS
 
 
-def discover(root: str | os.PathLike) -> list[Path]:
+def discover(root: str | os.PathLike, *, contained: bool = False) -> list[Path]:
     """All image files under ``root`` (recursive), in natural order of their relative path.
 
     Hidden files and folders (name starting with ``.``) are skipped. Symlinked folders are
     followed once (a folder reached twice, e.g. by a symlink loop, is walked only the first
-    time). Returns absolute-or-as-given paths ``root / relpath``; an empty list is allowed.
+    time). With ``contained`` (what ``explorer serve`` builds use), a file or folder is kept
+    only if it resolves, after symlinks, inside ``root``: a symlink that leads out of the
+    folder (into another user's folder, the service's data) brings nothing in.
+    Returns absolute-or-as-given paths ``root / relpath``; an empty list is allowed.
 
     Raises ``ValueError`` if ``root`` is not a directory.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} is not a directory")
+    prefix = os.path.join(os.path.realpath(root), "")
+
+    def inside(path: str) -> bool:
+        return not contained or os.path.realpath(path).startswith(prefix)
+
     found: list[tuple[list, str, Path]] = []
     seen_dirs: set[tuple[int, int]] = set()
     stack: list[tuple[Path, str]] = [(root, "")]
@@ -109,8 +117,10 @@ def discover(root: str | os.PathLike) -> list[Path]:
             relname = f"{rel}/{name}" if rel else name
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append((Path(entry.path), relname))
-                elif _is_image_name(name) and entry.is_file(follow_symlinks=True):
+                    if inside(entry.path):
+                        stack.append((Path(entry.path), relname))
+                elif _is_image_name(name) and entry.is_file(follow_symlinks=True) and \
+                        inside(entry.path):
                     found.append((natural_key(relname), relname, Path(entry.path)))
             except OSError:
                 continue

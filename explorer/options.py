@@ -134,6 +134,9 @@ OPTIONS: tuple[Option, ...] = (
            "holds torch vectors)"),
     Option("progress", bool, True, flag="--quiet", remote=False, recorded=False,
            help="no progress display or summary (-q)"),
+    Option("contained", bool, False, cli=False, remote=False,
+           help="keep only files that resolve inside the folder (the service's builds: a "
+           "symlinked folder never pulls in files from outside it, review N6)"),
     Option("embed_process", bool, True, cli=False, remote=False, recorded=False,
            help="local engine: embed in a child process, so torch and the model never share "
            "the map process's memory"),

@@ -321,7 +321,7 @@ def _discover(ctx: BuildContext) -> None:
     from explorer import images as images_mod
 
     with ctx.stage("discover"):
-        found = images_mod.discover(ctx.root)
+        found = images_mod.discover(ctx.root, contained=ctx.opts.contained)
     for p in found:
         rel = p.relative_to(ctx.root).as_posix()
         try:

@@ -1,8 +1,9 @@
-"""``explorer serve`` end to end: a real service subprocess, driven over HTTP with httpx.
+"""``explorer serve`` end to end.
 
-One service per module (users alice and bob in project p1, carol in p2, an admin) and one
-default (network) build shared by the tests that need built results; the restart test runs
-its own service.
+The API runs in this process (``create_app`` behind a ``TestClient``: users alice and bob in
+project p1, carol in p2, an admin) with one default (network) build shared by the tests that
+need built results. The process model runs a real ``explorer serve`` subprocess: the app
+processes and their websockets (``served``), the queue across a crash and a restart.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder, jpeg_bytes, variant  # noqa: E402
-from _service import Server, add_user, wait_job  # noqa: E402
+from _service import Local, Server, add_user, grant, local_user, wait_job  # noqa: E402
 
 N_PHOTOS = 30
 
@@ -34,8 +35,22 @@ def files_under(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
+def _users(data: Path, add) -> dict:
+    return {"alice": add(data, "alice", "--project", "p1"),
+            "bob": add(data, "bob", "--project", "p1"),
+            "carol": add(data, "carol", "--project", "p2"),
+            "admin": add(data, "admin", "--admin")}
+
+
+def _local_add(data, name, *args):
+    projects = tuple(args[i + 1] for i, a in enumerate(args) if a == "--project")
+    return local_user(data, name, admin="--admin" in args, projects=projects)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    from explorer.service.uploads import Limits
+
     base = tmp_path_factory.mktemp("service")
     root = base / "root"
     image_folder(root / "photos", N_PHOTOS, size=64)
@@ -44,18 +59,34 @@ def site(tmp_path_factory):
     (root / "escape").symlink_to(base / "outside")
     (root / "a-file.txt").write_text("not a folder")
     data = base / "data"
-    tokens = {"alice": add_user(data, "alice", "--project", "p1"),
-              "bob": add_user(data, "bob", "--project", "p1"),
-              "carol": add_user(data, "carol", "--project", "p2"),
-              "admin": add_user(data, "admin", "--admin")}
-    server = Server(root, data, "--allow-private-urls", "--max-file-mb", "1", "--url-timeout", "1")
-    server.start()
-    clients = {name: server.client(tok) for name, tok in tokens.items()}
-    clients["anonymous"] = server.client()
+    tokens = _users(data, _local_add)
+    for p in ("p1", "p2"):  # all of --root (explorer users grant . --project P)
+        grant(data, ".", project=p)
+    with Local(root, data, allow_private_urls=True, url_timeout=1,
+               limits=Limits(max_file_bytes=2**20)) as service:
+        clients = {name: service.client(tok) for name, tok in tokens.items()}
+        clients["anonymous"] = service.client()
+        yield {"base": base, "root": root, "data": data, "service": service,
+               "tokens": tokens, "c": clients}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real ``explorer serve`` with alice's dataset of 12 photos built (phash, quick)."""
+    base = tmp_path_factory.mktemp("served")
+    root = base / "root"
+    image_folder(root / "photos", 12, size=48)
+    data = base / "data"
+    tokens = _users(data, add_user)
+    grant(data, "photos", user="alice")
+    server = Server(root, data).start()
+    c = server.client(tokens["alice"])
+    ds = c.post("/api/datasets", json={"name": "photos", "folder": "photos"}).json()["id"]
+    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
+    assert wait_job(c, job)["state"] == "done"
+    c.close()
     yield {"base": base, "root": root, "data": data, "server": server, "tokens": tokens,
-           "c": clients}
-    for c in clients.values():
-        c.close()
+           "id": ds}
     server.stop()
 
 
@@ -169,7 +200,6 @@ def test_labels_go_through_the_apps_journal(site, built):
 
 
 def test_search_by_words_and_by_example_image(site, built):
-    pytest.importorskip("explorer.search", reason="explorer search is not in this tree")
     c = site["c"]["alice"]
     ds = built["id"]
     r = c.post(f"/api/datasets/{ds}/search", json={"text": "a cat", "top": 5})
@@ -199,8 +229,8 @@ def test_access_matrix_for_the_api(site, built):
     # private: the owner and admins only; everyone else 404, no token 401
     assert [status(w) for w in ("alice", "admin", "bob", "carol", "anonymous")] == \
         [200, 200, 404, 404, 401]
-    assert httpx.get(site["server"].url + f"/api/datasets/{ds}",
-                     headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c["anonymous"].get(f"/api/datasets/{ds}",
+                              headers={"Authorization": "Bearer nope"}).status_code == 401
     assert status("bob", path=f"/api/datasets/{ds}/table.csv") == 404
     assert status("carol", "DELETE") == 404
     assert ds not in [d["id"] for d in c["bob"].get("/api/datasets").json()["datasets"]]
@@ -264,8 +294,8 @@ def _pull_document(server, b, path):
         ws.close()
 
 
-def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
-    server, ds = site["server"], built["id"]
+def test_app_renders_for_the_owner_and_is_404_for_everyone_else(served):
+    server, ds, site = served["server"], served["id"], served
     owner = _app_session(server, site["tokens"]["alice"])
     r = owner.get(f"/apps/{ds}", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == f"/apps/{ds}/app"
@@ -291,7 +321,7 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
                                         subprotocols=["bokeh", "x"], origin=server.url,
                                         cookie="; ".join(f"{k}={v}" for k, v in other.cookies.items()))
     # shared with p1: bob (same project) gets the app, carol (other project) still 404
-    c = site["c"]["alice"]
+    c = server.client(site["tokens"]["alice"])
     assert c.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
     try:
         bob = _app_session(server, site["tokens"]["bob"])
@@ -479,10 +509,15 @@ def test_uploads_and_reads_are_served_while_a_build_runs(site, built):
 
 
 # --------------------------------------------------------------------------- the queue
-def _pid_of(data: Path, job: str):
-    with sqlite3.connect(data / "service.db") as con:
-        row = con.execute("SELECT pid FROM jobs WHERE id = ?", (job,)).fetchone()
-    return row[0] if row else None
+def _pid_of(data: Path, job: str, timeout: float = 10.0):
+    """The worker pid of a running job (recorded just after the job is marked running)."""
+    t0 = time.monotonic()
+    while True:
+        with sqlite3.connect(data / "service.db") as con:
+            row = con.execute("SELECT pid FROM jobs WHERE id = ?", (job,)).fetchone()
+        if (row and row[0] is not None) or time.monotonic() - t0 > timeout:
+            return row[0] if row else None
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -502,6 +537,7 @@ def test_queue_survives_a_crashed_worker_and_a_killed_service(tmp_path):
         image_folder(root / f"set{i}", 12, size=40)
     data = tmp_path / "data"
     tok = add_user(data, "dora")
+    grant(data, ".", user="dora")
     server = Server(root, data)
     try:
         server.start()

@@ -38,9 +38,9 @@ def queue_env(tmp_path, monkeypatch):
     db.add_user("u")
     queues = []
 
-    def make(concurrency=1):
+    def make(concurrency=1, **kw):
         q = JobQueue(db, tmp_path / "data", concurrency=concurrency, poll=0.05,
-                     worker="fakeworker")
+                     worker="fakeworker", **kw)
         queues.append(q)
         return q
 
@@ -126,3 +126,73 @@ def test_bad_concurrency_is_refused(queue_env):
     db, make = queue_env
     with pytest.raises(ValueError, match="concurrency"):
         make(concurrency=0)
+    with pytest.raises(ValueError, match="max_seconds must be a number > 0, got -1"):
+        make(max_seconds=-1)
+
+
+def wait_state(db, job, state, timeout=30):
+    t0 = time.monotonic()
+    while db.job(job)["state"] != state:
+        assert time.monotonic() - t0 < timeout, db.job(job)
+        time.sleep(0.02)
+    return db.job(job)
+
+
+def test_users_take_turns(queue_env):
+    """Review N9: 6 builds queued by one user do not put another user's build 7th."""
+    db, make = queue_env
+    q = make()
+    alice = [q.submit(f"a{i}", 1, {"sleep": 0.2}) for i in range(6)]
+    carol = q.submit("c0", 2, {"sleep": 0.2})
+    q.start()
+    wait_all(db, alice + [carol])
+    order = sorted(alice + [carol], key=lambda j: db.job(j)["started"])
+    assert order.index(carol) == 1  # right after alice's first, not after all of hers
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
+        return fh.read().split(") ")[-1][0] != "Z"
+
+
+def test_cancel_a_queued_and_a_running_job(queue_env):
+    db, make = queue_env
+    q = make()
+    q.start()
+    running = q.submit("a", 1, {"sleep": 30})
+    queued = q.submit("b", 1, {"sleep": 0.1})
+    pid = wait_state(db, running, "running")["pid"]
+    t0 = time.monotonic()
+    while pid is None:  # the pid is recorded just after the claim
+        assert time.monotonic() - t0 < 10
+        pid = db.job(running)["pid"]
+        time.sleep(0.02)
+    assert q.cancel(queued) and db.job(queued)["state"] == "cancelled"
+    assert q.cancel(running)
+    assert db.job(running)["state"] == "cancelled"
+    t0 = time.monotonic()
+    while pid_alive(pid):  # SIGTERM ends the worker well before its 30 s sleep
+        assert time.monotonic() - t0 < 10, "the worker still runs after cancel"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert db.job(running)["state"] == "cancelled" and db.job(queued)["state"] == "cancelled"
+    assert not q.cancel(running), "an ended job cannot be cancelled again"
+    after = q.submit("c", 1, {"sleep": 0.1})  # the queue goes on
+    assert wait_all(db, [after]) == ["done"]
+
+
+def test_a_job_over_the_time_limit_is_stopped_and_failed(queue_env):
+    db, make = queue_env
+    q = make(max_seconds=1.0)
+    q.start()
+    slow = q.submit("a", 1, {"sleep": 60})
+    t0 = time.monotonic()
+    j = wait_state(db, slow, "failed", timeout=30)
+    assert time.monotonic() - t0 < 20
+    assert "longer than the limit of 1 s" in j["error"]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
-from _service import Server, add_user  # noqa: E402
+from _service import Server, add_user, grant  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def service(tmp_path_factory):
     base = tmp_path_factory.mktemp("schema")
     image_folder(base / "root" / "photos", 6, size=32)
     token = add_user(base / "data", "fuzz", "--project", "p1")
+    grant(base / "data", "photos", project="p1")
     server = Server(base / "root", base / "data").start()
     yield server, token
     server.stop()

@@ -171,6 +171,33 @@ def test_urls_to_private_addresses_and_other_schemes_are_refused(url, why):
         asyncio.run(check_url(url, FetchRules()))
 
 
+@pytest.mark.parametrize("url, why", [
+    ("http://[2002:7f00:1::]/x.jpg", "loopback, embedded 127.0.0.1"),      # 6to4 of 127.0.0.1
+    ("http://[2002:a00:1::5]/x.jpg", "private, embedded 10.0.0.1"),        # 6to4 of 10.0.0.1
+    ("http://[64:ff9b::a9fe:a9fe]/x.jpg", "embedded 169.254.169.254"),     # NAT64
+    ("http://[64:ff9b::7f00:1]/x.jpg", "loopback, embedded 127.0.0.1"),
+    ("http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/x.jpg", "embedded 10.0.0.1"),  # Teredo
+])
+def test_ipv6_addresses_that_embed_a_private_ipv4_are_refused(url, why):
+    with pytest.raises(URLRefused, match=why):
+        asyncio.run(check_url(url, FetchRules()))
+
+
+def test_a_6to4_address_that_embeds_a_public_ipv4_passes():
+    # (Python's tables already count all of 64:ff9b::/96 and 2001::/32 as not global)
+    assert asyncio.run(check_url("http://[2002:5db8:d822::1]/x.jpg", FetchRules()))[0] == "http"
+
+
+def test_bidi_overrides_and_other_format_characters_leave_uploaded_names(tmp_path):
+    assert safe_relpath("\u202e gpj.exe") == "gpj.exe"
+    assert safe_relpath("a\u2066b\u200b/c\u202d.jpg") == "ab/c.jpg"
+    intake = Intake(tmp_path / "images")
+    src = tmp_path / "up"
+    src.write_bytes(jpeg_bytes(variant(0)))
+    intake.add_file(src, "\u202e gpj.exe")
+    assert intake.report[0]["ok"] and intake.report[0]["file"] == "gpj.exe.jpg"
+
+
 def test_public_address_passes_and_private_passes_only_when_allowed():
     scheme, host, addr, port = asyncio.run(check_url("https://93.184.216.34/a.jpg", FetchRules()))
     assert (scheme, addr, port) == ("https", "93.184.216.34", 443)

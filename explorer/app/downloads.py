@@ -16,6 +16,7 @@ the file is deleted and its URL answers 404.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import logging
 import os
@@ -155,6 +156,9 @@ class DownloadStore:
                 if base:
                     Path(base).mkdir(parents=True, exist_ok=True)
                 self._root = Path(tempfile.mkdtemp(prefix="explorer-exports-", dir=base or None))
+                # the private folder goes with this process (bokeh serve ends on SIGTERM and
+                # Ctrl-C by returning normally, so atexit runs)
+                atexit.register(shutil.rmtree, self._root, ignore_errors=True)
             self._root.mkdir(parents=True, exist_ok=True)
             return self._root
 

@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "content-length", "host",
               "authorization", "cookie", "content-encoding"}
+PASSED_RAW = {"content-length", "content-encoding"}  # the answer's bytes pass unchanged
 
 
 class AppUnavailable(RuntimeError):
@@ -152,27 +153,62 @@ def _connects(sock: Path) -> bool:
 async def proxy_http(request, sock: Path, path: str, own_cookie: str):
     """Pass an HTTP request to the app on ``sock``; return a Starlette response.
 
-    The service's own login cookie (``own_cookie``) and ``Authorization`` never reach the app;
-    the app's other cookies pass both ways (a Set-Cookie naming ``own_cookie`` is dropped).
+    Both ways stream: the request body goes upstream as the client sends it (the service's
+    front door, :mod:`explorer.service.guard`, caps it), and the answer comes back as the app
+    writes it (an export of gigabytes passes through in bounded memory). An app that cannot
+    be reached or breaks off answers 502. The service's own login cookie (``own_cookie``)
+    and ``Authorization`` never reach the app; the app's other cookies pass both ways (a
+    Set-Cookie naming ``own_cookie`` is dropped).
     """
     import httpx
-    from starlette.responses import Response
+    from starlette.background import BackgroundTask
+    from starlette.responses import JSONResponse, StreamingResponse
 
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
     headers.append(("host", request.headers.get("host", "localhost")))
     cookies = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != own_cookie)
     if cookies:
         headers.append(("cookie", cookies))
+    length = request.headers.get("content-length")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    content = None
+    if length not in (None, "0") or chunked:
+        content = request.stream()
+        if length is not None:
+            headers.append(("content-length", length))
     url = httpx.URL("http://localhost" + path, query=request.url.query.encode())
-    body = await request.body()
-    transport = httpx.AsyncHTTPTransport(uds=str(sock))
-    async with httpx.AsyncClient(transport=transport, timeout=60.0) as client:
-        r = await client.request(request.method, url, headers=headers, content=body)
-        content = r.content
-    resp = Response(content=content, status_code=r.status_code)
+    client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock)),
+                               timeout=httpx.Timeout(60.0, connect=10.0))
+    try:
+        r = await client.send(client.build_request(request.method, url, headers=headers,
+                                                   content=content), stream=True)
+    except httpx.HTTPError as exc:
+        await client.aclose()
+        print(f"explorer serve: app {path}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        return JSONResponse({"error": f"the app did not answer ({type(exc).__name__})"},
+                            status_code=502)
+    except BaseException:
+        await client.aclose()
+        raise
+
+    async def body():
+        try:
+            async for chunk in r.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:  # headers are sent: a cut-off body is all we can say
+            print(f"explorer serve: app {path}: broke off: {type(exc).__name__}",
+                  file=sys.stderr, flush=True)
+
+    async def close():
+        await r.aclose()
+        await client.aclose()
+
+    resp = StreamingResponse(body(), status_code=r.status_code, background=BackgroundTask(close))
     for k, v in r.headers.multi_items():
         lk = k.lower()
-        if lk in HOP_BY_HOP or (lk == "set-cookie" and v.split("=", 1)[0].strip() == own_cookie):
+        if (lk in HOP_BY_HOP and lk not in PASSED_RAW) or \
+                (lk == "set-cookie" and v.split("=", 1)[0].strip() == own_cookie):
             continue
         resp.raw_headers.append((lk.encode("latin-1"), v.encode("latin-1")))
     return resp

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT UNIQUE NOT NULL,
     token_hash TEXT UNIQUE NOT NULL,
     admin INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS user_projects (
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -63,11 +64,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE TABLE IF NOT EXISTS grants (
+    folder TEXT NOT NULL,          -- relative to --root, POSIX slashes, no '..'
+    user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+    project TEXT,
+    created REAL NOT NULL,
+    CHECK ((user_id IS NULL) != (project IS NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS grants_one ON grants(folder, IFNULL(user_id, -1),
+                                                       IFNULL(project, ''));
 """
+
+#: columns added after the first release: (table, column, definition)
+_ADDED_COLUMNS = (("users", "disabled", "INTEGER NOT NULL DEFAULT 0"),)
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROJECT_NAME = USER_NAME
-JOB_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 SESSION_SECONDS = 7 * 24 * 3600
 
 
@@ -96,6 +109,10 @@ class DB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as c:
             c.executescript(SCHEMA)
+            for table, col, definition in _ADDED_COLUMNS:  # a database of an older release
+                have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                if col not in have:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {definition}")
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -148,15 +165,81 @@ class DB:
                 raise RecordError(f"user {name!r} exists already") from None
         return token
 
-    def remove_user(self, name: str) -> bool:
-        """Delete user ``name`` (their sessions too); True if there was one."""
-        return self.run("DELETE FROM users WHERE name = ?", (name,)) > 0
+    def user_id(self, name: str) -> int:
+        """The id of user ``name``; RecordError if there is none."""
+        u = self.one("SELECT id FROM users WHERE name = ?", (name,))
+        if u is None:
+            raise RecordError(f"no user named {name!r}")
+        return u["id"]
+
+    def remove_user(self, name: str, *, transfer_to: str | None = None,
+                    delete_datasets: bool = False) -> list[str]:
+        """Delete user ``name`` (their sessions and grants too).
+
+        Their datasets are never dropped silently: with ``transfer_to`` (an admin's name)
+        they change owner; with ``delete_datasets`` their records go and the returned ids
+        name the folders (``dataset_dir``) the caller deletes; with neither, a user who owns
+        datasets is refused (RecordError naming how many). Queued jobs of deleted datasets
+        are cancelled. Returns the ids of the deleted datasets."""
+        uid = self.user_id(name)
+        if transfer_to is not None:
+            heir = self.one("SELECT id, admin FROM users WHERE name = ?", (transfer_to,))
+            if heir is None or not heir["admin"] or heir["id"] == uid:
+                raise RecordError(f"transfer_to {transfer_to!r} must name another user who is "
+                                  "an admin")
+        with self.connect() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [r["id"] for r in c.execute("SELECT id FROM datasets WHERE owner_id = ?",
+                                                  (uid,))]
+                if ids and transfer_to is not None:
+                    c.execute("UPDATE datasets SET owner_id = ? WHERE owner_id = ?",
+                              (heir["id"], uid))
+                    ids = []
+                elif ids and delete_datasets:
+                    c.executemany("UPDATE jobs SET state = 'cancelled', error = ?, finished = ? "
+                                  "WHERE dataset_id = ? AND state = 'queued'",
+                                  [("the dataset's owner was removed", time.time(), d)
+                                   for d in ids])
+                    c.execute("DELETE FROM datasets WHERE owner_id = ?", (uid,))
+                elif ids:
+                    raise RecordError(
+                        f"user {name!r} owns {len(ids)} dataset(s); transfer them to an admin "
+                        "(--transfer-to ADMIN) or delete them (--delete-datasets)")
+                c.execute("DELETE FROM users WHERE id = ?", (uid,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return ids
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for ``name`` (the old one and every browser session stop working; a
+        disabled user is enabled again). Returns the token."""
+        token = new_token()
+        uid = self.user_id(name)
+        with self.connect() as c:
+            c.execute("UPDATE users SET token_hash = ?, disabled = 0 WHERE id = ?",
+                      (token_hash(token), uid))
+            c.execute("DELETE FROM sessions WHERE user_id = ?", (uid,))
+        return token
+
+    def disable_user(self, name: str) -> None:
+        """Revoke ``name``: the token and every browser session stop working; the user, their
+        datasets and grants stay (``rotate_token`` gives them a new token)."""
+        uid = self.user_id(name)
+        with self.connect() as c:
+            # a fresh random hash: the old token can never match again, even if re-enabled
+            c.execute("UPDATE users SET token_hash = ?, disabled = 1 WHERE id = ?",
+                      (token_hash(new_token()), uid))
+            c.execute("DELETE FROM sessions WHERE user_id = ?", (uid,))
 
     def users(self) -> list[dict]:
-        out = self.all("SELECT id, name, admin, created FROM users ORDER BY name")
+        out = self.all("SELECT id, name, admin, disabled, created FROM users ORDER BY name")
         for u in out:
             u["projects"] = self.projects_of(u["id"])
             u["admin"] = bool(u["admin"])
+            u["disabled"] = bool(u["disabled"])
         return out
 
     def projects_of(self, user_id: int) -> list[str]:
@@ -166,7 +249,8 @@ class DB:
     def user_by_token(self, token: str) -> dict | None:
         if not token or len(token) > 200:
             return None
-        u = self.one("SELECT id, name, admin FROM users WHERE token_hash = ?", (token_hash(token),))
+        u = self.one("SELECT id, name, admin FROM users WHERE token_hash = ? AND disabled = 0",
+                     (token_hash(token),))
         return self._complete(u)
 
     def _complete(self, u: dict | None) -> dict | None:
@@ -175,6 +259,34 @@ class DB:
         u["admin"] = bool(u["admin"])
         u["projects"] = self.projects_of(u["id"])
         return u
+
+    # ------------------------------------------------------------------ folder grants
+    def grant(self, folder: str, *, user: str | None = None, project: str | None = None) -> None:
+        """Let ``user`` (a name) or the members of ``project`` register ``folder`` (relative
+        to --root) and its sub-folders (explorer.service.access)."""
+        if (user is None) == (project is None):
+            raise RecordError("grant a folder to a user or to a project (one of them)")
+        if project is not None and not PROJECT_NAME.match(project):
+            raise RecordError(f"project name {project!r} must be 1-64 letters, digits, '.', "
+                              "'_' or '-'")
+        uid = self.user_id(user) if user is not None else None
+        self.run("INSERT OR IGNORE INTO grants(folder, user_id, project, created) "
+                 "VALUES (?, ?, ?, ?)", (folder, uid, project, time.time()))
+
+    def revoke_grant(self, folder: str, *, user: str | None = None,
+                     project: str | None = None) -> bool:
+        uid = self.user_id(user) if user is not None else None
+        return self.run("DELETE FROM grants WHERE folder = ? AND user_id IS ? AND project IS ?",
+                        (folder, uid, project)) > 0
+
+    def grants_for(self, user: dict) -> list[str]:
+        """The folders (relative to --root) granted to ``user`` or to one of their projects."""
+        marks = ",".join("?" * len(user["projects"]))
+        sql = "SELECT DISTINCT folder FROM grants WHERE user_id = ?"
+        if marks:
+            sql += f" OR project IN ({marks})"
+        return [r["folder"] for r in self.all(sql + " ORDER BY folder",
+                                              (user["id"], *user["projects"]))]
 
     # ------------------------------------------------------------------ browser sessions
     def new_session(self, user_id: int) -> str:
@@ -190,7 +302,8 @@ class DB:
         if not sid or len(sid) > 200:
             return None
         u = self.one("SELECT u.id, u.name, u.admin FROM sessions s JOIN users u "
-                     "ON u.id = s.user_id WHERE s.hash = ? AND s.expires > ?",
+                     "ON u.id = s.user_id WHERE s.hash = ? AND s.expires > ? "
+                     "AND u.disabled = 0",
                      (token_hash(sid), time.time()))
         return self._complete(u)
 

@@ -5,7 +5,8 @@ Rules (each redirect hop is checked again):
 * ``http`` and ``https`` only, with a host name; no user:password in the URL;
 * the host is resolved once and the connection goes to that address (no DNS rebinding in
   between); loopback, private, link-local, multicast, reserved and unspecified addresses
-  are refused unless the service runs with ``--allow-private-urls``;
+  are refused unless the service runs with ``--allow-private-urls``, also when they are
+  embedded in an IPv6 address (IPv4-mapped, 6to4, NAT64, Teredo);
 * at most ``max_redirects`` redirects; a connect/read timeout and a deadline per URL;
 * the answer must say ``Content-Type: image/...``, be at most ``max_bytes`` long (checked
   while streaming, whatever Content-Length says) and open as an image.
@@ -40,7 +41,32 @@ class URLRefused(ValueError):
     """A URL (or a redirect target) that the rules refuse."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: ipaddress._BaseAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and may be routed to: IPv4-mapped
+    (``::ffff:a.b.c.d``), 6to4 (``2002::/16``), NAT64 (``64:ff9b::/96``) and Teredo
+    (``2001::/32``: its server and its client)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    out = []
+    if ip.ipv4_mapped is not None:
+        out.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:
+        out.extend(ip.teredo)
+    if ip in _NAT64:
+        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return out
+
+
 def _blocked(ip: ipaddress._BaseAddress) -> str | None:
+    for inner in embedded_ipv4(ip):
+        why = _blocked(inner)
+        if why:
+            return f"{why}, embedded {inner}"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     for what in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):

@@ -244,12 +244,16 @@ def remove_tree(path: Path) -> None:
 
 # --------------------------------------------------------------------------- multipart
 async def receive_multipart(request, staging: Path, limits: Limits,
-                            max_field_bytes: int = 4096) -> tuple[dict[str, str], list[tuple[Path, str]]]:
+                            max_field_bytes: int = 4096, *, skipped: list | None = None
+                            ) -> tuple[dict[str, str], list[tuple[Path, str]]]:
     """Stream a ``multipart/form-data`` body to files in ``staging``.
 
     Returns (text fields, [(staged file, uploaded name), ...]). Raises
-    :class:`RequestTooLarge` when the body passes ``limits.max_request_bytes`` and
-    ``ValueError`` for a body that is not multipart. Parsing runs in a worker thread, a chunk
+    :class:`RequestTooLarge` when the body passes ``limits.max_request_bytes``, and
+    ``ValueError`` for a body that is not multipart. A file (not a zip) that passes
+    ``limits.max_file_bytes`` stops being written as soon as it does and its staged part is
+    deleted: with a ``skipped`` list it is left out of the files and ``(name, why)`` is
+    appended there (the rest of the request is read on); without one, RequestTooLarge. Parsing runs in a worker thread, a chunk
     at a time, so the event loop keeps serving other requests.
     """
     import anyio
@@ -266,7 +270,8 @@ async def receive_multipart(request, staging: Path, limits: Limits,
     fields: dict[str, str] = {}
     files: list[tuple[Path, str]] = []
     state: dict = {"headers": {}, "field": b"", "value": b"", "out": None, "name": None,
-                   "filename": None, "buf": bytearray(), "n": 0, "over": False}
+                   "filename": None, "buf": bytearray(), "n": 0, "over": False,
+                   "head": b""}
 
     def on_header_field(data, start, end):
         state["field"] += data[start:end]
@@ -283,7 +288,7 @@ async def receive_multipart(request, staging: Path, limits: Limits,
         state["name"] = o.get(b"name", b"").decode("utf-8", "replace")
         fn = o.get(b"filename")
         state["filename"] = None if fn is None else fn.decode("utf-8", "replace")
-        state["n"], state["over"] = 0, False
+        state["n"], state["over"], state["head"] = 0, False, b""
         if state["filename"] is not None:
             if len(files) >= limits.max_files:
                 raise RequestTooLarge(f"more than {limits.max_files:,} files in one request")
@@ -296,9 +301,25 @@ async def receive_multipart(request, staging: Path, limits: Limits,
     def on_part_data(data, start, end):
         chunk = data[start:end]
         state["n"] += len(chunk)
+        if state["over"]:  # the rest of a file over the cap: read, not written
+            return
         if state["out"] is not None:
-            if not state["over"]:
-                state["out"].write(chunk)
+            if len(state["head"]) < 4:
+                state["head"] += chunk[:4 - len(state["head"])]
+            is_zip = state["head"] == b"PK\x03\x04"  # zips: their members have the cap
+            if state["n"] > limits.max_file_bytes and not is_zip:
+                state["over"] = True
+            if state["over"]:
+                state["out"].close()
+                state["out"] = None
+                path, name = files.pop()
+                path.unlink()
+                why = f"more than the limit of {limits.max_file_bytes:,} bytes per file"
+                if skipped is None:
+                    raise RequestTooLarge(f"file {name!r} is {why}")
+                skipped.append((name, why))
+                return
+            state["out"].write(chunk)
         elif state["n"] > max_field_bytes:
             raise RequestTooLarge(f"form field {state['name']!r} is longer than "
                                   f"{max_field_bytes} bytes")
@@ -309,6 +330,8 @@ async def receive_multipart(request, staging: Path, limits: Limits,
         if state["out"] is not None:
             state["out"].close()
             state["out"] = None
+        elif state["over"]:
+            pass
         else:
             fields[state["name"]] = bytes(state["buf"]).decode("utf-8", "replace")
         state["headers"] = {}

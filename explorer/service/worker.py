@@ -9,6 +9,7 @@ fails this job: the queue sees the exit status and records it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -23,6 +24,18 @@ STAGE_WEIGHTS = {"discover": 0.03, "app": 0.01, "embed": 0.55, "features": 0.15,
 SMALL_STAGE = 0.01
 #: the job row is written at most this often while a stage runs (stage ends always)
 WRITE_EVERY = 0.1
+#: an absolute POSIX path of two or more components inside a message
+_ABS_PATH = re.compile(r"(?<![\w.~>])/(?:[^\s'\"/]+/)+([^\s'\"/]*)")
+
+
+def public_error(message: str, folder: str, data_dir: str) -> str:
+    """``message`` without absolute server paths (job errors are shown to users): the image
+    folder becomes ``<image folder>``, the service's data folder ``<data>``, any other
+    absolute path ``.../NAME``."""
+    for path, name in ((folder, "<image folder>"), (data_dir, "<data>")):
+        for form in {str(path), os.path.realpath(path)}:
+            message = message.replace(form.rstrip("/") + "/", name + "/").replace(form, name)
+    return _ABS_PATH.sub(lambda m: ".../" + m.group(1), message)
 
 
 class JobProgress:
@@ -85,6 +98,10 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
     def report(fraction: float, stage: str) -> None:
         db.set_progress(job_id, run_token, fraction, stage)
 
+    def fail(error: str) -> None:
+        db.finish(job_id, run_token, "failed",
+                  error=public_error(error, ds["folder"], str(Path(db_path).parent)))
+
     report(0.0, "starting")
     try:
         import explorer
@@ -92,16 +109,17 @@ def run_job(db_path: str, job_id: str, run_token: str) -> int:
 
         res = explorer.build(ds["folder"], app=out_dir / "app", progress=False,
                              on_progress=JobProgress(report, sys.stderr),
+                             contained=True,  # review N6: no symlinks out of the folder
                              **options.from_request(p))
     except MemoryError:
-        db.finish(job_id, run_token, "failed", error="out of memory while building")
+        fail("out of memory while building")
         return 0
     except (ValueError, OSError) as exc:  # BuildError and friends: the user can fix them
-        db.finish(job_id, run_token, "failed", error=str(exc) or type(exc).__name__)
+        fail(str(exc) or type(exc).__name__)
         return 0
     except Exception as exc:  # noqa: BLE001 - any bug fails this job, not the service
-        traceback.print_exc()
-        db.finish(job_id, run_token, "failed", error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()  # the full text, paths included, goes to the job's log only
+        fail(f"{type(exc).__name__}: {exc}")
         return 0
     c = res.run.get("counts", {})
     db.finish(job_id, run_token, "done", result={
