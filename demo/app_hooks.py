@@ -58,11 +58,14 @@ def on_server_loaded(server_context) -> None:
     from bokeh.settings import settings
 
     from explorer.app.downloads import install, store
+    from explorer.app.serving import protect
 
     # Bokeh checks every new session's ~250 models for layout warnings (0.1-0.2 s a session on a
     # 2-core machine); the page is the same each time, and the tests validate it. EXPLORER_VALIDATE_DOC=1 keeps it.
     if os.environ.get("EXPLORER_VALIDATE_DOC", "") not in ("1", "true", "yes"):
         settings.perform_document_validation.set_value(False)
+    # DNS rebinding: any Host but this computer's names (and --allow-websocket-origin) gets 403
+    protect(server_context)
     # saved CSVs and zips are served by our own handler, to the session that saved them only;
     # thumbnails by row number from /<app>/_thumb/<row>
     install(server_context)

@@ -152,6 +152,54 @@ def test_thumbnails_are_served_by_row_and_only_images_inside_the_app(server):
     assert _get(f"{host}/app/_thumb/-1")[0] == 404
 
 
+def _raw(port, request):
+    """Send ``request`` (bytes) to 127.0.0.1:``port``; the status code of the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(request)
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def _upgrade(port, path, host, origin):
+    return _raw(port, (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+
+
+def _plain(port, path, host):
+    return _raw(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+
+def test_a_rebound_host_name_gets_403_on_the_page_thumbnails_and_websocket(server):
+    """DNS rebinding (review N2): a page on attacker.example whose name now points at
+    127.0.0.1 sends Host = Origin = attacker.example:PORT. Tornado lets such a websocket in
+    (Origin equals Host) and the page and thumbnail handlers never looked at Host: all three
+    must answer 403, while this computer's names keep working."""
+    url, _ = server
+    port = int(url.split(":")[2].split("/")[0])
+    evil = f"attacker.example:{port}"
+    assert _plain(port, "/app", evil) == 403
+    assert _plain(port, "/app/_thumb/10", evil) == 403
+    assert _upgrade(port, "/app/ws", evil, f"http://{evil}") == 403
+    assert _plain(port, "/app/_thumb/10", f"127.0.0.1:{port + 1}") == 403  # another port of this computer
+    for name in ("127.0.0.1", "localhost", "LOCALHOST", "[::1]"):
+        assert _plain(port, "/app", f"{name}:{port}") == 200, name
+        assert _plain(port, "/app/_thumb/10", f"{name}:{port}") == 200, name
+    # the websocket of this computer's page still opens (--allow-websocket-origin 127.0.0.1:PORT)
+    mine = f"127.0.0.1:{port}"
+    assert _upgrade(port, "/app/ws", mine, f"http://{mine}") == 101
+    # and Bokeh's own Origin check still refuses a foreign page on the right Host
+    assert _upgrade(port, "/app/ws", mine, f"http://{evil}") == 403
+
+
 def test_demo_app_is_an_up_to_date_copy_of_the_template():
     """demo/ is what `explorer build --app demo` installs from app_files/: no stale copies."""
     template = ROOT / "app_files"
@@ -160,3 +208,19 @@ def test_demo_app_is_an_up_to_date_copy_of_the_template():
     for src in files:
         copy = ROOT / "demo" / src.relative_to(template)
         assert copy.is_file() and copy.read_bytes() == src.read_bytes(), f"demo is stale: {copy}"
+
+
+def test_host_allowed_takes_this_computer_on_its_port_and_the_allowlist():
+    from explorer.app.serving import host_allowed, split_host
+
+    assert host_allowed("127.0.0.1:5006", 5006) and host_allowed("[::1]:5006", 5006)
+    assert host_allowed("localhost", 80) and not host_allowed("localhost", 5006)
+    assert not host_allowed("127.0.0.1:5007", 5006)
+    assert not host_allowed("attacker.example:5006", 5006)
+    assert not host_allowed("localhost.attacker.example:5006", 5006)
+    assert not host_allowed("", 5006) and not host_allowed(None, 5006) and not host_allowed("[::1", 5006)
+    assert host_allowed("box.lan:5006", 5006, ["box.lan:5006"])
+    assert not host_allowed("box.lan:5007", 5006, ["box.lan:5006"])
+    assert split_host("[::1]:8080") == ("[::1]", 8080) and split_host("Example.ORG") == ("example.org", None)
+    with pytest.raises(ValueError, match="99999"):
+        split_host("localhost:99999")

@@ -329,32 +329,6 @@ def url_pattern(app_url: str, prefix: str = "") -> str:
     return base + f"/{URL_SEGMENT}/([A-Za-z0-9_-]{{16,64}})/([^/]+)"
 
 
-def _find_tornado(app_context: Any) -> Any:
-    """The BokehTornado application that serves ``app_context``.
-
-    Bokeh does not hand it to ``on_server_loaded``; it holds our ApplicationContext in its
-    ``_applications`` dict, so walk the referrers of that context."""
-    import gc
-
-    from bokeh.server.tornado import BokehTornado
-
-    for ref in gc.get_referrers(app_context):
-        if isinstance(ref, BokehTornado):
-            return ref
-        if isinstance(ref, dict):
-            for owner in gc.get_referrers(ref):
-                if isinstance(owner, BokehTornado) and app_context in owner.applications.values():
-                    return owner
-                if isinstance(owner, dict):  # an instance __dict__
-                    for obj in gc.get_referrers(owner):
-                        if isinstance(obj, BokehTornado) and app_context in obj.applications.values():
-                            return obj
-    for obj in gc.get_objects():  # slow fallback, once per server
-        if isinstance(obj, BokehTornado) and app_context in obj.applications.values():
-            return obj
-    return None
-
-
 def install(server_context: Any, downloads: DownloadStore | None = None) -> str | None:
     """Add the download handler to the ``bokeh serve`` app of ``server_context``.
 
@@ -364,7 +338,9 @@ def install(server_context: Any, downloads: DownloadStore | None = None) -> str 
     ctx = getattr(server_context, "application_context", None)
     if ctx is None:
         return None
-    app = _find_tornado(ctx)
+    from explorer.app.serving import find_tornado
+
+    app = find_tornado(ctx)
     if app is None:
         log.error("explorer: could not find the Tornado application; exports cannot be downloaded")
         return None
