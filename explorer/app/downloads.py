@@ -16,6 +16,7 @@ the file is deleted and its URL answers 404.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import logging
 import os
@@ -146,6 +147,13 @@ class DownloadStore:
                 raise ValueError(f"{name} must be positive, got {v!r}")
         self._items: dict[str, Download] = {}
         self._lock = threading.Lock()
+        #: whether :attr:`root` is a folder this store made (and deletes on :meth:`close`)
+        self._own_root = False
+
+    @property
+    def sweep_seconds(self) -> float:
+        """How often the server deletes expired exports (a quarter of the expiry, 1 to 60 s)."""
+        return min(60.0, max(1.0, self.ttl / 4))
 
     @property
     def root(self) -> Path:
@@ -155,6 +163,8 @@ class DownloadStore:
                 if base:
                     Path(base).mkdir(parents=True, exist_ok=True)
                 self._root = Path(tempfile.mkdtemp(prefix="explorer-exports-", dir=base or None))
+                self._own_root = True
+                atexit.register(self.close)  # a normal exit; bokeh's unload hook covers SIGTERM
             self._root.mkdir(parents=True, exist_ok=True)
             return self._root
 
@@ -223,6 +233,17 @@ class DownloadStore:
         for d in gone:
             self.discard(d)
         return len(gone)
+
+    def close(self) -> None:
+        """Forget every export and delete the private folder this store made (the process is
+        ending: ``app_hooks.on_server_unloaded`` and ``atexit``). Safe to call twice."""
+        with self._lock:
+            self._items.clear()
+            root, own = self._root, self._own_root
+            if own:
+                self._root, self._own_root = None, False
+        if own and root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
     def expire(self, now: float | None = None) -> int:
         """Delete expired exports; returns how many."""
