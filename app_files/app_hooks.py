@@ -58,19 +58,29 @@ def on_server_loaded(server_context) -> None:
     from bokeh.settings import settings
 
     from explorer.app.downloads import install, store
+    from explorer.app.serving import protect
 
     # Bokeh checks every new session's ~250 models for layout warnings (0.1-0.2 s a session on a
     # 2-core machine); the page is the same each time, and the tests validate it. EXPLORER_VALIDATE_DOC=1 keeps it.
     if os.environ.get("EXPLORER_VALIDATE_DOC", "") not in ("1", "true", "yes"):
         settings.perform_document_validation.set_value(False)
+    # DNS rebinding: any Host but this computer's names (and --allow-websocket-origin) gets 403
+    protect(server_context)
     # saved CSVs and zips are served by our own handler, to the session that saved them only;
     # thumbnails by row number from /<app>/_thumb/<row>
     install(server_context)
-    # expired exports are deleted every minute (bokeh's server context has no periodic
-    # callbacks of its own: a Tornado one on the server's loop)
+    # expired exports are deleted even if nobody asks for them again (bokeh's server context
+    # has no periodic callbacks of its own: a Tornado one on the server's loop)
     from tornado.ioloop import PeriodicCallback
 
-    PeriodicCallback(store().expire, 60_000).start()
+    PeriodicCallback(store().expire, store().sweep_seconds * 1000).start()
     threading.Thread(target=preload, name="explorer-preload", daemon=True).start()
     if not os.environ.get("EXPLORER_NO_WARMUP"):
         warm_up()
+
+
+def on_server_unloaded(server_context) -> None:
+    """The server is stopping (Ctrl-C, SIGTERM): delete the private export folder."""
+    from explorer.app.downloads import store
+
+    store().close()

@@ -454,3 +454,42 @@ def test_big_map_zoom_re_renders_the_image_for_the_view(big_site):
     n = wait_model(drv, "thumbs_source", "m.data.url.length > 0 ? m.data.url.length : null", timeout=20)
     img = drv.execute_script(IMAGE_JS)
     assert n == img["n"] <= 300
+
+
+XSS_COLUMN = "<img src=x onerror=\"document.title='XSS-COLUMN';window.__xss=1\">"
+XSS_TAG = "<img src=x onerror=\"window.__xss=2\">"
+
+
+def test_hostile_column_names_and_values_are_shown_as_text_never_run(tmp_path):
+    """XSS through a CSV (review N3): the DataTable header rendered a column's name as HTML,
+    so a column named ``<img onerror=...>`` ran on page load. Column names and tag values
+    from the CSV appear as text in the table header, the cells, the legend, the colour-by
+    and tag menus; no script of theirs runs."""
+    import pandas as pd
+
+    app_dir, csv = make_app(tmp_path)
+    df = pd.read_csv(csv)
+    df[XSS_COLUMN] = [XSS_TAG if i % 2 else "#plain" for i in range(len(df))]
+    df["tags"] = [f"#ok, {XSS_TAG}" for _ in range(len(df))]
+    df.to_csv(csv, index=False)
+    with B.serve(app_dir, csv) as url, B.chromium() as drv:
+        drv.get(url)
+        B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+        # colour by the hostile column (legend of its values), select images (table cells)
+        B.set_model(drv, "color_by", "value", XSS_COLUMN)
+        wait_model(drv, "legend", f"m.text.includes('onerror')")
+        lasso_clusters_0_and_1(drv)
+        tab = next(t for t in deep(drv, None, ".bk-tab") if t.text.strip() == "Metadata")
+        tab.click()
+        B.set_model(drv, "tag_column", "value", "tags")
+        wait_model(drv, "tag_value", "m.options.length > 1")
+        time.sleep(0.5)  # an onerror handler runs once the broken image fails to load
+        headers = [e.get_attribute("textContent") for e in deep(drv, "table", ".slick-column-name")]
+        assert XSS_COLUMN in headers, headers
+        cells = [e.get_attribute("textContent") for e in deep(drv, "table", ".slick-cell")]
+        assert XSS_TAG in cells
+        legend = [e.get_attribute("textContent") for e in deep(drv, "legend", ".ex-legend-text")]
+        assert any(XSS_TAG in t for t in legend), legend
+        assert drv.execute_script("return window.__xss") is None
+        assert drv.title != "XSS-COLUMN"
+        assert injected(drv) == 0

@@ -147,6 +147,13 @@ class DownloadStore:
                 raise ValueError(f"{name} must be positive, got {v!r}")
         self._items: dict[str, Download] = {}
         self._lock = threading.Lock()
+        #: whether :attr:`root` is a folder this store made (and deletes on :meth:`close`)
+        self._own_root = False
+
+    @property
+    def sweep_seconds(self) -> float:
+        """How often the server deletes expired exports (a quarter of the expiry, 1 to 60 s)."""
+        return min(60.0, max(1.0, self.ttl / 4))
 
     @property
     def root(self) -> Path:
@@ -156,9 +163,8 @@ class DownloadStore:
                 if base:
                     Path(base).mkdir(parents=True, exist_ok=True)
                 self._root = Path(tempfile.mkdtemp(prefix="explorer-exports-", dir=base or None))
-                # the private folder goes with this process (bokeh serve ends on SIGTERM and
-                # Ctrl-C by returning normally, so atexit runs)
-                atexit.register(shutil.rmtree, self._root, ignore_errors=True)
+                self._own_root = True
+                atexit.register(self.close)  # a normal exit; bokeh's unload hook covers SIGTERM
             self._root.mkdir(parents=True, exist_ok=True)
             return self._root
 
@@ -227,6 +233,17 @@ class DownloadStore:
         for d in gone:
             self.discard(d)
         return len(gone)
+
+    def close(self) -> None:
+        """Forget every export and delete the private folder this store made (the process is
+        ending: ``app_hooks.on_server_unloaded`` and ``atexit``). Safe to call twice."""
+        with self._lock:
+            self._items.clear()
+            root, own = self._root, self._own_root
+            if own:
+                self._root, self._own_root = None, False
+        if own and root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
     def expire(self, now: float | None = None) -> int:
         """Delete expired exports; returns how many."""
@@ -333,32 +350,6 @@ def url_pattern(app_url: str, prefix: str = "") -> str:
     return base + f"/{URL_SEGMENT}/([A-Za-z0-9_-]{{16,64}})/([^/]+)"
 
 
-def _find_tornado(app_context: Any) -> Any:
-    """The BokehTornado application that serves ``app_context``.
-
-    Bokeh does not hand it to ``on_server_loaded``; it holds our ApplicationContext in its
-    ``_applications`` dict, so walk the referrers of that context."""
-    import gc
-
-    from bokeh.server.tornado import BokehTornado
-
-    for ref in gc.get_referrers(app_context):
-        if isinstance(ref, BokehTornado):
-            return ref
-        if isinstance(ref, dict):
-            for owner in gc.get_referrers(ref):
-                if isinstance(owner, BokehTornado) and app_context in owner.applications.values():
-                    return owner
-                if isinstance(owner, dict):  # an instance __dict__
-                    for obj in gc.get_referrers(owner):
-                        if isinstance(obj, BokehTornado) and app_context in obj.applications.values():
-                            return obj
-    for obj in gc.get_objects():  # slow fallback, once per server
-        if isinstance(obj, BokehTornado) and app_context in obj.applications.values():
-            return obj
-    return None
-
-
 def install(server_context: Any, downloads: DownloadStore | None = None) -> str | None:
     """Add the download handler to the ``bokeh serve`` app of ``server_context``.
 
@@ -368,7 +359,9 @@ def install(server_context: Any, downloads: DownloadStore | None = None) -> str 
     ctx = getattr(server_context, "application_context", None)
     if ctx is None:
         return None
-    app = _find_tornado(ctx)
+    from explorer.app.serving import find_tornado
+
+    app = find_tornado(ctx)
     if app is None:
         log.error("explorer: could not find the Tornado application; exports cannot be downloaded")
         return None

@@ -21,13 +21,13 @@ widgets of one session: a thin layer that calls them and hands the result to the
 from __future__ import annotations
 
 import contextlib
-import html
 import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from explorer.app.html import esc
 from explorer.quality import FLAG_NAMES
 
 __all__ = [
@@ -231,9 +231,6 @@ def project_cluster_names(project: Any) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- widgets
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
 
 class Finder:
     """Search box, "more like this", ranked results and the flag filter of one session.
@@ -452,13 +449,13 @@ class Finder:
         st = self.state
         notes = []
         if self.index.words_problem:
-            notes.append(f"<div class='ex-msg ex-warning'>{_esc(self.index.words_problem)}</div>")
+            notes.append(f"<div class='ex-msg ex-warning'>{esc(self.index.words_problem)}</div>")
         else:
             notes.append("<div class='ex-muted'>search by concept: the words are matched to the "
                          "1,000 ImageNet classes the images were seen as; there is no class for a "
                          "person, a face, a colour alone or an action</div>")
         if not st.has_features:
-            notes.append(f"<div class='ex-muted'>more like this is off: {_esc(st._features_problem)}</div>")
+            notes.append(f"<div class='ex-muted'>more like this is off: {esc(st._features_problem)}</div>")
         self.search_note.text = "".join(notes)
 
     def _render_results(self) -> None:
@@ -473,12 +470,12 @@ class Finder:
         cells = []
         for rank_, (r, s, name) in enumerate(zip(rows.tolist(), scores.tolist(), names), 1):
             cells.append(
-                f"<figure class='ex-cell ex-result'><img src='{_esc(self.view.thumb(r))}' alt='' "
-                f"loading='lazy' title='{_esc(name)}'><figcaption><span class='ex-name'>{_esc(name)}</span>"
+                f"<figure class='ex-cell ex-result'><img src='{esc(self.view.thumb(r))}' alt='' "
+                f"loading='lazy' title='{esc(name)}'><figcaption><span class='ex-name'>{esc(name)}</span>"
                 f"<span class='ex-dist'>#{rank_} &middot; score {s:.3f}</span></figcaption></figure>"
             )
         same = np.array_equal(np.unique(rows[st.valid[rows]]), st.selection)
-        head = (f"<div class='ex-pageinfo'>{len(rows):,} result(s) for {_esc(what)}, best first"
+        head = (f"<div class='ex-pageinfo'>{len(rows):,} result(s) for {esc(what)}, best first"
                 + ("" if same else " &middot; <i>no longer the selection</i>") + "</div>")
         body = f"<div class='ex-grid ex-results'>{''.join(cells)}</div>" if cells else \
             "<div class='ex-muted'>no results</div>"

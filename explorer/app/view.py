@@ -18,7 +18,6 @@ the process-wide pools of :mod:`explorer.app.work` with a "working..." message.
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,6 +58,7 @@ from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
 from explorer.app.finder import Finder
+from explorer.app.html import column_title, esc
 from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
@@ -132,9 +132,6 @@ thumbs._ex_timer = setTimeout(() => {
 }, 120);
 """
 
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
 
 
 def _stylesheet(route: str) -> ImportedStyleSheet:
@@ -401,11 +398,11 @@ class AppView:
     def _title_html(self) -> str:
         st = self.state
         n_clusters = len([v for v in st.label_values() if v != "-1"]) if st.label_column == "cluster" else None
-        parts = [f"<b>{_esc(st.route or 'explorer')}</b>", f"{st.n_rows:,} images"]
+        parts = [f"<b>{esc(st.route or 'explorer')}</b>", f"{st.n_rows:,} images"]
         if n_clusters is not None:
             parts.append(f"{n_clusters:,} clusters")
         if st.csv_path is not None:
-            parts.append(f"<span class='ex-muted'>{_esc(st.csv_path)}</span>")
+            parts.append(f"<span class='ex-muted'>{esc(st.csv_path)}</span>")
         return f"<div class='ex-title'>{' &middot; '.join(parts)}</div>"
 
     def _make_table(self) -> tuple[ColumnDataSource, DataTable]:
@@ -459,7 +456,7 @@ class AppView:
                 fmt = whole
             else:
                 fmt = text
-            cols.append(TableColumn(field=field, title=str(name), formatter=fmt, width=90, editor=editor))
+            cols.append(TableColumn(field=field, title=column_title(name), formatter=fmt, width=90, editor=editor))
         return cols
 
     def _table_data(self, rows: np.ndarray) -> dict[str, Any]:
@@ -817,7 +814,7 @@ class AppView:
             self._render_tags()
             crumbs = st.breadcrumbs()
             self.crumbs.text = (
-                "<div class='ex-crumbs'>" + " &rsaquo; ".join(_esc(c) for c in crumbs) + "</div>"
+                "<div class='ex-crumbs'>" + " &rsaquo; ".join(esc(c) for c in crumbs) + "</div>"
                 if len(crumbs) > 1 else ""
             )
             self.back.visible = self.top.visible = len(crumbs) > 1
@@ -832,9 +829,9 @@ class AppView:
         self.group_id.value = st.overview_id
         cells = []
         for gid, count, reps in groups:
-            imgs = "".join(f"<img src='{_esc(self.thumb(r))}' alt=''>" for r in reps[:4])
+            imgs = "".join(f"<img src='{esc(self.thumb(r))}' alt=''>" for r in reps[:4])
             cells.append(f"<div class='ex-group'><div class='ex-group-imgs'>{imgs}</div>"
-                         f"<div><b>{_esc(gid)}</b> &middot; {count:,} images</div></div>")
+                         f"<div><b>{esc(gid)}</b> &middot; {count:,} images</div></div>")
         self.overview_div.text = "".join(cells)
         node = st.tree.node(st.overview_id) if st.tree is not None else None
         for i, b in enumerate(self.group_buttons):
@@ -934,9 +931,9 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i in rows:
-            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
+            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
             cells.append(
-                f"<figure class='ex-cell'><img src='{_esc(self.thumb(i))}' alt='' "
+                f"<figure class='ex-cell'><img src='{esc(self.thumb(i))}' alt='' "
                 f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
                 f"<span class='ex-label'>{label}</span></figcaption></figure>"
             )
@@ -958,15 +955,15 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
-            name, label = _esc(self.state.project.names_of([i])[0]), _esc(self.state.label_text(labels[i]))
+            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
             extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
             cells.append(
-                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{_esc(self.thumb(i))}' alt='' "
+                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{esc(self.thumb(i))}' alt='' "
                 f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
                 f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
             )
         self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
-        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {_esc(self.state.project.names_of([row])[0])}</div>"
+        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {esc(self.state.project.names_of([row])[0])}</div>"
         self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
@@ -974,7 +971,7 @@ class AppView:
         shown = items[:300]
         rows = "".join(
             f"<div class='ex-legend-item'><span class='ex-swatch' style='background:{c}'></span>"
-            f"<span class='ex-legend-text'>{_esc(self.finder.group_text(v, t))}</span><span class='ex-count'>{n:,}</span></div>"
+            f"<span class='ex-legend-text'>{esc(self.finder.group_text(v, t))}</span><span class='ex-count'>{n:,}</span></div>"
             for v, t, c, n in shown
         )
         more = f"<div class='ex-muted'>... and {len(items) - len(shown):,} more</div>" if len(items) > len(shown) else ""
@@ -984,15 +981,15 @@ class AppView:
         st = self.state
         out = []
         for p in st.problems:
-            out.append(f"<div class='ex-msg ex-warning'>&#9888; {_esc(p)}</div>")
+            out.append(f"<div class='ex-msg ex-warning'>&#9888; {esc(p)}</div>")
         level, text = st.message
         if text:
-            out.append(f"<div class='ex-msg ex-{_esc(level)}'>{_esc(text)}</div>")
+            out.append(f"<div class='ex-msg ex-{esc(level)}'>{esc(text)}</div>")
         links = getattr(self, "_links", [])
         if links and level != "error":
             out.append(
                 "<div class='ex-msg'>download: "
-                + ", ".join(f"<a href='{_esc(u)}' download='{_esc(n)}'>{_esc(n)}</a>" for n, u in links)
+                + ", ".join(f"<a href='{esc(u)}' download='{esc(n)}'>{esc(n)}</a>" for n, u in links)
                 + "</div>"
             )
         return "".join(out)
@@ -1075,10 +1072,10 @@ def error_page(doc: Any, route: str, title: str, message: str) -> None:
     css = [_stylesheet(route)]
     doc.add_root(
         column(
-            Div(name="title", text=f"<div class='ex-title'><b>{_esc(title)}</b></div>", stylesheets=css),
+            Div(name="title", text=f"<div class='ex-title'><b>{esc(title)}</b></div>", stylesheets=css),
             Div(
                 name="status",
-                text=f"<div class='ex-msg ex-error'>&#9888; {_esc(message)}</div>",
+                text=f"<div class='ex-msg ex-error'>&#9888; {esc(message)}</div>",
                 stylesheets=css,
                 width=900,
             ),
