@@ -138,3 +138,55 @@ def test_a_lasso_on_the_map_outlines_the_tiles_it_touches(doc):
     rows = set(np.flatnonzero(st.labels("cluster") == "1").tolist())
     for i in touched:
         assert data["selected"][i] == len(rows & set(st.tree.node(data["id"][i]).members.tolist()))
+
+
+# --------------------------------------------------------------------------- in headless Chromium
+TILE_CENTRE_JS = """
+const fig = Bokeh.documents[0].get_model_by_name("treemap");
+const src = Bokeh.documents[0].get_model_by_name("treemap_tiles");
+const v = Bokeh.index.find_one(fig);
+if (!v || !v.has_finished() || !src.data.id.length) return null;
+v.el.scrollIntoView({block: "center"});
+const canvas = v.canvas_view.el.getBoundingClientRect();
+const i = arguments[0];
+const x = (src.data.left[i] + src.data.right[i]) / 2, y = (src.data.bottom[i] + src.data.top[i]) / 2;
+return [canvas.left + v.frame.x_scale.compute(x), canvas.top + v.frame.y_scale.compute(y)];
+"""
+
+
+@pytest.mark.browser
+def test_treemap_in_the_browser_tap_back_and_lasso(built):
+    import _browser as B
+
+    if B.find_chromium() is None:
+        pytest.skip("chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    app_dir, csv = built
+
+    def wait(name, expr, timeout=30):
+        js = f"const m = Bokeh.documents[0].get_model_by_name(arguments[0]); if (!m) return null; return ({expr});"
+        return B.wait_for(B_drv, js, name, timeout=timeout)
+
+    with B.serve(app_dir, csv) as url, B.chromium(width=1600, height=1400) as B_drv:
+        B_drv.get(url)
+        B.wait_for(B_drv, B.PLOT_DRAWN_JS, timeout=60)
+        titles = B_drv.execute_script(
+            "return Bokeh.documents[0].get_model_by_name('tabs').tabs.map(t => t.title)")
+        B.set_model(B_drv, "tabs", "active", titles.index("Treemap"))
+        n_tiles = wait("treemap_tiles", "m.data.id.length >= 2 && m.data.id.length", timeout=90)
+        counts = B.model_value(B_drv, "treemap_tiles", "Array.from(m.data.count)")
+        i = max(range(n_tiles), key=lambda k: counts[k])
+        x, y = B.wait_for(B_drv, TILE_CENTRE_JS, i)
+        ActionChains(B_drv).move_by_offset(int(x), int(y)).click().perform()
+        ActionChains(B_drv).reset_actions()
+        # the tile's images are selected on the map and in the table
+        wait("table_source", f"m.data['_file'].length == {counts[i]}")
+        B.click_button(B_drv, "treemap_crumb_0")
+        wait("points", "m.selected.indices.length == 0")
+        wait("treemap_tiles", f"m.data.id.length == {n_tiles}")
+        # a lasso around one corner group outlines the tiles holding its images
+        B.lasso(B_drv, [(-3, -3), (3, -3), (3, 3), (-3, 3)])
+        n_sel = wait("table_source", "m.data['_file'].length > 0 && m.data['_file'].length")
+        assert wait("treemap_tiles", f"m.data.selected.reduce((a, b) => a + b, 0) == {n_sel}")
+        assert B.model_value(B_drv, "treemap_tiles", "m.data.line.filter(c => c == '#111111').length") >= 1
