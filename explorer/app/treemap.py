@@ -39,8 +39,9 @@ MUTED = "#c8c8c8"
 #: per process: (id(tree), group id, width, height) -> the level's tiles without codes or
 #: selection (the geometry, counts and representatives do not depend on the session)
 _LEVELS: dict[tuple, Tiles] = {}
-#: per process: (id(table), id(tree), group id) -> each tile's dominant cluster name
-_NAMES: dict[tuple, list[str]] = {}
+#: per process: (id(table), id(tree), group id) -> each tile's dominant cluster name, and
+#: (id(table), "cluster_name") -> the column's distinct names and a code per row
+_NAMES: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
@@ -58,6 +59,19 @@ def cached_level(tree, group_id: str, width: float, height: float) -> Tiles:
     return hit
 
 
+def _name_codes(table) -> tuple[np.ndarray, np.ndarray] | None:
+    """(distinct cluster names, code per row) of ``table``, computed once per process."""
+    key = (id(table), "cluster_name")
+    with _lock:
+        hit = _NAMES.get(key)
+    if hit is None:
+        values, codes = np.unique(table["cluster_name"].fillna("").astype(str).to_numpy(), return_inverse=True)
+        hit = (values, codes.astype(np.int32))
+        with _lock:
+            _NAMES[key] = hit
+    return hit
+
+
 def cluster_names(table, tree, tiles: Tiles) -> list[str]:
     """The most frequent non-empty ``cluster_name`` of each tile ("" without the column)."""
     if "cluster_name" not in getattr(table, "columns", ()):
@@ -67,7 +81,7 @@ def cluster_names(table, tree, tiles: Tiles) -> list[str]:
         hit = _NAMES.get(key)
     if hit is not None:
         return hit
-    values, codes = np.unique(table["cluster_name"].fillna("").astype(str).to_numpy(), return_inverse=True)
+    values, codes = _name_codes(table)
     empty = np.flatnonzero(values == "")
     names = []
     for gid in tiles.ids:
@@ -76,6 +90,8 @@ def cluster_names(table, tree, tiles: Tiles) -> list[str]:
             bc[empty] = 0
         names.append(str(values[int(bc.argmax())]) if bc.max() > 0 else "")
     with _lock:
+        if len(_NAMES) > 4096:
+            _NAMES.clear()
         _NAMES[key] = names
     return names
 
