@@ -59,6 +59,7 @@ from bokeh.plotting import figure
 from explorer.app.density import image_threshold
 from explorer.app.finder import Finder
 from explorer.app.html import column_title, esc
+from explorer.app.treemap import TreemapPanel
 from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
@@ -301,6 +302,10 @@ class AppView:
         )
         self._build_curation(css)
         self.finder = Finder(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
+        self.treemap = TreemapPanel(
+            st, self.thumb, lambda what, compute, finish: self._background(what, compute, finish, drop_if_moved=False),
+            width=SIDEBAR_WIDTH, height=PLOT_HEIGHT - 160, stylesheets=css,
+        )  # fmt: skip
         self.tabs = Tabs(
             name="tabs",
             tabs=[
@@ -309,11 +314,13 @@ class AppView:
                 TabPanel(child=self.overview_panel, title="Overview"),
                 TabPanel(child=self.metadata_panel, title="Metadata"),
                 TabPanel(child=self.finder.panel, title="Find"),
+                TabPanel(child=self.treemap.panel, title="Treemap"),
             ],
             width=SIDEBAR_WIDTH + 20,
         )
         self.tabs.on_change("active", self._on_tab)
         self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
+        self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.treemap.panel and self.treemap.open())
         self.layout = column(
             self.title,
             self.status,
