@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from explorer import cli_labels
+
 EXIT_USAGE = 2
 
 
@@ -94,6 +96,10 @@ def add_export(sub) -> None:
                    help="leave out images with any of these quality flags, e.g. "
                    "blurry,exact_duplicate (flags: blurry, dark, bright, low_information, "
                    "grayscale, odd_aspect, odd_size, exact_duplicate)")
+    e.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                   help="with --by label: unlabelled images also go to the folder of their "
+                   "predicted label when its confidence is at least X (`explorer labels "
+                   "propagate`)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(mode="copy")
 
@@ -251,6 +257,8 @@ def _check_export_options(a: argparse.Namespace) -> None:
                          "every labelled image; sample the folders export instead)")
     if a.zip and a.mode == "link":
         raise UsageError("--link cannot be used with --zip (a zip holds copies)")
+    if a.min_confidence is not None and (a.by or ("label" if a.imagefolder else "cluster")) != "label":
+        raise UsageError("--min-confidence goes with --by label (predicted labels, not clusters)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -267,6 +275,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         from explorer.labels import LabelBook, labelled_table
 
         df = labelled_table(df, LabelBook.from_journal(journal))
+    if a.min_confidence is not None:
+        df = cli_labels.with_confident_predictions(df, csv, a.min_confidence)
     dropped = None
     if a.drop:
         from explorer.quality import drop_flagged
@@ -377,9 +387,10 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 #: each command: its parser (``add_NAME(subparsers)``) and its function (``cmd_NAME(args)``)
-PARSERS = [add_build, add_threshold, add_export, add_serve, add_users, add_search]
+PARSERS = [add_build, add_threshold, add_export, add_serve, add_users, add_search, cli_labels.register]
 COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
-            "serve": cmd_serve, "users": cmd_users, "search": cmd_search}
+            "serve": cmd_serve, "users": cmd_users, "search": cmd_search,
+            "labels": cli_labels.cmd_labels}
 
 
 def main(argv: list[str] | None = None) -> int:

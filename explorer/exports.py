@@ -862,3 +862,29 @@ def export_imagefolder(df: pd.DataFrame, image_root, dest, *, as_zip: bool = Fal
                        if as_zip else str(dest / LABELS_CSV)),
     }
 
+
+
+def with_predictions(df: pd.DataFrame, predictions: pd.DataFrame, min_confidence: float, *,
+                     path_col: str = "path", label_col: str = "label") -> pd.DataFrame:
+    """A copy of ``df`` whose unlabelled rows take their predicted label when its confidence
+    is at least ``min_confidence`` (``export --by label --min-confidence X``).
+
+    ``predictions`` has ``path``, ``predicted_label`` and ``confidence`` (as from
+    :func:`explorer.active.label_table`); a person's labels are never replaced.
+    """
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
+            or not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence must be in [0, 1]; got {min_confidence!r}")
+    for col in ("path", "predicted_label", "confidence"):
+        if col not in predictions.columns:
+            raise ValueError(f"the predictions have no {col!r} column")
+    out = df.copy()
+    have = (out[label_col].fillna("").astype(str) if label_col in out.columns
+            else pd.Series([""] * len(out), index=out.index))
+    pred = predictions.set_index("path")
+    keys = out[path_col].astype(str)
+    conf = keys.map(pred["confidence"]).astype(float)
+    lab = keys.map(pred["predicted_label"]).fillna("").astype(str)
+    take = (have == "") & (conf >= min_confidence) & (lab != "")
+    out[label_col] = have.where(~take, lab)
+    return out

@@ -27,6 +27,13 @@ groups ``[old, new, [keys]]`` of exactly what it changed (``""`` = no label), ea
 Undo and redo are records too (``args = {"target": seq, "changes": ...}``), so each
 session's undo/redo stacks are rebuilt from the journal by the rules the live book follows.
 
+Accepted predictions
+--------------------
+:meth:`LabelBook.accept` records op ``"accept"`` (one step, undoable like any edit): its
+labels have the source ``"accepted"`` (:meth:`LabelBook.sources`) until a person changes
+them; every other edit is a person's (``"person"``). An edit that overwrites accepted labels
+lists those keys in ``args["was_accepted"]``, so its undo gives them their source back.
+
 Several sessions (browser tabs, processes) on one journal
 ---------------------------------------------------------
 Each session has its own undo/redo stacks; undo only takes back that session's own edits.
@@ -63,6 +70,8 @@ __all__ = [
     "propose_labels",
     "labelled_table",
     "nearest",
+    "ACCEPT_OP",
+    "LABEL_SOURCES",
 ]
 
 from explorer.neighbours import nearest  # noqa: E402  (re-exported for the app)
@@ -73,7 +82,11 @@ DISCARD = "discard"
 MAX_LABEL_LENGTH = 100
 
 #: the operations a book records (undo and redo besides)
-EDIT_OPS = ("apply", "assign", "rename", "merge", "discard", "clear")
+EDIT_OPS = ("apply", "assign", "rename", "merge", "discard", "clear", "accept")
+#: the op of accepted predictions: their labels have the source "accepted", not "person"
+ACCEPT_OP = "accept"
+#: where a row's label comes from (``propagate`` adds "predicted" for rows with none)
+LABEL_SOURCES = ("person", "accepted", "predicted")
 
 #: how many changed keys a LabelState remembers for sync(); older gaps are read from disk
 SYNC_LOG_KEYS = 200_000
@@ -185,6 +198,32 @@ class _MemoryJournal:
         return len(self._records), labels
 
 
+def _track_accepted(accepted: set[str], record: Mapping, groups, lookup) -> None:
+    """Update ``accepted`` (keys labelled by accepted predictions) by one record.
+
+    An accept (or its redo) marks the keys it labelled; any other edit unmarks the keys it
+    changed, and its undo marks again the keys it had taken from accepted predictions
+    (``args["was_accepted"]``); the undo of an accept unmarks.
+    """
+    op = record.get("op")
+    args = record.get("args") or {}
+    target_op, target_args = None, {}
+    if op in ("undo", "redo") and isinstance(args.get("target"), int):
+        target = lookup(args["target"]) or {}
+        target_op, target_args = target.get("op"), target.get("args") or {}
+    if op == ACCEPT_OP or (op == "redo" and target_op == ACCEPT_OP):
+        for _, new, keys in groups:
+            (accepted.update if new else accepted.difference_update)(keys)
+        return
+    for _, _, keys in groups:
+        accepted.difference_update(keys)
+    if op == "undo" and target_op != ACCEPT_OP:
+        was = target_args.get("was_accepted") or []
+        if was:
+            changed = {k for _, new, keys in groups if new for k in keys}
+            accepted.update(k for k in was if k in changed)
+
+
 # ---------------------------------------------------------------------- the shared read model
 class LabelState:
     """The labels of one journal, shared (per process) by every :class:`LabelBook` on it.
@@ -208,6 +247,7 @@ class LabelState:
         self._log: deque[tuple[int, list[list[str]], int]] = deque()  # (seq, key lists, n)
         self._log_keys = 0
         self._log_floor = 0  # changed_since(s) is answered from memory for s >= this
+        self._accepted: set[str] | None = None  # keys labelled by accepted predictions
 
     @classmethod
     def shared(cls, journal: Journal) -> "LabelState":
@@ -239,6 +279,7 @@ class LabelState:
                 self._loaded = False
                 self._log.clear()
                 self._log_keys = 0
+                self._accepted = None
                 return self.refresh()
             for rec in records:
                 args = rec.get("args")
@@ -246,12 +287,18 @@ class LabelState:
                     groups = change_groups(args.get("changes")) if isinstance(args, dict) else []
                 except ValueError:
                     groups = []  # not a label record (or a newer format): nothing to apply
-                self.apply(rec["seq"], groups)
+                self.apply(rec["seq"], groups, rec)
             return self.seq
 
-    def apply(self, seq: int, groups: Sequence[Sequence]) -> None:
-        """Take the ``new`` label of every group (the caller committed record ``seq``)."""
+    def apply(self, seq: int, groups: Sequence[Sequence], record: Mapping | None = None) -> None:
+        """Take the ``new`` label of every group (the caller committed record ``seq``);
+        ``record`` (its op and args) keeps :meth:`accepted` up to date."""
         with self.lock:
+            if self._accepted is not None:
+                if record is None:
+                    self._accepted = None  # recomputed from the journal when next asked
+                else:
+                    _track_accepted(self._accepted, record, groups, self.journal.record)
             changed = [keys for _, _, keys in groups]
             n = 0
             for _, new, keys in groups:
@@ -263,6 +310,24 @@ class LabelState:
             while self._log and self._log_keys > SYNC_LOG_KEYS:
                 s, _, k = self._log.popleft()
                 self._log_floor, self._log_keys = s, self._log_keys - k
+
+    def accepted(self) -> set[str]:
+        """The keys whose current label is an accepted prediction (op :data:`ACCEPT_OP`, not
+        since changed by a person); computed from the journal once, then kept up to date.
+        Hold :attr:`lock` while using the set."""
+        with self.lock:
+            if self._accepted is None:
+                acc: set[str] = set()
+                for rec in self.journal.read_since(0):
+                    if rec["seq"] > self.seq:
+                        break
+                    try:
+                        groups = change_groups((rec.get("args") or {}).get("changes"))
+                    except (ValueError, AttributeError):
+                        continue
+                    _track_accepted(acc, rec, groups, self.journal.record)
+                self._accepted = acc
+            return self._accepted
 
     def get(self, key: str) -> str | None:
         """The journal's label of ``key`` (``""`` = cleared), ``None`` if never touched."""
@@ -460,6 +525,28 @@ class LabelBook:
         new = {k: validate_label(mapping[k]) for k in keys}
         return self._edit("assign", {"n": len(new)}, lambda: new)
 
+    def accept(self, mapping: Mapping[str, str], **info):
+        """Accept predictions: give each key its predicted label in one undoable step, recorded
+        as op :data:`ACCEPT_OP` so the labels keep the source ``"accepted"`` (told apart from a
+        person's). ``info`` (e.g. ``threshold=0.93``) is recorded with it."""
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"accept needs a mapping key -> label, got {type(mapping).__name__}")
+        bad = sorted(set(info) & {"changes", "target", "n", "was_accepted"})
+        if bad:
+            raise ValueError(f"accept: reserved record field(s) {bad}")
+        keys = _validate_keys(list(mapping), self._known)
+        new = {k: validate_label(mapping[k]) for k in keys}
+        return self._edit(ACCEPT_OP, {"n": len(new), **info}, lambda: new)
+
+    def sources(self, keys: Iterable[str]) -> list[str]:
+        """Where each key's label comes from: ``"person"``, ``"accepted"`` (an accepted
+        prediction not since changed by a person) or ``""`` (no label)."""
+        keys = list(keys)
+        with self._state.lock:
+            acc = self._state.accepted()
+            return ["" if not v else ("accepted" if k in acc else "person")
+                    for k, v in zip(keys, self.labels_for(keys))]
+
     def discard(self, keys: Iterable[str]):
         """Mark images as discarded (the label :data:`DISCARD`)."""
         keys = _validate_keys(keys, self._known)
@@ -577,7 +664,7 @@ class LabelBook:
                 self._catch_up_steps()
                 yield commit
             for full in done:  # on disk now
-                st.apply(full["seq"], full["args"]["changes"])
+                st.apply(full["seq"], full["args"]["changes"], full)
                 self._push_step(full["seq"], full["op"], full["args"].get("target"))
             self.seq = st.seq
 
@@ -599,7 +686,14 @@ class LabelBook:
             if not groups:
                 return None
             changes = [[o, n, ks] for (o, n), ks in groups.items()]
-            return commit({"op": op, "args": {**args, "changes": changes}})
+            extra = {}
+            if op != ACCEPT_OP:
+                acc = self._state.accepted()
+                if acc:
+                    was = [k for ks in groups.values() for k in ks if k in acc]
+                    if was:  # so that undoing this edit gives them back their source
+                        extra["was_accepted"] = was
+            return commit({"op": op, "args": {**args, **extra, "changes": changes}})
 
     def _step(self, op: str):
         with self._writing() as commit:

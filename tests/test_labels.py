@@ -484,3 +484,40 @@ def test_a_journal_deleted_while_sessions_run_starts_afresh(tmp_path):
     assert book.counts() == {} and not book.can_undo
     book.apply(KEYS[:1], "dog")  # written to the new file, not the deleted one
     assert Journal(path).labels() == {KEYS[0]: "dog"}
+
+
+# ------------------------------------------------------------------ accepted predictions
+def test_accepted_predictions_are_kept_apart_from_hand_labels(book):
+    book.apply(KEYS[:2], "cat")
+    rec = book.accept({KEYS[2]: "cat", KEYS[3]: "dog"}, threshold=0.9)
+    assert rec["op"] == "accept" and rec["args"]["threshold"] == 0.9
+    assert book.labels_for(KEYS[:5]) == ["cat", "cat", "cat", "dog", ""]
+    assert book.sources(KEYS[:5]) == ["person", "person", "accepted", "accepted", ""]
+    # a person correcting an accepted label makes it theirs; undo gives the source back
+    book.apply([KEYS[3]], "fox")
+    assert book.sources(KEYS[3:4]) == ["person"]
+    book.undo()
+    assert book.labels_for(KEYS[3:4]) == ["dog"] and book.sources(KEYS[3:4]) == ["accepted"]
+    # "accept all sure" is one step: one undo takes it all back, redo brings it again
+    book.undo()
+    assert book.labels_for(KEYS[:4]) == ["cat", "cat", "", ""]
+    assert book.sources(KEYS[:4]) == ["person", "person", "", ""]
+    book.redo()
+    assert book.sources(KEYS[:4]) == ["person", "person", "accepted", "accepted"]
+
+
+def test_accepted_sources_survive_a_reopened_journal(tmp_path):
+    path = tmp_path / "t.labels.sqlite"
+    book = LabelBook(Journal(path, session="A"), keys=KEYS)
+    book.apply(KEYS[:1], "cat")
+    book.accept({KEYS[1]: "cat", KEYS[2]: "dog"})
+    book.apply([KEYS[2]], "fox")
+    # another process (a fresh state) rebuilds the sources from the journal
+    other = LabelBook(Journal(path, session="B"), keys=KEYS,
+                      state=LabelState(Journal(path, session="B-reader")))
+    assert other.sources(KEYS[:4]) == ["person", "accepted", "person", ""]
+    # and keeps up with later records of the first session
+    book.undo()
+    other.sync()
+    assert other.sources(KEYS[2:3]) == ["accepted"]
+    assert [r["op"] for r in Journal(path).replay()] == ["apply", "accept", "apply", "undo"]

@@ -1,0 +1,190 @@
+"""``explorer labels``: add labels from a CSV, ask what to label next, propagate, accept.
+
+    explorer labels add NAME.csv --from FILE.csv        # columns path,label; one journal step
+    explorer labels next NAME.csv [--n 20] [--json]     # the images to label next, with reasons
+    explorer labels propagate NAME.csv [--out FILE.csv] [--json]
+    explorer labels accept NAME.csv                     # accept every "sure" prediction (one step)
+
+Labels go to the build's journal (``NAME.labels.sqlite``), as in the app; the model is fitted
+on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.active`. Registered
+by :func:`register` from :mod:`explorer.cli`; errors are ``ValueError``/``OSError`` (the CLI
+turns them into messages and exit codes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "cmd_labels", "Build", "open_build"]
+
+
+def register(sub) -> None:
+    """Add the ``labels`` subcommand to the CLI's subparsers."""
+    p = sub.add_parser("labels", help="label a few images, let the tool label the rest",
+                       description="Add labels from a CSV, list the images worth labelling "
+                       "next, predict a label and a calibrated confidence for every image, "
+                       "accept the sure predictions. Labels go to NAME.labels.sqlite (undo in "
+                       "the app).")
+    lsub = p.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
+    a = lsub.add_parser("add", help="labels from a CSV (columns path,label) in one step")
+    a.add_argument("csv", metavar="NAME.csv")
+    a.add_argument("--from", dest="source", required=True, metavar="FILE.csv")
+    n = lsub.add_parser("next", help="the images whose labels would teach the model most")
+    n.add_argument("csv", metavar="NAME.csv")
+    n.add_argument("--n", type=int, default=20, help="how many (default 20)")
+    n.add_argument("--json", action="store_true", help="a JSON list of {path, reason, row}")
+    g = lsub.add_parser("propagate", help="predicted label + confidence for every image")
+    g.add_argument("csv", metavar="NAME.csv")
+    g.add_argument("--out", default=None, metavar="FILE.csv",
+                   help="write every row (path, label, label_source, predicted_label, "
+                   "confidence, sure)")
+    g.add_argument("--json", action="store_true",
+                   help="print {estimated_accuracy, ..., rows: [...]} instead of a summary")
+    c = lsub.add_parser("accept", help="accept every sure prediction as a label (one step)")
+    c.add_argument("csv", metavar="NAME.csv")
+
+
+class Build:
+    """A build's table, label book and vectors, read once."""
+
+    def __init__(self, csv: Path, session: str | None = None):
+        from explorer.journal import journal_for
+        from explorer.labels import LabelBook
+        from explorer.table import read_table
+
+        self.csv = Path(csv)
+        df = read_table(self.csv)
+        self.paths = df["path"].fillna("").astype(str).tolist()
+        initial = {}
+        if "label" in df.columns:
+            initial = {k: v for k, v in zip(self.paths, df["label"].fillna("").astype(str)) if v}
+        self.book = LabelBook.from_journal(journal_for(self.csv, session=session),
+                                           keys=frozenset(self.paths), initial=initial)
+        self._X = None
+
+    @property
+    def X(self):
+        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``)."""
+        if self._X is None:
+            from explorer import active
+            from explorer.search import load_features
+
+            V = load_features(self.csv)
+            if len(V) != len(self.paths):
+                raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
+                                 f"the table {len(self.paths)}; build again")
+            self._X = active.features(V)
+        return self._X
+
+    def labels(self) -> list[str]:
+        return self.book.labels_for(self.paths)
+
+    def next(self, n: int = 20) -> list[dict[str, Any]]:
+        from explorer import active
+
+        return active.next_rows(self.paths, self.labels(), self.X, n)
+
+    def propagate(self):
+        from explorer import active
+
+        return active.label_table(self.paths, self.labels(), self.book.sources(self.paths),
+                                  self.X)
+
+    def accept_sure(self):
+        """Accept every sure prediction (one journal step); returns (record or None, info)."""
+        df, info = self.propagate()
+        sure = df[df["sure"]]
+        rec = None
+        if len(sure):
+            rec = self.book.accept(dict(zip(sure["path"], sure["predicted_label"])),
+                                   threshold=info["threshold"])
+        return rec, info
+
+
+def open_build(csv) -> Build:
+    return Build(Path(csv))
+
+
+def read_label_csv(path: Path) -> dict[str, str]:
+    """``{path: label}`` from a CSV with columns ``path`` and ``label`` (empty labels skipped)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} needs the columns path,label; it lacks {', '.join(missing)}")
+    out = {}
+    for p, lab in zip(df["path"], df["label"]):
+        if lab.strip():
+            if p in out and out[p] != lab.strip():
+                raise ValueError(f"{path}: {p!r} has two labels ({out[p]!r}, {lab.strip()!r})")
+            out[p] = lab.strip()
+    return out
+
+
+def _summary(info: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    return (f"{info['labels']} labels by a person, {info['accepted']} accepted, "
+            f"{len(info['classes'])} classes; estimated accuracy {pct(info['estimated_accuracy'])} "
+            f"(cross-validated on the labels: {pct(info['cv_accuracy'])}); "
+            f"{info['sure']} sure predictions (confidence >= {info['threshold']})")
+
+
+def cmd_labels(a: argparse.Namespace) -> int:
+    b = open_build(a.csv)
+    if a.labels_command == "add":
+        mapping = read_label_csv(Path(a.source))
+        known = set(b.paths)
+        unknown = [p for p in mapping if p not in known]
+        if unknown:
+            raise ValueError(f"{len(unknown)} path(s) of {a.source} are not in {a.csv}, e.g. "
+                             f"{unknown[0]!r}")
+        rec = b.book.assign(mapping) if mapping else None
+        print(f"added {len(mapping)} labels from {a.source}"
+              + ("" if rec else " (nothing changed)") + f"; {len(b.book)} labelled now")
+        return 0
+    if a.labels_command == "next":
+        if a.n < 1:
+            raise ValueError(f"--n must be >= 1, got {a.n}")
+        picks = b.next(a.n)
+        if a.json:
+            print(json.dumps(picks, indent=2))
+        else:
+            for p in picks:
+                print(f"{p['path']}\t{p['reason']}")
+        return 0
+    if a.labels_command == "propagate":
+        df, info = b.propagate()
+        if a.out:
+            from explorer.table import atomic_write_text
+
+            atomic_write_text(a.out, df.to_csv(index=False))
+        if a.json:
+            rows = df.astype({"confidence": object}).where(df.notna(), None).to_dict("records")
+            print(json.dumps({**info, "rows": rows}, indent=1))
+        else:
+            print(_summary(info) + (f"; wrote {a.out}" if a.out else ""))
+        return 0
+    rec, info = b.accept_sure()
+    n = sum(len(g[2]) for g in rec["args"]["changes"]) if rec else 0
+    print(f"accepted {n} sure predictions (confidence >= {info['threshold']}); undo in the app")
+    return 0
+
+
+def with_confident_predictions(df, csv, min_confidence: float):
+    """``df`` (the build's table with its labels) where unlabelled rows take a predicted
+    label of at least ``min_confidence`` (``explorer export --by label --min-confidence``)."""
+    from explorer.exports import with_predictions
+
+    if not 0 <= min_confidence <= 1:
+        raise ValueError(f"--min-confidence must be in [0, 1]; got {min_confidence}")
+    pred, _ = open_build(csv).propagate()
+    return with_predictions(df, pred, min_confidence)

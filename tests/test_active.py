@@ -1,0 +1,140 @@
+"""The pick, the fit and the calibration of explorer.active on small synthetic vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explorer import active
+
+
+def blobs(sizes, dim=16, spread=0.6, seed=0):
+    """Gaussian blobs around random unit-ish centres; (X float32, true class per row)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), dim)) * 2
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    X = centres[y] + rng.normal(scale=spread, size=(len(y), dim))
+    return X.astype(np.float32), y.astype(np.int32)
+
+
+def label_some(y, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    codes = np.full(len(y), -1, np.int32)
+    for c in np.unique(y):
+        rows = rng.choice(np.flatnonzero(y == c), per_class, replace=False)
+        codes[rows] = c
+    return codes
+
+
+# ------------------------------------------------------------------ pick
+def test_first_picks_cover_every_part_of_the_map():
+    X, y = blobs([200, 120, 60, 30, 15], spread=0.3)
+    rows, why = active.pick_next(X, np.full(len(y), -1, np.int32), 5)
+    assert sorted(y[rows].tolist()) == [0, 1, 2, 3, 4]  # one per blob, small ones too
+    assert all("no label covers" in w for w in why)
+    # with two blobs labelled, the next picks go to the three others
+    codes = np.full(len(y), -1, np.int32)
+    codes[rows[y[rows] < 2]] = y[rows[y[rows] < 2]]
+    codes[np.flatnonzero(y == 0)[:3]] = 0
+    more, _ = active.pick_next(X, codes, 3, probs=None)
+    assert set(y[more].tolist()) <= {0, 1, 2, 3, 4} and len(set(more) & set(rows)) == 0
+
+
+def test_later_picks_are_unsure_and_spread_out():
+    rng = np.random.default_rng(1)
+    # two overlapping classes along x, and a third far away: the unsure rows lie near x = 0
+    n = 600
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    far = rng.normal(size=(100, 8)).astype(np.float32) + np.r_[0, 30, np.zeros(6)].astype(np.float32)
+    X = np.concatenate([x, far])
+    y = np.concatenate([y, np.full(100, 2, np.int32)])
+    codes = label_some(y, 15)
+    rows, why = active.pick_next(X, codes, 10, classes=["left", "right", "far"])
+    assert len(rows) == 10 and len(set(rows.tolist())) == 10
+    assert (codes[rows] == -1).all()
+    assert np.abs(X[rows, 0]).mean() < np.abs(X[codes == -1, 0]).mean() / 2  # near the boundary
+    assert (y[rows] != 2).all()
+    assert np.ptp(X[rows, 1:]).max() > 1.0  # not ten near-copies
+    assert "unsure between" in why[0] and ("'left'" in why[0] or "'right'" in why[0])
+
+
+def test_pick_validates_its_input():
+    X, y = blobs([10, 10])
+    with pytest.raises(ValueError, match="n must be"):
+        active.pick_next(X, y, 0)
+    with pytest.raises(ValueError, match="one entry per row"):
+        active.pick_next(X, y[:5], 3)
+    with pytest.raises(ValueError, match="integers"):
+        active.pick_next(X, y.astype(float), 3)
+    assert len(active.pick_next(X, y, 5)[0]) == 0  # everything labelled: nothing to pick
+
+
+# ------------------------------------------------------------------ fit and calibration
+def test_propagate_predicts_and_calibrates_on_separable_classes():
+    X, y = blobs([150, 100, 80], spread=0.5)
+    codes = label_some(y, 3)
+    prop = active.propagate(X, codes)
+    un = codes < 0
+    acc = (prop.predicted[un] == y[un]).mean()
+    assert acc > 0.97
+    assert abs(prop.estimated_accuracy - acc) < 0.05
+    assert prop.sure[un].mean() > 0.8 and (prop.predicted[prop.sure] == y[prop.sure]).mean() > 0.97
+    assert (prop.predicted[~un] == codes[~un]).all() and not prop.sure[~un].any()
+
+
+def test_estimate_follows_the_true_accuracy_when_classes_overlap():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(2000, 10)).astype(np.float32)
+    y = (X[:, 0] + 0.8 * rng.normal(size=2000) > 0).astype(np.int32)  # ~0.8 reachable
+    codes = label_some(y, 60, seed=2)
+    prop = active.propagate(X, codes, 2)
+    un = codes < 0
+    acc = (prop.predicted[un] == y[un]).mean()
+    assert 0.7 < acc < 0.9
+    assert abs(prop.estimated_accuracy - acc) < 0.06
+    # the sure predictions are the most confident and more often right than the rest
+    if prop.sure.any():
+        assert (prop.predicted[prop.sure] == y[prop.sure]).mean() > acc
+        assert prop.confidence[prop.sure].min() >= prop.threshold
+
+
+def test_sure_threshold_is_the_largest_set_that_is_precise_enough():
+    conf = np.array([0.99, 0.98, 0.97, 0.96, 0.5, 0.4])
+    assert active.sure_threshold(conf, 0.97) == 0.96  # mean(.99, .98, .97, .96) = .975
+    assert active.sure_threshold(conf, 0.999) == float("inf")
+    with pytest.raises(ValueError, match="precision"):
+        active.sure_threshold(conf, 1.5)
+
+
+def test_few_labels_one_example_and_discard_behave():
+    X, y = blobs([100, 100, 40], spread=0.4)
+    # nothing or one class: no model, no prediction, nothing sure
+    for codes in (np.full(len(y), -1, np.int32), np.where(np.arange(len(y)) < 3, 0, -1)):
+        prop = active.propagate(X, codes.astype(np.int32), 3)
+        assert prop.estimated_accuracy is None and not prop.sure.any()
+        assert (prop.predicted[codes < 0] == -1).all()
+    # a label with one example is learnt; "discard" is a class like the others
+    labels = [""] * len(y)
+    for i in np.flatnonzero(y == 0)[:3]:
+        labels[i] = "cat"
+    for i in np.flatnonzero(y == 1)[:3]:
+        labels[i] = "discard"
+    labels[int(np.flatnonzero(y == 2)[0])] = "dog"
+    df, info = active.label_table([f"p{i}" for i in range(len(y))], labels, [""] * len(y), X)
+    names = np.array(["cat", "discard", "dog"])
+    un = df["label"] == ""
+    assert (df["predicted_label"][un] == names[y[un.to_numpy()]]).mean() > 0.95
+    assert info["classes"] == ["cat", "discard", "dog"] and info["labels"] == 7
+    assert set(df["label_source"][un]) == {"predicted"}
+    # renaming a label renames its predictions, nothing else changes
+    renamed = ["kitten" if v == "cat" else v for v in labels]
+    df2, _ = active.label_table(list(df["path"]), renamed, [""] * len(y), X)
+    assert (df2["predicted_label"].replace("kitten", "cat") == df["predicted_label"]).all()
+    assert np.allclose(df2["confidence"], df["confidence"])
+
+
+def test_features_reduce_float16_vectors():
+    X, _ = blobs([300, 300], dim=200)
+    Z = active.features(X.astype(np.float16), dims=32)
+    assert Z.shape == (600, 32) and Z.dtype == np.float32 and np.isfinite(Z).all()

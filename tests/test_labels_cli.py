@@ -1,0 +1,118 @@
+"""`explorer labels add/next/propagate/accept` and `export --by label --min-confidence` on a
+small build (a table and stored vectors in three well-separated groups)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from explorer.cli import main
+from explorer.journal import Journal, journal_for
+from explorer.table import make_table, sidecar, write_json, write_table
+from tests import _imagegen
+
+GROUPS = ("red", "green", "blue")
+PER_GROUP = 40
+
+
+@pytest.fixture()
+def small_build(tmp_path):
+    """NAME.csv + NAME.features.npy + images: 3 groups of 40, none labelled."""
+    rng = np.random.default_rng(0)
+    paths, y = [], []
+    images = tmp_path / "images"
+    for g, name in enumerate(GROUPS):
+        for i in range(PER_GROUP):
+            rel = f"{name}/{name}{i:02d}.png"
+            colour = np.zeros((8, 8, 3), np.uint8)
+            colour[..., g] = 200
+            _imagegen.save(colour, images / rel)
+            paths.append(rel)
+            y.append(g)
+    y = np.asarray(y)
+    n = len(paths)
+    df = make_table(paths, [""] * n, rng.normal(size=(n, 2)), np.zeros(n, int),
+                    np.ones(n), np.zeros(n), [8] * n, [8] * n)
+    csv = tmp_path / "small.csv"
+    write_table(df, csv)
+    write_json(sidecar(csv, "run.json"), {"image_dir": str(images)})
+    centres = rng.normal(size=(3, 32)) * 3
+    X = centres[y] + rng.normal(size=(n, 32))
+    np.save(sidecar(csv, "features.npy"), X.astype(np.float16))
+    return csv, paths, y
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_add_next_propagate_accept_and_export(small_build, tmp_path, capsys):
+    csv, paths, y = small_build
+    # next, before any label: one image of every group (coverage), with a reason
+    rc, out, _ = run(capsys, "labels", "next", csv, "--n", "3", "--json")
+    assert rc == 0
+    picks = json.loads(out)
+    assert len(picks) == 3 and all(p["reason"] for p in picks)
+    assert sorted(p["path"].split("/")[0] for p in picks) == sorted(GROUPS)
+    # the person labels them (and two more) from a CSV: one journal step
+    lab = tmp_path / "mine.csv"
+    chosen = [p["path"] for p in picks] + [paths[1], paths[PER_GROUP + 1]]
+    pd.DataFrame({"path": chosen, "label": [c.split("/")[0] for c in chosen]}).to_csv(lab, index=False)
+    rc, out, _ = run(capsys, "labels", "add", csv, "--from", lab)
+    assert rc == 0 and "added 5 labels" in out
+    assert [r["op"] for r in Journal(journal_for(csv).path).replay()] == ["assign"]
+    # propagate: every row predicted, with a confidence and where its label comes from
+    out_csv = tmp_path / "pred.csv"
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--out", out_csv, "--json")
+    assert rc == 0
+    res = json.loads(out)
+    assert res["labels"] == 5 and res["estimated_accuracy"] > 0.9
+    rows = pd.DataFrame(res["rows"])
+    assert len(rows) == len(paths)
+    assert set(rows["label_source"]) == {"person", "predicted"}
+    truth = np.array(GROUPS)[y]
+    assert (rows["predicted_label"].to_numpy() == truth).mean() > 0.95
+    assert rows["confidence"].between(0, 1).all() and rows["sure"].sum() > 50
+    assert pd.read_csv(out_csv)["predicted_label"].tolist() == rows["predicted_label"].tolist()
+    # next, now: unlabelled images, said to be unsure between two labels
+    rc, out, _ = run(capsys, "labels", "next", csv, "--n", "4", "--json")
+    picks2 = json.loads(out)
+    assert {p["path"] for p in picks2}.isdisjoint(chosen)
+    assert all("unsure between" in p["reason"] or "no label covers" in p["reason"] for p in picks2)
+    # accept every sure prediction: one step, kept apart from the hand labels
+    rc, out, _ = run(capsys, "labels", "accept", csv)
+    assert rc == 0 and "accepted" in out
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
+    res2 = json.loads(out)
+    assert res2["labels"] == 5 and res2["accepted"] == int(rows["sure"].sum())
+    ops = [r["op"] for r in Journal(journal_for(csv).path).replay()]
+    assert ops == ["assign", "accept"]
+    # export by label takes predictions above a confidence; without it only labels
+    rc, out, _ = run(capsys, "export", csv, "--to", tmp_path / "byl", "--by", "label",
+                     "--min-confidence", "0.0", "-q")
+    assert rc == 0
+    summary = json.loads(out)
+    assert sum(v for k, v in summary["folders"].items() if k in GROUPS) == len(paths)
+
+
+def test_bad_input_is_a_clear_error(small_build, tmp_path, capsys):
+    csv, paths, _ = small_build
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"path": ["nope.png"], "label": ["x"]}).to_csv(bad, index=False)
+    rc, _, err = run(capsys, "labels", "add", csv, "--from", bad)
+    assert rc == 1 and "not in" in err and "nope.png" in err
+    pd.DataFrame({"file": ["a"]}).to_csv(bad, index=False)
+    rc, _, err = run(capsys, "labels", "add", csv, "--from", bad)
+    assert rc == 1 and "path,label" in err
+    rc, _, err = run(capsys, "export", csv, "--to", tmp_path / "x", "--min-confidence", "0.9")
+    assert rc == 2 and "--by label" in err
+    # no labels yet: propagate says so instead of guessing
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["estimated_accuracy"] is None and res["sure"] == 0
