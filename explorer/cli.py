@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from explorer.cli_dedupe import add_parser as add_dedupe_parser
+from explorer.cli_dedupe import cmd_dedupe
+
 EXIT_USAGE = 2
 
 
@@ -210,6 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an open_clip model name (or config .json) for CLIP text search")
     s.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="the CLIP weights on disk (with --text-model; nothing is downloaded)")
+    add_dedupe_parser(sub)
     return p
 
 
@@ -380,7 +384,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
-            "serve": cmd_serve, "users": cmd_users, "search": cmd_search}
+            "serve": cmd_serve, "users": cmd_users, "search": cmd_search, "dedupe": cmd_dedupe}
 
 
 def main(argv: list[str] | None = None) -> int:
