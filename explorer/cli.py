@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from explorer import cli_labels
+from explorer import cli_dedupe, cli_labels
 
 EXIT_USAGE = 2
 
@@ -387,10 +387,11 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 #: each command: its parser (``add_NAME(subparsers)``) and its function (``cmd_NAME(args)``)
-PARSERS = [add_build, add_threshold, add_export, add_serve, add_users, add_search, cli_labels.register]
+PARSERS = [add_build, add_threshold, add_export, add_serve, add_users, add_search, cli_labels.register,
+           cli_dedupe.add_parser]
 COMMANDS = {"build": cmd_build, "threshold": cmd_threshold, "export": cmd_export,
             "serve": cmd_serve, "users": cmd_users, "search": cmd_search,
-            "labels": cli_labels.cmd_labels}
+            "labels": cli_labels.cmd_labels, "dedupe": cli_dedupe.cmd_dedupe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,10 @@ One module for what used to be three writers (``export.export_folders``,
    ``"flat"``     the rows' own relative paths (the app's "Save images" of a selection),
                   with ``thumbnails/NAME`` for rows whose original is not available
    ``imagefolder=True`` with ``"label"`` or ``"cluster"``: a torchvision ``ImageFolder``
-   tree: one folder per class, rows without a label (or noise) and ``discard`` left out
-   unless asked for; ``sample=`` adds ``sample/<folder>/...`` to the folder layouts.
+   tree: one folder per class, rows without a label (or noise) left out unless asked for;
+   ``sample=`` adds ``sample/<folder>/...`` to the folder layouts. Rows labelled ``discard``
+   (also the duplicates ``explorer dedupe`` did not keep) are left out of the cluster and
+   label layouts unless ``skip_discard=False``.
 
 2. :func:`write_zip` streams entries into any binary file object (a file, a socket-like
    writer, an HTTP response) one chunk at a time; it never holds a whole image, let alone
@@ -281,8 +283,8 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
     with ``thumb_root``: then every row uses its thumbnail). ``layout`` is ``"cluster"``,
     ``"label"`` or ``"flat"`` (see the module docstring). ``imagefolder`` makes the
     cluster/label layout an ImageFolder tree: rows without a group (no label, cluster -1) are
-    skipped (``skip_unlabelled``; else they go to ``unlabelled/`` or ``outliers/``) and, with
-    labels, ``discard`` is skipped (``skip_discard``). ``sample`` adds ``sample/...`` copies
+    skipped (``skip_unlabelled``; else they go to ``unlabelled/`` or ``outliers/``). Rows labelled ``discard`` are skipped in the cluster and label layouts
+    (``skip_discard``; counted in ``plan.skipped_discard``). ``sample`` adds ``sample/...`` copies
     (cluster/label folders only). ``thumb_root`` (flat only): the app folder the ``image``
     column is relative to; a row whose original is refused falls back to its thumbnail
     (``thumbnails/NAME``). ``max_file_bytes`` refuses larger sources.
@@ -330,14 +332,16 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
     from explorer.labels import DISCARD
 
     raw = _group_keys(df, layout, cluster_col, label_col)
+    discarded = (df[label_col].fillna("").astype(str) == DISCARD).to_numpy() \
+        if label_col in df.columns else np.zeros(len(df), bool)
     keys = [k for k in dict.fromkeys(raw) if k is not None]
     if layout == "cluster":
         keys.sort(key=lambda k: int(k.split("_")[1]))
     else:
         keys.sort()
+    if layout == "label" and skip_discard:
+        keys = [k for k in keys if k != DISCARD]
     if imagefolder:
-        if layout == "label" and skip_discard:
-            keys = [k for k in keys if k != DISCARD]
         none_folder = UNLABELLED if layout == "label" else OUTLIERS
         reserved = (LABELS_CSV, MANIFEST) + (() if skip_unlabelled else (none_folder,))
     else:
@@ -352,8 +356,8 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
         if imagefolder and key is None and skip_unlabelled:
             plan.skipped_unlabelled += 1
             continue
-        if imagefolder and layout == "label" and key == DISCARD and skip_discard:
-            plan.skipped_discard += 1
+        if skip_discard and discarded[r]:
+            plan.skipped_discard += 1  # a discarded image (e.g. a duplicate not kept) stays out
             continue
         src = source(rel)
         if isinstance(src, Refused):
@@ -751,7 +755,8 @@ def export_folders(df: pd.DataFrame, image_root: str | os.PathLike, to: str | os
         to.mkdir(parents=True, exist_ok=True)
         man_path = str(atomic_write_bytes(to / MANIFEST, manifest(ok_rows)))
     summary.update({"folders": folders, "sample_folders": sample_folders, "written": written,
-                    "missing": missing, "errors": errors, "manifest": man_path})
+                    "missing": missing, "errors": errors, "manifest": man_path,
+                    "skipped_discard": plan.skipped_discard})
     return summary
 
 

@@ -119,8 +119,9 @@ def test_imagefolder_by_cluster_and_links(image_root, tmp_path):
     df = frame(BASIC).assign(cluster=[0, 0, 1, 1, -1, 2])
     s = export_imagefolder(df, image_root, tmp_path / "byc", by="cluster", mode="link",
                            progress=False)
-    assert s["classes"] == {"cluster_0": 2, "cluster_1": 2, "cluster_2": 1}
-    assert s["skipped_unlabelled"] == 1  # the noise row
+    # the discarded row (cluster 2) is left out of every layout, like a duplicate not kept
+    assert s["classes"] == {"cluster_0": 2, "cluster_1": 2}
+    assert s["skipped_unlabelled"] == 1 and s["skipped_discard"] == 1  # the noise row, camera
     f = tmp_path / "byc" / "cluster_1" / "coffee.jpg"
     assert f.is_symlink() and f.resolve() == (image_root / "a" / "coffee.jpg").resolve()
     with pytest.raises(ValueError, match="link"):

@@ -1,0 +1,487 @@
+"""Duplicates you can act on: scalable phash grouping, keep rules, the removal plan.
+
+Pure stages (arrays in, arrays out); reading files and writing the journal happen in the
+callers (:mod:`explorer.cli_dedupe`, :mod:`explorer.app.duplicates`).
+
+Grouping
+--------
+:func:`hamming_links` finds every pair of 64-bit hashes within a Hamming radius without an
+all-pairs matrix: multi-index hashing. The 64 bits are split into ``m`` chunks; two hashes
+within radius ``r`` differ in at most ``r // m`` bits on at least one chunk (pigeonhole), so
+each hash only looks into the buckets of its chunk values' ``r // m``-bit neighbourhoods
+(direct-addressed tables, at most 22 bits a chunk). A pair found in several chunks is kept
+only in the first one that finds it. The kernel is compiled with numba and runs over the
+queries in parallel. Identical hashes are collapsed first (each copy is linked to the first
+one), so a thousand copies of one blank image cost one query.
+
+:class:`DuplicateIndex` keeps the hashes seen so far (keyed, e.g. by path or content hash)
+and their links: :meth:`DuplicateIndex.update` queries only the keys it has not seen against
+everything, so a re-run with a few new images checks only those (``n_queried``). Groups are
+the connected components of the links (:func:`explorer.similarity.components`: -1 = no
+near-duplicate, groups numbered by their first member).
+
+Keep rules
+----------
+:func:`choose_keepers` picks one image per group by a rule in :data:`KEEP_RULES`, applied
+to all groups at once, with per-group overrides:
+
+============ ==============================================================
+``largest``  the most pixels (width x height)
+``sharpest`` the highest sharpness (variance of the Laplacian, quality stats)
+``earliest`` the earliest EXIF DateTimeOriginal (images without one last)
+``shortest`` the shortest path
+``first``    the first row (the build lists a folder in natural order)
+============ ==============================================================
+
+Ties go to the earlier row. The others are marked with the reserved label
+:data:`MARK` (``discard``: journaled, undoable, left out of exports); :func:`mark_changes`
+says which labels change, :func:`removal_table` lists what would be removed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from itertools import combinations
+from math import comb
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from numba import njit, prange
+
+from explorer.labels import DISCARD
+from explorer.similarity import DEFAULT_THRESHOLDS, components, max_distance_for
+
+#: the keep rules, in the order the CLI and the app list them
+KEEP_RULES: tuple[str, ...] = ("largest", "sharpest", "earliest", "shortest", "first")
+
+#: the mark the images that are not kept get (the reserved label; exports leave it out)
+MARK = DISCARD
+
+#: default Hamming radius: the project's phash threshold (similarity 0.84 = 10 of 64 bits)
+DEFAULT_MAX_DISTANCE = max_distance_for(DEFAULT_THRESHOLDS["phash"])
+
+_MAX_WIDTH = 22  # bits per chunk: direct-addressed bucket tables of 2**22 + 1 int32
+
+
+def check_rule(rule: str) -> str:
+    if rule not in KEEP_RULES:
+        raise ValueError(f"keep rule must be one of {', '.join(KEEP_RULES)}; got {rule!r}")
+    return rule
+
+
+def _check_radius(max_distance) -> int:
+    r = int(max_distance)
+    if r != max_distance or not 0 <= r <= 16:
+        raise ValueError(f"max_distance must be an integer in [0, 16]; got {max_distance!r}")
+    return r
+
+
+# =========================================================================== index kernel
+def _chunks(m: int) -> list[tuple[int, int]]:
+    widths = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
+    out, shift = [], 0
+    for w in widths:
+        out.append((shift, w))
+        shift += w
+    return out
+
+
+def _ball(width: int, radius: int) -> list[int]:
+    masks = [0]
+    for r in range(1, min(radius, width) + 1):
+        for pos in combinations(range(width), r):
+            masks.append(sum(1 << p for p in pos))
+    return masks
+
+
+def n_chunks(n: int, radius: int) -> int:
+    """Chunks for ``n`` hashes and ``radius``: the fewest bucket look-ups plus expected
+    candidates for uniform hashes, with chunks of at most 22 bits."""
+    best, best_cost = 3, float("inf")
+    for m in range(3, 17):
+        w = 64 // m
+        sub = radius // m
+        ball = sum(comb(w, k) for k in range(sub + 1))
+        # a look-up costs more once the bucket table outgrows the CPU caches (measured)
+        lookup = 2.0 if 2 ** w <= 2 ** 17 else 20.0
+        cost = n * m * ball * lookup + m * ball * n * n / 2.0 ** w / 2
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+@njit(inline="always", cache=True)
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@njit(inline="always", cache=True)
+def _visit(i, h, shifts, wmasks, starts, members, sorted_h, balls, nball, r, sub, out_j, at):
+    """Links of query ``i`` with earlier hashes: count them, or write them at ``at``.
+    A bucket is scanned in memory order (``sorted_h``: the hashes in bucket order)."""
+    hi = h[i]
+    m = len(shifts)
+    found = 0
+    for c in range(m):
+        key = (hi >> shifts[c]) & wmasks[c]
+        for b in range(nball[c]):
+            k2 = np.int64(key ^ balls[c, b])
+            for p in range(starts[c, k2], starts[c, k2 + 1]):
+                j = members[c, p]
+                if j >= i:
+                    break  # members of a bucket are in index order
+                x = hi ^ sorted_h[c, p]
+                if _popcount(x) > r:
+                    continue
+                first = True  # count a pair only in the first chunk that finds it
+                for c2 in range(c):
+                    if _popcount((x >> shifts[c2]) & wmasks[c2]) <= sub:
+                        first = False
+                        break
+                if first:
+                    if at >= 0:
+                        out_j[at + found] = j
+                    found += 1
+    return found
+
+
+@njit(parallel=True, cache=True)
+def _count(h, q0, shifts, wmasks, starts, members, sorted_h, balls, nball, r, sub):
+    n = len(h)
+    cnt = np.zeros(n - q0, np.int64)
+    dummy = np.empty(0, np.int64)
+    for t in prange(n - q0):
+        cnt[t] = _visit(q0 + t, h, shifts, wmasks, starts, members, sorted_h, balls, nball,
+                        r, sub, dummy, -1)
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def _fill(h, queries, offsets, shifts, wmasks, starts, members, sorted_h, balls, nball, r,
+          sub, out_j):
+    for t in prange(len(queries)):
+        _visit(queries[t], h, shifts, wmasks, starts, members, sorted_h, balls, nball, r, sub,
+               out_j, offsets[t])
+
+
+def _unique_links(h: np.ndarray, r: int, q0: int):
+    """Links ``(i, j)``, j < i, i >= q0, between DISTINCT hashes ``h`` within ``r`` bits."""
+    n = len(h)
+    if n - q0 <= 0 or n < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), 0
+    m = n_chunks(n, r)
+    sub = r // m
+    chunks = _chunks(m)
+    wmax = max(w for _, w in chunks)
+    if wmax > _MAX_WIDTH:
+        raise ValueError(f"internal: chunk of {wmax} bits")
+    shifts = np.array([s for s, _ in chunks], np.uint64)
+    wmasks = np.array([(1 << w) - 1 for _, w in chunks], np.uint64)
+    idx_dtype = np.int32 if n < 2**31 else np.int64
+    starts = np.zeros((m, 2 ** wmax + 1), np.int64 if n >= 2**31 else np.int32)
+    members = np.empty((m, n), idx_dtype)
+    sorted_h = np.empty((m, n), np.uint64)
+    for c, (s, w) in enumerate(chunks):
+        keys = ((h >> np.uint64(s)) & np.uint64((1 << w) - 1)).astype(np.int64)
+        members[c] = np.argsort(keys, kind="stable")
+        sorted_h[c] = h[members[c]]
+        starts[c, 1:2 ** w + 1] = np.cumsum(np.bincount(keys, minlength=2 ** w))
+        starts[c, 2 ** w + 1:] = n
+    ball_lists = [_ball(w, sub) for _, w in chunks]
+    nball = np.array([len(b) for b in ball_lists], np.int64)
+    balls = np.zeros((m, int(nball.max())), np.uint64)
+    for c, b in enumerate(ball_lists):
+        balls[c, :len(b)] = b
+    cnt = _count(h, q0, shifts, wmasks, starts, members, sorted_h, balls, nball, r, sub)
+    hit = np.flatnonzero(cnt)
+    queries = (hit + q0).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(cnt[hit])[:-1]]).astype(np.int64)
+    out_j = np.empty(int(cnt.sum()), np.int64)
+    if len(queries):
+        _fill(h, queries, offsets, shifts, wmasks, starts, members, sorted_h, balls, nball, r,
+             sub, out_j)
+    out_i = np.repeat(queries, cnt[hit])
+    return out_i, out_j, n - q0
+
+
+def hamming_links(hashes, max_distance: int = DEFAULT_MAX_DISTANCE, *, start: int = 0):
+    """Links ``(i, j)`` with ``i >= start`` and ``j < i`` between uint64 hashes within
+    ``max_distance`` bits; the connected components of the links are exactly those of all
+    pairs within the radius. ``start > 0`` checks only ``hashes[start:]`` (new images)
+    against everything before them and among themselves.
+
+    Returns ``(i, j, n_queried)``: ``n_queried`` distinct new hash values were looked up.
+    """
+    h = np.asarray(hashes, dtype=np.uint64).ravel()
+    r = _check_radius(max_distance)
+    n = len(h)
+    start = int(start)
+    if not 0 <= start <= n:
+        raise ValueError(f"start must be in [0, {n}]; got {start}")
+    # identical hashes: copies link to the first occurrence; distinct values in the order of
+    # their first occurrence, so "earlier" keeps its meaning
+    uniq, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(uniq), np.int64)
+    rank[order] = np.arange(len(uniq))
+    u_first = first[order]
+    u_hash = uniq[order]
+    copy_j = u_first[rank[inv]]  # the first occurrence of each row's value
+    rows = np.arange(start, n)
+    is_copy = copy_j[start:] != rows
+    out_i, out_j = [rows[is_copy]], [copy_j[start:][is_copy]]
+    q0 = int(np.searchsorted(u_first, start))  # distinct values first seen at >= start
+    ui, uj, nq = _unique_links(u_hash, r, q0)
+    out_i.append(u_first[ui])
+    out_j.append(u_first[uj])
+    return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
+            int(nq))
+
+
+def group_hashes(hashes, max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray:
+    """Near-duplicate groups of uint64 phashes: labels (N,), -1 = no near-duplicate."""
+    h = np.asarray(hashes, dtype=np.uint64).ravel()
+    i, j, _ = hamming_links(h, max_distance)
+    return components(len(h), i, j)
+
+
+class DuplicateIndex:
+    """Hashes seen so far and their links; :meth:`update` checks only new keys.
+
+    ``keys`` identify images across runs (paths, or content hashes). Save it with
+    :meth:`save` and load it with :meth:`load` to carry it from one run to the next.
+    """
+
+    def __init__(self, max_distance: int = DEFAULT_MAX_DISTANCE):
+        self.max_distance = _check_radius(max_distance)
+        self.keys: list[str] = []
+        self.hashes = np.empty(0, np.uint64)
+        self.link_i = np.empty(0, np.int64)
+        self.link_j = np.empty(0, np.int64)
+        self._pos: dict[str, int] = {}
+        self.n_queried = 0  # distinct new hash values the last update looked up
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def update(self, keys: Sequence[str], hashes) -> np.ndarray:
+        """Add the keys not seen before (their hash; a known key keeps its first hash),
+        link them to everything, and return the group of each key asked for (-1 = none)."""
+        keys = [str(k) for k in keys]
+        h = np.asarray(hashes, dtype=np.uint64).ravel()
+        if len(h) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(h)} hashes")
+        new = [k for k in range(len(keys)) if keys[k] not in self._pos]
+        seen: set[str] = set()
+        new = [k for k in new if not (keys[k] in seen or seen.add(keys[k]))]
+        start = len(self.keys)
+        for k in new:
+            self._pos[keys[k]] = len(self.keys)
+            self.keys.append(keys[k])
+        self.hashes = np.concatenate([self.hashes, h[new]])
+        i, j, nq = hamming_links(self.hashes, self.max_distance, start=start)
+        self.link_i = np.concatenate([self.link_i, i])
+        self.link_j = np.concatenate([self.link_j, j])
+        self.n_queried = nq
+        lab = self.labels()
+        return lab[[self._pos[k] for k in keys]]
+
+    def labels(self) -> np.ndarray:
+        """The group of every key in the index, in the order they were added."""
+        return components(len(self.keys), self.link_i, self.link_j)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from explorer.table import atomic_write_bytes
+
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, keys=np.array(self.keys, dtype=object).astype(str),
+                            hashes=self.hashes, i=self.link_i, j=self.link_j,
+                            max_distance=np.int64(self.max_distance))
+        return atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DuplicateIndex":
+        with np.load(path, allow_pickle=False) as z:
+            ix = cls(int(z["max_distance"]))
+            ix.keys = [str(k) for k in z["keys"]]
+            ix.hashes = z["hashes"].astype(np.uint64)
+            ix.link_i = z["i"].astype(np.int64)
+            ix.link_j = z["j"].astype(np.int64)
+        ix._pos = {k: n for n, k in enumerate(ix.keys)}
+        return ix
+
+
+# =========================================================================== keep rules
+def _rule_key(rule: str, *, width=None, height=None, sharpness=None, date=None, path=None,
+              n: int) -> np.ndarray:
+    """A float per row; the smallest is kept (NaN: never preferred)."""
+    if rule == "largest":
+        if width is None or height is None:
+            raise ValueError("keep rule 'largest' needs width and height")
+        return -(np.asarray(width, float) * np.asarray(height, float))
+    if rule == "sharpest":
+        if sharpness is None:
+            raise ValueError("keep rule 'sharpest' needs sharpness")
+        return -np.asarray(sharpness, float)
+    if rule == "earliest":
+        if date is None:
+            raise ValueError("keep rule 'earliest' needs date (seconds; NaN = unknown)")
+        return np.asarray(date, float)
+    if rule == "shortest":
+        if path is None:
+            raise ValueError("keep rule 'shortest' needs path")
+        return np.array([len(str(p)) for p in path], float)
+    return np.zeros(n)
+
+
+def choose_keepers(group, rule: str, *, width=None, height=None, sharpness=None, date=None,
+                   path=None, overrides: Mapping[int, int] | None = None) -> np.ndarray:
+    """``(N,)`` bool: the row each group keeps (rows without a group, -1, are all kept).
+
+    ``rule`` from :data:`KEEP_RULES` decides for every group; ``overrides`` maps a group id to
+    the row it keeps instead. Ties (and rows whose fact is unknown, NaN) go to the earlier row.
+    """
+    g = np.asarray(group, dtype=np.int64).ravel()
+    n = len(g)
+    check_rule(rule)
+    key = _rule_key(rule, width=width, height=height, sharpness=sharpness, date=date,
+                    path=path, n=n)
+    if len(key) != n:
+        raise ValueError(f"the facts have {len(key)} rows, the groups {n}")
+    key = np.where(np.isnan(key), np.inf, key)
+    keep = g < 0
+    member = np.flatnonzero(~keep)
+    if len(member):
+        o = member[np.lexsort((member, key[member], g[member]))]
+        firsts = o[np.r_[True, g[o][1:] != g[o][:-1]]]
+        keep[firsts] = True
+    for gid, row in (overrides or {}).items():
+        row = int(row)
+        if not 0 <= row < n or g[row] != int(gid) or int(gid) < 0:
+            raise ValueError(f"override: row {row} is not in group {gid}")
+        keep[g == int(gid)] = False
+        keep[row] = True
+    return keep
+
+
+def mark_changes(paths: Sequence[str], group, keep, current: Sequence[str]) -> dict[str, str]:
+    """The label edits that make the marks match ``keep``: every group member not kept gets
+    :data:`MARK`; a kept member that carries :data:`MARK` (an earlier choice) is cleared.
+    Rows without a group are left alone. One :meth:`LabelBook.assign` applies it."""
+    g = np.asarray(group, dtype=np.int64)
+    keep = np.asarray(keep, dtype=bool)
+    out: dict[str, str] = {}
+    for r in np.flatnonzero(g >= 0):
+        p, cur = str(paths[r]), str(current[r] or "")
+        if not keep[r] and cur != MARK:
+            out[p] = MARK
+        elif keep[r] and cur == MARK:
+            out[p] = ""
+    return out
+
+
+def group_order(group) -> np.ndarray:
+    """Group ids, largest group first (ties: the lower id)."""
+    g = np.asarray(group, dtype=np.int64)
+    ids, counts = np.unique(g[g >= 0], return_counts=True)
+    return ids[np.lexsort((ids, -counts))]
+
+
+REMOVAL_COLUMNS = ("group", "path", "kept_path", "rule", "width", "height", "sharpness",
+                   "exif_date")
+
+
+def removal_table(paths: Sequence[str], group, keep, rule: str, *, width=None, height=None,
+                  sharpness=None, date=None):
+    """A DataFrame of what would be removed (one row per image not kept): its group, its
+    path, the path kept in its place, the rule and the facts it was chosen by."""
+    import pandas as pd
+
+    g = np.asarray(group, dtype=np.int64)
+    keep = np.asarray(keep, dtype=bool)
+    n = len(g)
+    kept_of = {int(g[r]): str(paths[r]) for r in np.flatnonzero(keep & (g >= 0))}
+    rows = np.flatnonzero((g >= 0) & ~keep)
+    rows = rows[np.lexsort((rows, g[rows]))]
+
+    def col(v, dtype=float):
+        return np.full(n, np.nan) if v is None else np.asarray(v, dtype)
+
+    w, h, s, d = col(width), col(height), col(sharpness), col(date)
+    return pd.DataFrame({
+        "group": g[rows],
+        "path": [str(paths[r]) for r in rows],
+        "kept_path": [kept_of.get(int(g[r]), "") for r in rows],
+        "rule": rule,
+        "width": w[rows], "height": h[rows], "sharpness": s[rows],
+        "exif_date": [format_date(x) for x in d[rows]],
+    }, columns=list(REMOVAL_COLUMNS))
+
+
+# =========================================================================== facts
+def format_date(seconds: float) -> str:
+    """An EXIF time (seconds since 1970, UTC-naive) as ``YYYY-MM-DD HH:MM:SS``; "" if unknown."""
+    if seconds is None or not np.isfinite(seconds):
+        return ""
+    return _dt.datetime.fromtimestamp(float(seconds), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def exif_date(path: str | os.PathLike) -> float:
+    """EXIF DateTimeOriginal (else DateTimeDigitized, else DateTime) of an image file as
+    seconds since 1970 (read as UTC); NaN when the file has none or cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            ex = img.getexif()
+            sub = ex.get_ifd(0x8769)
+            text = sub.get(0x9003) or sub.get(0x9004) or ex.get(0x0132)
+    except Exception:  # noqa: BLE001 - no date is an answer, not an error
+        return float("nan")
+    if not text:
+        return float("nan")
+    try:
+        t = _dt.datetime.strptime(str(text).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return float("nan")
+    return t.replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+def sharpness_of(path: str | os.PathLike, size: int = 256) -> float:
+    """The quality statistic ``sharpness`` of an image file's ``size`` px thumbnail (as the
+    build computes it); NaN when it cannot be read."""
+    from explorer.images import load_image, thumbnail
+    from explorer.quality import STAT_NAMES, image_stats
+
+    try:
+        img = load_image(path, size).image
+        return float(image_stats(thumbnail(img.convert("RGB"), size))[STAT_NAMES.index("sharpness")])
+    except Exception:  # noqa: BLE001 - unreadable: unknown, never preferred
+        return float("nan")
+
+
+def member_facts(root: str | os.PathLike, paths: Sequence[str], group, rule: str | None = None):
+    """EXIF date and sharpness of the group members (rows with group >= 0; NaN elsewhere),
+    read from ``root / path``. With ``rule`` only the fact that rule needs is read."""
+    from explorer.paths import resolve_under
+
+    g = np.asarray(group, dtype=np.int64)
+    date = np.full(len(g), np.nan)
+    sharp = np.full(len(g), np.nan)
+    for r in np.flatnonzero(g >= 0):
+        try:
+            f = resolve_under(root, str(paths[r]), must_be_image=True)
+        except ValueError:
+            continue
+        if rule in (None, "earliest"):
+            date[r] = exif_date(f)
+        if rule in (None, "sharpest"):
+            sharp[r] = sharpness_of(f)
+    return date, sharp

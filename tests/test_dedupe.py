@@ -1,0 +1,242 @@
+"""Duplicates you can act on: scalable phash grouping (incremental), keep rules, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from explorer import dedupe, table
+from explorer.cli import main
+from explorer.similarity import components
+from tests._imagegen import photo, save
+
+
+# --------------------------------------------------------------------------- grouping
+def planted(n_sources=200, n=1200, seed=0):
+    """Hashes in families: random sources, members with up to 8 flipped bits, some copies."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 2**63, n_sources, dtype=np.uint64) * np.uint64(2)
+    h = src[rng.integers(0, n_sources, n)].copy()
+    for k in range(n):
+        for b in rng.choice(64, rng.integers(0, 9), replace=False):
+            h[k] ^= np.uint64(1) << np.uint64(b)
+    return np.concatenate([h, h[:40]])  # exact copies too
+
+
+def brute_groups(h, r):
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    a, b = np.nonzero(np.triu(d <= r, 1))
+    return components(len(h), a, b)
+
+
+@pytest.mark.parametrize("r", [0, 4, 8, 10, 12])
+def test_groups_are_those_of_all_pairs(r):
+    h = planted()
+    got = dedupe.group_hashes(h, r)
+    assert np.array_equal(got, brute_groups(h, r))
+    assert (got >= 0).sum() > 40  # the check is not vacuous
+
+
+def test_links_are_listed_once_and_within_the_radius():
+    h = planted()
+    i, j, _ = dedupe.hamming_links(h, 10)
+    assert (j < i).all()
+    assert (np.bitwise_count(h[i] ^ h[j]) <= 10).all()
+    assert len(np.unique(i * len(h) + j)) == len(i)
+
+
+def test_rerun_checks_only_the_new_images():
+    h = planted(n=2000)
+    keys = [f"img{k}.jpg" for k in range(len(h))]
+    ix = dedupe.DuplicateIndex(10)
+    ix.update(keys[:1500], h[:1500])
+    assert ix.n_queried > 1000
+    lab = ix.update(keys, h)  # the first 1500 keys are known: only 540 are looked up
+    assert ix.n_queried <= len(h) - 1500
+    assert np.array_equal(lab, brute_groups(h, 10))
+    ix.update(keys[:10], h[:10])
+    assert ix.n_queried == 0
+
+
+def test_index_survives_save_and_load(tmp_path):
+    h = planted(n=500)
+    keys = [f"k{k}" for k in range(len(h))]
+    ix = dedupe.DuplicateIndex(8)
+    ix.update(keys[:300], h[:300])
+    ix.save(tmp_path / "ix.npz")
+    back = dedupe.DuplicateIndex.load(tmp_path / "ix.npz")
+    assert back.max_distance == 8 and back.keys == keys[:300]
+    assert np.array_equal(back.update(keys, h), brute_groups(h, 8))
+    assert back.n_queried <= len(h) - 300
+
+
+def test_bad_radius_is_a_value_error():
+    with pytest.raises(ValueError, match="max_distance"):
+        dedupe.hamming_links(np.zeros(3, np.uint64), 40)
+
+
+# --------------------------------------------------------------------------- keep rules
+GROUP = np.array([0, 0, 0, -1, 1, 1])
+FACTS = dict(width=[100, 300, 200, 50, 10, 10], height=[100, 300, 200, 50, 10, 10],
+             sharpness=[5.0, 1.0, np.nan, 0, 2.0, 3.0],
+             date=[300.0, np.nan, 100.0, 0, 50.0, 40.0],
+             path=["a/long/name.jpg", "b.jpg", "cc.jpg", "x.jpg", "d/e.jpg", "d/f.jpg"])
+
+
+@pytest.mark.parametrize("rule, kept", [
+    ("largest", [1, 4]),      # 300x300; group 1 tie -> the earlier row
+    ("sharpest", [0, 5]),     # NaN sharpness never wins
+    ("earliest", [2, 5]),     # no date is never preferred
+    ("shortest", [1, 4]),
+    ("first", [0, 4]),
+])
+def test_each_rule_keeps_one_per_group(rule, kept):
+    keep = dedupe.choose_keepers(GROUP, rule, **FACTS)
+    assert sorted(np.flatnonzero(keep & (GROUP >= 0))) == kept
+    assert keep[3]  # no group: kept
+
+
+def test_override_wins_for_its_group_only():
+    keep = dedupe.choose_keepers(GROUP, "largest", overrides={0: 2}, **FACTS)
+    assert sorted(np.flatnonzero(keep & (GROUP >= 0))) == [2, 4]
+    with pytest.raises(ValueError, match="not in group"):
+        dedupe.choose_keepers(GROUP, "largest", overrides={1: 2}, **FACTS)
+    with pytest.raises(ValueError, match="keep rule"):
+        dedupe.choose_keepers(GROUP, "biggest", **FACTS)
+
+
+def test_marks_follow_the_choice_and_clear_an_earlier_one():
+    keep = dedupe.choose_keepers(GROUP, "first", **FACTS)
+    cur = ["", "cat", dedupe.MARK, "", "", ""]
+    ch = dedupe.mark_changes(FACTS["path"], GROUP, keep, cur)
+    assert ch == {"b.jpg": dedupe.MARK, "d/f.jpg": dedupe.MARK}  # cc.jpg is marked already
+    keep2 = dedupe.choose_keepers(GROUP, "earliest", **FACTS)  # now cc.jpg is kept
+    assert dedupe.mark_changes(FACTS["path"], GROUP, keep2, cur)["cc.jpg"] == ""
+
+
+def test_removal_table_lists_the_others_with_the_kept_path():
+    keep = dedupe.choose_keepers(GROUP, "largest", **FACTS)
+    t = dedupe.removal_table(FACTS["path"], GROUP, keep, "largest", width=FACTS["width"],
+                             height=FACTS["height"], date=FACTS["date"])
+    assert list(t.columns) == list(dedupe.REMOVAL_COLUMNS)
+    assert t["path"].tolist() == ["a/long/name.jpg", "cc.jpg", "d/f.jpg"]
+    assert t["kept_path"].tolist() == ["b.jpg", "b.jpg", "d/e.jpg"]
+    assert t["exif_date"].iloc[1] == "1970-01-01 00:01:40"
+
+
+def test_exif_date_is_read(tmp_path):
+    img = Image.fromarray(photo("coffee"))
+    ex = Image.Exif()
+    ex.get_ifd(0x8769)[0x9003] = "2021:05:06 07:08:09"
+    img.save(tmp_path / "dated.jpg", exif=ex)
+    img.save(tmp_path / "plain.jpg")
+    assert dedupe.format_date(dedupe.exif_date(tmp_path / "dated.jpg")) == "2021-05-06 07:08:09"
+    assert np.isnan(dedupe.exif_date(tmp_path / "plain.jpg"))
+
+
+# --------------------------------------------------------------------------- CLI
+def dated(arr, path, when=None, quality=90):
+    ex = Image.Exif()
+    if when:
+        ex.get_ifd(0x8769)[0x9003] = when
+    save(arr, path, exif=ex, quality=quality)
+
+
+@pytest.fixture()
+def collection(tmp_path):
+    """Two duplicate groups (a cat at three sizes, a coffee twice) and two unique photos."""
+    root = tmp_path / "imgs"
+    cat = photo("chelsea")
+    small = np.asarray(Image.fromarray(cat).resize((cat.shape[1] // 2, cat.shape[0] // 2)))
+    tiny = np.asarray(Image.fromarray(cat).resize((cat.shape[1] // 4, cat.shape[0] // 4)))
+    rows = [("cats/big.jpg", cat, "2020:01:01 00:00:00", 0),
+            ("cats/small.jpg", small, "2019:06:01 00:00:00", 0),
+            ("t.jpg", tiny, None, 0),
+            ("coffee/one.jpg", photo("coffee"), None, 1),
+            ("coffee/copy-of-one.jpg", photo("coffee"), None, 1),
+            ("rocket.jpg", photo("rocket"), None, -1),
+            ("astronaut.jpg", photo("astronaut"), None, -1)]
+    for rel, arr, when, _ in rows:
+        dated(arr, root / rel, when)
+    df = table.make_table([r[0] for r in rows], [f"static/t{k}.jpg" for k in range(len(rows))],
+                          np.zeros((len(rows), 2)), np.zeros(len(rows), int), np.ones(len(rows)),
+                          np.zeros(len(rows)), [r[1].shape[1] for r in rows],
+                          [r[1].shape[0] for r in rows], duplicate_group=[r[3] for r in rows])
+    csv = tmp_path / "col.csv"
+    table.write_table(df, csv)
+    return csv, root
+
+
+def exported(csv, root, to):
+    """The file names an export of the CSV writes (exports flatten the folders)."""
+    assert main(["export", str(csv), "--images", str(root), "--to", str(to), "-q"]) == 0
+    return sorted(str(p.relative_to(to)).split("/", 1)[1] for p in to.rglob("*.jpg"))
+
+
+def test_dry_run_writes_the_removal_csv_and_changes_nothing(collection, tmp_path, capsys):
+    csv, root = collection
+    out = tmp_path / "removed.csv"
+    assert main(["dedupe", str(csv), "--keep", "largest", "--images", str(root), "--dry-run",
+                 "--csv", str(out)]) == 0
+    t = pd.read_csv(out)
+    assert sorted(t["path"]) == ["cats/small.jpg", "coffee/copy-of-one.jpg", "t.jpg"]
+    assert set(t["kept_path"]) == {"cats/big.jpg", "coffee/one.jpg"}
+    assert "3 images to remove" in capsys.readouterr().out
+    assert not table.sidecar(csv, "labels.sqlite").exists()
+
+
+def test_rules_pick_the_original(collection, tmp_path):
+    csv, root = collection
+    for rule, kept_cat in [("earliest", "cats/small.jpg"), ("shortest", "t.jpg"),
+                           ("first", "cats/big.jpg"), ("sharpest", "t.jpg")]:
+        out = tmp_path / f"{rule}.csv"
+        assert main(["dedupe", str(csv), "--keep", rule, "--images", str(root), "--dry-run",
+                     "--csv", str(out)]) == 0
+        t = pd.read_csv(out)
+        assert set(t.loc[t["group"] == 0, "kept_path"]) == {kept_cat}, rule
+
+
+def test_mark_leaves_others_out_of_exports_and_undo_restores(collection, tmp_path):
+    csv, root = collection
+    before = exported(csv, root, tmp_path / "e0")
+    assert len(before) == 7
+    assert main(["dedupe", str(csv), "--keep", "largest", "--images", str(root),
+                 "--override", "1=coffee/copy-of-one.jpg"]) == 0
+    after = exported(csv, root, tmp_path / "e1")
+    assert sorted(set(before) - set(after)) == ["one.jpg", "small.jpg", "t.jpg"]
+    assert (root / "t.jpg").is_file()  # never deleted
+    manifest = next(csv.parent.glob("col.dedupe-*.json"))
+    assert main(["dedupe", "--undo", str(manifest)]) == 0
+    assert exported(csv, root, tmp_path / "e2") == before
+
+
+def test_move_to_and_undo_move_everything_back(collection, tmp_path, capsys):
+    csv, root = collection
+    files = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
+    dest = tmp_path / "moved"
+    assert main(["dedupe", str(csv), "--keep", "largest", "--images", str(root),
+                 "--move-to", str(dest)]) == 0
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*.jpg")) == [
+        Path("cats/small.jpg"), Path("coffee/copy-of-one.jpg"), Path("t.jpg")]
+    assert not (root / "t.jpg").exists()
+    manifest = next(dest.glob("dedupe-manifest-*.json"))
+    assert len(json.loads(manifest.read_text())["moves"]) == 3
+    assert main(["dedupe", "--undo", str(manifest)]) == 0
+    assert sorted(p.relative_to(root) for p in root.rglob("*.jpg")) == files
+    assert list(dest.rglob("*.jpg")) == []
+    assert "moved 3 files back, took back 3 marks" in capsys.readouterr().out
+    assert len(exported(csv, root, tmp_path / "e")) == 7
+
+
+def test_bad_rule_and_bad_override_are_errors(collection, capsys):
+    csv, root = collection
+    assert main(["dedupe", str(csv), "--keep", "biggest", "--images", str(root)]) == 1
+    assert "biggest" in capsys.readouterr().err
+    assert main(["dedupe", str(csv), "--keep", "first", "--images", str(root),
+                 "--override", "0=rocket.jpg"]) == 1
+    assert "not in group 0" in capsys.readouterr().err
