@@ -48,7 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Embed, map and cluster every image in IMAGE_DIR; write "
                        "NAME.csv and the app folder NAME/ (serve it with "
                        "`bokeh serve NAME --args NAME.csv`).")
-    b.add_argument("image_dir", metavar="IMAGE_DIR")
+    b.add_argument("image_dir", metavar="SOURCE", help="a folder of images, a .zip/.tar/"
+                   ".tar.gz of them, a CSV or Parquet table with a path column, or a .txt "
+                   "list of http(s) URLs (see docs/inputs.md)")
     b.add_argument("--app", metavar="NAME", help="app folder to create or update (thumbnails "
                    "go to NAME/static/thumbs); the CSV is NAME.csv beside it")
     b.add_argument("--out", metavar="CSV", help="write the CSV here instead of NAME.csv")
@@ -109,6 +111,11 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--metadata", default=None, metavar="FILE",
                    help="CSV or JSON of per-image metadata to join by file name")
     b.add_argument("--key", default=None, help="the metadata column that holds the file name")
+    b.add_argument("--vectors", default=None, metavar="FILE",
+                   help="your own embeddings instead of the model's: FILE.npy with its row "
+                   "paths in FILE.paths.txt, or FILE.parquet with a path column")
+    b.add_argument("--allow-private-urls", action="store_true",
+                   help="a URL list may name loopback and private addresses (off: refused)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
 
     t = sub.add_parser("threshold", help="plot similar pairs against the threshold (HTML)",
@@ -227,7 +234,7 @@ def cmd_build(a: argparse.Namespace) -> int:
           device=a.device, engine=a.engine, ray_address=a.ray_address,
           map_method=a.map_method, remap=a.remap, max_file_mb=a.max_file_mb,
           gpu_decode=a.gpu_decode, runtime=a.runtime, features=a.features, ae_loss=a.ae_loss,
-          progress=not a.quiet)
+          vectors=a.vectors, allow_private_urls=a.allow_private_urls, progress=not a.quiet)
     return 0
 
 

@@ -51,7 +51,8 @@ from typing import IO, Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.paths import UnsafePath, is_app_relative_url, resolve_under, resolver
+from explorer.archives import Member
+from explorer.paths import UnsafePath, is_app_relative_url, is_archive_root, resolve_under, resolver
 from explorer.progress import track
 
 __all__ = [
@@ -287,8 +288,8 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
     if image_root is None and not (layout == "flat" and thumb_root is not None):
         raise ValueError("image_root is None: the original images are not known")
     root = None if image_root is None else Path(image_root)
-    if root is not None and not root.is_dir():
-        raise ValueError(f"image_root is not a folder: {root}")
+    if root is not None and not root.is_dir() and not is_archive_root(root):
+        raise ValueError(f"image_root is not a folder (nor a zip or tar file): {root}")
 
     paths = df[path_col].fillna("").astype(str).tolist()
     plan = ExportPlan(export_path=[""] * len(paths))
@@ -404,9 +405,25 @@ def _thumbnail(thumb_root, value: str, max_file_bytes: int | None) -> Path | Non
 
 
 # --------------------------------------------------------------------------- reading sources
-def _open_source(src: Path) -> tuple[IO[bytes], os.stat_result]:
+def _open_source(src: Path | Member) -> tuple[IO[bytes], os.stat_result]:
     """Open a planned source for reading without following a symlink swapped in since the
-    plan (``O_NOFOLLOW`` where the OS has it); only regular files."""
+    plan (``O_NOFOLLOW`` where the OS has it); only regular files. An archive member (an
+    image root that is a zip or tar file) is read into memory (one image at a time), with
+    the archive's times."""
+    if isinstance(src, Member):
+        import io
+
+        try:
+            data = src.read()
+        except ValueError as exc:  # archives.MemberError: damaged, gone, a lying header
+            raise OSError(str(exc)) from None
+        a = os.stat(src.archive)
+        st = os.stat_result(
+            (stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, len(data), int(a.st_atime), int(a.st_mtime),
+             int(a.st_ctime)),
+            {k: getattr(a, k) for k in ("st_atime", "st_mtime", "st_ctime", "st_atime_ns",
+                                        "st_mtime_ns", "st_ctime_ns")})
+        return io.BytesIO(data), st
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(src, flags)
     try:
@@ -485,7 +502,7 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
                 report.bytes_in += len(data)
             else:
                 try:
-                    fh, st = _open_source(Path(src))
+                    fh, st = _open_source(src if isinstance(src, Member) else Path(src))
                 except OSError as exc:
                     report.failed.append((arc, f"{type(exc).__name__}: {exc}"))
                     continue
@@ -593,6 +610,9 @@ def _finish(tmp: Path, dest: Path, *, is_dir: bool) -> None:
 def _copy(src: Path, dst: Path, mode: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode == "link":
+        if isinstance(src, Member):
+            raise ValueError(f"{src.name} lies inside {src.archive}: it cannot be linked to; "
+                             "export with --copy")
         os.symlink(src, dst)  # raises FileExistsError rather than replace
         return
     fi, st = _open_source(src)

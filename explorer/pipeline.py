@@ -97,6 +97,8 @@ class BuildOptions:
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     gpu_decode: bool = False  # JPEG decode on the GPU (not measured faster: off by default)
     runtime: str = "auto"  # CPU forward pass: onnxruntime or torch (embed.embed_paths)
+    vectors: str | os.PathLike | None = None  # your own embeddings (explorer.vectors)
+    allow_private_urls: bool = False  # a URL list may name loopback/private addresses
     progress: bool = True
     embed_process: bool = True  # local engine: embed in a child process (see _embed)
 
@@ -152,7 +154,9 @@ class BuildContext:
     engine: str  # "local" or "ray"
     console: Any = None
     stage: Any = None
-    paths: list[Path] = field(default_factory=list)
+    source_kind: str = "folder"  # explorer.sources.kind_of the positional argument
+    source: Any = None  # the explorer.sources.Source that _discover opened
+    paths: list[Any] = field(default_factory=list)  # Path, or an archives.Member
     rel: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -306,7 +310,8 @@ def build(
     ctx = _context(image_dir, app, out, BuildOptions(**options), console)
     _discover(ctx)
     _install_app(ctx)
-    imgs = _embed(ctx) if ctx.opts.method == "timm" else _classic_features(ctx)
+    imgs = _given_vectors(ctx) if ctx.opts.vectors is not None else \
+        _embed(ctx) if ctx.opts.method == "timm" else _classic_features(ctx)
     dups = _duplicates(ctx, imgs)
     if ctx.opts.method == "timm":
         _choose_features(ctx, imgs)
@@ -348,10 +353,15 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         raise BuildError("--runtime onnx runs the model on the CPU with the local engine")
     if opts.engine == "ray" and opts.method != "timm":
         raise BuildError("--engine ray runs the timm embedding; the classic methods run locally")
-    root = Path(image_dir).expanduser()
-    if not root.is_dir():
-        raise BuildError(f"image folder not found: {image_dir}")
-    root = root.resolve()
+    from explorer.sources import kind_of
+
+    try:
+        kind = kind_of(image_dir)  # folder, archive, table, URL list (explorer.sources)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    root = Path(image_dir).expanduser().resolve()
+    if opts.vectors is not None and not Path(opts.vectors).is_file():
+        raise BuildError(f"--vectors file not found: {opts.vectors}")
     app_dir, csv_path = resolve_outputs(app, out)
     if app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
@@ -367,7 +377,8 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
 
         console = Console(stderr=True)
     ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
-                       engine=opts.engine, console=console if opts.progress else None)
+                       engine=opts.engine, console=console if opts.progress else None,
+                       source_kind=kind)
     ctx.stage = _Stages(ctx.console)
     return ctx
 
@@ -377,14 +388,27 @@ def _discover(ctx: BuildContext) -> None:
     errors.csv line (review H3: the CSV is UTF-8; rename such files to include them)."""
     from explorer import images as images_mod
 
+    from explorer import sources
+
+    o = ctx.opts
     with ctx.stage("discover"):
-        if ctx.console is not None:
-            with ctx.console.status(f"Looking for images in {ctx.root} ..."):
-                found = images_mod.discover(ctx.root)
-        else:
-            found = images_mod.discover(ctx.root)
-    for p in found:
-        rel = p.relative_to(ctx.root).as_posix()
+        def open_it():
+            return sources.open_source(
+                ctx.root, work_dir=table.sidecar(ctx.csv_path, "sources"),
+                max_bytes=None if o.max_file_mb is None else int(o.max_file_mb * 2**20),
+                allow_private_urls=o.allow_private_urls, console=ctx.console)
+
+        try:
+            if ctx.console is not None:
+                with ctx.console.status(f"Looking for images in {ctx.root} ..."):
+                    src = open_it()
+            else:
+                src = open_it()
+        except ValueError as exc:
+            raise BuildError(str(exc)) from None
+    ctx.source, ctx.root = src, src.root
+    ctx.errors += src.errors
+    for p, rel in zip(src.items, src.rel):
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:
@@ -565,6 +589,38 @@ def _classic_features(ctx: BuildContext) -> Images:
                   hashes=hashes, classic=feats, info={"method": o.method})
 
 
+def _given_vectors(ctx: BuildContext) -> Images:
+    """``--vectors FILE``: your embeddings instead of the model's. Each image is still read
+    once (size, content hash, phash, thumbnail: ``similarity.features_and_thumbnails``);
+    images that FILE has no row for are error lines."""
+    from explorer import similarity, sources
+
+    o = ctx.opts
+    max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
+    try:
+        keys, vecs = sources.read_vectors(o.vectors)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    row = sources.match_vectors(keys, ctx.rel, ctx.paths)
+    with ctx.stage("features"):
+        feats, ok, errs, w, h, _, hashes = similarity.features_and_thumbnails(
+            ctx.paths, "phash", thumb_size=o.thumb_size, sink=ctx.sink, max_bytes=max_bytes,
+            progress=o.progress)
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in errs]
+    has = row[ok] >= 0
+    ctx.errors += [(ctx.rel[i], f"no row for it in --vectors {Path(o.vectors).name}")
+                   for i in np.asarray(ok)[~has]]
+    _check_some(ctx, np.asarray(ok)[has])
+    used = row[ok][has]
+    return Images(ok=np.asarray(ok)[has], features=vecs[used], width=np.asarray(w)[has],
+                  height=np.asarray(h)[has], hashes=[x for x, k in zip(hashes, has) if k],
+                  phash=np.asarray(feats, np.uint64)[has],
+                  info={"method": "vectors", "name": Path(o.vectors).name,
+                        "model_key": f"vectors:{Path(o.vectors).name}:{vecs.shape[1]}",
+                        "rows_given": len(keys), "rows_used": int(has.sum())},
+                  concepts="your own vectors (--vectors) have no ImageNet classifier")
+
+
 def _check_some(ctx: BuildContext, ok) -> None:
     if len(ok) == 0:
         _write_errors(ctx.csv_path, ctx.errors)
@@ -667,6 +723,10 @@ def _table(ctx: BuildContext, imgs: Images, lay: Layout, dups) -> pd.DataFrame:
         probability=lay.probabilities, outlier_score=lay.outlier_scores, width=imgs.width,
         height=imgs.height, duplicate_group=dups,
     )
+    if ctx.source is not None and ctx.source.columns is not None:  # a table input's columns
+        from explorer.sources import add_table_columns
+
+        df = add_table_columns(df, ctx.source.columns)
     if ctx.opts.metadata is not None:
         from explorer import metadata as metadata_mod
 
@@ -693,6 +753,8 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("explorer") else None,
         "image_dir": str(ctx.root),
+        "source": {"kind": ctx.source.kind, "given": str(ctx.source.given),
+                   "vectors": str(o.vectors) if o.vectors else None},
         # the same folder relative to the CSV's folder: still right after the two move together
         "image_dir_from_csv": os.path.relpath(ctx.root, ctx.csv_path.parent),
         "csv": ctx.csv_path.name,
@@ -914,6 +976,9 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
 
 # --------------------------------------------------------------------------- internals
 def _relname(p, root: Path) -> str:
+    member_prefix = f"{root}!/"  # an archive member (explorer.archives.Member)
+    if str(p).startswith(member_prefix):
+        return str(p)[len(member_prefix):]
     try:
         return Path(p).resolve().relative_to(root).as_posix()
     except ValueError:
