@@ -1,0 +1,292 @@
+"""`explorer build SOURCE` for every input kind: archives, tables, --vectors (CLI tests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _imagegen import image_folder
+from explorer import archives, table
+from explorer.cli import main as cli
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    return image_folder(tmp_path_factory.mktemp("photos") / "imgs", N)
+
+
+def errors_of(csv: Path) -> dict[str, str]:
+    df = pd.read_csv(table.sidecar(csv, "errors.csv"), keep_default_na=False)
+    return dict(zip(df["path"], df["reason"]))
+
+
+def run_of(csv: Path) -> dict:
+    return json.loads(table.sidecar(csv, "run.json").read_text())
+
+
+def member_bytes(photos) -> dict[str, bytes]:
+    return {f"dir/{p.parent.name}/{p.name}": p.read_bytes() for p in photos}
+
+
+def hostile_zip(path: Path, photos) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in member_bytes(photos).items():
+            z.writestr(name, data)
+        z.writestr("../evil.jpg", member_bytes(photos)["dir/a/img0.jpg"])
+        z.writestr("/abs.jpg", b"x")
+        link = zipfile.ZipInfo("link.jpg")
+        link.create_system = 3
+        link.external_attr = 0o120777 << 16
+        z.writestr(link, "/etc/passwd")
+        z.writestr("bomb.png", b"\0" * (8 << 20), compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("notes.txt", "not an image, left out silently")
+    return path
+
+
+# --------------------------------------------------------------------------- zip
+@pytest.fixture(scope="module")
+def zip_build(tmp_path_factory, photos):
+    base = tmp_path_factory.mktemp("zipbuild")
+    archive = hostile_zip(base / "photos.zip", photos)
+    assert cli(["build", str(archive), "--app", str(base / "z"), "--method", "phash", "-q"]) == 0
+    return base, archive, base / "z.csv"
+
+
+def test_zip_rows_are_members_with_thumbnails(zip_build, photos):
+    base, archive, csv = zip_build
+    df = table.read_table(csv)
+    assert sorted(df["path"]) == sorted(member_bytes(photos))
+    for value in df["image"]:
+        assert (base / "z" / value).is_file()
+    run = run_of(csv)
+    assert run["image_dir"] == str(archive.resolve())
+    assert run["source"]["kind"] == "archive"
+    # nothing was extracted beside the archive or the app
+    assert not (base / "evil.jpg").exists() and not (base / "dir").exists()
+    assert not table.sidecar(csv, "sources").exists()
+
+
+def test_zip_hostile_members_get_an_error_line(zip_build):
+    _, _, csv = zip_build
+    errs = errors_of(csv)
+    assert "zip slip" in errs["../evil.jpg"]
+    assert "zip slip" in errs["/abs.jpg"]
+    assert "symbolic link" in errs["link.jpg"]
+    assert "zip bomb" in errs["bomb.png"]
+    assert "notes.txt" not in errs
+
+
+def test_zip_huge_member_is_refused_unread(tmp_path, photos):
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in member_bytes(photos).items():
+            z.writestr(name, data)
+        z.writestr("huge.jpg", os.urandom(3 << 20))  # incompressible: no ratio alarm
+    assert cli(["build", str(archive), "--out", str(tmp_path / "b.csv"), "--method", "phash",
+                "--max-file-mb", "1", "-q"]) == 0
+    assert "file too large" in errors_of(tmp_path / "b.csv")["huge.jpg"]
+
+
+def test_member_that_lies_about_its_size_is_stopped(tmp_path):
+    """A header may claim a small size; reading stops at the cap whatever it claims."""
+    archive = tmp_path / "lie.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.jpg", b"\xff\xd8\xff" + b"\0" * 5000)
+    members, _ = archives.list_members(archive)
+    liar = archives.Member(members[0].archive, "a.jpg", 100, "zip")  # claims 100 bytes
+    with pytest.raises(archives.MemberError, match="zip bomb"):
+        liar.read(1000)
+
+
+def test_export_from_a_zip_build_copies_the_members(zip_build, photos, tmp_path):
+    _, _, csv = zip_build
+    out = tmp_path / "out"
+    assert cli(["export", str(csv), "--to", str(out), "-q"]) == 0
+    written = {p.name: p.read_bytes() for p in out.rglob("*.jpg")}
+    assert written == {p.name: p.read_bytes() for p in photos}
+    assert cli(["export", str(csv), "--to", str(tmp_path / "z"), "--zip", "-q"]) == 0
+    with zipfile.ZipFile(tmp_path / "z.zip") as z:
+        assert sum(n.endswith(".jpg") for n in z.namelist()) == N
+
+
+def test_app_originals_resolve_inside_the_archive(zip_build):
+    from explorer.app.files import original_file
+    from explorer.images import read_file
+    from explorer.paths import require_image_root
+
+    _, archive, csv = zip_build
+    root = require_image_root(csv)
+    assert root == archive.resolve()
+    got = original_file(root, "dir/a/img0.jpg")
+    assert got is not None and read_file(got)[0][:3] == b"\xff\xd8\xff"
+    assert original_file(root, "../evil.jpg") is None
+    assert original_file(root, "link.jpg") is None
+    assert original_file(root, "dir/nope.jpg") is None
+
+
+# --------------------------------------------------------------------------- tar
+def hostile_tar(path: Path, photos, mode: str) -> Path:
+    with tarfile.open(path, mode) as t:
+        for name, data in member_bytes(photos).items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+        for name, kind in (("sym.jpg", tarfile.SYMTYPE), ("hard.jpg", tarfile.LNKTYPE)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname = kind, "/etc/passwd"
+            t.addfile(ti)
+        ti = tarfile.TarInfo("../../up.jpg")
+        ti.size = 3
+        t.addfile(ti, io.BytesIO(b"abc"))
+        ti = tarfile.TarInfo("fifo.jpg")
+        ti.type = tarfile.FIFOTYPE
+        t.addfile(ti)
+    return path
+
+
+@pytest.mark.parametrize("suffix,mode", [(".tar", "w"), (".tar.gz", "w:gz")])
+def test_tar_build_reads_members_and_refuses_links(tmp_path, photos, suffix, mode):
+    archive = hostile_tar(tmp_path / f"photos{suffix}", photos, mode)
+    csv = tmp_path / "t.csv"
+    assert cli(["build", str(archive), "--app", str(tmp_path / "t"), "--method", "phash",
+                "-q"]) == 0
+    df = table.read_table(csv)
+    assert sorted(df["path"]) == sorted(member_bytes(photos))
+    errs = errors_of(csv)
+    assert "symbolic link" in errs["sym.jpg"] and "hard link" in errs["hard.jpg"]
+    assert "zip slip" in errs["../../up.jpg"] and "not a regular file" in errs["fifo.jpg"]
+    assert not (tmp_path.parent / "up.jpg").exists()
+    plain = table.sidecar(csv, "sources") / "source.tar"
+    assert plain.is_file() == (suffix == ".tar.gz")  # gzip cannot seek: one plain copy
+    out = tmp_path / "out"
+    assert cli(["export", str(csv), "--to", str(out), "-q"]) == 0
+    assert sorted(p.read_bytes() for p in out.rglob("*.jpg")) == \
+        sorted(p.read_bytes() for p in photos)
+
+
+def test_tar_gz_bomb_is_refused(tmp_path):
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        data = b"\0" * (4 << 20)
+        ti = tarfile.TarInfo("zeros.jpg")
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+    with pytest.raises(ValueError, match="decompression bomb"):
+        archives.plain_tar(archive, tmp_path / "x.tar", max_total=1 << 20)
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_archive_embedding_runs_in_the_child_process(tmp_path, photos):
+    """The default method: members cross to the embedding process and are cached by it."""
+    archive = hostile_tar(tmp_path / "p.tar", photos, "w")
+    res_csv = tmp_path / "e.csv"
+    assert cli(["build", str(archive), "--out", str(res_csv), "--map", "pca", "-q"]) == 0
+    assert len(table.read_table(res_csv)) == N
+    assert run_of(res_csv)["counts"]["decoded"] == N
+    assert cli(["build", str(archive), "--out", str(res_csv), "--map", "pca", "-q"]) == 0
+    assert run_of(res_csv)["counts"]["decoded"] == 0  # the store knew every member
+
+
+# --------------------------------------------------------------------------- tables
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_input_brings_labels_and_metadata(tmp_path, photos, fmt):
+    folder = photos[0].parent.parent
+    rows = pd.DataFrame({
+        "path": [p.relative_to(folder).as_posix() for p in photos] + ["a/missing.jpg"],
+        "label": ["cat" if i % 2 else "dog" for i in range(N)] + ["x"],
+        "photographer": [f"p{i % 3}" for i in range(N)] + ["?"],
+    })
+    src = folder / f"list.{fmt}"
+    rows.to_csv(src, index=False) if fmt == "csv" else rows.to_parquet(src)
+    csv = tmp_path / "t.csv"
+    assert cli(["build", str(src), "--out", str(csv), "--method", "phash", "-q"]) == 0
+    df = table.read_table(csv).set_index("path")
+    want = rows.iloc[:N].set_index("path")
+    assert len(df) == N
+    assert (df.loc[want.index, "label"] == want["label"]).all()
+    assert (df.loc[want.index, "photographer"] == want["photographer"]).all()
+    assert errors_of(csv)["a/missing.jpg"] == "file not found"
+    assert Path(run_of(csv)["image_dir"]) == folder.resolve()
+
+
+def test_table_without_path_column_is_refused(tmp_path, capsys):
+    src = tmp_path / "list.csv"
+    src.write_text("file,label\na.jpg,x\n")
+    assert cli(["build", str(src), "--out", str(tmp_path / "o.csv"), "-q"]) == 1
+    assert "no 'path' column" in capsys.readouterr().err
+
+
+def test_unknown_source_kind_is_refused(tmp_path, capsys):
+    src = tmp_path / "photos.rar"
+    src.write_bytes(b"Rar!")
+    assert cli(["build", str(src), "--out", str(tmp_path / "o.csv"), "-q"]) == 1
+    assert "not a folder, an archive" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --vectors
+def given_vectors(photos, folder: Path) -> tuple[list[str], np.ndarray]:
+    """Three well separated groups of vectors (by image index), keyed by CSV path."""
+    rng = np.random.default_rng(0)
+    keys = [p.relative_to(folder).as_posix() for p in photos]
+    centres = np.eye(3, 16, dtype=np.float32) * 10
+    vecs = np.stack([centres[i % 3] + rng.normal(0, 0.01, 16) for i in range(len(keys))])
+    return keys, vecs.astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_vectors_skip_the_embedding(tmp_path, photos, fmt):
+    folder = photos[0].parent.parent
+    keys, vecs = given_vectors(photos, folder)
+    if fmt == "npy":
+        vfile = tmp_path / "mine.npy"
+        np.save(vfile, vecs[1:])  # img0 has no vector
+        (tmp_path / "mine.paths.txt").write_text("\n".join(keys[1:]) + "\n")
+    else:
+        vfile = tmp_path / "mine.parquet"
+        pd.DataFrame({"path": keys[1:], "vector": list(vecs[1:])}).to_parquet(vfile)
+    csv = tmp_path / "v.csv"
+    assert cli(["build", str(folder), "--out", str(csv), "--vectors", str(vfile),
+                "--cluster", "kmeans", "--k", "3", "--map", "pca", "-q"]) == 0
+    run = run_of(csv)
+    assert "embed" not in run["timings"] and run["model"]["method"] == "vectors"
+    df = table.read_table(csv)
+    assert len(df) == N - 1 and keys[0] not in set(df["path"])
+    assert "no row for it in --vectors" in errors_of(csv)[keys[0]]
+    feats = np.load(table.sidecar(csv, "features.npy"))
+    order = [keys.index(p) for p in df["path"]]
+    np.testing.assert_allclose(feats, vecs[order], atol=0.02)
+    # the clusters follow the given vectors' groups
+    group = np.array(order) % 3
+    for g in range(3):
+        assert df["cluster"][group == g].nunique() == 1
+    assert df.groupby(group)["cluster"].first().nunique() == 3
+
+
+def test_vectors_count_mismatch_is_an_error(tmp_path, photos, capsys):
+    folder = photos[0].parent.parent
+    keys, vecs = given_vectors(photos, folder)
+    np.save(tmp_path / "bad.npy", vecs)
+    (tmp_path / "bad.paths.txt").write_text("\n".join(keys[:3]))
+    assert cli(["build", str(folder), "--out", str(tmp_path / "o.csv"), "--vectors",
+                str(tmp_path / "bad.npy"), "-q"]) == 1
+    assert f"{N} rows but 3 paths" in capsys.readouterr().err
+    np.save(tmp_path / "lone.npy", vecs)
+    assert cli(["build", str(folder), "--out", str(tmp_path / "o.csv"), "--vectors",
+                str(tmp_path / "lone.npy"), "-q"]) == 1
+    assert "lone.paths.txt" in capsys.readouterr().err
+
+
+def test_archive_suffixes_agree_with_paths():
+    from explorer.paths import IMAGE_SUFFIXES
+
+    assert archives.IMAGE_SUFFIXES == IMAGE_SUFFIXES
