@@ -290,3 +290,90 @@ def test_archive_suffixes_agree_with_paths():
     from explorer.paths import IMAGE_SUFFIXES
 
     assert archives.IMAGE_SUFFIXES == IMAGE_SUFFIXES
+
+
+# --------------------------------------------------------------------------- URL lists
+@pytest.fixture
+def image_server(photos):
+    """A local HTTP server on 127.0.0.1 (a free port): /img<i>.jpg, a redirect, a page that
+    is not an image and one that is too large; ``hits`` counts the requests per path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits: dict[str, int] = {}
+    files = {f"/img{i}.jpg": p.read_bytes() for i, p in enumerate(photos)}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):  # quiet
+            pass
+
+        def do_GET(self):
+            hits[self.path] = hits.get(self.path, 0) + 1
+            if self.path == "/moved.jpg":
+                self.send_response(302)
+                self.send_header("Location", "/img0.jpg")
+                self.end_headers()
+                return
+            if self.path == "/page.html":
+                body, kind = b"<html>hello</html>", "text/html"
+            elif self.path == "/big.jpg":
+                body, kind = b"\xff\xd8\xff" + os.urandom(2 << 20), "image/jpeg"
+            elif self.path in files:
+                body, kind = files[self.path], "image/jpeg"
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_list_downloads_once_into_a_cache(tmp_path, image_server, photos):
+    base, hits = image_server
+    urls = [f"{base}/img{i}.jpg" for i in range(N)]
+    lst = tmp_path / "urls.txt"
+    lst.write_text("# my photos\n" + "\n".join(urls) + f"\n\n{base}/moved.jpg\n{base}/page.html\n"
+                   f"{base}/big.jpg\n{base}/gone.jpg\nftp://example.com/a.jpg\n")
+    csv = tmp_path / "u.csv"
+    args = ["build", str(lst), "--app", str(tmp_path / "u"), "--method", "phash",
+            "--max-file-mb", "1", "--allow-private-urls", "-q"]
+    assert cli(args) == 0
+    df = table.read_table(csv)
+    assert len(df) == N + 1  # the redirect brings img0 a second time, under its own URL
+    cache = table.sidecar(csv, "sources") / "urls"
+    assert sorted((cache / p).read_bytes() for p in df["path"]) == \
+        sorted([p.read_bytes() for p in photos] + [photos[0].read_bytes()])
+    errs = errors_of(csv)
+    assert "not an image type" in errs[f"{base}/page.html"]
+    assert "limit" in errs[f"{base}/big.jpg"]
+    assert "404" in errs[f"{base}/gone.jpg"]
+    assert "not an http(s) URL" in errs["ftp://example.com/a.jpg"]
+    assert run_of(csv)["source"]["kind"] == "urls"
+    before = dict(hits)
+    assert cli(args) == 0  # a re-run downloads nothing it has
+    assert {k: v - before.get(k, 0) for k, v in hits.items() if v != before.get(k, 0)} == \
+        {f"{base}/page.html"[len(base):]: 1, "/big.jpg": 1, "/gone.jpg": 1}
+    out = tmp_path / "out"
+    assert cli(["export", str(csv), "--to", str(out), "-q"]) == 0
+    assert len(list(out.rglob("*.jpg"))) == N + 1
+
+
+def test_url_list_refuses_loopback_unless_allowed(tmp_path, image_server, capsys):
+    base, hits = image_server
+    lst = tmp_path / "urls.txt"
+    lst.write_text(f"{base}/img0.jpg\n")
+    assert cli(["build", str(lst), "--out", str(tmp_path / "u.csv"), "--method", "phash",
+                "-q"]) == 1
+    assert "no images found" in capsys.readouterr().err
+    assert "loopback" in errors_of(tmp_path / "u.csv")[f"{base}/img0.jpg"]
+    assert hits == {}
