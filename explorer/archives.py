@@ -38,7 +38,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 
-__all__ = ["Member", "MemberError", "list_members", "archive_kind", "plain_tar",
+__all__ = ["Member", "MemberError", "list_members", "archive_kind", "plain_tar", "unsafe_name",
            "ARCHIVE_SUFFIXES", "MAX_RATIO", "MAX_MEMBERS"]
 
 #: suffixes (lower case) of the archives a build reads, and their kind
@@ -171,7 +171,8 @@ def _zip(archive: str) -> zipfile.ZipFile:
     return zf
 
 
-def _name_problem(name: str) -> str | None:
+def unsafe_name(name: str) -> str | None:
+    """Why a member (or remote object) name may not be used as a relative path, or None."""
     if not name or _CONTROL.search(name):
         return "unsafe member name (control characters); refused"
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
@@ -181,7 +182,8 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _wanted(name: str) -> bool:
+def wanted_name(name: str) -> bool:
+    """True for a name `explorer build` reads: an image suffix, no hidden component."""
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or any(p.startswith(".") for p in parts):
         return False
@@ -210,8 +212,8 @@ def list_members(archive: str | os.PathLike, *, max_bytes: int | None = None
         if n >= MAX_MEMBERS:
             raise ValueError(f"{path} lists more than {MAX_MEMBERS:,} members; refused")
         shown = name.replace("\\", "/")
-        problem = _name_problem(name)
-        if problem is None and why is None and not _wanted(name):
+        problem = unsafe_name(name)
+        if problem is None and why is None and not wanted_name(name):
             continue  # a folder, a hidden or a non-image file: left out, as in a folder
         if problem is None:
             problem = why

@@ -155,6 +155,7 @@ class BuildContext:
     console: Any = None
     stage: Any = None
     source_kind: str = "folder"  # explorer.sources.kind_of the positional argument
+    source_arg: str = ""  # the positional argument as given
     source: Any = None  # the explorer.sources.Source that _discover opened
     paths: list[Any] = field(default_factory=list)  # Path, or an archives.Member
     rel: list[str] = field(default_factory=list)
@@ -359,11 +360,12 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         kind = kind_of(image_dir)  # folder, archive, table, URL list (explorer.sources)
     except ValueError as exc:
         raise BuildError(str(exc)) from None
-    root = Path(image_dir).expanduser().resolve()
+    # a remote URL has no local root until _discover copies it (explorer.sources)
+    root = Path(image_dir).expanduser().resolve() if kind != "remote" else Path.cwd()
     if opts.vectors is not None and not Path(opts.vectors).is_file():
         raise BuildError(f"--vectors file not found: {opts.vectors}")
     app_dir, csv_path = resolve_outputs(app, out)
-    if app_dir is not None and (app_dir == root or root in app_dir.parents):
+    if kind == "folder" and app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
     # the device: "cpu" stays; "auto" / "cuda" / "mps" are resolved where torch is loaded
     # (the embedding process, which fails early when CUDA is asked for and missing); the
@@ -378,7 +380,7 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         console = Console(stderr=True)
     ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
                        engine=opts.engine, console=console if opts.progress else None,
-                       source_kind=kind)
+                       source_kind=kind, source_arg=os.fspath(image_dir))
     ctx.stage = _Stages(ctx.console)
     return ctx
 
@@ -394,7 +396,7 @@ def _discover(ctx: BuildContext) -> None:
     with ctx.stage("discover"):
         def open_it():
             return sources.open_source(
-                ctx.root, work_dir=table.sidecar(ctx.csv_path, "sources"),
+                ctx.source_arg, work_dir=table.sidecar(ctx.csv_path, "sources"),
                 max_bytes=None if o.max_file_mb is None else int(o.max_file_mb * 2**20),
                 allow_private_urls=o.allow_private_urls, console=ctx.console)
 

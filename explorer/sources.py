@@ -64,9 +64,16 @@ class Source:
 
 
 def kind_of(source: str | os.PathLike) -> str:
-    """``"folder"``, ``"zip"``, ``"tar"`` (also compressed), ``"table"`` or ``"urls"`` for
-    the build's positional argument; ``ValueError`` naming it when it is none of them."""
+    """``"folder"``, ``"zip"``, ``"tar"`` (also compressed), ``"table"``, ``"urls"`` or
+    ``"remote"`` (an fsspec URL such as ``s3://bucket/prefix``) for the build's positional
+    argument; ``ValueError`` naming it when it is none of them."""
     text = os.fspath(source)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("http", "https"):
+        raise ValueError(f"{text}: a single web address; put http(s) URLs in a text file, one "
+                         "per line, and build that file")
+    if scheme and scheme.replace("+", "").replace("-", "").isalnum():
+        return "remote"
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder"
@@ -93,14 +100,16 @@ def open_source(source: str | os.PathLike, *, work_dir: Path, max_bytes: int | N
     needs disk keeps it between runs (``NAME.sources/`` beside the CSV); ``max_bytes`` is the
     per-file cap. Raises ``ValueError`` for a source that cannot be read at all; single bad
     items are error lines, never exceptions."""
-    kind = kind_of(source)
     given = os.fspath(source)
+    kind = kind_of(given)
     if kind == "folder":
         return _folder(given)
     if kind in ("zip", "tar"):
         return _archive(given, work_dir, max_bytes)
     if kind == "table":
         return _table(given)
+    if kind == "remote":
+        return _remote(given, work_dir / "remote", max_bytes, console)
     from explorer import urlfetch
 
     urls, errors = urlfetch.read_url_list(given)
@@ -128,6 +137,95 @@ def _archive(given: str, work_dir: Path, max_bytes: int | None) -> Source:
         readable = Path(archives.plain_tar(path, work_dir / "source.tar", max_total=cap))
     members, errors = archives.list_members(readable, max_bytes=max_bytes)
     return Source("archive", given, readable, list(members), [m.name for m in members], errors)
+
+
+#: the remote cache's record of what each file was when it was copied
+REMOTE_MANIFEST = "manifest.json"
+
+
+def _remote(given: str, folder: Path, max_bytes: int | None, console: Any) -> Source:
+    """The image files under an fsspec URL (``s3://bucket/prefix``, ``gs://``, ``az://``,
+    ``memory://`` ...), each copied once into ``folder`` under its path relative to the prefix;
+    a re-run copies only files whose size or version (ETag, mtime) changed. Credentials and
+    endpoints come from the filesystem's usual settings (``AWS_*``, ``FSSPEC_S3_*``
+    environment variables)."""
+    import json
+
+    from explorer.table import atomic_write_text
+
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"reading {given} needs fsspec: pip install '.[cloud]'") from None
+    try:
+        fs, prefix = fsspec.core.url_to_fs(given)
+        listing = fs.find(prefix, detail=True)
+    except ImportError as exc:
+        raise ValueError(f"reading {given} needs its filesystem package ({exc}); for s3:// "
+                         "pip install '.[cloud]'") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot list {given}: {exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / REMOTE_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8")) if manifest_path.is_file() else {}
+    except (OSError, ValueError):
+        manifest = {}
+    base = prefix.rstrip("/")
+    wanted: list[tuple[str, str, dict]] = []
+    errors: list[tuple[str, str]] = []
+    for path in sorted(listing):
+        info = listing[path]
+        if info.get("type", "file") != "file":
+            continue
+        rel = path[len(base):].lstrip("/") if path.startswith(base) else path
+        why = archives.unsafe_name(rel)
+        if why is None and not archives.wanted_name(rel):
+            continue
+        size = int(info.get("size") or 0)
+        if why is None and max_bytes is not None and size > max_bytes:
+            why = archives.too_large(size, max_bytes)
+        if why is not None:
+            errors.append((rel, why))
+            continue
+        wanted.append((path, rel, info))
+    from explorer.progress import track
+
+    files, rels = [], []
+    for path, rel, info in track(wanted, f"Copying from {given}", console is not None):
+        version = [int(info.get("size") or 0),
+                   str(info.get("ETag") or info.get("etag") or info.get("mtime")
+                       or info.get("LastModified") or "")]
+        dest = folder.joinpath(*rel.split("/"))
+        if manifest.get(rel) != version or not dest.is_file():
+            try:
+                _copy_remote(fs, path, dest, max_bytes)
+            except (OSError, ValueError) as exc:
+                errors.append((rel, f"cannot copy ({exc})"))
+                continue
+            manifest[rel] = version
+        files.append(dest.resolve())
+        rels.append(rel)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=0, sort_keys=True))
+    return Source("remote", given, folder.resolve(), files, rels, errors)
+
+
+def _copy_remote(fs: Any, path: str, dest: Path, max_bytes: int | None) -> None:
+    """Stream one remote file into ``dest`` (through a temporary name), never more than
+    ``max_bytes`` whatever its listing said."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    total = 0
+    try:
+        with fs.open(path, "rb") as fi, open(tmp, "wb") as fo:
+            while block := fi.read(1 << 20):
+                total += len(block)
+                if max_bytes is not None and total > max_bytes:
+                    raise ValueError(archives.too_large(total, max_bytes))
+                fo.write(block)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_table_input(path: str | os.PathLike) -> pd.DataFrame:

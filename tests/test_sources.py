@@ -377,3 +377,58 @@ def test_url_list_refuses_loopback_unless_allowed(tmp_path, image_server, capsys
     assert "no images found" in capsys.readouterr().err
     assert "loopback" in errors_of(tmp_path / "u.csv")[f"{base}/img0.jpg"]
     assert hits == {}
+
+
+# --------------------------------------------------------------------------- fsspec URLs
+def test_fsspec_url_is_copied_once_and_read(tmp_path, photos):
+    """Any fsspec URL: here ``memory://`` (in this process, like the CLI call)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    prefix = f"/bucket-{tmp_path.name}/shots"
+    for name, data in member_bytes(photos).items():
+        fs.pipe(f"{prefix}/{name}", data)
+    fs.pipe(f"{prefix}/readme.txt", b"not an image")
+    fs.pipe(f"{prefix}/.hidden/x.jpg", b"hidden")
+    csv = tmp_path / "m.csv"
+    args = ["build", f"memory://{prefix}", "--app", str(tmp_path / "m"), "--method", "phash", "-q"]
+    assert cli(args) == 0
+    df = table.read_table(csv)
+    assert sorted(df["path"]) == sorted(member_bytes(photos))
+    cache = table.sidecar(csv, "sources") / "remote"
+    assert Path(run_of(csv)["image_dir"]) == cache.resolve()
+    copied = {p: (cache / p).stat().st_mtime_ns for p in df["path"]}
+    fs.pipe(f"{prefix}/dir/a/img0.jpg", photos[2].read_bytes())  # changed remotely
+    assert cli(args) == 0
+    again = {p: (cache / p).stat().st_mtime_ns for p in df["path"]}
+    assert [p for p in copied if copied[p] != again[p]] == ["dir/a/img0.jpg"]
+    assert (cache / "dir/a/img0.jpg").read_bytes() == photos[2].read_bytes()
+    fs.rm(f"/bucket-{tmp_path.name}", recursive=True)
+
+
+def test_s3_prefix_through_a_local_s3_server(tmp_path, photos, monkeypatch):
+    """``s3://bucket/prefix`` against moto's server mode on 127.0.0.1 (the [cloud] extra)."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1",
+                     "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="photos")
+        for name, data in member_bytes(photos).items():
+            s3.put_object(Bucket="photos", Key=f"set1/{name}", Body=data)
+        s3.put_object(Bucket="photos", Key="set1/../escape.jpg", Body=b"x")
+        csv = tmp_path / "s.csv"
+        assert cli(["build", "s3://photos/set1", "--out", str(csv), "--method", "phash",
+                    "-q"]) == 0
+        df = table.read_table(csv)
+        assert sorted(df["path"]) == sorted(member_bytes(photos))
+        assert not (tmp_path / "escape.jpg").exists()
+    finally:
+        server.stop()
