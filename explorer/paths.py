@@ -138,24 +138,7 @@ def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
     prefix = base if base.endswith(os.sep) else base + os.sep
 
     def resolve(rel: str | os.PathLike) -> Path:
-        text = os.fspath(rel)
-        if not isinstance(text, str):
-            raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
-        if not text.strip():
-            raise UnsafePath("empty path", reason="empty", path=text)
-        if "\x00" in text:
-            raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute",
-                             path=text)
-        if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
-            raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
-                             "image folder", reason="absolute", path=text)
-        parts = _parts(text)
-        if ".." in parts:
-            raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
-                             reason="outside", path=text)
-        if not parts:
-            raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
-                             reason="not_file", path=text)
+        text, parts = _relative_parts(rel)
         try:
             target = os.path.realpath(os.path.join(base, *parts))
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a bad name
@@ -192,6 +175,30 @@ def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
     return resolve
 
 
+def _relative_parts(rel: str | os.PathLike) -> tuple[str, list[str]]:
+    """``(text, components)`` of a CSV path that may name a file under a root: not empty,
+    not absolute, no drive, no NUL, no ``..``, not the root itself; else :class:`UnsafePath`."""
+    text = os.fspath(rel)
+    if not isinstance(text, str):
+        raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
+    if not text.strip():
+        raise UnsafePath("empty path", reason="empty", path=text)
+    if "\x00" in text:
+        raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute",
+                         path=text)
+    if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
+        raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
+                         "image folder", reason="absolute", path=text)
+    parts = _parts(text)
+    if ".." in parts:
+        raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
+                         reason="outside", path=text)
+    if not parts:
+        raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
+                         reason="not_file", path=text)
+    return text, parts
+
+
 def _member_resolver(archive: str, *, must_be_image: bool, max_bytes: int | None):
     """:func:`resolver` for an image root that is a zip or plain tar file: the archive is
     listed once (:func:`explorer.archives.list_members`, which refuses zip-slip names, links
@@ -207,16 +214,7 @@ def _member_resolver(archive: str, *, must_be_image: bool, max_bytes: int | None
     why_not = {"/".join(_parts(n)): why for n, why in refused}
 
     def resolve(rel: str | os.PathLike) -> Any:
-        text = os.fspath(rel)
-        if not isinstance(text, str) or not text.strip():
-            raise UnsafePath("empty path", reason="empty", path=text)
-        if text.startswith(("/", "\\")) or _DRIVE.match(text):
-            raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
-                             "image folder", reason="absolute", path=text)
-        parts = _parts(text)
-        if ".." in parts:
-            raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
-                             reason="outside", path=text)
+        text, parts = _relative_parts(rel)
         key = "/".join(parts)
         member = by_name.get(key)
         if member is None:

@@ -402,7 +402,7 @@ def _discover(ctx: BuildContext) -> None:
 
         try:
             if ctx.console is not None:
-                with ctx.console.status(f"Looking for images in {ctx.root} ..."):
+                with ctx.console.status(f"Looking for images in {ctx.source_arg} ..."):
                     src = open_it()
             else:
                 src = open_it()
