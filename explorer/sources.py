@@ -147,8 +147,8 @@ def _remote(given: str, folder: Path, max_bytes: int | None, console: Any) -> So
     """The image files under an fsspec URL (``s3://bucket/prefix``, ``gs://``, ``az://``,
     ``memory://`` ...), each copied once into ``folder`` under its path relative to the prefix;
     a re-run copies only files whose size or version (ETag, mtime) changed. Credentials and
-    endpoints come from the filesystem's usual settings (``AWS_*``, ``FSSPEC_S3_*``
-    environment variables)."""
+    endpoints come from the filesystem's usual settings (``AWS_PROFILE``,
+    ``AWS_ENDPOINT_URL`` ... for S3)."""
     import json
 
     from explorer.table import atomic_write_text

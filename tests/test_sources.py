@@ -417,7 +417,7 @@ def test_s3_prefix_through_a_local_s3_server(tmp_path, photos, monkeypatch):
         endpoint = f"http://{host}:{port}"
         for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                      "AWS_DEFAULT_REGION": "us-east-1",
-                     "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+                     "AWS_ENDPOINT_URL": endpoint}.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="photos")
@@ -430,5 +430,7 @@ def test_s3_prefix_through_a_local_s3_server(tmp_path, photos, monkeypatch):
         df = table.read_table(csv)
         assert sorted(df["path"]) == sorted(member_bytes(photos))
         assert not (tmp_path / "escape.jpg").exists()
+        assert "'..'" in errors_of(csv)["../escape.jpg"]
+        assert not list(tmp_path.rglob("escape.jpg"))
     finally:
         server.stop()
