@@ -50,6 +50,7 @@ class URLRefused(ValueError):
 
 
 def blocked(ip: ipaddress._BaseAddress) -> str | None:
+    """Why ``ip`` may not be fetched without ``allow_private`` (e.g. "loopback"), or None."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     for what in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
@@ -90,7 +91,7 @@ async def check_url(url: str, rules: FetchRules) -> tuple[str, str, str, int]:
             why = blocked(a)
             if why:
                 raise URLRefused(f"host {host!r} resolves to {a} ({why} address); refused "
-                                 "(the service allows only public addresses)")
+                                 "(only public addresses are allowed; see --allow-private-urls)")
     return scheme, host, str(addrs[0]), port
 
 
