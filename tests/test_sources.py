@@ -434,3 +434,21 @@ def test_s3_prefix_through_a_local_s3_server(tmp_path, photos, monkeypatch):
         assert not list(tmp_path.rglob("escape.jpg"))
     finally:
         server.stop()
+
+
+def test_app_save_images_reads_originals_from_the_archive(zip_build, photos, tmp_path,
+                                                         monkeypatch):
+    """The app's "Save images" of a selection in a zip build: the zip it offers holds the
+    original members, not thumbnails."""
+    from explorer.app import AppState
+
+    base, _, csv = zip_build
+    monkeypatch.chdir(tmp_path)
+    state = AppState.from_csv(csv, app_dir=base / "z")
+    assert not state.problems
+    state.select(list(range(N)))
+    res = state.export("originals", images=True)
+    assert res.originals == N and res.thumbnails == 0
+    with zipfile.ZipFile(res.zip) as zf:
+        got = sorted(zf.read(n) for n in zf.namelist() if n.endswith(".jpg"))
+    assert got == sorted(p.read_bytes() for p in photos)
