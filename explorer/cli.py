@@ -271,9 +271,11 @@ def _image_root(csv: Path, override: str | None) -> Path:
     from explorer.paths import require_image_root
 
     if override:
+        from explorer.paths import is_archive_root
+
         root = Path(override)
-        if not root.is_dir():
-            raise ValueError(f"--images {override}: not a folder")
+        if not root.is_dir() and not (root.is_file() and is_archive_root(root)):
+            raise ValueError(f"--images {override}: not a folder (nor a zip or tar file)")
         return root
     try:
         return require_image_root(csv)

@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from explorer import archives
+from explorer.exports import HF_FILE_NAME  # a Hugging Face metadata file's path column
 from explorer.paths import UnsafePath, check_image_root
 
 __all__ = ["Source", "kind_of", "open_source", "TABLE_SUFFIXES", "URL_LIST_SUFFIXES",
@@ -230,30 +231,49 @@ def _copy_remote(fs: Any, path: str, dest: Path, max_bytes: int | None) -> None:
 
 def read_table_input(path: str | os.PathLike) -> pd.DataFrame:
     """A CSV or Parquet table with a ``path`` column, as text columns where they are text.
-    ``ValueError`` names the file and the columns it has when ``path`` is missing."""
+    A Hugging Face metadata file's ``file_name`` column is the path (its own ``path``
+    column, if any, is kept as ``source_path``). ``ValueError`` names the file and the
+    columns it has when neither is there."""
     p = Path(path)
     try:
         if p.name.lower().endswith((".parquet", ".pq")):
             df = pd.read_parquet(p)
         else:
-            df = pd.read_csv(p, dtype={"path": str, "label": str}, keep_default_na=False)
+            df = pd.read_csv(p, dtype={"path": str, "label": str, HF_FILE_NAME: str},
+                             keep_default_na=False)
     except (OSError, ValueError, ImportError) as exc:
         raise ValueError(f"cannot read the table {path}: {exc}") from None
+    if HF_FILE_NAME in df.columns:
+        df = df.rename(columns={"path": "source_path"}).rename(columns={HF_FILE_NAME: "path"})
     if "path" not in df.columns:
         raise ValueError(f"the table {path} has no 'path' column (it has: "
                          f"{', '.join(map(str, df.columns)) or 'none'})")
     return df
 
 
+def _table_base(table_path: Path) -> Path:
+    """The folder a table's relative paths start from: the image folder its run record
+    names when the table is a build's ``NAME.csv`` (paths relative to that folder), else
+    the table's own folder."""
+    from explorer.paths import image_root_from_run
+    from explorer.table import sidecar
+
+    if sidecar(table_path, "run.json").is_file():
+        root, _ = image_root_from_run(table_path)
+        if root is not None and root.is_dir():
+            return root
+    return table_path.parent
+
+
 def _table(given: str) -> Source:
-    """The files a table names. Relative paths are relative to the table's folder; the root
+    """The files a table names. Relative paths start from :func:`_table_base`; the root
     is the deepest folder holding every file (checked like any image root: never ``/`` or
     the home folder); files that are missing, not regular or not images are error lines."""
     from explorer import images
 
     table_path = Path(given).expanduser().resolve()
     df = read_table_input(table_path)
-    base = table_path.parent
+    base = _table_base(table_path)
     errors: list[tuple[str, str]] = []
     files: list[Path] = []
     keep: list[int] = []

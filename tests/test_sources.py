@@ -452,3 +452,28 @@ def test_app_save_images_reads_originals_from_the_archive(zip_build, photos, tmp
     with zipfile.ZipFile(res.zip) as zf:
         got = sorted(zf.read(n) for n in zf.namelist() if n.endswith(".jpg"))
     assert got == sorted(p.read_bytes() for p in photos)
+
+
+def test_a_builds_csv_and_an_hf_export_are_table_inputs(tmp_path, photos):
+    """Round trip: build, label, export --format hf, build the export's metadata.csv (its
+    file_name column); and a build's own NAME.csv (paths relative to its image folder)."""
+    folder = photos[0].parent.parent
+    first = tmp_path / "first.csv"
+    assert cli(["build", str(folder), "--out", str(first), "--method", "phash", "-q"]) == 0
+    t = table.read_table(first)
+    t["label"] = ["cat" if "/a/" in f"/{p}" else "dog" for p in t["path"]]
+    table.write_table(t, first)
+    again = tmp_path / "again.csv"
+    assert cli(["build", str(first), "--out", str(again), "--method", "phash", "-q"]) == 0
+    got = table.read_table(again).set_index("path")["label"]
+    assert got.to_dict() == t.set_index("path")["label"].to_dict()
+    assert Path(run_of(again)["image_dir"]) == folder.resolve()
+
+    hf = tmp_path / "hf"
+    assert cli(["export", str(first), "--format", "hf", "--to", str(hf), "-q"]) == 0
+    back = tmp_path / "back.csv"
+    assert cli(["build", str(hf / "metadata.csv"), "--out", str(back), "--method", "phash",
+                "-q"]) == 0
+    df = table.read_table(back)
+    assert len(df) == N and Path(run_of(back)["image_dir"]) == hf.resolve()
+    assert dict(zip(df["source_path"], df["label"])) == dict(zip(t["path"], t["label"]))
