@@ -97,7 +97,7 @@ class BuildOptions:
     max_file_mb: float | None = DEFAULT_MAX_FILE_MB
     gpu_decode: bool = False  # JPEG decode on the GPU (not measured faster: off by default)
     runtime: str = "auto"  # CPU forward pass: onnxruntime or torch (embed.embed_paths)
-    vectors: str | os.PathLike | None = None  # your own embeddings (explorer.vectors)
+    vectors: str | os.PathLike | None = None  # your own embeddings (explorer.sources)
     allow_private_urls: bool = False  # a URL list may name loopback/private addresses
     progress: bool = True
     embed_process: bool = True  # local engine: embed in a child process (see _embed)
@@ -154,7 +154,6 @@ class BuildContext:
     engine: str  # "local" or "ray"
     console: Any = None
     stage: Any = None
-    source_kind: str = "folder"  # explorer.sources.kind_of the positional argument
     source_arg: str = ""  # the positional argument as given
     source: Any = None  # the explorer.sources.Source that _discover opened
     paths: list[Any] = field(default_factory=list)  # Path, or an archives.Member
@@ -380,7 +379,7 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
         console = Console(stderr=True)
     ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
                        engine=opts.engine, console=console if opts.progress else None,
-                       source_kind=kind, source_arg=os.fspath(image_dir))
+                       source_arg=os.fspath(image_dir))
     ctx.stage = _Stages(ctx.console)
     return ctx
 
@@ -389,7 +388,6 @@ def _discover(ctx: BuildContext) -> None:
     """The image files, natural order; names that are not valid UTF-8 are skipped with an
     errors.csv line (review H3: the CSV is UTF-8; rename such files to include them)."""
     from explorer import images as images_mod
-
     from explorer import sources
 
     o = ctx.opts
