@@ -47,7 +47,9 @@ def add_build(sub) -> None:
                        description="Embed, map and cluster every image in IMAGE_DIR; write "
                        "NAME.csv and the app folder NAME/ (serve it with "
                        "`bokeh serve NAME --args NAME.csv`). Every option: docs/options.md.")
-    b.add_argument("image_dir", metavar="IMAGE_DIR")
+    b.add_argument("image_dir", metavar="SOURCE", help="a folder of images, a .zip/.tar/"
+                   ".tar.gz of them, a CSV or Parquet table with a path column, a .txt list of "
+                   "http(s) URLs, or an fsspec URL such as s3://bucket/prefix (docs/inputs.md)")
     b.add_argument("--app", metavar="NAME", help="app folder to create or update (thumbnails "
                    "go to NAME/static/thumbs); the CSV is NAME.csv beside it")
     b.add_argument("--out", metavar="CSV", help="write the CSV here instead of NAME.csv")
@@ -89,6 +91,11 @@ def add_export(sub) -> None:
                    "cluster with --by cluster) + labels CSV")
     e.add_argument("--zip", action="store_true", help="write the tree into the zip DIR(.zip) "
                    "instead of a folder")
+    e.add_argument("--format", default="folders", choices=["folders", "parquet", "hf"],
+                   help="folders (default: the folder, zip or ImageFolder options above); "
+                   "parquet: one file DIR with the table, labels and vectors (no images); "
+                   "hf: a folder that datasets.load_dataset('imagefolder', data_dir=DIR) "
+                   "loads, with labels and metadata")
     e.add_argument("--images", default=None, metavar="IMAGE_DIR",
                    help="where the original images are (default: from NAME.run.json)")
     e.add_argument("--seed", type=int, default=42)
@@ -234,9 +241,11 @@ def _image_root(csv: Path, override: str | None) -> Path:
     from explorer.paths import require_image_root
 
     if override:
+        from explorer.paths import is_archive_root
+
         root = Path(override)
-        if not root.is_dir():
-            raise ValueError(f"--images {override}: not a folder")
+        if not root.is_dir() and not (root.is_file() and is_archive_root(root)):
+            raise ValueError(f"--images {override}: not a folder (nor a zip or tar file)")
         return root
     try:
         return require_image_root(csv)
@@ -259,6 +268,13 @@ def _check_export_options(a: argparse.Namespace) -> None:
         raise UsageError("--link cannot be used with --zip (a zip holds copies)")
     if a.min_confidence is not None and (a.by or ("label" if a.imagefolder else "cluster")) != "label":
         raise UsageError("--min-confidence goes with --by label (predicted labels, not clusters)")
+    if a.format != "folders":
+        used = [flag for flag, on in (("--imagefolder", a.imagefolder), ("--zip", a.zip),
+                                      ("--sample", a.sample is not None),
+                                      ("--link", a.mode == "link"), ("--by", a.by is not None))
+                if on]
+        if used:
+            raise UsageError(f"{', '.join(used)} cannot be used with --format {a.format}")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -267,7 +283,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     _check_export_options(a)
     csv = Path(a.csv)
     df = table.read_table(csv)
-    root = _image_root(csv, a.images)
+    root = None if a.format == "parquet" else _image_root(csv, a.images)
     from explorer.journal import journal_for
 
     journal = journal_for(csv)
@@ -282,7 +298,15 @@ def cmd_export(a: argparse.Namespace) -> int:
         from explorer.quality import drop_flagged
 
         df, dropped = drop_flagged(df, a.drop)
-    if a.imagefolder:
+    if a.format == "parquet":
+        from explorer.exports import export_parquet
+
+        summary = export_parquet(df, Path(a.to), vectors=_table_vectors(csv, df))
+    elif a.format == "hf":
+        from explorer.exports import export_hf
+
+        summary = export_hf(df, root, Path(a.to), progress=not a.quiet)
+    elif a.imagefolder:
         from explorer.exports import export_imagefolder
 
         summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip, by=a.by or "label",
@@ -296,6 +320,24 @@ def cmd_export(a: argparse.Namespace) -> int:
         summary["dropped_by_flag"] = dropped
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _table_vectors(csv: Path, df):
+    """The build's vectors (``NAME.features.npy``, one row per CSV row) for the rows of
+    ``df`` (a subset of the CSV's rows, keeping their index), or None when there are none
+    or they do not match the CSV."""
+    import numpy as np
+
+    from explorer import table
+
+    path = table.sidecar(csv, "features.npy")
+    if not path.is_file():
+        return None
+    feats = np.load(path, mmap_mode="r")
+    rows = df.index.to_numpy()
+    if feats.ndim != 2 or len(rows) and (rows.min() < 0 or rows.max() >= len(feats)):
+        return None
+    return np.asarray(feats[rows], np.float32)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

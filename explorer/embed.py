@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .archives import Member
+from .images import stat_item
 from .engines.decode import Decoder, Item  # noqa: F401 - re-exported
 from .models import (  # noqa: F401 - re-exported
     ALIASES,
@@ -333,7 +335,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
            threads, jit, precision, device, loader, engine, ray_address, chunk_size,
            max_bytes, n_stats, t_start, keep=True, gpu_decode=False, graphs=(False, True),
            runtime="auto") -> EmbedResult:
-    paths = [Path(p) for p in paths]
+    paths = [p if isinstance(p, Member) else Path(p) for p in paths]  # archive members stay
     n = len(paths)
     st: Store | _NoStore = store if store is not None else _NoStore()
     timings: dict[str, float] = {"model_load": 0.0, "decode": 0.0, "forward": 0.0}
@@ -344,18 +346,18 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     mtimes = np.zeros(n, np.int64)
     for i, p in enumerate(paths):
         try:
-            s = os.stat(p)
+            size, mtime = stat_item(p)
         except FileNotFoundError:
             errors[i] = "file not found"
             continue
         except OSError as exc:
             errors[i] = f"cannot read ({exc.strerror or exc})"
             continue
-        sizes[i], mtimes[i] = s.st_size, s.st_mtime_ns
-        if max_bytes is not None and s.st_size > max_bytes:
+        sizes[i], mtimes[i] = size, mtime
+        if max_bytes is not None and size > max_bytes:
             from .images import _too_large
 
-            errors[i] = _too_large(s.st_size, max_bytes)
+            errors[i] = _too_large(size, max_bytes)
     live = [i for i in range(n) if i not in errors]
     known: list[str | None] = [None] * n
     for i, h in zip(live, st.known_hashes([paths[i] for i in live], sizes[live], mtimes[live])):

@@ -53,12 +53,13 @@ from typing import IO, Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.paths import UnsafePath, is_app_relative_url, resolve_under, resolver
+from explorer.archives import Member
+from explorer.paths import UnsafePath, is_app_relative_url, is_archive_root, resolve_under, resolver
 from explorer.progress import track
 
 __all__ = [
     "ExportPlan", "Refused", "ZipReport", "plan_export", "write_zip", "write_zip_file",
-    "export_folders", "export_imagefolder", "safe_name", "parse_sample", "folder_names",
+    "export_folders", "export_imagefolder", "export_parquet", "export_hf", "safe_name", "parse_sample", "folder_names",
     "unique_file", "OUTLIERS", "SAMPLE", "MANIFEST", "LABELS_CSV", "UNLABELLED", "THUMBNAILS",
     "IMAGEFOLDER_EXTENSIONS", "STORED_SUFFIXES",
 ]  # fmt: skip
@@ -308,8 +309,8 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
     if image_root is None and not (layout == "flat" and thumb_root is not None):
         raise ValueError("image_root is None: the original images are not known")
     root = None if image_root is None else Path(image_root)
-    if root is not None and not root.is_dir():
-        raise ValueError(f"image_root is not a folder: {root}")
+    if root is not None and not root.is_dir() and not is_archive_root(root):
+        raise ValueError(f"image_root is not a folder (nor a zip or tar file): {root}")
 
     paths = df[path_col].fillna("").astype(str).tolist()
     plan = ExportPlan(export_path=[""] * len(paths))
@@ -427,9 +428,25 @@ def _thumbnail(thumb_root, value: str, max_file_bytes: int | None) -> Path | Non
 
 
 # --------------------------------------------------------------------------- reading sources
-def _open_source(src: Path) -> tuple[IO[bytes], os.stat_result]:
+def _open_source(src: Path | Member) -> tuple[IO[bytes], os.stat_result]:
     """Open a planned source for reading without following a symlink swapped in since the
-    plan (``O_NOFOLLOW`` where the OS has it); only regular files."""
+    plan (``O_NOFOLLOW`` where the OS has it); only regular files. An archive member (an
+    image root that is a zip or tar file) is read into memory (one image at a time), with
+    the archive's times."""
+    if isinstance(src, Member):
+        import io
+
+        try:
+            data = src.read()
+        except ValueError as exc:  # archives.MemberError: damaged, gone, a lying header
+            raise OSError(str(exc)) from None
+        a = os.stat(src.archive)
+        st = os.stat_result(
+            (stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, len(data), int(a.st_atime), int(a.st_mtime),
+             int(a.st_ctime)),
+            {k: getattr(a, k) for k in ("st_atime", "st_mtime", "st_ctime", "st_atime_ns",
+                                        "st_mtime_ns", "st_ctime_ns")})
+        return io.BytesIO(data), st
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(src, flags)
     try:
@@ -508,7 +525,7 @@ def write_zip(entries: Iterable[tuple[str, Any]], fileobj: IO[bytes], *,
                 report.bytes_in += len(data)
             else:
                 try:
-                    fh, st = _open_source(Path(src))
+                    fh, st = _open_source(src if isinstance(src, Member) else Path(src))
                 except OSError as exc:
                     report.failed.append((arc, f"{type(exc).__name__}: {exc}"))
                     continue
@@ -616,6 +633,9 @@ def _finish(tmp: Path, dest: Path, *, is_dir: bool) -> None:
 def _copy(src: Path, dst: Path, mode: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode == "link":
+        if isinstance(src, Member):
+            raise ValueError(f"{src.name} lies inside {src.archive}: it cannot be linked to; "
+                             "export with --copy")
         os.symlink(src, dst)  # raises FileExistsError rather than replace
         return
     fi, st = _open_source(src)
@@ -792,7 +812,7 @@ def export_imagefolder(df: pd.DataFrame, image_root, dest, *, as_zip: bool = Fal
         if col not in df.columns:
             raise ValueError(f"the table has no {col!r} column; cannot export an ImageFolder")
     root = Path(image_root)
-    if not root.is_dir():
+    if not root.is_dir() and not is_archive_root(root):
         raise ValueError(f"image folder not found: {root}")
     dest = Path(dest)
     if as_zip and dest.suffix.lower() != ".zip":
@@ -893,3 +913,109 @@ def with_predictions(df: pd.DataFrame, predictions: pd.DataFrame, min_confidence
     take = (have == "") & (conf >= min_confidence) & (lab != "")
     out[label_col] = have.where(~take, lab)
     return out
+
+
+# --------------------------------------------------------------------------- one-file formats
+#: the column that holds each row's vector in a Parquet export
+VECTOR_COLUMN = "vector"
+#: the metadata file of a Hugging Face ``imagefolder`` export, and its file name column
+HF_METADATA = "metadata.csv"
+HF_FILE_NAME = "file_name"
+
+
+def export_parquet(df: pd.DataFrame, dest: str | os.PathLike,
+                   vectors: np.ndarray | None = None) -> dict[str, Any]:
+    """Write ``df`` (every column: the table, labels, cluster names, predictions and metadata
+    columns where it has them) and, when given, one ``vector`` (a list of float32) per row
+    into the single Parquet file ``dest``, which ``pandas.read_parquet`` and
+    ``pyarrow.parquet.read_table`` read. No image is copied. ``vectors`` has one row per
+    row of ``df``. Written under a temporary name and moved into place; ``FileExistsError``
+    if ``dest`` exists. Returns ``{"dest", "format", "rows", "columns", "vector_dim"}``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from explorer.table import order_columns
+
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(f"{dest} already exists; choose a new name (nothing was overwritten)")
+    out = order_columns(df).reset_index(drop=True)
+    if VECTOR_COLUMN in out.columns:
+        raise ValueError(f"the table already has a {VECTOR_COLUMN!r} column")
+    tab = pa.Table.from_pandas(out, preserve_index=False)
+    dim = None
+    if vectors is not None:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(out):
+            raise ValueError(f"vectors must be ({len(out)}, D); got shape {vectors.shape}")
+        dim = int(vectors.shape[1])
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        tab = tab.append_column(VECTOR_COLUMN, pa.FixedSizeListArray.from_arrays(flat, dim))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    os.close(fd)
+    try:
+        pq.write_table(tab, tmp)
+        _finish(Path(tmp), dest, is_dir=False)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"dest": str(dest), "format": "parquet", "rows": len(out),
+            "columns": list(tab.column_names), "vector_dim": dim}
+
+
+def export_hf(df: pd.DataFrame, image_root: str | os.PathLike, dest: str | os.PathLike, *,
+              label_col: str = "label", progress: bool = True) -> dict[str, Any]:
+    """Write ``df``'s images as a Hugging Face ``imagefolder`` dataset at the folder ``dest``::
+
+        dest/<path>            each image under its own relative path (made safe, unique)
+        dest/metadata.csv      file_name (relative to dest), label and every other column
+
+    so that ``datasets.load_dataset("imagefolder", data_dir=dest)`` loads one ``train``
+    split with an ``image`` column, the ``label`` text and the metadata. The table's own
+    ``image`` column (the thumbnail URL) is written as ``thumbnail``. Sources follow the one
+    path rule (:func:`plan_export`: images inside the image folder or archive only); refused
+    rows are left out and listed. Returns ``{"dest", "format", "images", "labelled",
+    "refused", "metadata"}``; ``FileExistsError`` when ``dest`` exists and is not empty.
+    """
+    from explorer.table import default_dir_mode, fsync_dir, order_columns
+
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        if not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
+            raise FileExistsError(f"{dest} already exists; choose a new name (nothing was overwritten)")
+    plan = plan_export(df, image_root, layout="flat")
+    if not plan.entries:
+        raise ValueError(f"no image to export ({len(plan.refused)} missing or refused)")
+    table = order_columns(df).reset_index(drop=True)
+    meta = table.iloc[plan.rows].copy()
+    meta = meta.rename(columns={"image": "thumbnail"})
+    if HF_FILE_NAME in meta.columns:
+        meta = meta.rename(columns={HF_FILE_NAME: f"meta_{HF_FILE_NAME}"})
+    meta.insert(0, HF_FILE_NAME, [arc for arc, _ in plan.entries])
+    if label_col in meta.columns:
+        meta[label_col] = meta[label_col].fillna("").astype(str)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    os.chmod(tmp, default_dir_mode())
+    failed: list[str] = []
+    try:
+        for (arc, src), r in track(list(zip(plan.entries, plan.rows)), "copying the dataset",
+                                   enabled=progress):
+            try:
+                _copy(src, tmp / arc, "copy")
+            except OSError:
+                failed.append(arc)
+        if failed:
+            meta = meta[~meta[HF_FILE_NAME].isin(failed)]
+        with open(tmp / HF_METADATA, "xb") as fh:
+            fh.write(meta.to_csv(index=False).encode("utf-8", "surrogateescape"))
+        _finish(tmp, dest, is_dir=True)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    labelled = int((meta[label_col] != "").sum()) if label_col in meta.columns else 0
+    return {"dest": str(dest), "format": "hf", "images": len(meta), "labelled": labelled,
+            "refused": [(r.path, r.message) for r in plan.refused] + [(a, "cannot read") for a in failed],
+            "metadata": str(dest / HF_METADATA)}

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from explorer.archives import Member, MemberError
+
 if TYPE_CHECKING:  # docarray is imported lazily by load()
     from docarray import DocList
 
@@ -247,6 +249,9 @@ def read_file(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[by
     and while reading (a file that grows): ``ImageLoadError("file too large ...")``.
     Other failures: ``ImageLoadError("file not found" / "cannot read (...)")``.
     """
+    if isinstance(path, Member):
+        data = _member_bytes(path, max_bytes)
+        return data, content_hash(data)
     with _reading(path), open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
@@ -269,9 +274,28 @@ def _too_large(size: int, limit: int) -> str:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a whole file; ``ImageLoadError("cannot read: ...")`` if that fails."""
+    """Read a whole file (or archive :class:`~explorer.archives.Member`);
+    ``ImageLoadError("cannot read: ...")`` if that fails."""
+    if isinstance(path, Member):
+        return _member_bytes(path, None)
     with _reading(path), open(path, "rb") as fh:
         return fh.read()
+
+
+def _member_bytes(member: Member, max_bytes: int | None) -> bytes:
+    try:
+        return member.read(max_bytes)
+    except MemberError as exc:
+        raise ImageLoadError(member.name, exc.reason) from None
+
+
+def stat_item(path: str | os.PathLike) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of a file or an archive member (the embedding cache's key);
+    raises ``OSError`` like ``os.stat``."""
+    if isinstance(path, Member):
+        return path.stat()
+    s = os.stat(path)
+    return s.st_size, s.st_mtime_ns
 
 
 @contextmanager

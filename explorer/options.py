@@ -134,6 +134,11 @@ OPTIONS: tuple[Option, ...] = (
            "holds torch vectors)"),
     Option("progress", bool, True, flag="--quiet", remote=False, recorded=False,
            help="no progress display or summary (-q)"),
+    Option("vectors", str, None, remote=False, metavar="FILE",
+           help="your own embeddings instead of the model's: FILE.npy with its row paths in "
+           "FILE.paths.txt, or FILE.parquet with a path column (docs/inputs.md)"),
+    Option("allow_private_urls", bool, False, remote=False,
+           help="a URL list may name loopback and private addresses (off: refused)"),
     Option("contained", bool, False, cli=False, remote=False,
            help="keep only files that resolve inside the folder (the service's builds: a "
            "symlinked folder never pulls in files from outside it, review N6)"),

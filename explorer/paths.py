@@ -48,6 +48,7 @@ __all__ = [
     "SYSTEM_FOLDERS",
     "user_cache_dir",
     "user_cache_file",
+    "is_archive_root",
 ]
 
 #: file suffixes (lower case, with dot) accepted by ``must_be_image``; kept equal to
@@ -129,30 +130,15 @@ def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
     except (OSError, RuntimeError) as exc:
         raise UnsafePath(f"image folder {os.fspath(root)!r} not found ({exc})",
                          reason="bad_root", path=root) from None
+    if os.path.isfile(base) and is_archive_root(base):
+        return _member_resolver(base, must_be_image=must_be_image, max_bytes=max_bytes)
     if not os.path.isdir(base):
         raise UnsafePath(f"image folder {os.fspath(root)!r} is not a folder", reason="bad_root",
                          path=root)
     prefix = base if base.endswith(os.sep) else base + os.sep
 
     def resolve(rel: str | os.PathLike) -> Path:
-        text = os.fspath(rel)
-        if not isinstance(text, str):
-            raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
-        if not text.strip():
-            raise UnsafePath("empty path", reason="empty", path=text)
-        if "\x00" in text:
-            raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute",
-                             path=text)
-        if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
-            raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
-                             "image folder", reason="absolute", path=text)
-        parts = _parts(text)
-        if ".." in parts:
-            raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
-                             reason="outside", path=text)
-        if not parts:
-            raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
-                             reason="not_file", path=text)
+        text, parts = _relative_parts(rel)
         try:
             target = os.path.realpath(os.path.join(base, *parts))
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a bad name
@@ -189,6 +175,70 @@ def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
     return resolve
 
 
+def _relative_parts(rel: str | os.PathLike) -> tuple[str, list[str]]:
+    """``(text, components)`` of a CSV path that may name a file under a root: not empty,
+    not absolute, no drive, no NUL, no ``..``, not the root itself; else :class:`UnsafePath`."""
+    text = os.fspath(rel)
+    if not isinstance(text, str):
+        raise UnsafePath(f"path {text!r} is not text", reason="absolute", path=text)
+    if not text.strip():
+        raise UnsafePath("empty path", reason="empty", path=text)
+    if "\x00" in text:
+        raise UnsafePath(f"path {text!r} contains a NUL character", reason="absolute",
+                         path=text)
+    if text.startswith(("/", "\\")) or _DRIVE.match(text) or PureWindowsPath(text).anchor:
+        raise UnsafePath(f"path {text!r} is absolute; CSV paths must be relative to the "
+                         "image folder", reason="absolute", path=text)
+    parts = _parts(text)
+    if ".." in parts:
+        raise UnsafePath(f"path {text!r} contains '..'; it may not leave the image folder",
+                         reason="outside", path=text)
+    if not parts:
+        raise UnsafePath(f"path {text!r} names the image folder itself, not a file",
+                         reason="not_file", path=text)
+    return text, parts
+
+
+def _member_resolver(archive: str, *, must_be_image: bool, max_bytes: int | None):
+    """:func:`resolver` for an image root that is a zip or plain tar file: the archive is
+    listed once (:func:`explorer.archives.list_members`, which refuses zip-slip names, links
+    and bombs), a CSV path names a member, and the function returns that
+    :class:`~explorer.archives.Member` (read it with :func:`explorer.images.read_file`)."""
+    from explorer.archives import list_members
+
+    try:
+        members, refused = list_members(archive)
+    except ValueError as exc:
+        raise UnsafePath(str(exc), reason="bad_root", path=archive) from None
+    by_name = {"/".join(_parts(m.name)): m for m in members}
+    why_not = {"/".join(_parts(n)): why for n, why in refused}
+
+    def resolve(rel: str | os.PathLike) -> Any:
+        text, parts = _relative_parts(rel)
+        key = "/".join(parts)
+        member = by_name.get(key)
+        if member is None:
+            if key in why_not:
+                raise UnsafePath(f"path {text!r} in {archive}: {why_not[key]}",
+                                 reason="not_file", path=text)
+            raise UnsafePath(f"path {text!r} not found in {archive}", reason="missing",
+                             path=text)
+        if max_bytes is not None and member.size > max_bytes:
+            raise UnsafePath(f"path {text!r} is {member.size:,} bytes, more than the limit of "
+                             f"{max_bytes:,}", reason="too_large", path=text)
+        if must_be_image:
+            try:
+                head = member.head(16)
+            except ValueError:
+                head = b""
+            if not _prefix_is_image(head):
+                raise UnsafePath(f"path {text!r} does not open as an image",
+                                 reason="not_image", path=text)
+        return member
+
+    return resolve
+
+
 #: the PIL formats that files with :data:`IMAGE_SUFFIXES` hold
 _PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
 
@@ -211,6 +261,11 @@ def _opens_as_image(path: str | os.PathLike) -> bool:
             prefix = fh.read(16)
     except OSError:
         return False
+    return _prefix_is_image(prefix)
+
+
+def _prefix_is_image(prefix: bytes) -> bool:
+    """True if ``prefix`` (a file's first 16 bytes) starts like an image PIL opens."""
     for accept in _signature_checks():
         try:
             ok = accept(prefix)
@@ -285,9 +340,17 @@ def check_image_root(root: str | os.PathLike) -> Path:
             shown = str(absolute) if absolute == resolved else f"{given} (= {resolved})"
             raise UnsafePath(f"image folder {shown} is refused: {why}", reason="bad_root",
                              path=given)
-    if not resolved.is_dir():
-        raise UnsafePath(f"image folder {given} is not a folder", reason="bad_root", path=given)
+    if not resolved.is_dir() and not (resolved.is_file() and is_archive_root(resolved)):
+        raise UnsafePath(f"image folder {given} is not a folder (nor a zip or tar file)",
+                         reason="bad_root", path=given)
     return resolved
+
+
+def is_archive_root(path: str | os.PathLike) -> bool:
+    """True for a zip or plain tar file: an image root whose files are its members."""
+    from explorer.archives import archive_kind
+
+    return archive_kind(path) in ("zip", "tar")
 
 
 def _run_record_name(csv_path: Path) -> Path:

@@ -118,7 +118,9 @@ class BuildContext:
     console: Any = None  # where the summary is printed (None: quiet)
     events: bool = False  # someone listens to progress events: the stages send them
     stage: Any = None
-    paths: list[Path] = field(default_factory=list)
+    source_arg: str = ""  # the positional argument as given
+    source: Any = None  # the explorer.sources.Source that _discover opened
+    paths: list[Any] = field(default_factory=list)  # Path, or an archives.Member
     rel: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -280,7 +282,8 @@ def build(
             ctx.events = display is not None or on_progress is not None
             _discover(ctx)
             _install_app(ctx)
-            imgs = _embed(ctx) if opts.method == "timm" else _classic_features(ctx)
+            imgs = _given_vectors(ctx) if opts.vectors is not None else \
+                _embed(ctx) if opts.method == "timm" else _classic_features(ctx)
             dups = _duplicates(ctx, imgs)
             if opts.method == "timm":
                 _choose_features(ctx, imgs)
@@ -296,21 +299,27 @@ def build(
 
 # --------------------------------------------------------------------------- stages
 def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
-    """The folders, and the device and engine (the one place that chooses them); the options
-    were checked by :func:`explorer.options.check`."""
-    root = Path(image_dir).expanduser()
-    if not root.is_dir():
-        raise BuildError(f"image folder not found: {image_dir}")
-    root = root.resolve()
+    """The source, the folders, and the device and engine (the one place that chooses them);
+    the options were checked by :func:`explorer.options.check`."""
+    from explorer.sources import kind_of
+
+    try:
+        kind = kind_of(image_dir)  # folder, archive, table, URL list (explorer.sources)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    # a remote URL has no local root until _discover copies it (explorer.sources)
+    root = Path(image_dir).expanduser().resolve() if kind != "remote" else Path.cwd()
+    if opts.vectors is not None and not Path(opts.vectors).is_file():
+        raise BuildError(f"--vectors file not found: {opts.vectors}")
     app_dir, csv_path = resolve_outputs(app, out)
-    if app_dir is not None and (app_dir == root or root in app_dir.parents):
+    if kind == "folder" and app_dir is not None and (app_dir == root or root in app_dir.parents):
         raise BuildError(f"the app folder {app_dir} must not lie inside the image folder {root}")
     # the device: "cpu" stays; "auto" / "cuda" / "mps" are resolved where torch is loaded
     # (the embedding process, which fails early when CUDA is asked for and missing); the
     # map stage then follows what the embedding used
     device = opts.device if opts.method == "timm" else "cpu"
     ctx = BuildContext(opts=opts, root=root, csv_path=csv_path, app_dir=app_dir, device=device,
-                       engine=opts.engine, console=console)
+                       engine=opts.engine, console=console, source_arg=os.fspath(image_dir))
     ctx.stage = _Stages()
     return ctx
 
@@ -319,11 +328,21 @@ def _discover(ctx: BuildContext) -> None:
     """The image files, natural order; names that are not valid UTF-8 are skipped with an
     errors.csv line (review H3: the CSV is UTF-8; rename such files to include them)."""
     from explorer import images as images_mod
+    from explorer import sources
 
+    o = ctx.opts
     with ctx.stage("discover"):
-        found = images_mod.discover(ctx.root, contained=ctx.opts.contained)
-    for p in found:
-        rel = p.relative_to(ctx.root).as_posix()
+        try:
+            src = sources.open_source(
+                ctx.source_arg, work_dir=table.sidecar(ctx.csv_path, "sources"),
+                max_bytes=None if o.max_file_mb is None else int(o.max_file_mb * 2**20),
+                allow_private_urls=o.allow_private_urls, console=ctx.console,
+                contained=o.contained)
+        except ValueError as exc:
+            raise BuildError(str(exc)) from None
+    ctx.source, ctx.root = src, src.root
+    ctx.errors += src.errors
+    for p, rel in zip(src.items, src.rel):
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:
@@ -535,6 +554,38 @@ def _classic_features(ctx: BuildContext) -> Images:
                   hashes=hashes, classic=feats, info={"method": o.method})
 
 
+def _given_vectors(ctx: BuildContext) -> Images:
+    """``--vectors FILE``: your embeddings instead of the model's. Each image is still read
+    once (size, content hash, phash, thumbnail: ``similarity.features_and_thumbnails``);
+    images that FILE has no row for are error lines."""
+    from explorer import similarity, sources
+
+    o = ctx.opts
+    max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
+    try:
+        keys, vecs = sources.read_vectors(o.vectors)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    row = sources.match_vectors(keys, ctx.rel, ctx.paths)
+    with ctx.stage("features"):
+        feats, ok, errs, w, h, _, hashes = similarity.features_and_thumbnails(
+            ctx.paths, "phash", thumb_size=o.thumb_size, sink=ctx.sink, max_bytes=max_bytes,
+            progress=o.progress)
+    ctx.errors += [(_relname(p, ctx.root), r) for p, r in errs]
+    has = row[ok] >= 0
+    ctx.errors += [(ctx.rel[i], f"no row for it in --vectors {Path(o.vectors).name}")
+                   for i in np.asarray(ok)[~has]]
+    _check_some(ctx, np.asarray(ok)[has])
+    used = row[ok][has]
+    return Images(ok=np.asarray(ok)[has], features=vecs[used], width=np.asarray(w)[has],
+                  height=np.asarray(h)[has], hashes=[x for x, k in zip(hashes, has) if k],
+                  phash=np.asarray(feats, np.uint64)[has],
+                  info={"method": "vectors", "name": Path(o.vectors).name,
+                        "model_key": f"vectors:{Path(o.vectors).name}:{vecs.shape[1]}",
+                        "rows_given": len(keys), "rows_used": int(has.sum())},
+                  concepts="your own vectors (--vectors) have no ImageNet classifier")
+
+
 def _check_some(ctx: BuildContext, ok) -> None:
     if len(ok) == 0:
         _write_errors(ctx.csv_path, ctx.errors)
@@ -637,6 +688,10 @@ def _table(ctx: BuildContext, imgs: Images, lay: Layout, dups) -> pd.DataFrame:
         probability=lay.probabilities, outlier_score=lay.outlier_scores, width=imgs.width,
         height=imgs.height, duplicate_group=dups,
     )
+    if ctx.source is not None and ctx.source.columns is not None:  # a table input's columns
+        from explorer.sources import add_table_columns
+
+        df = add_table_columns(df, ctx.source.columns)
     if ctx.opts.metadata is not None:
         from explorer import metadata as metadata_mod
 
@@ -663,6 +718,8 @@ def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> B
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("explorer") else None,
         "image_dir": str(ctx.root),
+        "source": {"kind": ctx.source.kind, "given": str(ctx.source.given),
+                   "vectors": str(o.vectors) if o.vectors else None},
         # the same folder relative to the CSV's folder: still right after the two move together
         "image_dir_from_csv": os.path.relpath(ctx.root, ctx.csv_path.parent),
         "csv": ctx.csv_path.name,
@@ -873,6 +930,9 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
 
 # --------------------------------------------------------------------------- internals
 def _relname(p, root: Path) -> str:
+    member_prefix = f"{root}!/"  # an archive member (explorer.archives.Member)
+    if str(p).startswith(member_prefix):
+        return str(p)[len(member_prefix):]
     try:
         return Path(p).resolve().relative_to(root).as_posix()
     except ValueError:

@@ -419,3 +419,80 @@ def test_images_discover_finds_through_a_symlink_out_are_refused_at_export(image
     assert s["written"] == 1 and (tmp_path / "out" / "cluster_0" / "a.jpg").is_file()
     assert [p for p, _ in s["errors"]] == ["linked/far.jpg"]
     assert "outside the image folder" in s["errors"][0][1]
+
+
+# --------------------------------------------------------------------------- --format parquet / hf
+def _with_vectors(csv: Path, n: int) -> np.ndarray:
+    vecs = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    np.save(table.sidecar(csv, "features.npy"), vecs.astype(np.float16))
+    return vecs
+
+
+def test_cli_parquet_holds_table_labels_and_vectors(project, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    csv, _ = project
+    vecs = _with_vectors(csv, 11)
+    out = tmp_path / "all.parquet"
+    assert cli(["export", str(csv), "--format", "parquet", "--to", str(out), "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 11 and summary["vector_dim"] == 4
+    df = pd.read_parquet(out)
+    src = table.read_table(csv)
+    assert df["path"].tolist() == src["path"].tolist()
+    assert df["label"].tolist() == src["label"].tolist()
+    assert df["cluster"].tolist() == src["cluster"].tolist()
+    np.testing.assert_array_equal(np.stack(df["vector"].to_numpy()), vecs)
+    assert pq.read_table(out).num_rows == 11
+    # never overwrites
+    assert cli(["export", str(csv), "--format", "parquet", "--to", str(out), "-q"]) == 1
+
+
+def test_cli_parquet_vectors_follow_dropped_rows(project, tmp_path):
+    csv, _ = project
+    vecs = _with_vectors(csv, 11)
+    t = table.read_table(csv)
+    t["blurry"] = [1 if i % 3 == 0 else 0 for i in range(11)]
+    table.write_table(t, csv)
+    out = tmp_path / "kept.parquet"
+    assert cli(["export", str(csv), "--format", "parquet", "--to", str(out), "--drop",
+                "blurry", "-q"]) == 0
+    df = pd.read_parquet(out)
+    kept = [i for i in range(11) if i % 3]
+    assert df["path"].tolist() == t["path"].iloc[kept].tolist()
+    np.testing.assert_array_equal(np.stack(df["vector"].to_numpy()), vecs[kept])
+
+
+def test_cli_format_refuses_folder_options(project, tmp_path, capsys):
+    csv, _ = project
+    assert cli(["export", str(csv), "--format", "parquet", "--to", str(tmp_path / "p"),
+                "--zip"]) == 2
+    assert "--zip" in capsys.readouterr().err
+    assert cli(["export", str(csv), "--format", "hf", "--to", str(tmp_path / "h"),
+                "--imagefolder"]) == 2
+    assert not (tmp_path / "h").exists()
+
+
+def test_cli_hf_folder_loads_with_labels_and_metadata(project, tmp_path, capsys, monkeypatch):
+    csv, root = project
+    t = table.read_table(csv)
+    t["photographer"] = [f"p{i}" for i in range(len(t))]
+    table.write_table(t, csv)
+    out = tmp_path / "hf"
+    assert cli(["export", str(csv), "--format", "hf", "--to", str(out), "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 11
+    meta = pd.read_csv(out / "metadata.csv", keep_default_na=False)
+    assert {"file_name", "label", "photographer", "thumbnail"} <= set(meta.columns)
+    for _, row in meta.iterrows():  # each file_name is the image of its row
+        assert (out / row["file_name"]).read_bytes() == (root / row["path"]).read_bytes()
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out),
+                               cache_dir=str(tmp_path / "hf-cache"))["train"]
+    assert ds.num_rows == 11
+    got = {r["path"]: (r["label"] or "", r["photographer"], r["image"].size) for r in ds}
+    want = dict(zip(t["path"], zip(t["label"], t["photographer"])))
+    assert {k: v[:2] for k, v in got.items()} == want
+    assert all(v[2] == (8, 8) for v in got.values())
