@@ -504,3 +504,14 @@ def test_a_replaced_archive_is_read_afresh(tmp_path, photos):
             assert cli(["export", str(csv), "--to", str(out), "-q"]) == 0
             assert sorted(p.read_bytes() for p in out.rglob("*.jpg")) == \
                 sorted(p.read_bytes() for p in chosen)
+
+
+def test_vector_keys_match_by_path_full_path_or_unique_name(tmp_path):
+    from explorer.sources import match_vectors
+
+    root = tmp_path / "r"
+    rel = ["a/x.jpg", "b/x.jpg", "a/y.jpg", "c/z.jpg"]
+    items = [root / r for r in rel]
+    keys = [str(root / "b/x.jpg"), "y.jpg", "x.jpg", "c/z.jpg"]
+    # b/x.jpg by full path, y.jpg by its unique name, x.jpg is ambiguous, c/z.jpg exactly
+    assert match_vectors(keys, rel, items).tolist() == [-1, 0, 1, 3]
