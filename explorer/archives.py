@@ -30,6 +30,7 @@ Standard library only (no import of the rest of the package).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -113,7 +114,7 @@ class Member:
         it cannot be read."""
         try:
             if self.kind == "zip":
-                with _zip(self.archive).open(self.name) as fh:
+                with _zip(self.archive, self.mtime_ns).open(self.name) as fh:
                     return fh.read(n)
             with open(self.archive, "rb") as fh:
                 fh.seek(self.offset)
@@ -130,7 +131,7 @@ class Member:
         cap = self.size if max_bytes is None else max_bytes
         try:
             if self.kind == "zip":
-                with _zip(self.archive).open(self.name) as fh:
+                with _zip(self.archive, self.mtime_ns).open(self.name) as fh:
                     data = fh.read(cap + 1)
             else:
                 with open(self.archive, "rb") as fh:
@@ -158,17 +159,20 @@ def too_large(size: int, limit: int) -> str:
 _local = threading.local()
 
 
-def _zip(archive: str) -> zipfile.ZipFile:
+def _zip(archive: str, version: int) -> zipfile.ZipFile:
     """An open ZipFile per archive, per thread and process (a zip's central directory is read
-    once, not once per member)."""
+    once, not once per member). ``version`` is the archive's mtime when it was listed: a
+    zip replaced since is opened afresh (the old handle is closed)."""
     cache = getattr(_local, "zips", None)
     if cache is None or getattr(_local, "pid", None) != os.getpid():
         cache = _local.zips = {}
         _local.pid = os.getpid()
-    zf = cache.get(archive)
-    if zf is None:
-        zf = cache[archive] = zipfile.ZipFile(archive)
-    return zf
+    got = cache.get(archive)
+    if got is None or got[0] != version:
+        if got is not None:
+            got[1].close()
+        got = cache[archive] = (version, zipfile.ZipFile(archive))
+    return got[1]
 
 
 def unsafe_name(name: str) -> str | None:
@@ -268,7 +272,7 @@ def _tar_entries(path: str):
 
 def plain_tar(archive: str | os.PathLike, out: str | os.PathLike, *, max_total: int) -> str:
     """Decompress the compressed tar ``archive`` into the plain tar file ``out`` (kept; a
-    second call with an ``out`` newer than ``archive`` does nothing). Stops with
+    second call for the same archive, same size and mtime, does nothing). Stops with
     ``ValueError`` past ``max_total`` bytes (a decompression bomb); returns ``out``."""
     import bz2
     import gzip
@@ -280,8 +284,16 @@ def plain_tar(archive: str | os.PathLike, out: str | os.PathLike, *, max_total: 
     opener = {"tar.gz": gzip.open, "tar.bz2": bz2.open, "tar.xz": lzma.open}.get(kind or "")
     if opener is None:
         raise ValueError(f"{src}: not a compressed tar file")
-    if os.path.isfile(dst) and os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns:
-        return dst
+    st = os.stat(src)
+    stamp = json.dumps({"source": os.path.abspath(src), "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns})
+    stamp_path = f"{dst}.source.json"  # what the plain copy was made from
+    try:
+        with open(stamp_path, encoding="utf-8") as fh:
+            if fh.read() == stamp and os.path.isfile(dst):
+                return dst
+    except OSError:
+        pass
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     tmp = f"{dst}.{os.getpid()}.tmp"
     total = 0
@@ -294,6 +306,8 @@ def plain_tar(archive: str | os.PathLike, out: str | os.PathLike, *, max_total: 
                                      "refused (decompression bomb?)")
                 fo.write(block)
         os.replace(tmp, dst)
+        with open(stamp_path, "w", encoding="utf-8") as fh:
+            fh.write(stamp)
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise ValueError(f"cannot decompress {src}: {exc}") from None
     finally:

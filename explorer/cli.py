@@ -44,7 +44,7 @@ def add_build(sub) -> None:
     from explorer import options
 
     b = sub.add_parser("build", help="folder of images -> CSV + app folder for `bokeh serve`",
-                       description="Embed, map and cluster every image in IMAGE_DIR; write "
+                       description="Embed, map and cluster every image in SOURCE; write "
                        "NAME.csv and the app folder NAME/ (serve it with "
                        "`bokeh serve NAME --args NAME.csv`). Every option: docs/options.md.")
     b.add_argument("image_dir", metavar="SOURCE", help="a folder of images, a .zip/.tar/"
@@ -283,6 +283,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     _check_export_options(a)
     csv = Path(a.csv)
     df = table.read_table(csv)
+    n_rows = len(df)
     root = None if a.format == "parquet" else _image_root(csv, a.images)
     from explorer.journal import journal_for
 
@@ -301,7 +302,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "parquet":
         from explorer.exports import export_parquet
 
-        summary = export_parquet(df, Path(a.to), vectors=_table_vectors(csv, df))
+        summary = export_parquet(df, Path(a.to), vectors=_table_vectors(csv, df, n_rows))
     elif a.format == "hf":
         from explorer.exports import export_hf
 
@@ -322,10 +323,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _table_vectors(csv: Path, df):
+def _table_vectors(csv: Path, df, n_rows: int):
     """The build's vectors (``NAME.features.npy``, one row per CSV row) for the rows of
-    ``df`` (a subset of the CSV's rows, keeping their index), or None when there are none
-    or they do not match the CSV."""
+    ``df`` (a subset of the CSV's ``n_rows`` rows, keeping their index), or None when there
+    are none or they do not match the CSV."""
     import numpy as np
 
     from explorer import table
@@ -335,7 +336,9 @@ def _table_vectors(csv: Path, df):
         return None
     feats = np.load(path, mmap_mode="r")
     rows = df.index.to_numpy()
-    if feats.ndim != 2 or len(rows) and (rows.min() < 0 or rows.max() >= len(feats)):
+    if feats.ndim != 2 or len(feats) != n_rows:
+        print(f"note: {path.name} does not have one row per row of {csv.name}; the export "
+              "has no vectors", file=sys.stderr)
         return None
     return np.asarray(feats[rows], np.float32)
 

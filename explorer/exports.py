@@ -59,7 +59,8 @@ from explorer.progress import track
 
 __all__ = [
     "ExportPlan", "Refused", "ZipReport", "plan_export", "write_zip", "write_zip_file",
-    "export_folders", "export_imagefolder", "export_parquet", "export_hf", "safe_name", "parse_sample", "folder_names",
+    "export_folders", "export_imagefolder", "export_parquet", "export_hf", "safe_name",
+    "parse_sample", "folder_names",
     "unique_file", "OUTLIERS", "SAMPLE", "MANIFEST", "LABELS_CSV", "UNLABELLED", "THUMBNAILS",
     "IMAGEFOLDER_EXTENSIONS", "STORED_SUFFIXES",
 ]  # fmt: skip
@@ -1017,5 +1018,6 @@ def export_hf(df: pd.DataFrame, image_root: str | os.PathLike, dest: str | os.Pa
         raise
     labelled = int((meta[label_col] != "").sum()) if label_col in meta.columns else 0
     return {"dest": str(dest), "format": "hf", "images": len(meta), "labelled": labelled,
-            "refused": [(r.path, r.message) for r in plan.refused] + [(a, "cannot read") for a in failed],
+            "refused": [(r.path, r.message) for r in plan.refused]
+            + [(a, "cannot read") for a in failed],
             "metadata": str(dest / HF_METADATA)}

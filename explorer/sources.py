@@ -13,14 +13,19 @@ folder   a folder                       files found by :func:`explorer.images.di
 zip/tar  ``photos.zip``, ``.tar``,      members read in place (:mod:`explorer.archives`);
          ``.tar.gz``/``.tgz``/``.bz2``  path = the member's name; ``image_dir`` = the
          /``.xz``                       archive (a compressed tar: its plain copy
-                                        ``NAME.source.tar`` beside the CSV)
-table    ``list.csv``, ``.parquet``     the files its ``path`` column names (relative to
-                                        the table's folder, or absolute); path relative
-                                        to the folder that holds them all; ``label`` and
-                                        the other columns are joined to the CSV
+                                        ``NAME.sources/source.tar`` beside the CSV)
+table    ``list.csv``, ``.parquet``     the files its ``path`` (or Hugging Face
+                                        ``file_name``) column names (relative to the
+                                        table's folder, a build CSV's image folder, or
+                                        absolute); path relative to the folder that
+                                        holds them all; ``label`` and the other columns
+                                        are joined to the CSV
 urls     ``urls.txt``                   each http(s) URL downloaded once into
                                         ``NAME.sources/urls/`` beside the CSV (the rules of
                                         :mod:`explorer.urlfetch`); path relative to it
+remote   ``s3://bucket/prefix``, any    each image file copied once into
+         fsspec URL (``[cloud]``)       ``NAME.sources/remote/``; path relative to the
+                                        prefix
 ======== ============================== ================================================
 """
 
@@ -372,7 +377,8 @@ def read_vectors(path: str | os.PathLike) -> tuple[list[str], "np.ndarray"]:
         elif low.endswith((".parquet", ".pq")):
             df = pd.read_parquet(p)
             if "path" not in df.columns:
-                raise ValueError(f"{p} has no 'path' column (it has: {', '.join(map(str, df.columns))})")
+                raise ValueError(f"{p} has no 'path' column (it has: "
+                                 f"{', '.join(map(str, df.columns))})")
             keys = df["path"].astype(str).tolist()
             listcol = next((c for c in VECTOR_COLUMNS if c in df.columns), None)
             if listcol is not None:

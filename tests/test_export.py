@@ -496,3 +496,14 @@ def test_cli_hf_folder_loads_with_labels_and_metadata(project, tmp_path, capsys,
     want = dict(zip(t["path"], zip(t["label"], t["photographer"])))
     assert {k: v[:2] for k, v in got.items()} == want
     assert all(v[2] == (8, 8) for v in got.values())
+
+
+def test_cli_parquet_leaves_out_vectors_that_do_not_match(project, tmp_path, capsys):
+    csv, _ = project
+    _with_vectors(csv, 7)  # a stale features file: 7 rows for 11
+    out = tmp_path / "p.parquet"
+    assert cli(["export", str(csv), "--format", "parquet", "--to", str(out), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "no vectors" in captured.err
+    assert json.loads(captured.out)["vector_dim"] is None
+    assert "vector" not in pd.read_parquet(out).columns

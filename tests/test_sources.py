@@ -477,3 +477,41 @@ def test_a_builds_csv_and_an_hf_export_are_table_inputs(tmp_path, photos):
     df = table.read_table(back)
     assert len(df) == N and Path(run_of(back)["image_dir"]) == hf.resolve()
     assert dict(zip(df["source_path"], df["label"])) == dict(zip(t["path"], t["label"]))
+
+
+def test_a_replaced_archive_is_read_afresh(tmp_path, photos):
+    """A zip or tar.gz replaced under the same name (even with an older mtime) is listed and
+    read again, never served from a stale handle or plain copy."""
+    for suffix, mode in ((".zip", None), (".tar.gz", "w:gz")):
+        archive = tmp_path / f"p{suffix}"
+        csv = tmp_path / f"p{suffix}.csv"
+        args = ["build", str(archive), "--out", str(csv), "--method", "phash", "-q"]
+        for k, chosen in enumerate((photos[:4], photos[4:7])):
+            if archive.exists():
+                archive.unlink()
+            if mode is None:
+                with zipfile.ZipFile(archive, "w") as z:
+                    for p in chosen:
+                        z.write(p, p.name)
+            else:
+                with tarfile.open(archive, mode) as t:
+                    for p in chosen:
+                        t.add(p, p.name)
+            os.utime(archive, ns=(10**18 - k, 10**18 - k))  # the second one is OLDER
+            assert cli(args) == 0
+            assert sorted(table.read_table(csv)["path"]) == sorted(p.name for p in chosen)
+            out = tmp_path / f"out{suffix}{k}"
+            assert cli(["export", str(csv), "--to", str(out), "-q"]) == 0
+            assert sorted(p.read_bytes() for p in out.rglob("*.jpg")) == \
+                sorted(p.read_bytes() for p in chosen)
+
+
+def test_vector_keys_match_by_path_full_path_or_unique_name(tmp_path):
+    from explorer.sources import match_vectors
+
+    root = tmp_path / "r"
+    rel = ["a/x.jpg", "b/x.jpg", "a/y.jpg", "c/z.jpg"]
+    items = [root / r for r in rel]
+    keys = [str(root / "b/x.jpg"), "y.jpg", "x.jpg", "c/z.jpg"]
+    # b/x.jpg by full path, y.jpg by its unique name, x.jpg is ambiguous, c/z.jpg exactly
+    assert match_vectors(keys, rel, items).tolist() == [-1, 0, 1, 3]
