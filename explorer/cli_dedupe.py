@@ -143,7 +143,8 @@ def run(a: argparse.Namespace) -> int:
     if a.dry_run:
         print("dry run: nothing marked or moved")
         return 0
-    changes = dedupe.mark_changes(paths, group, keep, current)
+    changes = dedupe.mark_changes(paths, group, keep, current,
+                                  df["label"].fillna("").astype(str).tolist())
     rec = book.assign(changes) if changes else None
     manifest = {"version": MANIFEST_VERSION, "csv": str(csv.resolve()),
                 "image_root": str(Path(root).resolve()), "rule": a.keep,

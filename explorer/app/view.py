@@ -58,6 +58,7 @@ from bokeh.models import (
 from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
+from explorer.app.duplicates import DuplicatesPanel
 from explorer.app.finder import Finder
 from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
@@ -304,6 +305,7 @@ class AppView:
         )
         self._build_curation(css)
         self.finder = Finder(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
+        self.duplicates = DuplicatesPanel(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
         self.tabs = Tabs(
             name="tabs",
             tabs=[
@@ -312,17 +314,20 @@ class AppView:
                 TabPanel(child=self.overview_panel, title="Overview"),
                 TabPanel(child=self.metadata_panel, title="Metadata"),
                 TabPanel(child=self.finder.panel, title="Find"),
+                TabPanel(child=self.duplicates.panel, title="Duplicates"),
             ],
             width=SIDEBAR_WIDTH + 20,
         )
         self.tabs.on_change("active", self._on_tab)
         self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
+        self.tabs.on_change("active", lambda a, o, n: self.duplicates.show(self.tabs.tabs[n].child is self.duplicates.panel))
         self.layout = column(
             self.title,
             self.status,
             row(self.crumbs, self.back, self.top),
             row(self.plot, self.tabs),
             self.finder.results_div,
+            self.duplicates.cards,
             row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours),
             self.grid,
             self.table_info,
