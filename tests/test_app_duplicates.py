@@ -38,6 +38,11 @@ def doc(built, tmp_path):
     return application.create_document()
 
 
+def open_tab(doc):
+    tabs = w(doc, "tabs")
+    tabs.active = [t.title for t in tabs.tabs].index("Duplicates")
+
+
 def marks(doc):
     st = doc.explorer_view.state
     lab = np.asarray(st.labels("label"))
@@ -49,7 +54,7 @@ def test_tab_shows_groups_largest_first_with_their_facts(doc):
     assert "Duplicates" in [t.title for t in w(doc, "tabs").tabs]
     cards = w(doc, "dup_groups")
     assert not cards.visible  # only while the tab is open
-    w(doc, "tabs").active = [t.title for t in w(doc, "tabs").tabs].index("Duplicates")
+    open_tab(doc)
     assert cards.visible
     text = cards.text
     assert text.index("data-group='0'") < text.index("data-group='1'")
@@ -62,6 +67,7 @@ def test_tab_shows_groups_largest_first_with_their_facts(doc):
 def test_rule_override_undo_and_export(doc):
     st = doc.explorer_view.state
     keys = st.keys
+    open_tab(doc)
     w(doc, "dup_rule").value = "largest"
     click(w(doc, "dup_apply"))
     # group 0 keeps row 2 (900 x 700), group 1 keeps one of rows 10, 11
@@ -97,6 +103,7 @@ def test_rule_override_undo_and_export(doc):
 
 
 def test_rules_change_the_plan_not_the_marks(doc):
+    open_tab(doc)
     w(doc, "dup_rule").value = "shortest"
     csv = pd.read_csv(io.StringIO(w(doc, "dup_removal").data["csv"][0]))
     assert len(csv) == 3 and (csv["rule"] == "shortest").all()

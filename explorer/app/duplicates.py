@@ -100,7 +100,8 @@ class DuplicatesPanel:
         self.group = (table["duplicate_group"].to_numpy(dtype=np.int64)
                       if "duplicate_group" in table.columns else np.full(st.n_rows, -1, np.int64))
         self.order = dedupe.group_order(self.group)
-        self.facts: _Facts = st.project.cached("duplicates.facts", lambda: _Facts(st.image_dir, st.keys, self.group))
+        self.facts: _Facts = st.project.cached(
+            "duplicates.facts", lambda: _Facts(st.image_dir, st.keys, self.group))
         #: per-group overrides in force: group id -> row kept
         self.overrides: dict[int, int] = {}
         self.page = 0
@@ -137,7 +138,6 @@ class DuplicatesPanel:
         self.next.on_click(lambda: self.turn(+1))
         st.subscribe(self._on_state)
         self._members()
-        self.refresh()
 
     # ------------------------------------------------------------------ decisions
     def keep_mask(self) -> np.ndarray:
@@ -219,6 +219,10 @@ class DuplicatesPanel:
             self.refresh()
 
     def refresh(self) -> None:
+        """Redraw the cards, the note and the removal CSV; only while the tab is open (the
+        file facts are read on the first opening, not when a session starts)."""
+        if not self.cards.visible:
+            return
         if not len(self.order):
             self.note.text = "<div class='ex-muted'>no near-duplicate groups in this CSV</div>"
             self.cards.text = ""
