@@ -40,8 +40,8 @@ def add_parser(sub) -> None:
                        "--undo reads to move them back.")
     d.add_argument("csv", nargs="?", metavar="NAME.csv")
     d.add_argument("--keep", default=None, metavar="RULE",
-                   help="largest|sharpest|earliest|shortest|first: largest resolution, sharpest, earliest EXIF date, shortest path or "
-                   "first in folder order")
+                   help="largest|sharpest|earliest|shortest|first: largest resolution, "
+                   "sharpest, earliest EXIF date, shortest path or first in folder order")
     d.add_argument("--override", action="append", default=[], metavar="GROUP=PATH",
                    help="keep PATH in group GROUP whatever the rule says (repeatable)")
     d.add_argument("--images", default=None, metavar="IMAGE_DIR",
@@ -143,7 +143,8 @@ def run(a: argparse.Namespace) -> int:
     if a.dry_run:
         print("dry run: nothing marked or moved")
         return 0
-    changes = dedupe.mark_changes(paths, group, keep, current)
+    changes = dedupe.mark_changes(paths, group, keep, current,
+                                  df["label"].fillna("").astype(str).tolist())
     rec = book.assign(changes) if changes else None
     manifest = {"version": MANIFEST_VERSION, "csv": str(csv.resolve()),
                 "image_root": str(Path(root).resolve()), "rule": a.keep,

@@ -371,10 +371,12 @@ def choose_keepers(group, rule: str, *, width=None, height=None, sharpness=None,
     return keep
 
 
-def mark_changes(paths: Sequence[str], group, keep, current: Sequence[str]) -> dict[str, str]:
+def mark_changes(paths: Sequence[str], group, keep, current: Sequence[str],
+                 original: Sequence[str] | None = None) -> dict[str, str]:
     """The label edits that make the marks match ``keep``: every group member not kept gets
-    :data:`MARK`; a kept member that carries :data:`MARK` (an earlier choice) is cleared.
-    Rows without a group are left alone. One :meth:`LabelBook.assign` applies it."""
+    :data:`MARK`; a kept member that carries :data:`MARK` (an earlier choice) gets its
+    ``original`` label back (the CSV's; ``""`` = none). Rows without a group are left alone.
+    One :meth:`LabelBook.assign` applies it (one undoable step)."""
     g = np.asarray(group, dtype=np.int64)
     keep = np.asarray(keep, dtype=bool)
     out: dict[str, str] = {}
@@ -383,7 +385,8 @@ def mark_changes(paths: Sequence[str], group, keep, current: Sequence[str]) -> d
         if not keep[r] and cur != MARK:
             out[p] = MARK
         elif keep[r] and cur == MARK:
-            out[p] = ""
+            back = "" if original is None else str(original[r] or "")
+            out[p] = "" if back == MARK else back
     return out
 
 

@@ -518,11 +518,12 @@ class LabelBook:
         return self._edit("apply", {"label": label}, lambda: dict.fromkeys(keys, label))
 
     def assign(self, mapping: Mapping[str, str]):
-        """Give each key its own label in one undoable step (e.g. accepting suggestions)."""
+        """Give each key its own label in one undoable step (e.g. accepting suggestions, or
+        keeping one image per duplicate group); ``""`` clears a key's label."""
         if not isinstance(mapping, Mapping):
             raise ValueError(f"assign needs a mapping key -> label, got {type(mapping).__name__}")
         keys = _validate_keys(list(mapping), self._known)
-        new = {k: validate_label(mapping[k]) for k in keys}
+        new = {k: "" if mapping[k] == "" else validate_label(mapping[k]) for k in keys}
         return self._edit("assign", {"n": len(new)}, lambda: new)
 
     def accept(self, mapping: Mapping[str, str], **info):

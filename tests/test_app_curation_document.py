@@ -48,7 +48,8 @@ def test_curation_widgets_are_there_in_tabs(app):
     doc = make_doc(app)
     for name in CURATION_WIDGETS:
         w(doc, name)
-    assert [t.title for t in w(doc, "tabs").tabs] == ["Explore", "Label", "Overview", "Metadata", "Find", "Treemap"]
+    assert [t.title for t in w(doc, "tabs").tabs] == ["Explore", "Label", "Overview", "Metadata", "Find",
+                                                     "Treemap", "Duplicates"]
     assert "photographer" in w(doc, "color_by").options  # extra column colours the map
 
 

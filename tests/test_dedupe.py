@@ -117,6 +117,9 @@ def test_marks_follow_the_choice_and_clear_an_earlier_one():
     assert ch == {"b.jpg": dedupe.MARK, "d/f.jpg": dedupe.MARK}  # cc.jpg is marked already
     keep2 = dedupe.choose_keepers(GROUP, "earliest", **FACTS)  # now cc.jpg is kept
     assert dedupe.mark_changes(FACTS["path"], GROUP, keep2, cur)["cc.jpg"] == ""
+    # ... and gets its own label back (the CSV's)
+    orig = ["", "", "shoe", "", "", ""]
+    assert dedupe.mark_changes(FACTS["path"], GROUP, keep2, cur, orig)["cc.jpg"] == "shoe"
 
 
 def test_removal_table_lists_the_others_with_the_kept_path():
@@ -213,6 +216,19 @@ def test_mark_leaves_others_out_of_exports_and_undo_restores(collection, tmp_pat
     manifest = next(csv.parent.glob("col.dedupe-*.json"))
     assert main(["dedupe", "--undo", str(manifest)]) == 0
     assert exported(csv, root, tmp_path / "e2") == before
+
+
+def test_a_second_rule_moves_the_marks_in_one_step(collection, tmp_path):
+    csv, root = collection
+    assert main(["dedupe", str(csv), "--keep", "largest", "--images", str(root)]) == 0
+    assert main(["dedupe", str(csv), "--keep", "shortest", "--images", str(root)]) == 0
+    kept = exported(csv, root, tmp_path / "e")
+    assert "t.jpg" in kept and "big.jpg" not in kept and "small.jpg" not in kept
+    # undoing the second run brings back the first run's choice
+    second = sorted(csv.parent.glob("col.dedupe-*.json"))[-1]
+    assert main(["dedupe", "--undo", str(second)]) == 0
+    kept = exported(csv, root, tmp_path / "e2")
+    assert "big.jpg" in kept and "t.jpg" not in kept
 
 
 def test_move_to_and_undo_move_everything_back(collection, tmp_path, capsys):

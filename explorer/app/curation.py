@@ -110,6 +110,11 @@ class Curation:
         return self._label_edit(lambda: self.book.apply(keys, label),
                                 f"label {str(label).strip()!r} on {len(keys):,} image(s)")
 
+    def assign_labels(self, compute: Callable[[], Any], done: str) -> bool:
+        """Give each key its own label (``compute()`` -> {key: label}) in one undoable,
+        journaled step; a ValueError from ``compute`` is shown as a refusal."""
+        return self._label_edit(lambda: self.book.assign(compute()), done)
+
     def discard_selection(self) -> bool:
         """Mark the selected images 'discard'."""
         keys = self._selected_keys()

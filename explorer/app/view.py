@@ -57,6 +57,7 @@ from bokeh.models import (
 from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
+from explorer.app.duplicates import DuplicatesPanel
 from explorer.app.finder import Finder
 from explorer.app.html import column_title, esc
 from explorer.app.treemap import TreemapPanel
@@ -306,6 +307,7 @@ class AppView:
             st, self.thumb, lambda what, compute, finish: self._background(what, compute, finish, drop_if_moved=False),
             width=SIDEBAR_WIDTH, height=PLOT_HEIGHT - 160, stylesheets=css,
         )  # fmt: skip
+        self.duplicates = DuplicatesPanel(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
         self.tabs = Tabs(
             name="tabs",
             tabs=[
@@ -315,18 +317,21 @@ class AppView:
                 TabPanel(child=self.metadata_panel, title="Metadata"),
                 TabPanel(child=self.finder.panel, title="Find"),
                 TabPanel(child=self.treemap.panel, title="Treemap"),
+                TabPanel(child=self.duplicates.panel, title="Duplicates"),
             ],
             width=SIDEBAR_WIDTH + 20,
         )
         self.tabs.on_change("active", self._on_tab)
         self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
         self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.treemap.panel and self.treemap.open())
+        self.tabs.on_change("active", lambda a, o, n: self.duplicates.show(self.tabs.tabs[n].child is self.duplicates.panel))
         self.layout = column(
             self.title,
             self.status,
             row(self.crumbs, self.back, self.top),
             row(self.plot, self.tabs),
             self.finder.results_div,
+            self.duplicates.cards,
             row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours),
             self.grid,
             self.table_info,
