@@ -367,3 +367,26 @@ def test_the_private_export_folder_goes_with_its_process(tmp_path):
                          text=True, check=True).stdout.strip()
     assert Path(out).parent == tmp_path / "exports"
     assert not Path(out).exists() and not list((tmp_path / "exports").iterdir())
+
+
+def test_deleting_a_dataset_leaves_no_build_running_against_it(svc, monkeypatch):
+    """Review section 1.4: the scheduler could claim a queued build between the "is one
+    running?" check and the cancel of the queued ones, then build a deleted dataset."""
+    c = svc["c"]["carol"]
+    queue = svc["service"].app.state.queue
+    queue.stop()  # the test plays the scheduler
+    ds = c.post("/api/datasets", json={"name": "doomed"}).json()["id"]
+    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
+    checked = queue.running_for
+
+    def claim_right_after_the_check(dataset_id):
+        answer = checked(dataset_id)
+        queue.db.run("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
+                     (job,))
+        return answer
+
+    monkeypatch.setattr(queue, "running_for", claim_right_after_the_check)
+    r = c.delete(f"/api/datasets/{ds}")
+    state = queue.db.job(job)["state"]
+    assert not (r.status_code == 200 and state == "running"), "a build runs for a deleted dataset"
+    assert r.status_code == 200 and state == "failed"

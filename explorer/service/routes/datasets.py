@@ -166,10 +166,12 @@ def delete_dataset(ds: dict = Depends(owned_dataset), config: ServiceConfig = De
                    apps: AppServers = Depends(get_apps)):
     """Delete the record and everything the service keeps for it (never the folder
     under --root)."""
-    if queue.running_for(ds["id"]):
-        raise ServiceError(409, "a build of this dataset is running; delete it when the job "
-                                "has ended")
+    # queued jobs first: the scheduler cannot claim one between the two steps (review
+    # 2026-12-06 section 1.4); one it claimed before is seen as running just below
     queue.cancel_queued(ds["id"], "the dataset was deleted")
+    if queue.running_for(ds["id"]):
+        raise ServiceError(409, "a build of this dataset is running; cancel it (DELETE "
+                                "/api/jobs/ID) or delete the dataset when the job has ended")
     apps.stop(ds["id"])
     db.run("DELETE FROM datasets WHERE id = ?", (ds["id"],))
     shutil.rmtree(dataset_dir(config.data, ds["id"]), ignore_errors=True)
