@@ -390,3 +390,35 @@ def test_deleting_a_dataset_leaves_no_build_running_against_it(svc, monkeypatch)
     state = queue.db.job(job)["state"]
     assert not (r.status_code == 200 and state == "running"), "a build runs for a deleted dataset"
     assert r.status_code == 200 and state == "failed"
+
+
+def test_serve_options_set_the_quotas_and_the_build_time_limit(tmp_path):
+    from _imagegen import image_folder
+    from _service import Server, add_user, wait_job
+
+    image_folder(tmp_path / "root" / "users" / "alice" / "a", 4, size=32)
+    image_folder(tmp_path / "root" / "users" / "alice" / "b", 4, size=32)
+    token = add_user(tmp_path / "data", "alice")
+    server = Server(tmp_path / "root", tmp_path / "data", "--max-jobs", "1",
+                    "--job-hours", "0.0003").start()  # about one second
+    try:
+        with server.client(token) as c:
+            ids = [c.post("/api/datasets", json={"name": f, "folder": f"users/alice/{f}"})
+                   .json()["id"] for f in ("a", "b")]
+            job = c.post(f"/api/datasets/{ids[0]}/builds", json={}).json()["job"]
+            r = c.post(f"/api/datasets/{ids[1]}/builds", json={})
+            assert r.status_code == 429 and "limit per user" in r.json()["error"]
+            j = wait_job(c, job, timeout=120)
+            assert j["state"] == "failed" and "longer than the limit of 1 s" in j["error"], j
+            assert c.post(f"/api/datasets/{ids[1]}/builds", json={}).status_code == 202
+    finally:
+        server.stop()
+    import subprocess
+
+    from _service import _env
+
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root",
+                        str(tmp_path / "root"), "--data", str(tmp_path / "d2"),
+                        "--max-jobs", "0"], env=_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "max_jobs must be a positive number, got 0" in r.stderr
