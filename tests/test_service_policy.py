@@ -422,3 +422,52 @@ def test_serve_options_set_the_quotas_and_the_build_time_limit(tmp_path):
                         "--max-jobs", "0"], env=_env(), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "max_jobs must be a positive number, got 0" in r.stderr
+
+
+def test_uploads_at_once_are_bounded_per_user(svc):
+    c = svc["c"]["alice"]
+    files = [("files", ("a.jpg", jpeg_bytes(variant(0)), "image/jpeg"))]
+    uploads = svc["service"].app.state.uploads
+    alice = c.get("/api/me").json()
+    from explorer.service.db import DB
+
+    uid = DB(svc["data"] / "service.db").user_id(alice["name"])
+    with uploads.take(uid):  # one upload of alice's is running (max_uploads=1)
+        r = c.post("/api/datasets/upload", data={"name": "second"}, files=files)
+        assert r.status_code == 429 and "uploads running" in r.json()["error"]
+        ds = c.post("/api/datasets", json={"name": "empty"}).json()["id"]
+        r = c.post(f"/api/datasets/{ds}/urls", json={"urls": ["http://example.invalid/a.jpg"]})
+        assert r.status_code == 429
+        other = svc["c"]["carol"].post("/api/datasets/upload", data={"name": "c"}, files=files)
+        assert other.status_code == 201, other.text  # other users are not held up
+    assert uploads.in_use() == 0, "every slot is given back"
+    r = c.post("/api/datasets/upload", data={"name": "now"}, files=files)
+    assert r.status_code == 201, r.text
+    for d in (ds, r.json()["id"]):
+        c.delete(f"/api/datasets/{d}")
+    svc["c"]["carol"].delete(f"/api/datasets/{other.json()['id']}")
+
+
+def test_the_bytes_quota_bounds_what_a_user_keeps(tmp_path):
+    from _service import Local, local_user
+
+    from explorer.service.policy import Quotas
+
+    data = tmp_path / "data"
+    (tmp_path / "root").mkdir()
+    token = local_user(data, "erin")
+    img = jpeg_bytes(variant(0))
+    with Local(tmp_path / "root", data, quotas=Quotas(max_bytes=3 * len(img))) as service:
+        c = service.client(token)
+        one = [("files", ("a.jpg", img, "image/jpeg"))]
+        r = c.post("/api/datasets/upload", data={"name": "fits"}, files=one)
+        assert r.status_code == 201, r.text
+        first = r.json()["id"]
+        three = [("files", (f"{i}.jpg", img, "image/jpeg")) for i in range(3)]
+        r = c.post("/api/datasets/upload", data={"name": "too much"}, files=three)
+        assert r.status_code == 413, r.text  # more than the room left
+        # a build's output counts too: once the user is at the quota, nothing more is taken
+        (data / "datasets" / first / "app.features.npy").write_bytes(b"0" * len(img) * 2)
+        for r in (c.post("/api/datasets", json={"name": "x"}),
+                  c.post("/api/datasets/upload", data={"name": "full"}, files=one)):
+            assert r.status_code == 429 and "bytes" in r.json()["error"], r.text
