@@ -156,7 +156,7 @@ def wait_job(client: httpx.Client, job: str, timeout: float = 300.0) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         j = client.get(f"/api/jobs/{job}").json()
-        if j["state"] in ("done", "failed"):
+        if j["state"] in ("done", "failed", "cancelled"):
             return j
         time.sleep(0.3)
     raise AssertionError(f"job {job} still {j['state']} after {timeout} s")

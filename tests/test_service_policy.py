@@ -471,3 +471,17 @@ def test_the_bytes_quota_bounds_what_a_user_keeps(tmp_path):
         for r in (c.post("/api/datasets", json={"name": "x"}),
                   c.post("/api/datasets/upload", data={"name": "full"}, files=one)):
             assert r.status_code == 429 and "bytes" in r.json()["error"], r.text
+
+
+def test_a_build_request_with_k_max_over_the_limit_is_refused_at_once(svc):
+    """Review N9: k_max=1000 was queued and held the only worker for the whole grid."""
+    c = svc["c"]["alice"]
+    ds = register(c, "users/alice/shoes").json()["id"]
+    try:
+        r = c.post(f"/api/datasets/{ds}/builds",
+                   json={"cluster": "gmm", "cluster_params": {"k_max": 1000}})
+        assert r.status_code == 422 and "k_max must be an integer in 2..100; got 1000" in \
+            r.json()["error"], r.text
+        assert all(j["dataset"] != ds for j in c.get("/api/jobs").json()["jobs"])
+    finally:
+        c.delete(f"/api/datasets/{ds}")

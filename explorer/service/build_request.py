@@ -31,6 +31,10 @@ class BuildIn(BaseModel):
         for k in v or {}:
             if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", k):
                 raise ValueError(f"cluster parameter name {k!r} is not a parameter name")
+        if v and "k_max" in v:  # refused now (422), not when the build runs (review N9)
+            from explorer.cluster import check_k_max
+
+            check_k_max(v["k_max"])
         return v
 
 
