@@ -37,7 +37,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     db = DB(config.data / "service.db")
     queue = JobQueue(db, config.data, concurrency=config.concurrency)
     (config.data / "logs").mkdir(parents=True, exist_ok=True)
-    apps = AppServers(config.data, idle=config.app_idle)
+    apps = AppServers(config.data, idle=config.app_idle, max_running=config.app_max_running,
+                      max_per_user=config.app_max_per_user)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
