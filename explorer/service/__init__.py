@@ -38,7 +38,8 @@ def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency:
 
     ``header_timeout``: seconds a connection has to send a request's head before it is
     closed; ``max_connections``: open connections (and requests) at most, answered 503
-    beyond (explorer.service.sockets; the descriptor limit is raised to fit).
+    beyond (explorer.service.sockets; the descriptor limit is raised to fit);
+    ``app_max_running``/``app_max_per_user``: dataset app processes at once, and per user.
     """
     import logging
 
