@@ -189,6 +189,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="GiB the service keeps for one user's datasets (default 50)")
     s.add_argument("--job-hours", type=float, default=6, metavar="H",
                    help="a build running longer is stopped and failed (default 6)")
+    s.add_argument("--max-apps", type=int, default=8, metavar="N",
+                   help="dataset apps running at once (each a process of ~200 MB; default 8)")
+    s.add_argument("--max-apps-per-user", type=int, default=3, metavar="N",
+                   help="dataset apps one user may keep running (default 3)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -374,7 +378,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
           log_level=a.log_level, header_timeout=a.header_timeout,
-          max_connections=a.max_connections,
+          max_connections=a.max_connections, app_max_running=a.max_apps,
+          app_max_per_user=a.max_apps_per_user,
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20),
           quotas={"max_datasets": a.max_datasets, "max_jobs": a.max_jobs,
