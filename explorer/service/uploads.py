@@ -278,8 +278,9 @@ async def receive_multipart(request, staging: Path, limits: Limits,
     ``ValueError`` for a body that is not multipart. A file (not a zip) that passes
     ``limits.max_file_bytes`` stops being written as soon as it does and its staged part is
     deleted: with a ``skipped`` list it is left out of the files and ``(name, why)`` is
-    appended there (the rest of the request is read on); without one, RequestTooLarge. Parsing runs in a worker thread, a chunk
-    at a time, so the event loop keeps serving other requests.
+    appended there (the rest of the request is read on); without one, RequestTooLarge.
+    Parsing runs in a worker thread, a chunk at a time, so the event loop keeps serving
+    other requests.
     """
     import anyio
     from python_multipart.multipart import MultipartParser, parse_options_header
