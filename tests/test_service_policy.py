@@ -486,3 +486,25 @@ def test_a_build_request_with_k_max_over_the_limit_is_refused_at_once(svc):
         assert all(j["dataset"] != ds for j in c.get("/api/jobs").json()["jobs"])
     finally:
         c.delete(f"/api/datasets/{ds}")
+
+
+def test_a_failed_build_names_no_server_path(tmp_path):
+    """Review N16 through the worker: the error of a build of an empty folder."""
+    import json
+
+    from explorer.service.db import DB
+    from explorer.service.worker import run_job
+
+    data, folder = tmp_path / "data", tmp_path / "srv" / "root" / "users" / "carol" / "empty"
+    folder.mkdir(parents=True)
+    db = DB(data / "service.db")
+    db.add_user("carol")
+    db.run("INSERT INTO datasets VALUES ('ds1', 1, 'e', 'private', NULL, 'folder', ?, 0)",
+           (str(folder),))
+    db.run("INSERT INTO jobs(id, dataset_id, owner_id, kind, params, state, run_token, created)"
+           " VALUES ('j1', 'ds1', 1, 'build', ?, 'running', 'tok', 0)",
+           (json.dumps({"method": "phash"}),))
+    assert run_job(str(data / "service.db"), "j1", "tok") == 0
+    job = db.job("j1")
+    assert job["state"] == "failed" and "no images found in <image folder>" in job["error"]
+    assert str(tmp_path) not in job["error"] and "/srv/" not in job["error"]
