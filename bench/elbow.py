@@ -20,11 +20,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import resource, sys, time
+import sys, time
 import numpy as np
 from explorer.service.routes.results import sample_features
+
+def hwm():  # peak RSS of this process in KiB (VmHWM: unlike ru_maxrss, not inherited over exec)
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
 path, how = sys.argv[1], sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the imports
+base = hwm()  # after the imports
 t0 = time.perf_counter()
 if how == "before":
     X = np.load(path).astype(np.float32)
@@ -33,7 +38,7 @@ if how == "before":
 else:
     X = sample_features(path)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(f"{X.shape[0]} {dt:.2f} {base / 1024:.0f} {peak / 1024:.0f}")
 """
 

@@ -140,6 +140,18 @@ def add_serve(sub) -> None:
                    "this time (default 10)")
     s.add_argument("--max-connections", type=int, default=1000, metavar="N",
                    help="open connections at most; more are answered 503 (default 1000)")
+    s.add_argument("--max-datasets", type=int, default=100, metavar="N",
+                   help="datasets per user (default 100); more is answered 429")
+    s.add_argument("--max-jobs", type=int, default=10, metavar="N",
+                   help="builds queued or running per user (default 10)")
+    s.add_argument("--max-user-gb", type=float, default=50, metavar="GB",
+                   help="GiB the service keeps for one user's datasets (default 50)")
+    s.add_argument("--job-hours", type=float, default=6, metavar="H",
+                   help="a build running longer is stopped and failed (default 6)")
+    s.add_argument("--max-apps", type=int, default=8, metavar="N",
+                   help="dataset apps running at once (each a process of ~200 MB; default 8)")
+    s.add_argument("--max-apps-per-user", type=int, default=3, metavar="N",
+                   help="dataset apps one user may keep running (default 3)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -360,9 +372,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
           log_level=a.log_level, header_timeout=a.header_timeout,
-          max_connections=a.max_connections,
+          max_connections=a.max_connections, app_max_running=a.max_apps,
+          app_max_per_user=a.max_apps_per_user,
           max_request_bytes=int(a.max_upload_mb * 2**20),
-          max_file_bytes=int(a.max_file_mb * 2**20))
+          max_file_bytes=int(a.max_file_mb * 2**20),
+          quotas={"max_datasets": a.max_datasets, "max_jobs": a.max_jobs,
+                  "max_bytes": int(a.max_user_gb * 2**30), "job_seconds": a.job_hours * 3600})
     return 0
 
 

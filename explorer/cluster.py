@@ -204,6 +204,12 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 
+def check_k_max(value: Any) -> int:
+    """``k_max`` as an int in 2..:data:`K_MAX_LIMIT`; ValueError naming the value otherwise
+    (the one check, for builds and the service's build requests alike)."""
+    return _int_param("k_max", value, 2, maximum=K_MAX_LIMIT)
+
+
 def _merge_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     allowed = PARAMS[method]
     unknown = sorted(set(params) - set(allowed))
@@ -219,7 +225,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
     """Check every parameter of ``method``; ValueError names the bad one."""
     if method in ("kmeans", "agglomerative", "gmm"):
         p["k"] = _int_param("k", p["k"], 1, allow_none=True)
-        p["k_max"] = _int_param("k_max", p["k_max"], 2, maximum=K_MAX_LIMIT)
+        p["k_max"] = check_k_max(p["k_max"])
     if method == "agglomerative":
         _choice("linkage", p["linkage"], _LINKAGES)
     if method == "gmm":
@@ -245,7 +251,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
         p["min_samples"] = _int_param("min_samples", p["min_samples"], 1)
         p["eps_quantile"] = _float_param("eps_quantile", p["eps_quantile"], 0.0, 1.0, lo_open=True)
     if method == "auto":
-        p["k_max"] = _int_param("k_max", p["k_max"], 2, maximum=K_MAX_LIMIT)
+        p["k_max"] = check_k_max(p["k_max"])
         p["max_noise"] = _float_param("max_noise", p["max_noise"], 0.0, 1.0)
         if p["methods"] is not None:
             ms = list(p["methods"]) if not isinstance(p["methods"], str) else [p["methods"]]

@@ -206,6 +206,13 @@ def _check_params(o: Option, v: Any) -> dict | None:
             raise _fail(o, k, "needs parameter names (lower case, digits, _)")
         if x is not None and not isinstance(x, (bool, int, float, str)):
             raise _fail(o, x, f"value of {k} must be a number, text or true/false")
+    if "k_max" in v:  # bounded (review N9): refused when asked, not when the build runs
+        from explorer.cluster import check_k_max
+
+        try:
+            check_k_max(v["k_max"])
+        except ValueError as exc:
+            raise BuildError(str(exc)) from None
     return dict(v) or None
 
 

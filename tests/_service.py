@@ -4,7 +4,9 @@ restart, crash, the app processes and their websockets, limits on real sockets).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -156,7 +158,55 @@ def wait_job(client: httpx.Client, job: str, timeout: float = 300.0) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         j = client.get(f"/api/jobs/{job}").json()
-        if j["state"] in ("done", "failed"):
+        if j["state"] in ("done", "failed", "cancelled"):
             return j
         time.sleep(0.3)
     raise AssertionError(f"job {job} still {j['state']} after {timeout} s")
+
+
+def app_session(server, token):
+    """A browser-like client logged in with ``token`` (the login cookie), or anonymous."""
+    b = httpx.Client(base_url=server.url, timeout=120)
+    if token:
+        r = b.post("/login", data={"token": token, "next": "/apps/x"})
+        assert r.status_code == 303 and "explorer_session" in b.cookies
+    return b
+
+
+def pull_document(server, b, path):
+    """Open the app page and its websocket as Bokeh's client does; return the document JSON."""
+    page, ws = open_app_socket(server, b, path)
+    try:
+        return page, pull(ws)
+    finally:
+        ws.close()
+
+
+def open_app_socket(server, b, path):
+    """Open the app page and its websocket as Bokeh's client does; return (page, socket)
+    after the server's ACK."""
+    import websocket
+
+    page = b.get(path)
+    assert page.status_code == 200, page.text[:300]
+    token = re.search(r'"token":\s*"([^"]+)"', page.text).group(1)
+    ws = websocket.create_connection(
+        server.url.replace("http", "ws") + path + "/ws", subprotocols=["bokeh", token],
+        cookie="; ".join(f"{k}={v}" for k, v in b.cookies.items()), origin=server.url,
+        timeout=120)
+    assert json.loads(ws.recv())["msgtype"] == "ACK"
+    ws.recv(), ws.recv()
+    return page.text, ws
+
+
+def pull(ws) -> str:
+    """One PULL-DOC-REQ on an open app socket; the document's JSON."""
+    for part in (json.dumps({"msgid": "1", "msgtype": "PULL-DOC-REQ"}), "{}", "{}"):
+        ws.send(part)
+    header = json.loads(ws.recv())
+    ws.recv()
+    content = ws.recv()
+    for _ in range(2 * header.get("num_buffers", 0)):  # each array: a header and its bytes
+        ws.recv()
+    assert header["msgtype"] == "PULL-DOC-REPLY"
+    return content

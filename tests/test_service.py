@@ -26,7 +26,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder, jpeg_bytes, variant  # noqa: E402
-from _service import Local, Server, add_user, grant, local_user, wait_job  # noqa: E402
+from _service import (Local, Server, add_user, app_session, grant,  # noqa: E402
+                      local_user, pull_document, wait_job)
 
 N_PHOTOS = 30
 
@@ -260,46 +261,12 @@ def test_access_matrix_for_the_api(site, built):
     assert status("bob") == 404
 
 
-def _app_session(server, token):
-    """A browser-like client logged in with ``token`` (the login cookie), or anonymous."""
-    b = httpx.Client(base_url=server.url, timeout=120)
-    if token:
-        r = b.post("/login", data={"token": token, "next": "/apps/x"})
-        assert r.status_code == 303 and "explorer_session" in b.cookies
-    return b
-
-
-def _pull_document(server, b, path):
-    """Open the app page and its websocket as Bokeh's client does; return the document JSON."""
-    import websocket
-
-    page = b.get(path)
-    assert page.status_code == 200, page.text[:300]
-    token = re.search(r'"token":\s*"([^"]+)"', page.text).group(1)
-    ws = websocket.create_connection(
-        server.url.replace("http", "ws") + path + "/ws", subprotocols=["bokeh", token],
-        cookie="; ".join(f"{k}={v}" for k, v in b.cookies.items()), origin=server.url,
-        timeout=120)
-    try:
-        assert json.loads(ws.recv())["msgtype"] == "ACK"
-        ws.recv(), ws.recv()
-        for part in (json.dumps({"msgid": "1", "msgtype": "PULL-DOC-REQ"}), "{}", "{}"):
-            ws.send(part)
-        header = json.loads(ws.recv())
-        ws.recv()
-        content = ws.recv()
-        assert header["msgtype"] == "PULL-DOC-REPLY"
-        return page.text, content
-    finally:
-        ws.close()
-
-
 def test_app_renders_for_the_owner_and_is_404_for_everyone_else(served):
     server, ds, site = served["server"], served["id"], served
-    owner = _app_session(server, site["tokens"]["alice"])
+    owner = app_session(server, site["tokens"]["alice"])
     r = owner.get(f"/apps/{ds}", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == f"/apps/{ds}/app"
-    page, doc = _pull_document(server, owner, f"/apps/{ds}/app")
+    page, doc = pull_document(server, owner, f"/apps/{ds}/app")
     assert f"/apps/{ds}/static/js/bokeh.min.js" in page
     assert f"/apps/{ds}/app/static/css/app.css" in page
     # thumbnails travel as row numbers plus a URL template under the dataset's URL
@@ -309,7 +276,7 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(served):
     assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
 
     for who in ("bob", "carol", None):
-        other = _app_session(server, site["tokens"][who] if who else None)
+        other = app_session(server, site["tokens"][who] if who else None)
         for path in (f"/apps/{ds}", f"/apps/{ds}/app", thumbs[0]):
             r = other.get(path)
             assert r.status_code == 404, (who, path)
@@ -324,10 +291,10 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(served):
     c = server.client(site["tokens"]["alice"])
     assert c.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
     try:
-        bob = _app_session(server, site["tokens"]["bob"])
-        _pull_document(server, bob, f"/apps/{ds}/app")
+        bob = app_session(server, site["tokens"]["bob"])
+        pull_document(server, bob, f"/apps/{ds}/app")
         assert bob.get(thumbs[0]).status_code == 200
-        carol = _app_session(server, site["tokens"]["carol"])
+        carol = app_session(server, site["tokens"]["carol"])
         assert carol.get(f"/apps/{ds}/app").status_code == 404
     finally:
         assert c.patch(f"/api/datasets/{ds}", json={"visibility": "private"}).status_code == 200

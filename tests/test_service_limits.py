@@ -344,3 +344,192 @@ def test_descriptor_errors_are_logged_once_in_a_while():
     passed = [f.filter(rec("socket.accept() out of system resource", err)) for _ in range(1000)]
     assert passed[0] and sum(passed) == 1 and f.dropped == 999
     assert f.filter(rec("an ordinary error")), "other records pass"
+
+
+# --------------------------------------------------------------------------- the app processes
+@pytest.fixture(scope="module")
+def apps_site(tmp_path_factory):
+    """A real service allowing 2 app processes, 1 per user; alice has datasets a1 and a2,
+    carol c1 and c2 (one phash build, its outputs copied to the other three)."""
+    import shutil
+
+    from _service import wait_job
+
+    base = tmp_path_factory.mktemp("apps")
+    image_folder(base / "root" / "photos", 6, size=32)
+    data = base / "data"
+    tokens = {"alice": add_user(data, "alice", "--project", "p1"),
+              "bob": add_user(data, "bob", "--project", "p1"),
+              "carol": add_user(data, "carol", "--project", "p2")}
+    for who in ("alice", "carol"):
+        grant(data, "photos", user=who)
+    srv = Server(base / "root", data, "--max-apps", "2", "--max-apps-per-user", "1").start()
+    ids = {}
+    for who, names in (("alice", ("a1", "a2")), ("carol", ("c1", "c2"))):
+        c = srv.client(tokens[who])
+        for n in names:
+            ids[n] = c.post("/api/datasets", json={"name": n, "folder": "photos"}).json()["id"]
+    c = srv.client(tokens["alice"])
+    job = c.post(f"/api/datasets/{ids['a1']}/builds", json={"method": "phash"}).json()["job"]
+    assert wait_job(c, job)["state"] == "done"
+    built = data / "datasets" / ids["a1"]
+    for n in ("a2", "c1", "c2"):
+        shutil.copytree(built, data / "datasets" / ids[n], dirs_exist_ok=True)
+    yield {"server": srv, "tokens": tokens, "ids": ids, "data": data}
+    srv.stop()
+
+
+def _app_pids(srv) -> dict[str, int]:
+    import psutil
+
+    out = {}
+    for p in psutil.Process(srv.proc.pid).children(recursive=True):
+        with_socket = [a for a in p.cmdline() if a.endswith(".sock")]
+        if "bokeh" in p.cmdline() and with_socket:
+            out[Path(with_socket[0]).stem] = p.pid
+    return out
+
+
+def _closed_within(ws, seconds: float) -> float | None:
+    """Seconds until the server closed ``ws`` (pinging it with document requests), or None."""
+    import websocket
+
+    t0 = time.monotonic()
+    ws.settimeout(0.5)
+    while time.monotonic() - t0 < seconds:
+        try:
+            ws.send(json.dumps({"msgid": "x", "msgtype": "PULL-DOC-REQ"}))
+            ws.send("{}")
+            ws.send("{}")
+            while True:
+                if ws.recv() == "":
+                    return time.monotonic() - t0
+        except websocket.WebSocketTimeoutException:
+            continue
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+            return time.monotonic() - t0
+    return None
+
+
+def test_revoking_access_closes_open_app_sockets_within_5_s(apps_site):
+    """Broken before: an open websocket kept answering PULL-DOC-REQ after un-sharing,
+    logout and ``explorer users remove``."""
+    import subprocess
+
+    from _service import _env, app_session, open_app_socket, pull
+
+    srv, tok, ds = apps_site["server"], apps_site["tokens"], apps_site["ids"]["a1"]
+    alice = srv.client(tok["alice"])
+    path = f"/apps/{ds}/app"
+    # un-sharing: bob's socket closes, alice's stays
+    assert alice.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
+    bob = app_session(srv, tok["bob"])
+    _, bob_ws = open_app_socket(srv, bob, path)
+    assert pull(bob_ws)
+    owner = app_session(srv, tok["alice"])
+    _, alice_ws = open_app_socket(srv, owner, path)
+    assert alice.patch(f"/api/datasets/{ds}", json={"visibility": "private"}).status_code == 200
+    took = _closed_within(bob_ws, 5)
+    assert took is not None, "bob's socket still open 5 s after un-sharing"
+    assert pull(alice_ws), "the owner's socket stays open"
+    # logout: the socket opened with that login closes
+    r = owner.post("/logout", follow_redirects=False)
+    assert r.status_code == 303
+    assert _closed_within(alice_ws, 5) is not None, "still open 5 s after logout"
+    # a removed user (another process: the periodic check finds it)
+    assert alice.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
+    bob = app_session(srv, tok["bob"])
+    _, bob_ws = open_app_socket(srv, bob, path)
+    subprocess.run([sys.executable, "-m", "explorer.cli", "users", "remove", "bob", "--data",
+                    str(apps_site["data"])], env=_env(), check=True, capture_output=True)
+    assert _closed_within(bob_ws, 5) is not None, "still open 5 s after users remove"
+    assert alice.patch(f"/api/datasets/{ds}", json={"visibility": "private"}).status_code == 200
+
+
+def test_one_user_cannot_stop_another_users_live_app(apps_site):
+    """Broken before: carol opening her apps stopped alice's process (oldest first), live
+    websocket and all."""
+    from _service import app_session, open_app_socket, pull
+
+    srv, tok, ids = apps_site["server"], apps_site["tokens"], apps_site["ids"]
+    alice = app_session(srv, tok["alice"])
+    _, alice_ws = open_app_socket(srv, alice, f"/apps/{ids['a1']}/app")
+    pid = _app_pids(srv)[ids["a1"]]
+    carol = app_session(srv, tok["carol"])
+    _, carol_ws = open_app_socket(srv, carol, f"/apps/{ids['c1']}/app")
+    # both slots hold a live session: carol's second app is refused, nobody is stopped
+    r = carol.get(f"/apps/{ids['c2']}/app")
+    assert r.status_code == 503 and "limit" in r.json()["error"]
+    r = alice.get(f"/apps/{ids['a2']}/app")
+    assert r.status_code == 503
+    assert _app_pids(srv)[ids["a1"]] == pid and pull(alice_ws)
+    # carol closes her app: her next one takes its slot (her own idle process makes room)
+    carol_ws.close()
+    time.sleep(0.5)
+    assert carol.get(f"/apps/{ids['c2']}/app").status_code == 200
+    running = _app_pids(srv)
+    assert ids["c1"] not in running and running[ids["a1"]] == pid
+    assert pull(alice_ws), "alice's session lived through all of it"
+    alice_ws.close()
+
+
+def test_app_processes_die_with_the_service_and_stale_folders_go(apps_site):
+    """Broken before: after kill -9 of the service its bokeh processes ran on (PPID 1) and
+    the explorer-apps-* folder stayed."""
+    import signal
+    import tempfile
+
+    import psutil
+
+    from _service import app_session
+
+    srv, tok, ids = apps_site["server"], apps_site["tokens"], apps_site["ids"]
+    alice = app_session(srv, tok["alice"])
+    assert alice.get(f"/apps/{ids['a1']}/app").status_code == 200
+    pids = list(_app_pids(srv).values())
+    assert pids
+    service_pid = srv.proc.pid
+    folders = [d for d in Path(tempfile.gettempdir()).glob(f"explorer-apps-{service_pid}-*")]
+    assert len(folders) == 1
+    srv.stop(signal.SIGKILL)
+    t0 = time.monotonic()
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+              for p in pids):
+        assert time.monotonic() - t0 < 10, "an app process outlived the service"
+        time.sleep(0.2)
+    assert folders[0].exists(), "a killed service leaves its folder ..."
+    srv.start()
+    assert app_session(srv, tok["alice"]).get(f"/apps/{ids['a1']}/app").status_code == 200
+    assert not folders[0].exists(), "... which the next start removes"
+
+
+def test_the_global_app_limit_stops_only_idle_processes(tmp_path):
+    """Unit test of AppServers' room-making with stand-in processes."""
+    from explorer.service.apps import AppsBusy, AppServers
+
+    class Proc:  # a running process as far as AppServers can tell
+        pid = 1
+
+        def poll(self):
+            return None
+
+        def terminate(self):
+            self.stopped = True
+
+        def wait(self, t=None):
+            return 0
+
+    apps = AppServers(tmp_path, max_running=2, max_per_user=2)
+    for ds, user, used in (("a", 1, 1.0), ("b", 2, 2.0)):
+        apps._procs[ds] = (Proc(), tmp_path / f"{ds}.sock", used)
+        apps._started_by[ds] = user
+    key_a, _ = apps.live.add(1, None, "a")
+    key_b, _ = apps.live.add(2, None, "b")
+    with pytest.raises(AppsBusy):
+        apps._make_room(3)
+    assert set(apps._procs) == {"a", "b"}, "nobody's live app was stopped"
+    apps.live.remove(key_b)
+    apps._make_room(3)
+    assert set(apps._procs) == {"a"}, "the idle one made room"
+    with pytest.raises(ValueError, match="max_per_user"):
+        AppServers(tmp_path, max_per_user=0)

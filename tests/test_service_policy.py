@@ -199,7 +199,8 @@ def test_quotas_on_datasets_and_queued_builds(svc):
         assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
         assert c.delete(f"/api/jobs/{job}").status_code == 409
         assert c.get("/api/jobs", params={"state": "cancelled"}).json()["jobs"][0]["id"] == job
-        assert c.post(f"/api/datasets/{made[2]}/builds", json={"method": "phash"}).status_code == 202
+        again = c.post(f"/api/datasets/{made[2]}/builds", json={"method": "phash"})
+        assert again.status_code == 202, again.text
     finally:
         for d in made:
             c.delete(f"/api/datasets/{d}")
@@ -367,3 +368,143 @@ def test_the_private_export_folder_goes_with_its_process(tmp_path):
                          text=True, check=True).stdout.strip()
     assert Path(out).parent == tmp_path / "exports"
     assert not Path(out).exists() and not list((tmp_path / "exports").iterdir())
+
+
+def test_deleting_a_dataset_leaves_no_build_running_against_it(svc, monkeypatch):
+    """Review section 1.4: the scheduler could claim a queued build between the "is one
+    running?" check and the cancel of the queued ones, then build a deleted dataset."""
+    c = svc["c"]["carol"]
+    queue = svc["service"].app.state.queue
+    queue.stop()  # the test plays the scheduler
+    ds = c.post("/api/datasets", json={"name": "doomed"}).json()["id"]
+    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
+    checked = queue.running_for
+
+    def claim_right_after_the_check(dataset_id):
+        answer = checked(dataset_id)
+        queue.db.run("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
+                     (job,))
+        return answer
+
+    monkeypatch.setattr(queue, "running_for", claim_right_after_the_check)
+    r = c.delete(f"/api/datasets/{ds}")
+    state = queue.db.job(job)["state"]
+    assert not (r.status_code == 200 and state == "running"), "a build runs for a deleted dataset"
+    assert r.status_code == 200 and state == "failed"
+
+
+def test_serve_options_set_the_quotas_and_the_build_time_limit(tmp_path):
+    from _imagegen import image_folder
+    from _service import Server, add_user, wait_job
+
+    image_folder(tmp_path / "root" / "users" / "alice" / "a", 4, size=32)
+    image_folder(tmp_path / "root" / "users" / "alice" / "b", 4, size=32)
+    token = add_user(tmp_path / "data", "alice")
+    server = Server(tmp_path / "root", tmp_path / "data", "--max-jobs", "1",
+                    "--job-hours", "0.0003").start()  # about one second
+    try:
+        with server.client(token) as c:
+            ids = [c.post("/api/datasets", json={"name": f, "folder": f"users/alice/{f}"})
+                   .json()["id"] for f in ("a", "b")]
+            job = c.post(f"/api/datasets/{ids[0]}/builds", json={}).json()["job"]
+            r = c.post(f"/api/datasets/{ids[1]}/builds", json={})
+            assert r.status_code == 429 and "limit per user" in r.json()["error"]
+            j = wait_job(c, job, timeout=120)
+            assert j["state"] == "failed" and "longer than the limit of 1 s" in j["error"], j
+            assert c.post(f"/api/datasets/{ids[1]}/builds", json={}).status_code == 202
+    finally:
+        server.stop()
+    import subprocess
+
+    from _service import _env
+
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root",
+                        str(tmp_path / "root"), "--data", str(tmp_path / "d2"),
+                        "--max-jobs", "0"], env=_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "max_jobs must be a positive number, got 0" in r.stderr
+
+
+def test_uploads_at_once_are_bounded_per_user(svc):
+    c = svc["c"]["alice"]
+    files = [("files", ("a.jpg", jpeg_bytes(variant(0)), "image/jpeg"))]
+    uploads = svc["service"].app.state.uploads
+    alice = c.get("/api/me").json()
+    from explorer.service.db import DB
+
+    uid = DB(svc["data"] / "service.db").user_id(alice["name"])
+    with uploads.take(uid):  # one upload of alice's is running (max_uploads=1)
+        r = c.post("/api/datasets/upload", data={"name": "second"}, files=files)
+        assert r.status_code == 429 and "uploads running" in r.json()["error"]
+        ds = c.post("/api/datasets", json={"name": "empty"}).json()["id"]
+        r = c.post(f"/api/datasets/{ds}/urls", json={"urls": ["http://example.invalid/a.jpg"]})
+        assert r.status_code == 429
+        other = svc["c"]["carol"].post("/api/datasets/upload", data={"name": "c"}, files=files)
+        assert other.status_code == 201, other.text  # other users are not held up
+    assert uploads.in_use() == 0, "every slot is given back"
+    r = c.post("/api/datasets/upload", data={"name": "now"}, files=files)
+    assert r.status_code == 201, r.text
+    for d in (ds, r.json()["id"]):
+        c.delete(f"/api/datasets/{d}")
+    svc["c"]["carol"].delete(f"/api/datasets/{other.json()['id']}")
+
+
+def test_the_bytes_quota_bounds_what_a_user_keeps(tmp_path):
+    from _service import Local, local_user
+
+    from explorer.service.policy import Quotas
+
+    data = tmp_path / "data"
+    (tmp_path / "root").mkdir()
+    token = local_user(data, "erin")
+    img = jpeg_bytes(variant(0))
+    with Local(tmp_path / "root", data, quotas=Quotas(max_bytes=3 * len(img))) as service:
+        c = service.client(token)
+        one = [("files", ("a.jpg", img, "image/jpeg"))]
+        r = c.post("/api/datasets/upload", data={"name": "fits"}, files=one)
+        assert r.status_code == 201, r.text
+        first = r.json()["id"]
+        three = [("files", (f"{i}.jpg", img, "image/jpeg")) for i in range(3)]
+        r = c.post("/api/datasets/upload", data={"name": "too much"}, files=three)
+        assert r.status_code == 413, r.text  # more than the room left
+        # a build's output counts too: once the user is at the quota, nothing more is taken
+        (data / "datasets" / first / "app.features.npy").write_bytes(b"0" * len(img) * 2)
+        for r in (c.post("/api/datasets", json={"name": "x"}),
+                  c.post("/api/datasets/upload", data={"name": "full"}, files=one)):
+            assert r.status_code == 429 and "bytes" in r.json()["error"], r.text
+
+
+def test_a_build_request_with_k_max_over_the_limit_is_refused_at_once(svc):
+    """Review N9: k_max=1000 was queued and held the only worker for the whole grid."""
+    c = svc["c"]["alice"]
+    ds = register(c, "users/alice/shoes").json()["id"]
+    try:
+        r = c.post(f"/api/datasets/{ds}/builds",
+                   json={"cluster": "gmm", "cluster_params": {"k_max": 1000}})
+        assert r.status_code == 422 and "k_max must be an integer in 2..100; got 1000" in \
+            r.json()["error"], r.text
+        assert all(j["dataset"] != ds for j in c.get("/api/jobs").json()["jobs"])
+    finally:
+        c.delete(f"/api/datasets/{ds}")
+
+
+def test_a_failed_build_names_no_server_path(tmp_path):
+    """Review N16 through the worker: the error of a build of an empty folder."""
+    import json
+
+    from explorer.service.db import DB
+    from explorer.service.worker import run_job
+
+    data, folder = tmp_path / "data", tmp_path / "srv" / "root" / "users" / "carol" / "empty"
+    folder.mkdir(parents=True)
+    db = DB(data / "service.db")
+    db.add_user("carol")
+    db.run("INSERT INTO datasets VALUES ('ds1', 1, 'e', 'private', NULL, 'folder', ?, 0)",
+           (str(folder),))
+    db.run("INSERT INTO jobs(id, dataset_id, owner_id, kind, params, state, run_token, created)"
+           " VALUES ('j1', 'ds1', 1, 'build', ?, 'running', 'tok', 0)",
+           (json.dumps({"method": "phash"}),))
+    assert run_job(str(data / "service.db"), "j1", "tok") == 0
+    job = db.job("j1")
+    assert job["state"] == "failed" and "no images found in <image folder>" in job["error"]
+    assert str(tmp_path) not in job["error"] and "/srv/" not in job["error"]

@@ -244,3 +244,44 @@ def test_stream_from_passes_every_byte_and_stops_the_writer_when_the_client_goes
     assert asyncio.run(first_only()) == b"x" * 1000
     assert stopped.wait(5), "the writer thread ends when the client goes away"
     assert len(written) < 10, "bounded: the writer waited for the reader"
+
+
+def test_a_zip_whose_members_overlap_is_refused_whole(tmp_path):
+    """Review 2026-12-06 section 1.4: members sharing one stored kernel (here: two directory
+    entries for the same bytes) are refused before anything is extracted."""
+    import copy
+
+    path = tmp_path / "overlap.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.jpg", jpeg_bytes(variant(0)))
+        twin = copy.copy(zf.filelist[0])  # a second entry for the same local header and data
+        zf.filelist.append(twin)
+    with zipfile.ZipFile(path) as zf:
+        assert [i.filename for i in zf.infolist()] == ["a.jpg", "a.jpg"]
+    intake = Intake(tmp_path / "images")
+    intake.add_zip(path, "overlap.zip")
+    assert intake.added == 0 and "overlap" in intake.report[0]["error"]
+    ok = make_zip(tmp_path / "ok.zip", [("a.jpg", jpeg_bytes(variant(0))),
+                                        ("b/c.jpg", jpeg_bytes(variant(1)))])
+    intake.add_zip(ok, "ok.zip")
+    assert intake.added == 2
+
+
+def test_a_file_placed_by_another_request_meanwhile_is_never_overwritten(tmp_path, monkeypatch):
+    """Review 2026-12-06 section 1.4: two intakes into one dataset; the name chosen for one
+    is taken by the other before the move."""
+    intake = Intake(tmp_path / "images")
+    first = intake._target
+
+    def racing(rel, fmt):  # another writer takes the name right after it was chosen
+        target = first(rel, fmt)
+        if not target.exists() and target.name == "a.jpg":
+            target.write_bytes(b"the other request's image")
+        return target
+
+    monkeypatch.setattr(intake, "_target", racing)
+    src = tmp_path / "up"
+    src.write_bytes(jpeg_bytes(variant(0)))
+    intake.add_file(src, "a.jpg")
+    assert (tmp_path / "images" / "a.jpg").read_bytes() == b"the other request's image"
+    assert intake.report[0] == {"name": "a.jpg", "ok": True, "file": "a-2.jpg"}

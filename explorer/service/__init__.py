@@ -32,18 +32,24 @@ def create_app(config: Any):
 
 def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
           allow_private_urls: bool = False, url_timeout: float = 10.0, log_level: str = "info",
-          header_timeout: float = 10.0, max_connections: int = 1000, **limits: Any) -> None:
+          header_timeout: float = 10.0, max_connections: int = 1000, app_max_running: int = 8,
+          app_max_per_user: int = 3, quotas: dict[str, Any] | None = None,
+          **limits: Any) -> None:
     """Run the service with uvicorn until interrupted (Ctrl-C or SIGTERM).
 
     ``header_timeout``: seconds a connection has to send a request's head before it is
     closed; ``max_connections``: open connections (and requests) at most, answered 503
-    beyond (explorer.service.sockets; the descriptor limit is raised to fit).
+    beyond (explorer.service.sockets; the descriptor limit is raised to fit);
+    ``app_max_running``/``app_max_per_user``: dataset app processes at once, and per user;
+    ``quotas``: fields of :class:`explorer.service.policy.Quotas` (per-user limits, the build
+    time limit).
     """
     import logging
 
     import uvicorn
 
     from explorer.service.api import ServiceConfig
+    from explorer.service.policy import Quotas
     from explorer.service.sockets import RateLimitedLog, header_timeout_protocol, raise_fd_limit
     from explorer.service.uploads import Limits
 
@@ -51,7 +57,8 @@ def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency:
         raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
     cfg = ServiceConfig(root=root, data=data, concurrency=concurrency,
                         allow_private_urls=allow_private_urls, url_timeout=url_timeout,
-                        limits=Limits(**limits))
+                        app_max_running=app_max_running, app_max_per_user=app_max_per_user,
+                        limits=Limits(**limits), quotas=Quotas(**(quotas or {})))
     fds = raise_fd_limit()
     if fds:  # keep room for the database, logs, app sockets and workers
         max_connections = max(1, min(max_connections, fds - 64))

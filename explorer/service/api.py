@@ -39,7 +39,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     queue = JobQueue(db, config.data, concurrency=config.concurrency,
                      max_seconds=config.quotas.job_seconds)
     (config.data / "logs").mkdir(parents=True, exist_ok=True)
-    apps = AppServers(config.data, idle=config.app_idle)
+    apps = AppServers(config.data, idle=config.app_idle, max_running=config.app_max_running,
+                      max_per_user=config.app_max_per_user)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

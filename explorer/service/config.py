@@ -23,6 +23,9 @@ class ServiceConfig:
     fetch: FetchRules | None = None
     app_idle: float = 1800.0
     url_timeout: float = 10.0
+    app_max_running: int = 8  # app processes at once
+    app_max_per_user: int = 3  # app processes one user's requests may start
+    app_recheck: float = 2.0  # seconds between access checks of an open app websocket
 
     def __post_init__(self):
         from explorer.paths import check_image_root
@@ -30,6 +33,8 @@ class ServiceConfig:
         self.root = check_image_root(Path(self.root).expanduser())  # UnsafePath: a ValueError
         self.data = Path(self.data).expanduser().resolve()
         self.data.mkdir(parents=True, exist_ok=True)
+        if not self.app_recheck > 0:
+            raise ValueError(f"app_recheck must be > 0 seconds, got {self.app_recheck!r}")
         if self.fetch is None:
             if not self.url_timeout > 0:
                 raise ValueError(f"url_timeout must be > 0 seconds, got {self.url_timeout!r}")

@@ -136,6 +136,20 @@ class Intake:
             raise ValueError("the name leads outside the dataset folder")
         return target
 
+    def _place(self, tmp: Path, rel: str, fmt: str) -> Path:
+        """Move ``tmp`` to a free name for ``rel``. ``os.link`` fails when the name exists, so
+        a file another request placed between the check and the move is never overwritten
+        (review 2026-12-06 section 1.4); the next free name is taken instead."""
+        for _ in range(1000):
+            target = self._target(rel, fmt)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue
+            os.unlink(tmp)
+            return target
+        raise ValueError(f"no free file name for {rel!r}")
+
     def add_file(self, tmp: Path, name: str) -> None:
         """Take the staged file ``tmp`` (uploaded as ``name``); it is moved or deleted."""
         try:
@@ -152,10 +166,9 @@ class Intake:
                                        f"{self.limits.max_file_bytes:,}")
             try:
                 fmt = image_format(tmp, self.limits.max_pixels)
-                target = self._target(rel, fmt)
+                target = self._place(tmp, rel, fmt)
             except ValueError as exc:
                 return self.skip(name, str(exc))
-            os.replace(tmp, target)
             self.added += 1
             self.report.append({"name": name, "ok": True,
                                 "file": target.relative_to(self.base).as_posix()})
@@ -186,6 +199,9 @@ class Intake:
             if total > lim.max_zip_total:
                 return self.skip(name, f"the zip would unpack to {total:,} bytes, more than "
                                        f"the limit of {lim.max_zip_total:,}; nothing extracted")
+            if _overlapping(infos, zf.start_dir):
+                return self.skip(name, "members overlap one another (a zip bomb that reuses "
+                                       "its data); nothing extracted")
             members = [i for i in infos if not i.is_dir()]
             if not members:
                 return self.skip(name, "the zip holds no files")
@@ -238,6 +254,15 @@ class Intake:
                 self.add_file(staged, info.filename)
 
 
+def _overlapping(infos: list[zipfile.ZipInfo], start_dir: int) -> bool:
+    """True if the members' stored bytes overlap (review 2026-12-06 section 1.4: an
+    overlapping-entry zip makes many members from one compressed kernel, so the per-member
+    ratio check sees small ratios while the inflate work and the bytes written add up)."""
+    spans = sorted((i.header_offset, i.header_offset + 30 + i.compress_size) for i in infos)
+    ends = [s for s, _ in spans[1:]] + [start_dir]
+    return any(end > nxt for (_, end), nxt in zip(spans, ends))
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -253,8 +278,9 @@ async def receive_multipart(request, staging: Path, limits: Limits,
     ``ValueError`` for a body that is not multipart. A file (not a zip) that passes
     ``limits.max_file_bytes`` stops being written as soon as it does and its staged part is
     deleted: with a ``skipped`` list it is left out of the files and ``(name, why)`` is
-    appended there (the rest of the request is read on); without one, RequestTooLarge. Parsing runs in a worker thread, a chunk
-    at a time, so the event loop keeps serving other requests.
+    appended there (the rest of the request is read on); without one, RequestTooLarge.
+    Parsing runs in a worker thread, a chunk at a time, so the event loop keeps serving
+    other requests.
     """
     import anyio
     from python_multipart.multipart import MultipartParser, parse_options_header

@@ -3,15 +3,17 @@ its own ``bokeh serve`` process (explorer.service.apps)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
-from explorer.service.apps import AppServers, AppUnavailable, proxy_http, proxy_websocket
+from explorer.service.apps import (AppServers, AppsBusy, AppUnavailable, proxy_http,
+                                   proxy_websocket)
 from explorer.service.config import ServiceConfig
-from explorer.service.db import DB
+from explorer.service.db import DB, token_hash
 from explorer.service.deps import (COOKIE, app_user, dataset_for, get_apps, get_config,
                                    get_db)
 from explorer.service.errors import ServiceError
@@ -54,7 +56,10 @@ async def app_proxy(dataset_id: str, path: str, request: Request,
         return HTMLResponse(page("Not built yet", "<p>Build this dataset first (POST "
                                  f"/api/datasets/{ds['id']}/builds).</p>"), status_code=409)
     try:
-        sock = await apps.ensure(ds["id"], p["app"], p["csv"])
+        sock = await apps.ensure(ds["id"], p["app"], p["csv"], user["id"])
+    except AppsBusy as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503,
+                            headers={"Retry-After": "60"})
     except AppUnavailable as exc:
         return JSONResponse({"error": f"the app could not start: {exc}"}, status_code=503)
     return await proxy_http(request, sock, request.url.path, COOKIE)
@@ -74,11 +79,24 @@ async def app_ws(websocket: WebSocket, dataset_id: str, path: str,
         return
     p = paths_of(config, ds)
     try:
-        sock = await apps.ensure(ds["id"], p["app"], p["csv"])
+        sock = await apps.ensure(ds["id"], p["app"], p["csv"], user["id"])
     except AppUnavailable:
         await websocket.close(code=1011)
         return
-    await proxy_websocket(websocket, sock, websocket.url.path)
+
+    def still_allowed() -> bool:  # the same rules as at connect, asked again
+        return _app_dataset(db, app_user(websocket, db), dataset_id) is not None
+
+    async def allowed() -> bool:
+        return await asyncio.to_thread(still_allowed)
+
+    sid = websocket.cookies.get(COOKIE)
+    key, check = apps.live.add(user["id"], token_hash(sid) if sid else None, ds["id"])
+    try:
+        await proxy_websocket(websocket, sock, websocket.url.path, allowed=allowed,
+                              check=check, every=config.app_recheck)
+    finally:
+        apps.live.remove(key)
 
 
 @router.get("/")

@@ -8,8 +8,9 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from explorer.service.db import DB
-from explorer.service.deps import COOKIE, current_user, get_db
+from explorer.service.apps import AppServers
+from explorer.service.db import DB, token_hash
+from explorer.service.deps import COOKIE, current_user, get_apps, get_db
 from explorer.service.errors import ServiceError
 from explorer.service.pages import login_form, page
 
@@ -48,10 +49,11 @@ async def login(request: Request, db: DB = Depends(get_db)):
 
 
 @pages.post("/logout")
-def logout(request: Request, db: DB = Depends(get_db)):
+def logout(request: Request, db: DB = Depends(get_db), apps: AppServers = Depends(get_apps)):
     sid = request.cookies.get(COOKIE)
     if sid:
         db.end_session(sid)
+        apps.live.recheck(session=token_hash(sid))  # its open app sockets close
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(COOKIE, path="/")
     return resp

@@ -145,7 +145,8 @@ def get_dataset(ds: dict = Depends(visible_dataset), config: ServiceConfig = Dep
 
 @router.patch("/{dataset_id}")
 def patch_dataset(dataset_id: str, body: DatasetPatch, user: dict = Depends(current_user),
-                  config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db)):
+                  config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db),
+                  apps: AppServers = Depends(get_apps)):
     """Rename, or share with one of the owner's projects (``visibility: project``)."""
     ds = dataset_for(db, user, dataset_id, change=True)
     owner = db._complete(db.one("SELECT id, name, admin FROM users WHERE id = ?",
@@ -157,6 +158,7 @@ def patch_dataset(dataset_id: str, body: DatasetPatch, user: dict = Depends(curr
                               vis, body.project, current=ds["project"])
     db.run("UPDATE datasets SET name = ?, visibility = ?, project = ? WHERE id = ?",
            (body.name or ds["name"], vis, project, ds["id"]))
+    apps.live.recheck(ds_id=ds["id"])  # an app socket of someone who lost access closes
     return describe(config, db, dataset_for(db, user, dataset_id))
 
 
@@ -166,12 +168,15 @@ def delete_dataset(ds: dict = Depends(owned_dataset), config: ServiceConfig = De
                    apps: AppServers = Depends(get_apps)):
     """Delete the record and everything the service keeps for it (never the folder
     under --root)."""
-    if queue.running_for(ds["id"]):
-        raise ServiceError(409, "a build of this dataset is running; delete it when the job "
-                                "has ended")
+    # queued jobs first: the scheduler cannot claim one between the two steps (review
+    # 2026-12-06 section 1.4); one it claimed before is seen as running just below
     queue.cancel_queued(ds["id"], "the dataset was deleted")
+    if queue.running_for(ds["id"]):
+        raise ServiceError(409, "a build of this dataset is running; cancel it (DELETE "
+                                "/api/jobs/ID) or delete the dataset when the job has ended")
     apps.stop(ds["id"])
     db.run("DELETE FROM datasets WHERE id = ?", (ds["id"],))
+    apps.live.recheck(ds_id=ds["id"])
     shutil.rmtree(dataset_dir(config.data, ds["id"]), ignore_errors=True)
     return {"deleted": ds["id"]}
 

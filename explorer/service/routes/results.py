@@ -26,18 +26,32 @@ _elbow_slots = threading.BoundedSemaphore(2)  # and at most two in the whole ser
 
 def sample_features(path, rows: int = ELBOW_ROWS, seed: int = 0):
     """At most ``rows`` rows of the ``.npy`` feature matrix at ``path``, as float32, in file
-    order (a seeded sample when there are more). The file is memory-mapped and only the
-    sampled rows are read and converted, so memory stays ~``rows`` x D x 4 bytes at any N
-    (review N15: the whole matrix was converted first, 7 GB at 1M images)."""
+    order (a seeded sample when there are more). Only the sampled rows are read (one
+    ``pread`` each) and converted, so memory stays ~``rows`` x D x 4 bytes at any N (review
+    N15: the whole matrix was converted first, 7 GB at 1M images; a memory map would still
+    fault the whole file in through read-ahead)."""
+    import os
+
     import numpy as np
 
-    X = np.load(path, mmap_mode="r")
-    if X.ndim != 2:
-        raise ValueError(f"features must be a 2-d matrix, got shape {X.shape}")
-    if len(X) > rows:
-        idx = np.sort(np.random.default_rng(seed).choice(len(X), rows, replace=False))
-        return np.asarray(X[idx], dtype=np.float32)
-    return np.asarray(X, dtype=np.float32)
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+        if len(shape) != 2 or fortran or dtype.hasobject:
+            raise ValueError(f"features must be a C-order 2-d matrix, got shape {shape}")
+        n, d = shape
+        if n <= rows:
+            return np.load(path).astype(np.float32, copy=False)
+        idx = np.sort(np.random.default_rng(seed).choice(n, rows, replace=False))
+        width = d * dtype.itemsize
+        out = np.empty((rows, d), dtype=np.float32)
+        fd = fh.fileno()
+        for k, i in enumerate(idx.tolist()):
+            out[k] = np.frombuffer(os.pread(fd, width, offset + i * width), dtype=dtype)
+    return out
 
 
 def _elbow_lock(ds_id: str) -> threading.Lock:
