@@ -18,6 +18,7 @@ module (:func:`markdown`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field, make_dataclass
@@ -296,19 +297,14 @@ def from_namespace(ns) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- service
-_REQUEST_MODEL = None
-
-
 def remote_options() -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if o.remote)
 
 
+@functools.cache
 def build_request_model():
     """The pydantic model of the service's build request: the remote options, with the
     schema's defaults, choices and limits, checked by :func:`check` as a whole (422)."""
-    global _REQUEST_MODEL
-    if _REQUEST_MODEL is not None:
-        return _REQUEST_MODEL
     from typing import Literal, Optional
 
     from pydantic import ConfigDict, Field, create_model, model_validator
@@ -342,12 +338,11 @@ def build_request_model():
         check(self.model_dump())  # cross-option rules and names: a ValueError -> 422
         return self
 
-    _REQUEST_MODEL = create_model(
+    return create_model(
         "BuildRequest", __config__=ConfigDict(extra="forbid"),
         __doc__="A build of the dataset: every option of `explorer build` that makes sense "
         "remotely (see docs/options.md).",
         __validators__={"_whole": model_validator(mode="after")(_whole)}, **specs)
-    return _REQUEST_MODEL
 
 
 def from_request(params: dict[str, Any]) -> dict[str, Any]:
