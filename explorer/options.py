@@ -394,6 +394,14 @@ def markdown() -> str:
               "line shows the events as one rich display on stderr (`-q`: none); the service",
               "stores them in the job row (`progress` 0-1, `stage` e.g. `embed: Embedding",
               "96/200`), which `GET /api/jobs/{id}` returns.",
+              "",
+              "## Adding an option",
+              "",
+              "One `Option(...)` in `OPTIONS` (`explorer/options.py`): the flag, the request",
+              "field, the check and the record entry follow. Read it where it is used",
+              "(`ctx.opts.NAME` in `explorer/pipeline.py`), then regenerate this page.",
+              "`tests/test_options.py` fails when the parser, `/openapi.json` or the run",
+              "record disagree with the schema, or when this page is stale.",
               ""]
     return "\n".join(lines)
 
