@@ -18,6 +18,7 @@ module (:func:`markdown`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field, make_dataclass
@@ -311,19 +312,14 @@ def from_namespace(ns) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- service
-_REQUEST_MODEL = None
-
-
 def remote_options() -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if o.remote)
 
 
+@functools.cache
 def build_request_model():
     """The pydantic model of the service's build request: the remote options, with the
     schema's defaults, choices and limits, checked by :func:`check` as a whole (422)."""
-    global _REQUEST_MODEL
-    if _REQUEST_MODEL is not None:
-        return _REQUEST_MODEL
     from typing import Literal, Optional
 
     from pydantic import ConfigDict, Field, create_model, model_validator
@@ -357,12 +353,11 @@ def build_request_model():
         check(self.model_dump())  # cross-option rules and names: a ValueError -> 422
         return self
 
-    _REQUEST_MODEL = create_model(
+    return create_model(
         "BuildRequest", __config__=ConfigDict(extra="forbid"),
         __doc__="A build of the dataset: every option of `explorer build` that makes sense "
         "remotely (see docs/options.md).",
         __validators__={"_whole": model_validator(mode="after")(_whole)}, **specs)
-    return _REQUEST_MODEL
 
 
 def from_request(params: dict[str, Any]) -> dict[str, Any]:
@@ -414,6 +409,14 @@ def markdown() -> str:
               "line shows the events as one rich display on stderr (`-q`: none); the service",
               "stores them in the job row (`progress` 0-1, `stage` e.g. `embed: Embedding",
               "96/200`), which `GET /api/jobs/{id}` returns.",
+              "",
+              "## Adding an option",
+              "",
+              "One `Option(...)` in `OPTIONS` (`explorer/options.py`): the flag, the request",
+              "field, the check and the record entry follow. Read it where it is used",
+              "(`ctx.opts.NAME` in `explorer/pipeline.py`), then regenerate this page.",
+              "`tests/test_options.py` fails when the parser, `/openapi.json` or the run",
+              "record disagree with the schema, or when this page is stale.",
               ""]
     return "\n".join(lines)
 

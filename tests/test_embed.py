@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,19 +29,7 @@ from explorer.embed import (
 )
 from explorer.images import load_image
 
-TINY = "test_efficientnet"  # timm's own test model: 160 px input, 256-d features
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A state dict of timm's tiny test model (random but fixed weights)."""
-    import timm
-
-    torch.manual_seed(0)
-    m = timm.create_model(TINY, pretrained=False)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    torch.save(m.state_dict(), path)
-    return path
+TINY = "test_efficientnet"  # timm's own test model (its weights: conftest.py's tiny_ckpt)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -136,3 +136,26 @@ def test_cluster_params_and_k_from_the_command_line():
 def test_docs_page_is_generated_from_the_schema():
     """docs/options.md is ``python -m explorer.options`` (regenerate it after a change)."""
     assert (REPO / "docs" / "options.md").read_text() == O.markdown()
+
+
+def test_the_build_route_refuses_what_the_cli_refuses(tmp_path):
+    """In-process: the route's body is the schema's model, its whole check included (422
+    with a JSON message naming the options)."""
+    from fastapi.testclient import TestClient
+
+    from explorer.service.api import ServiceConfig, create_app
+    from explorer.service.db import DB
+
+    (tmp_path / "root").mkdir()
+    token = DB(tmp_path / "data" / "service.db").add_user("u")
+    app = create_app(ServiceConfig(root=tmp_path / "root", data=tmp_path / "data"))
+    c = TestClient(app)
+    auth = {"Authorization": f"Bearer {token}"}
+    r = c.post("/api/datasets/nope/builds", json={"runtime": "onnx", "device": "cuda"},
+               headers=auth)
+    assert r.status_code == 422 and "--runtime onnx" in json.dumps(r.json())
+    r = c.post("/api/datasets/nope/builds", json={"checkpoint": "/etc/passwd"}, headers=auth)
+    assert r.status_code == 422  # a server path is not the request's to choose
+    r = c.post("/api/datasets/nope/builds", json={"map_method": "pca", "features": "cnn"},
+               headers=auth)
+    assert r.status_code == 404  # valid: on to the dataset, which does not exist

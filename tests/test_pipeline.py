@@ -259,6 +259,8 @@ def test_duplicates_are_grouped(tmp_path, quick_build):
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_tiny_folders_still_give_a_valid_csv(tmp_path, n, quick_build):
+    """Through the whole build (UMAP's own tiny-input fallbacks:
+    test_reduce.py::test_map_and_space_tiny_inputs_never_crash)."""
     imgs = tmp_path / "tiny"
     make_folder(imgs, per_source=1, sources=SOURCES[:n])
     from explorer.pipeline import build
