@@ -19,6 +19,7 @@ except ImportError:  # tests/ made a package
 
 from explorer import embed as E
 from explorer import models as M
+from explorer.engines import decode as D
 from explorer.embed import (
     DEFAULT_MODEL,
     ModelWeightsError,
@@ -347,9 +348,9 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
 
     # everything stored, files unchanged, no thumbnail wanted: no read, no decode, no model
     decoded = []
-    monkeypatch.setattr(E, "decode_image", lambda *a, **k: decoded.append(1))
-    monkeypatch.setattr(E, "read_file", lambda *a, **k: pytest.fail("file read"))
-    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(D, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(D, "read_file", lambda *a, **k: pytest.fail("file read"))
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     third = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
     assert third.n_cached == len(good) and third.n_read == 0 and not decoded
     np.testing.assert_array_equal(third.embeddings, second.embeddings)
@@ -498,8 +499,8 @@ def test_files_over_the_size_limit_are_refused_unread(folder, tiny_ckpt, tmp_pat
     with open(big, "wb") as fh:  # a sparse 3 MB file that claims to be a JPEG
         fh.write(b"\xff\xd8\xff")
         fh.truncate(3 * 2**20)
-    real = E.read_file
-    monkeypatch.setattr(E, "read_file", lambda p, m=None: pytest.fail("big file read")
+    real = D.read_file
+    monkeypatch.setattr(D, "read_file", lambda p, m=None: pytest.fail("big file read")
                         if str(p) == str(big) else real(p, m))
     res = embed_paths([good[0], big], model=TINY, checkpoint=tiny_ckpt, max_file_mb=1,
                       progress=False)
