@@ -641,3 +641,30 @@ def test_no_import_circle_between_embed_and_the_engines():
         found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in found if m.split(".")[-1] == "embed"}, (rel, sorted(found))
     assert E.Item is __import__("explorer.engines.decode", fromlist=["Item"]).Item
+
+
+def test_as_built_follows_the_model_key_of_the_run_record(folder, tiny_ckpt):
+    """A query is embedded as the build embedded its images: precision and graph from the
+    recorded model key (older records: their precision/runtime/jit entries), on the CPU; a
+    key this machine no longer makes is refused."""
+    key = "tf_efficientnet_lite0|w:abc|bfloat16|jit|prep1"
+    kw = E.as_built({"model": {"name": "tf_efficientnet_lite0", "model_key": key,
+                               "batch_size": 256}, "parameters": {"checkpoint": None}})
+    assert (kw["precision"], kw["runtime"], kw["jit"], kw["device"], kw["batch_size"]) == (
+        "bfloat16", "torch", True, "cpu", 8)
+    onnx = E.as_built({"model": {"model_key": "x|w:a|float32|onnx|prep1"}})
+    assert onnx["runtime"] == "onnx" and onnx["model"] == DEFAULT_MODEL
+    old = E.as_built({"execution": {"precision": "bfloat16"}, "model": {"name": "m"}})
+    assert (old["precision"], old["runtime"], old["jit"]) == ("bfloat16", "torch", False)
+    with pytest.raises(ValueError, match="fp8"):
+        E.as_built({"model": {"model_key": "m|w:a|fp8|eager|prep1"}})
+    _, good, _ = folder
+    built = embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                        precision="float32", runtime="torch")
+    run = {"model": built.model_info, "parameters": {"checkpoint": str(tiny_ckpt)}}
+    again = E.embed_as_built(good[:2], run)
+    np.testing.assert_allclose(again.embeddings, built.embeddings, rtol=1e-5, atol=1e-6)
+    stale = {**run, "model": {**built.model_info,
+                              "model_key": built.model_info["model_key"].replace("w:", "w:0")}}
+    with pytest.raises(ValueError, match="rebuild"):
+        E.embed_as_built(good[:2], stale)
