@@ -19,7 +19,7 @@ forward and 1.6x end to end; the share falls because the decode side is unchange
 2026-12-06 19:26, busy (load 12-19), ``--precisions`` (docs/precision.md): 200 clothing
 photos and 24 low-texture images; end to end onnxruntime float32 8.2 img/s, torch float32
 traced 7.5, eager 3.2, bf16 eager (emulated: no native bf16 here) 0.3; cosine to float32
-eager: float32 options 1.0000, bf16 0.9971 on photos but 0.9772 on a flat sky, so
+eager: float32 options 1.0000, bf16 0.9958 on photos but 0.9772 on a flat sky, so
 onnxruntime float32 is the default on every CPU.
 
 Where the CPU time of one image goes (2026-12-01, this 2-core machine, clothing photos of
