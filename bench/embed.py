@@ -16,6 +16,12 @@ onnxruntime (the default on the CPU) forward 104 img/s, end to end 77 img/s = 74
 traced + frozen forward 60 img/s, end to end 48 img/s = 79%. onnxruntime is 1.7x torch's
 forward and 1.6x end to end; the share falls because the decode side is unchanged.
 
+2026-12-06 19:26, busy (load 12-19), ``--precisions`` (docs/precision.md): 200 clothing
+photos and 24 low-texture images; end to end onnxruntime float32 8.2 img/s, torch float32
+traced 7.5, eager 3.2, bf16 eager (emulated: no native bf16 here) 0.3; cosine to float32
+eager: float32 options 1.0000, bf16 0.9958 on photos but 0.9772 on a flat sky, so
+onnxruntime float32 is the default on every CPU.
+
 Where the CPU time of one image goes (2026-12-01, this 2-core machine, clothing photos of
 400 x 534, CPU time per image by ``time.thread_time``, load ~9): read + hash 0.26 ms,
 JPEG decode 1.44, thumbnail 1.89, phash 0.61, quality statistics 1.40, model input

@@ -36,7 +36,8 @@ class BuildFileError(ValueError):
 
 
 class Build:
-    """One build, opened from its CSV. Nothing is read until asked for.
+    """One build, opened from its CSV. Nothing is read until asked for. Raises
+    :class:`BuildFileError` (a ``ValueError``) when the CSV is not there.
 
     - ``csv_path``; ``file(kind)``: the path of ``NAME.<kind>`` beside it.
     - ``table``: the CSV as a DataFrame (:func:`explorer.table.read_table`), read once.
@@ -58,7 +59,8 @@ class Build:
         if path.suffix.lower() != ".csv":
             raise ValueError(f"a build is opened from its NAME.csv, got {str(path)!r}")
         if not path.is_file():
-            raise FileNotFoundError(f"no build at {str(path)!r} (run explorer build first)")
+            raise BuildFileError(f"no build at {str(path)!r}: the CSV is not there "
+                                 "(run explorer build first)")
         self.csv_path = path
 
     def __repr__(self) -> str:

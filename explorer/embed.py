@@ -154,8 +154,9 @@ def embed_paths(
     CUDA). ``workers``: decode workers (default: every usable core). ``threads``: torch
     threads per forward pass on CPU (1: one busy thread per core). ``jit``: trace + freeze
     (``"auto"``: when the store already holds traced vectors or >= ``JIT_MIN_IMAGES`` need
-    the model). ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (float32 on every CPU,
-    bf16 on CUDA GPUs that have it: :func:`~explorer.models.resolve_precision`). The store keys vectors by what was actually used.
+    the model). ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (float32 on every
+    CPU, bf16 on CUDA GPUs that have it: :func:`~explorer.models.resolve_precision`). The
+    store keys vectors by what was actually used.
 
     Memory: one (N, D) float32 output is allocated and filled in place; cached vectors
     are read from the store's memory-mapped file row by row range, nothing else is kept.

@@ -10,7 +10,11 @@
 - :class:`Preprocessor` turns a PIL image into timm's eval input; :class:`Runner` runs
   fixed-size batches on a device (CPU or CUDA/MPS), in float32 or bfloat16, eager or traced;
   :class:`OnnxRunner` runs them on the CPU through onnxruntime (1.4-2x torch's rate here).
-- :func:`resolve_device` and :func:`resolve_precision` make the device and precision choices.
+- :func:`resolve_device` and :func:`resolve_precision` make the device and precision choices
+  (``"auto"``: float32 on every CPU; :func:`cpu_runs_bf16`, forced by ``EXPLORER_CPU_BF16``,
+  only says whether an asked-for bfloat16 runs natively).
+- :func:`open_runner` loads the model ready to run, as every engine and search by image do;
+  :func:`model_info` is what the run record says about it.
 
 Heavy imports (torch, timm) happen inside functions.
 """

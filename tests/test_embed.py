@@ -18,6 +18,7 @@ except ImportError:  # tests/ made a package
 
 from explorer import embed as E
 from explorer import models as M
+from explorer.engines import decode as D
 from explorer.embed import (
     DEFAULT_MODEL,
     ModelWeightsError,
@@ -334,9 +335,9 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
 
     # everything stored, files unchanged, no thumbnail wanted: no read, no decode, no model
     decoded = []
-    monkeypatch.setattr(E, "decode_image", lambda *a, **k: decoded.append(1))
-    monkeypatch.setattr(E, "read_file", lambda *a, **k: pytest.fail("file read"))
-    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(D, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(D, "read_file", lambda *a, **k: pytest.fail("file read"))
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     third = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, store=store, progress=False)
     assert third.n_cached == len(good) and third.n_read == 0 and not decoded
     np.testing.assert_array_equal(third.embeddings, second.embeddings)
@@ -485,8 +486,8 @@ def test_files_over_the_size_limit_are_refused_unread(folder, tiny_ckpt, tmp_pat
     with open(big, "wb") as fh:  # a sparse 3 MB file that claims to be a JPEG
         fh.write(b"\xff\xd8\xff")
         fh.truncate(3 * 2**20)
-    real = E.read_file
-    monkeypatch.setattr(E, "read_file", lambda p, m=None: pytest.fail("big file read")
+    real = D.read_file
+    monkeypatch.setattr(D, "read_file", lambda p, m=None: pytest.fail("big file read")
                         if str(p) == str(big) else real(p, m))
     res = embed_paths([good[0], big], model=TINY, checkpoint=tiny_ckpt, max_file_mb=1,
                       progress=False)
@@ -627,3 +628,30 @@ def test_no_import_circle_between_embed_and_the_engines():
         found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in found if m.split(".")[-1] == "embed"}, (rel, sorted(found))
     assert E.Item is __import__("explorer.engines.decode", fromlist=["Item"]).Item
+
+
+def test_as_built_follows_the_model_key_of_the_run_record(folder, tiny_ckpt):
+    """A query is embedded as the build embedded its images: precision and graph from the
+    recorded model key (older records: their precision/runtime/jit entries), on the CPU; a
+    key this machine no longer makes is refused."""
+    key = "tf_efficientnet_lite0|w:abc|bfloat16|jit|prep1"
+    kw = E.as_built({"model": {"name": "tf_efficientnet_lite0", "model_key": key,
+                               "batch_size": 256}, "parameters": {"checkpoint": None}})
+    assert (kw["precision"], kw["runtime"], kw["jit"], kw["device"], kw["batch_size"]) == (
+        "bfloat16", "torch", True, "cpu", 8)
+    onnx = E.as_built({"model": {"model_key": "x|w:a|float32|onnx|prep1"}})
+    assert onnx["runtime"] == "onnx" and onnx["model"] == DEFAULT_MODEL
+    old = E.as_built({"execution": {"precision": "bfloat16"}, "model": {"name": "m"}})
+    assert (old["precision"], old["runtime"], old["jit"]) == ("bfloat16", "torch", False)
+    with pytest.raises(ValueError, match="fp8"):
+        E.as_built({"model": {"model_key": "m|w:a|fp8|eager|prep1"}})
+    _, good, _ = folder
+    built = embed_paths(good[:2], model=TINY, checkpoint=tiny_ckpt, progress=False,
+                        precision="float32", runtime="torch")
+    run = {"model": built.model_info, "parameters": {"checkpoint": str(tiny_ckpt)}}
+    again = E.embed_as_built(good[:2], run)
+    np.testing.assert_allclose(again.embeddings, built.embeddings, rtol=1e-5, atol=1e-6)
+    stale = {**run, "model": {**built.model_info,
+                              "model_key": built.model_info["model_key"].replace("w:", "w:0")}}
+    with pytest.raises(ValueError, match="rebuild"):
+        E.embed_as_built(good[:2], stale)

@@ -373,7 +373,8 @@ def test_the_embedding_child_exits_when_the_build_is_killed(tmp_path):
 def test_a_later_embedding_process_never_imports_torch(tmp_path):
     """After one run on this machine has exported the model to the user cache, the build's
     embedding process runs onnxruntime from the cache and reads the classifier from it:
-    torch is never imported there (it alone costs ~600 MB of its memory)."""
+    torch is never imported there (it alone costs ~600 MB of its memory). The CPU check is
+    forced to "native bf16": "auto" keeps float32 + onnxruntime on such CPUs too."""
     import os
 
     imgs = tmp_path / "photos"
@@ -390,7 +391,7 @@ def test_a_later_embedding_process_never_imports_torch(tmp_path):
         "                  'v': res['embeddings'][:, :8].tolist(),\n"
         "                  'top': res['concepts'][0][:, 0].tolist()}))\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "EXPLORER_CPU_BF16": "1"}
 
     def run(store):
         out = subprocess.run([sys.executable, str(script), str(imgs), str(tmp_path / store)],

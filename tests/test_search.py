@@ -154,6 +154,8 @@ def test_search_takes_an_opened_build_and_reads_its_files_once(small_build, monk
     assert build.store_path.name == "app.store" and build.layout is None
     with pytest.raises(ValueError, match="NAME.csv"):
         explorer.open(small_build["root"] / "app.run.json")
+    with pytest.raises(ValueError, match="no build at"):
+        explorer.open(small_build["root"] / "missing.csv")
 
 
 def _low_texture_build(root, precision: str):
