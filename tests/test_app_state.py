@@ -411,3 +411,24 @@ def test_moved_project_finds_images_relative_to_csv(app, built, tmp_path):
     assert st.problems == [] and st.image_dir == moved.resolve()
     st.select(sorted(rows_of(st, "cluster", "1")))
     assert st.export("moved", images=True).originals == 8
+
+
+def test_the_state_combines_selections_as_the_select_tools_do(state):
+    """replace / append (Shift) / intersect (Ctrl) / subtract / toggle (Shift-click) live in
+    the state: one call, one change, the label filter following the result."""
+    seen = []
+    state.subscribe(seen.append)
+    state.select([1, 2, 3])
+    state.select([3, 4], "append")
+    assert state.selection.tolist() == [1, 2, 3, 4]
+    state.select([2, 3, 9], "intersect")
+    assert state.selection.tolist() == [2, 3]
+    state.select([3], "subtract")
+    assert state.selection.tolist() == [2]
+    state.select([2, 5], "toggle")
+    assert state.selection.tolist() == [5]
+    assert state.label_filter == state.present_labels(np.asarray([5]))
+    assert len(seen) == 5 and all("selection" in s for s in seen)
+    with pytest.raises(ValueError, match="'xor'"):
+        state.select([1], "xor")
+    assert state.selection.tolist() == [5]
