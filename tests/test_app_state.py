@@ -432,3 +432,22 @@ def test_the_state_combines_selections_as_the_select_tools_do(state):
     with pytest.raises(ValueError, match="'xor'"):
         state.select([1], "xor")
     assert state.selection.tolist() == [5]
+
+
+def test_a_session_holds_only_declared_attributes(state):
+    """A session's state is one declared type (review §2.2: Curation used 27 attributes it
+    never declared): after a tour of what a person does, every attribute of the instance is
+    declared in :class:`explorer.app.session.SessionFields`."""
+    from explorer.app.session import SessionFields, declared_fields
+
+    state.select(range(5))
+    state.apply_label("x")
+    state.set_label_filter(["0"])
+    state.set_only_selected(True)
+    state.set_label_column("label")
+    state.set_point_size(4)
+    state.open_group("root") if state.tree is not None else state.overview()
+    state.reset()
+    assert isinstance(state, SessionFields)
+    undeclared = set(vars(state)) - declared_fields(type(state))
+    assert not undeclared, f"undeclared attributes of AppState: {sorted(undeclared)}"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.selection import SUBCLUSTER
+from explorer.app.session import SessionFields
 
 
 def empty_suggestions() -> pd.DataFrame:
@@ -27,11 +28,9 @@ def empty_suggestions() -> pd.DataFrame:
     })
 
 
-class Curation:
-    """Curation methods of :class:`explorer.app.state.AppState`."""
-
-    project: Any
-    book: Any
+class Curation(SessionFields):
+    """Curation methods of :class:`explorer.app.state.AppState` (its attributes:
+    :class:`explorer.app.session.SessionFields`)."""
 
     # ------------------------------------------------------------------ embeddings
     @property
@@ -281,10 +280,6 @@ class Curation:
         self.emit("suggestions", "message")
 
     # ------------------------------------------------------------------ row filter
-    #: the rows the map shows besides those without coordinates (None: all of them); set
-    #: by the quality-flag filter of :mod:`explorer.app.finder`
-    row_filter: np.ndarray | None = None
-
     def set_row_filter(self, keep: np.ndarray | None, why: str = "") -> bool:
         """Show only the rows where ``keep`` is True (``None``: every row) on the map, in the
         legend, the MultiSelect and the selection; selected rows no longer shown drop out of

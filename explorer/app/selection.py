@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from explorer.app.session import SessionFields
 from explorer.images import natural_key
 
 #: columns a person can colour the map by / filter the MultiSelect on
@@ -103,13 +104,9 @@ def color_codes_of(labels: np.ndarray, muted: str) -> tuple[np.ndarray, list[str
     return codes, palette, np.asarray(alphas, dtype=float), values
 
 
-class SelectionModel:
-    """Selection / filter / colour methods of :class:`explorer.app.state.AppState`."""
-
-    project: Any
-    valid: np.ndarray
-    n_rows: int
-    _subscribers: list[Callable[[frozenset[str]], None]]
+class SelectionModel(SessionFields):
+    """Selection / filter / colour methods of :class:`explorer.app.state.AppState`
+    (its attributes: :class:`explorer.app.session.SessionFields`)."""
 
     # ------------------------------------------------------------------ observers
     def subscribe(self, callback: Callable[[frozenset[str]], None]) -> None:

@@ -116,6 +116,9 @@ class AppState(SelectionModel, Curation):
         #: drill-down levels: dicts with rows, xy, ids, parent, column, selection
         self.drill: list[dict[str, Any]] = []
         self._base_valid: np.ndarray | None = None
+        #: the rows the map shows besides those without coordinates (None: all of them); set
+        #: by the quality-flag filter of :mod:`explorer.app.finder`
+        self.row_filter: np.ndarray | None = None
         self.overview_id = "root"
         self._extra_columns: list[str] | None = None
         self._check_label_column(label_column)
