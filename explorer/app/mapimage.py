@@ -35,6 +35,7 @@ from bokeh.models import ColumnDataSource, CustomJS, GlyphRenderer, Scatter
 
 from explorer.app import density as D
 from explorer.app import work
+from explorer.app.html import GEOMETRY_JS
 from explorer.app.selection import SELECT_MODES
 
 __all__ = ["ImageMap", "MapPort", "INLINE_POINTS", "CLICK_PX", "THUMBS_IN_VIEW"]
@@ -50,25 +51,6 @@ CLICK_PX = 6
 #: into the window; about its size in a 1600 x 1000 window)
 DEFAULT_FRAME = (850, 830)
 
-#: the browser side of the lasso channel: on the final geometry of a select tool, send
-#: the polygon (data coordinates) and the mode; ``seq`` makes a repeated shape a change
-_GEOMETRY_JS = """
-if (!cb_obj.final || !image.visible) return;
-const g = cb_obj.geometry;
-let xs, ys, mode;
-if (g.type == "poly") { xs = Array.from(g.x); ys = Array.from(g.y); mode = lasso.mode; }
-else if (g.type == "rect") { xs = [g.x0, g.x1, g.x1, g.x0]; ys = [g.y0, g.y0, g.y1, g.y1]; mode = box.mode; }
-else if (g.type == "point") { xs = [g.x]; ys = [g.y]; mode = "replace"; }
-else return;
-const k = window.explorerKeys || {};
-if (k.shift && k.ctrl) mode = "subtract";
-else if (k.shift) mode = g.type == "point" ? "toggle" : "append";
-else if (k.ctrl) mode = "intersect";
-window.__explorerSeq = (window.__explorerSeq || 0) + 1;
-const seq = window.__explorerSeq;
-geometry.data = {x: xs, y: ys, kind: xs.map(() => g.type), mode: xs.map(() => mode),
-                 seq: xs.map(() => seq)};
-"""
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -151,7 +133,7 @@ class ImageMap:
         self.port.plot.js_on_event(
             "selectiongeometry",
             CustomJS(args={"image": self.renderer, "geometry": self.geometry, "lasso": lasso, "box": box},
-                     code=_GEOMETRY_JS),
+                     code=GEOMETRY_JS),
         )  # fmt: skip
         self.port.plot.on_event(RangesUpdate, self.on_ranges)
         for size in ("inner_width", "inner_height"):  # the map stretches with the window

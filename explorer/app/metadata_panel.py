@@ -9,6 +9,7 @@ from typing import Any
 from bokeh.layouts import column
 from bokeh.models import Button, Div, FileInput, Select, TextInput
 
+from explorer.app.html import muted
 from explorer.app.panel import PanelHost
 
 __all__ = ["MetadataPanel"]
@@ -26,8 +27,7 @@ class MetadataPanel:
         self.tag_column = Select(name="tag_column", title="Tag column", options=[], width=W)
         self.tag_value = Select(name="tag_value", title="Tag (images) - selects them", options=[], width=W)
         self.panel = column(
-            Div(text="<div class='ex-muted'>CSV or JSON with one row per image file name</div>",
-                stylesheets=host.css),
+            Div(text=muted("CSV or JSON with one row per image file name"), stylesheets=host.css),
             self.meta_file, self.meta_key, self.meta_join, self.tag_column, self.tag_value,
             name="metadata_panel", width=W,
         )  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 from bokeh.layouts import column, row
 from bokeh.models import Button, Div, TextInput
 
-from explorer.app.html import esc
+from explorer.app.html import group_cell
 from explorer.app.panel import PanelHost
 
 __all__ = ["OverviewPanel", "GROUP_BUTTONS"]
@@ -84,9 +84,7 @@ class OverviewPanel:
         self.group_id.value = st.overview_id
         cells = []
         for gid, count, reps in groups:
-            imgs = "".join(f"<img src='{esc(self.host.thumb(r))}' alt=''>" for r in reps[:4])
-            cells.append(f"<div class='ex-group'><div class='ex-group-imgs'>{imgs}</div>"
-                         f"<div><b>{esc(gid)}</b> &middot; {count:,} images</div></div>")
+            cells.append(group_cell(gid, count, [self.host.thumb(r) for r in reps[:4]]))
         self.overview_div.text = "".join(cells)
         node = st.tree.node(st.overview_id) if st.tree is not None else None
         for i, b in enumerate(self.group_buttons):

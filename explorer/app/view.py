@@ -57,7 +57,8 @@ from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
 from explorer.app.finder import Finder
-from explorer.app.html import column_title, esc
+from explorer.app import html as H
+from explorer.app.html import DOWNLOAD_JS, THUMBS_JS, TOOLTIP, TOOLTIP_NO_NAME, column_title
 from explorer.app.label_panel import LabelPanel
 from explorer.app.mapimage import THUMBS_IN_VIEW, ImageMap, MapPort
 from explorer.app.metadata_panel import MetadataPanel
@@ -81,59 +82,6 @@ NAME_LIMIT = 200_000
 HOVER_LABEL_LIMIT = 20_000
 #: their size on screen (pixels)
 THUMB_PX = 44
-
-_DOWNLOAD_JS = """
-const d = source.data;
-const urls = d["url"] || [];
-const names = d["filename"] || [];
-const paths = d["cookie_path"] || [];
-// the session key travels only over this session's websocket; the export handler wants it
-// back in a cookie scoped to the one export's path
-for (let i = 0; i < paths.length; i++) {
-  document.cookie = "explorer_dl=" + key + "; path=" + paths[i] + "; SameSite=Strict";
-}
-for (let i = 0; i < urls.length; i++) {
-  const a = document.createElement("a");
-  a.href = urls[i];
-  a.download = names[i];
-  a.style.display = "none";
-  document.body.appendChild(a);
-  a.click();
-  a.remove();
-}
-"""
-
-_TOOLTIP = """
-<div style="max-width:180px">
-  <img src="@row{custom}" alt="" style="max-width:160px;max-height:160px;display:block;margin-bottom:4px">
-  <div style="font-weight:600;word-break:break-all">@name</div>
-  <div>@code{custom}</div>
-</div>
-"""
-_TOOLTIP_NO_NAME = _TOOLTIP.replace('<div style="font-weight:600;word-break:break-all">@name</div>', "")
-
-#: the thumbnails in view (client-side; throttled; nothing goes to the server)
-_THUMBS_JS = """
-if (image.visible) return;  // image mode: the server sends the thumbnails in view
-if (thumbs._ex_timer) clearTimeout(thumbs._ex_timer);
-thumbs._ex_timer = setTimeout(() => {
-  const d = points.data, xs = d.x, ys = d.y, rows = d.row;
-  const xa = Math.min(xr.start, xr.end), xb = Math.max(xr.start, xr.end);
-  const ya = Math.min(yr.start, yr.end), yb = Math.max(yr.start, yr.end);
-  const url = [], x = [], y = [];
-  let n = 0;
-  for (let i = 0; i < xs.length; i++) {
-    const a = xs[i], b = ys[i];
-    if (a >= xa && a <= xb && b >= ya && b <= yb) {
-      if (++n > limit) break;
-      url.push(prefix + rows[i]); x.push(a); y.push(b);
-    }
-  }
-  if (n > limit) { if (thumbs.data.url.length) thumbs.data = {url: [], x: [], y: []}; }
-  else thumbs.data = {url: url, x: x, y: y};
-}, 120);
-"""
-
 
 
 def _stylesheet(route: str) -> ImportedStyleSheet:
@@ -204,7 +152,7 @@ class AppView:
         lasso = LassoSelectTool(continuous=False, renderers=[self.renderer], name="lasso")
         box = BoxSelectTool(continuous=False, renderers=[self.renderer], name="box_select")
         hover = HoverTool(
-            tooltips=_TOOLTIP if "name" in self.source.data else _TOOLTIP_NO_NAME,
+            tooltips=TOOLTIP if "name" in self.source.data else TOOLTIP_NO_NAME,
             formatters={"@code": self.hover_labels, "@row": self.hover_thumb},
             renderers=[self.renderer], name="hover",
         )  # fmt: skip
@@ -233,7 +181,7 @@ class AppView:
             args={"points": self.source, "thumbs": self.thumbs_source, "xr": self.plot.x_range,
                   "yr": self.plot.y_range, "prefix": self.thumb_prefix, "limit": THUMBS_IN_VIEW,
                   "image": self.image_map.renderer},
-            code=_THUMBS_JS,
+            code=THUMBS_JS,
         )  # fmt: skip
         for rng in (self.plot.x_range, self.plot.y_range):
             rng.js_on_change("start", in_view)
@@ -270,7 +218,7 @@ class AppView:
         self.reset = Button(name="reset", label="Reset Data", button_type="warning", width=SIDEBAR_WIDTH)
         self.downloads = ColumnDataSource(data={"url": [], "filename": [], "cookie_path": []}, name="downloads")
         self.downloads.js_on_change(
-            "data", CustomJS(args={"source": self.downloads, "key": st.session_key}, code=_DOWNLOAD_JS)
+            "data", CustomJS(args={"source": self.downloads, "key": st.session_key}, code=DOWNLOAD_JS)
         )
 
         # ---------------------------------------------------------------- selection views
@@ -450,12 +398,7 @@ class AppView:
     def _title_html(self) -> str:
         st = self.state
         n_clusters = len([v for v in st.label_values() if v != "-1"]) if st.label_column == "cluster" else None
-        parts = [f"<b>{esc(st.route or 'explorer')}</b>", f"{st.n_rows:,} images"]
-        if n_clusters is not None:
-            parts.append(f"{n_clusters:,} clusters")
-        if st.csv_path is not None:
-            parts.append(f"<span class='ex-muted'>{esc(st.csv_path)}</span>")
-        return f"<div class='ex-title'>{' &middot; '.join(parts)}</div>"
+        return H.title(st.route or "explorer", st.n_rows, n_clusters, st.csv_path)
 
     def _make_table(self) -> tuple[ColumnDataSource, DataTable]:
         cols = self._table_columns()
@@ -664,10 +607,7 @@ class AppView:
             self.table_source.data = self._table_data(st.selection)
         self.color_by.options = st.label_columns()
         crumbs = st.breadcrumbs()
-        self.crumbs.text = (
-            "<div class='ex-crumbs'>" + " &rsaquo; ".join(esc(c) for c in crumbs) + "</div>"
-            if len(crumbs) > 1 else ""
-        )
+        self.crumbs.text = H.crumbs(crumbs)
         self.back.visible = self.top.visible = self.crumbs_row.visible = len(crumbs) > 1
 
     # ------------------------------------------------------------------ rendering
@@ -741,12 +681,10 @@ class AppView:
         sel = st.selection
         self.table_source.data = self._table_data(sel)
         if len(sel) > TABLE_LIMIT:
-            self.table_info.text = (
-                f"<div class='ex-muted'>table shows the first {TABLE_LIMIT:,} of {len(sel):,} "
-                "selected rows; Save writes all of them</div>"
-            )
+            self.table_info.text = H.muted(
+                f"table shows the first {TABLE_LIMIT:,} of {len(sel):,} selected rows; Save writes all of them")
         else:
-            self.table_info.text = f"<div class='ex-muted'>{len(sel):,} selected row(s)</div>"
+            self.table_info.text = H.muted(f"{len(sel):,} selected row(s)")
         self._render_grid()
 
     def _render_grid(self) -> None:
@@ -761,25 +699,17 @@ class AppView:
         start = self.grid_page * GRID_PAGE
         rows = sel[start : start + GRID_PAGE]
         labels = self.state.labels()
-        cells = []
-        for i in rows:
-            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
-            cells.append(
-                f"<figure class='ex-cell'><img src='{esc(self.thumb(i))}' alt='' "
-                f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
-                f"<span class='ex-label'>{label}</span></figcaption></figure>"
-            )
+        names = self.state.project.names_of(rows)
+        cells = [H.image_cell(self.thumb(i), name, self.state.label_text(labels[i])) for i, name in zip(rows, names)]
         if cells:
-            self.grid.text = f"<div class='ex-grid'>{''.join(cells)}</div>"
+            self.grid.text = H.image_grid(cells)
         else:
-            self.grid.text = "<div class='ex-muted'>Select images on the map (lasso or box) to see them here.</div>"
+            self.grid.text = H.muted("Select images on the map (lasso or box) to see them here.")
         if len(sel):
-            self.grid_info.text = (
-                f"<div class='ex-pageinfo'>images {start + 1:,}-{start + len(rows):,} of {len(sel):,} "
-                f"(page {self.grid_page + 1} of {pages})</div>"
-            )
+            self.grid_info.text = H.page_info(f"images {start + 1:,}-{start + len(rows):,} of {len(sel):,} "
+                                              f"(page {self.grid_page + 1} of {pages})")  # fmt: skip
         else:
-            self.grid_info.text = "<div class='ex-pageinfo'>no images selected</div>"
+            self.grid_info.text = H.page_info("no images selected")
         self.grid_prev.disabled = self.grid_page <= 0
         self.grid_next.disabled = self.grid_page >= pages - 1
 
@@ -787,44 +717,22 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
-            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
-            extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
-            cells.append(
-                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{esc(self.thumb(i))}' alt='' "
-                f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
-                f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
-            )
-        self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
-        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {esc(self.state.project.names_of([row])[0])}</div>"
+            name = self.state.project.names_of([i])[0]
+            note = "this image" if d is None else f"distance {d:.3f}"
+            cells.append(H.image_cell(self.thumb(i), name, self.state.label_text(labels[i]), note, query=d is None))
+        self.grid.text = H.image_grid(cells, "ex-neighbours")
+        self.grid_info.text = H.page_info(f"{len(idx)} nearest neighbours of {self.state.project.names_of([row])[0]}")
         self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
         items = self.state.legend()
         shown = items[:300]
-        rows = "".join(
-            f"<div class='ex-legend-item'><span class='ex-swatch' style='background:{c}'></span>"
-            f"<span class='ex-legend-text'>{esc(self.finder.group_text(v, t))}</span><span class='ex-count'>{n:,}</span></div>"
-            for v, t, c, n in shown
-        )
-        more = f"<div class='ex-muted'>... and {len(items) - len(shown):,} more</div>" if len(items) > len(shown) else ""
-        return f"<div class='ex-legend'>{rows}{more}</div>"
+        return H.legend([(self.finder.group_text(v, t), c, n) for v, t, c, n in shown], len(items) - len(shown))
 
     def _status_html(self) -> str:
         st = self.state
-        out = []
-        for p in st.problems:
-            out.append(f"<div class='ex-msg ex-warning'>&#9888; {esc(p)}</div>")
         level, text = st.message
-        if text:
-            out.append(f"<div class='ex-msg ex-{esc(level)}'>{esc(text)}</div>")
-        links = self._links
-        if links and level != "error":
-            out.append(
-                "<div class='ex-msg'>download: "
-                + ", ".join(f"<a href='{esc(u)}' download='{esc(n)}'>{esc(n)}</a>" for n, u in links)
-                + "</div>"
-            )
-        return "".join(out)
+        return H.status(st.problems, level, text, self._links)
 
     # ------------------------------------------------------------------ callbacks
     def _on_select(self, attr: str, old: Any, new: Sequence[int]) -> None:
@@ -897,10 +805,10 @@ def error_page(doc: Any, route: str, title: str, message: str) -> None:
     css = [_stylesheet(route)]
     doc.add_root(
         column(
-            Div(name="title", text=f"<div class='ex-title'><b>{esc(title)}</b></div>", stylesheets=css),
+            Div(name="title", text=H.error_title(title), stylesheets=css),
             Div(
                 name="status",
-                text=f"<div class='ex-msg ex-error'>&#9888; {esc(message)}</div>",
+                text=H.error_message(message),
                 stylesheets=css,
                 width=900,
             ),
