@@ -419,8 +419,8 @@ class Curation(SessionFields):
 
     @tree.setter
     def tree(self, value: Any) -> None:  # kept for callers that hand in a built tree
-        if value is not None and self.project.tree_ready is None:
-            self.project._tree = value
+        if value is not None:
+            self.project.adopt_tree(value)
 
     def overview(self) -> Any:
         """The group hierarchy (built once per process on first use), or None."""

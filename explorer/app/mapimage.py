@@ -200,7 +200,7 @@ class ImageMap:
         bounds = self.view_bounds or D.padded_bounds(self._x, self._y)
         shape = self._shape()
         b = self._binned
-        same_view = b is not None and b.bounds == D._ordered(bounds) and b.shape == shape
+        same_view = b is not None and b.bounds == D.ordered_bounds(bounds) and b.shape == shape
         return {
             "x": self._x, "y": self._y, "codes": self._codes, "colors": D.rgb_table(palette),
             "alphas": np.asarray(alphas, dtype=np.float32), "bounds": bounds, "shape": shape,

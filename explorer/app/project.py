@@ -293,6 +293,12 @@ class Project:
     def tree_ready(self) -> Any:
         return self._tree
 
+    def adopt_tree(self, tree: Any) -> None:
+        """Use an already built hierarchy (kept if one was built meanwhile)."""
+        with self._lock:
+            if self._tree is None:
+                self._tree = tree
+
 
 # --------------------------------------------------------------------------- cache
 _projects: dict[str, tuple[_Key, Project]] = {}
