@@ -4,8 +4,9 @@ and are visible without scrolling, and the sidebar's tabs are in view. A narrow 
 the grid below the map. Screenshots go to the browser tests' output folder
 (``build/browser/`` or ``$EXPLORER_BROWSER_OUT``).
 
-Shown able to fail: with the map back at its fixed 760 x 620 (no ``sizing_mode``) the width
-share at 2560 x 1440 fails; with the old one-column layout the grid is below the fold.
+Shown able to fail: run against the layout before (a fixed 760 x 620 map, the grid and
+table in one column under it), all four fail (the page scrolls; a narrow window's tabs are
+out of view).
 
 Needs Debian's chromium + chromium-driver; skipped with a reason when they are absent."""
 
