@@ -290,10 +290,11 @@ class AppView:
         ]
 
     def _on_tab(self, attr: str, old: Any, new: int) -> None:
-        panel = self.panels[new - 1] if new >= 1 else None  # tab 0 is Explore
-        opened = getattr(panel, "opened", None)
-        if opened is not None:
-            opened()
+        """A tab was opened: tell its panel (``opened()``, if it has one)."""
+        child = self.tabs.tabs[new].child if 0 <= new < len(self.tabs.tabs) else None
+        for panel in self.panels:
+            if panel.panel is child and hasattr(panel, "opened"):
+                panel.opened()
 
     def _build_layout(self) -> Any:
         """The page: a header, then the map (it takes the room the window gives it) with the
@@ -564,6 +565,9 @@ class AppView:
             self.state.refuse(f"{what} failed: {result}")
         else:
             finish(result)
+
+    # the names of branches written before these were public (kept for merging them)
+    _background = background
 
     def save_export(self, what: str, make_plan: Callable[[], Any], imagefolder: bool = False) -> None:
         """Plan a save on the loop, write it in the pool, offer it to this session."""
