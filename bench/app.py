@@ -14,6 +14,9 @@ Prints medians of a few runs of
     instead (app_files/static/js/renderer.js). --renderer webgl measures forced WebGL.
 
     .venv/bin/python bench/app.py [--points 100000] [--runs 3] [--renderer auto|webgl|canvas]
+                                  [--size 1600x1000]
+
+The page is measured in a window of ``--size`` (the map stretches into the window).
 
 Needs chromium + chromium-driver (apt-get install -y chromium chromium-driver).
 """
@@ -124,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--renderer", choices=["auto", "webgl", "canvas"], default="auto",
                     help="auto: WebGL with a GPU, canvas where WebGL is software-emulated")
+    ap.add_argument("--size", default="1600x1000", help="the page's viewport, WIDTHxHEIGHT (CSS pixels)")
     args = ap.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        ap.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
     if B.find_chromium() is None:
         print("chromium/chromedriver not installed: apt-get install -y chromium chromium-driver")
         return 1
@@ -135,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         build, sel = server_side(app_dir, csv, args.runs)
         print(f"server: document build {build:.2f} s, one selection {sel:.2f} s (median of {args.runs})", flush=True)
         loads, lassos, counts, paints, zooms = [], [], [], [], []
-        with B.serve(app_dir, csv, timeout=300) as url, B.chromium(width=1400, height=1300) as drv:
+        with B.serve(app_dir, csv, timeout=300) as url, B.chromium(width=width, height=height) as drv:
             drv.set_script_timeout(300)
+            B.set_viewport(drv, width, height)
             if args.renderer != "auto":
                 url = f"{url}?renderer={args.renderer}"
             drv.get(url)  # warm up (caches bokeh.js, starts the server's first session)
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  runs {', '.join(f'{v:.2f}' for v in zooms)}")
         from explorer.app.density import image_threshold
 
-        print(f"map: {mode} (image above {image_threshold():,} points)")
+        print(f"map: {mode} (image above {image_threshold():,} points), page {width} x {height}")
         print(f"renderer: {used}")
         print(f"machine: {os.cpu_count()} cores, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0

@@ -34,6 +34,21 @@ def find_chromium() -> tuple[str, str] | None:
     return browser, driver
 
 
+def output_dir() -> Path:
+    """The browser tests' output folder (screenshots): ``$EXPLORER_BROWSER_OUT`` or
+    ``build/browser/`` of the repository (ignored by git); created if needed."""
+    out = Path(os.environ.get("EXPLORER_BROWSER_OUT") or Path(__file__).resolve().parents[1] / "build" / "browser")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def set_viewport(drv: Any, width: int, height: int) -> None:
+    """Make the page's viewport exactly ``width`` x ``height`` CSS pixels (the window's
+    size includes the browser's own bars)."""
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -185,7 +185,7 @@ def test_no_features_disables_neighbours_and_recluster_with_a_message(app):
 def test_features_of_the_wrong_shape_are_refused(app):
     np.save(sidecar(app[1], "features.npy"), np.zeros((3, 4), np.float16))
     st = open_state(app)
-    assert not st.has_features and "shape" in st.message[1] + " ".join([st._features_problem or ""])
+    assert not st.has_features and "shape" in st.message[1] + " ".join([st.features_problem or ""])
 
 
 def test_recluster_drill_down_and_back(app):

@@ -528,7 +528,7 @@ def served_on_ticks(view):
             while ticks:
                 ticks.pop(0)()
             time.sleep(0.02)
-            if not ticks and not view._busy and not view.image_map._running:
+            if not ticks and not view.busy and not view.image_map._running:
                 return
         raise TimeoutError("background work did not finish")
 

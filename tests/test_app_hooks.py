@@ -5,7 +5,9 @@ How these were shown able to fail (review T1), each by breaking app_files/app_ho
 ``preload()`` raising instead of ``load_project`` -> the preload test fails (no "35 rows
 loaded"); the ``PeriodicCallback(store().expire, ...)`` line deleted -> the expiry test fails
 ("an expired export was not deleted"); ``warm_up()`` raising at entry -> the warm-up test
-fails; ``on_server_unloaded`` deleted -> the folder test fails; ``protect(server_context)``
+fails (these three at once: 4 failed, the demo-copy test included); ``DownloadStore.close``
+made a no-op (the unload hook and atexit both call it) -> the folder test fails;
+``protect(server_context)``
 deleted -> the rebound-Host test fails (200 instead of 403). No fixed sleeps: a short
 ``EXPLORER_EXPORT_TTL`` and polling."""
 

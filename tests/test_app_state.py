@@ -411,3 +411,43 @@ def test_moved_project_finds_images_relative_to_csv(app, built, tmp_path):
     assert st.problems == [] and st.image_dir == moved.resolve()
     st.select(sorted(rows_of(st, "cluster", "1")))
     assert st.export("moved", images=True).originals == 8
+
+
+def test_the_state_combines_selections_as_the_select_tools_do(state):
+    """replace / append (Shift) / intersect (Ctrl) / subtract / toggle (Shift-click) live in
+    the state: one call, one change, the label filter following the result."""
+    seen = []
+    state.subscribe(seen.append)
+    state.select([1, 2, 3])
+    state.select([3, 4], "append")
+    assert state.selection.tolist() == [1, 2, 3, 4]
+    state.select([2, 3, 9], "intersect")
+    assert state.selection.tolist() == [2, 3]
+    state.select([3], "subtract")
+    assert state.selection.tolist() == [2]
+    state.select([2, 5], "toggle")
+    assert state.selection.tolist() == [5]
+    assert state.label_filter == state.present_labels(np.asarray([5]))
+    assert len(seen) == 5 and all("selection" in s for s in seen)
+    with pytest.raises(ValueError, match="'xor'"):
+        state.select([1], "xor")
+    assert state.selection.tolist() == [5]
+
+
+def test_a_session_holds_only_declared_attributes(state):
+    """A session's state is one declared type (review §2.2: Curation used 27 attributes it
+    never declared): after a tour of what a person does, every attribute of the instance is
+    declared in :class:`explorer.app.session.SessionFields`."""
+    from explorer.app.session import SessionFields, declared_fields
+
+    state.select(range(5))
+    state.apply_label("x")
+    state.set_label_filter(["0"])
+    state.set_only_selected(True)
+    state.set_label_column("label")
+    state.set_point_size(4)
+    state.open_group("root") if state.tree is not None else state.overview()
+    state.reset()
+    assert isinstance(state, SessionFields)
+    undeclared = set(vars(state)) - declared_fields(type(state))
+    assert not undeclared, f"undeclared attributes of AppState: {sorted(undeclared)}"

@@ -6,12 +6,17 @@ their own session, thumbnails by row: :mod:`explorer.app.downloads`) once per se
 
 * :mod:`explorer.app.project` - everything read-only about a CSV, once per server process
 * :mod:`explorer.app.state` - one session (:class:`AppState`): selection, filters, view state
-  (split into :mod:`~explorer.app.selection`, :mod:`~explorer.app.curation`,
-  :mod:`~explorer.app.files`)
+  (split into :mod:`~explorer.app.selection`, :mod:`~explorer.app.curation`;
+  paths: :mod:`~explorer.app.files`; exports: :mod:`~explorer.app.downloads`)
 * :mod:`explorer.app.work` - the process-wide pools that keep slow work off the event loop
-* :mod:`explorer.app.view` - the Bokeh widgets wired to a session's state
+* :mod:`explorer.app.session` - every attribute of a session, declared once
+* :mod:`explorer.app.view` - the page: the map, the Explore tab, grid and table, layout and
+  wiring; the other tabs are panels (:mod:`explorer.app.panel`: label_panel, overview_panel,
+  metadata_panel, finder)
 * :mod:`explorer.app.mapimage` - big maps as one server-rendered image; lasso, box and
   click resolved on the server (pure numpy parts: :mod:`explorer.app.density`)
+* :mod:`explorer.app.html` - every HTML and JavaScript fragment, escaping in one place
+* :mod:`explorer.app.serving` - the Host check (403 to any host but this computer)
 
 Importing this package does not import Bokeh.
 """

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.selection import SUBCLUSTER
+from explorer.app.session import SessionFields
 
 
 def empty_suggestions() -> pd.DataFrame:
@@ -27,11 +28,9 @@ def empty_suggestions() -> pd.DataFrame:
     })
 
 
-class Curation:
-    """Curation methods of :class:`explorer.app.state.AppState`."""
-
-    project: Any
-    book: Any
+class Curation(SessionFields):
+    """Curation methods of :class:`explorer.app.state.AppState` (its attributes:
+    :class:`explorer.app.session.SessionFields`)."""
 
     # ------------------------------------------------------------------ embeddings
     @property
@@ -39,7 +38,7 @@ class Curation:
         return self.project.features is not None
 
     @property
-    def _features_problem(self) -> str | None:
+    def features_problem(self) -> str | None:
         return self.project.features_problem
 
     @property
@@ -68,36 +67,36 @@ class Curation:
 
     def _labels_changed(self) -> None:
         self.invalidate_labels("label")
-        self._emit("labels", "message")
+        self.emit("labels", "message")
 
     def _label_edit(self, what: Callable[[], Any], done: str) -> bool:
         """Run a LabelBook edit; say "saved: ..." only after the journal write returned."""
         if self.book is None:
-            self._refuse("labels are not available in this session")
+            self.refuse("labels are not available in this session")
             return False
         try:
             record = what()
         except ValueError as exc:
-            self._refuse(f"not changed: {exc}")
+            self.refuse(f"not changed: {exc}")
             return False
         except OSError as exc:
-            self._refuse(f"NOT saved (journal write failed: {exc})")
+            self.refuse(f"NOT saved (journal write failed: {exc})")
             return False
         if record is None:
-            self._say("nothing changed")
-            self._emit("message")
+            self.say("nothing changed")
+            self.emit("message")
             return False
         journal = self.book.journal
         if journal is None:
-            self._say(f"{done} (in memory only: NOT saved, there is no journal)", "warning")
+            self.say(f"{done} (in memory only: NOT saved, there is no journal)", "warning")
         else:
-            self._say(f"saved: {done} to {Path(journal.path).name}")
+            self.say(f"saved: {done} to {Path(journal.path).name}")
         self._labels_changed()
         return True
 
     def _selected_keys(self) -> list[str] | None:
         if len(self.selection) == 0:
-            self._refuse("select images first (lasso or box on the map)")
+            self.refuse("select images first (lasso or box on the map)")
             return None
         keys = self.keys
         return [keys[i] for i in self.selection]
@@ -151,7 +150,7 @@ class Curation:
         except OSError:
             return []
         if changed:
-            self._say(f"{len(changed):,} label change(s) from another session")
+            self.say(f"{len(changed):,} label change(s) from another session")
             self._labels_changed()
         return changed
 
@@ -169,19 +168,19 @@ class Curation:
     def neighbours_show(self, found: Any) -> bool:
         """Show neighbours found in the background, if that image is still the selection."""
         if isinstance(found, Exception):
-            self._refuse(f"no neighbours: {found}")
+            self.refuse(f"no neighbours: {found}")
             return False
         row = found[0]
         if len(self.selection) != 1 or int(self.selection[0]) != row:
             return False  # the person moved on
         self.neighbours = found
-        self._emit("neighbours")
+        self.emit("neighbours")
         return True
 
     def show_neighbours(self, row: int, k: int = 12) -> None:
         """Select image ``row`` and show its ``k`` nearest neighbours (with distances)."""
         if not self.has_features:
-            self._refuse(f"no neighbours: {self._features_problem}")
+            self.refuse(f"no neighbours: {self.features_problem}")
             return
         deferred, self.defer_neighbours = self.defer_neighbours, True
         try:
@@ -190,12 +189,12 @@ class Curation:
             self.defer_neighbours = deferred
         if len(self.selection) == 1:
             self.neighbours = self.neighbours_compute(int(self.selection[0]), k)
-        self._emit("neighbours")
+        self.emit("neighbours")
 
     def select_neighbours(self) -> None:
         """Select the shown image and its neighbours (e.g. to label them together)."""
         if self.neighbours is None:
-            self._refuse("click one image first to see its neighbours")
+            self.refuse("click one image first to see its neighbours")
             return
         row, idx, _ = self.neighbours
         self.select(np.concatenate([[row], idx]))
@@ -213,7 +212,7 @@ class Curation:
     def propose_plan(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows that may vote or get a proposal, their labels), or None (reason in the message)."""
         if not self.has_features:
-            self._refuse(f"cannot propose labels: {self._features_problem}")
+            self.refuse(f"cannot propose labels: {self.features_problem}")
             return None
         from explorer.labels import DISCARD
 
@@ -221,7 +220,7 @@ class Curation:
         rows = np.flatnonzero(labels != DISCARD)
         lab = labels[rows]
         if not (lab != "").any():
-            self._refuse("label some images first: proposals come from labelled neighbours")
+            self.refuse("label some images first: proposals come from labelled neighbours")
             return None
         return rows, lab
 
@@ -237,7 +236,7 @@ class Curation:
 
     def propose_show(self, plan: tuple[np.ndarray, np.ndarray], df: Any, k: int = 10, min_agreement: float = 0.6) -> int:
         if isinstance(df, Exception):
-            self._refuse(f"cannot propose labels: {df}")
+            self.refuse(f"cannot propose labels: {df}")
             return 0
         r = plan[0][df["index"].to_numpy(dtype=np.int64)]
         keys = self.keys
@@ -250,9 +249,9 @@ class Curation:
             "distance": df["distance"].to_numpy(dtype=float),
         })
         n = len(self.suggestions)
-        self._say(f"{n:,} suggestion(s) for unlabelled images: accept or reject them" if n
+        self.say(f"{n:,} suggestion(s) for unlabelled images: accept or reject them" if n
                   else f"no suggestions (no unlabelled image has {min_agreement:.0%} of its {k} nearest labelled neighbours agreeing)")
-        self._emit("suggestions", "message")
+        self.emit("suggestions", "message")
         return n
 
     def _suggestion_positions(self, positions: Iterable[int] | None) -> np.ndarray:
@@ -267,7 +266,7 @@ class Curation:
         Images labelled meanwhile (e.g. in another tab) keep their label."""
         pos = self._suggestion_positions(positions)
         if len(pos) == 0:
-            self._refuse("no suggestions chosen")
+            self.refuse("no suggestions chosen")
             return False
         sub = self.suggestions.iloc[pos]
         now = self.labels("label")
@@ -276,20 +275,16 @@ class Curation:
         ok = self._label_edit(lambda: self.book.assign(mapping) if mapping else None,
                               f"{len(mapping):,} suggested label(s) accepted")
         self.suggestions = self.suggestions.drop(self.suggestions.index[pos]).reset_index(drop=True)
-        self._emit("suggestions")
+        self.emit("suggestions")
         return ok
 
     def reject_suggestions(self, positions: Iterable[int] | None = None) -> None:
         pos = self._suggestion_positions(positions)
         self.suggestions = self.suggestions.drop(self.suggestions.index[pos]).reset_index(drop=True)
-        self._say(f"{len(pos):,} suggestion(s) rejected")
-        self._emit("suggestions", "message")
+        self.say(f"{len(pos):,} suggestion(s) rejected")
+        self.emit("suggestions", "message")
 
     # ------------------------------------------------------------------ row filter
-    #: the rows the map shows besides those without coordinates (None: all of them); set
-    #: by the quality-flag filter of :mod:`explorer.app.finder`
-    row_filter: np.ndarray | None = None
-
     def set_row_filter(self, keep: np.ndarray | None, why: str = "") -> bool:
         """Show only the rows where ``keep`` is True (``None``: every row) on the map, in the
         legend, the MultiSelect and the selection; selected rows no longer shown drop out of
@@ -301,7 +296,7 @@ class Curation:
                 raise ValueError(f"keep must be a bool array of shape ({self.n_rows},), "
                                  f"got {keep.dtype} {keep.shape}")
         if self.drill:
-            self._refuse("go back to the whole map first (the filter applies to the whole map)")
+            self.refuse("go back to the whole map first (the filter applies to the whole map)")
             return False
         self.generation.bump()
         self.row_filter = keep
@@ -313,9 +308,9 @@ class Curation:
         self.label_filter = self.present_labels()
         self.neighbours = None
         shown = int(self.valid.sum())
-        self._say(f"{why}: {shown:,} of {self.n_rows:,} images shown" if why else
+        self.say(f"{why}: {shown:,} of {self.n_rows:,} images shown" if why else
                   f"{shown:,} of {self.n_rows:,} images shown")
-        self._emit("map", "label_column", "selection", "filter", "message", "neighbours")
+        self.emit("map", "label_column", "selection", "filter", "message", "neighbours")
         return True
 
     # ------------------------------------------------------------------ drill down
@@ -351,11 +346,11 @@ class Curation:
     def recluster_plan(self) -> tuple[np.ndarray, str] | None:
         """(rows, parent id) to re-cluster, or None (the reason is in the message)."""
         if not self.has_features:
-            self._refuse(f"cannot re-cluster: {self._features_problem}")
+            self.refuse(f"cannot re-cluster: {self.features_problem}")
             return None
         rows = self.selection.copy()
         if len(rows) < 2:
-            self._refuse("select at least 2 images to re-cluster")
+            self.refuse("select at least 2 images to re-cluster")
             return None
         present = self.present_labels(rows)
         parent = str(present[0]) if len(present) == 1 and present[0] != self.muted_value() else "sel"
@@ -371,7 +366,7 @@ class Curation:
     def recluster_show(self, rows: np.ndarray, parent: str, rc: Any) -> bool:
         """Swap the map to the re-clustered rows (a new drill-down level)."""
         if isinstance(rc, Exception):
-            self._refuse(f"cannot re-cluster: {rc}")
+            self.refuse(f"cannot re-cluster: {rc}")
             return False
         if self._base_valid is None:
             self._base_valid = self.valid
@@ -381,8 +376,8 @@ class Curation:
         })
         self._enter_level(rows)
         note = f" ({'; '.join(rc.notes)})" if rc.notes else ""
-        self._say(f"re-clustered {len(rows):,} images into {rc.n_clusters} sub-cluster(s){note}")
-        self._emit("map", "label_column", "selection", "filter", "message", "columns")
+        self.say(f"re-clustered {len(rows):,} images into {rc.n_clusters} sub-cluster(s){note}")
+        self.emit("map", "label_column", "selection", "filter", "message", "columns")
         return True
 
     def _enter_level(self, rows: np.ndarray) -> None:
@@ -418,8 +413,8 @@ class Curation:
         self.selection = left["selection"]
         self.scope = self.selection
         self.label_filter = self.present_labels()
-        self._say(f"back to {self.breadcrumbs()[-1]}")
-        self._emit("map", "label_column", "selection", "filter", "message", "columns")
+        self.say(f"back to {self.breadcrumbs()[-1]}")
+        self.emit("map", "label_column", "selection", "filter", "message", "columns")
 
     # ------------------------------------------------------------------ overview
     @property
@@ -429,14 +424,14 @@ class Curation:
 
     @tree.setter
     def tree(self, value: Any) -> None:  # kept for callers that hand in a built tree
-        if value is not None and self.project.tree_ready is None:
-            self.project._tree = value
+        if value is not None:
+            self.project.adopt_tree(value)
 
     def overview(self) -> Any:
         """The group hierarchy (built once per process on first use), or None."""
         if self.project.tree_ready is None:
             if not self.has_features:
-                self._refuse(f"no overview: {self._features_problem}")
+                self.refuse(f"no overview: {self.features_problem}")
                 return None
             self.overview_compute()
         return self.project.tree_ready
@@ -453,11 +448,11 @@ class Curation:
         try:
             node = tree.node(group_id)
         except (ValueError, KeyError) as exc:
-            self._refuse(str(exc).strip("'\""))
+            self.refuse(str(exc).strip("'\""))
             return False
         self.overview_id = node.id
-        self._say(f"group {node.id}: {node.count:,} images" + ("" if node.children else " (not split further)"))
-        self._emit("overview", "message")
+        self.say(f"group {node.id}: {node.count:,} images" + ("" if node.children else " (not split further)"))
+        self.emit("overview", "message")
         return True
 
     def overview_groups(self) -> list[tuple[str, int, np.ndarray]]:
@@ -477,7 +472,7 @@ class Curation:
         try:
             node = tree.node(group_id or self.overview_id)
         except (ValueError, KeyError) as exc:
-            self._refuse(str(exc).strip("'\""))
+            self.refuse(str(exc).strip("'\""))
             return
         self.select(node.members)
 
@@ -501,14 +496,14 @@ class Curation:
 
     def metadata_show(self, found: Any, filename: str = "") -> bool:
         if isinstance(found, Exception):
-            self._refuse(f"metadata not joined: {found}")
+            self.refuse(f"metadata not joined: {found}")
             return False
         df, report = found
         self._table = df.reset_index(drop=True)  # this session's own table from now on
         self._extra_columns = None
         self.invalidate_labels()
-        self._say(f"metadata {filename or 'upload'}: {report.summary()}", "info" if report.matched else "warning")
-        self._emit("columns", "label_column", "message")
+        self.say(f"metadata {filename or 'upload'}: {report.summary()}", "info" if report.matched else "warning")
+        self.emit("columns", "label_column", "message")
         return True
 
     def tag_columns(self) -> list[str]:
@@ -537,13 +532,13 @@ class Curation:
         from explorer.metadata import rows_with_tag
 
         if column not in self.table.columns:
-            self._refuse(f"no column {column!r}")
+            self.refuse(f"no column {column!r}")
             return
         try:
             mask = rows_with_tag(self.table[column], value)
         except ValueError as exc:
-            self._refuse(str(exc))
+            self.refuse(str(exc))
             return
         self.select(np.flatnonzero(mask & self.valid))
-        self._say(f"{len(self.selection):,} image(s) tagged {value!r} in {column}")
-        self._emit("message")
+        self.say(f"{len(self.selection):,} image(s) tagged {value!r} in {column}")
+        self.emit("message")

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = [
     "IMAGE_THRESHOLD", "image_threshold", "Shaded", "Binned", "shade", "bin_points", "shade_binned",
-    "rgb_table", "padded_bounds",
+    "rgb_table", "padded_bounds", "ordered_bounds",
     "points_in_polygon", "points_in_rect", "nearest_point", "in_view",
 ]  # fmt: skip
 
@@ -75,11 +75,13 @@ def padded_bounds(x: np.ndarray, y: np.ndarray, padding: float = 0.1) -> tuple[f
 
 def in_view(x: np.ndarray, y: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
     """Boolean mask of the points inside ``bounds`` = (x0, x1, y0, y1) (any order)."""
-    x0, x1, y0, y1 = _ordered(bounds)
+    x0, x1, y0, y1 = ordered_bounds(bounds)
     return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
 
 
-def _ordered(bounds: Sequence[float]) -> tuple[float, float, float, float]:
+def ordered_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
+    """``bounds`` as ``(x0, x1, y0, y1)`` floats with ``x0 <= x1`` and ``y0 <= y1``;
+    ``ValueError`` naming them when one is not finite."""
     x0, x1, y0, y1 = (float(b) for b in bounds)
     if not all(np.isfinite([x0, x1, y0, y1])):
         raise ValueError(f"bounds must be finite numbers, got {tuple(bounds)!r}")
@@ -137,7 +139,7 @@ def bin_points(x: np.ndarray, y: np.ndarray, bounds: Sequence[float], shape: tup
     h, w = (int(s) for s in shape)
     if h < 1 or w < 1 or h * w > 16_000_000:
         raise ValueError(f"shape must be (height, width) with 1..16M pixels, got {tuple(shape)!r}")
-    x0, x1, y0, y1 = _ordered(bounds)
+    x0, x1, y0, y1 = ordered_bounds(bounds)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"bounds must span a non-empty area, got {tuple(bounds)!r}")
     if len(x) != len(y):

@@ -90,6 +90,8 @@ class DuplicatesPanel:
     ``dup_undo``, ``dup_csv``, ``dup_note``, ``dup_prev``, ``dup_next``, ``dup_groups`` (the
     cards, under the map while the tab is open) and the source ``dup_removal``."""
 
+    title = "Duplicates"
+
     def __init__(self, view: Any, css: list[Any], width: int, groups_width: int) -> None:
         from bokeh.layouts import column, row
         from bokeh.models import Button, ColumnDataSource, CustomJS, Div, Select
@@ -136,7 +138,6 @@ class DuplicatesPanel:
         self.group_pick.on_change("value", lambda a, o, n: self._members())
         self.prev.on_click(lambda: self.turn(-1))
         self.next.on_click(lambda: self.turn(+1))
-        st.subscribe(self._on_state)
         self._members()
 
     # ------------------------------------------------------------------ decisions
@@ -214,7 +215,16 @@ class DuplicatesPanel:
         if self.keep_pick.value not in self.keep_pick.options:
             self.keep_pick.value = self.keep_pick.options[0] if rows is not None and len(rows) else ""
 
-    def _on_state(self, what: frozenset[str]) -> None:
+    def opened(self) -> None:
+        """The tab was opened: the cards show under the map."""
+        self.show(True)
+
+    def closed(self) -> None:
+        """Another tab was opened: the cards go."""
+        self.show(False)
+
+    def render(self, what: frozenset[str]) -> None:
+        """The view calls it after every state change (:mod:`explorer.app.panel`)."""
         if "labels" in what:
             self.refresh()
 

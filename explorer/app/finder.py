@@ -242,7 +242,10 @@ class Finder:
     :attr:`panel` is the "Find" tab's content.
     """
 
-    def __init__(self, view: Any, css: list[Any], width: int, results_width: int) -> None:
+    #: its tab's name in the sidebar
+    title = "Find"
+
+    def __init__(self, view: Any, css: list[Any], width: int, results_width: int | None = None) -> None:
         from bokeh.layouts import column, row
         from bokeh.models import Button, CheckboxGroup, Div, RadioButtonGroup, Select, TextInput
 
@@ -261,7 +264,8 @@ class Finder:
         self.more_like = Button(name="more_like_this", label="More like the selected image", width=width)
         self.search_clear = Button(name="search_clear", label="Clear results", width=width)
         self.search_note = Div(name="search_note", text="", stylesheets=css, width=width)
-        self.results_div = Div(name="search_results", text="", stylesheets=css, width=results_width)
+        self.results_div = Div(name="search_results", text="", stylesheets=css,
+                               **({"width": results_width} if results_width else {"sizing_mode": "stretch_width"}))
         counts = st.project.cached("finder.flag_counts", lambda: flag_counts(st.project.table, st.project.valid))
         #: the flag filter in force: (flags, mode)
         self.applied: tuple[tuple[str, ...], str] = ((), "hide")
@@ -306,6 +310,10 @@ class Finder:
                 for v, _ in st.label_options()]
 
     # ------------------------------------------------------------------ search
+    def opened(self) -> None:
+        """Its tab was opened: load the text model in the background."""
+        self.warm()
+
     def warm(self) -> None:
         """Load the text model and the concepts in the pool (once per process) when the Find
         tab is opened in a served app, so the first query does not wait for them."""
@@ -341,26 +349,26 @@ class Finder:
         if not query:
             return
         if self.index.words_problem:
-            st._refuse(self.index.words_problem)
+            st.refuse(self.index.words_problem)
             return
         allowed, top, index = self._allowed(), self._top(), self.index
 
         def finish(found: Any) -> None:
             if isinstance(found, Exception):
                 self._render_note()
-                st._refuse(f"search failed: {found}")
+                st.refuse(f"search failed: {found}")
                 return
             rows, scores, read_as = found
             self.show(rows, scores, f"“{query}” (read as: {', '.join(read_as)})")
 
-        self.view._background(f"searching for “{query}”", lambda: index.words(query, allowed, top),
+        self.view.background(f"searching for “{query}”", lambda: index.words(query, allowed, top),
                               finish, drop_if_moved=False)
 
     def search_like(self) -> None:
         """"More like this": the selected image and its nearest images become the selection."""
         st = self.state
         if len(st.selection) != 1:
-            st._refuse("select one image (click it on the map) to find more like it")
+            st.refuse("select one image (click it on the map) to find more like it")
             return
         row = int(st.selection[0])
         name = st.project.names_of([row])[0]
@@ -368,11 +376,11 @@ class Finder:
 
         def finish(found: Any) -> None:
             if isinstance(found, Exception):
-                st._refuse(f"search failed: {found}")
+                st.refuse(f"search failed: {found}")
                 return
             self.show(*found, f"images like {name}")
 
-        self.view._background(f"finding images like {name}", lambda: index.like(row, allowed, top),
+        self.view.background(f"finding images like {name}", lambda: index.like(row, allowed, top),
                               finish, drop_if_moved=False)
 
     def show(self, rows: np.ndarray, scores: np.ndarray, what: str) -> None:
@@ -380,9 +388,9 @@ class Finder:
         st = self.state
         self.results = (np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=float), what)
         st.select(self.results[0])
-        st._say(f"{len(rows):,} result(s) for {what}, selected on the map" if len(rows)
+        st.say(f"{len(rows):,} result(s) for {what}, selected on the map" if len(rows)
                 else f"nothing found for {what}")
-        st._emit("message")
+        st.emit("message")
         self.render(frozenset({"selection"}))
 
     def clear(self) -> None:
@@ -455,7 +463,7 @@ class Finder:
                          "1,000 ImageNet classes the images were seen as; there is no class for a "
                          "person, a face, a colour alone or an action</div>")
         if not st.has_features:
-            notes.append(f"<div class='ex-muted'>more like this is off: {esc(st._features_problem)}</div>")
+            notes.append(f"<div class='ex-muted'>more like this is off: {esc(st.features_problem)}</div>")
         self.search_note.text = "".join(notes)
 
     def _render_results(self) -> None:

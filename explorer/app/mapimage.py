@@ -1,7 +1,7 @@
 """Big maps as one server-rendered image; lasso, box and click resolved on the server.
 
 Above :func:`explorer.app.density.image_threshold` drawn points an :class:`ImageMap` takes
-over the map of an :class:`explorer.app.view.AppView`: the dots' source stays empty (no
+over a session's map: the dots' source stays empty (no
 per-point columns travel), the server renders the points in view as an RGBA image
 (:func:`explorer.app.density.shade`) and re-renders it when the view range (Bokeh's
 ``RangesUpdate``), the selection, the colours or the point size change. Renders of more
@@ -15,15 +15,19 @@ geometry (data coordinates, a few hundred numbers) with the selection mode (tool
 or Shift = append, Ctrl = intersect, both = subtract) through the ``lasso_geometry``
 source, and :meth:`ImageMap.on_geometry` finds the points with numpy.
 
-When at most ``THUMBS_IN_VIEW`` points are in view, their thumbnails are sent (as in the
+When at most :data:`THUMBS_IN_VIEW` points are in view, their thumbnails are sent (as in the
 dot mode, where the browser finds them itself).
+
+The map sees its session's view only through a :class:`MapPort` (the plot, the drawn rows
+and their columns, a selection callback and a thumbnails sink), never the view itself.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 from bokeh.events import RangesUpdate
@@ -31,38 +35,22 @@ from bokeh.models import ColumnDataSource, CustomJS, GlyphRenderer, Scatter
 
 from explorer.app import density as D
 from explorer.app import work
+from explorer.app.html import GEOMETRY_JS
+from explorer.app.selection import SELECT_MODES
 
-__all__ = ["ImageMap", "INLINE_POINTS", "CLICK_PX"]
+__all__ = ["ImageMap", "MapPort", "INLINE_POINTS", "CLICK_PX", "THUMBS_IN_VIEW"]
+
+#: thumbnails are drawn on the map when at most this many points are in view (both modes)
+THUMBS_IN_VIEW = 300
 
 #: renders of at most this many drawn points run on the event loop (a few ms)
 INLINE_POINTS = 200_000
 #: a click selects the nearest point within this many screen pixels
 CLICK_PX = 6
-#: frame size (height, width) used before the browser reports the real one (measured in Chromium:
-#: a 760 x 620 plot with its toolbar above)
-DEFAULT_FRAME = (585, 750)
+#: frame size (height, width) used before the browser reports the real one (the map stretches
+#: into the window; about its size in a 1600 x 1000 window)
+DEFAULT_FRAME = (850, 830)
 
-#: the browser side of the lasso channel: on the final geometry of a select tool, send
-#: the polygon (data coordinates) and the mode; ``seq`` makes a repeated shape a change
-_GEOMETRY_JS = """
-if (!cb_obj.final || !image.visible) return;
-const g = cb_obj.geometry;
-let xs, ys, mode;
-if (g.type == "poly") { xs = Array.from(g.x); ys = Array.from(g.y); mode = lasso.mode; }
-else if (g.type == "rect") { xs = [g.x0, g.x1, g.x1, g.x0]; ys = [g.y0, g.y0, g.y1, g.y1]; mode = box.mode; }
-else if (g.type == "point") { xs = [g.x]; ys = [g.y]; mode = "replace"; }
-else return;
-const k = window.explorerKeys || {};
-if (k.shift && k.ctrl) mode = "subtract";
-else if (k.shift) mode = g.type == "point" ? "toggle" : "append";
-else if (k.ctrl) mode = "intersect";
-window.__explorerSeq = (window.__explorerSeq || 0) + 1;
-const seq = window.__explorerSeq;
-geometry.data = {x: xs, y: ys, kind: xs.map(() => g.type), mode: xs.map(() => mode),
-                 seq: xs.map(() => seq)};
-"""
-
-MODES = ("replace", "append", "intersect", "subtract", "toggle")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -82,15 +70,35 @@ def empty_image() -> dict[str, Any]:
     return {"image": [], "x": [], "y": [], "dw": [], "dh": [], "n": [], "total": []}
 
 
+@dataclass(frozen=True)
+class MapPort:
+    """What an :class:`ImageMap` uses of its session (the view builds one)."""
+
+    #: the map's figure
+    plot: Any
+    #: the dots' renderer (hidden while the map is an image)
+    dots: Any
+    #: the session's state (colours, selection, point size, coordinates, messages)
+    state: Any
+    #: the drawn rows (source position -> row)
+    drawn_rows: Callable[[], np.ndarray]
+    #: float32 x, y and int32 colour code of the drawn rows
+    columns: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    #: a person's selection on the map: ``select(rows, mode)`` (:data:`SELECT_MODES`)
+    select: Callable[[np.ndarray, str], None]
+    #: draw these rows' thumbnails on the map (``None``: none)
+    show_thumbs: Callable[[np.ndarray | None], None]
+    #: the served Document, or ``None`` (tests, scripts: work runs at once)
+    document: Callable[[], Any]
+
+
 class ImageMap:
-    """The image side of one session's map (see the module docstring).
+    """The image side of one session's map (see the module docstring); :attr:`active`
+    tells which mode the map is in."""
 
-    ``view``: the :class:`explorer.app.view.AppView` (its ``plot``, ``state``,
-    ``plot_rows`` and ``map_columns()``); :attr:`active` tells which mode the map is in."""
-
-    def __init__(self, view: Any) -> None:
-        self.view = view
-        plot = view.plot
+    def __init__(self, port: MapPort) -> None:
+        self.port = port
+        plot = port.plot
         self.source = ColumnDataSource(data=empty_image(), name="map_image_source")
         self.renderer = plot.image_rgba(
             image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, name="map_image", visible=False
@@ -122,24 +130,25 @@ class ImageMap:
         """Connect the select tools' geometry and the plot's range updates."""
         self._tools = {"lasso": lasso, "box": box, "tap": tap}
         self._dot_renderers = {k: list(t.renderers) for k, t in self._tools.items()}
-        self.view.plot.js_on_event(
+        self.port.plot.js_on_event(
             "selectiongeometry",
             CustomJS(args={"image": self.renderer, "geometry": self.geometry, "lasso": lasso, "box": box},
-                     code=_GEOMETRY_JS),
+                     code=GEOMETRY_JS),
         )  # fmt: skip
-        self.view.plot.on_event(RangesUpdate, self.on_ranges)
+        self.port.plot.on_event(RangesUpdate, self.on_ranges)
+        for size in ("inner_width", "inner_height"):  # the map stretches with the window
+            self.port.plot.on_change(size, lambda attr, old, new: self.request())
         self.geometry.on_change("data", self.on_geometry)
 
     def set_data(self, active: bool) -> None:
         """The map's rows changed (load, drill-down): take the drawn columns, fit the ranges,
         switch between dots and image."""
-        view = self.view
-        x, y, codes = view.map_columns()
+        x, y, codes = self.port.columns()
         b = D.padded_bounds(x, y, padding=0.0)
         self.bounds_source.data = {"x": [b[0], b[1]], "y": [b[2], b[3]]}
         self.active = bool(active)
         self.renderer.visible = self.active
-        view.renderer.visible = not self.active
+        self.port.dots.visible = not self.active
         for key, tool in self._tools.items():
             tool.renderers = [self.bounds] if self.active else self._dot_renderers[key]
         self._binned = None
@@ -154,15 +163,15 @@ class ImageMap:
 
     def set_codes(self) -> None:
         if self.active:
-            self._codes = self.view.map_columns()[2]
+            self._codes = self.port.columns()[2]
 
     def set_selection(self) -> None:
         """The session's selection as a mask over the drawn points (None: nothing selected)."""
-        sel = self.view.state.selection
+        sel = self.port.state.selection
         if not self.active or not len(sel):
             self._selected = None
             return
-        rows = self.view.plot_rows
+        rows = self.port.drawn_rows()
         pos = np.searchsorted(rows, sel)
         ok = pos < len(rows)
         pos = pos[ok]
@@ -173,7 +182,7 @@ class ImageMap:
 
     # ------------------------------------------------------------------ rendering
     def _shape(self) -> tuple[int, int]:
-        plot = self.view.plot
+        plot = self.port.plot
         try:
             w, h = plot.inner_width, plot.inner_height
         except Exception:  # not laid out by a browser yet (bokeh's UnsetValueError)
@@ -183,19 +192,19 @@ class ImageMap:
         return DEFAULT_FRAME
 
     def _radius(self) -> int:
-        return int(min(4, max(0, self.view.state.point_size // 2 - 1)))
+        return int(min(4, max(0, self.port.state.point_size // 2 - 1)))
 
     def _job(self) -> dict[str, Any]:
-        st = self.view.state
+        st = self.port.state
         _, palette, alphas, _ = st.color_codes()
         bounds = self.view_bounds or D.padded_bounds(self._x, self._y)
         shape = self._shape()
         b = self._binned
-        same_view = b is not None and b.bounds == D._ordered(bounds) and b.shape == shape
+        same_view = b is not None and b.bounds == D.ordered_bounds(bounds) and b.shape == shape
         return {
             "x": self._x, "y": self._y, "codes": self._codes, "colors": D.rgb_table(palette),
             "alphas": np.asarray(alphas, dtype=np.float32), "bounds": bounds, "shape": shape,
-            "selected": self._selected, "radius": self._radius(), "rows": self.view.plot_rows,
+            "selected": self._selected, "radius": self._radius(), "rows": self.port.drawn_rows(),
             "binned": b if same_view else None,
         }  # fmt: skip
 
@@ -215,21 +224,19 @@ class ImageMap:
     def _initial(self) -> tuple[D.Shaded, np.ndarray | None, D.Binned] | None:
         """The first view's image with nothing selected: the same for every session of a
         project (per colour column and point size), so it is rendered once per process."""
-        st = self.view.state
+        st = self.port.state
         if (self._selected is not None or self.view_bounds != self._initial_bounds
                 or self._shape() != DEFAULT_FRAME or st.drill):
             return None
-        from explorer.app.view import THUMBS_IN_VIEW
-
-        return st._cached(f"map_image\0{self._radius()}", lambda: self.compute(self._job(), THUMBS_IN_VIEW))
+        return st.cached(f"map_image\0{self._radius()}", lambda: self.compute(self._job(), THUMBS_IN_VIEW))
 
     def request(self) -> None:
         """Re-render soon: served, on the next tick, so what changed with it (the table, the
         grid) reaches the browser first, in its own message; else at once."""
-        view = self.view
+        doc = self.port.document()
         if not self.active:
             return
-        if not view.served:
+        if doc is None:
             self.refresh()
             return
         if self._queued:
@@ -241,7 +248,7 @@ class ImageMap:
             self.refresh()
 
         try:
-            view.doc.add_next_tick_callback(later)
+            doc.add_next_tick_callback(later)
         except Exception:  # the session is gone
             self._queued = False
 
@@ -249,14 +256,12 @@ class ImageMap:
         """Re-render the image for the current view, colours and selection (no-op in dot mode)."""
         if not self.active:
             return
-        view = self.view
-        from explorer.app.view import THUMBS_IN_VIEW
-
+        doc = self.port.document()
         first = self._initial()
         if first is not None:
             self._show(*first)
             return
-        if not view.served or len(self._x) <= INLINE_POINTS:
+        if doc is None or len(self._x) <= INLINE_POINTS:
             self._show(*self.compute(self._job(), THUMBS_IN_VIEW))
             return
         if self._running:  # the newest request wins; one render at a time per session
@@ -268,7 +273,7 @@ class ImageMap:
         def on_loop(result: Any) -> None:
             self._running = False
             if isinstance(result, Exception):  # shown on the page, never lost in a thread
-                view.state._refuse(f"map not drawn: {result}")
+                self.port.state.refuse(f"map not drawn: {result}")
                 result = None
             if self._again:
                 self._again = False
@@ -276,7 +281,7 @@ class ImageMap:
             elif result is not None and self.active:
                 self._show(*result)
 
-        work.when_done(render_pool().submit(self.compute, job, THUMBS_IN_VIEW), view.doc, on_loop)
+        work.when_done(render_pool().submit(self.compute, job, THUMBS_IN_VIEW), doc, on_loop)
 
     def _show(self, shaded: D.Shaded, rows: np.ndarray | None, binned: D.Binned) -> None:
         self._binned = binned
@@ -285,15 +290,7 @@ class ImageMap:
             "image": [shaded.image], "x": [x0], "y": [y0], "dw": [x1 - x0], "dh": [y1 - y0],
             "n": [shaded.n_drawn], "total": [len(self._x)],
         }  # fmt: skip
-        view = self.view
-        if rows is not None:
-            x, y = view.state.xy()
-            view.thumbs_source.data = {
-                "url": [view.thumb(r) for r in rows.tolist()],
-                "x": x[rows].tolist(), "y": y[rows].tolist(),
-            }  # fmt: skip
-        elif len(view.thumbs_source.data["url"]):
-            view.thumbs_source.data = {"url": [], "x": [], "y": []}
+        self.port.show_thumbs(rows)
         self.renders += 1
 
     # ------------------------------------------------------------------ events
@@ -312,7 +309,7 @@ class ImageMap:
             return
         kind = str(new["kind"][0])
         mode = str(new["mode"][0])
-        self.view.state_select(self.rows_of(kind, new["x"], new["y"]), mode if mode in MODES else "replace")
+        self.port.select(self.rows_of(kind, new["x"], new["y"]), mode if mode in SELECT_MODES else "replace")
 
     def rows_of(self, kind: str, xs: Any, ys: Any) -> np.ndarray:
         """The drawn rows a ``kind`` ("poly", "rect", "point") geometry holds."""
@@ -330,4 +327,4 @@ class ImageMap:
             pos = np.asarray([] if hit is None else [hit], dtype=np.int64)
         else:
             raise ValueError(f"geometry kind must be poly, rect or point, got {kind!r}")
-        return np.asarray(self.view.plot_rows)[pos].astype(np.int64)
+        return np.asarray(self.port.drawn_rows())[pos].astype(np.int64)

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from explorer.app.files import thumbnail_file
 from explorer.table import read_table, sidecar
 
 __all__ = ["Project", "load_project", "project_for_route", "thumb_url_prefix", "THUMB_SEGMENT"]
@@ -162,8 +163,6 @@ class Project:
     # ------------------------------------------------------------------ thumbnails
     def thumb_file(self, row: int) -> Path | None:
         """The thumbnail file of ``row`` inside the app folder, or None (off-site, missing, unsafe)."""
-        from explorer.app.files import thumbnail_file
-
         if not 0 <= row < self.n_rows:
             return None
         return thumbnail_file(self.app_dir, self.image_values[row])
@@ -293,6 +292,12 @@ class Project:
     @property
     def tree_ready(self) -> Any:
         return self._tree
+
+    def adopt_tree(self, tree: Any) -> None:
+        """Use an already built hierarchy (kept if one was built meanwhile)."""
+        with self._lock:
+            if self._tree is None:
+                self._tree = tree
 
 
 # --------------------------------------------------------------------------- cache

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from explorer.app.session import SessionFields
 from explorer.images import natural_key
 
 #: columns a person can colour the map by / filter the MultiSelect on
@@ -61,6 +62,22 @@ def sort_labels(values: Iterable[str]) -> list[str]:
         return sorted(vals, key=natural_key)
 
 
+#: how a new selection combines with the current one (Bokeh's select tools' modes)
+SELECT_MODES: tuple[str, ...] = ("replace", "append", "intersect", "subtract", "toggle")
+
+
+def combine_selection(current: np.ndarray, rows: np.ndarray, mode: str = "replace") -> np.ndarray:
+    """The selection after selecting ``rows`` (sorted unique row numbers) with ``mode``:
+    replace, append (union), intersect, subtract (current minus rows) or toggle
+    (symmetric difference). Raises ``ValueError`` naming an unknown mode."""
+    if mode == "replace":
+        return rows
+    ops = {"append": np.union1d, "intersect": np.intersect1d, "subtract": np.setdiff1d, "toggle": np.setxor1d}
+    if mode not in ops:
+        raise ValueError(f"mode must be one of {list(SELECT_MODES)}, got {mode!r}")
+    return ops[mode](current, rows).astype(np.int64)
+
+
 def default_point_size(n: int) -> float:
     """Marker size in screen pixels that suits ``n`` points: 10 for a few dozen, 4 for 100k+."""
     return float(np.clip(round(14 - 2 * np.log10(max(n, 1))), 4, 10))
@@ -87,30 +104,32 @@ def color_codes_of(labels: np.ndarray, muted: str) -> tuple[np.ndarray, list[str
     return codes, palette, np.asarray(alphas, dtype=float), values
 
 
-class SelectionModel:
-    """Selection / filter / colour methods of :class:`explorer.app.state.AppState`."""
-
-    project: Any
-    valid: np.ndarray
-    n_rows: int
-    _subscribers: list[Callable[[frozenset[str]], None]]
+class SelectionModel(SessionFields):
+    """Selection / filter / colour methods of :class:`explorer.app.state.AppState`
+    (its attributes: :class:`explorer.app.session.SessionFields`)."""
 
     # ------------------------------------------------------------------ observers
     def subscribe(self, callback: Callable[[frozenset[str]], None]) -> None:
         """Call ``callback(aspects)`` after every change (aspects: see :data:`ASPECTS`)."""
         self._subscribers.append(callback)
 
-    def _emit(self, *aspects: str) -> None:
+    def emit(self, *aspects: str) -> None:
+        """Tell every subscriber that ``aspects`` changed (views re-render them)."""
         what = frozenset(aspects)
         for cb in list(self._subscribers):
             cb(what)
 
-    def _say(self, text: str, level: str = "info") -> None:
+    def say(self, text: str, level: str = "info") -> None:
+        """Set the page's message (shown at the next ``emit("message")``)."""
         self.message = (level, text)
 
-    def _refuse(self, text: str) -> None:
-        self._say(text, "error")
-        self._emit("message")
+    def refuse(self, text: str) -> None:
+        """Show ``text`` as an error now (a request that could not be done)."""
+        self.say(text, "error")
+        self.emit("message")
+
+    # the names panels written before they were public used (kept for merging branches)
+    _emit, _say, _refuse = emit, say, refuse
 
     # ------------------------------------------------------------------ labels
     def _check_label_column(self, col: str) -> None:
@@ -173,7 +192,9 @@ class SelectionModel:
             for key in [k for k in self._derived if k[1] == column]:
                 del self._derived[key]
 
-    def _cached(self, kind: str, make: Callable[[], Any]) -> Any:
+    def cached(self, kind: str, make: Callable[[], Any]) -> Any:
+        """``make()`` for the current colour column, computed once: per process for the
+        project's own columns (no drill-down, no row filter), else per session."""
         col = self.label_column
         if self._shared_column(col) and self.valid is self.project.valid:  # no drill-down, no row filter
             return self.project.cached(f"{kind}\0{col}", make)
@@ -194,7 +215,7 @@ class SelectionModel:
             counts = np.bincount(codes[self.valid], minlength=len(values)) if len(codes) else []
             return {v: int(c) for v, c in zip(values, counts) if c}
 
-        return dict(self._cached("counts", make))
+        return dict(self.cached("counts", make))
 
     def label_text(self, value: str) -> str:
         """How a value is shown to a person."""
@@ -220,7 +241,7 @@ class SelectionModel:
         Returns ``(code per row, colour per code, alpha per code, value per code)``.
         Values get palette colours in display order, cycling; the "no group" value
         (cluster -1, empty label, duplicate_group -1) is grey and faint."""
-        return self._cached("codes", lambda: color_codes_of(self.labels(), self.muted_value()))
+        return self.cached("codes", lambda: color_codes_of(self.labels(), self.muted_value()))
 
     def colors(self) -> tuple[np.ndarray, np.ndarray]:
         """(colour hex, alpha) per row for the current colour column."""
@@ -258,20 +279,22 @@ class SelectionModel:
         codes, _, _, values = self.color_codes()
         return tuple(values[c] for c in np.unique(codes[rows]))
 
-    def select(self, rows: Iterable[int]) -> None:
-        """A person selected ``rows`` on the map (lasso, box): they become the selection
-        and the scope, and the label filter shows the values present in them.
+    def select(self, rows: Iterable[int], mode: str = "replace") -> None:
+        """A person selected ``rows`` on the map (lasso, box, click): combined with the
+        selection by ``mode`` (:data:`SELECT_MODES`, as the select tools do: "append" with
+        Shift, "toggle" for a Shift-click; see :func:`combine_selection`), they become the
+        selection and the scope, and the label filter shows the values present in them.
 
         With :attr:`defer_neighbours` (the served app) a single image's neighbours are
         left to the caller (a background search); otherwise they are found here."""
-        sel = self._as_rows(rows)
+        sel = combine_selection(self.selection, self._as_rows(rows), mode)
         self.generation.bump()
         self.selection = sel
         self.scope = sel
         self.label_filter = self.present_labels(sel)
         self.neighbours = None if self.defer_neighbours else self._neighbours_for(sel)
-        self._say(f"{len(sel):,} selected" if len(sel) else "nothing selected")
-        self._emit("selection", "filter", "message", "neighbours")
+        self.say(f"{len(sel):,} selected" if len(sel) else "nothing selected")
+        self.emit("selection", "filter", "message", "neighbours")
 
     def set_label_filter(self, values: Iterable[str]) -> None:
         """A person chose ``values`` in the MultiSelect: select their rows.
@@ -300,8 +323,8 @@ class SelectionModel:
         self.label_filter = values
         self.selection = sel
         self.neighbours = None
-        self._say(f"{len(sel):,} selected")
-        self._emit("selection", "filter", "message")
+        self.say(f"{len(sel):,} selected")
+        self.emit("selection", "filter", "message")
 
     def clear_label_filter(self) -> None:
         """Empty the MultiSelect: nothing is selected afterwards (the scope of
@@ -312,8 +335,8 @@ class SelectionModel:
         self.neighbours = None
         if not self.only_selected:
             self.scope = self.selection
-        self._say("label filter cleared; nothing selected")
-        self._emit("selection", "filter", "message")
+        self.say("label filter cleared; nothing selected")
+        self.emit("selection", "filter", "message")
 
     def set_only_selected(self, flag: bool) -> None:
         """Turn "only change selected" on (the current selection becomes the scope) or off."""
@@ -323,10 +346,10 @@ class SelectionModel:
         self.only_selected = flag
         self.scope = self.selection
         if flag:
-            self._say(f"label changes now only touch the {len(self.scope):,} selected images")
+            self.say(f"label changes now only touch the {len(self.scope):,} selected images")
         else:
-            self._say("label changes select every image with the label")
-        self._emit("only_selected", "message")
+            self.say("label changes select every image with the label")
+        self.emit("only_selected", "message")
 
     def set_label_column(self, column: str) -> None:
         """Colour the map by ``column`` and filter on it; the selection stays."""
@@ -335,13 +358,13 @@ class SelectionModel:
             return
         self.label_column = column
         self.label_filter = self.present_labels()
-        self._say(f"colouring by {column}")
-        self._emit("label_column", "filter", "message")
+        self.say(f"colouring by {column}")
+        self.emit("label_column", "filter", "message")
 
     def set_point_size(self, size: float) -> None:
         self._check_point_size(size)
         self.point_size = float(size)
-        self._emit("point_size")
+        self.emit("point_size")
 
     def reset(self) -> None:
         """Back to the state right after loading (labels are kept: undo takes them back).
@@ -367,8 +390,8 @@ class SelectionModel:
         if self.point_size != self._initial["point_size"]:
             self.point_size = self._initial["point_size"]
             aspects.add("point_size")
-        self._say("reset: nothing selected")
-        self._emit(*aspects)
+        self.say("reset: nothing selected")
+        self.emit(*aspects)
 
     def selected_table(self) -> pd.DataFrame:
         """The selected rows, every column (x and y included), labels as they are now."""

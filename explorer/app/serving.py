@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import weakref
 from typing import Any, Iterable
 
 log = logging.getLogger("bokeh.server.explorer")
 
 __all__ = ["LOOPBACK_NAMES", "find_tornado", "guard_hosts", "host_allowed", "protect", "split_host"]
+
+#: the Tornado applications already guarded
+_GUARDED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 #: host names that always mean "this computer" (on the served port)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -79,7 +83,7 @@ def _local_socket(request: Any) -> socket.socket | None:
 def guard_hosts(app: Any) -> None:
     """Answer 403 to every request of Tornado application ``app`` whose Host is not allowed
     (:func:`host_allowed` with the app's ``websocket_origins``); idempotent."""
-    if getattr(app, "_explorer_host_guard", False):
+    if app in _GUARDED:
         return
     from tornado.web import ErrorHandler
 
@@ -96,7 +100,7 @@ def guard_hosts(app: Any) -> None:
         return route(request, **kwargs)
 
     app.find_handler = find_handler
-    app._explorer_host_guard = True
+    _GUARDED.add(app)
 
 
 def protect(server_context: Any) -> bool:

@@ -26,16 +26,13 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.curation import Curation, empty_suggestions
+from explorer.app.downloads import DownloadStore, ExportPlan, SaveResult, describe, write_export
 from explorer.app.files import (
     ExportError,
-    ExportPlan,
-    SaveResult,
     check_export_name,
-    describe,
     original_file,
     thumb_url,
     thumbnail_file,
-    write_export,
 )
 from explorer.app.project import Project, label_strings, load_project, thumb_url_prefix
 from explorer.app.selection import (
@@ -104,8 +101,6 @@ class AppState(SelectionModel, Curation):
         self._derived: dict[tuple[str, str], Any] = {}
         self._subscribers: list[Callable[[frozenset[str]], None]] = []
         self._initial = {"label_column": label_column, "point_size": float(point_size)}
-        from explorer.app.downloads import DownloadStore
-
         #: the key that this session's exports are handed out under
         self.session_key = session_key or DownloadStore.new_key()
         #: bumped whenever the person moves on; background results check it (review L12)
@@ -121,6 +116,9 @@ class AppState(SelectionModel, Curation):
         #: drill-down levels: dicts with rows, xy, ids, parent, column, selection
         self.drill: list[dict[str, Any]] = []
         self._base_valid: np.ndarray | None = None
+        #: the rows the map shows besides those without coordinates (None: all of them); set
+        #: by the quality-flag filter of :mod:`explorer.app.finder`
+        self.row_filter: np.ndarray | None = None
         self.overview_id = "root"
         self._extra_columns: list[str] | None = None
         self._check_label_column(label_column)
@@ -255,11 +253,11 @@ class AppState(SelectionModel, Curation):
     def export_finish(self, result: SaveResult | Exception, imagefolder: bool = False) -> SaveResult | None:
         """Tell the person what was saved (or why not)."""
         if isinstance(result, Exception):
-            self._refuse(f"not saved: {result}")
+            self.refuse(f"not saved: {result}")
             return None
         result.message = describe(result, imagefolder)
-        self._say(result.message)
-        self._emit("message")
+        self.say(result.message)
+        self.emit("message")
         return result
 
     def export(self, name: str, images: bool = False, progress: bool = False) -> SaveResult:

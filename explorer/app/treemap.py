@@ -97,7 +97,10 @@ def cluster_names(table, tree, tiles: Tiles) -> list[str]:
 
 
 class TreemapPanel:
-    """The widgets of the Treemap tab for one session (see the module docstring)."""
+    """The widgets of the Treemap tab for one session (see the module docstring); a panel as
+    :mod:`explorer.app.panel` describes (``title``, ``panel``, ``render``, ``opened``)."""
+
+    title = "Treemap"
 
     def __init__(self, state: Any, thumb: Callable[[int], str],
                  background: Callable[[str, Callable[[], Any], Callable[[Any], None]], None],
@@ -137,7 +140,6 @@ class TreemapPanel:
         self.info = Div(name="treemap_info", text="", stylesheets=css, width=width)
         self.source.selected.on_change("indices", self._on_tap)
         self.panel = column(self.info, *self.crumbs, self.figure, name="treemap_panel", width=width)
-        state.subscribe(self.render)
 
     # ------------------------------------------------------------------ actions
     def open(self) -> None:
@@ -163,6 +165,8 @@ class TreemapPanel:
 
         self.info.text = "<div class='ex-muted'>building the hierarchy (once for every session)...</div>"
         self.background("building the treemap (once for every session)", st.overview_compute, finish)
+
+    opened = open  # the view calls it when a person opens the tab
 
     def tap(self, index: int) -> None:
         """Tile ``index`` was tapped: select its images and open it when it is split further."""

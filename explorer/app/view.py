@@ -29,7 +29,6 @@ from bokeh.models import (
     Button,
     Checkbox,
     ImageURL,
-    FileInput,
     TabPanel,
     Tabs,
     TapTool,
@@ -59,81 +58,32 @@ from bokeh.plotting import figure
 from explorer.app.density import image_threshold
 from explorer.app.duplicates import DuplicatesPanel
 from explorer.app.finder import Finder
-from explorer.app.html import column_title, esc
+from explorer.app import html as H
+from explorer.app.html import DOWNLOAD_JS, THUMBS_JS, TOOLTIP, TOOLTIP_NO_NAME, column_title
+from explorer.app.label_panel import LabelPanel
+from explorer.app.mapimage import THUMBS_IN_VIEW, ImageMap, MapPort
+from explorer.app.metadata_panel import MetadataPanel
+from explorer.app.overview_panel import OverviewPanel
 from explorer.app.treemap import TreemapPanel
-from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
 
 #: the DataTable shows at most this many selected rows (Save writes all of them)
 TABLE_LIMIT = 2000
-#: the suggestions table shows at most this many (most confident first)
-SUGGEST_LIMIT = 2000
 #: thumbnails per page of the selection grid
 GRID_PAGE = 40
-PLOT_WIDTH, PLOT_HEIGHT = 760, 620
+#: the map's smallest size (it stretches to the room the window gives it)
+MAP_MIN_WIDTH, MAP_MIN_HEIGHT = 520, 360
+#: the image grid's and table's smallest width beside the map (narrower windows: below it)
+IMAGES_MIN_WIDTH = 360
+TABLE_HEIGHT = 300
 SIDEBAR_WIDTH = 300
 #: file names go into the map's source (for the hover) only up to this many points
 NAME_LIMIT = 200_000
 #: the hover names at most this many groups of the colour column (then "group #code")
 HOVER_LABEL_LIMIT = 20_000
-#: draw thumbnails instead of dots when at most this many points are in view
-THUMBS_IN_VIEW = 300
 #: their size on screen (pixels)
 THUMB_PX = 44
-
-_DOWNLOAD_JS = """
-const d = source.data;
-const urls = d["url"] || [];
-const names = d["filename"] || [];
-const paths = d["cookie_path"] || [];
-// the session key travels only over this session's websocket; the export handler wants it
-// back in a cookie scoped to the one export's path
-for (let i = 0; i < paths.length; i++) {
-  document.cookie = "explorer_dl=" + key + "; path=" + paths[i] + "; SameSite=Strict";
-}
-for (let i = 0; i < urls.length; i++) {
-  const a = document.createElement("a");
-  a.href = urls[i];
-  a.download = names[i];
-  a.style.display = "none";
-  document.body.appendChild(a);
-  a.click();
-  a.remove();
-}
-"""
-
-_TOOLTIP = """
-<div style="max-width:180px">
-  <img src="@row{custom}" alt="" style="max-width:160px;max-height:160px;display:block;margin-bottom:4px">
-  <div style="font-weight:600;word-break:break-all">@name</div>
-  <div>@code{custom}</div>
-</div>
-"""
-_TOOLTIP_NO_NAME = _TOOLTIP.replace('<div style="font-weight:600;word-break:break-all">@name</div>', "")
-
-#: the thumbnails in view (client-side; throttled; nothing goes to the server)
-_THUMBS_JS = """
-if (image.visible) return;  // image mode: the server sends the thumbnails in view
-if (thumbs._ex_timer) clearTimeout(thumbs._ex_timer);
-thumbs._ex_timer = setTimeout(() => {
-  const d = points.data, xs = d.x, ys = d.y, rows = d.row;
-  const xa = Math.min(xr.start, xr.end), xb = Math.max(xr.start, xr.end);
-  const ya = Math.min(yr.start, yr.end), yb = Math.max(yr.start, yr.end);
-  const url = [], x = [], y = [];
-  let n = 0;
-  for (let i = 0; i < xs.length; i++) {
-    const a = xs[i], b = ys[i];
-    if (a >= xa && a <= xb && b >= ya && b <= yb) {
-      if (++n > limit) break;
-      url.push(prefix + rows[i]); x.push(a); y.push(b);
-    }
-  }
-  if (n > limit) { if (thumbs.data.url.length) thumbs.data = {url: [], x: [], y: []}; }
-  else thumbs.data = {url: url, x: x, y: y};
-}, 120);
-"""
-
 
 
 def _stylesheet(route: str) -> ImportedStyleSheet:
@@ -154,8 +104,11 @@ class AppView:
         self.selection_callbacks = 0
         self.grid_page = 0
         self._syncing = False
+        #: (file name, URL) of the last save's files, shown as links until the person moves on
+        self._links: list[tuple[str, str]] = []
         st = state
-        css = [_stylesheet(st.route)]
+        #: the app's stylesheet, for every Div (panels use it too)
+        self.css = css = [_stylesheet(st.route)]
         self.plot_rows = self._drawn_rows()
         self.thumb_prefix = thumb_url_prefix(st.route)
 
@@ -172,8 +125,9 @@ class AppView:
         self.source = ColumnDataSource(data=self._points_data(), name="points")
         self.plot = figure(
             name="plot",
-            width=PLOT_WIDTH,
-            height=PLOT_HEIGHT,
+            sizing_mode="stretch_both",
+            min_width=MAP_MIN_WIDTH,
+            min_height=MAP_MIN_HEIGHT,
             output_backend="webgl",
             tools="pan,box_zoom,wheel_zoom,save,reset",
             active_scroll="wheel_zoom",
@@ -200,7 +154,7 @@ class AppView:
         lasso = LassoSelectTool(continuous=False, renderers=[self.renderer], name="lasso")
         box = BoxSelectTool(continuous=False, renderers=[self.renderer], name="box_select")
         hover = HoverTool(
-            tooltips=_TOOLTIP if "name" in self.source.data else _TOOLTIP_NO_NAME,
+            tooltips=TOOLTIP if "name" in self.source.data else TOOLTIP_NO_NAME,
             formatters={"@code": self.hover_labels, "@row": self.hover_thumb},
             renderers=[self.renderer], name="hover",
         )  # fmt: skip
@@ -208,7 +162,11 @@ class AppView:
         self.plot.add_tools(lasso, box, hover, tap)
         self.plot.toolbar.active_drag = lasso
         # big maps: one server-rendered image, select tools resolved on the server
-        self.image_map = ImageMap(self)
+        self.image_map = ImageMap(MapPort(
+            plot=self.plot, dots=self.renderer, state=st, drawn_rows=lambda: self.plot_rows,
+            columns=self.map_columns, select=self.state_select, show_thumbs=self._show_thumbs,
+            document=lambda: self.doc if self.served else None,
+        ))  # fmt: skip
         self.image_map.wire(lasso, box, tap)
         for rng in (self.plot.x_range, self.plot.y_range):  # fit the data, not the image or thumbnails
             rng.renderers = [self.image_map.bounds]
@@ -225,7 +183,7 @@ class AppView:
             args={"points": self.source, "thumbs": self.thumbs_source, "xr": self.plot.x_range,
                   "yr": self.plot.y_range, "prefix": self.thumb_prefix, "limit": THUMBS_IN_VIEW,
                   "image": self.image_map.renderer},
-            code=_THUMBS_JS,
+            code=THUMBS_JS,
         )  # fmt: skip
         for rng in (self.plot.x_range, self.plot.y_range):
             rng.js_on_change("start", in_view)
@@ -233,7 +191,7 @@ class AppView:
 
         # ---------------------------------------------------------------- sidebar
         self.title = Div(name="title", text=self._title_html(), stylesheets=css)
-        self.status = Div(name="status", text="", stylesheets=css, width=PLOT_WIDTH + SIDEBAR_WIDTH)
+        self.status = Div(name="status", text="", stylesheets=css, sizing_mode="stretch_width")
         self.color_by = Select(
             name="color_by",
             title="Colour by (and filter on)",
@@ -262,11 +220,11 @@ class AppView:
         self.reset = Button(name="reset", label="Reset Data", button_type="warning", width=SIDEBAR_WIDTH)
         self.downloads = ColumnDataSource(data={"url": [], "filename": [], "cookie_path": []}, name="downloads")
         self.downloads.js_on_change(
-            "data", CustomJS(args={"source": self.downloads, "key": st.session_key}, code=_DOWNLOAD_JS)
+            "data", CustomJS(args={"source": self.downloads, "key": st.session_key}, code=DOWNLOAD_JS)
         )
 
         # ---------------------------------------------------------------- selection views
-        self.grid = Div(name="grid", text="", stylesheets=css, width=PLOT_WIDTH + SIDEBAR_WIDTH)
+        self.grid = Div(name="grid", text="", stylesheets=css, sizing_mode="stretch_both")
         self.grid_info = Div(name="grid_page", text="", stylesheets=css)
         self.grid_prev = Button(name="grid_prev", label="◀ Previous", width=110)
         self.grid_next = Button(name="grid_next", label="Next ▶", width=110)
@@ -301,47 +259,76 @@ class AppView:
             name="sidebar",
             width=SIDEBAR_WIDTH,
         )
-        self._build_curation(css)
-        self.finder = Finder(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
-        self.treemap = TreemapPanel(
-            st, self.thumb, lambda what, compute, finish: self._background(what, compute, finish, drop_if_moved=False),
-            width=SIDEBAR_WIDTH, height=PLOT_HEIGHT - 160, stylesheets=css,
-        )  # fmt: skip
-        self.duplicates = DuplicatesPanel(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
+        self._build_drill(css)
+        self.finder = Finder(self, css, SIDEBAR_WIDTH, None)
+        self.panels = self._build_panels()
         self.tabs = Tabs(
             name="tabs",
-            tabs=[
-                TabPanel(child=explore, title="Explore"),
-                TabPanel(child=self.label_panel, title="Label"),
-                TabPanel(child=self.overview_panel, title="Overview"),
-                TabPanel(child=self.metadata_panel, title="Metadata"),
-                TabPanel(child=self.finder.panel, title="Find"),
-                TabPanel(child=self.treemap.panel, title="Treemap"),
-                TabPanel(child=self.duplicates.panel, title="Duplicates"),
-            ],
+            tabs=[TabPanel(child=explore, title="Explore")]
+            + [TabPanel(child=p.panel, title=p.title) for p in self.panels],
             width=SIDEBAR_WIDTH + 20,
+            sizing_mode="stretch_height",
+            styles={"overflow-y": "auto", "flex": "none"},
         )
         self.tabs.on_change("active", self._on_tab)
-        self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.finder.panel and self.finder.warm())
-        self.tabs.on_change("active", lambda a, o, n: self.tabs.tabs[n].child is self.treemap.panel and self.treemap.open())
-        self.tabs.on_change("active", lambda a, o, n: self.duplicates.show(self.tabs.tabs[n].child is self.duplicates.panel))
-        self.layout = column(
-            self.title,
-            self.status,
-            row(self.crumbs, self.back, self.top),
-            row(self.plot, self.tabs),
-            self.finder.results_div,
-            self.duplicates.cards,
-            row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours),
-            self.grid,
-            self.table_info,
-            self.table,
-            name="explorer",
-        )
+        self.layout = self._build_layout()
         # the map's source was filled above: "map" is not rendered twice
         self.render(frozenset({"selection", "filter", "label_column", "message", "labels", "columns"}))
 
     # ------------------------------------------------------------------ building
+    def _build_panels(self) -> list[Any]:
+        """The sidebar's panels after Explore, in tab order (see :mod:`explorer.app.panel`).
+
+        Add a panel here: ``Module.Panel(self, SIDEBAR_WIDTH)``, one line each."""
+        self.label_panel = LabelPanel(self, SIDEBAR_WIDTH)
+        self.overview_panel = OverviewPanel(self, SIDEBAR_WIDTH)
+        self.metadata_panel = MetadataPanel(self, SIDEBAR_WIDTH)
+        self.treemap = TreemapPanel(self.state, self.thumb, self.background, width=SIDEBAR_WIDTH,
+                                    height=460, stylesheets=self.css)
+        self.duplicates = DuplicatesPanel(self, self.css, SIDEBAR_WIDTH, 700)
+        return [
+            self.label_panel,
+            self.overview_panel,
+            self.metadata_panel,
+            self.finder,
+            self.treemap,
+            self.duplicates,
+            # add a panel here
+        ]
+
+    def _on_tab(self, attr: str, old: Any, new: int) -> None:
+        """A tab was opened: tell its panel (``opened()``, if it has one)."""
+        child = self.tabs.tabs[new].child if 0 <= new < len(self.tabs.tabs) else None
+        for panel in self.panels:
+            if panel.panel is child and hasattr(panel, "opened"):
+                panel.opened()
+            elif panel.panel is not child and hasattr(panel, "closed"):
+                panel.closed()
+
+    def _build_layout(self) -> Any:
+        """The page: a header, then the map (it takes the room the window gives it) with the
+        image grid and the table beside it, wrapping below it on narrow windows, and the
+        sidebar's tabs at the right, always in view (the page itself does not scroll)."""
+        self.crumbs_row = row(self.crumbs, self.back, self.top, name="crumbs_row", visible=False)
+        header = column(self.title, self.status, self.crumbs_row, name="header", sizing_mode="stretch_width")
+        map_box = column(self.plot, name="map_box", sizing_mode="stretch_both",
+                         styles={"flex": "2 1 0px", "min-width": f"{MAP_MIN_WIDTH}px",
+                                 "min-height": f"{MAP_MIN_HEIGHT}px"})  # fmt: skip
+        # the grid scrolls inside its own box; the table keeps its place under it
+        self.grid.styles = {"overflow-y": "auto", "min-height": "160px"}
+        nav = row(self.grid_prev, self.grid_info, self.grid_next, self.select_neighbours, name="grid_nav",
+                  sizing_mode="stretch_width", styles={"flex-wrap": "wrap"})
+        images = column(
+            self.finder.results_div, self.duplicates.cards, nav, self.grid, self.table_info, self.table,
+            name="images_box", sizing_mode="stretch_both",
+            styles={"flex": "1 1 0px", "min-width": f"{IMAGES_MIN_WIDTH}px", "min-height": "560px",
+                    "overflow-y": "auto"},
+        )  # fmt: skip
+        workspace = row(map_box, images, name="workspace", sizing_mode="stretch_both",
+                        styles={"flex-wrap": "wrap", "overflow-y": "auto"})
+        body = row(workspace, self.tabs, name="body", sizing_mode="stretch_both")
+        return column(header, body, name="explorer", sizing_mode="stretch_both")
+
     def lasso_renderers(self) -> list[Any]:
         """The renderers lasso and box select act on (the dots, never the thumbnails)."""
         tool = self.plot.select_one(LassoSelectTool)
@@ -407,15 +394,21 @@ class AppView:
     def thumb(self, row: int) -> str:
         return self.thumb_prefix + str(int(row))
 
+    def _show_thumbs(self, rows: np.ndarray | None) -> None:
+        """Draw ``rows``' thumbnails on the map at their positions (``None``: none)."""
+        if rows is not None:
+            x, y = self.state.xy()
+            self.thumbs_source.data = {
+                "url": [self.thumb(r) for r in rows.tolist()],
+                "x": x[rows].tolist(), "y": y[rows].tolist(),
+            }  # fmt: skip
+        elif len(self.thumbs_source.data["url"]):
+            self.thumbs_source.data = {"url": [], "x": [], "y": []}
+
     def _title_html(self) -> str:
         st = self.state
         n_clusters = len([v for v in st.label_values() if v != "-1"]) if st.label_column == "cluster" else None
-        parts = [f"<b>{esc(st.route or 'explorer')}</b>", f"{st.n_rows:,} images"]
-        if n_clusters is not None:
-            parts.append(f"{n_clusters:,} clusters")
-        if st.csv_path is not None:
-            parts.append(f"<span class='ex-muted'>{esc(st.csv_path)}</span>")
-        return f"<div class='ex-title'>{' &middot; '.join(parts)}</div>"
+        return H.title(st.route or "explorer", st.n_rows, n_clusters, st.csv_path)
 
     def _make_table(self) -> tuple[ColumnDataSource, DataTable]:
         cols = self._table_columns()
@@ -424,8 +417,8 @@ class AppView:
             name="table",
             source=source,
             columns=cols,
-            width=PLOT_WIDTH + SIDEBAR_WIDTH,
-            height=360,
+            sizing_mode="stretch_width",
+            height=TABLE_HEIGHT,
             row_height=50,
             index_position=None,
             selectable=False,
@@ -489,119 +482,45 @@ class AppView:
         return data
 
     # ------------------------------------------------------------------ curation widgets
-    def _build_curation(self, css: list[Any]) -> None:
+    def _build_drill(self, css: list[Any]) -> None:
+        """The drill-down's breadcrumbs (above the map) and the neighbours' button."""
         st = self.state
-        W = SIDEBAR_WIDTH
-        half = (W - 10) // 2
-        # label tab
-        self.label_input = TextInput(name="label_input", title="Label", placeholder="e.g. cat", width=W)
-        self.apply_label = Button(name="apply_label", label="Apply to selection", button_type="primary", width=half)
-        self.discard = Button(name="discard", label="Discard selection", button_type="danger", width=half)
-        self.clear_label = Button(name="clear_label", label="Remove label of selection", width=W)
-        self.undo = Button(name="undo", label="↶ Undo", width=half)
-        self.redo = Button(name="redo", label="Redo ↷", width=half)
-        self.label_pick = Select(name="label_pick", title="Label to rename / merge", options=[], width=W)
-        self.rename_to = TextInput(name="rename_to", title="New name / merge into", width=W)
-        self.rename = Button(name="rename", label="Rename", width=half)
-        self.merge = Button(name="merge", label="Merge into", width=half)
-        self.propose = Button(name="propose", label="Label similar (suggest)", width=W)
-        self.suggest_source = ColumnDataSource(data=self._suggest_data(), name="suggest_source")
-        self.suggest_table = DataTable(
-            name="suggest_table", source=self.suggest_source, width=W, height=150, index_position=None,
-            columns=[
-                TableColumn(field="file", title="image", width=120),
-                TableColumn(field="proposed_label", title="label", width=80),
-                TableColumn(field="confidence", title="agree", width=50, formatter=NumberFormatter(format="0%")),
-            ],
-        )  # fmt: skip
-        self.accept_all = Button(name="accept_all", label="Accept all", button_type="success", width=95)
-        self.accept_sel = Button(name="accept_selected", label="Accept chosen", width=100)
-        self.reject = Button(name="reject", label="Reject", width=85)
-        self.recluster = Button(name="recluster", label="Re-cluster selection", width=W)
-        self.labels_name = TextInput(name="labels_name", title="Save labels as", value="labels", width=W)
-        self.imagefolder = Toggle(name="imagefolder", label="+ ImageFolder zip", active=True, width=half)
-        self.save_labels = Button(name="save_labels", label="Save labels", button_type="success", width=half)
-        self.label_panel = column(
-            self.label_input, row(self.apply_label, self.discard), self.clear_label, row(self.undo, self.redo),
-            self.label_pick, self.rename_to, row(self.rename, self.merge), self.propose, self.suggest_table,
-            row(self.accept_all, self.accept_sel, self.reject), self.recluster, self.labels_name,
-            row(self.imagefolder, self.save_labels), name="label_panel", width=W,
-        )  # fmt: skip
-        # drill-down breadcrumbs (above the map)
-        self.crumbs = Div(name="breadcrumbs", text="", stylesheets=css, width=PLOT_WIDTH - 200)
+        self.crumbs = Div(name="breadcrumbs", text="", stylesheets=css, width=560)
         self.back = Button(name="back", label="◀ Back", width=90, visible=False)
         self.top = Button(name="top", label="Whole map", width=100, visible=False)
-        # overview tab
-        self.group_id = TextInput(name="group_id", title="Group id (e.g. root-3-14)", value="root", width=W - 70)
-        self.group_go = Button(name="group_go", label="Go", width=60)
-        self.group_up = Button(name="group_up", label="▲ Up", width=half)
-        self.group_select = Button(name="group_select", label="Select on map", width=half)
-        self.group_buttons = [Button(name=f"group_{i}", label="", width=W, visible=False) for i in range(16)]
-        self.overview_div = Div(name="overview", text="", stylesheets=css, width=W)
-        self.overview_panel = column(
-            row(self.group_id, self.group_go), row(self.group_up, self.group_select), self.overview_div,
-            *self.group_buttons, name="overview_panel", width=W,
-        )  # fmt: skip
-        # metadata tab
-        self.meta_file = FileInput(name="meta_file", accept=".csv,.tsv,.json,.jsonl", width=W)
-        self.meta_key = TextInput(name="meta_key", title="Key column (file names; empty = guess)", width=W)
-        self.meta_join = Button(name="meta_join", label="Join metadata", button_type="primary", width=W)
-        self.tag_column = Select(name="tag_column", title="Tag column", options=[], width=W)
-        self.tag_value = Select(name="tag_value", title="Tag (images) - selects them", options=[], width=W)
-        self.metadata_panel = column(
-            Div(text="<div class='ex-muted'>CSV or JSON with one row per image file name</div>", stylesheets=css),
-            self.meta_file, self.meta_key, self.meta_join, self.tag_column, self.tag_value,
-            name="metadata_panel", width=W,
-        )  # fmt: skip
-        self.select_neighbours = Button(name="select_neighbours", label="Select these neighbours", width=W, visible=False)
-        # wiring
-        self.apply_label.on_click(lambda: st.apply_label(self.label_input.value or ""))
-        self.discard.on_click(st.discard_selection)
-        self.clear_label.on_click(st.clear_selection_labels)
-        self.undo.on_click(st.undo_labels)
-        self.redo.on_click(st.redo_labels)
-        self.rename.on_click(lambda: st.rename_label(self.label_pick.value or "", self.rename_to.value or ""))
-        self.merge.on_click(lambda: st.merge_labels(self.label_pick.value or "", self.rename_to.value or ""))
-        self.propose.on_click(self._on_propose)
-        self.accept_all.on_click(lambda: st.accept_suggestions(None))
-        self.accept_sel.on_click(lambda: st.accept_suggestions(list(self.suggest_source.selected.indices)))
-        self.reject.on_click(self._on_reject)
-        self.recluster.on_click(self._on_recluster)
+        self.select_neighbours = Button(name="select_neighbours", label="Select these neighbours",
+                                        width=SIDEBAR_WIDTH, visible=False)  # fmt: skip
         self.back.on_click(lambda: st.drill_up())
         self.top.on_click(lambda: st.drill_up(0))
-        self.save_labels.on_click(self._on_save_labels)
-        self.group_go.on_click(lambda: st.open_group(self.group_id.value or "root"))
-        self.group_up.on_click(self._on_group_up)
-        self.group_select.on_click(lambda: st.select_group())
-        for i, b in enumerate(self.group_buttons):
-            b.on_click(lambda i=i: self._on_group(i))
-        self.meta_join.on_click(self._on_meta_join)
-        self.tag_column.on_change("value", lambda a, o, n: self._render_tags())
-        self.tag_value.on_change("value", self._on_tag_value)
         self.select_neighbours.on_click(st.select_neighbours)
-        self._overview_open = False
-        self._busy = ""
-        #: the session's Document (set by build_document); slow work runs in a thread when served
-        self.doc: Any = None
-
-    def _suggest_data(self) -> dict[str, Any]:
-        # the most confident first; Accept all applies every one, shown or not
-        sg = self.state.suggestions.head(SUGGEST_LIMIT)
-        return {
-            "file": [p[max(p.rfind("/"), 0) + (1 if "/" in p else 0):] for p in sg["file"].tolist()],
-            "proposed_label": sg["proposed_label"].tolist(),
-            "confidence": sg["confidence"].to_numpy(dtype=float),
-        }
+        self.busy = ""
+        self._doc: Any = None
 
     def poll(self) -> None:
         """Periodic: pick up label changes other sessions (tabs) wrote to the journal."""
         self.state.sync_labels()
 
     @property
+    def doc(self) -> Any:
+        """The session's Document (set by build_document); slow work runs in a thread when served."""
+        return self._doc
+
+    @doc.setter
+    def doc(self, doc: Any) -> None:
+        self._doc = doc
+        # the served app finds a clicked image's neighbours in the background
+        self.state.defer_neighbours = self.served
+
+    @property
     def served(self) -> bool:
         return self.doc is not None and self.doc.session_context is not None
 
-    def _background(
+    @property
+    def syncing(self) -> bool:
+        """True while :meth:`render` brings the widgets in line with the state."""
+        return self._syncing
+
+    def background(
         self,
         what: str,
         compute: Callable[[], Any],
@@ -622,29 +541,29 @@ class AppView:
                 result = exc
             self._finish(what, finish, result)
             return
-        if self._busy:
-            self.state._refuse(f"still working: {self._busy}")
+        if self.busy:
+            self.state.refuse(f"still working: {self.busy}")
             return
         from explorer.app import work
 
-        self._busy = what
+        self.busy = what
         gen = self.state.generation.value
-        self.state._say(f"working: {what}... (the page stays usable)")
+        self.state.say(f"working: {what}... (the page stays usable)")
         self.status.text = self._status_html()
         doc = self.doc
         executor = work.processes() if pool == "processes" else work.threads()
         try:
             future = executor.submit(compute, *args)
         except RuntimeError as exc:  # pool shut down (server stopping)
-            self._busy = ""
-            self.state._refuse(f"{what} failed: {exc}")
+            self.busy = ""
+            self.state.refuse(f"{what} failed: {exc}")
             return
 
         def on_loop(result: Any) -> None:
-            self._busy = ""
+            self.busy = ""
             if drop_if_moved and not self.state.generation.current(gen):
-                self.state._say(f"{what}: result dropped (the selection changed meanwhile)")
-                self.state._emit("message")
+                self.state.say(f"{what}: result dropped (the selection changed meanwhile)")
+                self.state.emit("message")
                 return
             self._finish(what, finish, result)
 
@@ -652,105 +571,21 @@ class AppView:
 
     def _finish(self, what: str, finish: Callable[[Any], None], result: Any) -> None:
         if isinstance(result, Exception) and not isinstance(result, ValueError):
-            self.state._refuse(f"{what} failed: {result}")
+            self.state.refuse(f"{what} failed: {result}")
         else:
             finish(result)
 
-    def _on_propose(self) -> None:
-        st = self.state
-        plan = st.propose_plan()
-        if plan is None:
-            return
-        self._background("finding label suggestions", lambda: st.propose_compute(plan),
-                         lambda df: st.propose_show(plan, df), drop_if_moved=False)
+    # the names of branches written before these were public (kept for merging them)
+    _background = background
 
-    def _on_recluster(self) -> None:
-        from explorer.app.work import recluster_in_worker
-
-        st = self.state
-        plan = st.recluster_plan()
-        if plan is None:
-            return
-        rows, parent = plan
-        if self.served:  # numba + warnings filters: in the worker process, never a thread
-            self._background(
-                f"re-clustering {len(rows):,} images", recluster_in_worker,
-                lambda rc: st.recluster_show(rows, parent, rc), pool="processes",
-                args=(st.features(rows), parent, 42),
-            )  # fmt: skip
-        else:
-            st.recluster_show(rows, parent, st.recluster_compute(rows, parent))
-
-    def _on_tab(self, attr: str, old: Any, new: int) -> None:
-        st = self.state
-        if new == 2 and not self._overview_open:
-            if st.tree is not None:
-                self._overview_open = True
-                st.open_group("root")
-                return
-            if not st.has_features:
-                st.overview()  # says why there is no overview
-                return
-            self._overview_open = True
-
-            def finish(tree: Any) -> None:
-                if isinstance(tree, Exception):
-                    self._overview_open = False  # try again next time (review L12)
-                    st._refuse(f"no overview: {tree}")
-                    return
-                st.open_group("root")
-
-            self._background("building the overview (once for every session)", st.overview_compute,
-                             finish, drop_if_moved=False)
-
-    def _on_group(self, i: int) -> None:
-        groups = self.state.overview_groups()
-        if i < len(groups):
-            self.state.open_group(groups[i][0])
-
-    def _on_group_up(self) -> None:
-        gid = self.state.overview_id
-        if gid != "root":
-            self.state.open_group(gid.rsplit("-", 1)[0])
-
-    def _on_reject(self) -> None:
-        chosen = list(self.suggest_source.selected.indices)
-        self.state.reject_suggestions(chosen or None)
-
-    def _on_meta_join(self) -> None:
-        import base64
-
-        st = self.state
-        if not self.meta_file.value:
-            st._refuse("choose a CSV or JSON file first")
-            return
-        value = self.meta_file.value
-        name = self.meta_file.filename
-        value = value[0] if isinstance(value, list) else value
-        name = name[0] if isinstance(name, list) else name
-        try:
-            data = base64.b64decode(value)
-        except ValueError as exc:
-            st._refuse(f"upload unreadable: {exc}")
-            return
-        key = self.meta_key.value or None
-        self._background(f"joining {name or 'the upload'}", lambda: st.metadata_compute(data, name or "", key),
-                         lambda found: st.metadata_show(found, name or ""), drop_if_moved=False)
-
-    def _on_tag_value(self, attr: str, old: Any, new: str) -> None:
-        if self._syncing or not new or not self.tag_column.value:
-            return
-        self._links = []
-        self.state.select_tag(self.tag_column.value, new)
-
-    def _save(self, what: str, make_plan: Callable[[], Any], imagefolder: bool = False) -> None:
+    def save_export(self, what: str, make_plan: Callable[[], Any], imagefolder: bool = False) -> None:
         """Plan a save on the loop, write it in the pool, offer it to this session."""
         st = self.state
         self._links = []
         try:
             plan = make_plan()
         except ExportError as exc:
-            st._refuse(f"not saved: {exc}")
+            st.refuse(f"not saved: {exc}")
             return
 
         def finish(result: Any) -> None:
@@ -760,17 +595,12 @@ class AppView:
             if done is not None:
                 self._offer_downloads(done)
 
-        self._background(what, lambda: st.export_write(plan), finish, drop_if_moved=False)
+        self.background(what, lambda: st.export_write(plan), finish, drop_if_moved=False)
 
     def _on_save(self) -> None:
         name = self.save_name.value or ""
         images = bool(self.save_images.active)
-        self._save(f"saving {name}" + (" with images" if images else ""), lambda: self.state.export_plan(name, images))
-
-    def _on_save_labels(self) -> None:
-        name = self.labels_name.value or ""
-        folder = bool(self.imagefolder.active)
-        self._save(f"saving labels to {name}", lambda: self.state.labels_plan(name, folder), imagefolder=folder)
+        self.save_export(f"saving {name}" + (" with images" if images else ""), lambda: self.state.export_plan(name, images))
 
     def _offer_downloads(self, result: Any) -> None:
         """Show links to saved files and hand them to the browser as downloads."""
@@ -782,77 +612,16 @@ class AppView:
             "cookie_path": list(result.cookie_paths),
         }
 
-    def _render_tags(self) -> None:
+    def _render_columns(self) -> None:
+        """The table's columns changed (a metadata join) or the map's rows (drill-down)."""
         st = self.state
-        col = self.tag_column.value
-        if not (col and col in st.table.columns):
-            self.tag_value.options = []
-            return
-
-        def show(counts: Any) -> None:
-            if isinstance(counts, Exception) or self.tag_column.value != col:
-                return
-            self.tag_value.options = [("", "")] + [(v, f"{v} ({c:,})") for v, c in list(counts.items())[:500]]
-
-        if self.served and not self._busy:
-            self._background(f"counting tags of {col}", lambda: st.tag_counts(col), show, drop_if_moved=False)
-        elif not self.served:
-            show(st.tag_counts(col))
-
-    def _render_curation(self, what: frozenset[str]) -> None:
-        st = self.state
-        if "labels" in what:
-            names = st.label_names()
-            self.label_pick.options = names
-            if self.label_pick.value not in names:
-                self.label_pick.value = names[0] if names else ""
-            can = st.book is not None
-            self.undo.disabled = not (can and st.book.can_undo)
-            self.redo.disabled = not (can and st.book.can_redo)
-        if "suggestions" in what:
-            self.suggest_source.selected.indices = []
-            self.suggest_source.data = self._suggest_data()
-            none = len(st.suggestions) == 0
-            self.accept_all.disabled = self.accept_sel.disabled = self.reject.disabled = none
-        if "columns" in what:
-            if [f for f, _ in self._table_fields] != [f"c{i}" for i, c in enumerate(st.table.columns) if c != "label"]:
-                self.table.columns = self._table_columns()
-                self.table_source.data = self._table_data(st.selection)
-            self.color_by.options = st.label_columns()
-            tags = st.tag_columns()
-            self.tag_column.options = [""] + tags
-            if self.tag_column.value not in tags:
-                self.tag_column.value = tags[0] if tags else ""
-            self._render_tags()
-            crumbs = st.breadcrumbs()
-            self.crumbs.text = (
-                "<div class='ex-crumbs'>" + " &rsaquo; ".join(esc(c) for c in crumbs) + "</div>"
-                if len(crumbs) > 1 else ""
-            )
-            self.back.visible = self.top.visible = len(crumbs) > 1
-        if "overview" in what:
-            self._render_overview()
-        off = not st.has_features
-        self.propose.disabled = self.recluster.disabled = off
-
-    def _render_overview(self) -> None:
-        st = self.state
-        groups = st.overview_groups() if st.tree is not None else []
-        self.group_id.value = st.overview_id
-        cells = []
-        for gid, count, reps in groups:
-            imgs = "".join(f"<img src='{esc(self.thumb(r))}' alt=''>" for r in reps[:4])
-            cells.append(f"<div class='ex-group'><div class='ex-group-imgs'>{imgs}</div>"
-                         f"<div><b>{esc(gid)}</b> &middot; {count:,} images</div></div>")
-        self.overview_div.text = "".join(cells)
-        node = st.tree.node(st.overview_id) if st.tree is not None else None
-        for i, b in enumerate(self.group_buttons):
-            if node is not None and node.children and i < len(groups):
-                b.label = f"open {groups[i][0]} ({groups[i][1]:,})"
-                b.visible = True
-            else:
-                b.visible = False
-        self.group_up.disabled = st.overview_id == "root"
+        if [f for f, _ in self._table_fields] != [f"c{i}" for i, c in enumerate(st.table.columns) if c != "label"]:
+            self.table.columns = self._table_columns()
+            self.table_source.data = self._table_data(st.selection)
+        self.color_by.options = st.label_columns()
+        crumbs = st.breadcrumbs()
+        self.crumbs.text = H.crumbs(crumbs)
+        self.back.visible = self.top.visible = self.crumbs_row.visible = len(crumbs) > 1
 
     # ------------------------------------------------------------------ rendering
     def render(self, what: frozenset[str]) -> None:
@@ -908,7 +677,11 @@ class AppView:
                 self._render_grid()
             if "neighbours" in what and "selection" not in what:
                 self._render_grid()
-            self._render_curation(what)
+            if "columns" in what:
+                self._render_columns()
+            for panel in self.panels:
+                if panel is not self.finder:  # the finder subscribes itself
+                    panel.render(what)
             if "message" in what:
                 self.status.text = self._status_html()
             if redraw and self.image_mode:
@@ -921,12 +694,10 @@ class AppView:
         sel = st.selection
         self.table_source.data = self._table_data(sel)
         if len(sel) > TABLE_LIMIT:
-            self.table_info.text = (
-                f"<div class='ex-muted'>table shows the first {TABLE_LIMIT:,} of {len(sel):,} "
-                "selected rows; Save writes all of them</div>"
-            )
+            self.table_info.text = H.muted(
+                f"table shows the first {TABLE_LIMIT:,} of {len(sel):,} selected rows; Save writes all of them")
         else:
-            self.table_info.text = f"<div class='ex-muted'>{len(sel):,} selected row(s)</div>"
+            self.table_info.text = H.muted(f"{len(sel):,} selected row(s)")
         self._render_grid()
 
     def _render_grid(self) -> None:
@@ -941,25 +712,17 @@ class AppView:
         start = self.grid_page * GRID_PAGE
         rows = sel[start : start + GRID_PAGE]
         labels = self.state.labels()
-        cells = []
-        for i in rows:
-            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
-            cells.append(
-                f"<figure class='ex-cell'><img src='{esc(self.thumb(i))}' alt='' "
-                f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
-                f"<span class='ex-label'>{label}</span></figcaption></figure>"
-            )
+        names = self.state.project.names_of(rows)
+        cells = [H.image_cell(self.thumb(i), name, self.state.label_text(labels[i])) for i, name in zip(rows, names)]
         if cells:
-            self.grid.text = f"<div class='ex-grid'>{''.join(cells)}</div>"
+            self.grid.text = H.image_grid(cells)
         else:
-            self.grid.text = "<div class='ex-muted'>Select images on the map (lasso or box) to see them here.</div>"
+            self.grid.text = H.muted("Select images on the map (lasso or box) to see them here.")
         if len(sel):
-            self.grid_info.text = (
-                f"<div class='ex-pageinfo'>images {start + 1:,}-{start + len(rows):,} of {len(sel):,} "
-                f"(page {self.grid_page + 1} of {pages})</div>"
-            )
+            self.grid_info.text = H.page_info(f"images {start + 1:,}-{start + len(rows):,} of {len(sel):,} "
+                                              f"(page {self.grid_page + 1} of {pages})")  # fmt: skip
         else:
-            self.grid_info.text = "<div class='ex-pageinfo'>no images selected</div>"
+            self.grid_info.text = H.page_info("no images selected")
         self.grid_prev.disabled = self.grid_page <= 0
         self.grid_next.disabled = self.grid_page >= pages - 1
 
@@ -967,44 +730,22 @@ class AppView:
         labels = self.state.labels()
         cells = []
         for i, d in [(row, None)] + list(zip(idx.tolist(), dist.tolist())):
-            name, label = esc(self.state.project.names_of([i])[0]), esc(self.state.label_text(labels[i]))
-            extra = "<span class='ex-dist'>this image</span>" if d is None else f"<span class='ex-dist'>distance {d:.3f}</span>"
-            cells.append(
-                f"<figure class='ex-cell{' ex-query' if d is None else ''}'><img src='{esc(self.thumb(i))}' alt='' "
-                f"loading='lazy' title='{name}'><figcaption><span class='ex-name'>{name}</span>"
-                f"<span class='ex-label'>{label}</span>{extra}</figcaption></figure>"
-            )
-        self.grid.text = f"<div class='ex-grid ex-neighbours'>{''.join(cells)}</div>"
-        self.grid_info.text = f"<div class='ex-pageinfo'>{len(idx)} nearest neighbours of {esc(self.state.project.names_of([row])[0])}</div>"
+            name = self.state.project.names_of([i])[0]
+            note = "this image" if d is None else f"distance {d:.3f}"
+            cells.append(H.image_cell(self.thumb(i), name, self.state.label_text(labels[i]), note, query=d is None))
+        self.grid.text = H.image_grid(cells, "ex-neighbours")
+        self.grid_info.text = H.page_info(f"{len(idx)} nearest neighbours of {self.state.project.names_of([row])[0]}")
         self.grid_prev.disabled = self.grid_next.disabled = True
 
     def _legend_html(self) -> str:
         items = self.state.legend()
         shown = items[:300]
-        rows = "".join(
-            f"<div class='ex-legend-item'><span class='ex-swatch' style='background:{c}'></span>"
-            f"<span class='ex-legend-text'>{esc(self.finder.group_text(v, t))}</span><span class='ex-count'>{n:,}</span></div>"
-            for v, t, c, n in shown
-        )
-        more = f"<div class='ex-muted'>... and {len(items) - len(shown):,} more</div>" if len(items) > len(shown) else ""
-        return f"<div class='ex-legend'>{rows}{more}</div>"
+        return H.legend([(self.finder.group_text(v, t), c, n) for v, t, c, n in shown], len(items) - len(shown))
 
     def _status_html(self) -> str:
         st = self.state
-        out = []
-        for p in st.problems:
-            out.append(f"<div class='ex-msg ex-warning'>&#9888; {esc(p)}</div>")
         level, text = st.message
-        if text:
-            out.append(f"<div class='ex-msg ex-{esc(level)}'>{esc(text)}</div>")
-        links = getattr(self, "_links", [])
-        if links and level != "error":
-            out.append(
-                "<div class='ex-msg'>download: "
-                + ", ".join(f"<a href='{esc(u)}' download='{esc(n)}'>{esc(n)}</a>" for n, u in links)
-                + "</div>"
-            )
-        return "".join(out)
+        return H.status(st.problems, level, text, self._links)
 
     # ------------------------------------------------------------------ callbacks
     def _on_select(self, attr: str, old: Any, new: Sequence[int]) -> None:
@@ -1016,19 +757,12 @@ class AppView:
 
     def state_select(self, rows: np.ndarray, mode: str = "replace") -> None:
         """A person selected ``rows`` on the map (dots: Bokeh's indices; image: the server's
-        lasso); ``mode`` combines them with the selection as the select tools do
-        ("replace", "append", "intersect", "subtract", or "toggle" for a Shift-click)."""
+        lasso); the state combines them with its selection by ``mode``
+        (:data:`explorer.app.selection.SELECT_MODES`)."""
         st = self.state
-        rows = np.asarray(rows, dtype=np.int64)
-        combine = {"replace": lambda a, b: b, "append": np.union1d, "intersect": np.intersect1d,
-                   "subtract": np.setdiff1d, "toggle": np.setxor1d}  # fmt: skip
-        if mode not in combine:
-            raise ValueError(f"mode must be one of {sorted(combine)}, got {mode!r}")
-        rows = combine[mode](st.selection, rows)
         self.selection_callbacks += 1
         self._links = []
-        st.defer_neighbours = self.served
-        st.select(rows)
+        st.select(rows, mode)
         if self.served and len(st.selection) == 1 and st.has_features:
             row = int(st.selection[0])
             self._background_quiet(lambda: st.neighbours_compute(row), st.neighbours_show)
@@ -1084,10 +818,10 @@ def error_page(doc: Any, route: str, title: str, message: str) -> None:
     css = [_stylesheet(route)]
     doc.add_root(
         column(
-            Div(name="title", text=f"<div class='ex-title'><b>{esc(title)}</b></div>", stylesheets=css),
+            Div(name="title", text=H.error_title(title), stylesheets=css),
             Div(
                 name="status",
-                text=f"<div class='ex-msg ex-error'>&#9888; {esc(message)}</div>",
+                text=H.error_message(message),
                 stylesheets=css,
                 width=900,
             ),
