@@ -69,7 +69,7 @@ SURE_PRECISION = 0.97
 #: inverse regularisation of the logistic regression (on unit-norm PCA rows)
 C = 100.0
 #: share of a row's probabilities taken from the mean of its neighbours' (kNN smoothing)
-SMOOTH = 0.5
+SMOOTH = 0.75
 #: neighbours per row in that smoothing
 NEIGHBOURS = 10
 #: rows above which propagate does not smooth (the graph would take minutes to compute)
@@ -84,6 +84,8 @@ PSEUDO_MAX = 20_000
 COVERAGE_LABELS = 60
 #: confidence bins of the calibration's correction for the picks (see _shift_weights)
 CALIBRATION_BINS = 10
+#: power of those weights (1: the full correction; less trades its bias for less variance)
+SHIFT_POWER = 0.5
 #: folds of the cross-validation that calibrates and estimates
 FOLDS = 5
 #: rows scored per block (bounded memory at a million rows)
@@ -331,7 +333,7 @@ def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION
     b_oof = np.searchsorted(edges, c)
     n_oof = np.bincount(b_oof, minlength=bins).astype(np.float64)
     share_un = np.full(bins, 1.0 / bins)
-    w = share_un[b_oof] / np.maximum(n_oof[b_oof], 1)
+    w = (share_un[b_oof] / np.maximum(n_oof[b_oof], 1)) ** SHIFT_POWER
     return w * len(c) / w.sum()
 
 

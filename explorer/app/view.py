@@ -59,6 +59,7 @@ from bokeh.plotting import figure
 
 from explorer.app.density import image_threshold
 from explorer.app.finder import Finder
+from explorer.app.labelling import LabellingPanel
 from explorer.app.mapimage import ImageMap
 from explorer.app.project import thumb_url_prefix
 from explorer.app.state import AppState, ExportError
@@ -303,6 +304,8 @@ class AppView:
             width=SIDEBAR_WIDTH,
         )
         self._build_curation(css)
+        self.labelling = LabellingPanel(st, css, SIDEBAR_WIDTH)
+        self.label_panel.children.append(self.labelling.panel)
         self.finder = Finder(self, css, SIDEBAR_WIDTH, PLOT_WIDTH + SIDEBAR_WIDTH)
         self.tabs = Tabs(
             name="tabs",
