@@ -426,8 +426,8 @@ def _kmeans(X: np.ndarray, k: int, seed: int):
 
 def _coverage(X: np.ndarray, codes: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """``n`` rows that stand for the parts of the map no label covers yet: k-means with
-    (labelled + n) clusters, the row nearest the centre of each of the ``n`` biggest clusters
-    without a label."""
+    (labelled + n) clusters; of the clusters without a label, the ``n`` with the largest
+    size x distance from their centre to the nearest label, the row nearest each centre."""
     rng = np.random.default_rng(seed)
     cand = np.arange(len(X))
     if len(cand) > 100_000:
@@ -437,8 +437,15 @@ def _coverage(X: np.ndarray, codes: np.ndarray, n: int, seed: int) -> tuple[np.n
     assign, centres = _kmeans(X[cand], k, seed)
     taken = set(assign[labelled[cand]].tolist())
     sizes = np.bincount(assign, minlength=k)
+    # the biggest clusters first, weighted by how far their centre is from any label
+    far = np.ones(k)
+    lab_rows = np.flatnonzero(labelled)
+    if len(lab_rows):
+        L = X[lab_rows]
+        d2 = (centres ** 2).sum(1)[:, None] - 2 * centres @ L.T + (L ** 2).sum(1)[None, :]
+        far = np.sqrt(np.maximum(d2.min(axis=1), 0))
     out, why = [], []
-    for c in np.argsort(-sizes, kind="stable"):
+    for c in np.argsort(-(sizes * far), kind="stable"):
         if c in taken:
             continue
         members = cand[(assign == c) & ~labelled[cand]]
