@@ -182,6 +182,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="largest upload request in MiB (default 2048)")
     s.add_argument("--max-file-mb", type=float, default=50,
                    help="largest single image in MiB (default 50)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers within "
+                   "this time (default 10)")
+    s.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections at most; more are answered 503 (default 1000)")
+    s.add_argument("--max-apps", type=int, default=8, metavar="N",
+                   help="dataset apps running at once (each a process of ~200 MB; default 8)")
+    s.add_argument("--max-apps-per-user", type=int, default=3, metavar="N",
+                   help="dataset apps one user may keep running (default 3)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
 
@@ -344,7 +353,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
               "the network in clear text unless an HTTPS proxy sits in front", file=sys.stderr)
     serve(a.root, a.data, host=a.host, port=a.port, concurrency=a.workers,
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
-          log_level=a.log_level,
+          log_level=a.log_level, header_timeout=a.header_timeout,
+          max_connections=a.max_connections, app_max_running=a.max_apps,
+          app_max_per_user=a.max_apps_per_user,
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20))
     return 0

@@ -1,8 +1,9 @@
-"""``explorer serve`` end to end: a real service subprocess, driven over HTTP with httpx.
+"""``explorer serve`` end to end.
 
-One service per module (users alice and bob in project p1, carol in p2, an admin) and one
-default (network) build shared by the tests that need built results; the restart test runs
-its own service.
+The API runs in this process (``create_app`` behind a ``TestClient``: users alice and bob in
+project p1, carol in p2, an admin) with one default (network) build shared by the tests that
+need built results. The process model runs a real ``explorer serve`` subprocess: the app
+processes and their websockets (``served``), the queue across a crash and a restart.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder, jpeg_bytes, variant  # noqa: E402
-from _service import Server, add_user, wait_job  # noqa: E402
+from _service import (Local, Server, add_user, app_session, local_user,  # noqa: E402
+                      pull_document, wait_job)
 
 N_PHOTOS = 30
 
@@ -34,8 +36,22 @@ def files_under(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
+def _users(data: Path, add) -> dict:
+    return {"alice": add(data, "alice", "--project", "p1"),
+            "bob": add(data, "bob", "--project", "p1"),
+            "carol": add(data, "carol", "--project", "p2"),
+            "admin": add(data, "admin", "--admin")}
+
+
+def _local_add(data, name, *args):
+    projects = tuple(args[i + 1] for i, a in enumerate(args) if a == "--project")
+    return local_user(data, name, admin="--admin" in args, projects=projects)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    from explorer.service.uploads import Limits
+
     base = tmp_path_factory.mktemp("service")
     root = base / "root"
     image_folder(root / "photos", N_PHOTOS, size=64)
@@ -44,18 +60,31 @@ def site(tmp_path_factory):
     (root / "escape").symlink_to(base / "outside")
     (root / "a-file.txt").write_text("not a folder")
     data = base / "data"
-    tokens = {"alice": add_user(data, "alice", "--project", "p1"),
-              "bob": add_user(data, "bob", "--project", "p1"),
-              "carol": add_user(data, "carol", "--project", "p2"),
-              "admin": add_user(data, "admin", "--admin")}
-    server = Server(root, data, "--allow-private-urls", "--max-file-mb", "1", "--url-timeout", "1")
-    server.start()
-    clients = {name: server.client(tok) for name, tok in tokens.items()}
-    clients["anonymous"] = server.client()
+    tokens = _users(data, _local_add)
+    with Local(root, data, allow_private_urls=True, url_timeout=1,
+               limits=Limits(max_file_bytes=2**20)) as service:
+        clients = {name: service.client(tok) for name, tok in tokens.items()}
+        clients["anonymous"] = service.client()
+        yield {"base": base, "root": root, "data": data, "service": service,
+               "tokens": tokens, "c": clients}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real ``explorer serve`` with alice's dataset of 12 photos built (phash, quick)."""
+    base = tmp_path_factory.mktemp("served")
+    root = base / "root"
+    image_folder(root / "photos", 12, size=48)
+    data = base / "data"
+    tokens = _users(data, add_user)
+    server = Server(root, data).start()
+    c = server.client(tokens["alice"])
+    ds = c.post("/api/datasets", json={"name": "photos", "folder": "photos"}).json()["id"]
+    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
+    assert wait_job(c, job)["state"] == "done"
+    c.close()
     yield {"base": base, "root": root, "data": data, "server": server, "tokens": tokens,
-           "c": clients}
-    for c in clients.values():
-        c.close()
+           "id": ds}
     server.stop()
 
 
@@ -169,7 +198,6 @@ def test_labels_go_through_the_apps_journal(site, built):
 
 
 def test_search_by_words_and_by_example_image(site, built):
-    pytest.importorskip("explorer.search", reason="explorer search is not in this tree")
     c = site["c"]["alice"]
     ds = built["id"]
     r = c.post(f"/api/datasets/{ds}/search", json={"text": "a cat", "top": 5})
@@ -199,8 +227,8 @@ def test_access_matrix_for_the_api(site, built):
     # private: the owner and admins only; everyone else 404, no token 401
     assert [status(w) for w in ("alice", "admin", "bob", "carol", "anonymous")] == \
         [200, 200, 404, 404, 401]
-    assert httpx.get(site["server"].url + f"/api/datasets/{ds}",
-                     headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c["anonymous"].get(f"/api/datasets/{ds}",
+                              headers={"Authorization": "Bearer nope"}).status_code == 401
     assert status("bob", path=f"/api/datasets/{ds}/table.csv") == 404
     assert status("carol", "DELETE") == 404
     assert ds not in [d["id"] for d in c["bob"].get("/api/datasets").json()["datasets"]]
@@ -230,46 +258,12 @@ def test_access_matrix_for_the_api(site, built):
     assert status("bob") == 404
 
 
-def _app_session(server, token):
-    """A browser-like client logged in with ``token`` (the login cookie), or anonymous."""
-    b = httpx.Client(base_url=server.url, timeout=120)
-    if token:
-        r = b.post("/login", data={"token": token, "next": "/apps/x"})
-        assert r.status_code == 303 and "explorer_session" in b.cookies
-    return b
-
-
-def _pull_document(server, b, path):
-    """Open the app page and its websocket as Bokeh's client does; return the document JSON."""
-    import websocket
-
-    page = b.get(path)
-    assert page.status_code == 200, page.text[:300]
-    token = re.search(r'"token":\s*"([^"]+)"', page.text).group(1)
-    ws = websocket.create_connection(
-        server.url.replace("http", "ws") + path + "/ws", subprotocols=["bokeh", token],
-        cookie="; ".join(f"{k}={v}" for k, v in b.cookies.items()), origin=server.url,
-        timeout=120)
-    try:
-        assert json.loads(ws.recv())["msgtype"] == "ACK"
-        ws.recv(), ws.recv()
-        for part in (json.dumps({"msgid": "1", "msgtype": "PULL-DOC-REQ"}), "{}", "{}"):
-            ws.send(part)
-        header = json.loads(ws.recv())
-        ws.recv()
-        content = ws.recv()
-        assert header["msgtype"] == "PULL-DOC-REPLY"
-        return page.text, content
-    finally:
-        ws.close()
-
-
-def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
-    server, ds = site["server"], built["id"]
-    owner = _app_session(server, site["tokens"]["alice"])
+def test_app_renders_for_the_owner_and_is_404_for_everyone_else(served):
+    server, ds, site = served["server"], served["id"], served
+    owner = app_session(server, site["tokens"]["alice"])
     r = owner.get(f"/apps/{ds}", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == f"/apps/{ds}/app"
-    page, doc = _pull_document(server, owner, f"/apps/{ds}/app")
+    page, doc = pull_document(server, owner, f"/apps/{ds}/app")
     assert f"/apps/{ds}/static/js/bokeh.min.js" in page
     assert f"/apps/{ds}/app/static/css/app.css" in page
     # thumbnails travel as row numbers plus a URL template under the dataset's URL
@@ -279,7 +273,7 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
     assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
 
     for who in ("bob", "carol", None):
-        other = _app_session(server, site["tokens"][who] if who else None)
+        other = app_session(server, site["tokens"][who] if who else None)
         for path in (f"/apps/{ds}", f"/apps/{ds}/app", thumbs[0]):
             r = other.get(path)
             assert r.status_code == 404, (who, path)
@@ -291,13 +285,13 @@ def test_app_renders_for_the_owner_and_is_404_for_everyone_else(site, built):
                                         subprotocols=["bokeh", "x"], origin=server.url,
                                         cookie="; ".join(f"{k}={v}" for k, v in other.cookies.items()))
     # shared with p1: bob (same project) gets the app, carol (other project) still 404
-    c = site["c"]["alice"]
+    c = server.client(site["tokens"]["alice"])
     assert c.patch(f"/api/datasets/{ds}", json={"visibility": "project"}).status_code == 200
     try:
-        bob = _app_session(server, site["tokens"]["bob"])
-        _pull_document(server, bob, f"/apps/{ds}/app")
+        bob = app_session(server, site["tokens"]["bob"])
+        pull_document(server, bob, f"/apps/{ds}/app")
         assert bob.get(thumbs[0]).status_code == 200
-        carol = _app_session(server, site["tokens"]["carol"])
+        carol = app_session(server, site["tokens"]["carol"])
         assert carol.get(f"/apps/{ds}/app").status_code == 404
     finally:
         assert c.patch(f"/api/datasets/{ds}", json={"visibility": "private"}).status_code == 200

@@ -1,4 +1,5 @@
-"""Property-based tests from the published schema: schemathesis against a real service.
+"""Property-based tests from the published schema: schemathesis against the service's app,
+in this process (``create_app`` over ASGI).
 
 Every operation of ``/openapi.json`` gets a few generated requests (valid and invalid bodies,
 paths and query strings) with a valid token; none may answer with a server error, and every
@@ -16,17 +17,16 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
-from _service import Server, add_user  # noqa: E402
+from _service import Local, local_user  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     base = tmp_path_factory.mktemp("schema")
     image_folder(base / "root" / "photos", 6, size=32)
-    token = add_user(base / "data", "fuzz", "--project", "p1")
-    server = Server(base / "root", base / "data").start()
-    yield server, token
-    server.stop()
+    token = local_user(base / "data", "fuzz", projects=("p1",))
+    # not entered: schemathesis runs the app's lifespan (the job queue) once, for the process
+    return Local(base / "root", base / "data"), token
 
 
 # schemathesis' own pytest plugin (``schemathesis.pytest.from_fixture``) does not run under
@@ -37,17 +37,15 @@ def test_no_server_error_and_errors_are_json(service, mode, existing):
     from hypothesis import given
     from schemathesis import GenerationMode
 
-    server, token = service
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    local, token = service
+    schema = schemathesis.openapi.from_asgi("/openapi.json", local.app)
     gen = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
     ops = [r.ok() for r in schema.get_all_operations()]
     assert len(ops) >= 12, "every endpoint is in the published schema"
     paths = {}
     if existing:  # requests about a dataset that exists (not deleted, no builds queued)
-        import httpx
-
-        r = httpx.post(server.url + "/api/datasets", json={"name": "fuzzed", "folder": "photos"},
-                       headers={"Authorization": f"Bearer {token}"})
+        r = local.client(token).post("/api/datasets", json={"name": "fuzzed",
+                                                            "folder": "photos"})
         paths = {"dataset_id": r.json()["id"]}
         ops = [op for op in ops if "{dataset_id}" in op.path and op.method.upper() != "DELETE"
                and not op.path.endswith("/builds")]
@@ -57,8 +55,7 @@ def test_no_server_error_and_errors_are_json(service, mode, existing):
         @settings(max_examples=8, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def check(case):
-            r = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
-                          timeout=60)
+            r = case.call(headers={"Authorization": f"Bearer {token}"})
             seen.append(r.status_code)
             assert r.status_code < 500, (case.method, case.formatted_path, r.status_code,
                                          r.text[:300])

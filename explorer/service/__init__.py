@@ -1,6 +1,13 @@
 """``explorer serve``: the explorer as a service for a team.
 
-* :mod:`explorer.service.api`     the FastAPI app (API under ``/api``, ``/docs``, ``/apps/{id}``)
+* :mod:`explorer.service.api`     ``create_app``: the state, the error handlers, the routers
+* :mod:`explorer.service.routes`  one ``APIRouter`` per resource (auth, datasets, builds, jobs,
+  results, labels, exports, search, apps)
+* :mod:`explorer.service.deps`    the routes' dependencies: config, records, queue, the caller,
+  the dataset asked for (swappable with ``app.dependency_overrides``)
+* :mod:`explorer.service.records` what the service keeps per dataset; folder and project rules
+* :mod:`explorer.service.models`  the JSON bodies (``BuildIn`` in ``build_request``)
+* :mod:`explorer.service.config`  ``ServiceConfig``; :mod:`explorer.service.errors` JSON errors
 * :mod:`explorer.service.db`      users, datasets and jobs in SQLite (tokens stored hashed)
 * :mod:`explorer.service.jobs`    the persistent job queue; builds in worker processes
 * :mod:`explorer.service.worker`  one build in its own process
@@ -25,15 +32,36 @@ def create_app(config: Any):
 
 def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
           allow_private_urls: bool = False, url_timeout: float = 10.0, log_level: str = "info",
-          **limits: Any) -> None:
-    """Run the service with uvicorn until interrupted (Ctrl-C or SIGTERM)."""
+          header_timeout: float = 10.0, max_connections: int = 1000, app_max_running: int = 8,
+          app_max_per_user: int = 3, **limits: Any) -> None:
+    """Run the service with uvicorn until interrupted (Ctrl-C or SIGTERM).
+
+    ``header_timeout``: seconds a connection has to send a request's head before it is
+    closed; ``max_connections``: open connections (and requests) at most, answered 503
+    beyond (explorer.service.sockets; the descriptor limit is raised to fit);
+    ``app_max_running``/``app_max_per_user``: dataset app processes at once, and per user.
+    """
+    import logging
+
     import uvicorn
 
     from explorer.service.api import ServiceConfig
+    from explorer.service.sockets import RateLimitedLog, header_timeout_protocol, raise_fd_limit
     from explorer.service.uploads import Limits
 
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
     cfg = ServiceConfig(root=root, data=data, concurrency=concurrency,
                         allow_private_urls=allow_private_urls, url_timeout=url_timeout,
+                        app_max_running=app_max_running, app_max_per_user=app_max_per_user,
                         limits=Limits(**limits))
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    fds = raise_fd_limit()
+    if fds:  # keep room for the database, logs, app sockets and workers
+        max_connections = max(1, min(max_connections, fds - 64))
+    config = uvicorn.Config(create_app(cfg), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=10, limit_concurrency=max_connections,
+                            timeout_keep_alive=5, http=header_timeout_protocol(header_timeout))
+    quiet = RateLimitedLog()
+    for name in ("asyncio", "uvicorn.error"):
+        logging.getLogger(name).addFilter(quiet)
+    uvicorn.Server(config).run()
