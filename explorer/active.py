@@ -70,6 +70,8 @@ SURE_PRECISION = 0.97
 C = 100.0
 #: share of a row's probabilities taken from the mean of its neighbours' (kNN smoothing)
 SMOOTH = 0.75
+#: rounds of that smoothing (each reaches one neighbour further)
+DIFFUSE = 1
 #: neighbours per row in that smoothing
 NEIGHBOURS = 10
 #: rows above which propagate does not smooth (the graph would take minutes to compute)
@@ -276,19 +278,19 @@ def _folds(codes_lab: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def _log_probs(X, model, n_classes, rows, graph) -> np.ndarray:
     """Uncalibrated log-probabilities of ``rows``: the model's, or with a kNN ``graph``
-    (indices, column 0 = the row itself) mixed with the mean of its neighbours'
-    (:data:`SMOOTH`)."""
+    (indices, column 0 = the row itself) smoothed: :data:`DIFFUSE` times, each row's
+    probabilities mixed with the mean of its neighbours' (:data:`SMOOTH`)."""
     if graph is None:
         z = predict_logits(X, model, n_classes, rows)
         with np.errstate(divide="ignore"):
             return np.log(_softmax(z))
-    nb = graph[rows, 1:]
-    need, inv = np.unique(np.concatenate([rows, nb.ravel()]), return_inverse=True)
-    P = _softmax(predict_logits(X, model, n_classes, need))
-    own = P[inv[:len(rows)]]
-    near = P[inv[len(rows):]].reshape(len(rows), nb.shape[1], -1).mean(axis=1)
+    P0 = _softmax(predict_logits(X, model, n_classes))
+    P = P0
+    nb = graph[:, 1:]
+    for _ in range(DIFFUSE):
+        P = (1 - SMOOTH) * P0 + SMOOTH * P[nb].mean(axis=1)
     with np.errstate(divide="ignore"):
-        return np.log((1 - SMOOTH) * own + SMOOTH * near)
+        return np.log(P[rows])
 
 
 def _oof_logits(X, codes, n_classes, k, seed, self_train, graph=None):
