@@ -67,17 +67,42 @@ class Build:
 
     @property
     def X(self):
-        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``)."""
+        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``), kept
+        in ``NAME.labelling.npy`` (made again when the features file is newer)."""
         if self._X is None:
-            from explorer import active
-            from explorer.search import load_features
-
-            V = load_features(self.csv)
-            if len(V) != len(self.paths):
-                raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
-                                 f"the table {len(self.paths)}; build again")
-            self._X = active.features(V)
+            self._X = self._cached_rows()
         return self._X
+
+    def _cached_rows(self):
+        import io
+
+        import numpy as np
+
+        from explorer import active
+        from explorer.search import load_features
+        from explorer.table import atomic_write_bytes, sidecar
+
+        cache = sidecar(self.csv, "labelling.npy")
+        src = sidecar(self.csv, "features.npy")
+        try:
+            if cache.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+                X = np.load(cache, allow_pickle=False)
+                if len(X) == len(self.paths):
+                    return X
+        except (OSError, ValueError):
+            pass
+        V = load_features(self.csv)
+        if len(V) != len(self.paths):
+            raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
+                             f"the table {len(self.paths)}; build again")
+        X = active.features(V)
+        buf = io.BytesIO()
+        np.save(buf, X)
+        try:
+            atomic_write_bytes(cache, buf.getvalue())
+        except OSError:
+            pass  # a read-only build folder: computed again next time
+        return X
 
     def labels(self) -> list[str]:
         return self.book.labels_for(self.paths)
