@@ -359,7 +359,7 @@ def sure_threshold(confidence: np.ndarray, precision: float = SURE_PRECISION) ->
 # ---------------------------------------------------------------------- propagate
 def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = None,
               self_train: bool = False,
-              precision: float = SURE_PRECISION, folds: int = FOLDS,
+              precision: float = SURE_PRECISION, folds: int | None = None,
               random_state: int | None = 0) -> Propagation:
     """Fit on the labelled rows, predict every row, calibrate, estimate.
 
@@ -369,7 +369,7 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     confidence NaN, nothing sure, no estimate.
     """
     X, codes, n_classes = _check(X, codes, n_classes)
-    folds = check_int("folds", folds, 2)
+    folds = check_int("folds", FOLDS if folds is None else folds, 2)
     seed = check_random_state(random_state) or 0
     n = len(X)
     lab = np.flatnonzero(codes >= 0)
