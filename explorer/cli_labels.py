@@ -157,10 +157,15 @@ def _summary(info: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.1%}"
 
+    if info["estimated_accuracy"] is None:
+        return (f"{info['labels']} labels by a person, {len(info['classes'])} classes: nothing "
+                "is predicted before two labels exist (`explorer labels next` shows where to "
+                "start)")
     return (f"{info['labels']} labels by a person, {info['accepted']} accepted, "
             f"{len(info['classes'])} classes; estimated accuracy {pct(info['estimated_accuracy'])} "
             f"(cross-validated on the labels: {pct(info['cv_accuracy'])}); "
-            f"{info['sure']} sure predictions (confidence >= {info['threshold']})")
+            f"{info['sure']} sure predictions"
+            + (f" (confidence >= {info['threshold']})" if info["threshold"] is not None else ""))
 
 
 def cmd_labels(a: argparse.Namespace) -> int:
