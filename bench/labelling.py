@@ -228,6 +228,8 @@ def main(argv=None) -> int:
 
         run = json.loads(csv.with_name("shapes.run.json").read_text())
         feat = run.get("features") or (run.get("parameters") or {}).get("features")
+        if isinstance(feat, dict):
+            feat = feat.get("name")
         curve(X, truth, seeds=a.seeds, step=a.round, max_labels=min(a.max_labels, 200),
               title=f"shapes (non-photographs; features auto chose {feat!r})")
     if a.scale:

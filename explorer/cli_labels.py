@@ -67,17 +67,42 @@ class Build:
 
     @property
     def X(self):
-        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``)."""
+        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``), kept
+        in ``NAME.labelling.npy`` (made again when the features file is newer)."""
         if self._X is None:
-            from explorer import active
-            from explorer.search import load_features
-
-            V = load_features(self.csv)
-            if len(V) != len(self.paths):
-                raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
-                                 f"the table {len(self.paths)}; build again")
-            self._X = active.features(V)
+            self._X = self._cached_rows()
         return self._X
+
+    def _cached_rows(self):
+        import io
+
+        import numpy as np
+
+        from explorer import active
+        from explorer.search import load_features
+        from explorer.table import atomic_write_bytes, sidecar
+
+        cache = sidecar(self.csv, "labelling.npy")
+        src = sidecar(self.csv, "features.npy")
+        try:
+            if cache.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+                X = np.load(cache, allow_pickle=False)
+                if len(X) == len(self.paths):
+                    return X
+        except (OSError, ValueError):
+            pass
+        V = load_features(self.csv)
+        if len(V) != len(self.paths):
+            raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
+                             f"the table {len(self.paths)}; build again")
+        X = active.features(V)
+        buf = io.BytesIO()
+        np.save(buf, X)
+        try:
+            atomic_write_bytes(cache, buf.getvalue())
+        except OSError:
+            pass  # a read-only build folder: computed again next time
+        return X
 
     def labels(self) -> list[str]:
         return self.book.labels_for(self.paths)
@@ -132,10 +157,15 @@ def _summary(info: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.1%}"
 
+    if info["estimated_accuracy"] is None:
+        return (f"{info['labels']} labels by a person, {len(info['classes'])} classes: nothing "
+                "is predicted before two labels exist (`explorer labels next` shows where to "
+                "start)")
     return (f"{info['labels']} labels by a person, {info['accepted']} accepted, "
             f"{len(info['classes'])} classes; estimated accuracy {pct(info['estimated_accuracy'])} "
             f"(cross-validated on the labels: {pct(info['cv_accuracy'])}); "
-            f"{info['sure']} sure predictions (confidence >= {info['threshold']})")
+            f"{info['sure']} sure predictions"
+            + (f" (confidence >= {info['threshold']})" if info["threshold"] is not None else ""))
 
 
 def cmd_labels(a: argparse.Namespace) -> int:

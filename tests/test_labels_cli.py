@@ -80,6 +80,9 @@ def test_add_next_propagate_accept_and_export(small_build, tmp_path, capsys):
     assert (rows["predicted_label"].to_numpy() == truth).mean() > 0.95
     assert rows["confidence"].between(0, 1).all() and rows["sure"].sum() > 50
     assert pd.read_csv(out_csv)["predicted_label"].tolist() == rows["predicted_label"].tolist()
+    # the model's rows are kept beside the build for the next call
+    cached = sidecar(csv, "labelling.npy")
+    assert np.load(cached).shape == (len(paths), 32)
     # next, now: unlabelled images, said to be unsure between two labels
     rc, out, _ = run(capsys, "labels", "next", csv, "--n", "4", "--json")
     picks2 = json.loads(out)

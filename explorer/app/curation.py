@@ -278,6 +278,12 @@ class Curation(SessionFields):
         self.emit("suggestions")
         return ok
 
+    def accept_predictions(self, mapping: dict[str, str], **info: Any) -> bool:
+        """Accept predicted labels (key -> label) in one undoable step, journaled as accepted
+        predictions (:meth:`explorer.labels.LabelBook.accept`), not as a person's labels."""
+        return self._label_edit(lambda: self.book.accept(mapping, **info) if mapping else None,
+                                f"{len(mapping):,} sure prediction(s) accepted")
+
     def reject_suggestions(self, positions: Iterable[int] | None = None) -> None:
         pos = self._suggestion_positions(positions)
         self.suggestions = self.suggestions.drop(self.suggestions.index[pos]).reset_index(drop=True)

@@ -61,6 +61,7 @@ from explorer.app.finder import Finder
 from explorer.app import html as H
 from explorer.app.html import DOWNLOAD_JS, THUMBS_JS, TOOLTIP, TOOLTIP_NO_NAME, column_title
 from explorer.app.label_panel import LabelPanel
+from explorer.app.labelling import LabellingPanel
 from explorer.app.mapimage import THUMBS_IN_VIEW, ImageMap, MapPort
 from explorer.app.metadata_panel import MetadataPanel
 from explorer.app.overview_panel import OverviewPanel
@@ -281,6 +282,9 @@ class AppView:
 
         Add a panel here: ``Module.Panel(self, SIDEBAR_WIDTH)``, one line each."""
         self.label_panel = LabelPanel(self, SIDEBAR_WIDTH)
+        # label a few, the tool labels the rest (explorer.app.labelling), in the Label tab
+        self.labelling = LabellingPanel(self.state, self.css, SIDEBAR_WIDTH)
+        self.label_panel.panel.children.append(self.labelling.panel)
         self.overview_panel = OverviewPanel(self, SIDEBAR_WIDTH)
         self.metadata_panel = MetadataPanel(self, SIDEBAR_WIDTH)
         self.treemap = TreemapPanel(self.state, self.thumb, self.background, width=SIDEBAR_WIDTH,

@@ -6,8 +6,8 @@ the published schema).
 
 from __future__ import annotations
 
-from explorer.service.routes import (apps, auth, builds, datasets, exports, jobs, labels,
-                                     results, search)
+from explorer.service.routes import (apps, auth, builds, datasets, exports, jobs, labelling,
+                                     labels, results, search)
 
 ROUTERS = [auth.api, datasets.router, builds.router, jobs.router, results.router,
-           labels.router, exports.router, search.router, auth.pages, apps.router]
+           labels.router, labelling.router, exports.router, search.router, auth.pages, apps.router]

@@ -1,0 +1,120 @@
+"""The Label tab's flow in a real Bokeh Document: label next -> propagate -> accept sure -> undo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bokeh.command.util import build_single_handler_application
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _appdata import click, copy_app, make_app, widget as w  # noqa: E402
+
+from explorer.journal import Journal, journal_for  # noqa: E402
+from explorer.table import read_table, write_table  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_app(tmp_path_factory.mktemp("labdoc"), per_group=12, hostile=False)
+
+
+@pytest.fixture
+def app(built, tmp_path):
+    app_dir, csv = copy_app(*built, tmp_path, sidecars=("run.json", "features.npy"))
+    df = read_table(csv)
+    df["label"] = ""  # nobody has labelled anything yet
+    write_table(df, csv)
+    return app_dir, csv
+
+
+def make_doc(app):
+    application = build_single_handler_application(str(app[0]), argv=[str(app[1])])
+    return application.create_document()
+
+
+def truth(path: str) -> str:
+    return path.split("/")[0]
+
+
+def test_label_next_propagate_accept_sure_undo(app):
+    app_dir, csv = app
+    doc = make_doc(app)
+    paths = read_table(csv)["path"].tolist()
+    assert doc.select_one({"name": "labelling_panel"}) is not None
+    # Label next: a batch of images is proposed, the first one selected on the map
+    click(w(doc, "label_next"))
+    assert w(doc, "label_batch").text.count("<figure") > 0
+    assert "left" in w(doc, "label_batch").text
+    flow = _flow(doc)
+    first = flow.batch[0]
+    assert list(flow.state.selection) == [first]
+    # the first images get their labels typed; then one-click buttons appear for them
+    seen: set[str] = set()
+    for _ in range(8):
+        row = flow.current
+        name = truth(paths[row])
+        if name in seen:
+            key = [b.label.split("  ", 1)[1] for b in flow_buttons(doc)].index(name) + 1
+            click(w(doc, f"label_key_{key}"))
+        else:
+            w(doc, "label_input").value = name
+            click(w(doc, "apply_label"))
+            seen.add(name)
+        assert flow.state.labels_of([row], "label")[0] == name
+        assert flow.current != row  # moved on to the next image of the batch
+    assert sum(1 for b in flow_buttons(doc)) >= 2
+    # Propagate: an estimate, sure predictions, a point on the curve
+    click(w(doc, "propagate"))
+    report = w(doc, "label_report").text
+    assert "estimated accuracy" in report and "sure" in report
+    n_sure = flow.info["sure"]
+    assert n_sure > 0
+    before = len(flow.state.book)
+    # Accept all sure: one journaled step, recorded as accepted predictions
+    click(w(doc, "accept_sure"))
+    assert len(flow.state.book) == before + n_sure
+    ops = [r["op"] for r in Journal(journal_for(csv).path).replay()]
+    assert ops[-1] == "accept" and ops.count("accept") == 1
+    keys = flow.state.keys
+    sources = flow.state.book.sources(keys)
+    assert sources.count("accepted") == n_sure and sources.count("person") == before
+    # the accepted labels are mostly right (the noise images have no label of their own)
+    labels = flow.state.book.labels_for(keys)
+    acc = [labels[i] == truth(paths[i]) for i, s in enumerate(sources) if s == "accepted"]
+    assert np.mean(acc) > 0.8
+    # Undo takes the whole acceptance back
+    click(w(doc, "undo"))
+    assert len(flow.state.book) == before
+    assert "accepted" not in flow.state.book.sources(keys)
+
+
+def test_keys_1_to_9_label_the_framed_image(app):
+    doc = make_doc(app)
+    flow = _flow(doc)
+    paths = read_table(app[1])["path"].tolist()
+    click(w(doc, "label_next"))
+    row = flow.current
+    w(doc, "label_input").value = "first"
+    click(w(doc, "apply_label"))
+    nxt = flow.current
+    assert nxt != row
+    # key "1" (the hidden input the page's key listener writes) = the first label button
+    w(doc, "label_key").value = "1:1000"
+    assert flow.state.labels_of([nxt], "label")[0] == "first"
+    # a key without a button does nothing
+    cur = flow.current
+    w(doc, "label_key").value = "9:1001"
+    assert flow.state.labels_of([cur], "label")[0] == ""
+    assert paths  # the table was read
+
+
+def flow_buttons(doc):
+    return [w(doc, f"label_key_{i}") for i in range(1, 10) if w(doc, f"label_key_{i}").visible]
+
+
+def _flow(doc):
+    """The session's LabellingFlow (the view is kept on the document as ``explorer_view``)."""
+    return doc.explorer_view.labelling.flow
