@@ -124,6 +124,10 @@ def add_serve(sub) -> None:
                    help="address to listen on (default 127.0.0.1; put a TLS proxy in front "
                    "before opening it to a network)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a Host name the service answers besides localhost/127.0.0.1/[::1] and "
+                   "the --host address (the public name behind a proxy; repeat for several; "
+                   "anything else gets 403: no DNS rebinding)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="builds that run at once, each in its own process (default 1)")
     s.add_argument("--allow-private-urls", action="store_true",
@@ -373,7 +377,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
           allow_private_urls=a.allow_private_urls, url_timeout=a.url_timeout,
           log_level=a.log_level, header_timeout=a.header_timeout,
           max_connections=a.max_connections, app_max_running=a.max_apps,
-          app_max_per_user=a.max_apps_per_user,
+          app_max_per_user=a.max_apps_per_user, allowed_hosts=tuple(a.allowed_host),
           max_request_bytes=int(a.max_upload_mb * 2**20),
           max_file_bytes=int(a.max_file_mb * 2**20),
           quotas={"max_datasets": a.max_datasets, "max_jobs": a.max_jobs,

@@ -30,11 +30,26 @@ def create_app(config: Any):
     return _create(config)
 
 
+def hosts_for(host: str, port: int, extra=()) -> tuple[str, ...]:
+    """The ``Host`` patterns a service listening on ``host:port`` answers besides loopback
+    names: the address itself (unless it is a wildcard such as 0.0.0.0) and ``extra``."""
+    out = []
+    if host not in ("0.0.0.0", "::", ""):
+        name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        out.append(f"{name}:{port}")
+    for h in extra:
+        h = str(h).strip()
+        if not h:
+            raise ValueError(f"allowed host must be a host name, got {h!r}")
+        out.append(h)
+    return tuple(out)
+
+
 def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency: int = 1,
           allow_private_urls: bool = False, url_timeout: float = 10.0, log_level: str = "info",
           header_timeout: float = 10.0, max_connections: int = 1000, app_max_running: int = 8,
           app_max_per_user: int = 3, quotas: dict[str, Any] | None = None,
-          **limits: Any) -> None:
+          allowed_hosts: tuple[str, ...] = (), **limits: Any) -> None:
     """Run the service with uvicorn until interrupted (Ctrl-C or SIGTERM).
 
     ``header_timeout``: seconds a connection has to send a request's head before it is
@@ -42,7 +57,8 @@ def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency:
     beyond (explorer.service.sockets; the descriptor limit is raised to fit);
     ``app_max_running``/``app_max_per_user``: dataset app processes at once, and per user;
     ``quotas``: fields of :class:`explorer.service.policy.Quotas` (per-user limits, the build
-    time limit).
+    time limit); ``allowed_hosts``: ``Host`` values served besides loopback names (the
+    public name behind a proxy; the address listened on, when it is not a wildcard, is added).
     """
     import logging
 
@@ -58,7 +74,8 @@ def serve(root, data, *, host: str = "127.0.0.1", port: int = 8000, concurrency:
     cfg = ServiceConfig(root=root, data=data, concurrency=concurrency,
                         allow_private_urls=allow_private_urls, url_timeout=url_timeout,
                         app_max_running=app_max_running, app_max_per_user=app_max_per_user,
-                        limits=Limits(**limits), quotas=Quotas(**(quotas or {})))
+                        limits=Limits(**limits), quotas=Quotas(**(quotas or {})),
+                        allowed_hosts=hosts_for(host, port, allowed_hosts))
     fds = raise_fd_limit()
     if fds:  # keep room for the database, logs, app sockets and workers
         max_connections = max(1, min(max_connections, fds - 64))

@@ -65,7 +65,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.apps = apps
     app.state.uploads = UploadSlots(config.quotas)
     install_error_handlers(app)
-    app.add_middleware(Guard, limits=config.limits,
+    app.add_middleware(Guard, limits=config.limits, allowed_hosts=config.allowed_hosts,
                        authorized=lambda header: user_for_token(db, header) is not None)
     for router in ROUTERS:
         app.include_router(router)

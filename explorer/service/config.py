@@ -26,6 +26,11 @@ class ServiceConfig:
     app_max_running: int = 8  # app processes at once
     app_max_per_user: int = 3  # app processes one user's requests may start
     app_recheck: float = 2.0  # seconds between access checks of an open app websocket
+    #: the ``Host`` values requests may carry besides loopback names on the served port (DNS
+    #: rebinding, review N2): ``host[:port]`` patterns as ``--allowed-host`` takes them. None:
+    #: not checked (an app embedded in a test client or another ASGI server); ``explorer
+    #: serve`` always checks
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         from explorer.paths import check_image_root

@@ -9,6 +9,12 @@
   (chunked) is counted while the route reads it, and the read that passes the cap raises a
   413 instead of handing the bytes on.
 
+* Every HTTP and websocket request's ``Host`` must name this computer (``localhost``,
+  ``127.0.0.1``, ``[::1]``), the address listened on, or match an ``--allowed-host`` value
+  (the public name behind a proxy); anything else is answered 403 (a websocket is closed
+  before it is accepted). A page whose DNS name was rebound to this server (review N2) gets
+  nothing. The rule is the app's (:func:`explorer.app.serving.host_allowed`).
+
 Early answers carry ``Connection: close`` so the server stops reading what the client still
 sends.
 """
@@ -74,19 +80,46 @@ class Guard:
     """The middleware (see the module). ``authorized(header)`` says whether an
     ``Authorization`` header value holds a valid token; it runs in a thread."""
 
-    def __init__(self, app, *, authorized: Callable[[Optional[str]], bool], limits: Limits):
+    def __init__(self, app, *, authorized: Callable[[Optional[str]], bool], limits: Limits,
+                 allowed_hosts: tuple[str, ...] | None = None):
         self.app = app
         self.authorized = authorized
         self.limits = limits
+        self.allowed_hosts = allowed_hosts
+
+    def host_ok(self, scope, headers: dict[str, str]) -> bool:
+        """Whether the request's ``Host`` may be served (always, without ``allowed_hosts``):
+        a loopback name on any port (a rebound page never carries one), else the app's rule
+        against ``allowed_hosts``."""
+        if self.allowed_hosts is None:
+            return True
+        from explorer.app.serving import LOOPBACK_NAMES, host_allowed, split_host
+
+        host = headers.get("host")
+        try:
+            if host and split_host(host)[0] in LOOPBACK_NAMES:
+                return True
+        except ValueError:
+            return False
+        server = scope.get("server") or (None, None)
+        port = server[1] if len(server) > 1 and server[1] else 80
+        return host_allowed(host, int(port), self.allowed_hosts)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", ())}
+        if not self.host_ok(scope, headers):
+            if scope["type"] == "websocket":  # closed before accept: the client sees 403
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _answer(send, 403, "this server does not answer to that Host "
+                                 "(explorer serve --allowed-host NAME adds a name)")
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         import anyio
 
         path, method = scope["path"], scope["method"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", ())}
         if needs_token(path) and not await anyio.to_thread.run_sync(
                 self.authorized, headers.get("authorization")):
             msg = ("send Authorization: Bearer TOKEN (explorer users add)"
