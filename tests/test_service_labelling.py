@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
-from _service import Local, local_user  # noqa: E402
+from _service import Local, grant, local_user  # noqa: E402
 
 from explorer.journal import Journal, journal_for  # noqa: E402
 from explorer.table import make_table, sidecar, write_table  # noqa: E402
@@ -23,6 +23,7 @@ def site(tmp_path):
     image_folder(root / "photos", 6, size=32)
     data = tmp_path / "data"
     token = local_user(data, "alice", projects=("p1",))
+    grant(data, "photos", user="alice")  # the access model: folders outside users/NAME are granted
     with Local(root, data) as service:
         c = service.client(token)
         r = c.post("/api/datasets", json={"name": "photos", "folder": "photos"})
