@@ -40,6 +40,7 @@ from bokeh.models import (
     HoverTool,
     HTMLTemplateFormatter,
     ImportedStyleSheet,
+    InlineStyleSheet,
     LassoSelectTool,
     LinearColorMapper,
     MultiSelect,
@@ -85,6 +86,11 @@ NAME_LIMIT = 200_000
 HOVER_LABEL_LIMIT = 20_000
 #: their size on screen (pixels)
 THUMB_PX = 44
+
+
+#: the tab headers wrap onto a second row instead of scrolling out of the sidebar (seven tabs
+#: are wider than it)
+TAB_HEADERS_WRAP = ":host(.bk-above) .bk-headers-wrapper { flex-wrap: wrap; overflow-x: visible; }"
 
 
 def _stylesheet(route: str) -> ImportedStyleSheet:
@@ -270,6 +276,7 @@ class AppView:
             width=SIDEBAR_WIDTH + 20,
             sizing_mode="stretch_height",
             styles={"overflow-y": "auto", "flex": "none"},
+            stylesheets=[InlineStyleSheet(css=TAB_HEADERS_WRAP)],
         )
         self.tabs.on_change("active", self._on_tab)
         self.layout = self._build_layout()
