@@ -158,21 +158,31 @@ def resolver(root: str | os.PathLike, *, must_be_image: bool = False,
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePath(f"path {text!r} is not a regular file", reason="not_file",
                              path=text)
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise UnsafePath(f"path {text!r} is {st.st_size:,} bytes, more than the limit of "
-                             f"{max_bytes:,}", reason="too_large", path=text)
+        _check_size(text, st.st_size, max_bytes)
         if must_be_image:
-            if os.path.splitext(target)[1].lower() not in IMAGE_SUFFIXES or \
-                    os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
-                raise UnsafePath(f"path {text!r} has no image suffix "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})", reason="not_image",
-                                 path=text)
+            _check_image_suffix(text, target, parts[-1])
             if not _opens_as_image(target):
                 raise UnsafePath(f"path {text!r} does not open as an image",
                                  reason="not_image", path=text)
         return Path(target)
 
     return resolve
+
+
+def _check_size(text: str, size: int, max_bytes: int | None) -> None:
+    """:class:`UnsafePath` (``too_large``) when a file or archive member is over the cap."""
+    if max_bytes is not None and size > max_bytes:
+        raise UnsafePath(f"path {text!r} is {size:,} bytes, more than the limit of "
+                         f"{max_bytes:,}", reason="too_large", path=text)
+
+
+def _check_image_suffix(text: str, *names: str) -> None:
+    """:class:`UnsafePath` (``not_image``) unless every name (the CSV's, and the file a
+    symlink resolves to) ends in one of :data:`IMAGE_SUFFIXES`."""
+    if any(os.path.splitext(n)[1].lower() not in IMAGE_SUFFIXES for n in names):
+        raise UnsafePath(f"path {text!r} has no image suffix "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})", reason="not_image",
+                         path=text)
 
 
 def _relative_parts(rel: str | os.PathLike) -> tuple[str, list[str]]:
@@ -223,10 +233,9 @@ def _member_resolver(archive: str, *, must_be_image: bool, max_bytes: int | None
                                  reason="not_file", path=text)
             raise UnsafePath(f"path {text!r} not found in {archive}", reason="missing",
                              path=text)
-        if max_bytes is not None and member.size > max_bytes:
-            raise UnsafePath(f"path {text!r} is {member.size:,} bytes, more than the limit of "
-                             f"{max_bytes:,}", reason="too_large", path=text)
+        _check_size(text, member.size, max_bytes)
         if must_be_image:
+            _check_image_suffix(text, parts[-1])
             try:
                 head = member.head(16)
             except ValueError:
