@@ -223,14 +223,14 @@ def add_search(sub) -> None:
 
 def cmd_build(a: argparse.Namespace) -> int:
     from explorer import options
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     build(a.image_dir, app=a.app, out=a.out, **options.from_namespace(a))
     return 0
 
 
 def cmd_threshold(a: argparse.Namespace) -> int:
-    from explorer import images, similarity
+    from explorer.stages import images, similarity
 
     root = Path(a.image_dir)
     if not root.is_dir():
@@ -301,35 +301,35 @@ def cmd_export(a: argparse.Namespace) -> int:
     df = table.read_table(csv)
     n_rows = len(df)
     root = None if a.format == "parquet" else _image_root(csv, a.images)
-    from explorer.journal import journal_for
+    from explorer.curation.journal import journal_for
 
     journal = journal_for(csv)
     if journal.exists():  # NAME.labels.sqlite (or an old NAME.labels.jsonl, imported)
-        from explorer.labels import LabelBook, labelled_table
+        from explorer.curation.labels import LabelBook, labelled_table
 
         df = labelled_table(df, LabelBook.from_journal(journal))
     if a.min_confidence is not None:
         df = cli_labels.with_confident_predictions(df, csv, a.min_confidence)
     dropped = None
     if a.drop:
-        from explorer.quality import drop_flagged
+        from explorer.stages.quality import drop_flagged
 
         df, dropped = drop_flagged(df, a.drop)
     if a.format == "parquet":
-        from explorer.exports import export_parquet
+        from explorer.curation.exports import export_parquet
 
         summary = export_parquet(df, Path(a.to), vectors=_table_vectors(csv, df, n_rows))
     elif a.format == "hf":
-        from explorer.exports import export_hf
+        from explorer.curation.exports import export_hf
 
         summary = export_hf(df, root, Path(a.to), progress=not a.quiet)
     elif a.imagefolder:
-        from explorer.exports import export_imagefolder
+        from explorer.curation.exports import export_imagefolder
 
         summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip, by=a.by or "label",
                                      mode=a.mode, progress=not a.quiet)
     else:
-        from explorer.exports import export_folders
+        from explorer.curation.exports import export_folders
 
         summary = export_folders(df, root, Path(a.to), by=a.by or "cluster", sample=a.sample,
                                  mode=a.mode, seed=a.seed, as_zip=a.zip, progress=not a.quiet)
@@ -432,7 +432,7 @@ def cmd_users(a: argparse.Namespace) -> int:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
-    from explorer.search import search
+    from explorer.curation.search import search
 
     hits = search(a.csv, text=a.query, image=a.image, top=a.top, text_model=a.text_model,
                   checkpoint=a.checkpoint)

@@ -31,7 +31,7 @@ MANIFEST_VERSION = 1
 
 def add_parser(sub) -> None:
     """Register ``dedupe`` on the ``explorer`` sub-command parsers (imports nothing heavy:
-    the rule is checked by :func:`explorer.dedupe.check_rule` when the command runs)."""
+    the rule is checked by :func:`explorer.curation.dedupe.check_rule` when the command runs)."""
     d = sub.add_parser("dedupe", help="keep one image per near-duplicate group; mark or move "
                        "the others (never deletes)",
                        description="Pick the image to keep in every duplicate_group of NAME.csv "
@@ -112,9 +112,10 @@ def cmd_dedupe(a: argparse.Namespace) -> int:
 def run(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from explorer import dedupe, table
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook, labelled_table
+    from explorer import table
+    from explorer.curation import dedupe
+    from explorer.curation.journal import journal_for
+    from explorer.curation.labels import LabelBook, labelled_table
     from explorer.paths import resolver
 
     dedupe.check_rule(a.keep)
@@ -182,8 +183,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 def undo(manifest_path: Path) -> int:
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook
+    from explorer.curation.journal import journal_for
+    from explorer.curation.labels import LabelBook
 
     try:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -6,7 +6,7 @@
     explorer labels accept NAME.csv                     # accept every "sure" prediction (one step)
 
 Labels go to the build's journal (``NAME.labels.sqlite``), as in the app; the model is fitted
-on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.active`. Registered
+on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.curation.active`. Registered
 by :func:`register` from :mod:`explorer.cli`; errors are ``ValueError``/``OSError`` (the CLI
 turns them into messages and exit codes).
 """
@@ -51,8 +51,8 @@ class Build:
     """A build's table, label book and vectors, read once."""
 
     def __init__(self, csv: Path, session: str | None = None):
-        from explorer.journal import journal_for
-        from explorer.labels import LabelBook
+        from explorer.curation.journal import journal_for
+        from explorer.curation.labels import LabelBook
         from explorer.table import read_table
 
         self.csv = Path(csv)
@@ -67,7 +67,7 @@ class Build:
 
     @property
     def X(self):
-        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``), kept
+        """The model's rows (:func:`explorer.curation.active.features` of ``NAME.features.npy``), kept
         in ``NAME.labelling.npy`` (made again when the features file is newer)."""
         if self._X is None:
             self._X = self._cached_rows()
@@ -78,8 +78,8 @@ class Build:
 
         import numpy as np
 
-        from explorer import active
-        from explorer.search import load_features
+        from explorer.curation import active
+        from explorer.curation.search import load_features
         from explorer.table import atomic_write_bytes, sidecar
 
         cache = sidecar(self.csv, "labelling.npy")
@@ -108,12 +108,12 @@ class Build:
         return self.book.labels_for(self.paths)
 
     def next(self, n: int = 20) -> list[dict[str, Any]]:
-        from explorer import active
+        from explorer.curation import active
 
         return active.next_rows(self.paths, self.labels(), self.X, n)
 
     def propagate(self):
-        from explorer import active
+        from explorer.curation import active
 
         return active.label_table(self.paths, self.labels(), self.book.sources(self.paths),
                                   self.X)
@@ -212,7 +212,7 @@ def cmd_labels(a: argparse.Namespace) -> int:
 def with_confident_predictions(df, csv, min_confidence: float):
     """``df`` (the build's table with its labels) where unlabelled rows take a predicted
     label of at least ``min_confidence`` (``explorer export --by label --min-confidence``)."""
-    from explorer.exports import with_predictions
+    from explorer.curation.exports import with_predictions
 
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"--min-confidence must be in [0, 1]; got {min_confidence}")

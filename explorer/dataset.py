@@ -13,7 +13,7 @@ A build's outputs are files beside ``NAME.csv``::
 :class:`Build` finds each of them once, from the CSV's path, and reads each only when asked
 (the table, the run record and the layout once per object; the features memory-mapped).
 Consumers take a ``Build`` instead of a CSV path and stop re-deriving file names:
-:func:`explorer.search.search` does; the app's per-process project, exports, labelling and
+:func:`explorer.curation.search.search` does; the app's per-process project, exports, labelling and
 the service can adopt it the same way (``build = explorer.open(csv)``, then ``build.table``,
 ``build.run``, ``build.vectors``, ``build.labels_path`` ...).
 """
@@ -46,12 +46,12 @@ class Build:
     - ``vectors``: the stored embeddings (``NAME.features.npy``, memory-mapped, one row per
       CSV row); :class:`BuildFileError` when missing or out of step with the CSV.
     - ``concepts()``: ``(idx, p)`` top ImageNet classes per row, or ``None`` when the build
-      has none yet (:func:`explorer.search.concepts_for` computes and keeps them).
+      has none yet (:func:`explorer.curation.search.concepts_for` computes and keeps them).
     - ``layout``: the arrays of ``NAME.layout.npz`` as a dict, or ``None``.
     - ``labels_path``, ``store_path``, ``errors_path``: where the label journal, the vector
       store and the skipped files' list live (they may not exist).
     - ``embed(paths)``: embed image files exactly as this build did (same model key:
-      :func:`explorer.embed.embed_as_built`), e.g. a query image.
+      :func:`explorer.stages.embed.embed_as_built`), e.g. a query image.
     """
 
     def __init__(self, csv_path: str | os.PathLike):
@@ -115,7 +115,7 @@ class Build:
         path = self.file("concepts.npz")
         if not path.is_file():
             return None
-        from explorer import concepts as C
+        from explorer.stages import concepts as C
 
         return C.load_concepts(path)
 
@@ -143,8 +143,8 @@ class Build:
     # ------------------------------------------------------------------ embedding
     def embed(self, paths, **kw):
         """Embed image files the way this build did (its model key); an
-        :class:`explorer.embed.EmbedResult`. ``ValueError`` when the model changed since."""
-        from explorer.embed import embed_as_built
+        :class:`explorer.stages.embed.EmbedResult`. ``ValueError`` when the model changed since."""
+        from explorer.stages.embed import embed_as_built
 
         return embed_as_built(paths, self.run, **kw)
 

@@ -252,7 +252,7 @@ class Project:
 
     def norms(self) -> np.ndarray:
         """Row norms of the embeddings (once per process, in chunks from the memory map)."""
-        from explorer.neighbours import row_norms
+        from explorer.stages.neighbours import row_norms
 
         if self.features is None:
             raise ValueError(self.features_problem or "no embeddings")
@@ -271,7 +271,7 @@ class Project:
 
     def nearest(self, row: int, k: int = 12) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows of ``row`` (cosine), straight from the memory map."""
-        from explorer.neighbours import nearest
+        from explorer.stages.neighbours import nearest
 
         if self.features is None:
             raise ValueError(self.features_problem or "no embeddings")
@@ -279,7 +279,7 @@ class Project:
 
     def tree(self, progress: bool = False) -> Any:
         """The overview hierarchy, built once per process (slow: call it off the event loop)."""
-        from explorer.hierarchy import build_hierarchy
+        from explorer.stages.hierarchy import build_hierarchy
 
         with self._lock:
             if self._tree is None:

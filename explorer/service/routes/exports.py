@@ -28,8 +28,8 @@ async def export_zip(dataset_id: str, body: Optional[ExportIn] = None,
     """A zip of ``cluster_N/`` (or one folder per label), ``outliers/`` and, with
     ``sample``, ``sample/`` holding that share of every folder; ``manifest.csv`` lists
     every image and ``MISSING.txt`` the rows whose image could not be exported. Streamed
-    while it is written (explorer.exports)."""
-    from explorer import exports
+    while it is written (explorer.curation.exports)."""
+    from explorer.curation import exports
 
     ds = dataset_for(db, user, dataset_id)
     p = built(config, ds)
@@ -44,7 +44,7 @@ async def export_zip(dataset_id: str, body: Optional[ExportIn] = None,
         from explorer.table import read_table
 
         if body.by == "label":
-            from explorer.labels import labelled_table
+            from explorer.curation.labels import labelled_table
 
             df, book = label_book(p, f"api-{user['name']}")
             df = labelled_table(df, book)

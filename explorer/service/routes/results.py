@@ -84,7 +84,7 @@ async def elbow(dataset_id: str, user: dict = Depends(current_user),
                 c = json.loads(cache.read_text())
                 if c["key"] == key:
                     return c["elbow"]
-            from explorer import cluster as cluster_mod
+            from explorer.stages import cluster as cluster_mod
 
             X = sample_features(feats)
             res = cluster_mod.cluster(X, "kmeans", k_max=k_max)

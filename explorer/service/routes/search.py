@@ -34,7 +34,7 @@ def _plain(o):
 
 
 def run_search(p: dict[str, Path], **query) -> dict:
-    from explorer.search import search
+    from explorer.curation.search import search
 
     try:
         hits = search(p["csv"], progress=False, **query)
