@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.inputs.archives import Member
+from explorer.inputs.sources import HF_FILE_NAME
 from explorer.paths import UnsafePath, is_app_relative_url, is_archive_root, resolve_under, resolver
 from explorer.progress import track
 
@@ -919,9 +920,8 @@ def with_predictions(df: pd.DataFrame, predictions: pd.DataFrame, min_confidence
 # --------------------------------------------------------------------------- one-file formats
 #: the column that holds each row's vector in a Parquet export
 VECTOR_COLUMN = "vector"
-#: the metadata file of a Hugging Face ``imagefolder`` export, and its file name column
+#: the metadata file of a Hugging Face ``imagefolder`` export (its file name column: HF_FILE_NAME)
 HF_METADATA = "metadata.csv"
-HF_FILE_NAME = "file_name"
 
 
 def export_parquet(df: pd.DataFrame, dest: str | os.PathLike,

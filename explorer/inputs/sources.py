@@ -39,8 +39,11 @@ from typing import Any
 import pandas as pd
 
 from explorer.inputs import archives
-from explorer.curation.exports import HF_FILE_NAME  # a Hugging Face metadata file's path column
 from explorer.paths import UnsafePath, check_image_root
+
+#: a Hugging Face ``imagefolder`` metadata file's path column (read here, written by
+#: :func:`explorer.curation.exports.export_hf`)
+HF_FILE_NAME = "file_name"
 
 __all__ = ["Source", "kind_of", "open_source", "TABLE_SUFFIXES", "URL_LIST_SUFFIXES",
            "read_table_input"]
