@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_labels", "Build", "open_build"]
+__all__ = ["register", "cmd_labels", "Labelling", "open_labelling"]
 
 
 def register(sub) -> None:
@@ -47,22 +47,17 @@ def register(sub) -> None:
     c.add_argument("csv", metavar="NAME.csv")
 
 
-class Build:
-    """A build's table, label book and vectors, read once."""
+class Labelling:
+    """Labelling over one build (:class:`explorer.dataset.Build`, opened once): its label
+    book as ``session`` writes it, and the model's rows."""
 
-    def __init__(self, csv: Path, session: str | None = None):
-        from explorer.curation.journal import journal_for
-        from explorer.curation.labels import LabelBook
-        from explorer.table import read_table
+    def __init__(self, build, session: str | None = None):
+        from explorer import dataset
 
-        self.csv = Path(csv)
-        df = read_table(self.csv)
-        self.paths = df["path"].fillna("").astype(str).tolist()
-        initial = {}
-        if "label" in df.columns:
-            initial = {k: v for k, v in zip(self.paths, df["label"].fillna("").astype(str)) if v}
-        self.book = LabelBook.from_journal(journal_for(self.csv, session=session),
-                                           keys=frozenset(self.paths), initial=initial)
+        self.build = dataset.open(build)
+        self.csv = self.build.csv_path
+        self.paths = self.build.keys
+        self.book = self.build.label_book(session)
         self._X = None
 
     @property
@@ -80,10 +75,10 @@ class Build:
 
         from explorer.curation import active
         from explorer.curation.search import load_features
-        from explorer.table import atomic_write_bytes, sidecar
+        from explorer.table import atomic_write_bytes
 
-        cache = sidecar(self.csv, "labelling.npy")
-        src = sidecar(self.csv, "features.npy")
+        cache = self.build.file("labelling.npy")
+        src = self.build.features_path
         try:
             if cache.stat().st_mtime_ns >= src.stat().st_mtime_ns:
                 X = np.load(cache, allow_pickle=False)
@@ -91,7 +86,7 @@ class Build:
                     return X
         except (OSError, ValueError):
             pass
-        V = load_features(self.csv)
+        V = load_features(self.build)
         if len(V) != len(self.paths):
             raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
                              f"the table {len(self.paths)}; build again")
@@ -129,8 +124,8 @@ class Build:
         return rec, info
 
 
-def open_build(csv) -> Build:
-    return Build(Path(csv))
+def open_labelling(csv, session: str | None = None) -> Labelling:
+    return Labelling(Path(csv), session=session)
 
 
 def read_label_csv(path: Path) -> dict[str, str]:
@@ -169,7 +164,7 @@ def _summary(info: dict) -> str:
 
 
 def cmd_labels(a: argparse.Namespace) -> int:
-    b = open_build(a.csv)
+    b = open_labelling(a.csv)
     if a.labels_command == "add":
         mapping = read_label_csv(Path(a.source))
         known = set(b.paths)
@@ -216,5 +211,5 @@ def with_confident_predictions(df, csv, min_confidence: float):
 
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"--min-confidence must be in [0, 1]; got {min_confidence}")
-    pred, _ = open_build(csv).propagate()
+    pred, _ = open_labelling(csv).propagate()
     return with_predictions(df, pred, min_confidence)

@@ -150,12 +150,10 @@ class SearchIndex:
     """What search needs of one project, shared by every session of the process."""
 
     def __init__(self, project: Any) -> None:
-        from explorer.table import sidecar
-
         self.project = project
         self._lock = threading.Lock()
         self._concepts: tuple[np.ndarray, np.ndarray] | None = None
-        self.concepts_path = sidecar(project.csv_path, "concepts.npz") if project.csv_path else None
+        self.concepts_path = project.build.concepts_path if project.build is not None else None
         #: why search by words is not available (None: it is, as far as is known before loading)
         self.words_problem: str | None = None
         if self.concepts_path is None:

@@ -149,9 +149,7 @@ class AppState(SelectionModel, Curation):
         """
         state = cls(load_project(csv_path, app_dir, route), **kwargs)
         if journal:
-            from explorer.curation.journal import journal_for
-
-            state.attach_journal(journal_for(state.csv_path))
+            state.attach_journal(state.project.build.journal())
         return state
 
     # ------------------------------------------------------------------ shared data

@@ -18,19 +18,10 @@ router = APIRouter(prefix="/api/datasets", tags=["labels"])
 
 def label_book(p: dict[str, Path], session: str):
     """The built table and its label book (the app's journal) as ``session`` writes it."""
-    from explorer.curation.journal import journal_for
-    from explorer.curation.labels import LabelBook
-    from explorer.table import read_table
+    from explorer import dataset
 
-    df = read_table(p["csv"])
-    keys = df["path"].fillna("").astype(str).tolist()
-    initial = {}
-    if "label" in df.columns:
-        vals = df["label"]
-        initial = {k: ("" if v is None or (isinstance(v, float) and v != v) else str(v))
-                   for k, v in zip(keys, vals.tolist())}
-    return df, LabelBook.from_journal(journal_for(p["csv"], session=session), keys=keys,
-                                      initial=initial)
+    build = dataset.open(p["csv"])
+    return build.table, build.label_book(session)
 
 
 @router.get("/{dataset_id}/labels")
