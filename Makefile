@@ -33,7 +33,7 @@ browser-deps:
 	fi
 
 # The whole suite with the CPU check forced to "no native bf16", then the embedding, search
-# and pipeline tests again with it forced to "native bf16" (explorer.models.cpu_runs_bf16):
+# and pipeline tests again with it forced to "native bf16" (explorer.stages.models.cpu_runs_bf16):
 # a machine of either kind proves both answers.
 CPU_BOTH_TESTS := tests/test_embed.py tests/test_search.py tests/test_pipeline.py
 

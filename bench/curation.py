@@ -52,8 +52,8 @@ def _files_size(path: Path) -> int:
 
 
 def bench_journal(tmp: Path, keys: list[str], repeats: int) -> None:
-    from explorer.journal import Journal
-    from explorer.labels import LabelBook, LabelState
+    from explorer.curation.journal import Journal
+    from explorer.curation.labels import LabelBook, LabelState
 
     n = len(keys)
     known = frozenset(keys)
@@ -175,10 +175,10 @@ def main() -> None:
 
 
 def bench_rest(tmp: Path, a) -> None:
-    from explorer.hierarchy import build_hierarchy, recluster
-    from explorer.labels import propose_labels
-    from explorer.metadata import join_metadata, tag_values
-    from explorer.neighbours import nearest, row_norms
+    from explorer.stages.hierarchy import build_hierarchy, recluster
+    from explorer.curation.labels import propose_labels
+    from explorer.stages.metadata import join_metadata, tag_values
+    from explorer.stages.neighbours import nearest, row_norms
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, a.dim)).astype(np.float32)
@@ -227,7 +227,7 @@ def bench_rest(tmp: Path, a) -> None:
 
         # --- ImageFolder export of the clothing photos
         if CLOTHING.is_dir():
-            from explorer.exports import export_imagefolder
+            from explorer.curation.exports import export_imagefolder
 
             files = sorted(p.relative_to(CLOTHING).as_posix() for p in CLOTHING.rglob("*.jpg"))
             cdf = pd.DataFrame({"path": files, "label": [f.split("/")[1] for f in files]})

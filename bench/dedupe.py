@@ -14,14 +14,14 @@ is exact: two images are duplicates iff they come from the same source. Two edit
   JPEG quality 30-70.
 
 Every pair of images of one level is scored by each method (phash of the build's stored
-256 px thumbnail, ssim, orb, minhash, tm from explorer.similarity; ``cnn``: cosine of the
-default model's embeddings, explorer.embed; ``cnn+orb``: the mean of that cosine and the orb
+256 px thumbnail, ssim, orb, minhash, tm from explorer.stages.similarity; ``cnn``: cosine of the
+default model's embeddings, explorer.stages.embed; ``cnn+orb``: the mean of that cosine and the orb
 score, so a pair must look alike AND share keypoints). The sources are split in two halves: the
 threshold is chosen on the first (the lowest that keeps pairwise precision >= the goal:
 0.98 mild, 0.95 heavier) and precision and recall are reported on the second.
 
 Scale. Random 64-bit hashes with planted near-duplicate families (10 % of the rows, each a
-copy of a source with up to 4 flipped bits) grouped by explorer.dedupe at the default radius
+copy of a source with up to 4 flipped bits) grouped by explorer.curation.dedupe at the default radius
 (10 bits = phash similarity 0.84) and at the radius the accuracy part chose; then 1 % new
 hashes are added to the index (the incremental re-run). Timings are wall clock and CPU
 seconds of the process (all threads) on this machine; the load average is printed with
@@ -43,8 +43,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer import dedupe as D  # noqa: E402
-from explorer import similarity as S  # noqa: E402
+from explorer.curation import dedupe as D  # noqa: E402
+from explorer.stages import similarity as S  # noqa: E402
 
 SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket")
 GOALS = {"mild": 0.98, "heavier": 0.95}
@@ -52,7 +52,7 @@ METHODS = ("phash", "ssim", "orb", "minhash", "tm", "cnn", "cnn+orb")
 
 
 def load(path) -> Image.Image:
-    from explorer.images import load_image
+    from explorer.stages.images import load_image
 
     return load_image(path, 512).image.convert("RGB")
 
@@ -117,7 +117,7 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
         methods = list(dict.fromkeys([*methods[:methods.index("cnn+orb")], "orb", "cnn",
                                       *methods[methods.index("cnn+orb"):]]))
     if "phash" in methods or "cnn" in methods:
-        from explorer.embed import embed_paths
+        from explorer.stages.embed import embed_paths
 
         t0 = time.perf_counter()
         emb = embed_paths([str(p) for p in paths], store=store, progress=False)
@@ -224,7 +224,7 @@ def scale(sizes, radii, seed: int) -> None:
     import numba
 
     D.hamming_links(planted_hashes(1000, seed), max(radii))  # compile / load the kernel
-    print(f"\ngrouping (explorer.dedupe, {numba.get_num_threads()} numba threads)")
+    print(f"\ngrouping (explorer.curation.dedupe, {numba.get_num_threads()} numba threads)")
     print("| hashes | radius (bits) | chunks | full grouping: wall s (CPU s) | groups | "
           "+1 % new: re-run wall s (CPU s) | load average |")
     print("|---|---|---|---|---|---|---|")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explorer.embed import (  # noqa: E402
+from explorer.stages.embed import (  # noqa: E402
     DEFAULT_BATCH,
     DEFAULT_MODEL,
     OnnxRunner,
@@ -61,7 +61,7 @@ from explorer.embed import (  # noqa: E402
     resolve_device,
     resolve_precision,
 )
-from explorer.images import decode_image, discover, read_bytes  # noqa: E402
+from explorer.stages.images import decode_image, discover, read_bytes  # noqa: E402
 
 DATA = Path("../shared/data/clothing-small")  # relative to the repository root
 
@@ -156,7 +156,7 @@ def precisions(args) -> None:
 
     import numpy as np
 
-    from explorer.models import cpu_runs_bf16
+    from explorer.stages.models import cpu_runs_bf16
 
     every = discover(args.data)
     photos = every[:: max(1, len(every) // args.photos)][: args.photos]  # across classes

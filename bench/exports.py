@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from explorer.exports import plan_export, write_zip
-from explorer.images import discover
+from explorer.curation.exports import plan_export, write_zip
+from explorer.stages.images import discover
 
 
 class Null(io.RawIOBase):

@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--like-rows", type=int, default=200_000, help="rows of the embedding file")
     args = ap.parse_args()
     from explorer.app import finder as F
-    from explorer.search import query_scores
-    from explorer.neighbours import nearest, row_norms
+    from explorer.curation.search import query_scores
+    from explorer.stages.neighbours import nearest, row_norms
 
     n, rng = args.rows, np.random.default_rng(0)
     t = time.perf_counter()

@@ -19,7 +19,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from explorer import images, sources
+from explorer.inputs import sources
+from explorer.stages import images
 
 
 def make_archives(paths: list[Path], root: Path, out: Path) -> dict[str, Path]:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
                 dest.write_bytes(p.read_bytes())
         made = make_archives([sub / p.relative_to(root) for p in paths], sub, tmp)
         if a.build:  # the first build in a process pays for imports and JIT: not timed
-            from explorer.pipeline import build
+            from explorer.stages.pipeline import build
 
             warm = tmp / "warm"
             for p in paths[:20]:

@@ -8,8 +8,8 @@ The photos are built once with ``explorer build`` (lite0 vectors, ``--work`` kee
 between runs; nothing is written into the repository). The person answers with the true class
 (the photo's folder name). In rounds of ``--round`` labels, up to ``--max-labels``, for
 ``--seeds`` seeds, two ways of choosing what to label: the tool's picks
-(:func:`explorer.active.pick_next`) and random picks; after each round
-:func:`explorer.active.propagate` predicts every other image. Printed (medians over seeds):
+(:func:`explorer.curation.active.pick_next`) and random picks; after each round
+:func:`explorer.curation.active.propagate` predicts every other image. Printed (medians over seeds):
 the accuracy on every image not labelled, the estimated accuracy the tool shows, and the
 share and accuracy of the predictions it calls sure. Asserts nothing; prints the load average.
 """
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explorer import active  # noqa: E402
+from explorer.curation import active  # noqa: E402
 
 GOALS = {50: 0.77, 200: 0.84}
 
@@ -40,11 +40,11 @@ def load() -> str:
 def built_vectors(images: Path, work: Path, name: str, features: str = "auto"):
     """(vectors, true class per row, csv path) of a build of ``images`` kept in ``work``."""
     from explorer import table
-    from explorer.search import load_features
+    from explorer.curation.search import load_features
 
     csv = work / f"{name}.csv"
     if not csv.is_file():
-        from explorer.pipeline import build
+        from explorer.stages.pipeline import build
 
         t = time.perf_counter()
         build(str(images), app=str(work / name), duplicates=None, features=features,

@@ -106,8 +106,8 @@ reached 0.70, nothing became the default:
   projection (top right singular vectors) to 256 / 1,280 dims 0.627 / 0.636. On the
   generated non-photographs (630 images, 21 classes, the same path) 3 strips 0.916 vs the
   global mean 0.916: no loss. Not made the default here: the embedding is computed in
-  explorer/models.py / explorer/embed.py (the integrator's), and the concept scores
-  (explorer/concepts.py) apply the 1280-d ImageNet classifier to the stored vectors.
+  explorer/stages/models.py / explorer/stages/embed.py (the integrator's), and the concept scores
+  (explorer/stages/concepts.py) apply the 1280-d ImageNet classifier to the stored vectors.
 
 So the neighbour share (purity) does not predict NMI through UMAP + HDBSCAN once the rows
 are transformed (QE and SNN raise it and lower NMI); only new information about the image
@@ -166,8 +166,8 @@ def methods_on_features(
     X: np.ndarray, truth: np.ndarray, methods, seeds, extra: dict | None = None
 ) -> list[tuple[str, dict[str, float], float]]:
     """Clustering space once per seed, then each method on it (as the pipeline does)."""
-    from explorer.cluster import cluster
-    from explorer.reduce import reduce_cluster_space
+    from explorer.stages.cluster import cluster
+    from explorer.stages.reduce import reduce_cluster_space
 
     per: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     secs: dict[str, list[float]] = {m: [] for m in methods}
@@ -195,8 +195,8 @@ def methods_on_features(
 
 
 def from_build(data: Path, seeds, workdir: Path, progress: bool):
-    """Default builds through explorer.pipeline.build; returns rows and the features."""
-    from explorer.pipeline import build
+    """Default builds through explorer.stages.pipeline.build; returns rows and the features."""
+    from explorer.stages.pipeline import build
 
     rows, feats, truth = [], None, None
     per, secs = [], []
@@ -241,10 +241,10 @@ def generated_folder(name: str, root: Path, n_per_class: int) -> Path:
 
 def feature_options(data: Path, seeds, workdir: Path, options, ae_loss: str, ae_epochs: int):
     """Rows (option, median measures, median seconds) for each ``--features`` option."""
-    from explorer import embed, images as images_mod
-    from explorer import features as F
-    from explorer.cluster import cluster
-    from explorer.reduce import reduce_cluster_space
+    from explorer.stages import embed, images as images_mod
+    from explorer.stages import features as F
+    from explorer.stages.cluster import cluster
+    from explorer.stages.reduce import reduce_cluster_space
 
     paths = images_mod.discover(data)
     t0 = time.perf_counter()

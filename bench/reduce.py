@@ -92,8 +92,8 @@ def synthetic(n: int, d: int, groups: int, per_group: int, seed: int = 0,
 def run_scale(args) -> None:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from explorer.cluster import cluster
-    from explorer.reduce import map_and_space
+    from explorer.stages.cluster import cluster
+    from explorer.stages.reduce import map_and_space
 
     print(f"load average at start: {os.getloadavg()}", flush=True)
     t = time.perf_counter()
@@ -127,8 +127,8 @@ def run_scale(args) -> None:
 def run_quality(args) -> None:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from explorer.cluster import cluster
-    from explorer.reduce import map_and_space, reduce_cluster_space
+    from explorer.stages.cluster import cluster
+    from explorer.stages.reduce import map_and_space, reduce_cluster_space
 
     z = np.load(args.quality, allow_pickle=True)
     X, truth = z["X"].astype(np.float32), z["labels"]

@@ -149,7 +149,7 @@ def generate(folder: Path, n: int) -> float:
 
 def build_child(image_dir: str, app: str, device: str) -> None:
     """Child process: one build, prints its run record's figures as JSON."""
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     res = build(image_dir, app=app, progress=False, device=device, duplicates="phash")
     print(json.dumps({"timings": res.run["timings"], "counts": res.run["counts"],
@@ -169,8 +169,8 @@ def naive_child(image_dir: str, sample: int) -> None:
     import timm
     import torch
 
-    from explorer.images import discover
-    from explorer.models import load_model
+    from explorer.stages.images import discover
+    from explorer.stages.models import load_model
 
     torch.set_num_threads(os.cpu_count())
     paths = discover(image_dir)[:sample]

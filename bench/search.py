@@ -1,6 +1,6 @@
 """Precision@5 of ``explorer search`` by words (search by concept) and by image.
 
-Builds (``explorer.pipeline.build``) a labelled set of crops of scikit-image's sample photos
+Builds (``explorer.stages.pipeline.build``) a labelled set of crops of scikit-image's sample photos
 (tests/_collections.py ``photos``: random crops, colour jitter, flips), then asks labelled
 queries and counts how many of the top 5 show what was asked:
 
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
 
     from tests import _collections as C
 
-    from explorer.pipeline import build
-    from explorer.search import search
+    from explorer.stages.pipeline import build
+    from explorer.curation.search import search
 
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         tmp = Path(tmp)

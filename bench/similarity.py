@@ -1,4 +1,4 @@
-"""Speed and calibration of the classic similarity methods (explorer/similarity.py).
+"""Speed and calibration of the classic similarity methods (explorer/stages/similarity.py).
 
     .venv/bin/python bench/similarity.py                 # speed: 1k and 10k images, 100k for
                                                           # phash and minhash
@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer import similarity as S  # noqa: E402
+from explorer.stages import similarity as S  # noqa: E402
 
 SOURCES = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "page", "horse",
            "moon", "text", "clock", "immunohistochemistry")

@@ -20,8 +20,8 @@ from explorer.table import (  # noqa: F401
 
 
 def build(*args, **kwargs):
-    """Run the whole pipeline; see :func:`explorer.pipeline.build`."""
-    from explorer.pipeline import build as _build
+    """Run the whole pipeline; see :func:`explorer.stages.pipeline.build`."""
+    from explorer.stages.pipeline import build as _build
 
     return _build(*args, **kwargs)
 

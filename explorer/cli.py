@@ -223,14 +223,14 @@ def add_search(sub) -> None:
 
 def cmd_build(a: argparse.Namespace) -> int:
     from explorer import options
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     build(a.image_dir, app=a.app, out=a.out, **options.from_namespace(a))
     return 0
 
 
 def cmd_threshold(a: argparse.Namespace) -> int:
-    from explorer import images, similarity
+    from explorer.stages import images, similarity
 
     root = Path(a.image_dir)
     if not root.is_dir():
@@ -294,42 +294,35 @@ def _check_export_options(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from explorer import table
+    from explorer import dataset
 
     _check_export_options(a)
     csv = Path(a.csv)
-    df = table.read_table(csv)
-    n_rows = len(df)
+    build = dataset.open(csv)
     root = None if a.format == "parquet" else _image_root(csv, a.images)
-    from explorer.journal import journal_for
-
-    journal = journal_for(csv)
-    if journal.exists():  # NAME.labels.sqlite (or an old NAME.labels.jsonl, imported)
-        from explorer.labels import LabelBook, labelled_table
-
-        df = labelled_table(df, LabelBook.from_journal(journal))
+    df = build.labelled_table()  # the labels of NAME.labels.sqlite (or an old .labels.jsonl)
     if a.min_confidence is not None:
         df = cli_labels.with_confident_predictions(df, csv, a.min_confidence)
     dropped = None
     if a.drop:
-        from explorer.quality import drop_flagged
+        from explorer.stages.quality import drop_flagged
 
         df, dropped = drop_flagged(df, a.drop)
     if a.format == "parquet":
-        from explorer.exports import export_parquet
+        from explorer.curation.exports import export_parquet
 
-        summary = export_parquet(df, Path(a.to), vectors=_table_vectors(csv, df, n_rows))
+        summary = export_parquet(df, Path(a.to), vectors=_table_vectors(build, df))
     elif a.format == "hf":
-        from explorer.exports import export_hf
+        from explorer.curation.exports import export_hf
 
         summary = export_hf(df, root, Path(a.to), progress=not a.quiet)
     elif a.imagefolder:
-        from explorer.exports import export_imagefolder
+        from explorer.curation.exports import export_imagefolder
 
         summary = export_imagefolder(df, root, Path(a.to), as_zip=a.zip, by=a.by or "label",
                                      mode=a.mode, progress=not a.quiet)
     else:
-        from explorer.exports import export_folders
+        from explorer.curation.exports import export_folders
 
         summary = export_folders(df, root, Path(a.to), by=a.by or "cluster", sample=a.sample,
                                  mode=a.mode, seed=a.seed, as_zip=a.zip, progress=not a.quiet)
@@ -339,24 +332,22 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _table_vectors(csv: Path, df, n_rows: int):
+def _table_vectors(build, df):
     """The build's vectors (``NAME.features.npy``, one row per CSV row) for the rows of
-    ``df`` (a subset of the CSV's ``n_rows`` rows, keeping their index), or None when there
-    are none or they do not match the CSV."""
+    ``df`` (a subset of the build's rows, keeping their index), or None when there are none
+    or they do not match the CSV."""
     import numpy as np
 
-    from explorer import table
+    from explorer.dataset import BuildFileError
 
-    path = table.sidecar(csv, "features.npy")
-    if not path.is_file():
+    if not build.features_path.is_file():
         return None
-    feats = np.load(path, mmap_mode="r")
-    rows = df.index.to_numpy()
-    if feats.ndim != 2 or len(feats) != n_rows:
-        print(f"note: {path.name} does not have one row per row of {csv.name}; the export "
-              "has no vectors", file=sys.stderr)
+    try:
+        feats = build.vectors
+    except BuildFileError as exc:
+        print(f"note: {exc}; the export has no vectors", file=sys.stderr)
         return None
-    return np.asarray(feats[rows], np.float32)
+    return np.asarray(feats[df.index.to_numpy()], np.float32)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -432,7 +423,7 @@ def cmd_users(a: argparse.Namespace) -> int:
 
 
 def cmd_search(a: argparse.Namespace) -> int:
-    from explorer.search import search
+    from explorer.curation.search import search
 
     hits = search(a.csv, text=a.query, image=a.image, top=a.top, text_model=a.text_model,
                   checkpoint=a.checkpoint)

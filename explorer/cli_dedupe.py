@@ -31,7 +31,7 @@ MANIFEST_VERSION = 1
 
 def add_parser(sub) -> None:
     """Register ``dedupe`` on the ``explorer`` sub-command parsers (imports nothing heavy:
-    the rule is checked by :func:`explorer.dedupe.check_rule` when the command runs)."""
+    the rule is checked by :func:`explorer.curation.dedupe.check_rule` when the command runs)."""
     d = sub.add_parser("dedupe", help="keep one image per near-duplicate group; mark or move "
                        "the others (never deletes)",
                        description="Pick the image to keep in every duplicate_group of NAME.csv "
@@ -112,20 +112,19 @@ def cmd_dedupe(a: argparse.Namespace) -> int:
 def run(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from explorer import dedupe, table
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook, labelled_table
+    from explorer import dataset, table
+    from explorer.curation import dedupe
+    from explorer.curation.labels import labelled_table
     from explorer.paths import resolver
 
     dedupe.check_rule(a.keep)
     csv = Path(a.csv)
-    df = table.read_table(csv)
+    build = dataset.open(csv)
+    df = build.table
     root = _image_root(csv, a.images)
-    paths = df["path"].astype(str).tolist()
+    paths = build.keys
     group = df["duplicate_group"].to_numpy(dtype=np.int64)
-    journal = journal_for(csv)
-    initial = {p: v for p, v in zip(paths, df["label"].fillna("").astype(str)) if v}
-    book = LabelBook.from_journal(journal, keys=frozenset(paths), initial=initial)
+    book = build.label_book()
     current = labelled_table(df, book)["label"].tolist()
     date, sharp = dedupe.member_facts(root, paths, group,
                                       rule="sharpest" if a.keep == "sharpest" else "earliest")
@@ -148,7 +147,7 @@ def run(a: argparse.Namespace) -> int:
     rec = book.assign(changes) if changes else None
     manifest = {"version": MANIFEST_VERSION, "csv": str(csv.resolve()),
                 "image_root": str(Path(root).resolve()), "rule": a.keep,
-                "session": journal.session, "seq": rec["seq"] if rec else None,
+                "session": book.journal.session, "seq": rec["seq"] if rec else None,
                 "marked": len(changes), "moves": []}
     if a.move_to is None:
         out = _new_file(csv.resolve().parent, table.sidecar(csv, "dedupe").name)
@@ -182,8 +181,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 def undo(manifest_path: Path) -> int:
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook
+    from explorer.curation.journal import journal_for
+    from explorer.curation.labels import LabelBook
 
     try:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -6,7 +6,7 @@
     explorer labels accept NAME.csv                     # accept every "sure" prediction (one step)
 
 Labels go to the build's journal (``NAME.labels.sqlite``), as in the app; the model is fitted
-on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.active`. Registered
+on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.curation.active`. Registered
 by :func:`register` from :mod:`explorer.cli`; errors are ``ValueError``/``OSError`` (the CLI
 turns them into messages and exit codes).
 """
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_labels", "Build", "open_build"]
+__all__ = ["register", "cmd_labels", "Labelling", "open_labelling"]
 
 
 def register(sub) -> None:
@@ -47,27 +47,22 @@ def register(sub) -> None:
     c.add_argument("csv", metavar="NAME.csv")
 
 
-class Build:
-    """A build's table, label book and vectors, read once."""
+class Labelling:
+    """Labelling over one build (:class:`explorer.dataset.Build`, opened once): its label
+    book as ``session`` writes it, and the model's rows."""
 
-    def __init__(self, csv: Path, session: str | None = None):
-        from explorer.journal import journal_for
-        from explorer.labels import LabelBook
-        from explorer.table import read_table
+    def __init__(self, build, session: str | None = None):
+        from explorer import dataset
 
-        self.csv = Path(csv)
-        df = read_table(self.csv)
-        self.paths = df["path"].fillna("").astype(str).tolist()
-        initial = {}
-        if "label" in df.columns:
-            initial = {k: v for k, v in zip(self.paths, df["label"].fillna("").astype(str)) if v}
-        self.book = LabelBook.from_journal(journal_for(self.csv, session=session),
-                                           keys=frozenset(self.paths), initial=initial)
+        self.build = dataset.open(build)
+        self.csv = self.build.csv_path
+        self.paths = self.build.keys
+        self.book = self.build.label_book(session)
         self._X = None
 
     @property
     def X(self):
-        """The model's rows (:func:`explorer.active.features` of ``NAME.features.npy``), kept
+        """The model's rows (:func:`explorer.curation.active.features` of ``NAME.features.npy``), kept
         in ``NAME.labelling.npy`` (made again when the features file is newer)."""
         if self._X is None:
             self._X = self._cached_rows()
@@ -78,12 +73,12 @@ class Build:
 
         import numpy as np
 
-        from explorer import active
-        from explorer.search import load_features
-        from explorer.table import atomic_write_bytes, sidecar
+        from explorer.curation import active
+        from explorer.curation.search import load_features
+        from explorer.table import atomic_write_bytes
 
-        cache = sidecar(self.csv, "labelling.npy")
-        src = sidecar(self.csv, "features.npy")
+        cache = self.build.file("labelling.npy")
+        src = self.build.features_path
         try:
             if cache.stat().st_mtime_ns >= src.stat().st_mtime_ns:
                 X = np.load(cache, allow_pickle=False)
@@ -91,7 +86,7 @@ class Build:
                     return X
         except (OSError, ValueError):
             pass
-        V = load_features(self.csv)
+        V = load_features(self.build)
         if len(V) != len(self.paths):
             raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
                              f"the table {len(self.paths)}; build again")
@@ -108,12 +103,12 @@ class Build:
         return self.book.labels_for(self.paths)
 
     def next(self, n: int = 20) -> list[dict[str, Any]]:
-        from explorer import active
+        from explorer.curation import active
 
         return active.next_rows(self.paths, self.labels(), self.X, n)
 
     def propagate(self):
-        from explorer import active
+        from explorer.curation import active
 
         return active.label_table(self.paths, self.labels(), self.book.sources(self.paths),
                                   self.X)
@@ -129,8 +124,8 @@ class Build:
         return rec, info
 
 
-def open_build(csv) -> Build:
-    return Build(Path(csv))
+def open_labelling(csv, session: str | None = None) -> Labelling:
+    return Labelling(Path(csv), session=session)
 
 
 def read_label_csv(path: Path) -> dict[str, str]:
@@ -169,7 +164,7 @@ def _summary(info: dict) -> str:
 
 
 def cmd_labels(a: argparse.Namespace) -> int:
-    b = open_build(a.csv)
+    b = open_labelling(a.csv)
     if a.labels_command == "add":
         mapping = read_label_csv(Path(a.source))
         known = set(b.paths)
@@ -212,9 +207,9 @@ def cmd_labels(a: argparse.Namespace) -> int:
 def with_confident_predictions(df, csv, min_confidence: float):
     """``df`` (the build's table with its labels) where unlabelled rows take a predicted
     label of at least ``min_confidence`` (``explorer export --by label --min-confidence``)."""
-    from explorer.exports import with_predictions
+    from explorer.curation.exports import with_predictions
 
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"--min-confidence must be in [0, 1]; got {min_confidence}")
-    pred, _ = open_build(csv).propagate()
+    pred, _ = open_labelling(csv).propagate()
     return with_predictions(df, pred, min_confidence)

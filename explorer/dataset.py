@@ -13,9 +13,10 @@ A build's outputs are files beside ``NAME.csv``::
 :class:`Build` finds each of them once, from the CSV's path, and reads each only when asked
 (the table, the run record and the layout once per object; the features memory-mapped).
 Consumers take a ``Build`` instead of a CSV path and stop re-deriving file names:
-:func:`explorer.search.search` does; the app's per-process project, exports, labelling and
-the service can adopt it the same way (``build = explorer.open(csv)``, then ``build.table``,
-``build.run``, ``build.vectors``, ``build.labels_path`` ...).
+:func:`explorer.curation.search.search`, the app's per-process project, ``explorer export``,
+the labelling and dedupe commands and the service's results, labels, exports and search routes
+do (``build = explorer.open(csv)``, then ``build.table``, ``build.run``, ``build.vectors``,
+``build.label_book(session)`` ...).
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ class Build:
     - ``vectors``: the stored embeddings (``NAME.features.npy``, memory-mapped, one row per
       CSV row); :class:`BuildFileError` when missing or out of step with the CSV.
     - ``concepts()``: ``(idx, p)`` top ImageNet classes per row, or ``None`` when the build
-      has none yet (:func:`explorer.search.concepts_for` computes and keeps them).
+      has none yet (:func:`explorer.curation.search.concepts_for` computes and keeps them).
     - ``layout``: the arrays of ``NAME.layout.npz`` as a dict, or ``None``.
-    - ``labels_path``, ``store_path``, ``errors_path``: where the label journal, the vector
-      store and the skipped files' list live (they may not exist).
+    - ``run_path``, ``features_path``, ``concepts_path``, ``layout_path``, ``labels_path``,
+      ``store_path``, ``errors_path``: where each file lives (they may not exist).
+    - ``keys``, ``initial_labels()``, ``journal(session)``, ``label_book(session)``,
+      ``labelled_table(session)``: the labels as the app sees them (the CSV's own, then the
+      journal's edits).
     - ``embed(paths)``: embed image files exactly as this build did (same model key:
-      :func:`explorer.embed.embed_as_built`), e.g. a query image.
+      :func:`explorer.stages.embed.embed_as_built`), e.g. a query image.
     """
 
     def __init__(self, csv_path: str | os.PathLike):
@@ -82,7 +86,7 @@ class Build:
     @cached_property
     def run(self) -> dict[str, Any]:
         try:
-            rec = json.loads(self.file("run.json").read_text(encoding="utf-8"))
+            rec = json.loads(self.run_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return rec if isinstance(rec, dict) else {}
@@ -100,7 +104,7 @@ class Build:
 
     @cached_property
     def vectors(self) -> np.ndarray:
-        path = self.file("features.npy")
+        path = self.features_path
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError) as exc:
@@ -112,21 +116,37 @@ class Build:
         return arr
 
     def concepts(self) -> tuple[np.ndarray, np.ndarray] | None:
-        path = self.file("concepts.npz")
+        path = self.concepts_path
         if not path.is_file():
             return None
-        from explorer import concepts as C
+        from explorer.stages import concepts as C
 
         return C.load_concepts(path)
 
     @cached_property
     def layout(self) -> dict[str, np.ndarray] | None:
-        path = self.file("layout.npz")
+        path = self.layout_path
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         except (OSError, ValueError):
             return None
+
+    @property
+    def run_path(self) -> Path:
+        return self.file("run.json")
+
+    @property
+    def features_path(self) -> Path:
+        return self.file("features.npy")
+
+    @property
+    def concepts_path(self) -> Path:
+        return self.file("concepts.npz")
+
+    @property
+    def layout_path(self) -> Path:
+        return self.file("layout.npz")
 
     @property
     def labels_path(self) -> Path:
@@ -140,11 +160,50 @@ class Build:
     def errors_path(self) -> Path:
         return self.file("errors.csv")
 
+    # ------------------------------------------------------------------ labels
+    @cached_property
+    def keys(self) -> list[str]:
+        """Each row's key (its ``path``), in CSV order: what labels are recorded against."""
+        df = self.table
+        if "path" not in df.columns:
+            raise BuildFileError(f"{self.csv_path.name} has no path column to key labels by")
+        return df["path"].fillna("").astype(str).tolist()
+
+    def initial_labels(self) -> dict[str, str]:
+        """The CSV's own non-empty labels by key (the journal records changes to them)."""
+        if "label" not in self.table.columns:
+            return {}
+        return {k: v for k, v in zip(self.keys, self.table["label"].fillna("").astype(str))
+                if v}
+
+    def journal(self, session: str | None = None):
+        """The label journal (``NAME.labels.sqlite``), written as ``session``."""
+        from explorer.curation.journal import journal_for
+
+        return journal_for(self.csv_path, session=session)
+
+    def label_book(self, session: str | None = None):
+        """The labels as the app sees them: the CSV's own, then the journal's edits (a
+        :class:`explorer.curation.labels.LabelBook` that records edits as ``session``)."""
+        from explorer.curation.labels import LabelBook
+
+        return LabelBook.from_journal(self.journal(session), keys=frozenset(self.keys),
+                                      initial=self.initial_labels())
+
+    def labelled_table(self, session: str | None = None):
+        """A copy of the table with its ``label`` column as the label book has it (the table
+        itself when no journal exists)."""
+        from explorer.curation.labels import labelled_table
+
+        if not self.journal(session).exists():
+            return self.table
+        return labelled_table(self.table, self.label_book(session))
+
     # ------------------------------------------------------------------ embedding
     def embed(self, paths, **kw):
         """Embed image files the way this build did (its model key); an
-        :class:`explorer.embed.EmbedResult`. ``ValueError`` when the model changed since."""
-        from explorer.embed import embed_as_built
+        :class:`explorer.stages.embed.EmbedResult`. ``ValueError`` when the model changed since."""
+        from explorer.stages.embed import embed_as_built
 
         return embed_as_built(paths, self.run, **kw)
 

@@ -4,7 +4,7 @@
 choices, limits and help. Everything else is derived from it:
 
 * the ``explorer build`` command line (:func:`add_arguments`, :func:`from_namespace`);
-* :class:`BuildOptions`, what :func:`explorer.pipeline.build` accepts, and its one
+* :class:`BuildOptions`, what :func:`explorer.stages.pipeline.build` accepts, and its one
   validation (:func:`check`);
 * the run record's ``parameters`` (:func:`record`);
 * the service's build request (:func:`build_request_model`): every option a remote user may
@@ -24,10 +24,10 @@ import re
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
-from explorer.cluster import METHODS as CLUSTER_METHODS
-from explorer.features import AE_LOSSES, FEATURES
-from explorer.reduce import MAP_METHODS
-from explorer.similarity import METHODS as CLASSIC_METHODS
+from explorer.stages.cluster import METHODS as CLUSTER_METHODS
+from explorer.stages.features import AE_LOSSES, FEATURES
+from explorer.stages.reduce import MAP_METHODS
+from explorer.stages.similarity import METHODS as CLASSIC_METHODS
 
 METHODS: tuple[str, ...] = ("timm", *CLASSIC_METHODS)
 DUPLICATES: tuple[str, ...] = (*CLASSIC_METHODS, "none")
@@ -208,7 +208,7 @@ def _check_params(o: Option, v: Any) -> dict | None:
         if x is not None and not isinstance(x, (bool, int, float, str)):
             raise _fail(o, x, f"value of {k} must be a number, text or true/false")
     if "k_max" in v:  # bounded (review N9): refused when asked, not when the build runs
-        from explorer.cluster import check_k_max
+        from explorer.stages.cluster import check_k_max
 
         try:
             check_k_max(v["k_max"])
@@ -414,7 +414,7 @@ def markdown() -> str:
               "",
               "One `Option(...)` in `OPTIONS` (`explorer/options.py`): the flag, the request",
               "field, the check and the record entry follow. Read it where it is used",
-              "(`ctx.opts.NAME` in `explorer/pipeline.py`), then regenerate this page.",
+              "(`ctx.opts.NAME` in `explorer/stages/pipeline.py`), then regenerate this page.",
               "`tests/test_options.py` fails when the parser, `/openapi.json` or the run",
               "record disagree with the schema, or when this page is stale.",
               ""]

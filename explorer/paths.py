@@ -15,7 +15,7 @@ Symlink policy
 --------------
 Paths are checked *after* resolving symlinks. A symlink (to a file or a folder) whose target
 stays inside the image root is followed; one whose target lies outside the root is refused.
-:func:`explorer.images.discover` follows symlinked folders while it looks for images, so a
+:func:`explorer.stages.images.discover` follows symlinked folders while it looks for images, so a
 build may list images that live outside the image folder; exports and the app then refuse those
 files (reason ``"outside"``). Put the images themselves inside the image folder to export them.
 
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: file suffixes (lower case, with dot) accepted by ``must_be_image``; kept equal to
-#: :data:`explorer.images.IMAGE_EXTENSIONS` (a test checks it) without importing PIL here
+#: :data:`explorer.stages.images.IMAGE_EXTENSIONS` (a test checks it) without importing PIL here
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
@@ -211,10 +211,10 @@ def _relative_parts(rel: str | os.PathLike) -> tuple[str, list[str]]:
 
 def _member_resolver(archive: str, *, must_be_image: bool, max_bytes: int | None):
     """:func:`resolver` for an image root that is a zip or plain tar file: the archive is
-    listed once (:func:`explorer.archives.list_members`, which refuses zip-slip names, links
+    listed once (:func:`explorer.inputs.archives.list_members`, which refuses zip-slip names, links
     and bombs), a CSV path names a member, and the function returns that
-    :class:`~explorer.archives.Member` (read it with :func:`explorer.images.read_file`)."""
-    from explorer.archives import list_members
+    :class:`~explorer.inputs.archives.Member` (read it with :func:`explorer.stages.images.read_file`)."""
+    from explorer.inputs.archives import list_members
 
     try:
         members, refused = list_members(archive)
@@ -357,7 +357,7 @@ def check_image_root(root: str | os.PathLike) -> Path:
 
 def is_archive_root(path: str | os.PathLike) -> bool:
     """True for a zip or plain tar file: an image root whose files are its members."""
-    from explorer.archives import archive_kind
+    from explorer.inputs.archives import archive_kind
 
     return archive_kind(path) in ("zip", "tar")
 

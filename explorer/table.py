@@ -21,7 +21,7 @@ cluster_name   str     the cluster's name: top ImageNet concepts, and a folder o
                        metadata value most of its images share ("noise" for -1)
 blurry ...     int     quality flags, 1 = flagged: blurry, dark, bright,
                        low_information, grayscale, odd_aspect, odd_size,
-                       exact_duplicate (see explorer.quality.flags for thresholds)
+                       exact_duplicate (see explorer.stages.quality.flags for thresholds)
 ============== ======= ===========================================================
 """
 
@@ -51,7 +51,7 @@ COLUMNS: dict[str, str] = {
     "duplicate_group": "int",
     "label": "str",
     "cluster_name": "str",
-    # quality flags (explorer.quality.FLAG_NAMES), 0/1
+    # quality flags (explorer.stages.quality.FLAG_NAMES), 0/1
     "blurry": "int",
     "dark": "int",
     "bright": "int",

@@ -15,7 +15,8 @@ cluster -> table**. Here they run one by one on a few families of the demo image
     ("code", """from pathlib import Path
 import numpy as np
 import explorer
-from explorer import images, embed, reduce, cluster, table, similarity
+from explorer import table
+from explorer.stages import images, embed, reduce, cluster, similarity
 
 ROOT = Path.cwd() if (Path.cwd() / "demo_images").is_dir() else Path.cwd().parent
 IMAGE_DIR = ROOT / "demo_images"

@@ -3,7 +3,7 @@
 :func:`make_finder_app` is tests/_appdata.py's app (cats, coffee, astronauts, rockets and a
 few grey camera photos) plus what a build adds: ``NAME.concepts.npz`` from the real default
 backbone's view of the original images, ``cluster_name`` named from those concepts and the
-folders (:func:`explorer.concepts.name_clusters`), and quality-flag columns with a few set
+folders (:func:`explorer.stages.concepts.name_clusters`), and quality-flag columns with a few set
 (:data:`BLURRY`, :data:`DARK`; the camera photos ``grayscale``).
 """
 
@@ -26,8 +26,8 @@ def make_finder_app(root: str | Path) -> tuple[Path, Path, dict[int, str]]:
     """(app folder, CSV, cluster id -> name) under ``root``."""
     from PIL import Image
 
-    from explorer import concepts as C
-    from explorer import embed
+    from explorer.stages import concepts as C
+    from explorer.stages import embed
     from explorer.table import read_table, sidecar, write_table
 
     root = Path(root)

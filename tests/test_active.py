@@ -1,11 +1,11 @@
-"""The pick, the fit and the calibration of explorer.active on small synthetic vectors."""
+"""The pick, the fit and the calibration of explorer.curation.active on small synthetic vectors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from explorer import active
+from explorer.curation import active
 
 
 def blobs(sizes, dim=16, spread=0.6, seed=0):

@@ -21,7 +21,7 @@ from _appdata import HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 
 import _browser as B  # noqa: E402
 
-from explorer.exports import safe_name  # noqa: E402
+from explorer.curation.exports import safe_name  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -201,7 +201,7 @@ def test_save_downloads_csv_and_zip_of_originals(page, site):
     assert {"x", "y", "photographer"} <= set(rows[0])
     with zipfile.ZipFile(site["downloads"] / "picked.zip") as zf:
         names = set(zf.namelist())
-    assert len(names) == 16 and f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.exports
+    assert len(names) == 16 and f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.curation.exports
     assert not (site["app_dir"] / "exports").exists() and not (site["app_dir"] / "static" / "exports").exists()
     status = " ".join(e.text for e in deep(page, "status", ".ex-msg"))
     assert "saved 16 row(s)" in status and "16 original image(s)" in status

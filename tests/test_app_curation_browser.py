@@ -60,7 +60,7 @@ def legend_has(drv, text):
 
 
 def journal_labels(csv):
-    from explorer.journal import journal_for
+    from explorer.curation.journal import journal_for
 
     return journal_for(csv).labels()
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import copy_app, make_app  # noqa: E402
 
 from explorer.app.state import AppState  # noqa: E402
-from explorer.journal import Journal  # noqa: E402
+from explorer.curation.journal import Journal  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
 
 
@@ -317,7 +317,7 @@ def test_an_unreadable_journal_is_a_problem_not_a_crash(app):
 
 
 def test_a_metadata_upload_with_a_1_mib_key_is_refused_quickly(app):
-    """H2 at the app: the join refuses it with a message (caps live in explorer.metadata)."""
+    """H2 at the app: the join refuses it with a message (caps live in explorer.stages.metadata)."""
     st = open_state(app)
     data = b"path,colour\n" + b"a/" * (1 << 19) + b"x.jpg,red\n"
     assert not st.join_metadata(data, "evil.csv", "path")

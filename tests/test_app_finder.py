@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import click, copy_app, plot_positions, widget as w  # noqa: E402
 from _finderdata import make_finder_app  # noqa: E402
 
-from explorer import concepts as C  # noqa: E402
+from explorer.stages import concepts as C  # noqa: E402
 from explorer.app import finder as F  # noqa: E402
 from explorer.table import read_table, sidecar, write_table  # noqa: E402
 
@@ -203,7 +203,7 @@ def test_row_filter_rejects_a_bad_mask(doc):
 
 
 def test_flag_filter_holds_through_a_drill_down_and_waits_for_the_whole_map(doc):
-    from explorer.hierarchy import Recluster
+    from explorer.stages.hierarchy import Recluster
 
     view, boxes = doc.explorer_view, w(doc, "flag_filter")
     st = view.state

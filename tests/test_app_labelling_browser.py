@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import make_app  # noqa: E402
 
 import _browser as B  # noqa: E402
-from explorer.journal import journal_for  # noqa: E402
+from explorer.curation.journal import journal_for  # noqa: E402
 from explorer.table import read_table, write_table  # noqa: E402
 
 pytestmark = pytest.mark.browser

@@ -12,7 +12,7 @@ from bokeh.command.util import build_single_handler_application
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import click, copy_app, make_app, widget as w  # noqa: E402
 
-from explorer.journal import Journal, journal_for  # noqa: E402
+from explorer.curation.journal import Journal, journal_for  # noqa: E402
 from explorer.table import read_table, write_table  # noqa: E402
 
 

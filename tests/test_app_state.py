@@ -18,7 +18,7 @@ from _appdata import copy_app, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
 from explorer.app import AppState, ExportError, check_export_name  # noqa: E402
 from explorer.app import downloads  # noqa: E402
 from explorer.app.state import MUTED_COLOR, PALETTE, thumb_url  # noqa: E402
-from explorer.exports import safe_name  # noqa: E402
+from explorer.curation.exports import safe_name  # noqa: E402
 from explorer.table import read_table, sidecar  # noqa: E402
 
 
@@ -275,7 +275,7 @@ def test_zip_holds_originals_when_started_elsewhere(state, tmp_path, monkeypatch
     assert res.originals == len(rows) and res.thumbnails == 0
     with zipfile.ZipFile(res.zip) as zf:
         names = set(zf.namelist())
-        assert f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.exports
+        assert f"cat/{safe_name(HOSTILE)}" in names  # made filesystem-safe by explorer.curation.exports
         original = (state.image_dir / "cat" / "cat_001.jpg").read_bytes()
         assert zf.read("cat/cat_001.jpg") == original
 

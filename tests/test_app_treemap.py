@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _appdata import click, copy_app, make_app, plot_positions  # noqa: E402
 from _appdata import widget as w  # noqa: E402
 
-from explorer.hierarchy import build_hierarchy  # noqa: E402
-from explorer.treemap import level_tiles, squarify  # noqa: E402
+from explorer.stages.hierarchy import build_hierarchy  # noqa: E402
+from explorer.curation.treemap import level_tiles, squarify  # noqa: E402
 
 
 def _overlap(a, b) -> float:

@@ -92,7 +92,7 @@ def test_clustering_and_map_spinners_send_the_same_events():
     import numpy as np
 
     from explorer import progress
-    from explorer.cluster import cluster
+    from explorer.stages.cluster import cluster
 
     Z = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
     Z[:30] += 6

@@ -80,7 +80,7 @@ def test_threshold_plot_is_written(phash_build, tmp_path, capsys):
     assert "default for phash" in capsys.readouterr().out
     # the curve it plots: fewer similar pairs as the threshold rises; at the default the
     # 4 copies of each photo (6 pairs per family) are linked, other families mostly not
-    from explorer import images, similarity
+    from explorer.stages import images, similarity
 
     curve = similarity.threshold_curve(images.discover(imgs), "phash", sample=None,
                                        progress=False)
@@ -99,7 +99,7 @@ def test_export_with_missing_columns_is_a_clear_error(tmp_path, capsys):
 def test_cluster_choice_kmeans_writes_elbow_plot(tmp_path, quick_build):
     """(The tiny model in this process: the test is about the clustering's options; the
     command line's --k is read by the one options schema, tests/test_options.py.)"""
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     imgs = families(tmp_path / "imgs")
     csv = tmp_path / "k.csv"

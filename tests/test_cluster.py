@@ -1,4 +1,4 @@
-"""explorer.cluster: every method, auto-pick, elbow, per-point scores, edge cases."""
+"""explorer.stages.cluster: every method, auto-pick, elbow, per-point scores, edge cases."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
-from explorer.cluster import METHODS, ClusterResult, cluster, cluster_scores, elbow_plot
+from explorer.stages.cluster import METHODS, ClusterResult, cluster, cluster_scores, elbow_plot
 from explorer.table import write_json
 
 FAST = {"kmeans": {"k_max": 8}, "agglomerative": {"k_max": 8}, "gmm": {"k_max": 8},
@@ -238,7 +238,7 @@ def test_elbow_plot_rejects_a_ragged_curve(tmp_path):
 
 
 # --------------------------------------------------------------------------- new rows, noise
-from explorer.cluster import _assign_noise_knn, _relabel_by_size, assign_new, vote  # noqa: E402
+from explorer.stages.cluster import _assign_noise_knn, _relabel_by_size, assign_new, vote  # noqa: E402
 
 
 def test_assign_new_gives_the_cluster_of_the_nearest_neighbours(blobs):
@@ -338,7 +338,7 @@ def test_fast_hdbscan_backend_agrees_with_hdbscan(blobs):
 
 
 def test_default_min_samples_is_capped_for_large_inputs():
-    from explorer.cluster import MAX_AUTO_MIN_SAMPLES
+    from explorer.stages.cluster import MAX_AUTO_MIN_SAMPLES
 
     Z, _ = make_blobs(n_samples=6000, centers=3, n_features=2, random_state=1)
     res = cluster(Z, "hdbscan")

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from explorer import dedupe, table
+from explorer import table
+from explorer.curation import dedupe
 from explorer.cli import main
-from explorer.similarity import components
+from explorer.stages.similarity import components
 from tests._imagegen import photo, save
 
 

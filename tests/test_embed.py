@@ -1,4 +1,4 @@
-"""explorer.embed / explorer.models: bundled weights (lite0/1/2), offline-only weights,
+"""explorer.stages.embed / explorer.stages.models: bundled weights (lite0/1/2), offline-only weights,
 checkpoints, model keys, embed_paths through the store, the engines, devices."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ try:
 except ImportError:  # tests/ made a package
     from tests import _imagegen as gen
 
-from explorer import embed as E
-from explorer import models as M
-from explorer.engines import decode as D
-from explorer.embed import (
+from explorer.stages import embed as E
+from explorer.stages import models as M
+from explorer.stages.engines import decode as D
+from explorer.stages.embed import (
     DEFAULT_MODEL,
     ModelWeightsError,
     Preprocessor,
@@ -29,7 +29,7 @@ from explorer.embed import (
     load_model,
     model_key,
 )
-from explorer.images import load_image
+from explorer.stages.images import load_image
 
 TINY = "test_efficientnet"  # timm's own test model (its weights: conftest.py's tiny_ckpt)
 
@@ -347,7 +347,7 @@ def test_store_second_run_embeds_only_new_files(folder, tiny_ckpt, tmp_path, mon
 
 
 def test_vectors_false_leaves_them_in_the_store_only(folder, tiny_ckpt, tmp_path):
-    from explorer.store import Store
+    from explorer.stages.store import Store
 
     _, good, _ = folder
     res = embed_paths(good[:5], model=TINY, checkpoint=tiny_ckpt, store=tmp_path / "s",
@@ -623,12 +623,12 @@ def test_no_import_circle_between_embed_and_the_engines():
     import explorer
 
     root = Path(explorer.__file__).parent
-    for rel in ("ray_engine.py", "engines/decode.py", "models.py"):
+    for rel in ("stages/ray_engine.py", "stages/engines/decode.py", "stages/models.py"):
         tree = ast.parse((root / rel).read_text(encoding="utf-8"))
         found = {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in found if m.split(".")[-1] == "embed"}, (rel, sorted(found))
-    assert E.Item is __import__("explorer.engines.decode", fromlist=["Item"]).Item
+    assert E.Item is __import__("explorer.stages.engines.decode", fromlist=["Item"]).Item
 
 
 def test_as_built_follows_the_model_key_of_the_run_record(folder, tiny_ckpt):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from explorer.exports import export_folders, parse_sample, safe_name
+from explorer.curation.exports import export_folders, parse_sample, safe_name
 
 
 def _files(folder: Path) -> set[str]:
@@ -180,7 +180,7 @@ import zipfile  # noqa: E402
 
 from explorer import table  # noqa: E402
 from explorer.cli import main as cli  # noqa: E402
-from explorer.exports import CHUNK, plan_export, write_zip, write_zip_file  # noqa: E402
+from explorer.curation.exports import CHUNK, plan_export, write_zip, write_zip_file  # noqa: E402
 
 
 class _Recorder(io.RawIOBase):
@@ -404,7 +404,7 @@ def test_zip_extra_notes_and_entry_order(images):
 def test_images_discover_finds_through_a_symlink_out_are_refused_at_export(images, tmp_path):
     """M9, the one symlink policy: discover follows a symlinked folder, but an image that
     resolves outside the image folder is not exported (the summary says why)."""
-    from explorer.images import discover
+    from explorer.stages.images import discover
 
     root, df = images
     elsewhere = tmp_path / "elsewhere"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explorer import features as F
+from explorer.stages import features as F
 from tests import _collections as C
 
 
@@ -137,7 +137,7 @@ def test_build_with_hog_features_clusters_on_hog_and_keeps_cnn_vectors(tmp_path)
     import json
 
     from explorer import table
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     images, labels = C.shapes(4, kinds=("disc", "star", "cross"), size=48, seed=4)
     C.write_folder(images, labels, tmp_path / "imgs")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from explorer.hierarchy import (
+from explorer.stages.hierarchy import (
     MIN_RECLUSTER,
     UnknownGroup,
     build_hierarchy,
@@ -69,7 +69,7 @@ def test_recluster_numbers_largest_first_and_nests():
 
 
 def test_recluster_builds_one_neighbour_graph_for_map_and_clustering(monkeypatch):
-    from explorer import knn
+    from explorer.stages import knn
 
     real, calls = knn.knn_graph, []
     monkeypatch.setattr(knn, "knn_graph", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -95,7 +95,7 @@ def test_tiny_selections_work_and_say_so(n):
 def test_noise_gets_its_own_sub_id_when_kept(monkeypatch):
     # Which far-off points UMAP + HDBSCAN call noise depends on the library versions; what
     # recluster owns is the mapping: kept noise (-1) and only kept noise reads "7.noise".
-    from explorer import cluster as cluster_mod
+    from explorer.stages import cluster as cluster_mod
 
     real = cluster_mod.cluster
     kept_noise = []

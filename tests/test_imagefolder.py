@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from explorer.exports import LABELS_CSV, export_imagefolder
-from explorer.journal import Journal
-from explorer.labels import LabelBook, labelled_table
+from explorer.curation.exports import LABELS_CSV, export_imagefolder
+from explorer.curation.journal import Journal
+from explorer.curation.labels import LabelBook, labelled_table
 
 
 @pytest.fixture(scope="module")

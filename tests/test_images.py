@@ -1,4 +1,4 @@
-"""explorer.images: discover, decode (every mode, EXIF, draft, bad files), DocArray, thumbnails."""
+"""explorer.stages.images: discover, decode (every mode, EXIF, draft, bad files), DocArray, thumbnails."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ try:
 except ImportError:  # tests/ made a package
     from tests import _imagegen as gen
 
-from explorer.images import (
+from explorer.stages.images import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
     decode_image,
@@ -64,7 +64,7 @@ def test_discover_finds_every_image_extension_in_any_case(tmp_path):
 
 
 def test_read_file_hashes_while_reading_and_refuses_big_files(tmp_path):
-    from explorer.images import ImageLoadError, content_hash, read_file
+    from explorer.stages.images import ImageLoadError, content_hash, read_file
 
     p = gen.save(gen.variant(1, 64), tmp_path / "a.png")
     data, h = read_file(p)

@@ -17,8 +17,8 @@ import warnings
 
 import pytest
 
-from explorer.journal import Journal, JournalError, JournalWarning, journal_for
-from explorer.labels import LabelBook
+from explorer.curation.journal import Journal, JournalError, JournalWarning, journal_for
+from explorer.curation.labels import LabelBook
 from explorer.table import sidecar
 from tests._procs import ROOT, in_new_process
 
@@ -35,7 +35,7 @@ def raw_rows(path, sql):
 READ_LABELS = """
     import json, sys, warnings
     warnings.simplefilter("ignore")
-    from explorer.journal import journal_for
+    from explorer.curation.journal import journal_for
     print(json.dumps(journal_for(sys.argv[1]).labels()))
 """
 
@@ -248,15 +248,15 @@ def test_a_file_that_is_not_a_database_is_a_clear_error_and_left_alone(tmp_path)
 def test_labels_and_the_app_work_where_there_is_no_fcntl_as_on_windows(tmp_path):
     """Nothing on the labelling path may need POSIX-only ``fcntl`` (Windows has none).
 
-    Proven able to fail: an ``import fcntl`` added at the top of ``explorer/journal.py`` (or
+    Proven able to fail: an ``import fcntl`` added at the top of ``explorer/curation/journal.py`` (or
     of ``explorer/app/state.py``) makes this test fail with ``ModuleNotFoundError``."""
     out = in_new_process(
         """
         import sys
         sys.modules["fcntl"] = None  # importing fcntl now fails, as on Windows
         import explorer.app.state, explorer.app.view, explorer.app.project  # the app's modules
-        from explorer.journal import journal_for
-        from explorer.labels import LabelBook
+        from explorer.curation.journal import journal_for
+        from explorer.curation.labels import LabelBook
         book = LabelBook.from_journal(journal_for(sys.argv[1]))
         book.apply(["a.jpg"], "cat")
         print(book.counts())
@@ -343,8 +343,8 @@ def test_servers_starting_at_once_import_an_old_journal_once(tmp_path):
 
 KILL_SCRIPT = """
     import sys
-    from explorer.journal import Journal
-    from explorer.labels import LabelBook
+    from explorer.curation.journal import Journal
+    from explorer.curation.labels import LabelBook
     book = LabelBook(Journal(sys.argv[1], session="doomed"))
     i = 0
     while True:

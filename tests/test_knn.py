@@ -1,10 +1,10 @@
-"""explorer.knn: prepared rows, the shared neighbour graph, and queries for new rows."""
+"""explorer.stages.knn: prepared rows, the shared neighbour graph, and queries for new rows."""
 
 import numpy as np
 import pytest
 import torch
 
-from explorer.knn import KNN_METHODS, graph_and_nearest, knn_graph, prepare, query
+from explorer.stages.knn import KNN_METHODS, graph_and_nearest, knn_graph, prepare, query
 
 
 def brute(X, k):

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from explorer.journal import Journal, journal_for
-from explorer.labels import (
+from explorer.curation.journal import Journal, journal_for
+from explorer.curation.labels import (
     DISCARD,
     MAX_LABEL_LENGTH,
     LabelBook,
@@ -22,7 +22,7 @@ from explorer.labels import (
     propose_labels,
     validate_label,
 )
-from explorer.neighbours import nearest, row_norms
+from explorer.stages.neighbours import nearest, row_norms
 from tests._procs import in_new_process
 
 KEYS = [f"img/{i:02d}.jpg" for i in range(10)]
@@ -321,8 +321,8 @@ def test_a_session_in_another_process_sees_edits_and_is_seen(tmp_path):
     out = in_new_process(
         """
         import sys
-        from explorer.journal import journal_for
-        from explorer.labels import LabelBook
+        from explorer.curation.journal import journal_for
+        from explorer.curation.labels import LabelBook
         book = LabelBook.from_journal(journal_for(sys.argv[1], session="there"))
         print(book.counts())
         book.apply(sys.argv[2:5], "dog")
@@ -343,7 +343,7 @@ def test_a_session_in_another_process_sees_edits_and_is_seen(tmp_path):
 
 
 def test_sync_after_more_changes_than_the_state_remembers(tmp_path, monkeypatch):
-    import explorer.labels as L
+    import explorer.curation.labels as L
 
     monkeypatch.setattr(L, "SYNC_LOG_KEYS", 3)
     path = tmp_path / "t.labels.sqlite"

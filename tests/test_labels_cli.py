@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from explorer.cli import main
-from explorer.journal import Journal, journal_for
+from explorer.curation.journal import Journal, journal_for
 from explorer.table import make_table, sidecar, write_json, write_table
 from tests import _imagegen
 

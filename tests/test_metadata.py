@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from explorer.metadata import (
+from explorer.stages.metadata import (
     MetadataTooLarge,
     join_metadata,
     normalize_key,

@@ -114,7 +114,7 @@ def test_one_validation_for_the_cli_the_api_and_build(tmp_path, capsys):
             O.check(bad)
         with pytest.raises(ValidationError):
             BuildIn(**bad)
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     with pytest.raises(O.BuildError, match="--seed"):
         build(tmp_path / "i", out=tmp_path / "x.csv", seed=-1, progress=False)

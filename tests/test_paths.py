@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
-from explorer.images import IMAGE_EXTENSIONS
+from explorer.stages.images import IMAGE_EXTENSIONS
 from explorer.paths import (
     IMAGE_SUFFIXES,
     UnsafePath,

@@ -64,7 +64,7 @@ def built(tmp_path_factory):
         _source("coffee").resize((120, 80)).save(imgs / sub / "a.jpg")
     _source("chelsea").resize((90, 60)).save(imgs / "<img src=x onerror=alert(1)>.jpg")
     app = base / "photos_app"
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     events = []
     build(imgs, app=app, progress=False, on_progress=events.append)
@@ -100,7 +100,7 @@ def test_build_writes_csv_app_thumbnails_and_run_record(built):
     assert feats.shape[0] == len(df)
     # concepts were computed in the embedding process from the store, a block at a time:
     # the same as from the vectors at once
-    from explorer import concepts as C
+    from explorer.stages import concepts as C
 
     idx, p = C.load_concepts(table.sidecar(csv, "concepts.npz"))
     assert idx.shape == (len(df), C.TOP_K)
@@ -127,8 +127,8 @@ def test_every_stage_reports_progress_events_the_embedding_process_too(built):
 
 
 def test_concepts_in_blocks_equal_concepts_at_once():
-    from explorer import concepts as C
-    from explorer.pipeline import _concepts_of
+    from explorer.stages import concepts as C
+    from explorer.stages.pipeline import _concepts_of
 
     X = np.random.default_rng(0).normal(size=(70, 1280)).astype(np.float32)
     idx, p = _concepts_of((X[a:a + 16] for a in range(0, 70, 16)), 70, None, None)
@@ -165,7 +165,7 @@ def test_rerun_decodes_nothing_seen_and_places_new_images_on_the_old_map(tmp_pat
     placement, not the weights.)"""
     from functools import partial
 
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     build = partial(build, **quick_build)
 
@@ -205,7 +205,7 @@ def test_rerun_decodes_nothing_seen_and_places_new_images_on_the_old_map(tmp_pat
 
 def test_file_replaced_in_place_gets_a_new_thumbnail(tmp_path):
     """Review M2: the thumbnail follows the file's content, not only its path."""
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     imgs = tmp_path / "i"
     imgs.mkdir()
@@ -248,7 +248,7 @@ def test_duplicates_are_grouped(tmp_path, quick_build):
     src.save(imgs / "a_recompressed.jpg", quality=50)
     _source("coffee").resize((256, 170)).save(imgs / "b.jpg")
     _source("camera").resize((200, 200)).save(imgs / "c.png")
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     df = build(imgs, out=tmp_path / "d.csv", progress=False, map_method="pca",
                **quick_build).table.set_index("path")
@@ -263,7 +263,7 @@ def test_tiny_folders_still_give_a_valid_csv(tmp_path, n, quick_build):
     test_reduce.py::test_map_and_space_tiny_inputs_never_crash)."""
     imgs = tmp_path / "tiny"
     make_folder(imgs, per_source=1, sources=SOURCES[:n])
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     res = build(imgs, out=tmp_path / "t.csv", progress=False, map_method="pca", **quick_build)
     df = table.read_table(res.csv_path)
@@ -275,7 +275,7 @@ def test_identical_images_give_a_valid_csv(tmp_path, quick_build):
     imgs.mkdir()
     for i in range(6):
         _source("coins").save(imgs / f"c{i}.png")
-    from explorer.pipeline import build
+    from explorer.stages.pipeline import build
 
     res = build(imgs, out=tmp_path / "t.csv", progress=False, map_method="pca", **quick_build)
     df = table.read_table(res.csv_path)
@@ -345,7 +345,7 @@ def test_the_embedding_child_exits_when_the_build_is_killed(tmp_path):
     script.write_text(
         "import multiprocessing, os, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from explorer.pipeline import exit_with_parent\n"
+        "from explorer.stages.pipeline import exit_with_parent\n"
         "if __name__ == '__main__':\n"
         "    ex = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
         "                             initializer=exit_with_parent, initargs=(os.getpid(),))\n"
@@ -383,7 +383,7 @@ def test_a_later_embedding_process_never_imports_torch(tmp_path):
     script.write_text(
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from explorer.pipeline import _embed_job\n"
+        "from explorer.stages.pipeline import _embed_job\n"
         "paths = sorted(p for p in Path(sys.argv[1]).rglob('*') if p.is_file())\n"
         "res = _embed_job(dict(paths=paths, model=None, checkpoint=None, store=sys.argv[2],\n"
         "                      progress=False, device='auto'), True)\n"

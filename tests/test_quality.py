@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from explorer import quality as Q
+from explorer.stages import quality as Q
 from tests import _collections as col
 
 

@@ -21,12 +21,12 @@ def local_ray():
 
 
 def test_ray_engine_gives_the_local_vectors_and_fills_the_same_store(local_ray, tmp_path):
-    from explorer.embed import embed_paths
+    from explorer.stages.embed import embed_paths
 
     paths = gen.image_folder(tmp_path / "imgs", 40, size=100)
     bad = gen.truncated(tmp_path / "imgs" / "bad.jpg")
     paths.append(bad)
-    from explorer.pipeline import ThumbSink  # picklable: Ray workers import it
+    from explorer.stages.pipeline import ThumbSink  # picklable: Ray workers import it
 
     thumbs = tmp_path / "thumbs"
     thumbs.mkdir()

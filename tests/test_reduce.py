@@ -1,11 +1,11 @@
-"""explorer.reduce: the UMAP map and clustering space, their fallbacks and validation."""
+"""explorer.stages.reduce: the UMAP map and clustering space, their fallbacks and validation."""
 
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 from sklearn.manifold import trustworthiness
 
-from explorer.reduce import MIN_UMAP_POINTS, Reduction, reduce_cluster_space, reduce_map
+from explorer.stages.reduce import MIN_UMAP_POINTS, Reduction, reduce_cluster_space, reduce_map
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_bad_arrays_raise_value_error(X, word):
 
 
 # --------------------------------------------------------------------------- map_and_space
-from explorer.reduce import MAP_METHODS, MapResult, map_and_space, place_new  # noqa: E402
+from explorer.stages.reduce import MAP_METHODS, MapResult, map_and_space, place_new  # noqa: E402
 
 
 def rays(n_per=60, dirs=3, d=12, seed=0):
@@ -202,7 +202,7 @@ def test_knn_of_the_result_is_the_cosine_graph(rays_result):
 def test_one_neighbour_graph_feeds_both_umap_fits(monkeypatch):
     import umap
 
-    from explorer import knn as knn_mod
+    from explorer.stages import knn as knn_mod
 
     calls = {"knn": 0, "umap": []}
     real_graph, real_init = knn_mod.knn_graph, umap.UMAP.__init__

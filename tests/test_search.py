@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explorer import concepts as C
-from explorer import search as S
+from explorer.stages import concepts as C
+from explorer.curation import search as S
 from explorer import table
 from tests import _collections as col
 from tests import _imagegen as gen
@@ -82,7 +82,7 @@ def test_cluster_names_use_concepts_and_a_shared_folder():
 def small_build(tmp_path_factory):
     """A build's files (CSV, features, run record, thumbnails) of 4 photos x 4 crops,
     embedded with the real default model: as ``explorer build --app`` leaves them."""
-    from explorer import embed
+    from explorer.stages import embed
 
     root = tmp_path_factory.mktemp("search")
     images, labels = col.photos(4, sources=("chelsea", "coffee", "rocket", "astronaut"),
@@ -161,7 +161,7 @@ def test_search_takes_an_opened_build_and_reads_its_files_once(small_build, monk
 def _low_texture_build(root, precision: str):
     """20 low-texture images embedded by the build's own path in ``precision``, written as a
     build leaves them (CSV, float16 features, run record with the model entry)."""
-    from explorer import embed
+    from explorer.stages import embed
 
     paths = [gen.save(gen.low_texture(i, 128), root / "imgs" / f"lt{i:02d}.jpg", quality=92)
              for i in range(20)]

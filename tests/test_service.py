@@ -186,8 +186,8 @@ def test_labels_go_through_the_apps_journal(site, built):
     assert {k: got["labels"][k] for k in keys} == {k: "keep" for k in keys}
     assert got["counts"]["keep"] == 3
     # the journal the app reads, beside the CSV
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook
+    from explorer.curation.journal import journal_for
+    from explorer.curation.labels import LabelBook
 
     csv = site["data"] / "datasets" / ds / "app.csv"
     assert LabelBook.from_journal(journal_for(csv)).counts()["keep"] == 3

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
 from _service import Local, grant, local_user  # noqa: E402
 
-from explorer.journal import Journal, journal_for  # noqa: E402
+from explorer.curation.journal import Journal, journal_for  # noqa: E402
 from explorer.table import make_table, sidecar, write_table  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from _imagegen import jpeg_bytes, variant  # noqa: E402
 
 # --------------------------------------------------------------------------- N16
 def test_missing_txt_names_no_folder_of_the_server(tmp_path):
-    from explorer.exports import plan_export
+    from explorer.curation.exports import plan_export
 
     root = tmp_path / "server" / "secret-place" / "images"
     root.mkdir(parents=True)
@@ -35,7 +35,7 @@ def test_missing_txt_names_no_folder_of_the_server(tmp_path):
 def test_k_max_above_the_limit_is_refused_naming_the_value(method):
     import numpy as np
 
-    from explorer.cluster import K_MAX_LIMIT, cluster
+    from explorer.stages.cluster import K_MAX_LIMIT, cluster
 
     X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=r"k_max must be an integer in 2\.\.100; got 1000"):
@@ -47,7 +47,7 @@ def test_k_max_above_the_limit_is_refused_naming_the_value(method):
 
 # --------------------------------------------------------------------------- N6
 def test_contained_discovery_keeps_no_file_that_resolves_outside_the_folder(tmp_path):
-    from explorer.images import discover
+    from explorer.stages.images import discover
 
     folder, private = tmp_path / "root" / "users" / "carol" / "set", tmp_path / "data" / "priv"
     folder.mkdir(parents=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explorer import similarity as S
+from explorer.stages import similarity as S
 
 SOURCES = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "page", "horse")
 

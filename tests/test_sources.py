@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from _imagegen import image_folder
-from explorer import archives, table
+from explorer import table
+from explorer.inputs import archives
 from explorer.cli import main as cli
 
 N = 10
@@ -121,7 +122,7 @@ def test_export_from_a_zip_build_copies_the_members(zip_build, photos, tmp_path)
 
 def test_app_originals_resolve_inside_the_archive(zip_build):
     from explorer.app.files import original_file
-    from explorer.images import read_file
+    from explorer.stages.images import read_file
     from explorer.paths import require_image_root
 
     _, archive, csv = zip_build
@@ -507,7 +508,7 @@ def test_a_replaced_archive_is_read_afresh(tmp_path, photos):
 
 
 def test_vector_keys_match_by_path_full_path_or_unique_name(tmp_path):
-    from explorer.sources import match_vectors
+    from explorer.inputs.sources import match_vectors
 
     root = tmp_path / "r"
     rel = ["a/x.jpg", "b/x.jpg", "a/y.jpg", "c/z.jpg"]

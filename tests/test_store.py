@@ -1,11 +1,11 @@
-"""explorer.store: vectors in one memory-mapped array file per model, an SQLite index."""
+"""explorer.stages.store: vectors in one memory-mapped array file per model, an SQLite index."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from explorer.store import Store, StoreError
+from explorer.stages.store import Store, StoreError
 
 
 def test_put_read_roundtrip_and_reopen(tmp_path):

@@ -214,7 +214,7 @@ class Curation(SessionFields):
         if not self.has_features:
             self.refuse(f"cannot propose labels: {self.features_problem}")
             return None
-        from explorer.labels import DISCARD
+        from explorer.curation.labels import DISCARD
 
         labels = self.labels("label")
         rows = np.flatnonzero(labels != DISCARD)
@@ -226,7 +226,7 @@ class Curation(SessionFields):
 
     def propose_compute(self, plan: tuple[np.ndarray, np.ndarray], k: int = 10, min_agreement: float = 0.6) -> Any:
         """The slow part (nearest labelled neighbours); safe in a thread. A DataFrame or the ValueError."""
-        from explorer.labels import propose_labels
+        from explorer.curation.labels import propose_labels
 
         rows, lab = plan
         try:
@@ -280,7 +280,7 @@ class Curation(SessionFields):
 
     def accept_predictions(self, mapping: dict[str, str], **info: Any) -> bool:
         """Accept predicted labels (key -> label) in one undoable step, journaled as accepted
-        predictions (:meth:`explorer.labels.LabelBook.accept`), not as a person's labels."""
+        predictions (:meth:`explorer.curation.labels.LabelBook.accept`), not as a person's labels."""
         return self._label_edit(lambda: self.book.accept(mapping, **info) if mapping else None,
                                 f"{len(mapping):,} sure prediction(s) accepted")
 
@@ -490,7 +490,7 @@ class Curation(SessionFields):
 
     def metadata_compute(self, data: bytes, filename: str = "", key: str | None = None) -> Any:
         """Parse and join (slow; safe in a thread): (new table, report) or the ValueError."""
-        from explorer.metadata import join_metadata, read_metadata
+        from explorer.stages.metadata import join_metadata, read_metadata
 
         suffix = Path(filename).suffix.lower().lstrip(".")
         fmt = suffix if suffix in ("csv", "tsv", "json", "jsonl") else None
@@ -514,7 +514,7 @@ class Curation(SessionFields):
 
     def tag_columns(self) -> list[str]:
         """Extra columns that hold hashtags or comma-separated tags."""
-        from explorer.metadata import looks_like_tags
+        from explorer.stages.metadata import looks_like_tags
         from explorer.table import COLUMNS
 
         def make() -> list[str]:
@@ -525,7 +525,7 @@ class Curation(SessionFields):
 
     def tag_counts(self, column: str) -> dict[str, int]:
         """Images per tag of ``column`` (slow on big tables: once per process for CSV columns)."""
-        from explorer.metadata import tag_values
+        from explorer.stages.metadata import tag_values
 
         if column not in self.table.columns:
             raise ValueError(f"no column {column!r}")
@@ -535,7 +535,7 @@ class Curation(SessionFields):
 
     def select_tag(self, column: str, value: str) -> None:
         """Select (highlight on the map) every image whose ``column`` carries tag ``value``."""
-        from explorer.metadata import rows_with_tag
+        from explorer.stages.metadata import rows_with_tag
 
         if column not in self.table.columns:
             self.refuse(f"no column {column!r}")

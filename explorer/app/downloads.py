@@ -317,11 +317,11 @@ class ExportPlan:
 
 def write_export(plan: ExportPlan, progress: bool = False) -> SaveResult:
     """Write the CSV (and zip) of ``plan`` into the download store; thread-safe, touches no
-    session. The zip is planned and streamed by :mod:`explorer.exports` (the one path rule
+    session. The zip is planned and streamed by :mod:`explorer.curation.exports` (the one path rule
     and the one zip writer) into a private temporary file, within the store's size budget;
     images past the budget are left out and counted. Raises :class:`ExportError` when even
     the CSV does not fit (nothing is left behind)."""
-    from explorer import exports
+    from explorer.curation import exports
     from explorer.table import write_table
 
     downloads = store()

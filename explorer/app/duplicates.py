@@ -3,7 +3,7 @@
 * the groups of the build's ``duplicate_group`` column, largest first, a page at a time,
   each member side by side with its thumbnail, file size, resolution, sharpness, EXIF date
   and path, and whether it is kept or marked;
-* a keep rule (:data:`explorer.dedupe.KEEP_RULES`) applied to all groups at once, and a
+* a keep rule (:data:`explorer.curation.dedupe.KEEP_RULES`) applied to all groups at once, and a
   per-group override ("keep this one instead"); both are ONE journaled, undoable label edit
   each: the images not kept get the reserved label ``discard`` (the Label tab's Undo and the
   tab's own Undo take it back; exports leave them out);
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from explorer import dedupe
+from explorer.curation import dedupe
 
 __all__ = ["DuplicatesPanel", "GROUPS_PER_PAGE"]
 

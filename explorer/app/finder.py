@@ -4,7 +4,7 @@ Pure functions first (numpy/pandas in, numpy/dicts out), then :class:`Finder`, t
 widgets of one session: a thin layer that calls them and hands the result to the session's
 :class:`explorer.app.state.AppState`.
 
-* **search by words** ("a red dress"): search by concept of :mod:`explorer.search` over the
+* **search by words** ("a red dress"): search by concept of :mod:`explorer.curation.search` over the
   build's ``NAME.concepts.npz`` (loaded once per process, shared by every session through
   the :class:`explorer.app.project.Project`); the sentence model and the class-name vectors
   are loaded once per process on the first query, off the event loop ("working...").
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.html import esc
-from explorer.quality import FLAG_NAMES
+from explorer.stages.quality import FLAG_NAMES
 
 __all__ = [
     "FLAG_MODES", "SEARCH_TOPS", "flag_counts", "flag_keep", "cluster_names", "group_text",
@@ -49,7 +49,7 @@ def _flag_matrix(table: pd.DataFrame, flags: Sequence[str]) -> np.ndarray:
 
 
 def flag_counts(table: pd.DataFrame, rows: np.ndarray | None = None) -> dict[str, int]:
-    """Images per quality flag (:data:`explorer.quality.FLAG_NAMES` order) among ``rows``
+    """Images per quality flag (:data:`explorer.stages.quality.FLAG_NAMES` order) among ``rows``
     (a bool mask; default all), only the flags that are set on at least one of them."""
     present = [f for f in FLAG_NAMES if f in table.columns]
     m = _flag_matrix(table, present)
@@ -99,7 +99,7 @@ def group_text(value: str, text: str, names: dict[str, str], muted: str) -> str:
 def top_rows(scores: np.ndarray, allowed: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``top`` best-scoring rows among ``allowed`` (bool mask; None = all), best first
     (ties: lower row first): ``(rows, scores)``."""
-    from explorer.search import rank
+    from explorer.curation.search import rank
 
     s = np.asarray(scores, dtype=np.float64)
     if allowed is not None:
@@ -139,8 +139,8 @@ def text_model() -> tuple[Any, np.ndarray]:
     global _model
     with _model_lock:
         if _model is None:
-            from explorer import concepts as C
-            from explorer.search import class_vectors
+            from explorer.stages import concepts as C
+            from explorer.curation.search import class_vectors
 
             _model = (C.text_encoder(), class_vectors())
         return _model
@@ -150,12 +150,10 @@ class SearchIndex:
     """What search needs of one project, shared by every session of the process."""
 
     def __init__(self, project: Any) -> None:
-        from explorer.table import sidecar
-
         self.project = project
         self._lock = threading.Lock()
         self._concepts: tuple[np.ndarray, np.ndarray] | None = None
-        self.concepts_path = sidecar(project.csv_path, "concepts.npz") if project.csv_path else None
+        self.concepts_path = project.build.concepts_path if project.build is not None else None
         #: why search by words is not available (None: it is, as far as is known before loading)
         self.words_problem: str | None = None
         if self.concepts_path is None:
@@ -169,7 +167,7 @@ class SearchIndex:
 
     def concepts(self) -> tuple[np.ndarray, np.ndarray]:
         """``(idx, p)`` top ImageNet classes per row (read once; raises ``ValueError``)."""
-        from explorer import concepts as C
+        from explorer.stages import concepts as C
 
         if self.words_problem:
             raise ValueError(self.words_problem)
@@ -190,7 +188,7 @@ class SearchIndex:
     def words(self, query: str, allowed: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(rows, scores, classes read)`` of the ``top`` rows for ``query`` among ``allowed``
         (thread-safe; slow the first time in a process)."""
-        from explorer.search import query_scores
+        from explorer.curation.search import query_scores
 
         query = str(query).strip()
         if not query:

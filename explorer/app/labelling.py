@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from explorer import active
+from explorer.curation import active
 
 #: images proposed per "Label next"
 BATCH = 20
@@ -33,7 +33,7 @@ class LabellingFlow:
         self.batch: list[int] = []
         self.reasons: list[str] = []
         self.cursor = 0
-        self.table = None  # explorer.active.label_table's DataFrame
+        self.table = None  # explorer.curation.active.label_table's DataFrame
         self.info: dict[str, Any] | None = None
         self.curve: list[tuple[int, float]] = []  # (labels, estimated accuracy)
         self._X = None

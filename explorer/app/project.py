@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.files import thumbnail_file
-from explorer.table import read_table, sidecar
+from explorer import dataset
+from explorer.table import read_table
 
 __all__ = ["Project", "load_project", "project_for_route", "thumb_url_prefix", "THUMB_SEGMENT"]
 
@@ -79,6 +80,8 @@ class Project:
         from explorer.paths import image_root_from_run
 
         self.csv_path = Path(csv_path).resolve() if csv_path is not None else None
+        #: the build's files (explorer.open); None for a table given without a CSV
+        self.build = dataset.open(self.csv_path) if self.csv_path is not None else None
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else None
         self.route = route if route is not None else (self.app_dir.name if self.app_dir else "")
         self._lock = threading.RLock()
@@ -120,7 +123,7 @@ class Project:
         self.features: np.ndarray | None = None
         self.features_problem: str | None = "no embeddings loaded (features.npy)"
         if self.csv_path is not None:
-            self._load_features(sidecar(self.csv_path, "features.npy"))
+            self._load_features(self.build.features_path)
 
     # ------------------------------------------------------------------ label read model
     def key_set(self) -> frozenset[str]:
@@ -252,7 +255,7 @@ class Project:
 
     def norms(self) -> np.ndarray:
         """Row norms of the embeddings (once per process, in chunks from the memory map)."""
-        from explorer.neighbours import row_norms
+        from explorer.stages.neighbours import row_norms
 
         if self.features is None:
             raise ValueError(self.features_problem or "no embeddings")
@@ -271,7 +274,7 @@ class Project:
 
     def nearest(self, row: int, k: int = 12) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows of ``row`` (cosine), straight from the memory map."""
-        from explorer.neighbours import nearest
+        from explorer.stages.neighbours import nearest
 
         if self.features is None:
             raise ValueError(self.features_problem or "no embeddings")
@@ -279,7 +282,7 @@ class Project:
 
     def tree(self, progress: bool = False) -> Any:
         """The overview hierarchy, built once per process (slow: call it off the event loop)."""
-        from explorer.hierarchy import build_hierarchy
+        from explorer.stages.hierarchy import build_hierarchy
 
         with self._lock:
             if self._tree is None:
@@ -317,7 +320,8 @@ def load_project(csv_path: str | os.PathLike, app_dir: str | os.PathLike | None 
     st = csv_path.stat()
     app = Path(app_dir).resolve() if app_dir is not None else None
     rt = route if route is not None else (app.name if app else "")
-    sidecars = tuple(_mtime(sidecar(csv_path, kind)) for kind in ("run.json", "features.npy"))
+    build = dataset.open(csv_path)
+    sidecars = (_mtime(build.run_path), _mtime(build.features_path))
     key = _Key(str(csv_path), st.st_mtime_ns, st.st_size, str(app), rt, sidecars)
     slot = f"{csv_path}\0{app}\0{rt}"
     with _lock:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from explorer.app.session import SessionFields
-from explorer.images import natural_key
+from explorer.stages.images import natural_key
 
 #: columns a person can colour the map by / filter the MultiSelect on
 LABEL_COLUMNS: tuple[str, ...] = ("cluster", "label", "duplicate_group")

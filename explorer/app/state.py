@@ -149,9 +149,7 @@ class AppState(SelectionModel, Curation):
         """
         state = cls(load_project(csv_path, app_dir, route), **kwargs)
         if journal:
-            from explorer.journal import journal_for
-
-            state.attach_journal(journal_for(state.csv_path))
+            state.attach_journal(state.project.build.journal())
         return state
 
     # ------------------------------------------------------------------ shared data
@@ -193,10 +191,10 @@ class AppState(SelectionModel, Curation):
 
     def attach_journal(self, journal: Any) -> None:
         """Take labels from ``journal`` (replayed) on top of the CSV's ``label`` column."""
-        from explorer.labels import LabelBook
+        from explorer.curation.labels import LabelBook
 
         # the keys and the CSV's labels are the project's (one copy per process); the labels
-        # themselves live in the journal's per-process read model (explorer.labels.LabelState)
+        # themselves live in the journal's per-process read model (explorer.curation.labels.LabelState)
         keys, initial = self.project.key_set(), self.project.initial_labels()
         try:
             self.book = LabelBook.from_journal(journal, keys=keys, initial=initial)

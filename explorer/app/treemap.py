@@ -1,6 +1,6 @@
 """The Treemap tab: the group hierarchy one level at a time, tiles sized by image count.
 
-Each tile is a sub-group of the open group (:mod:`explorer.hierarchy`, the same tree as the
+Each tile is a sub-group of the open group (:mod:`explorer.stages.hierarchy`, the same tree as the
 Overview tab, built once per process). A tile shows a representative thumbnail, the name of
 its dominant cluster (``cluster_name``) or the dominant value of the map's colour column,
 and its image count; it is coloured by that dominant value.
@@ -13,7 +13,7 @@ and its image count; it is coloured by that dominant value.
 The panel talks to the session through a narrow port: the state's public methods, a
 ``thumb(row) -> url`` function and a ``background(what, compute, finish)`` runner (the
 view's pool, so building the tree never blocks the page). The layout of each level comes
-from :func:`explorer.treemap.level_tiles`; levels already laid out are kept per process
+from :func:`explorer.curation.treemap.level_tiles`; levels already laid out are kept per process
 (:data:`_LEVELS`), so the first level of every later session costs no layout.
 """
 
@@ -28,7 +28,7 @@ from bokeh.layouts import column
 from bokeh.models import Button, ColumnDataSource, Div, ImageURL, Range1d, TapTool
 from bokeh.plotting import figure
 
-from explorer.treemap import Tiles, level_tiles
+from explorer.curation.treemap import Tiles, level_tiles
 
 #: breadcrumb buttons (the hierarchy is at most 8 levels deep under the root)
 MAX_CRUMBS = 9

@@ -78,8 +78,8 @@ def when_done(future: Future, doc: Any, finish: Callable[[Any], None]) -> None:
 
 
 def recluster_in_worker(X, parent: str, seed: int = 42):
-    """``explorer.hierarchy.recluster`` (run in the worker process; a ValueError is returned)."""
-    from explorer.hierarchy import recluster
+    """``explorer.stages.hierarchy.recluster`` (run in the worker process; a ValueError is returned)."""
+    from explorer.stages.hierarchy import recluster
 
     try:
         return recluster(X, parent, seed=seed)

@@ -1,6 +1,6 @@
 """Download images from URLs into a dataset, one report line per URL.
 
-The rules (schemes, addresses, redirects, size and type caps) live in :mod:`explorer.urlfetch`,
+The rules (schemes, addresses, redirects, size and type caps) live in :mod:`explorer.inputs.urlfetch`,
 shared with ``explorer build urls.txt``; here each downloaded file then goes through the
 upload checks (:class:`explorer.service.uploads.Intake`: it must open as an image).
 """
@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from explorer.service.uploads import Intake
-from explorer.urlfetch import FetchRules, URLRefused, blocked, check_url, fetch_one
+from explorer.inputs.urlfetch import FetchRules, URLRefused, blocked, check_url, fetch_one
 
 __all__ = ["FetchRules", "URLRefused", "blocked", "check_url", "download"]
 

@@ -6,12 +6,12 @@ Plain functions over a :class:`ServiceConfig` and the records; the routes call t
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import time
 from pathlib import Path
 from typing import Optional
 
+from explorer import dataset
 from explorer.service.config import ServiceConfig
 from explorer.service.db import DB, PROJECT_NAME, dataset_dir
 from explorer.service.errors import ServiceError
@@ -38,8 +38,8 @@ def describe(config: ServiceConfig, db: DB, ds: dict) -> dict:
     is_built = p["csv"].is_file()
     run = None
     if is_built:
-        with contextlib.suppress(OSError, ValueError):
-            run = json.loads((p["dir"] / "app.run.json").read_text())
+        with contextlib.suppress(ValueError):  # the CSV went away meanwhile
+            run = dataset.open(p["csv"]).run
     last = db.one("SELECT id, state FROM jobs WHERE dataset_id = ? ORDER BY created DESC, "
                   "rowid DESC LIMIT 1", (ds["id"],))
     folder = None

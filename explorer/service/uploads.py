@@ -53,7 +53,7 @@ class RequestTooLarge(ValueError):
 
 
 def _safe_name(part: str) -> str:
-    from explorer.exports import safe_name
+    from explorer.curation.exports import safe_name
 
     return safe_name(part, default="unnamed", max_len=100)
 

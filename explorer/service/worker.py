@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-#: share of a build's time spent in each stage of :func:`explorer.pipeline.build` (rough, for
+#: share of a build's time spent in each stage of :func:`explorer.stages.pipeline.build` (rough, for
 #: the progress figure; a stage not listed counts as small)
 STAGE_WEIGHTS = {"discover": 0.03, "app": 0.01, "embed": 0.55, "features": 0.15,
                  "duplicates": 0.04, "map": 0.1, "place": 0.02, "cluster": 0.08,

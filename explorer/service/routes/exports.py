@@ -14,7 +14,6 @@ from explorer.service.deps import current_user, dataset_for, get_config, get_db
 from explorer.service.errors import ServiceError
 from explorer.service.models import ExportIn
 from explorer.service.records import built, image_folder_of
-from explorer.service.routes.labels import label_book
 from explorer.service.streams import stream_from
 
 router = APIRouter(prefix="/api/datasets", tags=["results"])
@@ -28,8 +27,8 @@ async def export_zip(dataset_id: str, body: Optional[ExportIn] = None,
     """A zip of ``cluster_N/`` (or one folder per label), ``outliers/`` and, with
     ``sample``, ``sample/`` holding that share of every folder; ``manifest.csv`` lists
     every image and ``MISSING.txt`` the rows whose image could not be exported. Streamed
-    while it is written (explorer.exports)."""
-    from explorer import exports
+    while it is written (explorer.curation.exports)."""
+    from explorer.curation import exports
 
     ds = dataset_for(db, user, dataset_id)
     p = built(config, ds)
@@ -41,15 +40,10 @@ async def export_zip(dataset_id: str, body: Optional[ExportIn] = None,
     root = image_folder_of(config, ds)
 
     def plan():
-        from explorer.table import read_table
+        from explorer import dataset
 
-        if body.by == "label":
-            from explorer.labels import labelled_table
-
-            df, book = label_book(p, f"api-{user['name']}")
-            df = labelled_table(df, book)
-        else:
-            df = read_table(p["csv"])
+        build = dataset.open(p["csv"])
+        df = build.labelled_table(f"api-{user['name']}") if body.by == "label" else build.table
         return df, exports.plan_export(df, root, layout=body.by, sample=frac)
 
     try:

@@ -22,9 +22,9 @@ router = APIRouter(prefix="/api/datasets", tags=["labels"])
 
 
 def _build(p: dict[str, Path], user: dict):
-    from explorer.cli_labels import Build
+    from explorer.cli_labels import Labelling
 
-    return Build(p["csv"], session=f"api-{user['name']}")
+    return Labelling(p["csv"], session=f"api-{user['name']}")
 
 
 def _run(fn):

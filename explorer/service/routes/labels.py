@@ -18,19 +18,10 @@ router = APIRouter(prefix="/api/datasets", tags=["labels"])
 
 def label_book(p: dict[str, Path], session: str):
     """The built table and its label book (the app's journal) as ``session`` writes it."""
-    from explorer.journal import journal_for
-    from explorer.labels import LabelBook
-    from explorer.table import read_table
+    from explorer import dataset
 
-    df = read_table(p["csv"])
-    keys = df["path"].fillna("").astype(str).tolist()
-    initial = {}
-    if "label" in df.columns:
-        vals = df["label"]
-        initial = {k: ("" if v is None or (isinstance(v, float) and v != v) else str(v))
-                   for k, v in zip(keys, vals.tolist())}
-    return df, LabelBook.from_journal(journal_for(p["csv"], session=session), keys=keys,
-                                      initial=initial)
+    build = dataset.open(p["csv"])
+    return build.table, build.label_book(session)
 
 
 @router.get("/{dataset_id}/labels")
@@ -40,7 +31,7 @@ def get_labels(dataset_id: str, user: dict = Depends(current_user),
     p = built(config, dataset_for(db, user, dataset_id))
     try:
         _, book = label_book(p, f"api-{user['name']}")
-    except OSError as exc:  # the journal cannot be read (explorer.journal.JournalError)
+    except OSError as exc:  # the journal cannot be read (explorer.curation.journal.JournalError)
         raise ServiceError(503, f"the labels cannot be read now: {exc}") from None
     return {"labels": book.as_dict(), "counts": book.counts(), "seq": book.seq}
 
@@ -70,9 +61,9 @@ def edit_labels(dataset_id: str, body: LabelsIn, user: dict = Depends(current_us
             rec = book.merge(body.old, body.new, body.into)
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from None
-    except OSError as exc:  # nothing was saved (explorer.journal.JournalError)
+    except OSError as exc:  # nothing was saved (explorer.curation.journal.JournalError)
         raise ServiceError(503, f"the label edit was not saved: {exc}") from None
-    from explorer.journal import change_groups
+    from explorer.curation.journal import change_groups
 
     changed = 0 if rec is None else sum(len(g[2]) for g in
                                         change_groups(rec["args"].get("changes")))

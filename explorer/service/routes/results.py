@@ -72,9 +72,11 @@ async def elbow(dataset_id: str, user: dict = Depends(current_user),
                 db: DB = Depends(get_db)):
     """KMeans inertia over k = 1..k_max on the dataset's features, and the k at the elbow."""
     p = built(config, dataset_for(db, user, dataset_id))
-    feats = p["dir"] / "app.features.npy"
+    from explorer import dataset
+
+    feats = dataset.open(p["csv"]).features_path
     if not feats.is_file():
-        raise ServiceError(409, "the build wrote no features (app.features.npy)")
+        raise ServiceError(409, f"the build wrote no features ({feats.name})")
     cache = p["dir"] / "elbow.json"
     key = f"{feats.stat().st_mtime_ns}:{feats.stat().st_size}:{k_max}"
 
@@ -84,7 +86,7 @@ async def elbow(dataset_id: str, user: dict = Depends(current_user),
                 c = json.loads(cache.read_text())
                 if c["key"] == key:
                     return c["elbow"]
-            from explorer import cluster as cluster_mod
+            from explorer.stages import cluster as cluster_mod
 
             X = sample_features(feats)
             res = cluster_mod.cluster(X, "kmeans", k_max=k_max)

@@ -34,10 +34,11 @@ def _plain(o):
 
 
 def run_search(p: dict[str, Path], **query) -> dict:
-    from explorer.search import search
+    from explorer import dataset
+    from explorer.curation.search import search
 
     try:
-        hits = search(p["csv"], progress=False, **query)
+        hits = search(dataset.open(p["csv"]), progress=False, **query)
     except ValueError as exc:  # SearchError: no features, no concepts, bad query
         raise ServiceError(422, str(exc)) from None
     return {"results": json.loads(json.dumps(hits, default=_plain))}

@@ -2,7 +2,7 @@
 
 :class:`LabelBook` is one session's view of the labels, keyed by the CSV ``path`` column
 (stable across sessions). Every edit is one undoable step and, when the book has a
-:class:`~explorer.journal.Journal`, one committed SQLite transaction *before* the in-memory
+:class:`~explorer.curation.journal.Journal`, one committed SQLite transaction *before* the in-memory
 state changes: when a method returns, the change is on disk.
 
 Memory
@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.journal import Journal, change_groups
+from explorer.curation.journal import Journal, change_groups
 
 __all__ = [
     "DISCARD",
@@ -74,7 +74,7 @@ __all__ = [
     "LABEL_SOURCES",
 ]
 
-from explorer.neighbours import nearest  # noqa: E402  (re-exported for the app)
+from explorer.stages.neighbours import nearest  # noqa: E402  (re-exported for the app)
 
 #: the reserved label that marks an image as discarded
 DISCARD = "discard"

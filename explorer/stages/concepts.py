@@ -86,10 +86,10 @@ def class_names() -> tuple[str, ...]:
 def classifier_weights(model: str | None = None, checkpoint=None) -> tuple[np.ndarray, np.ndarray]:
     """``(W (1000, D), b (1000,))`` float32 of the backbone's ImageNet classifier.
 
-    Default: the bundled lite0 checkpoint (:func:`explorer.embed.load_model`). Raises
+    Default: the bundled lite0 checkpoint (:func:`explorer.stages.embed.load_model`). Raises
     :class:`ConceptError` when the weights carry no 1000-class classifier.
     """
-    from explorer.embed import DEFAULT_MODEL, load_model
+    from explorer.stages.embed import DEFAULT_MODEL, load_model
 
     cache = _classifier_cache(model or DEFAULT_MODEL, checkpoint)
     if cache is not None:  # kept from an earlier run: no torch needed to read it
@@ -126,7 +126,7 @@ def classifier_weights(model: str | None = None, checkpoint=None) -> tuple[np.nd
 def _classifier_cache(model: str, checkpoint):
     """The user-cache file of a model's classifier, keyed by its name and its weights file's
     content; ``None`` when the weights are not a local file."""
-    from explorer.models import weights_digest, weights_file
+    from explorer.stages.models import weights_digest, weights_file
     from explorer.paths import user_cache_file
 
     try:
@@ -307,7 +307,7 @@ def class_texts() -> list[str]:
 @lru_cache(maxsize=1)
 def class_text_embeddings() -> np.ndarray:
     """MiniLM vectors of the 1,000 class descriptions, ``(1000, 384)`` (computed once per
-    process; :func:`explorer.search.class_vectors` also keeps them on disk)."""
+    process; :func:`explorer.curation.search.class_vectors` also keeps them on disk)."""
     return text_encoder().encode(class_texts())
 
 

@@ -214,7 +214,7 @@ def read_url_list(path: str | os.PathLike, max_urls: int = MAX_LIST_URLS
 
 def _cache_name(url: str, name: str, suffix: str) -> str:
     """``<safe stem>-<hash of the URL>.<suffix>``: one file per URL, whatever it is called."""
-    from explorer.images import thumbnail_names
+    from explorer.stages.images import thumbnail_names
 
     stem = thumbnail_names([name or "image"])[0].rsplit("-", 1)[0]
     return f"{stem}-{hashlib.blake2b(url.encode('utf-8'), digest_size=8).hexdigest()}{suffix}"

@@ -116,7 +116,7 @@ def features(vectors: Any, dims: int | None = DIMS) -> np.ndarray:
     """Stored vectors (N, D), any float dtype (float16 from a build) -> (N, min(D, dims))
     float32 rows: L2-normalised, then projected on ``dims`` principal components (fitted on
     a sample). ``dims=None`` keeps every dimension."""
-    from explorer.knn import prepare
+    from explorer.stages.knn import prepare
 
     X, _ = prepare(vectors, metric="cosine", pca_dims=dims)
     return X
@@ -258,7 +258,7 @@ def neighbours(X: np.ndarray) -> np.ndarray | None:
     ``None`` above :data:`GRAPH_MAX` rows (the probe alone: seconds at a million rows)."""
     if len(X) > GRAPH_MAX or len(X) <= NEIGHBOURS + 1:
         return None
-    from explorer.knn import knn_graph
+    from explorer.stages.knn import knn_graph
 
     return knn_graph(X, NEIGHBOURS + 1).indices
 
@@ -527,7 +527,7 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
     """Every row's label and prediction as a table, plus the figures the person sees.
 
     ``labels`` per row (``""`` = none), ``sources`` per row (``"person"``/``"accepted"``/``""``
-    from :meth:`explorer.labels.LabelBook.sources`). Returns ``(df, info)``: ``df`` has
+    from :meth:`explorer.curation.labels.LabelBook.sources`). Returns ``(df, info)``: ``df`` has
     ``path``, ``label``, ``label_source`` (person | accepted | predicted; ``""`` when there is
     no model yet), ``predicted_label`` (the label itself for labelled rows), ``confidence``
     and ``sure``; ``info`` has ``labels`` (by a person), ``accepted``, ``classes``,

@@ -737,7 +737,7 @@ class OnnxRunner:
         import io
         import json
 
-        from .table import atomic_write_bytes, atomic_write_text
+        from explorer.table import atomic_write_bytes, atomic_write_text
 
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

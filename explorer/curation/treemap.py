@@ -1,6 +1,6 @@
 """Treemap of the group hierarchy: one level at a time, tiles sized by image count.
 
-Pure functions over :class:`explorer.hierarchy.Tree` (no Bokeh, no files):
+Pure functions over :class:`explorer.stages.hierarchy.Tree` (no Bokeh, no files):
 
 ``squarify(sizes, width, height)``
     the squarified treemap layout (Bruls, Huizing and van Wijk, 2000): rectangles whose

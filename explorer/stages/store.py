@@ -4,13 +4,13 @@ One folder (the build uses ``NAME.store/``) holds
 
 * ``index.sqlite`` - the index (SQLite, WAL):
 
-  - ``models(id, key, dim, alias)``: one row per model key (:func:`explorer.models.model_key`);
+  - ``models(id, key, dim, alias)``: one row per model key (:func:`explorer.stages.models.model_key`);
     ``alias`` points a requested key at the key actually used (e.g. bf16 fell back to float32);
   - ``vectors(model, hash, row)``: where the vector of one file content (blake2b-128 hex of
     its bytes) for one model lies in that model's array file;
   - ``images(hash, width, height, phash, stats, thumb)``: what a decode yields and no model
     changes - the original size (after EXIF rotation), the 64-bit phash and the quality
-    statistics (:func:`explorer.quality.image_stats`) of the thumbnail of side ``thumb``;
+    statistics (:func:`explorer.stages.quality.image_stats`) of the thumbnail of side ``thumb``;
   - ``files(path, size, mtime_ns, hash)``: the content hash of a path last time it was seen,
     so an unchanged file (same size and mtime) is not even read again.
 

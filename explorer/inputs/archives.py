@@ -2,7 +2,7 @@
 
 A :class:`Member` names one file inside an archive. It is what the build's stages are given
 instead of a :class:`~pathlib.Path` (it pickles, so it crosses to the embedding process and
-its worker threads): :func:`explorer.images.read_file` calls :meth:`Member.read`, the
+its worker threads): :func:`explorer.stages.images.read_file` calls :meth:`Member.read`, the
 embedding stage's cache asks :meth:`Member.stat`, and its text form
 ``/abs/photos.zip!/dir/a.jpg`` is the store's key (no file of that name can exist: the
 archive is a file, not a folder).
@@ -21,7 +21,7 @@ line for errors.csv (``(member name, reason)``) and never read:
 
 Folders, hidden files (a component starting with ``.``, e.g. ``__MACOSX/._a.jpg`` is not,
 but ``.git/...`` is) and names without an image suffix are left out silently, as
-:func:`explorer.images.discover` does in a folder.
+:func:`explorer.stages.images.discover` does in a folder.
 
 Compressed tar files (``.tar.gz`` ...) cannot seek to a member; :func:`plain_tar` turns one
 into a plain ``.tar`` (one decompression, capped) that is then read like any other.

@@ -53,7 +53,8 @@ from typing import IO, Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.archives import Member
+from explorer.inputs.archives import Member
+from explorer.inputs.sources import HF_FILE_NAME
 from explorer.paths import UnsafePath, is_app_relative_url, is_archive_root, resolve_under, resolver
 from explorer.progress import track
 
@@ -331,7 +332,7 @@ def plan_export(df: pd.DataFrame, image_root: str | os.PathLike | None, *,
         _plan_flat(plan, df, paths, source, thumb_root, image_col, max_file_bytes)
         return plan
 
-    from explorer.labels import DISCARD
+    from explorer.curation.labels import DISCARD
 
     raw = _group_keys(df, layout, cluster_col, label_col)
     discarded = (df[label_col].fillna("").astype(str) == DISCARD).to_numpy() \
@@ -896,7 +897,7 @@ def with_predictions(df: pd.DataFrame, predictions: pd.DataFrame, min_confidence
     is at least ``min_confidence`` (``export --by label --min-confidence X``).
 
     ``predictions`` has ``path``, ``predicted_label`` and ``confidence`` (as from
-    :func:`explorer.active.label_table`); a person's labels are never replaced.
+    :func:`explorer.curation.active.label_table`); a person's labels are never replaced.
     """
     if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
             or not 0 <= min_confidence <= 1:
@@ -919,9 +920,8 @@ def with_predictions(df: pd.DataFrame, predictions: pd.DataFrame, min_confidence
 # --------------------------------------------------------------------------- one-file formats
 #: the column that holds each row's vector in a Parquet export
 VECTOR_COLUMN = "vector"
-#: the metadata file of a Hugging Face ``imagefolder`` export, and its file name column
+#: the metadata file of a Hugging Face ``imagefolder`` export (its file name column: HF_FILE_NAME)
 HF_METADATA = "metadata.csv"
-HF_FILE_NAME = "file_name"
 
 
 def export_parquet(df: pd.DataFrame, dest: str | os.PathLike,

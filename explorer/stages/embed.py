@@ -2,7 +2,7 @@
 
 :func:`embed_paths` reads each file at most once (hashing it while streaming), decodes it
 at most once (JPEG DCT scaling), hands out its thumbnail, and embeds what the store
-(:mod:`explorer.store`) does not already hold. A re-run with a warm store reads and decodes
+(:mod:`explorer.stages.store`) does not already hold. A re-run with a warm store reads and decodes
 nothing it has seen: unchanged files (same size and mtime) are known by their path, and the
 store keeps their vector, original size, phash and quality statistics.
 
@@ -14,9 +14,9 @@ Engines (how the work runs; the choice is made by the caller, the pipeline):
 * CUDA / MPS: a torch ``DataLoader`` whose worker processes read, decode, make thumbnails
   and preprocess, feeding pinned uint8 batches; the device normalises them and runs large
   batches in bfloat16, channels_last.
-* Ray (``engine="ray"``): :mod:`explorer.ray_engine`, a Ray Data pipeline.
+* Ray (``engine="ray"``): :mod:`explorer.stages.ray_engine`, a Ray Data pipeline.
 
-Models, weights, preprocessing and the runner live in :mod:`explorer.models` (re-exported
+Models, weights, preprocessing and the runner live in :mod:`explorer.stages.models` (re-exported
 here for older callers).
 """
 
@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .archives import Member
-from .images import stat_item
-from .engines.decode import Decoder, Item  # noqa: F401 - re-exported
-from .models import (  # noqa: F401 - re-exported
+from explorer.inputs.archives import Member
+from explorer.stages.images import stat_item
+from explorer.stages.engines.decode import Decoder, Item  # noqa: F401 - re-exported
+from explorer.stages.models import (  # noqa: F401 - re-exported
     ALIASES,
     BUNDLED,
     DEFAULT_MODEL,
@@ -63,8 +63,8 @@ from .models import (  # noqa: F401 - re-exported
     resolve_device,
     resolve_precision,
 )
-from .progress import Bar
-from .store import Store
+from explorer.progress import Bar
+from explorer.stages.store import Store
 
 #: default forward batch per device kind
 DEFAULT_BATCH = {"cpu": 8, "cuda": 256, "mps": 64}
@@ -145,7 +145,7 @@ def embed_paths(
     picklable for ``engine="ray"`` or a process ``loader``); thumbnails are RGB with the
     longer side <= ``thumb_size``.
 
-    ``store``: a :class:`~explorer.store.Store` or a folder; ``None`` keeps nothing.
+    ``store``: a :class:`~explorer.stages.store.Store` or a folder; ``None`` keeps nothing.
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``. ``loader``: decode in a
     torch DataLoader's worker processes (default: on CUDA/MPS) instead of threads.
@@ -155,7 +155,7 @@ def embed_paths(
     threads per forward pass on CPU (1: one busy thread per core). ``jit``: trace + freeze
     (``"auto"``: when the store already holds traced vectors or >= ``JIT_MIN_IMAGES`` need
     the model). ``precision``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (float32 on every
-    CPU, bf16 on CUDA GPUs that have it: :func:`~explorer.models.resolve_precision`). The
+    CPU, bf16 on CUDA GPUs that have it: :func:`~explorer.stages.models.resolve_precision`). The
     store keys vectors by what was actually used.
 
     Memory: one (N, D) float32 output is allocated and filled in place; cached vectors
@@ -172,7 +172,7 @@ def embed_paths(
     engine; ``model_info["gpu_decode"]`` says whether it was used.
 
     ``runtime``: what runs the forward pass of the CPU threads engine. ``"onnx"``: the model
-    exported to onnxruntime (:class:`~explorer.models.OnnxRunner`, float32); ``"torch"``:
+    exported to onnxruntime (:class:`~explorer.stages.models.OnnxRunner`, float32); ``"torch"``:
     torch, eager or traced as ``jit`` says; ``"auto"`` (default): the kind the store already
     holds most of these images' vectors under, else onnxruntime where it is installed, the
     precision is float32 and ``jit`` is ``"auto"``, else torch. A model that does not export
@@ -224,7 +224,7 @@ def embed_paths(
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
     name = _resolve_name(model)
     _check_weights(name, checkpoint)  # fail fast, before any file is read
-    from .quality import STAT_NAMES
+    from explorer.stages.quality import STAT_NAMES
 
     n_stats = len(STAT_NAMES)
     own_store = store is not None and not isinstance(store, Store)
@@ -304,7 +304,7 @@ class _NoStore:
         return np.full(len(hashes), -1, np.int64)
 
     def image_facts(self, hashes, n_stats, thumb=None):
-        from .store import ImageFacts
+        from explorer.stages.store import ImageFacts
 
         n = len(hashes)
         return ImageFacts(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64),
@@ -356,7 +356,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             continue
         sizes[i], mtimes[i] = size, mtime
         if max_bytes is not None and size > max_bytes:
-            from .images import _too_large
+            from explorer.stages.images import _too_large
 
             errors[i] = _too_large(size, max_bytes)
     live = [i for i in range(n) if i not in errors]
@@ -420,7 +420,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
             mid = st.alias(requested_key, actual_key)
             _recheck(st, mid, known, done, work, rows)
     elif need_model:  # ray: the actors load the model; the driver only needs the shape
-        from . import ray_engine
+        from explorer.stages import ray_engine
 
         dim, prep_cfg, info = ray_engine.model_shape(name, checkpoint)
         state.update(prep=Preprocessor(prep_cfg), info=info)
@@ -488,7 +488,7 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
     try:
         if tasks:
             if engine == "ray":
-                from . import ray_engine
+                from explorer.stages import ray_engine
 
                 runs = ray_engine.run(tasks, decoder, name=name, checkpoint=checkpoint,
                                       batch_size=batch_size, jit=use_jit, precision=precision,
@@ -568,7 +568,7 @@ def _onnx_cache(key: str) -> Path:
     content is in the key), per torch version (read without importing torch)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .paths import user_cache_file
+    from explorer.paths import user_cache_file
 
     try:
         tv = version("torch")

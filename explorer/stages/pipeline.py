@@ -11,7 +11,7 @@ and engine choices are made once, in :func:`_context`. What this module writes:
 * ``NAME.features.npy``   one embedding row per CSV row, float16 (neighbours, re-clustering)
 * ``NAME.layout.npz``     per row: content hash, map xy, cluster space, cluster, probability,
                           outlier score - so a re-run can place new images on the same map
-* ``NAME.store/``         the vector store (:mod:`explorer.store`): vectors per content hash
+* ``NAME.store/``         the vector store (:mod:`explorer.stages.store`): vectors per content hash
                           and model, size, phash, quality statistics; old ``NAME.embeddings/``
                           cache folders are ignored (delete them)
 * ``NAME/``               the Bokeh app (copied from ``app_files/``) with thumbnails in
@@ -46,10 +46,10 @@ from explorer import progress as progress_mod
 from explorer import table
 from explorer.options import (DEFAULT_MAX_FILE_MB, ENGINES, METHODS,  # noqa: F401 (API)
                               BuildError, BuildOptions)
-from explorer.reduce import MAP_METHODS  # noqa: F401 (API)
+from explorer.stages.reduce import MAP_METHODS  # noqa: F401 (API)
 
 #: the Bokeh directory-app template that ``--app`` copies
-APP_TEMPLATE = Path(__file__).resolve().parent.parent / "app_files"
+APP_TEMPLATE = Path(__file__).resolve().parents[2] / "app_files"
 THUMBS = Path("static") / "thumbs"
 #: a re-run places new images on the old map when new and removed rows are each at most
 #: this share of the previous rows (and --remap is not given)
@@ -119,7 +119,7 @@ class BuildContext:
     events: bool = False  # someone listens to progress events: the stages send them
     stage: Any = None
     source_arg: str = ""  # the positional argument as given
-    source: Any = None  # the explorer.sources.Source that _discover opened
+    source: Any = None  # the explorer.inputs.sources.Source that _discover opened
     paths: list[Any] = field(default_factory=list)  # Path, or an archives.Member
     rel: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -301,13 +301,13 @@ def build(
 def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
     """The source, the folders, and the device and engine (the one place that chooses them);
     the options were checked by :func:`explorer.options.check`."""
-    from explorer.sources import kind_of
+    from explorer.inputs.sources import kind_of
 
     try:
-        kind = kind_of(image_dir)  # folder, archive, table, URL list (explorer.sources)
+        kind = kind_of(image_dir)  # folder, archive, table, URL list (explorer.inputs.sources)
     except ValueError as exc:
         raise BuildError(str(exc)) from None
-    # a remote URL has no local root until _discover copies it (explorer.sources)
+    # a remote URL has no local root until _discover copies it (explorer.inputs.sources)
     root = Path(image_dir).expanduser().resolve() if kind != "remote" else Path.cwd()
     if opts.vectors is not None and not Path(opts.vectors).is_file():
         raise BuildError(f"--vectors file not found: {opts.vectors}")
@@ -327,8 +327,8 @@ def _context(image_dir, app, out, opts: BuildOptions, console) -> BuildContext:
 def _discover(ctx: BuildContext) -> None:
     """The image files, natural order; names that are not valid UTF-8 are skipped with an
     errors.csv line (review H3: the CSV is UTF-8; rename such files to include them)."""
-    from explorer import images as images_mod
-    from explorer import sources
+    from explorer.stages import images as images_mod
+    from explorer.inputs import sources
 
     o = ctx.opts
     with ctx.stage("discover"):
@@ -367,7 +367,7 @@ def printable_name(rel: str) -> str:
 
 
 def _install_app(ctx: BuildContext) -> None:
-    from explorer import images as images_mod
+    from explorer.stages import images as images_mod
 
     if ctx.app_dir is None:
         return
@@ -431,7 +431,7 @@ def _check_readable(ctx: BuildContext) -> None:
     """Fail fast: at least one file must open as an image (the first that does ends the
     look, so a good folder pays for one small decode), else every file's reason is written
     to errors.csv and :class:`BuildError` is raised as :func:`_check_some` would, later."""
-    from explorer import images as images_mod
+    from explorer.stages import images as images_mod
 
     o = ctx.opts
     max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
@@ -466,7 +466,7 @@ def _embed_job(kw: dict, with_vectors: bool) -> dict:
     """``embed.embed_paths`` as a plain dict. Without ``with_vectors`` (the embedding child
     process) no (N, D) array is made at all: the vectors go to the store, and the concepts
     are computed from the store a block of rows at a time."""
-    from explorer import embed as embed_mod
+    from explorer.stages import embed as embed_mod
 
     kw = {**kw, "model": kw.get("model") or embed_mod.DEFAULT_MODEL}
     if not with_vectors and kw.get("store") is not None:
@@ -493,7 +493,7 @@ CONCEPT_ROWS = 16_384
 
 def _store_blocks(store_path, key: str, hashes: list[str], rows: int = CONCEPT_ROWS):
     """The stored vectors of ``hashes``, ``rows`` at a time (only those rows are read)."""
-    from explorer.store import Store
+    from explorer.stages.store import Store
 
     with Store(store_path) as st:
         mid = st.model_id(key)
@@ -508,7 +508,7 @@ def _concepts_of(blocks, n: int, model, checkpoint):
     """Top ImageNet classes ``(idx, p)`` of ``n`` vectors given as row blocks, where torch
     is already loaded (the embedding process), or the reason there are none (a backbone
     without that classifier)."""
-    from explorer import concepts as concepts_mod
+    from explorer.stages import concepts as concepts_mod
 
     if n == 0:
         return "no vectors"
@@ -525,7 +525,7 @@ def _concepts_of(blocks, n: int, model, checkpoint):
 
 
 def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
-    from explorer.store import Store
+    from explorer.stages.store import Store
 
     with Store(store_path) as st:
         mid = st.model_id(key)
@@ -540,7 +540,7 @@ def _read_vectors(store_path: Path, key: str, hashes: list[str]) -> np.ndarray:
 
 def _classic_features(ctx: BuildContext) -> Images:
     """Classic methods: one decode per image gives the feature, thumbnail, size, map row."""
-    from explorer import similarity
+    from explorer.stages import similarity
 
     o = ctx.opts
     max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
@@ -558,7 +558,8 @@ def _given_vectors(ctx: BuildContext) -> Images:
     """``--vectors FILE``: your embeddings instead of the model's. Each image is still read
     once (size, content hash, phash, thumbnail: ``similarity.features_and_thumbnails``);
     images that FILE has no row for are error lines."""
-    from explorer import similarity, sources
+    from explorer.inputs import sources
+    from explorer.stages import similarity
 
     o = ctx.opts
     max_bytes = None if o.max_file_mb is None else int(o.max_file_mb * 2**20)
@@ -598,7 +599,7 @@ def _duplicates(ctx: BuildContext, imgs: Images) -> np.ndarray | None:
     o = ctx.opts
     if o.duplicates == "none":
         return None
-    from explorer import similarity
+    from explorer.stages import similarity
 
     with ctx.stage("duplicates"):
         if o.duplicates == "phash":
@@ -628,8 +629,8 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
         lay = _place(ctx, imgs, prev)
         if lay is not None:
             return lay
-    from explorer import cluster as cluster_mod
-    from explorer.reduce import map_and_space
+    from explorer.stages import cluster as cluster_mod
+    from explorer.stages.reduce import map_and_space
 
     with ctx.stage("map"):
         m = map_and_space(imgs.for_layout, map_method=o.map_method, random_state=o.seed,
@@ -654,8 +655,8 @@ def _layout(ctx: BuildContext, imgs: Images) -> Layout:
 
 
 def _classic_layout(ctx: BuildContext, imgs: Images) -> Layout:
-    from explorer import similarity
-    from explorer.reduce import map_and_space
+    from explorer.stages import similarity
+    from explorer.stages.reduce import map_and_space
 
     o = ctx.opts
     with ctx.stage("map"):
@@ -689,11 +690,11 @@ def _table(ctx: BuildContext, imgs: Images, lay: Layout, dups) -> pd.DataFrame:
         height=imgs.height, duplicate_group=dups,
     )
     if ctx.source is not None and ctx.source.columns is not None:  # a table input's columns
-        from explorer.sources import add_table_columns
+        from explorer.inputs.sources import add_table_columns
 
         df = add_table_columns(df, ctx.source.columns)
     if ctx.opts.metadata is not None:
-        from explorer import metadata as metadata_mod
+        from explorer.stages import metadata as metadata_mod
 
         meta = metadata_mod.read_metadata(ctx.opts.metadata, ctx.opts.key)
         df, report = metadata_mod.join_metadata(df, meta, ctx.opts.key)
@@ -764,7 +765,7 @@ def _small_images(ctx: BuildContext, imgs: Images, size: int, rows: np.ndarray |
     original), else the original decoded at ``size``."""
     from PIL import Image
 
-    from explorer import images as images_mod
+    from explorer.stages import images as images_mod
     from explorer.progress import track
 
     out = []
@@ -797,7 +798,7 @@ def _choose_features(ctx: BuildContext, imgs: Images) -> None:
     """``--features``: keep the CNN, or compute pixels / HOG / autoencoder features from small
     images, or (``auto``) choose among cnn, pixels and hog by cluster structure. Sets
     ``imgs.layout_input`` (what the map and clusters use) and ``imgs.choice`` (run record)."""
-    from explorer import features as F
+    from explorer.stages import features as F
 
     o = ctx.opts
     want = o.features
@@ -833,8 +834,8 @@ def _choose_features(ctx: BuildContext, imgs: Images) -> None:
 
 def _understand(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> pd.DataFrame:
     """Concepts sidecar (top ImageNet classes per row), ``cluster_name`` and quality flags."""
-    from explorer import concepts as concepts_mod
-    from explorer import quality
+    from explorer.stages import concepts as concepts_mod
+    from explorer.stages import quality
 
     idx = p = None
     with ctx.stage("concepts"):
@@ -899,8 +900,8 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
     n_removed = len(set(old_row) - set(cur))
     if n_old < 20 or n_new > PLACE_MAX_SHARE * n_old or n_removed > PLACE_MAX_SHARE * n_old:
         return None
-    from explorer import cluster as cluster_mod
-    from explorer import reduce as reduce_mod
+    from explorer.stages import cluster as cluster_mod
+    from explorer.stages import reduce as reduce_mod
 
     rows = np.array([old_row[h] for h, k in zip(cur, kept) if k], np.int64)
     xy = np.empty((len(cur), 2), np.float64)
@@ -930,7 +931,7 @@ def _place(ctx: BuildContext, imgs: Images, prev: dict) -> Layout | None:
 
 # --------------------------------------------------------------------------- internals
 def _relname(p, root: Path) -> str:
-    member_prefix = f"{root}!/"  # an archive member (explorer.archives.Member)
+    member_prefix = f"{root}!/"  # an archive member (explorer.inputs.archives.Member)
     if str(p).startswith(member_prefix):
         return str(p)[len(member_prefix):]
     try:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from explorer.archives import Member, MemberError
+from explorer.inputs.archives import Member, MemberError
 
 if TYPE_CHECKING:  # docarray is imported lazily by load()
     from docarray import DocList
@@ -274,7 +274,7 @@ def _too_large(size: int, limit: int) -> str:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a whole file (or archive :class:`~explorer.archives.Member`);
+    """Read a whole file (or archive :class:`~explorer.inputs.archives.Member`);
     ``ImageLoadError("cannot read: ...")`` if that fails."""
     if isinstance(path, Member):
         return _member_bytes(path, None)

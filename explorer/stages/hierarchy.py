@@ -125,21 +125,21 @@ def recluster(
     seed:
         Same input and seed give the same map and ids.
     method, cluster_params:
-        Passed to :func:`explorer.cluster.cluster` (the same clustering as ``explorer
+        Passed to :func:`explorer.stages.cluster.cluster` (the same clustering as ``explorer
         build``), e.g. ``min_cluster_size=10`` or ``assign_noise=False`` for HDBSCAN.
 
     Returns a :class:`Recluster` (``xy, sub_ids = recluster(...)`` also works).
 
     The map and the clusterable space come, like the main build's, from one neighbour
-    graph (:func:`explorer.reduce.map_and_space`); the clustering runs on that space.
+    graph (:func:`explorer.stages.reduce.map_and_space`); the clustering runs on that space.
     Selections of fewer than
     :data:`MIN_RECLUSTER` images are not clustered: they get a simple layout, all in
     ``"<parent>.1"``, and a note saying so. When the clustering finds no structure
     (everything noise), all images are put in ``"<parent>.1"`` with a note. Notes from
     the map and the clustering (fallbacks, clamped parameters) are passed on.
     """
-    from explorer import cluster as cluster_mod
-    from explorer import reduce as reduce_mod
+    from explorer.stages import cluster as cluster_mod
+    from explorer.stages import reduce as reduce_mod
 
     X = _check_embeddings(embeddings_subset, "embeddings_subset")
     parent = _parent_id(parent_id)
@@ -175,8 +175,8 @@ def recluster(
 def _renumber_by_size(raw: np.ndarray) -> np.ndarray:
     """Cluster labels renumbered 1.. by size (largest first, ties by first member); -1 kept.
 
-    The one renumbering rule (:func:`explorer.cluster._relabel_by_size`, 0-based) shifted by one."""
-    from explorer.cluster import _relabel_by_size
+    The one renumbering rule (:func:`explorer.stages.cluster._relabel_by_size`, 0-based) shifted by one."""
+    from explorer.stages.cluster import _relabel_by_size
 
     out = _relabel_by_size(np.asarray(raw)).astype(int)
     out[out >= 0] += 1

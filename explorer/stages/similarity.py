@@ -102,10 +102,10 @@ def _check_threshold(method: str, threshold: float | None) -> float:
 
 # =========================================================================== images
 def _open_image(path: str | os.PathLike, size: int):
-    """Decoded RGB PIL image (:func:`explorer.images.load_image`: EXIF rotation, modes), at
+    """Decoded RGB PIL image (:func:`explorer.stages.images.load_image`: EXIF rotation, modes), at
     least ``size`` px on its short side where the format allows. Raises on unreadable files;
     callers record the error and go on."""
-    from explorer.images import load_image
+    from explorer.stages.images import load_image
 
     img = load_image(path, size).image
     return img.convert("RGB") if img.mode != "RGB" else img
@@ -803,7 +803,7 @@ def features_and_thumbnails(paths: Sequence[str | os.PathLike], method: str, *,
     readable paths, ``errors`` lists ``(path, reason)``. A file that cannot be read or decoded
     is an error line, never an exception (exceptions from ``sink`` stop the run).
     """
-    from explorer.images import ImageLoadError, decode_image, read_file, thumbnail
+    from explorer.stages.images import ImageLoadError, decode_image, read_file, thumbnail
 
     _check_method(method)
     size = int(size or DEFAULT_SIZES[method])

@@ -2,15 +2,15 @@
 
 :func:`kind_of` names the kind of the positional argument, :func:`open_source` turns it into
 a :class:`Source`: the readable items (a :class:`~pathlib.Path` or an archive
-:class:`~explorer.archives.Member`), the CSV ``path`` value of each, the error lines of what
+:class:`~explorer.inputs.archives.Member`), the CSV ``path`` value of each, the error lines of what
 was refused, and, for a table, its other columns.
 
 ======== ============================== ================================================
 kind     SOURCE                         items, CSV ``path`` and ``image_dir`` (run.json)
 ======== ============================== ================================================
-folder   a folder                       files found by :func:`explorer.images.discover`;
+folder   a folder                       files found by :func:`explorer.stages.images.discover`;
                                         path relative to the folder
-zip/tar  ``photos.zip``, ``.tar``,      members read in place (:mod:`explorer.archives`);
+zip/tar  ``photos.zip``, ``.tar``,      members read in place (:mod:`explorer.inputs.archives`);
          ``.tar.gz``/``.tgz``/``.bz2``  path = the member's name; ``image_dir`` = the
          /``.xz``                       archive (a compressed tar: its plain copy
                                         ``NAME.sources/source.tar`` beside the CSV)
@@ -22,7 +22,7 @@ table    ``list.csv``, ``.parquet``     the files its ``path`` (or Hugging Face
                                         are joined to the CSV
 urls     ``urls.txt``                   each http(s) URL downloaded once into
                                         ``NAME.sources/urls/`` beside the CSV (the rules of
-                                        :mod:`explorer.urlfetch`); path relative to it
+                                        :mod:`explorer.inputs.urlfetch`); path relative to it
 remote   ``s3://bucket/prefix``, any    each image file copied once into
          fsspec URL (``[cloud]``)       ``NAME.sources/remote/``; path relative to the
                                         prefix
@@ -38,9 +38,12 @@ from typing import Any
 
 import pandas as pd
 
-from explorer import archives
-from explorer.exports import HF_FILE_NAME  # a Hugging Face metadata file's path column
+from explorer.inputs import archives
 from explorer.paths import UnsafePath, check_image_root
+
+#: a Hugging Face ``imagefolder`` metadata file's path column (read here, written by
+#: :func:`explorer.curation.exports.export_hf`)
+HF_FILE_NAME = "file_name"
 
 __all__ = ["Source", "kind_of", "open_source", "TABLE_SUFFIXES", "URL_LIST_SUFFIXES",
            "read_table_input"]
@@ -56,7 +59,7 @@ TAR_MAX_EXTRA = 1 << 30
 
 @dataclass
 class Source:
-    """What a build reads: ``items[i]`` is read with :func:`explorer.images.read_file`,
+    """What a build reads: ``items[i]`` is read with :func:`explorer.stages.images.read_file`,
     ``rel[i]`` is its CSV ``path``, ``root`` is what run.json's ``image_dir`` names."""
 
     kind: str
@@ -106,7 +109,7 @@ def open_source(source: str | os.PathLike, *, work_dir: Path, max_bytes: int | N
     """The items of ``source`` (see the module docstring). ``work_dir`` is where a kind that
     needs disk keeps it between runs (``NAME.sources/`` beside the CSV); ``max_bytes`` is the
     per-file cap; ``contained`` keeps only the files of a folder that resolve inside it (the
-    service's builds, :func:`explorer.images.discover`). Raises ``ValueError`` for a source that cannot be read at all; single bad
+    service's builds, :func:`explorer.stages.images.discover`). Raises ``ValueError`` for a source that cannot be read at all; single bad
     items are error lines, never exceptions."""
     given = os.fspath(source)
     kind = kind_of(given)
@@ -118,7 +121,7 @@ def open_source(source: str | os.PathLike, *, work_dir: Path, max_bytes: int | N
         return _table(given)
     if kind == "remote":
         return _remote(given, work_dir / "remote", max_bytes, console)
-    from explorer import urlfetch
+    from explorer.inputs import urlfetch
 
     urls, errors = urlfetch.read_url_list(given)
     folder = work_dir / "urls"
@@ -130,7 +133,7 @@ def open_source(source: str | os.PathLike, *, work_dir: Path, max_bytes: int | N
 
 
 def _folder(given: str, contained: bool = False) -> Source:
-    from explorer import images
+    from explorer.stages import images
 
     root = Path(given).expanduser().resolve()
     found = images.discover(root, contained=contained)
@@ -276,7 +279,7 @@ def _table(given: str) -> Source:
     """The files a table names. Relative paths start from :func:`_table_base`; the root
     is the deepest folder holding every file (checked like any image root: never ``/`` or
     the home folder); files that are missing, not regular or not images are error lines."""
-    from explorer import images
+    from explorer.stages import images
 
     table_path = Path(given).expanduser().resolve()
     df = read_table_input(table_path)
@@ -321,9 +324,9 @@ def _table(given: str) -> Source:
 def add_table_columns(df: pd.DataFrame, columns: pd.DataFrame) -> pd.DataFrame:
     """``df`` (a build's table) with a table input's ``label`` and other columns, matched by
     ``path``: ``label`` fills the schema's label column; the others are joined like
-    ``--metadata`` (:func:`explorer.metadata.join_metadata`: a name that clashes with a
+    ``--metadata`` (:func:`explorer.stages.metadata.join_metadata`: a name that clashes with a
     schema column becomes ``meta_<name>``). Rows are never dropped, added or reordered."""
-    from explorer.metadata import join_metadata
+    from explorer.stages.metadata import join_metadata
 
     out = df
     if "label" in columns.columns:

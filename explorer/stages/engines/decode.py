@@ -2,7 +2,7 @@
 preprocess one file (:class:`Decoder`), and the :class:`Item` that carries one file's results
 through a worker (a thread, a DataLoader process or a Ray task).
 
-It sits below :mod:`explorer.embed` and :mod:`explorer.ray_engine` (both import it; it imports
+It sits below :mod:`explorer.stages.embed` and :mod:`explorer.stages.ray_engine` (both import it; it imports
 neither)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..images import ImageLoadError, decode_image, read_file, thumbnail
-from ..models import Preprocessor
+from explorer.stages.images import ImageLoadError, decode_image, read_file, thumbnail
+from explorer.stages.models import Preprocessor
 
 
 @dataclass
@@ -139,8 +139,8 @@ class Decoder:
 
     def describe(self, item: Item, thumb: Image.Image) -> None:
         """phash and quality statistics of the thumbnail."""
-        from ..quality import image_stats
-        from ..similarity import phash_of
+        from explorer.stages.quality import image_stats
+        from explorer.stages.similarity import phash_of
 
         item.phash = int(phash_of(thumb))
         item.stats = image_stats(thumb)

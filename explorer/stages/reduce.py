@@ -7,7 +7,7 @@ The build's entry point computes both from one neighbour graph::
     xy_new = place_new(X, res.xy, X_new)   # a re-run adds a few images to the same map
 
 ``map_and_space`` prepares the rows once (cosine: L2-normalised; PCA to 64 dims when
-D is larger), computes the k-nearest-neighbour graph once (:mod:`explorer.knn`: exact
+D is larger), computes the k-nearest-neighbour graph once (:mod:`explorer.stages.knn`: exact
 for small N, pynndescent on CPU, exact top-k with torch on CUDA) and hands it to both
 UMAP fits (``precomputed_knn``). Large maps skip UMAP's spectral initialisation
 (:data:`SPECTRAL_MAX_POINTS`). It runs in parallel unless given a seed.
@@ -353,7 +353,7 @@ class MapResult(NamedTuple):
     knn: tuple[np.ndarray, np.ndarray]
     """``(indices (N, k) int32, distances (N, k) float32)`` of the input rows: column 0 is
     the point itself, then its nearest others (cosine neighbours for ``metric="cosine"``;
-    distances are Euclidean in the prepared space, see :func:`explorer.knn.prepare`)."""
+    distances are Euclidean in the prepared space, see :func:`explorer.stages.knn.prepare`)."""
     notes: list[str]
     """Human-readable notes (fallbacks, clamped parameters)."""
     info: dict
@@ -506,12 +506,12 @@ def map_and_space(
 ) -> MapResult:
     """The 2-D map and the clusterable space of ``X`` (N, D) from one neighbour graph.
 
-    1. rows prepared once (:func:`explorer.knn.prepare`): L2-normalised for
+    1. rows prepared once (:func:`explorer.stages.knn.prepare`): L2-normalised for
        ``metric="cosine"``, projected on ``pca_dims`` principal components when D is
        larger (``None``: never; ``"auto"``: :data:`PCA_DIMS` above
        :data:`PCA_FROM_POINTS` points, none below, where exact neighbours in the full
        dimension are cheap and cluster the clothing photos better);
-    2. one k-nearest-neighbour graph (:func:`explorer.knn.knn_graph`, k =
+    2. one k-nearest-neighbour graph (:func:`explorer.stages.knn.knn_graph`, k =
        ``max(n_neighbors, space_neighbors)``): exact for small N, pynndescent on CPU,
        exact blocked top-k with torch on CUDA;
     3. the clusterable space: UMAP (``space_dim`` dims, ``min_dist=0``,
@@ -538,7 +538,7 @@ def map_and_space(
     Raises ``ValueError`` naming the bad value for a bad array or parameter.
     """
     t_all = time.perf_counter()
-    from explorer import knn as knn_mod
+    from explorer.stages import knn as knn_mod
 
     map_method = _check_choice("map_method", map_method, MAP_METHODS)
     space_dim = _check_int("space_dim", space_dim, 1)
@@ -736,7 +736,7 @@ def place_new(X_old: Any, Y_old: Any, X_new: Any, *, k: int = 15) -> np.ndarray:
     is read in blocks (a memory-mapped store is fine). Returns (M, Y_old.shape[1])
     float32. Raises ``ValueError`` for mismatched shapes, NaN/inf or ``k < 1``.
     """
-    from explorer import knn as knn_mod
+    from explorer.stages import knn as knn_mod
 
     k = _check_int("k", k, 1)
     Y_old = as_matrix(Y_old, "Y_old", np.float32, cols="m")

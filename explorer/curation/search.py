@@ -19,7 +19,7 @@ Three ways, none needs the network:
 - **by image** (``image=FILE``): FILE is embedded through the build's own path and model
   key (:meth:`explorer.dataset.Build.embed`: same model, precision, runtime and
   preprocessing as ``NAME.run.json`` records) and its nearest neighbours among the stored
-  features are returned, through :func:`explorer.neighbours.nearest`, the app's "look
+  features are returned, through :func:`explorer.stages.neighbours.nearest`, the app's "look
   around" index. An image of the build finds its own row first, at cosine ~1.
 """
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from explorer import concepts as C
+from explorer.stages import concepts as C
 from explorer import dataset, table
 from explorer.paths import user_cache_dir
 
@@ -144,8 +144,8 @@ def concept_search(query: str, idx: np.ndarray, p: np.ndarray, top: int = 10,
 def image_search(features: np.ndarray, query_vec: np.ndarray, top: int = 10
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest stored rows to ``query_vec`` by cosine: ``(rows, similarity)``, through
-    :func:`explorer.neighbours.nearest` (the query is appended as one more row)."""
-    from explorer.neighbours import nearest
+    :func:`explorer.stages.neighbours.nearest` (the query is appended as one more row)."""
+    from explorer.stages.neighbours import nearest
 
     X = np.asarray(features, dtype=np.float32)
     q = np.asarray(query_vec, dtype=np.float32).reshape(1, -1)
@@ -214,7 +214,7 @@ def _row_image(build: "Build", i: int):
     through :mod:`explorer.paths` (the run record and the CSV are untrusted input)."""
     from PIL import Image
 
-    from explorer import images as images_mod
+    from explorer.stages import images as images_mod
     from explorer import paths as paths_mod
 
     df, run = build.table, build.run
@@ -240,7 +240,7 @@ def _row_image(build: "Build", i: int):
 def clip_image_vectors(build: "Build", model, preprocess, key: str,
                        progress: bool = False) -> np.ndarray:
     """CLIP vectors of every row, cached in ``NAME.clip/`` under ``key``."""
-    from explorer.features import FeatureCache, feature_key
+    from explorer.stages.features import FeatureCache, feature_key
     from explorer.progress import track
 
     df = build.table
@@ -287,7 +287,7 @@ def search(build: "Build | str | os.PathLike", text: str | None = None,
         rows, scores = _by_image(build, Path(image), top)
     elif text_model is not None:
         model, preprocess, tok = load_clip(text_model, checkpoint)
-        from explorer.embed import file_digest
+        from explorer.stages.embed import file_digest
 
         key = f"{text_model}|{file_digest(checkpoint)}"
         V = clip_image_vectors(build, model, preprocess, key, progress)

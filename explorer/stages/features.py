@@ -200,7 +200,7 @@ def perceptual_layers(backbone=None, n_blocks: int = 2):
     import torch.nn as nn
 
     if backbone is None:
-        from explorer.embed import load_model
+        from explorer.stages.embed import load_model
 
         backbone, _ = load_model()
     parts = [backbone.conv_stem, backbone.bn1, *list(backbone.blocks)[:n_blocks]]
@@ -440,14 +440,14 @@ def choose_features(candidates: Mapping[str, np.ndarray], *, score: str = "silho
     """Pick the candidate feature matrix whose clusterable space has the clearest structure.
 
     Each candidate (same rows, any width) goes through the build's own clustering path on
-    the same random ``sample`` of rows: :func:`explorer.reduce.reduce_cluster_space`, then
-    HDBSCAN (:func:`explorer.cluster.cluster`), and is scored by :func:`structure_score`.
+    the same random ``sample`` of rows: :func:`explorer.stages.reduce.reduce_cluster_space`, then
+    HDBSCAN (:func:`explorer.stages.cluster.cluster`), and is scored by :func:`structure_score`.
     The highest score wins, except that ``prefer`` (the CNN: photos) is kept unless another
     candidate beats it by more than ``margin``. Returns a :class:`FeatureChoice` naming the
     winner with every score and the reason.
     """
-    from explorer.cluster import cluster
-    from explorer.reduce import reduce_cluster_space
+    from explorer.stages.cluster import cluster
+    from explorer.stages.reduce import reduce_cluster_space
 
     _check_choice("score", score, SCORES)
     sample = _check_int("sample", sample, 10)

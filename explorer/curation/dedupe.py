@@ -17,7 +17,7 @@ one), so a thousand copies of one blank image cost one query.
 :class:`DuplicateIndex` keeps the hashes seen so far (keyed, e.g. by path or content hash)
 and their links: :meth:`DuplicateIndex.update` queries only the keys it has not seen against
 everything, so a re-run with a few new images checks only those (``n_queried``). Groups are
-the connected components of the links (:func:`explorer.similarity.components`: -1 = no
+the connected components of the links (:func:`explorer.stages.similarity.components`: -1 = no
 near-duplicate, groups numbered by their first member).
 
 Keep rules
@@ -50,8 +50,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from numba import njit, prange
 
-from explorer.labels import DISCARD
-from explorer.similarity import DEFAULT_THRESHOLDS, components, max_distance_for
+from explorer.curation.labels import DISCARD
+from explorer.stages.similarity import DEFAULT_THRESHOLDS, components, max_distance_for
 
 #: the keep rules, in the order the CLI and the app list them
 KEEP_RULES: tuple[str, ...] = ("largest", "sharpest", "earliest", "shortest", "first")
@@ -460,8 +460,8 @@ def exif_date(path: str | os.PathLike) -> float:
 def sharpness_of(path: str | os.PathLike, size: int = 256) -> float:
     """The quality statistic ``sharpness`` of an image file's ``size`` px thumbnail (as the
     build computes it); NaN when it cannot be read."""
-    from explorer.images import load_image, thumbnail
-    from explorer.quality import STAT_NAMES, image_stats
+    from explorer.stages.images import load_image, thumbnail
+    from explorer.stages.quality import STAT_NAMES, image_stats
 
     try:
         img = load_image(path, size).image

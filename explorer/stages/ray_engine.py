@@ -5,7 +5,7 @@ writes every result into its store, exactly as the local engine does; Ray does t
 
 1. ``ray.data.from_items`` - one row per file (index, path, known content hash);
 2. ``map_batches(decode)`` in Ray tasks - read, hash, decode, thumbnail, phash, quality
-   statistics and preprocess (:class:`explorer.engines.decode.Decoder`), giving fixed-size uint8
+   statistics and preprocess (:class:`explorer.stages.engines.decode.Decoder`), giving fixed-size uint8
    pixel arrays;
 3. ``map_batches(Embedder)`` on an actor pool - each actor loads the model once and runs
    the forward pass (one GPU per actor where the cluster has GPUs, else CPU actors);
@@ -34,7 +34,7 @@ def model_shape(name: str, checkpoint) -> tuple[int, dict, dict[str, Any]]:
     """(embedding dim, timm data config, model info) without loading weights (driver side)."""
     import timm
 
-    from .models import model_info
+    from explorer.stages.models import model_info
 
     m = timm.create_model(name, pretrained=False, num_classes=0)
     cfg = timm.data.resolve_data_config({}, model=m)
@@ -80,7 +80,7 @@ class Embedder:
     def __init__(self, name, checkpoint, batch_size, jit, precision):
         import torch
 
-        from .models import open_runner, resolve_device
+        from explorer.stages.models import open_runner, resolve_device
 
         device = resolve_device("auto")
         if device == "cpu":
@@ -113,7 +113,7 @@ def run(tasks, decoder, *, name, checkpoint, batch_size, jit, precision, address
     """Yield ``(items, vectors)`` like the local engines, computed by a Ray Data pipeline."""
     import ray
 
-    from .engines.decode import Item
+    from explorer.stages.engines.decode import Item
 
     started = False
     if not ray.is_initialized():
