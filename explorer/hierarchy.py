@@ -639,8 +639,8 @@ def tree_from_arrays(arrays, n_images: int, *, fingerprint: str | None = None,
     n_images = _check_int("n_images", n_images, 0)
     try:
         meta = json.loads(str(np.asarray(arrays["meta"])[()]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _bad(f"no readable 'meta' entry ({exc})") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise _bad(f"no readable 'meta' entry ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != TREE_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else meta
         raise _bad(f"format {got!r}, this version reads format {TREE_FORMAT}")
@@ -739,7 +739,7 @@ def load_tree(path, n_images: int, *, fingerprint: str | None = None,
             arrays = {k: f[k] for k in f.files}
     except HierarchyFileError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except Exception as exc:  # any corrupt or hostile file (bad zip, header, compression ...)
         raise HierarchyFileError(f"cannot read {path.name}: {exc}") from None
     try:
         return tree_from_arrays(arrays, n_images, fingerprint=fingerprint, params=params)

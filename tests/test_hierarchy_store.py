@@ -127,3 +127,26 @@ def test_a_new_sessions_first_level_uses_the_codes_computed_at_load(app, monkeyp
         names = w(doc, "treemap_tiles").data["name"]
         assert any(names)  # tiles are named from the cluster_name codes
     assert made == [1]
+
+
+def _arrays():
+    X = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    tree = H.build_hierarchy(X, **H.overview_params(300))
+    return tree, H.tree_to_arrays(tree, H.fingerprint(X)), H.fingerprint(X)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda a: {**a, "meta": np.array("[" * 100000 + "]" * 100000)}, "meta"),
+    (lambda a: {**a, "members": a["members"][::-1].copy()}, "root does not hold"),
+    (lambda a: {**a, "members": np.r_[a["members"][:300], a["members"][300:][::-1]]}, "not ascending"),
+    (lambda a: {**a, "representatives": a["representatives"] + 10**6}, "outside"),
+    (lambda a: {**a, "parent": np.r_[-1, np.arange(1, len(a["parent"]))]}, "parent does not come before"),
+    (lambda a: {k: v for k, v in a.items() if k != "members"}, "no 'members'"),
+])
+def test_hostile_arrays_are_refused_with_a_reason(spoil, message):
+    tree, arrays, fp = _arrays()
+    again = H.tree_from_arrays(arrays, 300, fingerprint=fp)
+    assert list(again.nodes) == list(tree.nodes)
+    assert all(np.array_equal(again.nodes[k].members, tree.nodes[k].members) for k in tree.nodes)
+    with pytest.raises(H.HierarchyFileError, match=message):
+        H.tree_from_arrays(spoil(arrays), 300, fingerprint=fp)
