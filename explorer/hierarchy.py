@@ -570,14 +570,15 @@ def fingerprint(embeddings) -> str:
     return h.hexdigest()[:32]
 
 
-def tree_to_arrays(tree: Tree, fingerprint: str = "") -> dict[str, np.ndarray]:
+def tree_to_arrays(tree: Tree, fingerprint: str = "", source: str = "") -> dict[str, np.ndarray]:
     """The tree as flat integer arrays (what ``NAME.hierarchy.npz`` holds).
 
     Nodes in the tree's order (a parent before its children, siblings in id order):
     ``parent`` (index of each node's parent, -1 for the root), ``members`` (every node's
     ascending member rows, one after another) with ``member_offsets``, ``representatives``
     with ``rep_offsets``, and ``meta`` (JSON: format, image count, parameters,
-    ``fingerprint``). Ids are not stored: a child's id is its parent's id and its place
+    ``fingerprint``, and ``source``: what the build knows of the images, e.g. a digest of
+    their content hashes). Ids are not stored: a child's id is its parent's id and its place
     among its siblings."""
     import json
 
@@ -592,7 +593,7 @@ def tree_to_arrays(tree: Tree, fingerprint: str = "") -> dict[str, np.ndarray]:
     members = np.concatenate([np.asarray(n.members, itype) for n in nodes])
     reps = np.concatenate([np.asarray(n.representatives, itype) for n in nodes])
     meta = {"format": TREE_FORMAT, "n_images": int(tree.n_images), "params": tree.params,
-            "fingerprint": str(fingerprint)}
+            "fingerprint": str(fingerprint), "source": str(source)}
     return {
         "meta": np.array(json.dumps(meta)),
         "parent": parent,
@@ -627,13 +628,13 @@ def _offsets(arrays, key: str, n_nodes: int, total: int, *, min_each: int) -> np
 
 
 def tree_from_arrays(arrays, n_images: int, *, fingerprint: str | None = None,
-                     params: dict | None = None) -> Tree:
+                     params: dict | None = None, source: str | None = None) -> Tree:
     """The :class:`Tree` of :func:`tree_to_arrays`' arrays, checked.
 
     Raises :class:`HierarchyFileError` (a ``ValueError``) saying what is wrong when the
     arrays are malformed, when they hold another number of images than ``n_images``, or
-    (when given) another ``fingerprint`` or other ``params`` (``branching``, ``min_size``
-    ...) than the caller's. Member arrays are views into ``arrays`` (one copy)."""
+    (when given) another ``fingerprint``, ``source`` or other ``params`` (``branching``,
+    ``min_size`` ...) than the caller's. Member arrays are views into ``arrays`` (one copy)."""
     import json
 
     n_images = _check_int("n_images", n_images, 0)
@@ -648,6 +649,8 @@ def tree_from_arrays(arrays, n_images: int, *, fingerprint: str | None = None,
         raise _bad(f"built for {meta.get('n_images')!r} images, the table has {n_images:,}")
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
         raise _bad("built from other embeddings (the features file changed since)")
+    if source is not None and meta.get("source") != source:
+        raise _bad("built from other images")
     stored = meta.get("params")
     if not isinstance(stored, dict):
         raise _bad("no parameters")
@@ -706,19 +709,19 @@ def tree_from_arrays(arrays, n_images: int, *, fingerprint: str | None = None,
     return Tree(nodes, n_images, dict(stored))
 
 
-def save_tree(path, tree: Tree, fingerprint: str = "") -> Path:
+def save_tree(path, tree: Tree, fingerprint: str = "", source: str = "") -> Path:
     """Write ``NAME.hierarchy.npz`` (:func:`tree_to_arrays`, uncompressed) atomically."""
     import io
 
     from explorer.table import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, **tree_to_arrays(tree, fingerprint))
+    np.savez(buf, **tree_to_arrays(tree, fingerprint, source))
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_tree(path, n_images: int, *, fingerprint: str | None = None,
-              params: dict | None = None) -> Tree:
+              params: dict | None = None, source: str | None = None) -> Tree:
     """The hierarchy stored in ``NAME.hierarchy.npz`` (see :func:`tree_from_arrays`).
 
     Raises :class:`HierarchyFileError` naming the file when it is missing, unreadable,
@@ -742,6 +745,7 @@ def load_tree(path, n_images: int, *, fingerprint: str | None = None,
     except Exception as exc:  # any corrupt or hostile file (bad zip, header, compression ...)
         raise HierarchyFileError(f"cannot read {path.name}: {exc}") from None
     try:
-        return tree_from_arrays(arrays, n_images, fingerprint=fingerprint, params=params)
+        return tree_from_arrays(arrays, n_images, fingerprint=fingerprint, params=params,
+                                source=source)
     except HierarchyFileError as exc:
         raise HierarchyFileError(f"{path.name}: {exc}") from None

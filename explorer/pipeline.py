@@ -715,17 +715,27 @@ def _write(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> No
 
 def _hierarchy(ctx: BuildContext, imgs: Images) -> None:
     """The group hierarchy of the Overview and Treemap tabs, built from the stored features
-    and written to ``NAME.hierarchy.npz`` with their fingerprint (the app checks it)."""
+    and written to ``NAME.hierarchy.npz`` with their fingerprint (the app checks it); kept
+    as it is when the previous build's was made from the same images and features."""
+    import hashlib
+
     from explorer import hierarchy
 
     n = len(imgs.features)
     if n == 0:
         return
+    path = table.sidecar(ctx.csv_path, "hierarchy.npz")
+    fp, params = hierarchy.fingerprint(imgs.features), hierarchy.overview_params(n)
+    source = hashlib.sha256("\n".join(imgs.hashes).encode()).hexdigest()[:32]
     with ctx.stage("hierarchy"):
-        tree = hierarchy.build_hierarchy(imgs.features, **hierarchy.overview_params(n),
-                                         progress=ctx.events)
-        hierarchy.save_tree(table.sidecar(ctx.csv_path, "hierarchy.npz"), tree,
-                            hierarchy.fingerprint(imgs.features))
+        if path.is_file():
+            try:
+                hierarchy.load_tree(path, n, fingerprint=fp, params=params, source=source)
+                return
+            except ValueError:  # another build's, or unreadable: build it again
+                pass
+        tree = hierarchy.build_hierarchy(imgs.features, **params, progress=ctx.events)
+        hierarchy.save_tree(path, tree, fp, source)
 
 
 def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> BuildResult:

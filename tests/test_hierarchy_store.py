@@ -33,6 +33,9 @@ def test_the_build_stores_the_hierarchy_for_its_features(tmp_path):
     feats = np.load(sidecar(res.csv_path, "features.npy"), mmap_mode="r")
     tree = H.load_tree(stored, 12, fingerprint=H.fingerprint(feats), params=H.overview_params(12))
     assert tree.root.count == 12 and sorted(tree.root.members.tolist()) == list(range(12))
+    written = stored.stat().st_mtime_ns
+    build(tmp_path / "imgs", out=tmp_path / "out.csv", method="phash", progress=False)
+    assert stored.stat().st_mtime_ns == written  # the same images: kept, not built again
 
 
 @pytest.fixture(scope="module")
