@@ -9,6 +9,9 @@ Prints medians of a few runs of
   lasso < 0.5 s.
   * server: Python time to build a session's document and to handle one selection (dots:
     the index list the browser sends; image: the lasso polygon the browser sends)
+  * treemap (after the browser runs; --no-treemap skips it): the hierarchy built in the
+    build and loaded from NAME.hierarchy.npz, the first level of the first and the next
+    session, each level, a tap and a lasso's outline (bench/treemap.py has the details)
   * browser: one repaint of the plot. Without a GPU, Chromium emulates WebGL in software
     (SwiftShader) and a 100k-point repaint takes seconds; the page then draws with canvas
     instead (app_files/static/js/renderer.js). --renderer webgl measures forced WebGL.
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _appdata import make_big_csv  # noqa: E402
 
@@ -121,6 +125,18 @@ def zoom_once(drv) -> float:
     return time.perf_counter() - t
 
 
+def treemap_line(app_dir: Path, csv: Path) -> None:
+    """The treemap's figures in one line (bench/treemap.py prints each step)."""
+    import treemap as treemap_bench
+
+    b = treemap_bench.store_hierarchy(csv)
+    m = treemap_bench.measure(app_dir, csv, echo=lambda s: None)
+    print(f"treemap: hierarchy {b['build']:.1f} s in the build, {m['load']:.2f} s to load from the sidecar; "
+          f"first level {m['first']:.3f} s (first session), {m['next']:.3f} s (next); each level median "
+          f"{m['level_median']:.3f} s, max {m['level_max']:.3f} s; a whole tap median {m['tap_median']:.2f} s; "
+          f"lasso outline {m['lasso']:.3f} s (goal: each level < 1 s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=100_000)
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--renderer", choices=["auto", "webgl", "canvas"], default="auto",
                     help="auto: WebGL with a GPU, canvas where WebGL is software-emulated")
     ap.add_argument("--size", default="1600x1000", help="the page's viewport, WIDTHxHEIGHT (CSS pixels)")
+    ap.add_argument("--no-treemap", dest="treemap", action="store_false",
+                    help="skip the treemap figures (they build the hierarchy: minutes at 1M)")
     args = ap.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -190,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"map: {mode} (image above {image_threshold():,} points), page {width} x {height}")
         print(f"renderer: {used}")
+        if args.treemap:
+            treemap_line(app_dir, csv)
         print(f"machine: {os.cpu_count()} cores, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0
 

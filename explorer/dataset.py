@@ -50,7 +50,7 @@ class Build:
       has none yet (:func:`explorer.curation.search.concepts_for` computes and keeps them).
     - ``layout``: the arrays of ``NAME.layout.npz`` as a dict, or ``None``.
     - ``run_path``, ``features_path``, ``concepts_path``, ``layout_path``, ``labels_path``,
-      ``store_path``, ``errors_path``: where each file lives (they may not exist).
+      ``store_path``, ``errors_path``, ``hierarchy_path``: where each file lives (they may not exist).
     - ``keys``, ``initial_labels()``, ``journal(session)``, ``label_book(session)``,
       ``labelled_table(session)``: the labels as the app sees them (the CSV's own, then the
       journal's edits).
@@ -159,6 +159,10 @@ class Build:
     @property
     def errors_path(self) -> Path:
         return self.file("errors.csv")
+
+    @property
+    def hierarchy_path(self) -> Path:
+        return self.file("hierarchy.npz")
 
     # ------------------------------------------------------------------ labels
     @cached_property

@@ -1,7 +1,8 @@
 """The Treemap tab: the group hierarchy one level at a time, tiles sized by image count.
 
 Each tile is a sub-group of the open group (:mod:`explorer.stages.hierarchy`, the same tree as the
-Overview tab, built once per process). A tile shows a representative thumbnail, the name of
+Overview tab: the build's ``NAME.hierarchy.npz`` read at project load, or built once per
+process for builds without it). A tile shows a representative thumbnail, the name of
 its dominant cluster (``cluster_name``) or the dominant value of the map's colour column,
 and its image count; it is coloured by that dominant value.
 
@@ -14,7 +15,10 @@ The panel talks to the session through a narrow port: the state's public methods
 ``thumb(row) -> url`` function and a ``background(what, compute, finish)`` runner (the
 view's pool, so building the tree never blocks the page). The layout of each level comes
 from :func:`explorer.curation.treemap.level_tiles`; levels already laid out are kept per process
-(:data:`_LEVELS`), so the first level of every later session costs no layout.
+(:data:`_LEVELS`), so the first level of every later session costs no layout. The tile names
+come from the project's per-process ``cluster_name`` codes
+(:meth:`explorer.app.project.Project.name_codes`, computed when the hierarchy is loaded), so
+the first session's first level costs what every later one does.
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ MUTED = "#c8c8c8"
 #: per process: (id(tree), group id, width, height) -> the level's tiles without codes or
 #: selection (the geometry, counts and representatives do not depend on the session)
 _LEVELS: dict[tuple, Tiles] = {}
-#: per process: (id(table), id(tree), group id) -> each tile's dominant cluster name, and
-#: (id(table), "cluster_name") -> the column's distinct names and a code per row
+#: per process: (id(name codes), id(tree), group id) -> each tile's dominant cluster name
 _NAMES: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
@@ -59,29 +62,19 @@ def cached_level(tree, group_id: str, width: float, height: float) -> Tiles:
     return hit
 
 
-def _name_codes(table) -> tuple[np.ndarray, np.ndarray] | None:
-    """(distinct cluster names, code per row) of ``table``, computed once per process."""
-    key = (id(table), "cluster_name")
-    with _lock:
-        hit = _NAMES.get(key)
-    if hit is None:
-        values, codes = np.unique(table["cluster_name"].fillna("").astype(str).to_numpy(), return_inverse=True)
-        hit = (values, codes.astype(np.int32))
-        with _lock:
-            _NAMES[key] = hit
-    return hit
+def cluster_names(name_codes: tuple[np.ndarray, np.ndarray] | None, tree, tiles: Tiles) -> list[str]:
+    """The most frequent non-empty name of each tile ("" without names).
 
-
-def cluster_names(table, tree, tiles: Tiles) -> list[str]:
-    """The most frequent non-empty ``cluster_name`` of each tile ("" without the column)."""
-    if "cluster_name" not in getattr(table, "columns", ()):
+    ``name_codes``: (distinct names, code per row), e.g.
+    :meth:`explorer.app.project.Project.name_codes`; kept per process for each level."""
+    if name_codes is None:
         return [""] * len(tiles.ids)
-    key = (id(table), id(tree), tiles.group_id)
+    values, codes = name_codes
+    key = (id(codes), id(tree), tiles.group_id)
     with _lock:
         hit = _NAMES.get(key)
     if hit is not None:
         return hit
-    values, codes = _name_codes(table)
     empty = np.flatnonzero(values == "")
     names = []
     for gid in tiles.ids:
@@ -110,6 +103,7 @@ class TreemapPanel:
         self.background = background
         self.width, self.height = float(width) / height, 1.0  # data units: the plot's aspect
         self.tiles: Tiles | None = None
+        self._own_names: tuple[Any, Any] | None = None  # (table, codes) after a metadata join
         self._opened = False
         self._syncing = False
         css = stylesheets or []
@@ -217,7 +211,7 @@ class TreemapPanel:
         tiles = level_tiles(tree, gid, self.width, self.height,
                             codes=codes if len(codes) == tree.n_images else None, selected=mask)
         self.tiles = tiles
-        names = cluster_names(st.table, tree, base)
+        names = cluster_names(self._name_codes(), tree, base)
         r = tiles.rects
         w, h = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1]
         big = (np.minimum(w, h) >= MIN_SIDE * self.height)
@@ -266,6 +260,21 @@ class TreemapPanel:
             + (f", {sel} touched by the selection" if sel else "")
             + (" (not split further)" if tiles.leaf else " - tap a tile to open it") + "</div>"
         )
+
+    def _name_codes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The project's per-process ``cluster_name`` codes, or this session's own after a
+        metadata join gave it its own table."""
+        from explorer.app.project import text_codes
+
+        st = self.state
+        table = st.table
+        if table is st.project.table:
+            return st.project.name_codes()
+        if "cluster_name" not in table.columns:
+            return None
+        if self._own_names is None or self._own_names[0] is not table:
+            self._own_names = (table, text_codes(table["cluster_name"]))
+        return self._own_names[1]
 
     # ------------------------------------------------------------------ wiring
     def _on_tap(self, attr: str, old: Any, new: list[int]) -> None:

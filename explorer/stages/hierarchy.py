@@ -22,6 +22,7 @@ import math
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -39,6 +40,13 @@ __all__ = [
     "UnknownGroup",
     "build_hierarchy",
     "normalize_group_id",
+    "overview_params",
+    "fingerprint",
+    "HierarchyFileError",
+    "tree_to_arrays",
+    "tree_from_arrays",
+    "save_tree",
+    "load_tree",
 ]
 
 #: suffix of the sub id of images that fall in no sub-cluster: ``"3.noise"``
@@ -338,50 +346,114 @@ class Tree:
 
 #: k-means fits on at most this many members of a node (seeded sample); the rest are
 #: assigned to the nearest centre, so each split costs about the same however big
-KMEANS_FIT_POINTS = 5000
+KMEANS_FIT_POINTS = 2048
 #: embeddings are reduced by PCA to this many dimensions before splitting
 HIERARCHY_DIMS = 32
+#: the PCA is fitted on at most this many rows (seeded sample)
+PCA_FIT_POINTS = 20000
+#: rows normalised and projected at a time (a memory-mapped matrix is never copied whole)
+_CHUNK = 65536
 
 
-def _nearest_centre(Y: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    c2 = (centres.astype(np.float64) ** 2).sum(axis=1)
+def overview_params(n_rows: int) -> dict:
+    """The hierarchy parameters of the Overview and Treemap tabs for ``n_rows`` images (the
+    one place the build's sidecar and the app's fallback take them from)."""
+    n_rows = _check_int("n_rows", n_rows, 0)
+    return {"branching": 16, "min_size": max(16, min(50, n_rows // 16))}
+
+
+def _reduced_rows(embeddings, seed: int) -> np.ndarray:
+    """L2-normalised rows, PCA-reduced to :data:`HIERARCHY_DIMS` when wider, float32.
+
+    Reads ``embeddings`` (any float array, a float16 memory map too) a chunk at a time, so
+    only the reduced (n, 32) copy is ever whole in memory. Raises ``ValueError`` like
+    :func:`explorer._checks.as_matrix` (not 2-D, NaN/inf rows, no rows)."""
+    X = embeddings
+    if not (isinstance(X, np.ndarray) and X.ndim == 2 and np.issubdtype(X.dtype, np.number)):
+        X = _check_embeddings(X)
+    n, d = X.shape
+    if n == 0:
+        raise ValueError("embeddings has no rows: nothing to build a hierarchy of")
+    bad = 0
+    for s in range(0, n, _CHUNK):
+        block = np.asarray(X[s:s + _CHUNK], dtype=np.float32)
+        bad += int((~np.isfinite(block)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"embeddings has {bad} row(s) with NaN or infinite values")
+    if d <= HIERARCHY_DIMS or n <= HIERARCHY_DIMS:
+        return _normalize_rows(np.asarray(X, dtype=np.float32))
+    rows = np.arange(n) if n <= PCA_FIT_POINTS else np.sort(
+        np.random.default_rng(seed).choice(n, PCA_FIT_POINTS, replace=False))
+    S = _normalize_rows(np.asarray(X[rows], dtype=np.float32)).astype(np.float64)
+    mean = S.mean(axis=0)
+    S -= mean
+    w, v = np.linalg.eigh(S.T @ S)  # principal axes: the top eigenvectors of the covariance
+    comp = v[:, ::-1][:, :HIERARCHY_DIMS]
+    comp *= np.where(comp[np.abs(comp).argmax(axis=0), np.arange(comp.shape[1])] < 0, -1.0, 1.0)
+    comp32, mean32 = comp.astype(np.float32), mean.astype(np.float32)
+    Y = np.empty((n, HIERARCHY_DIMS), dtype=np.float32)
+    for s in range(0, n, _CHUNK):
+        Y[s:s + _CHUNK] = (_normalize_rows(np.asarray(X[s:s + _CHUNK])) - mean32) @ comp32
+    return Y
+
+
+def _nearest_centre(Y: np.ndarray, centres: np.ndarray, chunk: int = _CHUNK) -> np.ndarray:
+    c = centres.astype(np.float32)
+    c2 = (c * c).sum(axis=1)
     out = np.empty(len(Y), dtype=np.int64)
     for s in range(0, len(Y), chunk):
-        block = Y[s:s + chunk].astype(np.float64)
-        out[s:s + chunk] = (c2[None, :] - 2.0 * block @ centres.T.astype(np.float64)).argmin(axis=1)
+        out[s:s + chunk] = (c2[None, :] - 2.0 * (Y[s:s + chunk] @ c.T)).argmin(axis=1)
     return out
 
 
-def _kmeans(Y: np.ndarray, k: int, seed: int, max_iter: int = 50) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding; deterministic for a seed.
+def _plusplus(F: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each next centre drawn with probability ~ squared distance."""
+    m = len(F)
+    f2 = np.einsum("ij,ij->i", F, F)
+    idx = [int(rng.integers(m))]
+    d2 = np.maximum(f2 - 2.0 * (F @ F[idx[0]]) + f2[idx[0]], 0.0)
+    for _ in range(1, k):
+        cum = np.cumsum(d2, dtype=np.float64)
+        total = float(cum[-1])
+        j = int(rng.integers(m)) if total <= 0 else min(int(np.searchsorted(cum, rng.random() * total)), m - 1)
+        idx.append(j)
+        d2 = np.minimum(d2, np.maximum(f2 - 2.0 * (F @ F[j]) + f2[j], 0.0))
+    return F[idx].astype(np.float64)
 
-    A small numpy loop instead of ``sklearn.cluster.KMeans``: a hierarchy makes hundreds
-    of small splits, where the estimator's fixed cost dominated (measured in
-    ``bench/curation.py``).
-    """
-    from sklearn.cluster import kmeans_plusplus
 
+def _kmeans(Y: np.ndarray, k: int, seed: int, max_iter: int = 20) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding on float32 rows; deterministic for a seed.
+
+    A small vectorised numpy loop instead of ``sklearn.cluster.KMeans``: a hierarchy of
+    1M images makes thousands of small splits, where the estimator's fixed cost dominated
+    (``bench/treemap.py``). Fits on at most :data:`KMEANS_FIT_POINTS` rows and stops when
+    at most 0.5% of them change group."""
     n = len(Y)
     rng = np.random.default_rng(seed)
     fit = Y if n <= KMEANS_FIT_POINTS else Y[np.sort(rng.choice(n, KMEANS_FIT_POINTS,
                                                               replace=False))]
-    fit64 = fit.astype(np.float64)
-    centres, _ = kmeans_plusplus(fit64, k, random_state=seed)
-    lab = _nearest_centre(fit64, centres)
+    m = len(fit)
+    centres = _plusplus(fit, k, rng)
+    lab = _nearest_centre(fit, centres)
+    onehot = np.zeros((m, k), dtype=fit.dtype)  # same dtype as fit: a BLAS product
+    rows = np.arange(m)
     for _ in range(max_iter):
-        for c in range(k):
-            m = lab == c
-            if m.any():
-                centres[c] = fit64[m].mean(axis=0)
-        new = _nearest_centre(fit64, centres)
-        if np.array_equal(new, lab):
-            break
+        onehot[rows, lab] = 1.0
+        counts = onehot.sum(axis=0)
+        sums = (onehot.T @ fit).astype(np.float64)
+        onehot[rows, lab] = 0.0
+        have = counts > 0
+        centres[have] = sums[have] / counts[have, None]
+        new = _nearest_centre(fit, centres)
+        changed = int(np.count_nonzero(new != lab))
         lab = new
+        if changed <= m // 200:
+            break
     return lab if fit is Y else _nearest_centre(Y, centres)
 
 
-def _representatives(Y: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
-    sub = Y[members]
+def _representatives(sub: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` members whose rows ``sub`` (= ``Y[members]``) lie nearest their mean."""
     c = sub.mean(axis=0)
     d = ((sub - c) ** 2).sum(axis=1)
     order = np.lexsort((members, d))[:n]
@@ -403,31 +475,31 @@ def build_hierarchy(
     A group with more than ``min_size`` images is split by k-means into
     ``min(branching, ceil(count / min_size))`` (at least 2) sub-groups, down to
     ``max_depth`` levels. Embeddings are L2-normalised (cosine geometry) and, above
-    :data:`HIERARCHY_DIMS` dimensions, reduced by PCA first. Each split fits on at most
+    :data:`HIERARCHY_DIMS` dimensions, reduced by PCA first (read a chunk at a time: a
+    float16 memory map is never copied whole). Each split fits on at most
     :data:`KMEANS_FIT_POINTS` members. Groups are numbered from 1, largest first.
     Same input and ``seed`` give the same tree.
 
     Raises ``ValueError`` for bad parameters or embeddings (not 2-D, NaN/inf, no rows).
     """
-    X = _check_embeddings(embeddings)
     branching = _check_int("branching", branching, 2)
     min_size = _check_int("min_size", min_size, 1)
     max_depth = _check_int("max_depth", max_depth, 0)
     n_representatives = _check_int("n_representatives", n_representatives, 1)
     seed = _check_seed(seed)
-    n = X.shape[0]
-    if n == 0:
-        raise ValueError("embeddings has no rows: nothing to build a hierarchy of")
-    Y = _normalize_rows(X)
-    if Y.shape[1] > HIERARCHY_DIMS and n > HIERARCHY_DIMS:
-        from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
 
-        fit_rows = Y
-        if n > 20000:
-            fit_rows = Y[np.sort(np.random.default_rng(seed).choice(n, 20000, replace=False))]
-        pca = PCA(n_components=HIERARCHY_DIMS, random_state=seed,
-                  svd_solver="randomized").fit(fit_rows)
-        Y = pca.transform(Y).astype(np.float32)
+    # thousands of small products: one BLAS thread is many times faster than several on a
+    # busy machine (measured: 20 ms instead of 0.3 ms per 4096 x 16 x 32 product at load 9)
+    with threadpool_limits(1):
+        return _build(embeddings, branching, min_size, max_depth, n_representatives, seed,
+                      progress)
+
+
+def _build(embeddings, branching: int, min_size: int, max_depth: int, n_representatives: int,
+           seed: int, progress: bool) -> Tree:
+    Y = _reduced_rows(embeddings, seed)
+    n = len(Y)
 
     nodes: dict[str, Node] = {}
     all_idx = np.arange(n, dtype=np.int64)
@@ -445,21 +517,235 @@ def build_hierarchy(
         if node.count <= min_size or node.depth >= max_depth:
             continue
         k = min(branching, max(2, math.ceil(node.count / min_size)), node.count)
-        sub = Y[m]
+        sub = Y if node.parent is None else Y[m]
         if float(np.ptp(sub, axis=0).max()) == 0.0:  # all identical: cannot split
             continue
         lab = _kmeans(sub, k, seed)
-        groups = [m[lab == c] for c in np.unique(lab)]
-        if len(groups) < 2:
+        counts = np.bincount(lab, minlength=k)
+        if np.count_nonzero(counts) < 2:
             continue
-        groups.sort(key=lambda g: (-len(g), int(g[0])))
-        for i, g in enumerate(groups, start=1):
+        order = np.argsort(lab, kind="stable")  # members stay ascending inside each group
+        bounds = np.cumsum(counts)[:-1]
+        parts = [(g, s) for g, s in zip(np.split(m[order], bounds), np.split(order, bounds))
+                 if len(g)]
+        parts.sort(key=lambda p: (-len(p[0]), int(p[0][0])))
+        for i, (g, rows) in enumerate(parts, start=1):
             cid = f"{node.id}-{i}"
             child = Node(cid, node.id, node.depth + 1, g,
-                         _representatives(Y, g, n_representatives))
+                         _representatives(sub[rows], g, n_representatives))
             nodes[cid] = child
             node.children.append(cid)
             queue.append(child)
     params = {"branching": branching, "min_size": min_size, "max_depth": max_depth,
               "n_representatives": n_representatives, "seed": seed}
     return Tree(nodes, n, params)
+
+
+# ---------------------------------------------------------------------- sidecar
+#: version of the ``NAME.hierarchy.npz`` layout (:func:`tree_to_arrays`)
+TREE_FORMAT = 1
+#: rows of the embeddings hashed by :func:`fingerprint`
+FINGERPRINT_ROWS = 256
+
+
+class HierarchyFileError(ValueError):
+    """A stored hierarchy is unreadable, corrupt or belongs to other embeddings."""
+
+
+def fingerprint(embeddings) -> str:
+    """A short hash of the embeddings as stored (shape and :data:`FINGERPRINT_ROWS` evenly
+    spaced rows, as float16): cheap on a 1M-row memory map, and it changes when the
+    features file is rebuilt from other images. A stored hierarchy keeps the fingerprint of
+    the embeddings it was built from."""
+    import hashlib
+
+    X = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
+    if X.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {X.shape}")
+    n = X.shape[0]
+    rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_ROWS)).astype(np.int64))
+    sample = np.ascontiguousarray(np.asarray(X[rows], dtype=np.float16))
+    h = hashlib.sha256(f"{tuple(X.shape)}".encode())
+    h.update(sample.tobytes())
+    return h.hexdigest()[:32]
+
+
+def tree_to_arrays(tree: Tree, fingerprint: str = "", source: str = "") -> dict[str, np.ndarray]:
+    """The tree as flat integer arrays (what ``NAME.hierarchy.npz`` holds).
+
+    Nodes in the tree's order (a parent before its children, siblings in id order):
+    ``parent`` (index of each node's parent, -1 for the root), ``members`` (every node's
+    ascending member rows, one after another) with ``member_offsets``, ``representatives``
+    with ``rep_offsets``, and ``meta`` (JSON: format, image count, parameters,
+    ``fingerprint``, and ``source``: what the build knows of the images, e.g. a digest of
+    their content hashes). Ids are not stored: a child's id is its parent's id and its place
+    among its siblings."""
+    import json
+
+    nodes = list(tree.nodes.values())
+    index = {node.id: i for i, node in enumerate(nodes)}
+    for node in nodes:
+        for j, c in enumerate(node.children, start=1):
+            if c != f"{node.id}-{j}" or index[c] <= index[node.id]:
+                raise ValueError(f"tree node {c!r} is out of order under {node.id!r}")
+    itype = np.int32 if tree.n_images < 2**31 else np.int64
+    parent = np.asarray([-1 if n.parent is None else index[n.parent] for n in nodes], np.int32)
+    members = np.concatenate([np.asarray(n.members, itype) for n in nodes])
+    reps = np.concatenate([np.asarray(n.representatives, itype) for n in nodes])
+    meta = {"format": TREE_FORMAT, "n_images": int(tree.n_images), "params": tree.params,
+            "fingerprint": str(fingerprint), "source": str(source)}
+    return {
+        "meta": np.array(json.dumps(meta)),
+        "parent": parent,
+        "member_offsets": np.concatenate([[0], np.cumsum([n.count for n in nodes])]).astype(np.int64),
+        "members": members,
+        "rep_offsets": np.concatenate([[0], np.cumsum([len(n.representatives) for n in nodes])]
+                                      ).astype(np.int64),
+        "representatives": reps,
+    }
+
+
+def _bad(msg: str) -> HierarchyFileError:
+    return HierarchyFileError(f"stored hierarchy: {msg}")
+
+
+def _int_array(arrays, key: str) -> np.ndarray:
+    if key not in arrays:
+        raise _bad(f"no {key!r} array")
+    a = np.asarray(arrays[key])
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise _bad(f"{key!r} must be a 1-D integer array, got {a.dtype} of shape {a.shape}")
+    return a
+
+
+def _offsets(arrays, key: str, n_nodes: int, total: int, *, min_each: int) -> np.ndarray:
+    off = _int_array(arrays, key)
+    if len(off) != n_nodes + 1 or off[0] != 0 or off[-1] != total:
+        raise _bad(f"{key!r} does not span its {total:,} values in {n_nodes:,} nodes")
+    if (np.diff(off) < min_each).any():
+        raise _bad(f"{key!r} gives a node fewer than {min_each} value(s)")
+    return off
+
+
+def tree_from_arrays(arrays, n_images: int, *, fingerprint: str | None = None,
+                     params: dict | None = None, source: str | None = None) -> Tree:
+    """The :class:`Tree` of :func:`tree_to_arrays`' arrays, checked.
+
+    Raises :class:`HierarchyFileError` (a ``ValueError``) saying what is wrong when the
+    arrays are malformed, when they hold another number of images than ``n_images``, or
+    (when given) another ``fingerprint``, ``source`` or other ``params`` (``branching``,
+    ``min_size`` ...) than the caller's. Member arrays are views into ``arrays`` (one copy)."""
+    import json
+
+    n_images = _check_int("n_images", n_images, 0)
+    try:
+        meta = json.loads(str(np.asarray(arrays["meta"])[()]))
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise _bad(f"no readable 'meta' entry ({type(exc).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != TREE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise _bad(f"format {got!r}, this version reads format {TREE_FORMAT}")
+    if meta.get("n_images") != n_images:
+        raise _bad(f"built for {meta.get('n_images')!r} images, the table has {n_images:,}")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise _bad("built from other embeddings (the features file changed since)")
+    if source is not None and meta.get("source") != source:
+        raise _bad("built from other images")
+    stored = meta.get("params")
+    if not isinstance(stored, dict):
+        raise _bad("no parameters")
+    if params is not None:
+        diff = {k: (stored.get(k), v) for k, v in params.items() if stored.get(k) != v}
+        if diff:
+            raise _bad("built with other parameters: " + ", ".join(
+                f"{k} {a!r} (wanted {b!r})" for k, (a, b) in diff.items()))
+    max_depth = stored.get("max_depth", 8)
+    branching = stored.get("branching", 16)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (max_depth, branching)) \
+            or not (0 <= max_depth <= 64 and 2 <= branching <= 4096):
+        raise _bad(f"max_depth {max_depth!r} / branching {branching!r} out of range")
+    parent = _int_array(arrays, "parent")
+    n_nodes = len(parent)
+    if n_nodes == 0 or parent[0] != -1:
+        raise _bad("the first node is not the root")
+    if n_nodes > 1 and ((parent[1:] < 0) | (parent[1:] >= np.arange(1, n_nodes))).any():
+        raise _bad("a node's parent does not come before it")
+    members = _int_array(arrays, "members")
+    reps = _int_array(arrays, "representatives")
+    moff = _offsets(arrays, "member_offsets", n_nodes, len(members), min_each=1)
+    roff = _offsets(arrays, "rep_offsets", n_nodes, len(reps), min_each=0)
+    for key, a in (("members", members), ("representatives", reps)):
+        if len(a) and (a.min() < 0 or a.max() >= n_images):
+            raise _bad(f"{key!r} holds rows outside 0..{n_images - 1}")
+    if moff[1] != n_images or not np.array_equal(members[:n_images], np.arange(n_images)):
+        raise _bad("the root does not hold every image once")
+    if len(members) > 1:
+        rising = np.diff(members) > 0
+        inner = moff[1:-1]
+        rising[inner[(inner > 0) & (inner < len(members))] - 1] = True  # node boundaries
+        if not rising.all():
+            raise _bad("a node's members are not ascending")
+    counts = np.diff(moff)
+    if n_nodes > 1:
+        kids = np.bincount(parent[1:], minlength=n_nodes)
+        below = np.bincount(parent[1:], weights=counts[1:], minlength=n_nodes)
+        inner_nodes = kids > 0
+        if (kids > branching).any() or (below[inner_nodes] != counts[inner_nodes]).any():
+            raise _bad("a node's groups do not add up to it")
+    # plain Python values in the loop: numpy scalars cost several times more per node
+    par_of, mo, ro = parent.tolist(), moff.tolist(), roff.tolist()
+    root = Node("root", None, 0, members[:mo[1]], reps[:ro[1]])
+    nodes: dict[str, Node] = {"root": root}
+    made = [root]
+    for i in range(1, n_nodes):
+        up = made[par_of[i]]
+        if up.depth >= max_depth:
+            raise _bad(f"deeper than max_depth {max_depth}")
+        gid = f"{up.id}-{len(up.children) + 1}"
+        up.children.append(gid)
+        node = Node(gid, up.id, up.depth + 1, members[mo[i]:mo[i + 1]], reps[ro[i]:ro[i + 1]])
+        made.append(node)
+        nodes[gid] = node
+    return Tree(nodes, n_images, dict(stored))
+
+
+def save_tree(path, tree: Tree, fingerprint: str = "", source: str = "") -> Path:
+    """Write ``NAME.hierarchy.npz`` (:func:`tree_to_arrays`, uncompressed) atomically."""
+    import io
+
+    from explorer.table import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **tree_to_arrays(tree, fingerprint, source))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_tree(path, n_images: int, *, fingerprint: str | None = None,
+              params: dict | None = None, source: str | None = None) -> Tree:
+    """The hierarchy stored in ``NAME.hierarchy.npz`` (see :func:`tree_from_arrays`).
+
+    Raises :class:`HierarchyFileError` naming the file when it is missing, unreadable,
+    larger than a hierarchy of ``n_images`` can be, corrupt, or made for other embeddings or
+    parameters; never runs code from the file (no pickles)."""
+    import zipfile
+
+    path = Path(path)
+    # a member array holds every image once per level: refuse more before reading anything
+    limit = 8 * (n_images + 1) * 66 + (1 << 20)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            big = [i.filename for i in zf.infolist() if i.file_size > limit]
+            if big:
+                raise HierarchyFileError(f"{path.name}: {big[0]} is larger than a hierarchy of "
+                                         f"{n_images:,} images can be")
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except HierarchyFileError:
+        raise
+    except Exception as exc:  # any corrupt or hostile file (bad zip, header, compression ...)
+        raise HierarchyFileError(f"cannot read {path.name}: {exc}") from None
+    try:
+        return tree_from_arrays(arrays, n_images, fingerprint=fingerprint, params=params,
+                                source=source)
+    except HierarchyFileError as exc:
+        raise HierarchyFileError(f"{path.name}: {exc}") from None

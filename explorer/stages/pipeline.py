@@ -9,6 +9,8 @@ and engine choices are made once, in :func:`_context`. What this module writes:
 * ``NAME.errors.csv``     files that were skipped, with the reason
 * ``NAME.run.json``       parameters, device, engine, model, versions, counts, stage timings
 * ``NAME.features.npy``   one embedding row per CSV row, float16 (neighbours, re-clustering)
+* ``NAME.hierarchy.npz``  the Overview/Treemap group hierarchy (:mod:`explorer.stages.hierarchy`),
+                          computed once here; the app loads it instead of building it
 * ``NAME.layout.npz``     per row: content hash, map xy, cluster space, cluster, probability,
                           outlier score - so a re-run can place new images on the same map
 * ``NAME.store/``         the vector store (:mod:`explorer.stages.store`): vectors per content hash
@@ -291,6 +293,7 @@ def build(
             df = _table(ctx, imgs, lay, dups)
             df = _understand(ctx, df, imgs, lay)
             _write(ctx, df, imgs, lay)
+            _hierarchy(ctx, imgs)
         finally:
             if display is not None:
                 display.close()
@@ -709,6 +712,31 @@ def _write(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> No
         _save_npy_f16(table.sidecar(ctx.csv_path, "features.npy"), imgs.features)
         if lay.space is not None:
             _save_layout(ctx.csv_path, _layout_key(ctx, imgs), imgs.hashes, lay)
+
+
+def _hierarchy(ctx: BuildContext, imgs: Images) -> None:
+    """The group hierarchy of the Overview and Treemap tabs, built from the stored features
+    and written to ``NAME.hierarchy.npz`` with their fingerprint (the app checks it); kept
+    as it is when the previous build's was made from the same images and features."""
+    import hashlib
+
+    from explorer.stages import hierarchy
+
+    n = len(imgs.features)
+    if n == 0:
+        return
+    path = table.sidecar(ctx.csv_path, "hierarchy.npz")
+    fp, params = hierarchy.fingerprint(imgs.features), hierarchy.overview_params(n)
+    source = hashlib.sha256("\n".join(imgs.hashes).encode()).hexdigest()[:32]
+    with ctx.stage("hierarchy"):
+        if path.is_file():
+            try:
+                hierarchy.load_tree(path, n, fingerprint=fp, params=params, source=source)
+                return
+            except ValueError:  # another build's, or unreadable: build it again
+                pass
+        tree = hierarchy.build_hierarchy(imgs.features, **params, progress=ctx.events)
+        hierarchy.save_tree(path, tree, fp, source)
 
 
 def _record(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> BuildResult:
