@@ -3,10 +3,14 @@
 ::
 
     explorer dedupe NAME.csv --keep largest|sharpest|earliest|shortest|first
+                    [--method duplicate_group|cnn+orb [--threshold T]]
                     [--override GROUP=PATH ...] [--dry-run] [--csv FILE] [--move-to DIR]
     explorer dedupe --undo MANIFEST
 
-The groups are the build's ``duplicate_group`` column. Nothing is ever deleted:
+The groups are the build's ``duplicate_group`` column, or (``--method cnn+orb``) regrouped
+from the build's CNN vectors (``NAME.features.npy``) verified by ORB keypoints of the
+images (:func:`explorer.dedupe.group_cnn_orb`: finds edited copies, crops and rotations
+that the phash misses). Nothing is ever deleted:
 
 * by default the images not kept get the reserved label ``discard`` in the label journal
   (``NAME.labels.sqlite``: one undoable step, the app shows it, exports leave them out);
@@ -42,6 +46,11 @@ def add_parser(sub) -> None:
     d.add_argument("--keep", default=None, metavar="RULE",
                    help="largest|sharpest|earliest|shortest|first: largest resolution, "
                    "sharpest, earliest EXIF date, shortest path or first in folder order")
+    d.add_argument("--method", default="duplicate_group", metavar="METHOD",
+                   help="duplicate_group (the build's column, default) or cnn+orb (regroup "
+                   "by the build's CNN vectors, verified by ORB keypoints: heavier edits)")
+    d.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="cnn+orb: link a pair when (cosine + orb) / 2 >= T (default 0.45)")
     d.add_argument("--override", action="append", default=[], metavar="GROUP=PATH",
                    help="keep PATH in group GROUP whatever the rule says (repeatable)")
     d.add_argument("--images", default=None, metavar="IMAGE_DIR",
@@ -99,6 +108,38 @@ def _image_root(csv: Path, override: str | None) -> Path:
     return require_image_root(csv)
 
 
+def _groups(a: argparse.Namespace, csv: Path, df, root: Path):
+    """The duplicate group of every row by ``--method``."""
+    import numpy as np
+
+    from explorer import dedupe, table
+
+    if a.method not in dedupe.GROUP_METHODS:
+        raise ValueError(f"--method must be one of {', '.join(dedupe.GROUP_METHODS)}; "
+                         f"got {a.method!r}")
+    if a.method == "duplicate_group":
+        if a.threshold is not None:
+            raise ValueError("--threshold goes with --method cnn+orb")
+        return df["duplicate_group"].to_numpy(dtype=np.int64)
+    vec_path = table.sidecar(csv, "features.npy")
+    if not vec_path.is_file():
+        raise ValueError(f"--method cnn+orb needs the build's vectors {vec_path.name} beside "
+                         f"{csv.name} (a build with the CNN, the default method)")
+    vectors = np.load(vec_path, mmap_mode="r")
+    if vectors.ndim != 2 or len(vectors) != len(df):
+        raise ValueError(f"{vec_path.name} does not have one row per row of {csv.name}; "
+                         "rebuild")
+    from explorer.paths import resolver
+
+    labels, info = dedupe.group_cnn_orb(
+        np.asarray(vectors, np.float32),
+        dedupe.orb_reader(df["path"].astype(str).tolist(), resolver(root, must_be_image=True)),
+        threshold=dedupe.CNN_ORB_THRESHOLD if a.threshold is None else a.threshold)
+    print(f"cnn+orb: {info['candidates']} candidate pairs by cosine, {info['links']} linked "
+          f"(threshold {info['threshold']})")
+    return labels
+
+
 def cmd_dedupe(a: argparse.Namespace) -> int:
     if a.undo:
         if a.csv or a.keep or a.move_to or a.dry_run:
@@ -122,7 +163,7 @@ def run(a: argparse.Namespace) -> int:
     df = table.read_table(csv)
     root = _image_root(csv, a.images)
     paths = df["path"].astype(str).tolist()
-    group = df["duplicate_group"].to_numpy(dtype=np.int64)
+    group = _groups(a, csv, df, root)
     journal = journal_for(csv)
     initial = {p: v for p, v in zip(paths, df["label"].fillna("").astype(str)) if v}
     book = LabelBook.from_journal(journal, keys=frozenset(paths), initial=initial)
