@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     the rule is checked by :func:`explorer.dedupe.check_rule` when the command runs)."""
     d = sub.add_parser("dedupe", help="keep one image per near-duplicate group; mark or move "
                        "the others (never deletes)",
-                       description="Pick the image to keep in every duplicate_group of NAME.csv "
+                       description="Pick the image to keep in every near-duplicate group of "
+                       "NAME.csv (its duplicate_group, or found again with --method cnn+orb) "
                        "by a rule; the others get the label 'discard' (undoable; exports leave "
                        "them out) and, with --move-to, are moved to DIR with a manifest that "
                        "--undo reads to move them back.")

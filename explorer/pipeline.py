@@ -612,7 +612,8 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
         if o.duplicates == "phash":
             hv = imgs.phash if imgs.phash is not None else np.asarray(imgs.classic, np.uint64) \
                 if o.method == "phash" else None
-            source = f"phash:{o.thumb_size}"
+            # which phash (the embedding's of the thumbnail, the classic one of the file)
+            source = f"phash:{o.method}:{'vectors' if o.vectors else 'store'}:{o.thumb_size}"
             if hv is None:  # classic non-phash method: phash of the map rows' bits
                 bits = (imgs.features[:, :64] > 0.5).astype(np.uint8)
                 hv = np.frombuffer(np.packbits(bits, axis=1).tobytes(), ">u8").astype(np.uint64)
