@@ -150,6 +150,18 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
             out[m] = S.pairwise_similarity(f, m)
         print(f"  {m:8s} scored {len(paths)} images in {time.perf_counter() - t0:.1f} s",
               flush=True)
+    if "cnn+orb" in methods:  # the option as the build and the CLI run it: time and check
+        t0, c0 = time.perf_counter(), time.process_time()
+        lab, info = D.group_cnn_orb(emb.embeddings, D.orb_reader([str(p) for p in paths]))
+        t1, c1 = time.perf_counter(), time.process_time()
+        same = np.array_equal(lab, S.components(len(paths), *np.nonzero(np.triu(
+            out["cnn+orb"] >= D.CNN_ORB_THRESHOLD, 1))))
+        print(f"  cnn+orb grouping (explorer.dedupe.group_cnn_orb, ORB read from the files): "
+              f"{t1 - t0:.1f} s wall ({c1 - c0:.1f} CPU s) for {len(paths)} images, "
+              f"{info['candidates']} candidate pairs, {info['orb_images']} ORB reads, "
+              f"{info['links']} links, {int(lab.max()) + 1} groups; the same groups as the "
+              f"scores above: {same}; load average "
+              f"{open('/proc/loadavg').read().split()[0]}", flush=True)
     return out
 
 

@@ -79,7 +79,6 @@ def test_build_groups_by_cnn_orb(tmp_path, quick_build):
     res = build(imgs, out=tmp_path / "c.csv", progress=False, map_method="pca",
                 duplicates="cnn+orb", **quick_build)
     g = res.table.set_index("path")["duplicate_group"]
-    print(g)
     assert g["a.jpg"] >= 0 and g["a.jpg"] == g["a_copy.jpg"]
     assert g["b.jpg"] >= 0 and g["b.jpg"] == g["b_small.jpg"] != g["a.jpg"]
     assert g["c.png"] == g["d.jpg"] == -1
