@@ -639,9 +639,12 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
 
 
 def _load_duplicate_index(ctx: BuildContext):
-    """The previous run's phash index (``NAME.duplicates.npz``), or None."""
+    """The previous run's phash index (``NAME.duplicates.npz``), or None (also when this
+    run does not group by phash)."""
     from explorer import dedupe
 
+    if ctx.opts.duplicates != "phash":
+        return None
     return dedupe.load_index(table.sidecar(ctx.csv_path, "duplicates.npz"))
 
 
