@@ -15,10 +15,14 @@ is exact: two images are duplicates iff they come from the same source. Two edit
 
 Every pair of images of one level is scored by each method (phash of the build's stored
 256 px thumbnail, ssim, orb, minhash, tm from explorer.stages.similarity; ``cnn``: cosine of the
-default model's embeddings, explorer.stages.embed; ``cnn+orb``: the mean of that cosine and the orb
-score, so a pair must look alike AND share keypoints). The sources are split in two halves: the
-threshold is chosen on the first (the lowest that keeps pairwise precision >= the goal:
-0.98 mild, 0.95 heavier) and precision and recall are reported on the second.
+default model's embeddings, explorer.stages.embed; ``cnn+orb``: explorer.curation.dedupe's embedding-based
+option: each image's 10 nearest by cosine with cosine >= 0.5 are candidates, scored by the
+mean of the cosine and the orb score, so a pair must look alike AND share keypoints). The
+sources are split in two halves: the threshold is chosen on the first (the lowest that
+keeps pairwise precision >= the goal: 0.98 mild, 0.95 heavier) and precision and recall
+are reported on the second. ``cnn+orb`` is also reported at its documented default
+(``explorer.curation.dedupe.CNN_ORB_THRESHOLD``, fixed, not fitted per run) on both halves, and
+``--sweep`` prints its whole precision/recall curve on each half.
 
 Scale. Random 64-bit hashes with planted near-duplicate families (10 % of the rows, each a
 copy of a source with up to 4 flipped bits) grouped by explorer.curation.dedupe at the default radius
@@ -133,8 +137,12 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
         elif m == "cnn":
             v = emb.embeddings / np.linalg.norm(emb.embeddings, axis=1, keepdims=True)
             out[m] = v @ v.T
-        elif m == "cnn+orb":
-            out[m] = (out["cnn"] + out["orb"]) / 2
+        elif m == "cnn+orb":  # as explorer.curation.dedupe.group_cnn_orb scores: candidates only
+            i, j, _ = D.embedding_candidates(emb.embeddings)
+            sim = np.zeros_like(out["cnn"])
+            sim[i, j] = sim[j, i] = (out["cnn"][i, j] + out["orb"][i, j]) / 2
+            np.fill_diagonal(sim, 1.0)
+            out[m] = sim
         else:
             f, ok, err = S.compute_features([str(p) for p in paths], m, progress=False)
             if err:
@@ -142,6 +150,18 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
             out[m] = S.pairwise_similarity(f, m)
         print(f"  {m:8s} scored {len(paths)} images in {time.perf_counter() - t0:.1f} s",
               flush=True)
+    if "cnn+orb" in methods:  # the option as the build and the CLI run it: time and check
+        t0, c0 = time.perf_counter(), time.process_time()
+        lab, info = D.group_cnn_orb(emb.embeddings, D.orb_reader([str(p) for p in paths]))
+        t1, c1 = time.perf_counter(), time.process_time()
+        same = np.array_equal(lab, S.components(len(paths), *np.nonzero(np.triu(
+            out["cnn+orb"] >= D.CNN_ORB_THRESHOLD, 1))))
+        print(f"  cnn+orb grouping (explorer.curation.dedupe.group_cnn_orb, ORB read from the files): "
+              f"{t1 - t0:.1f} s wall ({c1 - c0:.1f} CPU s) for {len(paths)} images, "
+              f"{info['candidates']} candidate pairs, {info['orb_images']} ORB reads, "
+              f"{info['links']} links, {int(lab.max()) + 1} groups; the same groups as the "
+              f"scores above: {same}; load average "
+              f"{open('/proc/loadavg').read().split()[0]}", flush=True)
     return out
 
 
@@ -179,7 +199,7 @@ def accuracy(a) -> dict:
     rng = np.random.default_rng(a.seed)
     calib_src = np.zeros(n_src, bool)
     calib_src[rng.choice(n_src, n_src // 2, replace=False)] = True
-    rows, chosen = [], {}
+    rows, chosen, sweeps = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for level in ("mild", "heavier"):
             print(f"{level}: {n_src} sources x {a.copies + 1} images", flush=True)
@@ -191,7 +211,15 @@ def accuracy(a) -> dict:
                 t = choose(sim, fam, cal, GOALS[level])
                 p, r = pr(sim, fam, test, t)
                 chosen[(m, level)] = t
-                rows.append((level, m, t, p, r))
+                extra = f" (phash: <= {S.max_distance_for(t)} bits)" if m == "phash" else ""
+                rows.append((level, m, f"{t:.3f}{extra}", p, r))
+            if "cnn+orb" in sims:
+                t = D.CNN_ORB_THRESHOLD
+                for half, sel in (("calibration", cal), ("test", test)):
+                    p, r = pr(sims["cnn+orb"], fam, sel, t)
+                    rows.append((level, f"cnn+orb, {half} half", f"{t} (default)", p, r))
+                if a.sweep:
+                    sweeps.append((level, sims["cnn+orb"], fam, cal, test))
     print(f"\nload average: {open('/proc/loadavg').read().split()[:3]}")
     print(f"{n_src} sources ({n_src - len(SKIMAGE)} clothing photos + {len(SKIMAGE)} skimage), "
           f"{a.copies} copies each; threshold chosen on half the sources, figures on the "
@@ -200,8 +228,15 @@ def accuracy(a) -> dict:
           "| recall |")
     print("|---|---|---|---|---|---|")
     for level, m, t, p, r in rows:
-        extra = f" (phash: <= {S.max_distance_for(t)} bits)" if m == "phash" else ""
-        print(f"| {level} | {m} | {GOALS[level]} | {t:.3f}{extra} | {p:.3f} | {r:.3f} |")
+        print(f"| {level} | {m} | {GOALS[level]} | {t} | {p:.3f} | {r:.3f} |")
+    for level, sim, fam, cal, test in sweeps:
+        print(f"\ncnn+orb sweep, {level} edits: precision / recall per threshold")
+        print("| threshold | calibration half | test half |")
+        print("|---|---|---|")
+        for t in np.round(np.arange(0.35, 0.6001, 0.025), 3):
+            pc, rc = pr(sim, fam, cal, t)
+            pt, rt = pr(sim, fam, test, t)
+            print(f"| {t:.3f} | {pc:.3f} / {rc:.3f} | {pt:.3f} / {rt:.3f} |")
     return chosen
 
 
@@ -253,6 +288,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--scale", nargs="+", type=int, default=[100_000, 1_000_000])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true",
+                    help="print cnn+orb's precision/recall at every threshold on both halves")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     a = ap.parse_args(argv)

@@ -3,10 +3,14 @@
 ::
 
     explorer dedupe NAME.csv --keep largest|sharpest|earliest|shortest|first
+                    [--method duplicate_group|cnn+orb [--threshold T]]
                     [--override GROUP=PATH ...] [--dry-run] [--csv FILE] [--move-to DIR]
     explorer dedupe --undo MANIFEST
 
-The groups are the build's ``duplicate_group`` column. Nothing is ever deleted:
+The groups are the build's ``duplicate_group`` column, or (``--method cnn+orb``) regrouped
+from the build's CNN vectors (``NAME.features.npy``) verified by ORB keypoints of the
+images (:func:`explorer.curation.dedupe.group_cnn_orb`: finds edited copies, crops and rotations
+that the phash misses). Nothing is ever deleted:
 
 * by default the images not kept get the reserved label ``discard`` in the label journal
   (``NAME.labels.sqlite``: one undoable step, the app shows it, exports leave them out);
@@ -34,7 +38,8 @@ def add_parser(sub) -> None:
     the rule is checked by :func:`explorer.curation.dedupe.check_rule` when the command runs)."""
     d = sub.add_parser("dedupe", help="keep one image per near-duplicate group; mark or move "
                        "the others (never deletes)",
-                       description="Pick the image to keep in every duplicate_group of NAME.csv "
+                       description="Pick the image to keep in every near-duplicate group of "
+                       "NAME.csv (its duplicate_group, or found again with --method cnn+orb) "
                        "by a rule; the others get the label 'discard' (undoable; exports leave "
                        "them out) and, with --move-to, are moved to DIR with a manifest that "
                        "--undo reads to move them back.")
@@ -42,6 +47,11 @@ def add_parser(sub) -> None:
     d.add_argument("--keep", default=None, metavar="RULE",
                    help="largest|sharpest|earliest|shortest|first: largest resolution, "
                    "sharpest, earliest EXIF date, shortest path or first in folder order")
+    d.add_argument("--method", default="duplicate_group", metavar="METHOD",
+                   help="duplicate_group (the build's column, default) or cnn+orb (regroup "
+                   "by the build's CNN vectors, verified by ORB keypoints: heavier edits)")
+    d.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="cnn+orb: link a pair when (cosine + orb) / 2 >= T (default 0.45)")
     d.add_argument("--override", action="append", default=[], metavar="GROUP=PATH",
                    help="keep PATH in group GROUP whatever the rule says (repeatable)")
     d.add_argument("--images", default=None, metavar="IMAGE_DIR",
@@ -99,6 +109,39 @@ def _image_root(csv: Path, override: str | None) -> Path:
     return require_image_root(csv)
 
 
+def _groups(a: argparse.Namespace, build, root: Path):
+    """The duplicate group of every row of ``build`` (:class:`explorer.dataset.Build`) by
+    ``--method``."""
+    import numpy as np
+
+    from explorer.curation import dedupe
+
+    if a.method not in dedupe.GROUP_METHODS:
+        raise ValueError(f"--method must be one of {', '.join(dedupe.GROUP_METHODS)}; "
+                         f"got {a.method!r}")
+    if a.method == "duplicate_group":
+        if a.threshold is not None:
+            raise ValueError("--threshold goes with --method cnn+orb")
+        return df["duplicate_group"].to_numpy(dtype=np.int64)
+    df, csv, vec_path = build.table, build.csv_path, build.features_path
+    if not vec_path.is_file():
+        raise ValueError(f"--method cnn+orb needs the build's vectors {vec_path.name} beside "
+                         f"{csv.name} (a build with the CNN, the default method)")
+    vectors = np.load(vec_path, mmap_mode="r")
+    if vectors.ndim != 2 or len(vectors) != len(df):
+        raise ValueError(f"{vec_path.name} does not have one row per row of {csv.name}; "
+                         "rebuild")
+    from explorer.paths import resolver
+
+    labels, info = dedupe.group_cnn_orb(
+        np.asarray(vectors, np.float32),
+        dedupe.orb_reader(df["path"].astype(str).tolist(), resolver(root, must_be_image=True)),
+        threshold=dedupe.CNN_ORB_THRESHOLD if a.threshold is None else a.threshold)
+    print(f"cnn+orb: {info['candidates']} candidate pairs by cosine, {info['links']} linked "
+          f"(threshold {info['threshold']})")
+    return labels
+
+
 def cmd_dedupe(a: argparse.Namespace) -> int:
     if a.undo:
         if a.csv or a.keep or a.move_to or a.dry_run:
@@ -123,7 +166,7 @@ def run(a: argparse.Namespace) -> int:
     df = build.table
     root = _image_root(csv, a.images)
     paths = build.keys
-    group = df["duplicate_group"].to_numpy(dtype=np.int64)
+    group = _groups(a, build, root)
     book = build.label_book()
     current = labelled_table(df, book)["label"].tolist()
     date, sharp = dedupe.member_facts(root, paths, group,

@@ -30,7 +30,7 @@ from explorer.stages.reduce import MAP_METHODS
 from explorer.stages.similarity import METHODS as CLASSIC_METHODS
 
 METHODS: tuple[str, ...] = ("timm", *CLASSIC_METHODS)
-DUPLICATES: tuple[str, ...] = (*CLASSIC_METHODS, "none")
+DUPLICATES: tuple[str, ...] = (*CLASSIC_METHODS, "cnn+orb", "none")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 ENGINES: tuple[str, ...] = ("local", "ray")
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnx")
@@ -92,7 +92,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("threshold", float, None, minimum=0, maximum=1,
            help="similarity threshold for the classic methods (default per method)"),
     Option("duplicates", str, "phash", choices=DUPLICATES,
-           help="method for the duplicate_group column (none: no column values)"),
+           help="method for the duplicate_group column (cnn+orb: CNN neighbours verified by ORB keypoints, finds heavier edits; none: no column values)"),
     Option("duplicate_threshold", float, None, minimum=0, maximum=1,
            help="similarity threshold of --duplicates (default per method)"),
     Option("batch_size", int, None, minimum=1, maximum=4096,

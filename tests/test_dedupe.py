@@ -29,6 +29,15 @@ def planted(n_sources=200, n=1200, seed=0):
     return np.concatenate([h, h[:40]])  # exact copies too
 
 
+def same_partition(a, b):
+    """The same groups, whatever their ids (-1 = no group in both)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not np.array_equal(a < 0, b < 0):
+        return False
+    pairs = set(zip(a[a >= 0].tolist(), b[b >= 0].tolist()))
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
+
+
 def brute_groups(h, r):
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     a, b = np.nonzero(np.triu(d <= r, 1))
@@ -55,11 +64,12 @@ def test_rerun_checks_only_the_new_images():
     h = planted(n=2000)
     keys = [f"img{k}.jpg" for k in range(len(h))]
     ix = dedupe.DuplicateIndex(10)
-    ix.update(keys[:1500], h[:1500])
+    first = ix.update(keys[:1500], h[:1500])
+    assert np.array_equal(first, brute_groups(h[:1500], 10))  # from scratch: the same ids
     assert ix.n_queried > 1000
     lab = ix.update(keys, h)  # the first 1500 keys are known: only 540 are looked up
     assert ix.n_queried <= len(h) - 1500
-    assert np.array_equal(lab, brute_groups(h, 10))
+    assert same_partition(lab, brute_groups(h, 10))
     ix.update(keys[:10], h[:10])
     assert ix.n_queried == 0
 
@@ -72,8 +82,44 @@ def test_index_survives_save_and_load(tmp_path):
     ix.save(tmp_path / "ix.npz")
     back = dedupe.DuplicateIndex.load(tmp_path / "ix.npz")
     assert back.max_distance == 8 and back.keys == keys[:300]
-    assert np.array_equal(back.update(keys, h), brute_groups(h, 8))
+    assert same_partition(back.update(keys, h), brute_groups(h, 8))
     assert back.n_queried <= len(h) - 300
+
+
+def test_group_ids_stay_when_groups_grow_merge_and_split():
+    """Known groups keep their ids; a merge keeps the smaller id; a new group gets a new id;
+    forgetting the image that joined two others splits them as a fresh grouping would."""
+    b = lambda bits: np.uint64(sum(1 << k for k in bits))  # noqa: E731
+    c, t = list(range(20, 40)), list(range(44, 56))  # e = c + t: 12 bits from c
+    h = np.array([b([]), b(range(0, 4)), b(c), b(c + [40]), b(c + t), b(c + t + [60])],
+                 np.uint64)
+    ix = dedupe.DuplicateIndex(8)
+    lab = ix.update(["a", "a2", "c", "c2", "e", "e2"], h)
+    assert lab.tolist() == [0, 0, 1, 1, 2, 2]
+    # "x" lies within 8 bits of c's group and of e's group: they merge, keeping id 1
+    x = b(c + t[:6])
+    lab = ix.update(["a", "c", "e", "x"], np.array([h[0], h[2], h[4], x], np.uint64))
+    assert ix.n_queried == 1
+    assert lab.tolist() == [0, 1, 1, 1]
+    new = ix.update(["n1", "n2"], np.array([b(range(0, 16)), b(range(0, 17))], np.uint64))
+    assert new.tolist() == [3, 3]  # a new group: the next unused id
+    assert ix.retain(["a", "a2", "c", "c2", "e", "e2", "n1", "n2"]) == 1  # x is gone
+    assert ix.labels().tolist() == [0, 0, 1, 1, 4, 4, 3, 3]  # split: e's part gets a new id
+    keys_now = ix.keys
+    assert same_partition(ix.labels(), brute_groups(ix.hashes, 8)) and len(keys_now) == 8
+
+
+def test_regroup_reuses_the_index_only_for_the_same_hashes():
+    h = planted(n=300)
+    keys = [f"k{k}" for k in range(len(h))]
+    lab, ix = dedupe.regroup(None, keys[:200], h[:200], 10, source="phash:256")
+    assert np.array_equal(lab, brute_groups(h[:200], 10))
+    lab, ix2 = dedupe.regroup(ix, keys, h, 10, source="phash:256")
+    assert ix2 is ix and ix.n_queried <= 100 and same_partition(lab, brute_groups(h, 10))
+    lab, ix3 = dedupe.regroup(ix, keys, h, 10, source="bits:ssim")  # other hashes: anew
+    assert ix3 is not ix and ix3.n_queried > 200
+    lab, ix4 = dedupe.regroup(ix, keys, h, 20)  # beyond the index: all pairs, no index
+    assert ix4 is None and np.array_equal(lab, brute_groups(h, 20))
 
 
 def test_bad_radius_is_a_value_error():
@@ -257,3 +303,44 @@ def test_bad_rule_and_bad_override_are_errors(collection, capsys):
     assert main(["dedupe", str(csv), "--keep", "first", "--images", str(root),
                  "--override", "0=rocket.jpg"]) == 1
     assert "not in group 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- cnn+orb
+def alike_vectors(n, cos=0.8, seed=0):
+    """``n`` unit vectors whose every pair has the same cosine: they cannot tell copies
+    from look-alikes, so only the ORB verification can."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(64, n + 1)))
+    return (np.sqrt(cos) * q[:, :1] + np.sqrt(1 - cos) * q[:, 1:]).T.astype(np.float32)
+
+
+def test_cnn_orb_links_only_pairs_that_share_keypoints(collection):
+    csv, root = collection
+    df = table.read_table(csv)
+    paths = [root / p for p in df["path"]]
+    v = alike_vectors(len(paths))
+    lab, info = dedupe.group_cnn_orb(v, dedupe.orb_reader(paths))
+    truth = df["duplicate_group"].to_numpy()
+    assert info["candidates"] == 21  # every pair of the 7 is a candidate ...
+    assert same_partition(lab, truth), lab  # ... only the copies share keypoints
+    i, j, cos = dedupe.embedding_candidates(v, min_cosine=0.9)
+    assert len(i) == 0  # below the cosine floor: not even a candidate
+    with pytest.raises(ValueError, match="threshold"):
+        dedupe.group_cnn_orb(v, dedupe.orb_reader(paths), threshold=1.5)
+
+
+def test_cli_regroups_by_cnn_orb(collection, tmp_path, capsys):
+    csv, root = collection
+    df = table.read_table(csv)
+    out = tmp_path / "removed.csv"
+    args = ["dedupe", str(csv), "--keep", "largest", "--images", str(root), "--dry-run",
+            "--method", "cnn+orb", "--csv", str(out)]
+    assert main(args) == 1  # no vectors beside the CSV yet
+    assert "features.npy" in capsys.readouterr().err
+    np.save(table.sidecar(csv, "features.npy"), alike_vectors(len(df)).astype(np.float16))
+    table.write_table(df.assign(duplicate_group=-1), csv)  # the build found no groups
+    assert main(args) == 0
+    t = pd.read_csv(out)
+    assert sorted(t["path"]) == ["cats/small.jpg", "coffee/copy-of-one.jpg", "t.jpg"]
+    assert "21 candidate pairs" in capsys.readouterr().out
+    assert main(args[:-2] + ["--method", "cnn"]) == 1

@@ -62,6 +62,9 @@ MARK = DISCARD
 #: default Hamming radius: the project's phash threshold (similarity 0.84 = 10 of 64 bits)
 DEFAULT_MAX_DISTANCE = max_distance_for(DEFAULT_THRESHOLDS["phash"])
 
+#: the largest Hamming radius :func:`hamming_links` takes
+MAX_RADIUS = 16
+
 _MAX_WIDTH = 22  # bits per chunk: direct-addressed bucket tables of 2**22 + 1 int32
 
 
@@ -73,8 +76,9 @@ def check_rule(rule: str) -> str:
 
 def _check_radius(max_distance) -> int:
     r = int(max_distance)
-    if r != max_distance or not 0 <= r <= 16:
-        raise ValueError(f"max_distance must be an integer in [0, 16]; got {max_distance!r}")
+    if r != max_distance or not 0 <= r <= MAX_RADIUS:
+        raise ValueError(f"max_distance must be an integer in [0, {MAX_RADIUS}]; "
+                         f"got {max_distance!r}")
     return r
 
 
@@ -251,18 +255,27 @@ def group_hashes(hashes, max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray
 
 
 class DuplicateIndex:
-    """Hashes seen so far and their links; :meth:`update` checks only new keys.
+    """Hashes seen so far, their links and stable group ids; :meth:`update` checks only new
+    keys.
 
-    ``keys`` identify images across runs (paths, or content hashes). Save it with
+    ``keys`` identify images across runs (paths, or path + content hash). Save it with
     :meth:`save` and load it with :meth:`load` to carry it from one run to the next.
+
+    Group ids are stable: a group keeps its id while it grows, a merge keeps the smallest
+    id of the groups it joins, and a new group gets the next unused id. From scratch (or
+    when every group is new) the ids are those of :func:`group_hashes` on the keys in the
+    order they were added (numbered by their first member).
     """
 
-    def __init__(self, max_distance: int = DEFAULT_MAX_DISTANCE):
+    def __init__(self, max_distance: int = DEFAULT_MAX_DISTANCE, source: str = ""):
         self.max_distance = _check_radius(max_distance)
+        self.source = str(source)  # what the hashes are (a run with other hashes starts anew)
         self.keys: list[str] = []
         self.hashes = np.empty(0, np.uint64)
         self.link_i = np.empty(0, np.int64)
         self.link_j = np.empty(0, np.int64)
+        self.ids = np.empty(0, np.int64)  # the group id of every key (-1 = none)
+        self.next_id = 0  # ids are never reused
         self._pos: dict[str, int] = {}
         self.n_queried = 0  # distinct new hash values the last update looked up
 
@@ -271,7 +284,7 @@ class DuplicateIndex:
 
     def update(self, keys: Sequence[str], hashes) -> np.ndarray:
         """Add the keys not seen before (their hash; a known key keeps its first hash),
-        link them to everything, and return the group of each key asked for (-1 = none)."""
+        link them to everything, and return the group id of each key asked for (-1 = none)."""
         keys = [str(k) for k in keys]
         h = np.asarray(hashes, dtype=np.uint64).ravel()
         if len(h) != len(keys):
@@ -288,12 +301,39 @@ class DuplicateIndex:
         self.link_i = np.concatenate([self.link_i, i])
         self.link_j = np.concatenate([self.link_j, j])
         self.n_queried = nq
-        lab = self.labels()
-        return lab[[self._pos[k] for k in keys]]
+        self._renumber()
+        return self.ids[[self._pos[k] for k in keys]]
+
+    def retain(self, keys: Sequence[str]) -> int:
+        """Forget every key not in ``keys`` (images that are gone); returns how many were
+        forgotten. The groups of the rest are then those of a grouping from scratch: when
+        anything is forgotten the links of the rest are looked up again (a removed image
+        may have been the link between two others), and the ids stay stable as in
+        :meth:`update` (a group that splits keeps its id in the part with its first member)."""
+        want = set(map(str, keys))
+        keep = np.array([k in want for k in self.keys], bool)
+        gone = int((~keep).sum())
+        if gone == 0:
+            return 0
+        old_ids = self.ids[keep]
+        self.keys = [k for k, w in zip(self.keys, keep) if w]
+        self._pos = {k: n for n, k in enumerate(self.keys)}
+        self.hashes = self.hashes[keep]
+        self.link_i, self.link_j, self.n_queried = hamming_links(self.hashes, self.max_distance)
+        self.ids = old_ids
+        self._renumber()
+        return gone
 
     def labels(self) -> np.ndarray:
-        """The group of every key in the index, in the order they were added."""
-        return components(len(self.keys), self.link_i, self.link_j)
+        """The group id of every key in the index, in the order they were added."""
+        return self.ids.copy()
+
+    def _renumber(self) -> None:
+        """Stable ids for the connected components of the links (see the class doc)."""
+        comp = components(len(self.keys), self.link_i, self.link_j)
+        self.ids = stable_ids(comp, np.concatenate(
+            [self.ids, np.full(len(self.keys) - len(self.ids), -1, np.int64)]), self.next_id)
+        self.next_id = max(self.next_id, int(self.ids.max(initial=-1)) + 1)
 
     def save(self, path: str | os.PathLike) -> Path:
         from explorer.table import atomic_write_bytes
@@ -302,20 +342,207 @@ class DuplicateIndex:
 
         buf = io.BytesIO()
         np.savez_compressed(buf, keys=np.array(self.keys, dtype=object).astype(str),
-                            hashes=self.hashes, i=self.link_i, j=self.link_j,
+                            hashes=self.hashes, i=self.link_i, j=self.link_j, ids=self.ids,
+                            next_id=np.int64(self.next_id), source=np.array(self.source),
                             max_distance=np.int64(self.max_distance))
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DuplicateIndex":
         with np.load(path, allow_pickle=False) as z:
-            ix = cls(int(z["max_distance"]))
+            ix = cls(int(z["max_distance"]), str(z["source"]) if "source" in z.files else "")
             ix.keys = [str(k) for k in z["keys"]]
             ix.hashes = z["hashes"].astype(np.uint64)
             ix.link_i = z["i"].astype(np.int64)
             ix.link_j = z["j"].astype(np.int64)
+            if "ids" in z.files:
+                ix.ids = z["ids"].astype(np.int64)
+                ix.next_id = int(z["next_id"])
         ix._pos = {k: n for n, k in enumerate(ix.keys)}
+        if len(ix.ids) != len(ix.keys):  # an index saved before ids were kept
+            ix.ids = np.empty(0, np.int64)
+            ix._renumber()
         return ix
+
+
+def load_index(path: str | os.PathLike) -> "DuplicateIndex | None":
+    """The index saved at ``path``, or None when there is none or it cannot be read (the
+    caller then groups from scratch)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return DuplicateIndex.load(path)
+    except Exception:  # noqa: BLE001 - an unreadable index only means a full regroup
+        return None
+
+
+def regroup(index: "DuplicateIndex | None", keys: Sequence[str], hashes,
+            max_distance: int = DEFAULT_MAX_DISTANCE, *, source: str = ""):
+    """The groups of ``keys`` (their ``hashes``), reusing ``index`` (the previous run's):
+    ``(labels, index)``. Keys that are gone are forgotten, new keys are looked up (only
+    they, unless something was forgotten), known keys keep their group ids. An index of
+    another radius or ``source`` is not reused. Above :data:`MAX_RADIUS` bits (multi-index
+    hashing gets no faster than all pairs) :func:`explorer.stages.similarity.group_hashes` groups
+    from scratch and the index is None."""
+    r = int(max_distance)
+    if r > MAX_RADIUS:
+        from explorer.stages.similarity import group_hashes as group_all_pairs
+
+        return group_all_pairs(np.asarray(hashes, np.uint64), r), None
+    if index is None or index.max_distance != r or index.source != str(source):
+        index = DuplicateIndex(r, source)
+    index.retain(keys)
+    labels = index.update(keys, hashes)
+    return labels, index
+
+
+def stable_ids(comp, old, next_id: int = 0) -> np.ndarray:
+    """Group ids for the components ``comp`` (-1 = none; numbered by first member) given
+    each row's ``old`` id (-1 = new or none): a component takes the smallest old id among
+    its members; when several components claim one old id (a split) the one numbered first
+    keeps it; the others, and components without an old id, get ``next_id``, ``next_id + 1``
+    ... (at least one more than every old id) in component order."""
+    comp = np.asarray(comp, np.int64)
+    old = np.asarray(old, np.int64)
+    if comp.shape != old.shape:
+        raise ValueError(f"comp has {len(comp)} rows, old {len(old)}")
+    n_comp = int(comp.max(initial=-1)) + 1
+    claim = np.full(n_comp, np.iinfo(np.int64).max)
+    has = (comp >= 0) & (old >= 0)
+    np.minimum.at(claim, comp[has], old[has])
+    claimed = claim < np.iinfo(np.int64).max
+    # a split: only the first component (lowest number) claiming an old id keeps it
+    c_ids = np.flatnonzero(claimed)
+    _, first = np.unique(claim[c_ids], return_index=True)
+    keeps = np.zeros(n_comp, bool)
+    keeps[c_ids[first]] = True
+    out_of = np.empty(n_comp, np.int64)
+    out_of[keeps] = claim[keeps]
+    fresh = np.flatnonzero(~keeps)
+    start = max(int(next_id), int(old.max(initial=-1)) + 1)
+    out_of[fresh] = start + np.arange(len(fresh))
+    ids = np.full(len(comp), -1, np.int64)
+    ids[comp >= 0] = out_of[comp[comp >= 0]]
+    return ids
+
+
+# =========================================================================== cnn + orb
+#: the method names ``explorer dedupe --method`` groups by (``duplicate_group``: the build's
+#: column as it is)
+GROUP_METHODS: tuple[str, ...] = ("duplicate_group", "cnn+orb")
+
+#: ``cnn+orb``: a pair is linked when the mean of its CNN cosine and its ORB similarity
+#: (:mod:`explorer.stages.similarity`) is at least this. Fixed before it was measured (an earlier
+#: run's calibration-chosen 0.414 missed precision 0.95 on held-out photos by 0.005; 0.45
+#: adds a margin), then measured with ``bench/dedupe.py --sweep`` on photos it was not
+#: chosen on: docs/dedupe.md has the table and the whole precision/recall sweep.
+CNN_ORB_THRESHOLD = 0.45
+
+#: ``cnn+orb``: only the ``CNN_NEIGHBOURS`` nearest images by cosine with a cosine of at
+#: least ``CNN_MIN_COSINE`` are candidates (ORB is computed for candidates only)
+CNN_MIN_COSINE = 0.5
+CNN_NEIGHBOURS = 10
+
+
+def embedding_candidates(vectors, *, min_cosine: float = CNN_MIN_COSINE,
+                         k: int = CNN_NEIGHBOURS):
+    """Candidate pairs ``(i, j, cosine)``, i < j, each listed once: j among the ``k``
+    nearest rows of i by cosine (or i among j's), with cosine >= ``min_cosine``.
+    No all-pairs matrix: :func:`explorer.stages.knn.knn_graph` (exact for small N, approximate
+    nearest-neighbour descent above)."""
+    from explorer.stages.knn import knn_graph
+
+    X = np.asarray(vectors, np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"vectors must be (N, D); got shape {X.shape}")
+    if not -1.0 <= float(min_cosine) <= 1.0:
+        raise ValueError(f"min_cosine must be in [-1, 1]; got {min_cosine!r}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1; got {k!r}")
+    n = len(X)
+    empty = np.empty(0, np.int64)
+    if n < 2:
+        return empty, empty, np.empty(0, np.float32)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    g = knn_graph(X, int(k) + 1)
+    a = np.repeat(np.arange(n), g.indices.shape[1] - 1)
+    b = g.indices[:, 1:].ravel().astype(np.int64)
+    ok = (b >= 0) & (b != a)
+    lo, hi = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
+    code = np.unique(lo * n + hi)
+    i, j = code // n, code % n
+    cos = np.einsum("ij,ij->i", X[i], X[j])
+    keep = cos >= min_cosine
+    return i[keep], j[keep], cos[keep].astype(np.float32)
+
+
+def pair_orb(i, j, orb, rows) -> np.ndarray:
+    """ORB similarity of the pairs ``(i[k], j[k])``; ``orb`` holds the ORB features
+    (:class:`explorer.stages.similarity.OrbFeatures`) of ``rows`` (sorted), which contain every
+    i and j. An image without keypoints scores 0."""
+    from explorer.stages.similarity import pairwise_similarity
+
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    rows = np.asarray(rows, np.int64)
+    pi, pj = np.searchsorted(rows, i), np.searchsorted(rows, j)
+    if len(i) and (pi.max() >= len(rows) or (rows[pi] != i).any() or pj.max() >= len(rows)
+                   or (rows[pj] != j).any()):
+        raise ValueError("rows must contain every image of the pairs")
+    out = np.zeros(len(i), np.float32)
+    order = np.argsort(pi, kind="stable")
+    cut = np.flatnonzero(np.diff(pi[order])) + 1
+    for part in np.split(order, cut):
+        if len(part):
+            out[part] = pairwise_similarity(orb[[pi[part[0]]]], "orb", orb[pj[part]])[0]
+    return out
+
+
+def group_cnn_orb(vectors, orb_of, *, threshold: float = CNN_ORB_THRESHOLD,
+                  min_cosine: float = CNN_MIN_COSINE, k: int = CNN_NEIGHBOURS):
+    """Near-duplicate groups by ``cnn+orb``: labels (N,), -1 = none.
+
+    Candidates by CNN cosine (:func:`embedding_candidates`), verified by ORB keypoints: a
+    pair is linked when ``(cosine + orb) / 2 >= threshold``. ``orb_of(rows)`` gives the
+    :class:`explorer.stages.similarity.OrbFeatures` of those rows (the caller reads the images:
+    only the candidates' are needed). Returns ``(labels, info)`` with the candidate and
+    link counts."""
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1]; got {threshold!r}")
+    n = len(vectors)
+    i, j, cos = embedding_candidates(vectors, min_cosine=min_cosine, k=k)
+    rows = np.unique(np.concatenate([i, j]))
+    score = (cos + pair_orb(i, j, orb_of(rows), rows)) / 2 if len(i) else cos
+    link = score >= threshold
+    info = {"method": "cnn+orb", "threshold": float(threshold), "min_cosine": float(min_cosine),
+            "neighbours": int(k), "candidates": int(len(i)), "links": int(link.sum()),
+            "orb_images": int(len(rows))}
+    return components(n, i[link], j[link]), info
+
+
+def orb_reader(paths: Sequence, resolve=None):
+    """``orb_of(rows)`` for :func:`group_cnn_orb`: the ORB features of ``paths[rows]``,
+    read from the files (``resolve(path)`` first, when given: e.g. a CSV path to its file
+    under the image folder); a file that cannot be found or read has no keypoints (never
+    linked by ORB)."""
+    from explorer.stages.similarity import OrbFeatures, compute_features
+
+    def orb_of(rows) -> OrbFeatures:
+        rows = np.asarray(rows, np.int64)
+        files, at = [], []
+        for k, r in enumerate(rows):
+            try:
+                files.append(paths[r] if resolve is None else resolve(paths[r]))
+            except ValueError:
+                continue
+            at.append(k)
+        f, ok, _ = compute_features(files, "orb", progress=False)
+        full = OrbFeatures(np.zeros((len(rows),) + f.desc.shape[1:], np.uint8),
+                           np.zeros(len(rows), np.int64))
+        put = np.asarray(at, np.int64)[ok]
+        full.desc[put], full.n[put] = f.desc, f.n
+        return full
+
+    return orb_of
 
 
 # =========================================================================== keep rules

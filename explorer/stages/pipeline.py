@@ -11,6 +11,8 @@ and engine choices are made once, in :func:`_context`. What this module writes:
 * ``NAME.features.npy``   one embedding row per CSV row, float16 (neighbours, re-clustering)
 * ``NAME.hierarchy.npz``  the Overview/Treemap group hierarchy (:mod:`explorer.stages.hierarchy`),
                           computed once here; the app loads it instead of building it
+* ``NAME.duplicates.npz`` the phash index of the duplicate groups (explorer.curation.dedupe): a re-run
+                          looks up only the new images, the groups keep their ids
 * ``NAME.layout.npz``     per row: content hash, map xy, cluster space, cluster, probability,
                           outlier score - so a re-run can place new images on the same map
 * ``NAME.store/``         the vector store (:mod:`explorer.stages.store`): vectors per content hash
@@ -286,13 +288,13 @@ def build(
             _install_app(ctx)
             imgs = _given_vectors(ctx) if opts.vectors is not None else \
                 _embed(ctx) if opts.method == "timm" else _classic_features(ctx)
-            dups = _duplicates(ctx, imgs)
+            dups, dup_index = _duplicates(ctx, imgs, _load_duplicate_index(ctx))
             if opts.method == "timm":
                 _choose_features(ctx, imgs)
             lay = _layout(ctx, imgs)
             df = _table(ctx, imgs, lay, dups)
             df = _understand(ctx, df, imgs, lay)
-            _write(ctx, df, imgs, lay)
+            _write(ctx, df, imgs, lay, dup_index)
             _hierarchy(ctx, imgs)
         finally:
             if display is not None:
@@ -597,27 +599,58 @@ def _check_some(ctx: BuildContext, ok) -> None:
                          f"an image; see {table.sidecar(ctx.csv_path, 'errors.csv')}")
 
 
-def _duplicates(ctx: BuildContext, imgs: Images) -> np.ndarray | None:
-    """Near-duplicate groups: phash from the embedding stage (no decode), or another method."""
+def _duplicates(ctx: BuildContext, imgs: Images, index=None):
+    """Near-duplicate groups and the phash index they came from: ``(labels, index)``.
+
+    phash (from the embedding stage, no decode): ``index`` (the previous run's
+    :class:`explorer.curation.dedupe.DuplicateIndex`, or None) is brought up to date with
+    :func:`explorer.curation.dedupe.regroup`: only images it has not seen are looked up, groups keep
+    their ids. ``cnn+orb``: the CNN vectors' near neighbours verified by ORB keypoints
+    (:func:`explorer.curation.dedupe.group_cnn_orb`). Other methods: :func:`similarity.find_groups`."""
     o = ctx.opts
     if o.duplicates == "none":
-        return None
+        return None, None
+    from explorer.curation import dedupe
     from explorer.stages import similarity
 
     with ctx.stage("duplicates"):
         if o.duplicates == "phash":
             hv = imgs.phash if imgs.phash is not None else np.asarray(imgs.classic, np.uint64) \
                 if o.method == "phash" else None
+            # which phash (the embedding's of the thumbnail, the classic one of the file)
+            source = f"phash:{o.method}:{'vectors' if o.vectors else 'store'}:{o.thumb_size}"
             if hv is None:  # classic non-phash method: phash of the map rows' bits
                 bits = (imgs.features[:, :64] > 0.5).astype(np.uint8)
                 hv = np.frombuffer(np.packbits(bits, axis=1).tobytes(), ">u8").astype(np.uint64)
+                source = f"bits:{o.method}"
             thr = (o.duplicate_threshold if o.duplicate_threshold is not None
                    else similarity.DEFAULT_THRESHOLDS["phash"])
-            max_d = int(np.floor((1.0 - thr) * 64 + 1e-9))  # phash similarity = 1 - d/64
-            return np.asarray(similarity.group_hashes(hv, max_d), dtype=int)
+            keys = [f"{ctx.rel[i]}\t{h}" for i, h in zip(imgs.ok, imgs.hashes)]
+            labels, index = dedupe.regroup(index, keys, hv, similarity.max_distance_for(thr),
+                                           source=source)
+            return np.asarray(labels, dtype=int), index
+        if o.duplicates == "cnn+orb":
+            if o.method != "timm" and o.vectors is None:
+                raise BuildError("--duplicates cnn+orb needs embeddings (--method timm, the "
+                                 "default, or --vectors)")
+            thr = (o.duplicate_threshold if o.duplicate_threshold is not None
+                   else dedupe.CNN_ORB_THRESHOLD)
+            labels, _ = dedupe.group_cnn_orb(
+                imgs.features, dedupe.orb_reader([ctx.paths[i] for i in imgs.ok]), threshold=thr)
+            return np.asarray(labels, dtype=int), None
         g = similarity.find_groups([ctx.paths[i] for i in imgs.ok], o.duplicates,
                                    threshold=o.duplicate_threshold, progress=ctx.events)
-        return np.asarray(g.labels)
+        return np.asarray(g.labels), None
+
+
+def _load_duplicate_index(ctx: BuildContext):
+    """The previous run's phash index (``NAME.duplicates.npz``), or None (also when this
+    run does not group by phash)."""
+    from explorer.curation import dedupe
+
+    if ctx.opts.duplicates != "phash":
+        return None
+    return dedupe.load_index(table.sidecar(ctx.csv_path, "duplicates.npz"))
 
 
 def _layout(ctx: BuildContext, imgs: Images) -> Layout:
@@ -705,8 +738,11 @@ def _table(ctx: BuildContext, imgs: Images, lay: Layout, dups) -> pd.DataFrame:
     return df
 
 
-def _write(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout) -> None:
+def _write(ctx: BuildContext, df: pd.DataFrame, imgs: Images, lay: Layout,
+           dup_index=None) -> None:
     with ctx.stage("write"):
+        if dup_index is not None:  # the phash index a re-run checks new images against
+            dup_index.save(table.sidecar(ctx.csv_path, "duplicates.npz"))
         table.write_table(df, ctx.csv_path)
         _write_errors(ctx.csv_path, ctx.errors)
         _save_npy_f16(table.sidecar(ctx.csv_path, "features.npy"), imgs.features)
