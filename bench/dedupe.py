@@ -15,13 +15,13 @@ is exact: two images are duplicates iff they come from the same source. Two edit
 
 Every pair of images of one level is scored by each method (phash of the build's stored
 256 px thumbnail, ssim, orb, minhash, tm from explorer.stages.similarity; ``cnn``: cosine of the
-default model's embeddings, explorer.stages.embed; ``cnn+orb``: explorer.curation.dedupe's embedding-based
+default model's embeddings, explorer.stages.embed; ``cnn+orb``: explorer.stages.duplicates' embedding-based
 option: each image's 10 nearest by cosine with cosine >= 0.5 are candidates, scored by the
 mean of the cosine and the orb score, so a pair must look alike AND share keypoints). The
 sources are split in two halves: the threshold is chosen on the first (the lowest that
 keeps pairwise precision >= the goal: 0.98 mild, 0.95 heavier) and precision and recall
 are reported on the second. ``cnn+orb`` is also reported at its documented default
-(``explorer.curation.dedupe.CNN_ORB_THRESHOLD``, fixed, not fitted per run) on both halves, and
+(``explorer.stages.duplicates.CNN_ORB_THRESHOLD``, fixed, not fitted per run) on both halves, and
 ``--sweep`` prints its whole precision/recall curve on each half.
 
 Scale. Random 64-bit hashes with planted near-duplicate families (10 % of the rows, each a
@@ -47,7 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explorer.curation import dedupe as D  # noqa: E402
+from explorer.stages import duplicates  # noqa: E402
 from explorer.stages import similarity as S  # noqa: E402
 
 SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket")
@@ -137,8 +137,8 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
         elif m == "cnn":
             v = emb.embeddings / np.linalg.norm(emb.embeddings, axis=1, keepdims=True)
             out[m] = v @ v.T
-        elif m == "cnn+orb":  # as explorer.curation.dedupe.group_cnn_orb scores: candidates only
-            i, j, _ = D.embedding_candidates(emb.embeddings)
+        elif m == "cnn+orb":  # as explorer.stages.duplicates.group_cnn_orb scores: candidates only
+            i, j, _ = duplicates.embedding_candidates(emb.embeddings)
             sim = np.zeros_like(out["cnn"])
             sim[i, j] = sim[j, i] = (out["cnn"][i, j] + out["orb"][i, j]) / 2
             np.fill_diagonal(sim, 1.0)
@@ -152,11 +152,11 @@ def scores(paths, methods, store: Path) -> dict[str, np.ndarray]:
               flush=True)
     if "cnn+orb" in methods:  # the option as the build and the CLI run it: time and check
         t0, c0 = time.perf_counter(), time.process_time()
-        lab, info = D.group_cnn_orb(emb.embeddings, D.orb_reader([str(p) for p in paths]))
+        lab, info = duplicates.group_cnn_orb(emb.embeddings, duplicates.orb_reader([str(p) for p in paths]))
         t1, c1 = time.perf_counter(), time.process_time()
         same = np.array_equal(lab, S.components(len(paths), *np.nonzero(np.triu(
-            out["cnn+orb"] >= D.CNN_ORB_THRESHOLD, 1))))
-        print(f"  cnn+orb grouping (explorer.curation.dedupe.group_cnn_orb, ORB read from the files): "
+            out["cnn+orb"] >= duplicates.CNN_ORB_THRESHOLD, 1))))
+        print(f"  cnn+orb grouping (explorer.stages.duplicates.group_cnn_orb, ORB read from the files): "
               f"{t1 - t0:.1f} s wall ({c1 - c0:.1f} CPU s) for {len(paths)} images, "
               f"{info['candidates']} candidate pairs, {info['orb_images']} ORB reads, "
               f"{info['links']} links, {int(lab.max()) + 1} groups; the same groups as the "
@@ -214,7 +214,7 @@ def accuracy(a) -> dict:
                 extra = f" (phash: <= {S.max_distance_for(t)} bits)" if m == "phash" else ""
                 rows.append((level, m, f"{t:.3f}{extra}", p, r))
             if "cnn+orb" in sims:
-                t = D.CNN_ORB_THRESHOLD
+                t = duplicates.CNN_ORB_THRESHOLD
                 for half, sel in (("calibration", cal), ("test", test)):
                     p, r = pr(sims["cnn+orb"], fam, sel, t)
                     rows.append((level, f"cnn+orb, {half} half", f"{t} (default)", p, r))
@@ -258,7 +258,7 @@ def planted_hashes(n: int, seed: int = 0) -> np.ndarray:
 def scale(sizes, radii, seed: int) -> None:
     import numba
 
-    D.hamming_links(planted_hashes(1000, seed), max(radii))  # compile / load the kernel
+    duplicates.hamming_links(planted_hashes(1000, seed), max(radii))  # compile / load the kernel
     print(f"\ngrouping (explorer.curation.dedupe, {numba.get_num_threads()} numba threads)")
     print("| hashes | radius (bits) | chunks | full grouping: wall s (CPU s) | groups | "
           "+1 % new: re-run wall s (CPU s) | load average |")
@@ -266,7 +266,7 @@ def scale(sizes, radii, seed: int) -> None:
     for n in sizes:
         h = planted_hashes(n, seed)
         for r in radii:
-            ix = D.DuplicateIndex(r)
+            ix = duplicates.DuplicateIndex(r)
             keys = np.arange(n).astype(str)
             m = n - n // 100
             t0, c0 = time.perf_counter(), time.process_time()
@@ -275,7 +275,7 @@ def scale(sizes, radii, seed: int) -> None:
             ix.update(keys, h)
             t2, c2 = time.perf_counter(), time.process_time()
             load = open("/proc/loadavg").read().split()[0]
-            print(f"| {n:,} | {r} | {D.n_chunks(m, r)} | {t1 - t0:.1f} ({c1 - c0:.1f}) | "
+            print(f"| {n:,} | {r} | {duplicates.n_chunks(m, r)} | {t1 - t0:.1f} ({c1 - c0:.1f}) | "
                   f"{len(np.unique(lab[lab >= 0])):,} | {t2 - t1:.1f} ({c2 - c1:.1f}; "
                   f"{ix.n_queried:,} looked up) | {load} |", flush=True)
 
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-scale", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    radii = [D.DEFAULT_MAX_DISTANCE]
+    radii = [duplicates.DEFAULT_MAX_DISTANCE]
     if not a.skip_accuracy:
         chosen = accuracy(a)
         if ("phash", "mild") in chosen:  # a smaller radius than the default is faster: time it

@@ -9,7 +9,7 @@
 
 The groups are the build's ``duplicate_group`` column, or (``--method cnn+orb``) regrouped
 from the build's CNN vectors (``NAME.features.npy``) verified by ORB keypoints of the
-images (:func:`explorer.curation.dedupe.group_cnn_orb`: finds edited copies, crops and rotations
+images (:func:`explorer.curation.duplicates.group_cnn_orb`: finds edited copies, crops and rotations
 that the phash misses). Nothing is ever deleted:
 
 * by default the images not kept get the reserved label ``discard`` in the label journal
@@ -115,15 +115,16 @@ def _groups(a: argparse.Namespace, build, root: Path):
     import numpy as np
 
     from explorer.curation import dedupe
+    from explorer.stages import duplicates
 
-    if a.method not in dedupe.GROUP_METHODS:
-        raise ValueError(f"--method must be one of {', '.join(dedupe.GROUP_METHODS)}; "
+    df, csv, vec_path = build.table, build.csv_path, build.features_path
+    if a.method not in duplicates.GROUP_METHODS:
+        raise ValueError(f"--method must be one of {', '.join(duplicates.GROUP_METHODS)}; "
                          f"got {a.method!r}")
     if a.method == "duplicate_group":
         if a.threshold is not None:
             raise ValueError("--threshold goes with --method cnn+orb")
         return df["duplicate_group"].to_numpy(dtype=np.int64)
-    df, csv, vec_path = build.table, build.csv_path, build.features_path
     if not vec_path.is_file():
         raise ValueError(f"--method cnn+orb needs the build's vectors {vec_path.name} beside "
                          f"{csv.name} (a build with the CNN, the default method)")
@@ -133,10 +134,10 @@ def _groups(a: argparse.Namespace, build, root: Path):
                          "rebuild")
     from explorer.paths import resolver
 
-    labels, info = dedupe.group_cnn_orb(
+    labels, info = duplicates.group_cnn_orb(
         np.asarray(vectors, np.float32),
-        dedupe.orb_reader(df["path"].astype(str).tolist(), resolver(root, must_be_image=True)),
-        threshold=dedupe.CNN_ORB_THRESHOLD if a.threshold is None else a.threshold)
+        duplicates.orb_reader(df["path"].astype(str).tolist(), resolver(root, must_be_image=True)),
+        threshold=duplicates.CNN_ORB_THRESHOLD if a.threshold is None else a.threshold)
     print(f"cnn+orb: {info['candidates']} candidate pairs by cosine, {info['links']} linked "
           f"(threshold {info['threshold']})")
     return labels
@@ -157,6 +158,7 @@ def run(a: argparse.Namespace) -> int:
 
     from explorer import dataset, table
     from explorer.curation import dedupe
+    from explorer.stages import duplicates
     from explorer.curation.labels import labelled_table
     from explorer.paths import resolver
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from explorer import table
 from explorer.curation import dedupe
+from explorer.stages import duplicates
 from explorer.cli import main
 from explorer.stages.similarity import components
 from tests._imagegen import photo, save
@@ -47,14 +48,14 @@ def brute_groups(h, r):
 @pytest.mark.parametrize("r", [0, 4, 8, 10, 12])
 def test_groups_are_those_of_all_pairs(r):
     h = planted()
-    got = dedupe.group_hashes(h, r)
+    got = duplicates.group_hashes(h, r)
     assert np.array_equal(got, brute_groups(h, r))
     assert (got >= 0).sum() > 40  # the check is not vacuous
 
 
 def test_links_are_listed_once_and_within_the_radius():
     h = planted()
-    i, j, _ = dedupe.hamming_links(h, 10)
+    i, j, _ = duplicates.hamming_links(h, 10)
     assert (j < i).all()
     assert (np.bitwise_count(h[i] ^ h[j]) <= 10).all()
     assert len(np.unique(i * len(h) + j)) == len(i)
@@ -63,7 +64,7 @@ def test_links_are_listed_once_and_within_the_radius():
 def test_rerun_checks_only_the_new_images():
     h = planted(n=2000)
     keys = [f"img{k}.jpg" for k in range(len(h))]
-    ix = dedupe.DuplicateIndex(10)
+    ix = duplicates.DuplicateIndex(10)
     first = ix.update(keys[:1500], h[:1500])
     assert np.array_equal(first, brute_groups(h[:1500], 10))  # from scratch: the same ids
     assert ix.n_queried > 1000
@@ -77,10 +78,10 @@ def test_rerun_checks_only_the_new_images():
 def test_index_survives_save_and_load(tmp_path):
     h = planted(n=500)
     keys = [f"k{k}" for k in range(len(h))]
-    ix = dedupe.DuplicateIndex(8)
+    ix = duplicates.DuplicateIndex(8)
     ix.update(keys[:300], h[:300])
     ix.save(tmp_path / "ix.npz")
-    back = dedupe.DuplicateIndex.load(tmp_path / "ix.npz")
+    back = duplicates.DuplicateIndex.load(tmp_path / "ix.npz")
     assert back.max_distance == 8 and back.keys == keys[:300]
     assert same_partition(back.update(keys, h), brute_groups(h, 8))
     assert back.n_queried <= len(h) - 300
@@ -93,7 +94,7 @@ def test_group_ids_stay_when_groups_grow_merge_and_split():
     c, t = list(range(20, 40)), list(range(44, 56))  # e = c + t: 12 bits from c
     h = np.array([b([]), b(range(0, 4)), b(c), b(c + [40]), b(c + t), b(c + t + [60])],
                  np.uint64)
-    ix = dedupe.DuplicateIndex(8)
+    ix = duplicates.DuplicateIndex(8)
     lab = ix.update(["a", "a2", "c", "c2", "e", "e2"], h)
     assert lab.tolist() == [0, 0, 1, 1, 2, 2]
     # "x" lies within 8 bits of c's group and of e's group: they merge, keeping id 1
@@ -112,19 +113,19 @@ def test_group_ids_stay_when_groups_grow_merge_and_split():
 def test_regroup_reuses_the_index_only_for_the_same_hashes():
     h = planted(n=300)
     keys = [f"k{k}" for k in range(len(h))]
-    lab, ix = dedupe.regroup(None, keys[:200], h[:200], 10, source="phash:256")
+    lab, ix = duplicates.regroup(None, keys[:200], h[:200], 10, source="phash:256")
     assert np.array_equal(lab, brute_groups(h[:200], 10))
-    lab, ix2 = dedupe.regroup(ix, keys, h, 10, source="phash:256")
+    lab, ix2 = duplicates.regroup(ix, keys, h, 10, source="phash:256")
     assert ix2 is ix and ix.n_queried <= 100 and same_partition(lab, brute_groups(h, 10))
-    lab, ix3 = dedupe.regroup(ix, keys, h, 10, source="bits:ssim")  # other hashes: anew
+    lab, ix3 = duplicates.regroup(ix, keys, h, 10, source="bits:ssim")  # other hashes: anew
     assert ix3 is not ix and ix3.n_queried > 200
-    lab, ix4 = dedupe.regroup(ix, keys, h, 20)  # beyond the index: all pairs, no index
+    lab, ix4 = duplicates.regroup(ix, keys, h, 20)  # beyond the index: all pairs, no index
     assert ix4 is None and np.array_equal(lab, brute_groups(h, 20))
 
 
 def test_bad_radius_is_a_value_error():
     with pytest.raises(ValueError, match="max_distance"):
-        dedupe.hamming_links(np.zeros(3, np.uint64), 40)
+        duplicates.hamming_links(np.zeros(3, np.uint64), 40)
 
 
 # --------------------------------------------------------------------------- keep rules
@@ -319,14 +320,14 @@ def test_cnn_orb_links_only_pairs_that_share_keypoints(collection):
     df = table.read_table(csv)
     paths = [root / p for p in df["path"]]
     v = alike_vectors(len(paths))
-    lab, info = dedupe.group_cnn_orb(v, dedupe.orb_reader(paths))
+    lab, info = duplicates.group_cnn_orb(v, duplicates.orb_reader(paths))
     truth = df["duplicate_group"].to_numpy()
     assert info["candidates"] == 21  # every pair of the 7 is a candidate ...
     assert same_partition(lab, truth), lab  # ... only the copies share keypoints
-    i, j, cos = dedupe.embedding_candidates(v, min_cosine=0.9)
+    i, j, cos = duplicates.embedding_candidates(v, min_cosine=0.9)
     assert len(i) == 0  # below the cosine floor: not even a candidate
     with pytest.raises(ValueError, match="threshold"):
-        dedupe.group_cnn_orb(v, dedupe.orb_reader(paths), threshold=1.5)
+        duplicates.group_cnn_orb(v, duplicates.orb_reader(paths), threshold=1.5)
 
 
 def test_cli_regroups_by_cnn_orb(collection, tmp_path, capsys):

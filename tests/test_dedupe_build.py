@@ -1,4 +1,4 @@
-"""The build's ``duplicate_group`` from the incremental phash index (explorer.curation.dedupe): a
+"""The build's ``duplicate_group`` from the incremental phash index (explorer.stages.duplicates): a
 re-build looks up only the new images and keeps the groups' ids."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from explorer import table
-from explorer.curation import dedupe
+from explorer.stages import duplicates
 from tests._imagegen import photo
 from tests.test_dedupe import same_partition
 
@@ -47,13 +47,13 @@ def test_rebuild_checks_only_new_images_and_keeps_group_ids(tmp_path, quick_buil
     _img("astronaut").save(imgs / "e.jpg")
     Image.fromarray(photo("rocket")[::-1]).resize((256, 192)).save(imgs / "f.jpg")
     calls = []
-    real = dedupe.hamming_links
+    real = duplicates.hamming_links
 
-    def spy(hashes, max_distance=dedupe.DEFAULT_MAX_DISTANCE, *, start=0):
+    def spy(hashes, max_distance=duplicates.DEFAULT_MAX_DISTANCE, *, start=0):
         calls.append(len(hashes) - start)  # the hashes looked up in this call
         return real(hashes, max_distance, start=start)
 
-    monkeypatch.setattr(dedupe, "hamming_links", spy)
+    monkeypatch.setattr(duplicates, "hamming_links", spy)
     again = build(imgs, out=csv).table.set_index("path")["duplicate_group"]
     assert calls == [3]  # only the three new images were looked up
     assert (again[first.index] == first).all()  # every old row keeps its group id

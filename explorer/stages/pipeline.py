@@ -11,7 +11,7 @@ and engine choices are made once, in :func:`_context`. What this module writes:
 * ``NAME.features.npy``   one embedding row per CSV row, float16 (neighbours, re-clustering)
 * ``NAME.hierarchy.npz``  the Overview/Treemap group hierarchy (:mod:`explorer.stages.hierarchy`),
                           computed once here; the app loads it instead of building it
-* ``NAME.duplicates.npz`` the phash index of the duplicate groups (explorer.curation.dedupe): a re-run
+* ``NAME.duplicates.npz`` the phash index of the duplicate groups (explorer.stages.duplicates): a re-run
                           looks up only the new images, the groups keep their ids
 * ``NAME.layout.npz``     per row: content hash, map xy, cluster space, cluster, probability,
                           outlier score - so a re-run can place new images on the same map
@@ -603,14 +603,14 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
     """Near-duplicate groups and the phash index they came from: ``(labels, index)``.
 
     phash (from the embedding stage, no decode): ``index`` (the previous run's
-    :class:`explorer.curation.dedupe.DuplicateIndex`, or None) is brought up to date with
-    :func:`explorer.curation.dedupe.regroup`: only images it has not seen are looked up, groups keep
+    :class:`explorer.curation.duplicates.DuplicateIndex`, or None) is brought up to date with
+    :func:`explorer.curation.duplicates.regroup`: only images it has not seen are looked up, groups keep
     their ids. ``cnn+orb``: the CNN vectors' near neighbours verified by ORB keypoints
-    (:func:`explorer.curation.dedupe.group_cnn_orb`). Other methods: :func:`similarity.find_groups`."""
+    (:func:`explorer.curation.duplicates.group_cnn_orb`). Other methods: :func:`similarity.find_groups`."""
     o = ctx.opts
     if o.duplicates == "none":
         return None, None
-    from explorer.curation import dedupe
+    from explorer.stages import duplicates
     from explorer.stages import similarity
 
     with ctx.stage("duplicates"):
@@ -626,7 +626,7 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
             thr = (o.duplicate_threshold if o.duplicate_threshold is not None
                    else similarity.DEFAULT_THRESHOLDS["phash"])
             keys = [f"{ctx.rel[i]}\t{h}" for i, h in zip(imgs.ok, imgs.hashes)]
-            labels, index = dedupe.regroup(index, keys, hv, similarity.max_distance_for(thr),
+            labels, index = duplicates.regroup(index, keys, hv, similarity.max_distance_for(thr),
                                            source=source)
             return np.asarray(labels, dtype=int), index
         if o.duplicates == "cnn+orb":
@@ -634,9 +634,9 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
                 raise BuildError("--duplicates cnn+orb needs embeddings (--method timm, the "
                                  "default, or --vectors)")
             thr = (o.duplicate_threshold if o.duplicate_threshold is not None
-                   else dedupe.CNN_ORB_THRESHOLD)
-            labels, _ = dedupe.group_cnn_orb(
-                imgs.features, dedupe.orb_reader([ctx.paths[i] for i in imgs.ok]), threshold=thr)
+                   else duplicates.CNN_ORB_THRESHOLD)
+            labels, _ = duplicates.group_cnn_orb(
+                imgs.features, duplicates.orb_reader([ctx.paths[i] for i in imgs.ok]), threshold=thr)
             return np.asarray(labels, dtype=int), None
         g = similarity.find_groups([ctx.paths[i] for i in imgs.ok], o.duplicates,
                                    threshold=o.duplicate_threshold, progress=ctx.events)
@@ -646,11 +646,11 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
 def _load_duplicate_index(ctx: BuildContext):
     """The previous run's phash index (``NAME.duplicates.npz``), or None (also when this
     run does not group by phash)."""
-    from explorer.curation import dedupe
+    from explorer.stages import duplicates
 
     if ctx.opts.duplicates != "phash":
         return None
-    return dedupe.load_index(table.sidecar(ctx.csv_path, "duplicates.npz"))
+    return duplicates.load_index(table.sidecar(ctx.csv_path, "duplicates.npz"))
 
 
 def _layout(ctx: BuildContext, imgs: Images) -> Layout:
