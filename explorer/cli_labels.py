@@ -216,9 +216,11 @@ def cmd_labels(a: argparse.Namespace) -> int:
         from explorer import remap
         from explorer.table import sidecar
 
-        res = remap.remap_build(b.csv, sidecar(b.csv, "features.npy"), b.labels(), b.paths)
+        res = remap.remap_build(b.csv, sidecar(b.csv, "features.npy"), b.labels(), b.paths,
+                                model_rows=b.X)
         n_cl = len(set(res.cluster.tolist()) - {-1})
-        print(f"re-mapped {len(res.xy):,} images with {res.labelled:,} labelled: {n_cl} "
+        extra = f" and {res.predicted:,} sure predictions" if res.predicted else ""
+        print(f"re-mapped {len(res.xy):,} images with {res.labelled:,} labelled{extra}: {n_cl} "
               f"cluster(s); wrote {remap.sidecar_path(b.csv).name} (the original map is unchanged)"
               + "".join(f"\nnote: {n}" for n in res.notes))
         return 0

@@ -33,11 +33,14 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["KIND", "Remapped", "label_targets", "remap", "keys_digest", "sidecar_path",
+__all__ = ["KIND", "Remapped", "label_targets", "with_predictions", "remap", "keys_digest", "sidecar_path",
            "save", "load", "remap_build"]
 
 #: the sidecar kind: ``NAME.layout-labels.npz`` beside ``NAME.csv``
 KIND = "layout-labels.npz"
+#: the sure predictions join the labels as targets (see :func:`with_predictions`): off, it
+#: measured no better on the clothing photos (docs/labelling.md, bench/remap.py)
+PREDICTIONS = False
 #: the seed of the layout (reproducible; umap-learn then runs single-threaded)
 SEED = 42
 
@@ -54,6 +57,8 @@ class Remapped(NamedTuple):
     labelled: int
     """rows that had a label (a class) when it was computed."""
     notes: list[str]
+    predicted: int = 0
+    """unlabelled rows that took part with their (sure) predicted label."""
 
 
 def label_targets(labels: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
@@ -62,6 +67,23 @@ def label_targets(labels: Sequence[Any]) -> tuple[np.ndarray, list[str]]:
     from explorer.active import encode
 
     return encode(labels)
+
+
+def with_predictions(labels: Sequence[Any], predicted: Sequence[Any], use: Any) -> list[str]:
+    """The targets' labels: every row's own label, else its predicted label where ``use``
+    (e.g. the sure predictions of :func:`explorer.active.label_table`), else ``""``.
+
+    With a few dozen labels among thousands of images umap-learn's target changes little
+    (it weakens edges between two labelled images of different classes, and every edge
+    to an unlabelled one alike); the sure predictions would carry the labels to the images
+    they were made for. Measured on the clothing photos it made no clear difference
+    (docs/labelling.md), so :func:`remap_build` leaves it off by default."""
+    use = np.asarray(use, dtype=bool)
+    if not (len(labels) == len(predicted) == len(use)):
+        raise ValueError(f"labels, predicted and use differ in length: "
+                         f"{len(labels)}, {len(predicted)}, {len(use)}")
+    return [str(lab) if lab else (str(p) if u and p else "")
+            for lab, p, u in zip(labels, predicted, use.tolist())]
 
 
 def remap(X: Any, targets: Any, *, random_state: int | None = SEED,
@@ -113,14 +135,15 @@ def save(csv_path: str | os.PathLike, keys: Sequence[str], res: Remapped,
     buf = io.BytesIO()
     np.savez(buf, xy=np.asarray(res.xy, np.float32), space=np.asarray(res.space, np.float32),
              cluster=np.asarray(res.cluster, np.int64), labelled=np.int64(res.labelled),
+             predicted=np.int64(res.predicted),
              classes=np.asarray(list(classes), dtype=str), rows=np.array(keys_digest(keys)),
              notes=np.asarray(list(res.notes), dtype=str))
     return atomic_write_bytes(sidecar_path(csv_path), buf.getvalue())
 
 
 def load(csv_path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any] | None:
-    """The sidecar's arrays (``xy``, ``space``, ``cluster``, ``labelled``, ``classes``,
-    ``notes``), or ``None`` when there is none, it cannot be read, or it was made for
+    """The sidecar's arrays (``xy``, ``space``, ``cluster``, ``labelled``, ``predicted``,
+    ``classes``, ``notes``), or ``None`` when there is none, it cannot be read, or it was made for
     other rows than ``keys``."""
     path = sidecar_path(csv_path)
     try:
@@ -129,23 +152,38 @@ def load(csv_path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any] | N
                 return None
             return {"xy": z["xy"], "space": z["space"], "cluster": z["cluster"],
                     "labelled": int(z["labelled"]), "classes": z["classes"].tolist(),
+                    "predicted": int(z["predicted"]) if "predicted" in z.files else 0,
                     "notes": z["notes"].tolist()}
     except (OSError, ValueError, KeyError):
         return None
 
 
 def remap_build(csv_path: str | os.PathLike, vectors: Any, labels: Sequence[Any],
-                keys: Sequence[str], *, random_state: int | None = SEED) -> Remapped:
+                keys: Sequence[str], *, predictions: bool = PREDICTIONS, model_rows: Any = None,
+                random_state: int | None = SEED) -> Remapped:
     """Re-map a build with its labels and write the sidecar; returns the layout.
 
     ``vectors``: the stored vectors (N, D), or the path of ``NAME.features.npy`` (memory-
-    mapped here, so a worker process receives a path, not the array)."""
+    mapped here, so a worker process receives a path, not the array). ``predictions``:
+    the sure predictions of the labelling model (:func:`explorer.active.label_table`,
+    fitted here on ``model_rows`` = :func:`explorer.active.features` of the vectors, made
+    if not given) join the labels as targets (:func:`with_predictions`)."""
     if isinstance(vectors, (str, os.PathLike)):
         vectors = np.load(vectors, mmap_mode="r", allow_pickle=False)
-    targets, classes = label_targets(labels)
-    if len(targets) != len(vectors) or len(keys) != len(targets):
-        raise ValueError(f"vectors ({len(vectors)}), labels ({len(targets)}) and keys "
+    labels = ["" if v is None else str(v) for v in labels]
+    if len(labels) != len(vectors) or len(keys) != len(labels):
+        raise ValueError(f"vectors ({len(vectors)}), labels ({len(labels)}) and keys "
                          f"({len(keys)}) differ in length")
+    target_labels = labels
+    if predictions and len({v for v in labels if v}) >= 2:
+        from explorer import active
+
+        X = active.features(vectors) if model_rows is None else model_rows
+        table, _ = active.label_table(keys, labels, ["person" if v else "" for v in labels], X)
+        target_labels = with_predictions(labels, table["predicted_label"].tolist(), table["sure"].to_numpy())
+    targets, classes = label_targets(target_labels)
     res = remap(vectors, targets, random_state=random_state)
+    n_lab = sum(1 for v in labels if v)
+    res = res._replace(labelled=n_lab, predicted=int((targets >= 0).sum()) - n_lab)
     save(csv_path, keys, res, classes)
     return res

@@ -368,7 +368,8 @@ class LabellingPanel:
         st.set_layout(WITH_LABELS)
         note = f" ({'; '.join(result.notes)})" if result.notes else ""
         n_cl = len(set(result.cluster.tolist()) - {-1})
-        st.say(f"re-mapped with {result.labelled:,} labelled image(s): map '{WITH_LABELS}', "
+        extra = f" and {result.predicted:,} sure prediction(s)" if result.predicted else ""
+        st.say(f"re-mapped with {result.labelled:,} labelled image(s){extra}: map '{WITH_LABELS}', "
                f"{n_cl} cluster(s) in colour '{REMAP_CLUSTER}'{note}")
         st.emit("message")
         self.render()
