@@ -4,6 +4,8 @@
     explorer labels next NAME.csv [--n 20] [--json]     # the images to label next, with reasons
     explorer labels propagate NAME.csv [--out FILE.csv] [--json]
     explorer labels accept NAME.csv                     # accept every "sure" prediction (one step)
+    explorer labels remap NAME.csv                      # a map that learns the labels, written
+                                                        # beside the build: NAME.layout-labels.npz
 
 Labels go to the build's journal (``NAME.labels.sqlite``), as in the app; the model is fitted
 on the build's stored vectors (``NAME.features.npy``) by :mod:`explorer.curation.active`. Registered
@@ -45,6 +47,13 @@ def register(sub) -> None:
                    help="print {estimated_accuracy, ..., rows: [...]} instead of a summary")
     c = lsub.add_parser("accept", help="accept every sure prediction as a label (one step)")
     c.add_argument("csv", metavar="NAME.csv")
+    r = lsub.add_parser("remap", help="a map computed with the labels (semi-supervised UMAP) "
+                        "and its clusters, beside the original map",
+                        description="Write NAME.layout-labels.npz: a semi-supervised layout "
+                        "(UMAP with the labels as target, unlabelled images as unknown) of the "
+                        "stored vectors and clusters of it. The original map (NAME.csv, "
+                        "NAME.layout.npz) is not touched; the app offers a switch between the two.")
+    r.add_argument("csv", metavar="NAME.csv")
 
 
 class Labelling:
@@ -197,6 +206,18 @@ def cmd_labels(a: argparse.Namespace) -> int:
             print(json.dumps({**info, "rows": rows}, indent=1))
         else:
             print(_summary(info) + (f"; wrote {a.out}" if a.out else ""))
+        return 0
+    if a.labels_command == "remap":
+        from explorer.curation import remap
+        from explorer.table import sidecar
+
+        res = remap.remap_build(b.csv, sidecar(b.csv, "features.npy"), b.labels(), b.paths,
+                                model_rows=b.X)
+        n_cl = len(set(res.cluster.tolist()) - {-1})
+        extra = f" and {res.predicted:,} sure predictions" if res.predicted else ""
+        print(f"re-mapped {len(res.xy):,} images with {res.labelled:,} labelled{extra}: {n_cl} "
+              f"cluster(s); wrote {remap.sidecar_path(b.csv).name} (the original map is unchanged)"
+              + "".join(f"\nnote: {n}" for n in res.notes))
         return 0
     rec, info = b.accept_sure()
     n = sum(len(g[2]) for g in rec["args"]["changes"]) if rec else 0

@@ -119,3 +119,33 @@ def test_bad_input_is_a_clear_error(small_build, tmp_path, capsys):
     rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
     res = json.loads(out)
     assert rc == 0 and res["estimated_accuracy"] is None and res["sure"] == 0
+
+
+def test_remap_writes_the_layout_beside_the_original(small_build, tmp_path, capsys):
+    """`explorer labels remap`: NAME.layout-labels.npz (what the app's switch shows), the
+    CSV untouched; without labels a clear error and no file."""
+    from explorer.curation import remap
+
+    csv, paths, y = small_build
+    rc, _, err = run(capsys, "labels", "remap", csv)
+    assert rc != 0 and "label some images first" in err
+    assert not remap.sidecar_path(csv).exists()
+    labels = tmp_path / "labels.csv"
+    pick = [0, 1, PER_GROUP, PER_GROUP + 1, 2 * PER_GROUP, 2 * PER_GROUP + 1]
+    pd.DataFrame({"path": [paths[i] for i in pick],
+                  "label": [GROUPS[y[i]] for i in pick]}).to_csv(labels, index=False)
+    assert run(capsys, "labels", "add", csv, "--from", labels)[0] == 0
+    before = csv.read_bytes()
+    rc, out, err = run(capsys, "labels", "remap", csv)
+    assert rc == 0, err
+    assert "layout-labels.npz" in out and "6 labelled" in out
+    assert csv.read_bytes() == before
+    lay = remap.load(csv, paths)
+    assert lay is not None and lay["xy"].shape == (len(paths), 2)
+    assert lay["classes"] == sorted(GROUPS) and lay["labelled"] == 6
+    # the clusters of the new layout never mix the groups (HDBSCAN may split one)
+    from sklearn.metrics import homogeneity_score
+
+    assert homogeneity_score(y, lay["cluster"]) > 0.95
+    # a layout of other rows is not offered
+    assert remap.load(csv, paths[::-1]) is None

@@ -20,6 +20,10 @@ from explorer.app.selection import SUBCLUSTER
 from explorer.app.session import SessionFields
 
 
+#: the build's own map layout (``NAME.csv``'s x, y), always there
+ORIGINAL_LAYOUT = "original"
+
+
 def empty_suggestions() -> pd.DataFrame:
     return pd.DataFrame({
         "row": pd.Series(dtype=np.int64), "file": pd.Series(dtype=object),
@@ -327,7 +331,58 @@ class Curation(SessionFields):
             x, y = np.full(self.n_rows, np.nan), np.full(self.n_rows, np.nan)
             x[top["rows"]], y[top["rows"]] = top["xy"][:, 0], top["xy"][:, 1]
             return x, y
+        if self.layout != ORIGINAL_LAYOUT:
+            lay = self.layouts[self.layout]
+            return lay["x"], lay["y"]
         return self.project.x, self.project.y
+
+    def xy32(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 x, y of every row of the whole map's layout (shared arrays, no copy)."""
+        if self.layout != ORIGINAL_LAYOUT:
+            lay = self.layouts[self.layout]
+            return lay["x32"], lay["y32"]
+        return self.project.x32, self.project.y32
+
+    # ------------------------------------------------------------------ layouts
+    @staticmethod
+    def layout_arrays(xy: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrays a layout is kept as (``add_layout``): float64 and float32 x, y, read-only."""
+        xy = np.asarray(xy)
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise ValueError(f"a layout is (N, 2) coordinates, got shape {xy.shape}")
+        out = {"x": xy[:, 0].astype(np.float64), "y": xy[:, 1].astype(np.float64)}
+        out["x32"], out["y32"] = out["x"].astype(np.float32), out["y"].astype(np.float32)
+        for a in out.values():
+            a.setflags(write=False)
+        return out
+
+    def add_layout(self, name: str, arrays: dict[str, np.ndarray], announce: bool = True) -> None:
+        """Offer layout ``name`` (:meth:`layout_arrays`; shared arrays may be handed in) beside
+        the original; shown at once if it is the layout on the map (unless ``announce`` is
+        False: a panel being built). ``ValueError`` for a layout of another length or the
+        name "original"."""
+        if name == ORIGINAL_LAYOUT:
+            raise ValueError(f"{ORIGINAL_LAYOUT!r} is the build's layout; choose another name")
+        if len(arrays["x"]) != self.n_rows:
+            raise ValueError(f"layout {name!r} has {len(arrays['x'])} rows, the table {self.n_rows}")
+        self.layouts[name] = arrays
+        if announce and self.layout == name and not self.drill:
+            self.emit("map")
+
+    def set_layout(self, name: str) -> bool:
+        """Show layout ``name`` ("original" or one of :attr:`layouts`) on the map; the
+        selection, colours and labels stay. Refused while a drill-down map is shown."""
+        if name != ORIGINAL_LAYOUT and name not in self.layouts:
+            raise ValueError(f"layout must be one of {[ORIGINAL_LAYOUT, *self.layouts]}, got {name!r}")
+        if name == self.layout:
+            return True
+        if self.drill:
+            self.refuse("go back to the whole map first (the layouts are of the whole map)")
+            return False
+        self.layout = name
+        self.say(f"map layout: {name}")
+        self.emit("map", "message")
+        return True
 
     def _subcluster_labels(self) -> np.ndarray:
         out = np.full(self.n_rows, "", dtype=object)

@@ -7,22 +7,71 @@ and the accuracy curve. :class:`LabellingPanel` is its Bokeh widgets: "Label nex
 grid of the proposed images, one button per label (keys 1-9 press them: a small JS listener
 on the page), Propagate, "Select sure" / "Select unsure" (on the map), "Accept all sure",
 "Review unsure" (the least confident first) and the curve of the estimated accuracy against
-the number of labels. The view adds it to the Label tab with one line.
+the number of labels (a small chart and a line of text). The view adds it to the Label tab
+with one line.
+
+After Propagate the map can be coloured by "prediction" (the predicted label; labelled
+images by their label) or "confidence" (binned, a continuous palette): colour columns of the
+session (:class:`explorer.app.selection.ColourColumn`), drawn by the map's one colour path.
+"Re-map with my labels" computes a semi-supervised layout in the worker process
+(:func:`explorer.curation.remap.remap_build`, written beside the build as ``NAME.layout-labels.npz``,
+never over the original layout); a switch shows either layout, and the clusters of the new
+layout are one more colour column. A reload finds the file and offers the switch again.
 """
 
 from __future__ import annotations
 
 import html
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from explorer.curation import active
+from explorer.app.curation import ORIGINAL_LAYOUT
+from explorer.app.selection import ColourColumn
 
 #: images proposed per "Label next"
 BATCH = 20
 #: label buttons (keys 1-9)
 KEYS = 9
+#: the colour columns Propagate adds, the layout and colour column Re-map adds
+PREDICTION, CONFIDENCE = "prediction", "confidence"
+WITH_LABELS = "with my labels"
+REMAP_CLUSTER = "cluster (with my labels)"
+#: the layouts the map's switch offers, in its order
+LAYOUTS = (ORIGINAL_LAYOUT, WITH_LABELS)
+#: confidence bins (lower edges; the last bin ends at 100%) and their colours (Viridis:
+#: dark = unsure, yellow = sure)
+CONFIDENCE_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+CONFIDENCE_COLOURS = ("#440154", "#46317E", "#365A8C", "#277E8E", "#1EA087", "#49C16D",
+                      "#9DD93A", "#FDE724")
+#: the value of labelled images in the confidence colouring (drawn grey)
+LABELLED = "labelled"
+
+
+def _bin_names(edges: tuple[float, ...] = CONFIDENCE_EDGES) -> list[str]:
+    ends = list(edges[1:]) + [1.0]
+    return [f"{a:.0%}-{b:.0%}" if a > 0 else f"< {b:.0%}" for a, b in zip(edges, ends)]
+
+
+def prediction_column(table: Any) -> ColourColumn:
+    """The predicted label of every row (:func:`explorer.curation.active.label_table`'s
+    ``predicted_label``: labelled rows keep their own label); ``""`` where there is none."""
+    return ColourColumn(table["predicted_label"].fillna("").astype(str).to_numpy(dtype=object),
+                        muted="", muted_text="(no prediction)")
+
+
+def confidence_column(table: Any) -> ColourColumn:
+    """Every predicted row's confidence in bins (:data:`CONFIDENCE_EDGES`) with a continuous
+    palette, low to high; labelled rows are :data:`LABELLED` (grey)."""
+    names = np.asarray(_bin_names(), dtype=object)
+    conf = table["confidence"].to_numpy(dtype=float)
+    idx = np.clip(np.searchsorted(np.asarray(CONFIDENCE_EDGES), np.nan_to_num(conf), side="right") - 1,
+                  0, len(names) - 1)
+    out = names[idx]
+    out[(table["label_source"] != "predicted").to_numpy()] = LABELLED
+    colours = dict(zip(names.tolist(), CONFIDENCE_COLOURS))
+    return ColourColumn(out, colours=colours, muted=LABELLED, muted_text="labelled (no prediction needed)")
 
 
 class LabellingFlow:
@@ -35,7 +84,8 @@ class LabellingFlow:
         self.cursor = 0
         self.table = None  # explorer.curation.active.label_table's DataFrame
         self.info: dict[str, Any] | None = None
-        self.curve: list[tuple[int, float]] = []  # (labels, estimated accuracy)
+        #: (labels, estimated accuracy, cross-validated accuracy or None), one per propagate
+        self.curve: list[tuple[int, float, float | None]] = []
         self._X = None
 
     # ------------------------------------------------------------------ inputs
@@ -119,8 +169,10 @@ class LabellingFlow:
             keys, self._labels(), self.state.book.sources(keys), self.X)
         if self.info["estimated_accuracy"] is not None:
             n = self.info["labels"]
-            self.curve = [p for p in self.curve if p[0] != n] + [(n, self.info["estimated_accuracy"])]
-            self.curve.sort()
+            point = (n, self.info["estimated_accuracy"], self.info["cv_accuracy"])
+            self.curve = sorted([p for p in self.curve if p[0] != n] + [point], key=lambda p: p[0])
+            self.state.set_colour_column(PREDICTION, prediction_column(self.table))
+            self.state.set_colour_column(CONFIDENCE, confidence_column(self.table))
         return self.info
 
     def rows_where(self, sure: bool) -> np.ndarray:
@@ -142,15 +194,71 @@ class LabellingFlow:
         return ok
 
 
+    # ------------------------------------------------------------------ re-map
+    def remap_plan(self) -> tuple[Any, ...] | None:
+        """The arguments of :func:`explorer.curation.remap.remap_build` (csv, features file or
+        array, labels, keys), or None with the reason on the page."""
+        st = self.state
+        if not st.has_features:
+            st.refuse(f"cannot re-map: {st.features_problem}")
+            return None
+        if st.csv_path is None:
+            st.refuse("cannot re-map: there is no build file to keep the layout beside")
+            return None
+        labels = self._labels()
+        if not any(labels):
+            st.refuse("label some images first: the new layout learns from your labels")
+            return None
+        path = st.features_path
+        vectors = str(path) if path is not None and path.is_file() else st.features()
+        return str(st.csv_path), vectors, labels, list(st.keys)
+
+    def remapped(self, result: Any = None, announce: bool = True) -> bool:
+        """Offer the layout with the person's labels and its clusters (from ``result`` just
+        computed, else from the build's sidecar if there is one for these rows). Shared by
+        the sessions of the process (cached per file version)."""
+        from explorer.curation import remap
+
+        st = self.state
+        if st.csv_path is None:
+            return False
+        path = remap.sidecar_path(st.csv_path)
+        try:
+            version = path.stat().st_mtime_ns
+        except OSError:
+            return False
+
+        def make() -> dict[str, Any] | None:
+            data = ({"xy": result.xy, "cluster": result.cluster} if result is not None
+                    else remap.load(st.csv_path, st.keys))
+            if data is None:
+                return None
+            cl = np.asarray(data["cluster"]).astype(str).astype(object)
+            cl.setflags(write=False)
+            return {"layout": st.layout_arrays(data["xy"]), "cluster": cl}
+
+        entry = st.project.cached(f"layout-labels\0{version}", make)
+        if entry is None:
+            return False
+        st.add_layout(WITH_LABELS, entry["layout"], announce=announce)
+        st.set_colour_column(REMAP_CLUSTER, ColourColumn(entry["cluster"], muted="-1",
+                                                         muted_text="noise (-1)"), announce=announce)
+        return True
+
+
 class LabellingPanel:
     """Widgets of :class:`LabellingFlow` (``panel`` goes into the Label tab)."""
 
-    def __init__(self, state: Any, css: list[Any], width: int):
-        from bokeh.models import Button, CustomJS, Div, TextInput
+    def __init__(self, state: Any, css: list[Any], width: int,
+                 background: Callable[..., None] | None = None):
+        from bokeh.models import Button, ColumnDataSource, CustomJS, Div, RadioButtonGroup, Range1d, TextInput
         from bokeh.layouts import column, row
+        from bokeh.plotting import figure
 
         self.state = state
         self.flow = LabellingFlow(state)
+        #: the view's ``background(what, compute, finish, ...)`` (slow work off the event loop)
+        self.background = background
         half = (width - 10) // 2
         self.next = Button(name="label_next", label=f"Label next ({BATCH})", button_type="primary",
                            width=half)
@@ -165,11 +273,27 @@ class LabellingPanel:
         self.sure = Button(name="select_sure", label="Select sure", width=half)
         self.unsure = Button(name="select_unsure", label="Select unsure", width=half)
         self.report = Div(name="label_report", text="", stylesheets=css, width=width)
+        # the accuracy curve: one point per Propagate
+        self.curve = ColumnDataSource(data={"labels": [], "estimated": [], "cv": []}, name="accuracy_curve")
+        self.chart = figure(name="accuracy_chart", width=width, height=170, tools="", toolbar_location=None,
+                            x_axis_label="labels", y_axis_label="accuracy", y_range=Range1d(0, 1.02),
+                            visible=False)
+        self.chart.line("labels", "estimated", source=self.curve, line_width=2, legend_label="estimated")
+        self.chart.scatter("labels", "estimated", source=self.curve, size=6)
+        self.chart.line("labels", "cv", source=self.curve, line_dash="dashed", color="#ff7f0e",
+                        legend_label="cross-validated")
+        self.chart.legend.location = "bottom_right"
+        self.chart.legend.label_text_font_size = "9pt"
+        self.chart.legend.padding = self.chart.legend.spacing = 2
+        self.remap = Button(name="remap", label="Re-map with my labels", width=width)
+        self.layout_switch = RadioButtonGroup(name="layout_switch", labels=list(LAYOUTS), active=0,
+                                              width=width, visible=False)
         pairs = [row(*self.buttons[i:i + 2]) for i in range(0, KEYS, 2)]
         self.panel = column(Div(text="<b>Label a few, the tool labels the rest</b>", width=width),
                             row(self.next, self.review), self.batch, *pairs, self.key,
                             row(self.propagate, self.accept), row(self.sure, self.unsure),
-                            self.report, name="labelling_panel", width=width)
+                            self.report, self.chart, self.remap, self.layout_switch,
+                            name="labelling_panel", width=width)
         # keys 1-9 anywhere on the page but in a text field: the hidden input carries them
         self.keys_js = CustomJS(args={"key": self.key}, code="""
             if (window._explorer_keys) { return; }
@@ -189,7 +313,11 @@ class LabellingPanel:
         self.accept.on_click(self._on_accept)
         self.sure.on_click(lambda: self.state.select(self.flow.rows_where(True)))
         self.unsure.on_click(lambda: self.state.select(self.flow.rows_where(False)))
+        self.remap.on_click(self._on_remap)
+        self.layout_switch.on_change("active", self._on_layout)
         state.subscribe(self._on_state)
+        # a layout made earlier (this build's NAME.layout-labels.npz): the switch offers it
+        self.flow.remapped(announce=False)
         self.render()
 
     # ------------------------------------------------------------------ callbacks
@@ -217,9 +345,46 @@ class LabellingPanel:
         self.flow.accept_sure()
         self.render()
 
+    def _on_remap(self) -> None:
+        from explorer.curation.remap import remap_build
+
+        plan = self.flow.remap_plan()
+        if plan is None:
+            return
+        if self.background is None:  # no view (scripts): at once
+            self._remap_done(_call(remap_build, *plan))
+            return
+        self.background("re-mapping with your labels", remap_build, self._remap_done,
+                        drop_if_moved=False, pool="processes", args=plan)
+
+    def _remap_done(self, result: Any) -> None:
+        st = self.state
+        if isinstance(result, Exception):
+            st.refuse(f"not re-mapped: {result}")
+            return
+        if not self.flow.remapped(result):
+            st.refuse("not re-mapped: the new layout could not be read back")
+            return
+        st.set_layout(WITH_LABELS)
+        note = f" ({'; '.join(result.notes)})" if result.notes else ""
+        n_cl = len(set(result.cluster.tolist()) - {-1})
+        extra = f" and {result.predicted:,} sure prediction(s)" if result.predicted else ""
+        st.say(f"re-mapped with {result.labelled:,} labelled image(s){extra}: map '{WITH_LABELS}', "
+               f"{n_cl} cluster(s) in colour '{REMAP_CLUSTER}'{note}")
+        st.emit("message")
+        self.render()
+
+    def _on_layout(self, attr: str, old: int, new: int) -> None:
+        if self._rendering or new is None:
+            return
+        if not self.state.set_layout(LAYOUTS[new]):
+            self.render()
+
     def _on_state(self, what: frozenset[str]) -> None:
         if "labels" in what:
             self.flow.skip_labelled()
+            self.render()
+        elif "map" in what:
             self.render()
 
     # ------------------------------------------------------------------ rendering
@@ -229,8 +394,29 @@ class LabellingPanel:
             b.visible = i < len(names)
             b.label = f"{i + 1}  {names[i]}" if i < len(names) else ""
 
+    _rendering = False
+
     def render(self) -> None:
+        self._rendering = True
+        try:
+            self._render()
+        finally:
+            self._rendering = False
+
+    def _render(self) -> None:
         f = self.flow
+        st = self.state
+        self.layout_switch.visible = WITH_LABELS in st.layouts
+        want = LAYOUTS.index(st.layout) if st.layout in LAYOUTS else 0
+        if self.layout_switch.active != want:
+            self.layout_switch.active = want
+        if f.curve:
+            n, est, cv = zip(*f.curve)
+            data = {"labels": list(n), "estimated": list(est),
+                    "cv": [float("nan") if c is None else c for c in cv]}
+            if data != self.curve.data:
+                self.curve.data = data
+        self.chart.visible = bool(f.curve)
         self._render_buttons()
         cells = []
         for i, (r, why) in enumerate(zip(f.batch, f.reasons)):
@@ -248,9 +434,17 @@ class LabellingPanel:
             self.report.text = "<div class='ex-muted'>Propagate: a predicted label and a confidence for every image</div>"
             return
         acc = info["estimated_accuracy"]
-        curve = " ".join(f"{n}:{a:.0%}" for n, a in f.curve)
+        curve = " ".join(f"{n}:{a:.0%}" for n, a, _ in f.curve)
         self.report.text = (
             f"<div>estimated accuracy <b>{'-' if acc is None else f'{acc:.1%}'}</b> "
             f"({info['labels']} labels, {info['accepted']} accepted); "
             f"{info['sure']:,} sure (confidence &ge; {info['threshold']})</div>"
             f"<div class='ex-muted' title='labels: estimated accuracy'>curve {curve}</div>")
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (as the view's background hands it on)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - shown on the page by the caller
+        return exc

@@ -226,7 +226,7 @@ class ImageMap:
         project (per colour column and point size), so it is rendered once per process."""
         st = self.port.state
         if (self._selected is not None or self.view_bounds != self._initial_bounds
-                or self._shape() != DEFAULT_FRAME or st.drill):
+                or self._shape() != DEFAULT_FRAME or st.drill or st.layout != "original"):
             return None
         return st.cached(f"map_image\0{self._radius()}", lambda: self.compute(self._job(), THUMBS_IN_VIEW))
 

@@ -13,7 +13,7 @@ colour column the column the map is coloured by and the MultiSelect filters on
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -83,10 +83,17 @@ def default_point_size(n: int) -> float:
     return float(np.clip(round(14 - 2 * np.log10(max(n, 1))), 4, 10))
 
 
-def color_codes_of(labels: np.ndarray, muted: str) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
-    """(code per row, colour per code, alpha per code, value per code) for label strings."""
+def color_codes_of(labels: np.ndarray, muted: str, colours: dict[str, str] | None = None
+                   ) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """(code per row, colour per code, alpha per code, value per code) for label strings.
+
+    ``colours`` (value -> colour, in display order) fixes the colours and the order of its
+    values (a binned continuous column, :class:`ColourColumn`); other values follow, sorted,
+    with the categorical palette."""
     uniq, codes = np.unique(labels.astype(str), return_inverse=True) if len(labels) else (np.zeros(0, str), np.zeros(0, int))
-    values = sort_labels(uniq.tolist())
+    colours = colours or {}
+    present = set(uniq.tolist())
+    values = [v for v in colours if v in present] + sort_labels(v for v in uniq.tolist() if v not in colours)
     order = {v: i for i, v in enumerate(values)}
     remap = np.asarray([order[v] for v in uniq.tolist()], dtype=np.int32)
     codes = remap[codes] if len(codes) else np.zeros(0, dtype=np.int32)
@@ -95,6 +102,9 @@ def color_codes_of(labels: np.ndarray, muted: str) -> tuple[np.ndarray, list[str
         if v == muted:
             palette.append(MUTED_COLOR)
             alphas.append(MUTED_ALPHA)
+        elif v in colours:
+            palette.append(colours[v])
+            alphas.append(POINT_ALPHA)
         else:
             palette.append(PALETTE[i % len(PALETTE)])
             alphas.append(POINT_ALPHA)
@@ -102,6 +112,22 @@ def color_codes_of(labels: np.ndarray, muted: str) -> tuple[np.ndarray, list[str
     codes = codes.astype(np.int32)
     codes.setflags(write=False)
     return codes, palette, np.asarray(alphas, dtype=float), values
+
+
+class ColourColumn(NamedTuple):
+    """A colour column a session makes (not in the table): the labelling panel's
+    "prediction" and "confidence", the clusters of the layout with the person's labels.
+    Set with :meth:`SelectionModel.set_colour_column`; it then colours the map, fills the
+    legend and the MultiSelect like any column, on the one colour path (:meth:`color_codes`)."""
+
+    #: the value (string) of every row
+    labels: np.ndarray
+    #: value -> colour in display order (a binned continuous palette); None: categorical
+    colours: dict[str, str] | None = None
+    #: the value drawn grey and faint ("no group")
+    muted: str = ""
+    #: how that value is shown to a person
+    muted_text: str = "(none)"
 
 
 class SelectionModel(SessionFields):
@@ -138,7 +164,33 @@ class SelectionModel(SessionFields):
 
     def muted_value(self, column: str | None = None) -> str:
         """The value of ``column`` that means "no group" (drawn grey)."""
-        return MUTED_VALUES.get(column or self.label_column, "")
+        column = column or self.label_column
+        if column in self.colour_columns:
+            return self.colour_columns[column].muted
+        return MUTED_VALUES.get(column, "")
+
+    def set_colour_column(self, name: str, column: ColourColumn | None, announce: bool = True) -> None:
+        """Offer (or with ``None`` withdraw) a session-made colour column ``name``; when the
+        map is coloured by it, it is recoloured now. ``announce=False``: tell no view (a
+        panel being built, before the views render). Raises ``ValueError`` for a column of
+        the wrong length or a name of the table's own colour columns."""
+        if name in LABEL_COLUMNS or name == SUBCLUSTER:
+            raise ValueError(f"{name!r} is one of the table's colour columns; choose another name")
+        if column is not None and len(column.labels) != self.n_rows:
+            raise ValueError(f"colour column {name!r} has {len(column.labels)} values for {self.n_rows} rows")
+        if column is None:
+            self.colour_columns.pop(name, None)
+        else:
+            self.colour_columns[name] = column
+        self.invalidate_labels(name)
+        aspects = ["columns"]
+        if self.label_column == name:
+            if column is None:
+                self.label_column = self._initial["label_column"]
+            self.label_filter = self.present_labels()
+            aspects += ["label_column", "filter"]
+        if announce:
+            self.emit(*aspects)
 
     @staticmethod
     def _check_point_size(size: float) -> None:
@@ -151,7 +203,8 @@ class SelectionModel(SessionFields):
 
     def _shared_column(self, column: str) -> bool:
         """True when ``column``'s labels are the project's (shared, not session-made)."""
-        return column not in ("label", SUBCLUSTER) and self._table is None and column in self.project.table.columns
+        return (column not in ("label", SUBCLUSTER) and column not in self.colour_columns
+                and self._table is None and column in self.project.table.columns)
 
     def labels(self, column: str | None = None) -> np.ndarray:
         """Every row's value (string) in ``column`` (default: the current colour column)."""
@@ -162,7 +215,9 @@ class SelectionModel(SessionFields):
         if column not in self._label_cache:
             from explorer.app.project import label_strings
 
-            if column == "label" and self.book is not None:
+            if column in self.colour_columns:
+                arr = np.asarray(self.colour_columns[column].labels, dtype=object)
+            elif column == "label" and self.book is not None:
                 arr = np.asarray(self.book.labels_for(self.keys), dtype=object)
             elif column == SUBCLUSTER:
                 arr = self._subcluster_labels()
@@ -220,6 +275,8 @@ class SelectionModel(SessionFields):
     def label_text(self, value: str) -> str:
         """How a value is shown to a person."""
         if value == self.muted_value():
+            if self.label_column in self.colour_columns:
+                return self.colour_columns[self.label_column].muted_text
             return {"cluster": "noise (-1)", "label": "(no label)", "duplicate_group": "unique (-1)"}.get(
                 self.label_column, "(none)"
             )
@@ -241,7 +298,9 @@ class SelectionModel(SessionFields):
         Returns ``(code per row, colour per code, alpha per code, value per code)``.
         Values get palette colours in display order, cycling; the "no group" value
         (cluster -1, empty label, duplicate_group -1) is grey and faint."""
-        return self.cached("codes", lambda: color_codes_of(self.labels(), self.muted_value()))
+        virtual = self.colour_columns.get(self.label_column)
+        colours = virtual.colours if virtual is not None else None
+        return self.cached("codes", lambda: color_codes_of(self.labels(), self.muted_value(), colours))
 
     def colors(self) -> tuple[np.ndarray, np.ndarray]:
         """(colour hex, alpha) per row for the current colour column."""

@@ -69,6 +69,12 @@ class SessionFields:
     drill: list[dict[str, Any]]
     #: the Overview tab's group
     overview_id: str
+    #: colour columns this session made (name -> explorer.app.selection.ColourColumn)
+    colour_columns: dict[str, Any]
+    #: map layouts besides the build's (name -> {"x", "y", "x32", "y32"} per row)
+    layouts: dict[str, dict[str, np.ndarray]]
+    #: the layout the map shows ("original": the build's x, y)
+    layout: str
     #: the column the map is coloured by (and the label filter filters on)
     label_column: str
     point_size: float

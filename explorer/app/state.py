@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from explorer.app.curation import Curation, empty_suggestions
+from explorer.app.curation import ORIGINAL_LAYOUT, Curation, empty_suggestions
 from explorer.app.downloads import DownloadStore, ExportPlan, SaveResult, describe, write_export
 from explorer.app.files import (
     ExportError,
@@ -121,6 +121,11 @@ class AppState(SelectionModel, Curation):
         self.row_filter: np.ndarray | None = None
         self.overview_id = "root"
         self._extra_columns: list[str] | None = None
+        #: colour columns this session made (name -> ColourColumn), after the table's
+        self.colour_columns: dict[str, Any] = {}
+        #: map layouts besides the build's (name -> {"x", "y", "x32", "y32"}) and the one shown
+        self.layouts: dict[str, dict[str, np.ndarray]] = {}
+        self.layout = ORIGINAL_LAYOUT
         self._check_label_column(label_column)
         self._check_point_size(point_size)
         self.label_column = label_column
@@ -187,7 +192,8 @@ class AppState(SelectionModel, Curation):
         out = list(LABEL_COLUMNS)
         if self.drill:
             out.append(SUBCLUSTER)
-        return out + list(self._extra_columns)
+        made = list(self.colour_columns)  # the session's own (explorer.app.labelling)
+        return out + made + [c for c in self._extra_columns if c not in made]
 
     def attach_journal(self, journal: Any) -> None:
         """Take labels from ``journal`` (replayed) on top of the CSV's ``label`` column."""

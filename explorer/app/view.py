@@ -290,7 +290,7 @@ class AppView:
         Add a panel here: ``Module.Panel(self, SIDEBAR_WIDTH)``, one line each."""
         self.label_panel = LabelPanel(self, SIDEBAR_WIDTH)
         # label a few, the tool labels the rest (explorer.app.labelling), in the Label tab
-        self.labelling = LabellingPanel(self.state, self.css, SIDEBAR_WIDTH)
+        self.labelling = LabellingPanel(self.state, self.css, SIDEBAR_WIDTH, background=self.background)
         self.label_panel.panel.children.append(self.labelling.panel)
         self.overview_panel = OverviewPanel(self, SIDEBAR_WIDTH)
         self.metadata_panel = MetadataPanel(self, SIDEBAR_WIDTH)
@@ -360,11 +360,10 @@ class AppView:
         """float32 x, y and int32 colour code of the drawn rows (:attr:`plot_rows`); the
         project's own arrays when every row is drawn."""
         st = self.state
-        pr = st.project
         r = self.plot_rows
         codes = st.color_codes()[0]
         if self._all_drawn():
-            return pr.x32, pr.y32, codes
+            return *st.xy32(), codes
         x, y = st.xy()
         return x[r].astype(np.float32), y[r].astype(np.float32), codes[r]
 
@@ -384,7 +383,8 @@ class AppView:
                     "code": np.zeros(0, np.int32), "row": np.zeros(0, np.int32)}  # fmt: skip
         codes = st.color_codes()[0]
         if self._all_drawn():
-            data = {"x": pr.x32, "y": pr.y32, "code": codes, "row": pr.rows}
+            x32, y32 = st.xy32()
+            data = {"x": x32, "y": y32, "code": codes, "row": pr.rows}
         else:
             x, y = st.xy()
             data = {"x": x[r].astype(np.float32), "y": y[r].astype(np.float32), "code": codes[r],

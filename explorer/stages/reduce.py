@@ -414,8 +414,9 @@ def _cuml_available(device: str) -> bool:
 
 
 def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, engine, what,
-                     progress, notes, info):
-    """UMAP of the prepared rows ``Xp`` from the shared graph's first ``k`` columns."""
+                     progress, notes, info, y=None):
+    """UMAP of the prepared rows ``Xp`` from the shared graph's first ``k`` columns
+    (``y``: int class per row, -1 unknown, for a semi-supervised fit; None: unsupervised)."""
     if engine == "cuml":  # RAPIDS: cannot be tested without a GPU and cuml installed
         from cuml.manifold import UMAP as CuUMAP
         from scipy.sparse import csr_matrix
@@ -427,7 +428,7 @@ def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, eng
         reducer = CuUMAP(n_components=n_components, n_neighbors=k, min_dist=min_dist,
                          init="spectral" if init == "spectral" else "random",
                          random_state=random_state)
-        Y = reducer.fit_transform(Xp, knn_graph=graph)
+        Y = reducer.fit_transform(Xp, y=y, knn_graph=graph)
         return np.asarray(getattr(Y, "get", lambda: Y)(), dtype=np.float32)
 
     import umap
@@ -445,7 +446,7 @@ def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, eng
         verbose=False,
     )
     with spinner(progress, f"UMAP {what} ({len(Xp):,} points)"):
-        Y = reducer.fit_transform(Xp)
+        Y = reducer.fit_transform(Xp, y=y)
     info.setdefault("graph_pieces", {})[what] = _graph_pieces(getattr(reducer, "graph_", None))
     Y = np.asarray(Y, dtype=np.float32)
     if not np.isfinite(Y).all():
@@ -503,6 +504,7 @@ def map_and_space(
     knn_method: str = "auto",
     init: str = "auto",
     fit_points: int | str | None = "auto",
+    y: Any = None,
 ) -> MapResult:
     """The 2-D map and the clusterable space of ``X`` (N, D) from one neighbour graph.
 
@@ -534,6 +536,11 @@ def map_and_space(
     :data:`SPECTRAL_MAX_POINTS` points and PCA above. With ``device="cuda"`` and RAPIDS
     cuML importable, cuML's UMAP runs on the GPU (never required).
 
+    ``y`` (N,) ints makes both UMAP fits semi-supervised (umap-learn's ``y`` with its
+    categorical target metric): rows of the same class are pulled together, ``-1`` marks
+    rows of no known class (the app's "Re-map with my labels"). Ignored by the t-SNE and
+    PCA maps and the PCA fallback of tiny inputs (a note says so).
+
     Small or degenerate input falls back like :func:`reduce_map` (notes say so).
     Raises ``ValueError`` naming the bad value for a bad array or parameter.
     """
@@ -555,6 +562,12 @@ def map_and_space(
         fit_points = _check_int("fit_points", fit_points, MIN_UMAP_POINTS)
     X = knn_mod.check_rows(X, "X")
     n, d = X.shape
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise ValueError(f"y must be {n} integers (one class per row, -1 unknown); "
+                             f"got {y.dtype} {y.shape}")
+        y = y.astype(np.int64)
     if pca_dims == "auto":
         pca_dims = PCA_DIMS if n > PCA_FROM_POINTS else None
     if fit_points == "auto":
@@ -609,12 +622,13 @@ def map_and_space(
         fit, rest = np.flatnonzero(keep), np.flatnonzero(~keep)
         del keep
         Xfit = Xp[fit]
+        yfit = None if y is None else y[fit]
         g, r_idx, r_dist = knn_mod.graph_and_nearest(
             Xfit, k, Xp[rest], max(k - 1, 1), method=knn_method, device=device,
             random_state=random_state)
         timings["knn"] = round(time.perf_counter() - t, 3)
     else:
-        Xfit = Xp
+        Xfit, yfit = Xp, y
         g = knn_mod.knn_graph(Xp, k, method=knn_method, device=device,
                               random_state=random_state)
         timings["knn"] = round(time.perf_counter() - t, 3)
@@ -624,7 +638,8 @@ def map_and_space(
 
     if n < MIN_UMAP_POINTS:
         notes.append(f"only {n} points (UMAP needs at least {MIN_UMAP_POINTS}); "
-                     "map and clustering space computed with PCA instead")
+                     "map and clustering space computed with PCA instead"
+                     + ("" if y is None else " (without the labels)"))
         info.update(init=None, engine="pca", map_method_used="pca",
                     timings={**timings, "total": round(time.perf_counter() - t_all, 3)})
         return MapResult(_pca(Xp, 2, "euclidean"), _pca(Xp, space_dim, "euclidean"),
@@ -638,14 +653,16 @@ def map_and_space(
 
     t = time.perf_counter()
     space = _umap_from_graph(Xfit, g, space_neighbors, space_dim, 0.0, init, random_state,
-                             engine, f"{space_dim}-D clustering space", progress, notes, info)
+                             engine, f"{space_dim}-D clustering space", progress, notes, info, y=yfit)
     timings["space"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     if map_method == "umap":
         xy = _umap_from_graph(Xfit, g, n_neighbors, 2, min_dist, init, random_state, engine,
-                              "2-D map", progress, notes, info)
+                              "2-D map", progress, notes, info, y=yfit)
     elif map_method == "tsne":
+        if y is not None:
+            notes.append("the t-SNE map does not use the labels (only UMAP does)")
         xy = _tsne_from_graph(Xfit, g, random_state, progress, notes, info)
     else:
         xy = _pca_columns(Xp, 2)
