@@ -387,10 +387,12 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph)
     cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
     model = fit(X, codes, n_classes, self_train=self_train, seed=seed)
-    probs = np.empty((n, n_classes), np.float32)  # log-probabilities, then calibrated
-    for a in range(0, n, BLOCK):
-        rows = np.arange(a, min(n, a + BLOCK))
-        probs[a:a + BLOCK] = _log_probs(X, model, n_classes, rows, graph)
+    if graph is not None:  # log-probabilities, then calibrated
+        probs = _log_probs(X, model, n_classes, np.arange(n), graph)
+    else:
+        probs = np.empty((n, n_classes), np.float32)
+        for a in range(0, n, BLOCK):
+            probs[a:a + BLOCK] = _log_probs(X, model, n_classes, np.arange(a, min(n, a + BLOCK)), None)
     un = codes < 0
     w = None
     if un.any() and len(y) >= 5:
