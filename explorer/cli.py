@@ -299,8 +299,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     _check_export_options(a)
     csv = Path(a.csv)
     build = dataset.open(csv)
-    root = None if a.format == "parquet" else _image_root(csv, a.images)
     df = build.labelled_table()  # the labels of NAME.labels.sqlite (or an old .labels.jsonl)
+    root = None if a.format == "parquet" else _image_root(csv, a.images)
     if a.min_confidence is not None:
         df = cli_labels.with_confident_predictions(df, csv, a.min_confidence)
     dropped = None
