@@ -209,9 +209,8 @@ def cmd_labels(a: argparse.Namespace) -> int:
         return 0
     if a.labels_command == "remap":
         from explorer.curation import remap
-        from explorer.table import sidecar
 
-        res = remap.remap_build(b.csv, sidecar(b.csv, "features.npy"), b.labels(), b.paths,
+        res = remap.remap_build(b.csv, b.build.features_path, b.labels(), b.paths,
                                 model_rows=b.X)
         n_cl = len(set(res.cluster.tolist()) - {-1})
         extra = f" and {res.predicted:,} sure predictions" if res.predicted else ""
