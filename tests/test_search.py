@@ -130,6 +130,7 @@ def test_search_by_concept_finds_the_cat_and_the_coffee(small_build, tmp_path):
     assert list(tmp_path.glob("minilm-imagenet-*.npy"))
 
 
+@pytest.mark.cpu_check
 def test_search_by_image_returns_the_same_photo_first(small_build):
     paths = small_build["paths"]
     hits = S.search(small_build["csv"], image=paths[5], top=4)
@@ -183,6 +184,7 @@ def _low_texture_build(root, precision: str):
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.cpu_check
 def test_every_low_texture_image_is_its_own_best_match(tmp_path, precision):
     """Search by image embeds the query through the build's path and model key, so each of 20
     flat skies, blank pages, line drawings and flat colours finds its own row first at cosine
