@@ -54,7 +54,10 @@ def test_a_served_build_reports_progress_all_through_the_embedding(tmp_path):
     assert running == sorted(running), "progress never goes back"
     embed = [p for s, p, stage in seen if s == "running" and stage.startswith("embed")]
     rises = sum(b > a for a, b in zip(embed, embed[1:]))
-    assert rises >= 5, (f"progress rose {rises} times in {len(embed)} polls while embedding "
+    # broken (no events from the child) it stays put: 0 rises. The worker writes at most one
+    # figure per 0.1 s and a starved worker reads the child's events in bursts, so on a busy
+    # machine (or beside another xdist worker) it wrote 4 distinct figures: ask for 3.
+    assert rises >= 3, (f"progress rose {rises} times in {len(embed)} polls while embedding "
                         f"(values {sorted(set(embed))})")
     assert any("/" in stage for s, _, stage in seen if stage.startswith("embed")), \
         "the stage text counts images"
