@@ -65,6 +65,7 @@ def empty_hubs(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- weights
+@pytest.mark.cpu_check
 def test_bundled_default_weights_are_real(no_network):
     model, cfg = load_model(num_classes=None)  # keep the ImageNet classifier
     assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
@@ -210,6 +211,7 @@ def folder(tmp_path):
     return root, paths, bad
 
 
+@pytest.mark.cpu_check
 def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     root, good, bad = folder
     paths = [good[0], bad[0], *good[1:5], bad[1], *good[5:], bad[2]]
@@ -248,6 +250,7 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
 
 
 @pytest.mark.parametrize("native", ["0", "1"])
+@pytest.mark.cpu_check
 def test_the_cpu_check_is_forced_and_auto_is_float32_on_every_cpu(folder, tiny_ckpt,
                                                                    monkeypatch, native):
     """EXPLORER_CPU_BF16 forces the CPU check; either way "auto" embeds in float32 with
@@ -272,6 +275,7 @@ def test_the_cpu_check_is_forced_and_auto_is_float32_on_every_cpu(folder, tiny_c
         M.cpu_runs_bf16()
 
 
+@pytest.mark.cpu_check
 def test_embed_paths_is_deterministic(folder, tiny_ckpt):
     _, good, _ = folder
     a = embed_paths(good, model=TINY, checkpoint=tiny_ckpt, batch_size=4, progress=False,
@@ -390,6 +394,7 @@ def test_store_is_per_model_key(folder, tiny_ckpt, tmp_path):
     assert res.n_cached == 4
 
 
+@pytest.mark.cpu_check
 def test_model_key_covers_weights_content_precision_and_jit(tiny_ckpt, tmp_path):
     keys = {model_key(TINY, tiny_ckpt, p, j) for p in ("float32", "bfloat16")
             for j in (False, True, "onnx")}
@@ -402,6 +407,7 @@ def test_model_key_covers_weights_content_precision_and_jit(tiny_ckpt, tmp_path)
     assert model_key() != model_key("tf_efficientnet_lite1")
 
 
+@pytest.mark.cpu_check
 def test_jit_auto_follows_what_the_store_holds(folder, tiny_ckpt, tmp_path):
     """A few new images next to many traced vectors reuse them (no eager/jit split, L4)."""
     _, good, _ = folder
@@ -413,6 +419,7 @@ def test_jit_auto_follows_what_the_store_holds(folder, tiny_ckpt, tmp_path):
     assert b.n_cached == 8 and b.model_info["jit"] is True
 
 
+@pytest.mark.cpu_check
 def test_runtime_auto_keeps_the_kind_of_vectors_the_store_holds(folder, tiny_ckpt, tmp_path):
     """A store filled by torch stays torch (no re-embedding after onnxruntime is installed);
     a fresh store on the CPU gets onnxruntime; asking for onnx keys its own vectors."""
@@ -434,6 +441,7 @@ def test_runtime_auto_keeps_the_kind_of_vectors_the_store_holds(folder, tiny_ckp
     assert fresh.model_info["runtime"] == "onnxruntime"
 
 
+@pytest.mark.cpu_check
 def test_runtime_onnx_is_refused_where_it_cannot_run(folder, tiny_ckpt):
     _, good, _ = folder
     with pytest.raises(ValueError, match="'gpu'"):
@@ -631,6 +639,7 @@ def test_no_import_circle_between_embed_and_the_engines():
     assert E.Item is __import__("explorer.stages.engines.decode", fromlist=["Item"]).Item
 
 
+@pytest.mark.cpu_check
 def test_as_built_follows_the_model_key_of_the_run_record(folder, tiny_ckpt):
     """A query is embedded as the build embedded its images: precision and graph from the
     recorded model key (older records: their precision/runtime/jit entries), on the CPU; a

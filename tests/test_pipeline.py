@@ -71,6 +71,7 @@ def built(tmp_path_factory):
     return base, imgs, app, base / "photos_app.csv", events
 
 
+@pytest.mark.cpu_check
 def test_build_writes_csv_app_thumbnails_and_run_record(built):
     base, imgs, app, csv, _ = built
     df = table.read_table(csv)
