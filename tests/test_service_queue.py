@@ -157,8 +157,11 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
-        return fh.read().split(") ")[-1][0] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
+            return fh.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:  # reaped between the signal and the read
+        return False
 
 
 def test_cancel_a_queued_and_a_running_job(queue_env):
