@@ -38,16 +38,20 @@ def check_int(name: str, value: Any, minimum: int, error: type[ValueError] = Val
     return int(value)
 
 
-def check_random_state(random_state: Any) -> int | None:
-    """``None`` or an int in [0, 2**32); ValueError naming the bad value otherwise."""
+def check_random_state(random_state: Any, *, allow_state: bool = False) -> Any:
+    """``None`` or an int in [0, 2**32) (with ``allow_state``, also a
+    ``numpy.random.RandomState``, returned as it is); ValueError naming the bad value
+    otherwise."""
     if random_state is None:
         return None
+    if allow_state and isinstance(random_state, np.random.RandomState):
+        return random_state
     if (
         isinstance(random_state, bool)
         or not isinstance(random_state, numbers.Integral)
         or not 0 <= random_state < 2**32
     ):
-        raise ValueError(
-            f"random_state must be None or an integer in [0, 2**32); got {random_state!r}"
-        )
+        kinds = ("None, an integer in [0, 2**32) or a numpy RandomState" if allow_state
+                 else "None or an integer in [0, 2**32)")
+        raise ValueError(f"random_state must be {kinds}; got {random_state!r}")
     return int(random_state)

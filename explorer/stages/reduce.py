@@ -62,6 +62,7 @@ import numpy as np
 
 from explorer._checks import as_matrix
 from explorer._checks import check_int as _check_int
+from explorer._checks import check_random_state as _check_random_state
 from explorer.progress import spinner
 
 #: below this many points the embedding is PCA, not UMAP
@@ -121,16 +122,7 @@ def _check_params(
             )
     elif not callable(metric):
         raise ValueError(f"metric must be a metric name or a callable; got {metric!r}")
-    if random_state is not None and not isinstance(random_state, np.random.RandomState):
-        if (
-            isinstance(random_state, bool)
-            or not isinstance(random_state, numbers.Integral)
-            or not 0 <= random_state < 2**32
-        ):
-            raise ValueError(
-                f"random_state must be None, an integer in [0, 2**32) or a "
-                f"numpy RandomState; got {random_state!r}"
-            )
+    _check_random_state(random_state, allow_state=True)
     return n_components, n_neighbors, float(min_dist)
 
 
@@ -551,7 +543,7 @@ def map_and_space(
     space_dim = _check_int("space_dim", space_dim, 1)
     _, n_neighbors, min_dist = _check_params(2, n_neighbors, min_dist, "euclidean", None)
     space_neighbors = _check_int("space_neighbors", space_neighbors, 2)
-    random_state = knn_mod.check_random_state(random_state)
+    random_state = _check_random_state(random_state)
     metric = _check_choice("metric", metric, knn_mod.PREPARE_METRICS)
     if pca_dims is not None and pca_dims != "auto":
         pca_dims = _check_int("pca_dims", pca_dims, 2)
