@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from explorer.table import make_table, sidecar, write_json, write_table
+from explorer.table import make_table, read_table, sidecar, write_json, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 APP_FILES = REPO / "app_files"
@@ -198,3 +198,18 @@ def copy_app(app_dir: Path, csv: Path, dest: Path, sidecars=("run.json",)):
     for f in [csv, *(sidecar(csv, kind) for kind in sidecars)]:
         shutil.copy(f, dest / f.name)
     return dest / app_dir.name, dest / csv.name
+
+
+def app_document(app_dir: Path, *argv):
+    """The app's Bokeh Document as ``bokeh serve APP --args ARGV...`` builds it for a session."""
+    from bokeh.command.util import build_single_handler_application
+
+    return build_single_handler_application(
+        str(app_dir), argv=[str(a) for a in argv]).create_document()
+
+
+def blank_labels(csv: Path) -> None:
+    """Clear the CSV's label column: nobody has labelled anything yet."""
+    df = read_table(csv)
+    df["label"] = ""
+    write_table(df, csv)

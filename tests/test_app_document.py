@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from bokeh.command.util import build_single_handler_application
 from bokeh.models import LassoSelectTool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app  # noqa: E402
+from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app, app_document  # noqa: E402
 
 from explorer.app import downloads  # noqa: E402
 from explorer.table import read_table  # noqa: E402
@@ -37,8 +36,7 @@ def app(built, tmp_path):
 
 
 def make_doc(app_dir, argv):
-    application = build_single_handler_application(str(app_dir), argv=[str(a) for a in argv])
-    return application.create_document()
+    return app_document(app_dir, *argv)
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, make_app, widget as w  # noqa: E402
+from _appdata import click, copy_app, make_app, widget as w, app_document  # noqa: E402
 
 from explorer.table import read_table, write_table  # noqa: E402
 
@@ -33,9 +32,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture
 def doc(built, tmp_path):
-    app = copy_app(*built, tmp_path)
-    application = build_single_handler_application(str(app[0]), argv=[str(app[1])])
-    return application.create_document()
+    return app_document(*copy_app(*built, tmp_path))
 
 
 def open_tab(doc):

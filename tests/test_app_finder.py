@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, plot_positions, widget as w  # noqa: E402
+from _appdata import click, copy_app, plot_positions, widget as w, app_document  # noqa: E402
 from _finderdata import make_finder_app  # noqa: E402
 
 from explorer.stages import concepts as C  # noqa: E402
@@ -35,7 +34,7 @@ def app(built, tmp_path):
 
 
 def make_doc(app_dir, csv):
-    return build_single_handler_application(str(app_dir), argv=[str(csv)]).create_document()
+    return app_document(app_dir, csv)
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import make_app  # noqa: E402
+from _appdata import make_app, blank_labels  # noqa: E402
 
 import _browser as B  # noqa: E402
 from explorer.curation.journal import journal_for  # noqa: E402
-from explorer.table import read_table, write_table  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -28,9 +27,7 @@ LABEL_TAB = 1
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     app_dir, csv = make_app(tmp_path_factory.mktemp("labbrowser"), hostile=False)
-    df = read_table(csv)
-    df["label"] = ""
-    write_table(df, csv)
+    blank_labels(csv)
     return app_dir, csv
 
 

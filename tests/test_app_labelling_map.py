@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, make_app, widget as w  # noqa: E402
+from _appdata import click, copy_app, make_app, widget as w, app_document, blank_labels  # noqa: E402
 
 from explorer.curation import remap  # noqa: E402
 from explorer.app.labelling import CONFIDENCE_COLOURS, LABELLED, REMAP_CLUSTER  # noqa: E402
 from explorer.app.selection import MUTED_COLOR  # noqa: E402
-from explorer.table import read_table, sidecar, write_table  # noqa: E402
+from explorer.table import sidecar  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +26,12 @@ def built(tmp_path_factory):
 @pytest.fixture
 def app(built, tmp_path):
     app_dir, csv = copy_app(*built, tmp_path, sidecars=("run.json", "features.npy"))
-    df = read_table(csv)
-    df["label"] = ""
-    write_table(df, csv)
+    blank_labels(csv)
     return app_dir, csv
 
 
 def make_doc(app):
-    application = build_single_handler_application(str(app[0]), argv=[str(app[1])])
-    return application.create_document()
+    return app_document(*app)
 
 
 def truth(path: str) -> str:

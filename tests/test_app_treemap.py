@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _appdata import click, copy_app, make_app, plot_positions  # noqa: E402
+from _appdata import click, copy_app, make_app, plot_positions, app_document  # noqa: E402
 from _appdata import widget as w  # noqa: E402
 
 from explorer.stages.hierarchy import build_hierarchy  # noqa: E402
@@ -84,7 +83,7 @@ def built(tmp_path_factory):
 @pytest.fixture
 def doc(built, tmp_path):
     app = copy_app(*built, tmp_path, sidecars=("run.json", "features.npy"))
-    return build_single_handler_application(str(app[0]), argv=[str(app[1])]).create_document()
+    return app_document(*app)
 
 
 def _open_tab(doc):

@@ -13,7 +13,7 @@ import pytest
 from bokeh.command.util import build_single_handler_application
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _appdata import copy_app, make_app  # noqa: E402
+from _appdata import copy_app, make_app, app_document  # noqa: E402
 from _appdata import widget as w  # noqa: E402
 
 from explorer.stages import hierarchy as H  # noqa: E402
@@ -83,7 +83,7 @@ def test_the_app_uses_the_stored_hierarchy_without_building(app, built, builds):
     project = P.load_project(app[1], app[0])
     assert project.tree_ready is not None and project.tree_problem is None
     assert list(project.tree_ready.nodes) == list(built[2].nodes)
-    doc = build_single_handler_application(str(app[0]), argv=[str(app[1])]).create_document()
+    doc = app_document(*app)
     _open_treemap(doc)
     tiles = w(doc, "treemap_tiles").data
     assert list(tiles["id"]) == [c.id for c in built[2].children("root")]  # drawn at once
