@@ -114,7 +114,6 @@ def _groups(a: argparse.Namespace, build, root: Path):
     ``--method``."""
     import numpy as np
 
-    from explorer.curation import dedupe
     from explorer.stages import duplicates
 
     df, csv, vec_path = build.table, build.csv_path, build.features_path
@@ -128,15 +127,11 @@ def _groups(a: argparse.Namespace, build, root: Path):
     if not vec_path.is_file():
         raise ValueError(f"--method cnn+orb needs the build's vectors {vec_path.name} beside "
                          f"{csv.name} (a build with the CNN, the default method)")
-    vectors = np.load(vec_path, mmap_mode="r")
-    if vectors.ndim != 2 or len(vectors) != len(df):
-        raise ValueError(f"{vec_path.name} does not have one row per row of {csv.name}; "
-                         "rebuild")
     from explorer.paths import resolver
 
     labels, info = duplicates.group_cnn_orb(
-        np.asarray(vectors, np.float32),
-        duplicates.orb_reader(df["path"].astype(str).tolist(), resolver(root, must_be_image=True)),
+        np.asarray(build.vectors, np.float32),  # checked: one row per CSV row
+        duplicates.orb_reader(build.keys, resolver(root, must_be_image=True)),
         threshold=duplicates.CNN_ORB_THRESHOLD if a.threshold is None else a.threshold)
     print(f"cnn+orb: {info['candidates']} candidate pairs by cosine, {info['links']} linked "
           f"(threshold {info['threshold']})")
