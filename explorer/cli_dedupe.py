@@ -9,7 +9,7 @@
 
 The groups are the build's ``duplicate_group`` column, or (``--method cnn+orb``) regrouped
 from the build's CNN vectors (``NAME.features.npy``) verified by ORB keypoints of the
-images (:func:`explorer.curation.duplicates.group_cnn_orb`: finds edited copies, crops and rotations
+images (:func:`explorer.stages.duplicates.group_cnn_orb`: finds edited copies, crops and rotations
 that the phash misses). Nothing is ever deleted:
 
 * by default the images not kept get the reserved label ``discard`` in the label journal

@@ -603,10 +603,11 @@ def _duplicates(ctx: BuildContext, imgs: Images, index=None):
     """Near-duplicate groups and the phash index they came from: ``(labels, index)``.
 
     phash (from the embedding stage, no decode): ``index`` (the previous run's
-    :class:`explorer.curation.duplicates.DuplicateIndex`, or None) is brought up to date with
-    :func:`explorer.curation.duplicates.regroup`: only images it has not seen are looked up, groups keep
-    their ids. ``cnn+orb``: the CNN vectors' near neighbours verified by ORB keypoints
-    (:func:`explorer.curation.duplicates.group_cnn_orb`). Other methods: :func:`similarity.find_groups`."""
+    :class:`explorer.stages.duplicates.DuplicateIndex`, or None) is brought up to date with
+    :func:`explorer.stages.duplicates.regroup`: only images it has not seen are looked up,
+    groups keep their ids. ``cnn+orb``: the CNN vectors' near neighbours verified by ORB
+    keypoints (:func:`explorer.stages.duplicates.group_cnn_orb`). Other methods:
+    :func:`similarity.find_groups`."""
     o = ctx.opts
     if o.duplicates == "none":
         return None, None
