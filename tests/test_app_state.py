@@ -451,3 +451,48 @@ def test_a_session_holds_only_declared_attributes(state):
     assert isinstance(state, SessionFields)
     undeclared = set(vars(state)) - declared_fields(type(state))
     assert not undeclared, f"undeclared attributes of AppState: {sorted(undeclared)}"
+
+
+def _self_names(cls: type) -> set[str]:
+    """Every ``self.NAME`` that the source of ``cls`` reads, writes or calls."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+
+
+def test_the_parts_of_a_session_use_only_their_own_or_declared_names():
+    """The selection and the curation call each other only through what
+    :class:`explorer.app.session.SessionFields` declares (review §2.2: Curation used 27
+    names it never declared, and the selection called Curation's private
+    ``_neighbours_for``). Renaming ``Curation.neighbours_for`` back to a private name, or
+    calling ``self._as_rows`` from Curation, fails here."""
+    from explorer.app.curation import Curation
+    from explorer.app.selection import SelectionModel
+    from explorer.app.session import SessionFields, declared_fields, declared_operations
+
+    declared = declared_fields(SessionFields) | declared_operations()
+    for part in (SelectionModel, Curation):
+        own = {name for klass in part.__mro__[: part.__mro__.index(SessionFields)] for name in vars(klass)}
+        stray = _self_names(part) - own - declared
+        assert not stray, f"{part.__name__} uses names neither it nor SessionFields declares: {sorted(stray)}"
+
+
+def test_no_app_module_reaches_into_another_objects_private_names():
+    """No private calls across objects in the app tier (review §2.2: the view, the finder
+    and the map image called the state's ``_refuse``, ``_say``, ``_emit`` and ``_cached``
+    19 times): an attribute starting with ``_`` is read only on ``self`` or ``cls``."""
+    import ast
+
+    import explorer.app
+
+    stray = []
+    for path in sorted(Path(explorer.app.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                stray.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert not stray, stray

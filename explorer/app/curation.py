@@ -159,7 +159,8 @@ class Curation(SessionFields):
         return changed
 
     # ------------------------------------------------------------------ neighbours
-    def _neighbours_for(self, rows: np.ndarray, k: int = 12) -> tuple[int, np.ndarray, np.ndarray] | None:
+    def neighbours_for(self, rows: np.ndarray, k: int = 12) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The neighbours of a one-image selection (None for any other selection or without embeddings)."""
         if len(rows) != 1 or not self.has_features:
             return None
         return self.neighbours_compute(int(rows[0]), k)
@@ -384,7 +385,8 @@ class Curation(SessionFields):
         self.emit("map", "message")
         return True
 
-    def _subcluster_labels(self) -> np.ndarray:
+    def subcluster_labels(self) -> np.ndarray:
+        """Every row's drill-down sub-cluster id ("" outside the drill-down)."""
         out = np.full(self.n_rows, "", dtype=object)
         if self.drill:
             top = self.drill[-1]

@@ -154,9 +154,6 @@ class SelectionModel(SessionFields):
         self.say(text, "error")
         self.emit("message")
 
-    # the names panels written before they were public used (kept for merging branches)
-    _emit, _say, _refuse = emit, say, refuse
-
     # ------------------------------------------------------------------ labels
     def _check_label_column(self, col: str) -> None:
         if col not in self.label_columns():
@@ -220,7 +217,7 @@ class SelectionModel(SessionFields):
             elif column == "label" and self.book is not None:
                 arr = np.asarray(self.book.labels_for(self.keys), dtype=object)
             elif column == SUBCLUSTER:
-                arr = self._subcluster_labels()
+                arr = self.subcluster_labels()
             elif column in self.table.columns:
                 arr = label_strings(self.table[column])
             else:
@@ -351,7 +348,7 @@ class SelectionModel(SessionFields):
         self.selection = sel
         self.scope = sel
         self.label_filter = self.present_labels(sel)
-        self.neighbours = None if self.defer_neighbours else self._neighbours_for(sel)
+        self.neighbours = None if self.defer_neighbours else self.neighbours_for(sel)
         self.say(f"{len(sel):,} selected" if len(sel) else "nothing selected")
         self.emit("selection", "filter", "message", "neighbours")
 

@@ -1,21 +1,25 @@
-"""Every attribute of one session's state, declared in one place.
+"""Every attribute of one session's state, and what its parts ask of each other, declared
+in one place.
 
 :class:`explorer.app.state.AppState` is assembled from two parts, the selection
 (:class:`explorer.app.selection.SelectionModel`) and the curation
-(:class:`explorer.app.curation.Curation`); both read and write the attributes declared
-here, and only these (``tests/test_app_state.py`` holds a live session to this list).
-``AppState.__init__`` gives each its first value.
+(:class:`explorer.app.curation.Curation`). Both read and write the attributes declared
+here, and only these; ``AppState.__init__`` gives each its first value. A part calls the
+other (or ``AppState``) only through the operations declared at the end of
+:class:`SessionFields`, each defined by the class its comment names.
+``tests/test_app_state.py`` holds a live session to the attributes, and the source of
+both parts to "its own names or declared ones" (no private names across the parts).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["SessionFields", "declared_fields"]
+__all__ = ["SessionFields", "declared_fields", "declared_operations"]
 
 
 class SessionFields:
@@ -88,6 +92,71 @@ class SessionFields:
     #: (level, text) shown on the page
     message: tuple[str, str]
 
+    # ---------------------------------------------------------------- what the parts offer each other
+    # Declared here so that neither part uses a name it does not define; the definitions
+    # (earlier in AppState's method order) replace these.
+
+    # defined by AppState
+    @property
+    def table(self) -> pd.DataFrame:
+        """The rows (the project's, or this session's after a metadata join)."""
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> list[str]:
+        """Every row's journal key."""
+        raise NotImplementedError
+
+    def label_columns(self) -> list[str]:
+        """Columns the map can be coloured by."""
+        raise NotImplementedError
+
+    # defined by SelectionModel
+    def emit(self, *aspects: str) -> None:
+        """Tell every view that ``aspects`` changed."""
+        raise NotImplementedError
+
+    def say(self, text: str, level: str = "info") -> None:
+        """Set the page's message."""
+        raise NotImplementedError
+
+    def refuse(self, text: str) -> None:
+        """Show ``text`` as an error now."""
+        raise NotImplementedError
+
+    def select(self, rows: Iterable[int], mode: str = "replace") -> None:
+        """Combine ``rows`` with the selection by ``mode``."""
+        raise NotImplementedError
+
+    def labels(self, column: str | None = None) -> np.ndarray:
+        """Every row's value (string) in ``column``."""
+        raise NotImplementedError
+
+    def invalidate_labels(self, column: str | None = None) -> None:
+        """Forget derived label data."""
+        raise NotImplementedError
+
+    def muted_value(self, column: str | None = None) -> str:
+        """The value of ``column`` that means "no group"."""
+        raise NotImplementedError
+
+    def present_labels(self, rows: np.ndarray | None = None) -> tuple[str, ...]:
+        """The colour column's values present in ``rows`` (default: the selection)."""
+        raise NotImplementedError
+
+    # defined by Curation
+    def labelled(self, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """The table (or its ``rows``) with its current ``label`` column."""
+        raise NotImplementedError
+
+    def neighbours_for(self, rows: np.ndarray, k: int = 12) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The neighbours of a one-image selection (None otherwise)."""
+        raise NotImplementedError
+
+    def subcluster_labels(self) -> np.ndarray:
+        """Every row's drill-down sub-cluster id ("" outside the drill-down)."""
+        raise NotImplementedError
+
 
 def declared_fields(cls: type) -> set[str]:
     """Names declared (annotated) on ``cls`` and its bases."""
@@ -95,3 +164,8 @@ def declared_fields(cls: type) -> set[str]:
     for klass in cls.__mro__:
         names.update(vars(klass).get("__annotations__", {}))
     return names
+
+
+def declared_operations() -> set[str]:
+    """The operations the parts of a session offer each other (declared on :class:`SessionFields`)."""
+    return {name for name in vars(SessionFields) if not name.startswith("__")}
