@@ -31,18 +31,27 @@ def as_matrix(a: Any, name: str, dtype, *, cols: str = "D", nan_hint: str = "",
     return a
 
 
-def check_int(name: str, value: Any, minimum: int, error: type[ValueError] = ValueError) -> int:
-    """``value`` as an int >= ``minimum``; ``error`` (a ``ValueError``) naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise error(f"{name} must be an integer >= {minimum}; got {value!r}")
+def check_int(name: str, value: Any, minimum: int, error: type[ValueError] = ValueError, *,
+              maximum: int | None = None, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= ``minimum`` (and <= ``maximum`` when given; ``None`` passes
+    with ``allow_none``); ``error`` (a ``ValueError``) naming the name and the value otherwise.
+    The one integer check of the package (the bare ``int`` check: ``bool`` is refused)."""
+    if value is None and allow_none:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        extra = " or None" if allow_none else ""
+        raise error(f"{name} must be an integer {span}{extra}; got {value!r}")
     return int(value)
 
 
-def check_random_state(random_state: Any, *, allow_state: bool = False) -> Any:
-    """``None`` or an int in [0, 2**32) (with ``allow_state``, also a
-    ``numpy.random.RandomState``, returned as it is); ValueError naming the bad value
-    otherwise."""
-    if random_state is None:
+def check_random_state(random_state: Any, *, allow_state: bool = False, allow_none: bool = True,
+                       name: str = "random_state") -> Any:
+    """``None`` (unless ``allow_none`` is false) or an int in [0, 2**32) (with
+    ``allow_state``, also a ``numpy.random.RandomState``, returned as it is); ValueError
+    naming ``name`` and the bad value otherwise. The one seed check of the package."""
+    if random_state is None and allow_none:
         return None
     if allow_state and isinstance(random_state, np.random.RandomState):
         return random_state
@@ -51,7 +60,10 @@ def check_random_state(random_state: Any, *, allow_state: bool = False) -> Any:
         or not isinstance(random_state, numbers.Integral)
         or not 0 <= random_state < 2**32
     ):
-        kinds = ("None, an integer in [0, 2**32) or a numpy RandomState" if allow_state
-                 else "None or an integer in [0, 2**32)")
-        raise ValueError(f"random_state must be {kinds}; got {random_state!r}")
+        kinds = "an integer in [0, 2**32)"
+        if allow_state:
+            kinds += " or a numpy RandomState"
+        if allow_none:
+            kinds = "None, " + kinds if allow_state else "None or " + kinds
+        raise ValueError(f"{name} must be {kinds}; got {random_state!r}")
     return int(random_state)

@@ -62,6 +62,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from explorer._checks import check_int
 from explorer.table import sidecar
 
 __all__ = ["Journal", "JournalError", "JournalWarning", "journal_for", "change_groups"]
@@ -504,8 +505,7 @@ class Journal:
 
     def read_since(self, seq: int) -> list[dict]:
         """Records with ``seq`` greater than ``seq`` (for polling changes made by other tabs)."""
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise ValueError(f"seq must be an integer >= 0, got {seq!r}")
+        seq = check_int("seq", seq, 0)
         with self._reading() as conn:
             if conn is None:
                 return []

@@ -57,6 +57,8 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from explorer._checks import check_int
 import pandas as pd
 
 from explorer.curation.journal import Journal, change_groups
@@ -751,8 +753,7 @@ def propose_labels(
               for v in labels]
     if len(labels) != X.shape[0]:
         raise ValueError(f"got {len(labels)} labels for {X.shape[0]} embeddings")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = check_int("k", k, 1)
     if not (isinstance(min_agreement, (int, float)) and 0 < min_agreement <= 1):
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement!r}")
     cols = {"index": np.int64, "proposed_label": object, "confidence": float,

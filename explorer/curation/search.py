@@ -33,6 +33,7 @@ import numpy as np
 
 from explorer.stages import concepts as C
 from explorer import dataset, table
+from explorer._checks import check_int
 from explorer.paths import user_cache_dir
 
 if TYPE_CHECKING:
@@ -276,8 +277,7 @@ def search(build: "Build | str | os.PathLike", text: str | None = None,
     """
     if (text is None or not str(text).strip()) == (image is None):
         raise SearchError("give either a text query or --image FILE (exactly one)")
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise SearchError(f"top must be an integer >= 1, got {top!r}")
+    top = check_int("top", top, 1, error=SearchError)
     if text_model is not None and image is not None:
         raise SearchError("--text-model is for text queries; --image uses the build's model")
     build = dataset.open(build)

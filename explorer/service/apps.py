@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from explorer._checks import check_int
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "content-length", "host",
@@ -124,13 +126,10 @@ class AppServers:
 
     def __init__(self, data_dir: Path, idle: float = 1800.0, max_running: int = 8,
                  start_timeout: float = 90.0, max_per_user: int = 3):
-        for name, v in (("max_running", max_running), ("max_per_user", max_per_user)):
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.data_dir = Path(data_dir)
         self.idle = idle
-        self.max_running = max_running
-        self.max_per_user = max_per_user
+        self.max_running = check_int("max_running", max_running, 1)
+        self.max_per_user = check_int("max_per_user", max_per_user, 1)
         self.start_timeout = start_timeout
         self.live = LiveSessions()
         self._sock_dir: Path | None = None

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from explorer._checks import check_int
 from explorer.service.db import DB
 
 INTERRUPTED = ("the service stopped while this job was running; it was not finished "
@@ -49,8 +50,7 @@ def _signal_name(code: int) -> str:
 class JobQueue:
     def __init__(self, db: DB, data_dir: Path, concurrency: int = 1, poll: float = 0.2,
                  worker: str = "explorer.service.worker", max_seconds: float = 6 * 3600.0):
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        concurrency = check_int("concurrency", concurrency, 1)
         if not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
             raise ValueError(f"max_seconds must be a number > 0, got {max_seconds!r}")
         self.max_seconds = float(max_seconds)

@@ -64,6 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from explorer._checks import as_matrix
+from explorer._checks import check_int
 from explorer._checks import check_random_state as _check_random_state
 
 #: the methods :func:`cluster` accepts
@@ -170,18 +171,6 @@ def _check_Z(Z: Any) -> np.ndarray:
     return as_matrix(Z, "Z", np.float64, cols="d")
 
 
-def _int_param(name: str, value: Any, minimum: int, allow_none: bool = False,
-               maximum: int | None = None) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
-            or (maximum is not None and value > maximum):
-        extra = " or None" if allow_none else ""
-        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise ValueError(f"{name} must be an integer {span}{extra}; got {value!r}")
-    return int(value)
-
-
 def _float_param(name: str, value: Any, lo: float, hi: float, *, lo_open=False) -> float:
     ok = (
         not isinstance(value, bool)
@@ -207,7 +196,7 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
 def check_k_max(value: Any) -> int:
     """``k_max`` as an int in 2..:data:`K_MAX_LIMIT`; ValueError naming the value otherwise
     (the one check, for builds and the service's build requests alike)."""
-    return _int_param("k_max", value, 2, maximum=K_MAX_LIMIT)
+    return check_int("k_max", value, 2, maximum=K_MAX_LIMIT)
 
 
 def _merge_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +213,7 @@ def _merge_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
     """Check every parameter of ``method``; ValueError names the bad one."""
     if method in ("kmeans", "agglomerative", "gmm"):
-        p["k"] = _int_param("k", p["k"], 1, allow_none=True)
+        p["k"] = check_int("k", p["k"], 1, allow_none=True)
         p["k_max"] = check_k_max(p["k_max"])
     if method == "agglomerative":
         _choice("linkage", p["linkage"], _LINKAGES)
@@ -236,8 +225,8 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
             if isinstance(mcs, numbers.Real) and not isinstance(mcs, (bool, numbers.Integral)):
                 _float_param("min_cluster_size (as a fraction of N)", mcs, 0.0, 1.0, lo_open=True)
             else:
-                _int_param("min_cluster_size", mcs, 2)
-        p["min_samples"] = _int_param("min_samples", p["min_samples"], 1, allow_none=True)
+                check_int("min_cluster_size", mcs, 2)
+        p["min_samples"] = check_int("min_samples", p["min_samples"], 1, allow_none=True)
         _choice("cluster_selection_method", p["cluster_selection_method"], ("eom", "leaf"))
         p["cluster_selection_epsilon"] = _float_param(
             "cluster_selection_epsilon", p["cluster_selection_epsilon"], 0.0, math.inf
@@ -248,7 +237,7 @@ def _validate(method: str, p: dict[str, Any]) -> dict[str, Any]:
     if method == "dbscan":
         if p["eps"] is not None:
             p["eps"] = _float_param("eps", p["eps"], 0.0, math.inf, lo_open=True)
-        p["min_samples"] = _int_param("min_samples", p["min_samples"], 1)
+        p["min_samples"] = check_int("min_samples", p["min_samples"], 1)
         p["eps_quantile"] = _float_param("eps_quantile", p["eps_quantile"], 0.0, 1.0, lo_open=True)
     if method == "auto":
         p["k_max"] = check_k_max(p["k_max"])
@@ -496,7 +485,7 @@ def assign_new(Z_old: Any, labels_old: Any, Z_new: Any, *, k: int = 10
     """
     from sklearn.neighbors import NearestNeighbors
 
-    k = _int_param("k", k, 1)
+    k = check_int("k", k, 1)
     Z_old = as_matrix(Z_old, "Z_old", np.float64, cols="d")
     Z_new = as_matrix(Z_new, "Z_new", np.float64, cols="d")
     labels_old = np.asarray(labels_old)

@@ -29,6 +29,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from explorer._checks import check_int
+
 #: classes kept per image in ``NAME.concepts.npz``
 TOP_K = 5
 #: share of a cluster's images that must share a folder / metadata value for it to name it
@@ -160,8 +162,7 @@ def top_concepts(probs: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndar
     P = np.asarray(probs, dtype=np.float32)
     if P.ndim != 2:
         raise ConceptError(f"probabilities must be 2-D, got shape {P.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P.shape[1]:
-        raise ConceptError(f"k must be an integer in [1, {P.shape[1]}], got {k!r}")
+    k = check_int("k", k, 1, error=ConceptError, maximum=P.shape[1])
     idx = np.argpartition(-P, k - 1, axis=1)[:, :k]
     p = np.take_along_axis(P, idx, axis=1)
     order = np.argsort(-p, axis=1, kind="stable")

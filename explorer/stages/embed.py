@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from explorer._checks import check_int
 from explorer.inputs.archives import Member
 from explorer.stages.images import stat_item
 from explorer.stages.engines.decode import Decoder, Item  # noqa: F401 - re-exported
@@ -184,18 +185,11 @@ def embed_paths(
     precision = resolve_precision(precision, device)
     if batch_size is None:
         batch_size = DEFAULT_BATCH[kind]
-    for pname, val in (("batch_size", batch_size), ("thumb_size", thumb_size),
-                       ("threads", threads)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"{pname} must be a positive int, got {val!r}")
-    if workers is None:
-        workers = _default_workers()
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    if chunk_size is None:
-        chunk_size = 4 * batch_size
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    thumb_size = check_int("thumb_size", thumb_size, 1)
+    threads = check_int("threads", threads, 1)
+    workers = check_int("workers", _default_workers() if workers is None else workers, 1)
+    chunk_size = check_int("chunk_size", 4 * batch_size if chunk_size is None else chunk_size, 1)
     if jit not in (True, False, "auto"):
         raise ValueError(f"jit must be True, False or 'auto', got {jit!r}")
     if runtime not in ("auto", "torch", "onnx"):

@@ -29,6 +29,7 @@ import numpy as np
 
 from explorer._checks import as_matrix
 from explorer._checks import check_int as _check_int
+from explorer._checks import check_random_state
 
 __all__ = [
     "NOISE",
@@ -58,14 +59,6 @@ MIN_RECLUSTER = 6
 # ---------------------------------------------------------------------- helpers
 def _check_embeddings(X, name: str = "embeddings") -> np.ndarray:
     return as_matrix(X, name, np.float32, cols="dim", empty_1d_ok=False)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
-
-
 
 
 def _normalize_rows(X: np.ndarray) -> np.ndarray:
@@ -151,7 +144,7 @@ def recluster(
 
     X = _check_embeddings(embeddings_subset, "embeddings_subset")
     parent = _parent_id(parent_id)
-    seed = _check_seed(seed)
+    seed = check_random_state(seed, allow_none=False, name="seed")
     n = X.shape[0]
     if n == 0:
         raise ValueError("the selection is empty: select at least one image to re-cluster")
@@ -486,7 +479,7 @@ def build_hierarchy(
     min_size = _check_int("min_size", min_size, 1)
     max_depth = _check_int("max_depth", max_depth, 0)
     n_representatives = _check_int("n_representatives", n_representatives, 1)
-    seed = _check_seed(seed)
+    seed = check_random_state(seed, allow_none=False, name="seed")
     from threadpoolctl import threadpool_limits
 
     # thousands of small products: one BLAS thread is many times faster than several on a

