@@ -30,6 +30,7 @@ import numpy as np
 from explorer._checks import as_matrix
 from explorer._checks import check_int as _check_int
 from explorer._checks import check_random_state
+from explorer.stages.cluster import kmeans
 
 __all__ = [
     "NOISE",
@@ -390,61 +391,6 @@ def _reduced_rows(embeddings, seed: int) -> np.ndarray:
     return Y
 
 
-def _nearest_centre(Y: np.ndarray, centres: np.ndarray, chunk: int = _CHUNK) -> np.ndarray:
-    c = centres.astype(np.float32)
-    c2 = (c * c).sum(axis=1)
-    out = np.empty(len(Y), dtype=np.int64)
-    for s in range(0, len(Y), chunk):
-        out[s:s + chunk] = (c2[None, :] - 2.0 * (Y[s:s + chunk] @ c.T)).argmin(axis=1)
-    return out
-
-
-def _plusplus(F: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each next centre drawn with probability ~ squared distance."""
-    m = len(F)
-    f2 = np.einsum("ij,ij->i", F, F)
-    idx = [int(rng.integers(m))]
-    d2 = np.maximum(f2 - 2.0 * (F @ F[idx[0]]) + f2[idx[0]], 0.0)
-    for _ in range(1, k):
-        cum = np.cumsum(d2, dtype=np.float64)
-        total = float(cum[-1])
-        j = int(rng.integers(m)) if total <= 0 else min(int(np.searchsorted(cum, rng.random() * total)), m - 1)
-        idx.append(j)
-        d2 = np.minimum(d2, np.maximum(f2 - 2.0 * (F @ F[j]) + f2[j], 0.0))
-    return F[idx].astype(np.float64)
-
-
-def _kmeans(Y: np.ndarray, k: int, seed: int, max_iter: int = 20) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding on float32 rows; deterministic for a seed.
-
-    A small vectorised numpy loop instead of ``sklearn.cluster.KMeans``: a hierarchy of
-    1M images makes thousands of small splits, where the estimator's fixed cost dominated
-    (``bench/treemap.py``). Fits on at most :data:`KMEANS_FIT_POINTS` rows and stops when
-    at most 0.5% of them change group."""
-    n = len(Y)
-    rng = np.random.default_rng(seed)
-    fit = Y if n <= KMEANS_FIT_POINTS else Y[np.sort(rng.choice(n, KMEANS_FIT_POINTS,
-                                                              replace=False))]
-    m = len(fit)
-    centres = _plusplus(fit, k, rng)
-    lab = _nearest_centre(fit, centres)
-    onehot = np.zeros((m, k), dtype=fit.dtype)  # same dtype as fit: a BLAS product
-    rows = np.arange(m)
-    for _ in range(max_iter):
-        onehot[rows, lab] = 1.0
-        counts = onehot.sum(axis=0)
-        sums = (onehot.T @ fit).astype(np.float64)
-        onehot[rows, lab] = 0.0
-        have = counts > 0
-        centres[have] = sums[have] / counts[have, None]
-        new = _nearest_centre(fit, centres)
-        changed = int(np.count_nonzero(new != lab))
-        lab = new
-        if changed <= m // 200:
-            break
-    return lab if fit is Y else _nearest_centre(Y, centres)
-
-
 def _representatives(sub: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
     """The ``n`` members whose rows ``sub`` (= ``Y[members]``) lie nearest their mean."""
     c = sub.mean(axis=0)
@@ -513,7 +459,7 @@ def _build(embeddings, branching: int, min_size: int, max_depth: int, n_represen
         sub = Y if node.parent is None else Y[m]
         if float(np.ptp(sub, axis=0).max()) == 0.0:  # all identical: cannot split
             continue
-        lab = _kmeans(sub, k, seed)
+        lab = kmeans(sub, k, seed, fit_points=KMEANS_FIT_POINTS).labels
         counts = np.bincount(lab, minlength=k)
         if np.count_nonzero(counts) < 2:
             continue
