@@ -730,29 +730,32 @@ def kmeans(Y: np.ndarray, k: int, seed: Any = None, *, n_init: int = 1, max_iter
     ``MiniBatchKMeans(n_init=3)``, the same adjusted Rand index to the true blobs, 0.957
     and 0.958; the elbow k=1..20 on 10,000 rows: 3.4 s against 16.0 s for ``KMeans(n_init=4)``,
     inertias within 0.4%; 2 busy cores, load 5-6).
-    """
-    from threadpoolctl import threadpool_limits
 
+    Run it under ``threadpoolctl.threadpool_limits(1)``, as the callers here do: many small
+    products, where one BLAS thread is many times faster than several on a busy machine
+    (20 ms instead of 0.3 ms per 4096 x 16 x 32 product at load 9). The limit is not taken
+    here because entering it costs about 6 ms, and the hierarchy calls this thousands of times.
+    """
     n = len(Y)
     rng = np.random.default_rng(seed)
     fit = Y if fit_points is None or n <= fit_points else \
         Y[np.sort(rng.choice(n, fit_points, replace=False))]
     best: tuple[np.ndarray, np.ndarray, float] | None = None
-    # many small products: one BLAS thread is many times faster than several on a busy
-    # machine (measured: 20 ms instead of 0.3 ms per 4096 x 16 x 32 product at load 9)
-    with threadpool_limits(1):
-        for _ in range(n_init):
-            got = _lloyd(fit, k, rng, max_iter, tol, 2 + int(math.log(k)) if greedy else 1)
-            if best is None or got[2] < best[2]:
-                best = got
-        lab, centres, inertia = best
-        return KMeansFit(lab if fit is Y else _nearest_centre(Y, centres), centres, inertia)
+    for _ in range(n_init):
+        got = _lloyd(fit, k, rng, max_iter, tol, 2 + int(math.log(k)) if greedy else 1)
+        if best is None or got[2] < best[2]:
+            best = got
+    lab, centres, inertia = best
+    return KMeansFit(lab if fit is Y else _nearest_centre(Y, centres), centres, inertia)
 
 
 def _kmeans(Z: np.ndarray, k: int, random_state) -> KMeansFit:
     """The build's k-means: the best of 4 starts, each run until at most 0.1% of the points change group."""
-    return kmeans(Z, k, random_state, n_init=4, max_iter=100, tol=1e-3, fit_points=KMEANS_FIT_LIMIT,
-                  greedy=True)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return kmeans(Z, k, random_state, n_init=4, max_iter=100, tol=1e-3,
+                      fit_points=KMEANS_FIT_LIMIT, greedy=True)
 
 
 def _fit_kmeans(Z: np.ndarray, p: dict[str, Any], random_state, notes: list[str]):
