@@ -225,13 +225,13 @@ def embed_paths(
     if own_store:
         store = Store(store)
     try:
-        return _embed(paths, name=name, checkpoint=checkpoint, batch_size=batch_size,
-                      store=store, thumb_size=thumb_size, sink=sink, progress=progress,
-                      workers=workers, threads=threads, jit=jit, precision=precision,
-                      device=device, loader=loader, engine=engine, ray_address=ray_address,
-                      chunk_size=chunk_size, max_bytes=max_bytes, n_stats=n_stats,
-                      t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode),
-                      graphs=graphs, runtime=runtime)
+        return _embed(paths, EmbedRun(
+            name=name, checkpoint=checkpoint, batch_size=batch_size, store=store,
+            thumb_size=thumb_size, sink=sink, progress=progress, workers=workers,
+            threads=threads, jit=jit, precision=precision, device=device, loader=loader,
+            engine=engine, ray_address=ray_address, chunk_size=chunk_size, max_bytes=max_bytes,
+            n_stats=n_stats, t_start=t_start, keep=bool(vectors), gpu_decode=bool(gpu_decode),
+            graphs=graphs, runtime=runtime))
     finally:
         if own_store:
             store.close()
@@ -326,20 +326,86 @@ class _NoStore:
         return contextlib.nullcontext()
 
 
-def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, progress, workers,
-           threads, jit, precision, device, loader, engine, ray_address, chunk_size,
-           max_bytes, n_stats, t_start, keep=True, gpu_decode=False, graphs=(False, True),
-           runtime="auto") -> EmbedResult:
-    paths = [p if isinstance(p, Member) else Path(p) for p in paths]  # archive members stay
-    n = len(paths)
-    st: Store | _NoStore = store if store is not None else _NoStore()
-    timings: dict[str, float] = {"model_load": 0.0, "decode": 0.0, "forward": 0.0}
-    errors: dict[int, str] = {}
+@dataclass
+class EmbedRun:
+    """One call of :func:`embed_paths`: its checked options, then what each step of
+    :func:`_embed` finds (steps 1-3 fill the plan, step 4 the model; :class:`_Collected`
+    holds what the files give)."""
 
-    # --- 1. stat every file (refuse the too large ones unread), known hashes by path
-    sizes = np.zeros(n, np.int64)
-    mtimes = np.zeros(n, np.int64)
-    for i, p in enumerate(paths):
+    # ---- the options, checked by embed_paths
+    name: str
+    checkpoint: Any
+    batch_size: int
+    store: Any  # a Store, or a _NoStore that keeps nothing
+    thumb_size: int
+    sink: Any
+    progress: bool
+    workers: int
+    threads: int
+    jit: bool | str
+    precision: str
+    device: str
+    loader: bool
+    engine: str
+    ray_address: str | None
+    chunk_size: int
+    max_bytes: int | None
+    n_stats: int
+    t_start: float
+    keep: bool = True
+    gpu_decode: bool = False
+    graphs: tuple = (False, True)
+    runtime: str = "auto"
+    # ---- 1. the files
+    paths: list = field(default_factory=list)
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"model_load": 0.0, "decode": 0.0, "forward": 0.0})
+    #: file index -> why it was skipped
+    errors: dict[int, str] = field(default_factory=dict)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    mtimes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: indices of the files that can be read
+    live: list[int] = field(default_factory=list)
+    #: each file's content hash when the store knows its path unchanged
+    known: list[str | None] = field(default_factory=list)
+    # ---- 2. the model key
+    use_jit: bool | str = False
+    requested_key: str = ""
+    mid: int = 0
+    # ---- 3. what is done already
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    work: list[int] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)
+    need_model: bool = False
+    # ---- 4. the model (runner, prep, info: what the engines read) and its width
+    model: dict[str, Any] = field(default_factory=lambda: {"runner": None, "prep": None, "info": None})
+    dim: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+
+def _embed(paths, run: EmbedRun) -> EmbedResult:
+    """The five steps of :func:`embed_paths` over ``run`` (options checked)."""
+    run.paths = [p if isinstance(p, Member) else Path(p) for p in paths]  # archive members stay
+    if run.store is None:
+        run.store = _NoStore()
+    _stat_files(run)
+    _choose_key(run)
+    _plan_work(run)
+    _open_model(run)
+    got = _Collected.empty(run)
+    decoder = _embed_work(run, got)
+    _fill_from_store(run, got)
+    return _result(run, got, decoder)
+
+
+def _stat_files(run: EmbedRun) -> None:
+    """1. stat every file (refuse the too large ones unread), known hashes by path."""
+    n, errors = run.n, run.errors
+    run.sizes, run.mtimes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for i, p in enumerate(run.paths):
         try:
             size, mtime = stat_item(p)
         except FileNotFoundError:
@@ -348,211 +414,257 @@ def _embed(paths, *, name, checkpoint, batch_size, store, thumb_size, sink, prog
         except OSError as exc:
             errors[i] = f"cannot read ({exc.strerror or exc})"
             continue
-        sizes[i], mtimes[i] = size, mtime
-        if max_bytes is not None and size > max_bytes:
+        run.sizes[i], run.mtimes[i] = size, mtime
+        if run.max_bytes is not None and size > run.max_bytes:
             from explorer.stages.images import _too_large
 
-            errors[i] = _too_large(size, max_bytes)
-    live = [i for i in range(n) if i not in errors]
-    known: list[str | None] = [None] * n
-    for i, h in zip(live, st.known_hashes([paths[i] for i in live], sizes[live], mtimes[live])):
-        known[i] = h
+            errors[i] = _too_large(size, run.max_bytes)
+    live = run.live = [i for i in range(n) if i not in errors]
+    run.known = [None] * n
+    found = run.store.known_hashes([run.paths[i] for i in live], run.sizes[live], run.mtimes[live])
+    for i, h in zip(live, found):
+        run.known[i] = h
 
-    # --- 2. the model key: graph (eager / jit / onnx) and precision as they will be used
-    keys = {g: model_key(name, checkpoint, precision, g) for g in graphs}
-    kh = [known[i] for i in live if known[i] is not None]
+
+def _choose_key(run: EmbedRun) -> None:
+    """2. the model key: graph (eager / jit / onnx) and precision as they will be used."""
+    st, graphs = run.store, run.graphs
+    keys = {g: model_key(run.name, run.checkpoint, run.precision, g) for g in graphs}
+    kh = [run.known[i] for i in run.live if run.known[i] is not None]
     present = {}
     for g in graphs:
         g_id = st.model_id(keys[g], create=False) if kh else None
         present[g] = int((st.rows(g_id, kh) >= 0).sum()) if g_id is not None else 0
-    if runtime == "onnx":
+    if run.runtime == "onnx":
         use_jit = "onnx"
-    elif jit != "auto":
-        use_jit = bool(jit)
+    elif run.jit != "auto":
+        use_jit = bool(run.jit)
     elif any(present.values()):  # keep using the kind most of these vectors are (ties: last)
         use_jit = max(reversed(graphs), key=lambda g: present[g])
     elif "onnx" in graphs:
         use_jit = "onnx"
     else:
-        use_jit = len(live) >= JIT_MIN_IMAGES
-    requested_key = keys[use_jit]
-    mid = st.model_id(requested_key)
+        use_jit = len(run.live) >= JIT_MIN_IMAGES
+    run.use_jit = use_jit
+    run.requested_key = keys[use_jit]
+    run.mid = st.model_id(run.requested_key)
 
-    # --- 3. what is done already: known path, vector and decode facts, no thumbnail wanted
-    rows = np.full(n, -1, np.int64)
-    complete = np.zeros(n, bool)  # the store has size, phash and stats (this thumb side)
-    if kh:
-        kidx = [i for i in live if known[i] is not None]
-        rows[kidx] = st.rows(mid, kh)
-        complete[kidx] = st.image_facts(kh, n_stats, thumb_size).complete
-    del kh
-    work, done = [], []
-    for i in live:
+
+def _plan_work(run: EmbedRun) -> None:
+    """3. what is done already: known path, vector and decode facts, no thumbnail wanted."""
+    st, known, sink = run.store, run.known, run.sink
+    rows = run.rows = np.full(run.n, -1, np.int64)
+    complete = np.zeros(run.n, bool)  # the store has size, phash and stats (this thumb side)
+    kidx = [i for i in run.live if known[i] is not None]
+    if kidx:
+        kh = [known[i] for i in kidx]
+        rows[kidx] = st.rows(run.mid, kh)
+        complete[kidx] = st.image_facts(kh, run.n_stats, run.thumb_size).complete
+    for i in run.live:
         h = known[i]
         if (h is not None and rows[i] >= 0 and complete[i]
                 and not (sink is not None and sink.need(i, h))):
-            done.append(i)
+            run.done.append(i)
         else:
-            work.append(i)
-    del complete
-    need_model = any(known[i] is None or rows[i] < 0 for i in work)
+            run.work.append(i)
+    run.need_model = any(known[i] is None or rows[i] < 0 for i in run.work)
 
-    # --- 4. the model, when anything may need a forward pass
-    state: dict[str, Any] = {"runner": None, "prep": None, "info": None}
-    if need_model and engine == "local":
+
+def _open_model(run: EmbedRun) -> None:
+    """4. the model, when anything may need a forward pass (the Ray actors load their own)."""
+    if run.need_model and run.engine == "local":
         t0 = time.perf_counter()
         runner, prep, info = open_runner(
-            name, checkpoint, batch_size=batch_size, graph=use_jit, precision=precision,
-            device=device, threads=threads,
-            onnx_cache=_onnx_cache(requested_key) if use_jit == "onnx" else None,
-            onnx_required=runtime == "onnx")
-        dim = info["embedding_dim"]
-        state.update(runner=runner, prep=prep, info=info)
-        timings["model_load"] = time.perf_counter() - t0
-        actual_key = model_key(name, checkpoint, runner.precision, runner.jit)
-        if actual_key != requested_key:  # bf16 or tracing fell back: key what was used
-            mid = st.alias(requested_key, actual_key)
-            _recheck(st, mid, known, done, work, rows)
-    elif need_model:  # ray: the actors load the model; the driver only needs the shape
+            run.name, run.checkpoint, batch_size=run.batch_size, graph=run.use_jit,
+            precision=run.precision, device=run.device, threads=run.threads,
+            onnx_cache=_onnx_cache(run.requested_key) if run.use_jit == "onnx" else None,
+            onnx_required=run.runtime == "onnx")
+        run.dim = info["embedding_dim"]
+        run.model.update(runner=runner, prep=prep, info=info)
+        run.timings["model_load"] = time.perf_counter() - t0
+        actual_key = model_key(run.name, run.checkpoint, runner.precision, runner.jit)
+        if actual_key != run.requested_key:  # bf16 or tracing fell back: key what was used
+            run.mid = run.store.alias(run.requested_key, actual_key)
+            _recheck(run.store, run.mid, run.known, run.done, run.work, run.rows)
+    elif run.need_model:  # ray: the actors load the model; the driver only needs the shape
         from explorer.stages import ray_engine
 
-        dim, prep_cfg, info = ray_engine.model_shape(name, checkpoint)
-        state.update(prep=Preprocessor(prep_cfg), info=info)
-        state["info"].update(jit=use_jit, precision=precision)
+        run.dim, prep_cfg, info = ray_engine.model_shape(run.name, run.checkpoint)
+        run.model.update(prep=Preprocessor(prep_cfg), info=info)
+        run.model["info"].update(jit=run.use_jit, precision=run.precision)
     else:
-        dim = st.dim(mid) or 0
+        run.dim = run.store.dim(run.mid) or 0
 
-    out = np.empty((n if keep else 0, dim), np.float32)
-    have = np.zeros(n, bool)  # rows of out that are filled
-    hashes: list[str | None] = list(known)
-    width = np.zeros(n, np.int64)
-    height = np.zeros(n, np.int64)
-    sized = np.zeros(n, bool)  # width/height known (decoded now or read from the store)
-    phash = np.zeros(n, np.uint64)
-    stats = np.full((n, n_stats), np.nan, np.float32)
-    n_read = n_decoded = 0
 
-    decoder = Decoder(state["prep"], thumb_size=thumb_size, max_bytes=max_bytes, sink=sink,
-                      store_path=(str(st.folder / "index.sqlite") if st.folder is not None
-                                  else None), model_id=mid, n_stats=n_stats,
-                      raw_jpeg=gpu_decode and engine == "local")
-    tasks = [(i, paths[i], known[i]) for i in work]
+@dataclass
+class _Collected:
+    """What the files give, per file index: the vectors (``out``, rows filled where
+    ``have``), hashes, sizes, phash and statistics."""
 
-    def take(items: list[Item], vecs: np.ndarray | None) -> None:
-        # items whose vector was made now carry a (emptied) pixels array, in vecs' order
-        nonlocal n_read, n_decoded
+    out: np.ndarray
+    have: np.ndarray
+    hashes: list[str | None]
+    width: np.ndarray
+    height: np.ndarray
+    #: width/height known (decoded now or read from the store)
+    sized: np.ndarray
+    phash: np.ndarray
+    stats: np.ndarray
+    n_read: int = 0
+    n_decoded: int = 0
+
+    @classmethod
+    def empty(cls, run: EmbedRun) -> "_Collected":
+        n = run.n
+        return cls(out=np.empty((n if run.keep else 0, run.dim), np.float32),
+                   have=np.zeros(n, bool), hashes=list(run.known),
+                   width=np.zeros(n, np.int64), height=np.zeros(n, np.int64),
+                   sized=np.zeros(n, bool), phash=np.zeros(n, np.uint64),
+                   stats=np.full((n, run.n_stats), np.nan, np.float32))
+
+    def take(self, run: EmbedRun, items: list[Item], vecs: np.ndarray | None) -> None:
+        """Keep a run of decoded items and their vectors, and write them to the store.
+        Items whose vector was made now carry an (emptied) pixels array, in ``vecs``' order."""
+        st = run.store
         infos, files = [], []
         for it in items:
             if it.error is not None:
-                errors[it.index] = it.error
+                run.errors[it.index] = it.error
                 continue
-            n_read += 1
-            hashes[it.index] = it.hash
+            self.n_read += 1
+            self.hashes[it.index] = it.hash
             files.append(it)
             if it.decoded:
-                n_decoded += 1
-                width[it.index], height[it.index] = it.size
-                sized[it.index] = True
-                phash[it.index] = np.uint64(it.phash)
-                stats[it.index] = it.stats
+                self.n_decoded += 1
+                self.width[it.index], self.height[it.index] = it.size
+                self.sized[it.index] = True
+                self.phash[it.index] = np.uint64(it.phash)
+                self.stats[it.index] = it.stats
                 infos.append(it)
         fresh = [it for it in items if it.error is None and it.pixels is not None]
         if fresh:
             idx = [it.index for it in fresh]
-            if keep:
-                out[idx] = vecs
-            have[idx] = True
+            if run.keep:
+                self.out[idx] = vecs
+            self.have[idx] = True
         with st.transaction():
             if fresh:
-                st.put(mid, [it.hash for it in fresh], vecs)
+                st.put(run.mid, [it.hash for it in fresh], vecs)
             if infos:
                 st.put_images([it.hash for it in infos], [it.size[0] for it in infos],
                               [it.size[1] for it in infos], [it.phash for it in infos],
-                              [it.stats for it in infos], thumb_size)
+                              [it.stats for it in infos], run.thumb_size)
             if files:
-                st.put_files([paths[it.index] for it in files], sizes[[it.index for it in files]],
-                             mtimes[[it.index for it in files]], [it.hash for it in files])
+                at = [it.index for it in files]
+                st.put_files([run.paths[i] for i in at], run.sizes[at], run.mtimes[at],
+                             [it.hash for it in files])
 
-    bar = Bar(len(tasks), "Embedding", unit="img", enabled=progress)
+
+def _embed_work(run: EmbedRun, got: _Collected) -> Decoder:
+    """5. read, decode and embed the work through the chosen engine; returns the decoder."""
+    st = run.store
+    decoder = Decoder(run.model["prep"], thumb_size=run.thumb_size, max_bytes=run.max_bytes,
+                      sink=run.sink,
+                      store_path=(str(st.folder / "index.sqlite") if st.folder is not None
+                                  else None), model_id=run.mid, n_stats=run.n_stats,
+                      raw_jpeg=run.gpu_decode and run.engine == "local")
+    tasks = [(i, run.paths[i], run.known[i]) for i in run.work]
+    bar = Bar(len(tasks), "Embedding", unit="img", enabled=run.progress)
     torch = None
-    if not getattr(state["runner"], "numpy_input", False) and need_model:
+    if not getattr(run.model["runner"], "numpy_input", False) and run.need_model:
         import torch  # the onnxruntime runner from the cache runs without it
 
         old_threads = torch.get_num_threads()
     try:
         if tasks:
-            if engine == "ray":
+            if run.engine == "ray":
                 from explorer.stages import ray_engine
 
-                runs = ray_engine.run(tasks, decoder, name=name, checkpoint=checkpoint,
-                                      batch_size=batch_size, jit=use_jit, precision=precision,
-                                      address=ray_address, timings=timings)
-            elif loader:
-                runs = _run_loader(tasks, decoder, state, batch_size, workers, timings)
+                runs = ray_engine.run(tasks, decoder, name=run.name, checkpoint=run.checkpoint,
+                                      batch_size=run.batch_size, jit=run.use_jit,
+                                      precision=run.precision, address=run.ray_address,
+                                      timings=run.timings)
+            elif run.loader:
+                runs = _run_loader(tasks, decoder, run.model, run.batch_size, run.workers,
+                                   run.timings)
             else:
                 if torch is not None:
-                    torch.set_num_threads(threads)
-                runs = _run_threads(tasks, decoder, state, batch_size, workers, chunk_size,
-                                    timings)
+                    torch.set_num_threads(run.threads)
+                runs = _run_threads(tasks, decoder, run.model, run.batch_size, run.workers,
+                                    run.chunk_size, run.timings)
             for items, vecs in runs:
-                take(items, vecs)
+                got.take(run, items, vecs)
                 bar.advance(len(items))
     finally:
         if torch is not None:
             torch.set_num_threads(old_threads)
         bar.close()
+    return decoder
 
-    # --- 5. whatever was not computed now comes from the store (only those rows are read)
-    okmask = np.ones(n, bool)
-    okmask[list(errors)] = False
-    fill = np.flatnonzero(okmask & ~have)
-    n_cached = len(fill)
-    if len(fill) and keep:
-        r = st.rows(mid, [hashes[i] for i in fill])
+
+def _fill_from_store(run: EmbedRun, got: _Collected) -> None:
+    """6. whatever was not computed now comes from the store (only those rows are read)."""
+    st, n_stats = run.store, run.n_stats
+    okmask = _ok_mask(run)
+    fill = np.flatnonzero(okmask & ~got.have)
+    if len(fill) and run.keep:
+        r = st.rows(run.mid, [got.hashes[i] for i in fill])
         missing = int((r < 0).sum())
         if missing:  # cannot happen unless the store changed under us
             raise RuntimeError(f"{missing} vectors vanished from the store {st.folder}")
         for a in range(0, len(fill), 4096):
-            out[fill[a:a + 4096]] = st.read(mid, r[a:a + 4096])
-    need_facts = np.flatnonzero(okmask & ~sized)
+            got.out[fill[a:a + 4096]] = st.read(run.mid, r[a:a + 4096])
+    need_facts = np.flatnonzero(okmask & ~got.sized)
     for a in range(0, len(need_facts), 65_536):  # the store's facts, a block at a time
         part = need_facts[a:a + 65_536]
-        f = st.image_facts([hashes[i] for i in part], n_stats)
-        width[part], height[part] = f.width, f.height
-        phash[part[f.has_phash]] = f.phash[f.has_phash]
-        stats[part[f.has_stats]] = f.stats[f.has_stats]
+        f = st.image_facts([got.hashes[i] for i in part], n_stats)
+        got.width[part], got.height[part] = f.width, f.height
+        got.phash[part[f.has_phash]] = f.phash[f.has_phash]
+        got.stats[part[f.has_stats]] = f.stats[f.has_stats]
 
+
+def _ok_mask(run: EmbedRun) -> np.ndarray:
+    okmask = np.ones(run.n, bool)
+    okmask[list(run.errors)] = False
+    return okmask
+
+
+def _result(run: EmbedRun, got: _Collected, decoder: Decoder) -> EmbedResult:
+    """7. the rows that worked, compacted in place, and the model's description."""
+    okmask = _ok_mask(run)
+    n_cached = int((okmask & ~got.have).sum())
     ok = np.flatnonzero(okmask)
     emb = None
-    if keep:
+    if run.keep:
+        out = got.out
         # compact in place: rows only move towards the front, one block (a copy) at a time
         for a in range(0, len(ok), 4096):
             part = ok[a:a + 4096]
             out[a:a + len(part)] = out[part]
         emb = out[:len(ok)] if len(ok) else np.zeros((0, 0), np.float32)
-    info = state["info"] or model_info(name, checkpoint, dim=dim or None)
-    info.setdefault("jit", use_jit is True)
-    info.setdefault("runtime", "onnxruntime" if use_jit == "onnx" else "torch")
-    info.setdefault("precision", precision)
-    info.update(device=device, batch_size=batch_size, workers=workers, torch_threads=threads,
-                engine=engine, loader=bool(loader), model_key=requested_key,
-                gpu_decode=bool(decoder.raw_jpeg))
-    if device == "cpu" and info["precision"] == "bfloat16":
+    info = run.model["info"] or model_info(run.name, run.checkpoint, dim=run.dim or None)
+    info.setdefault("jit", run.use_jit is True)
+    info.setdefault("runtime", "onnxruntime" if run.use_jit == "onnx" else "torch")
+    info.setdefault("precision", run.precision)
+    info.update(device=run.device, batch_size=run.batch_size, workers=run.workers,
+                torch_threads=run.threads, engine=run.engine, loader=bool(run.loader),
+                model_key=run.requested_key, gpu_decode=bool(decoder.raw_jpeg))
+    if run.device == "cpu" and info["precision"] == "bfloat16":
         info["cpu_bf16_native"] = cpu_runs_bf16()  # else emulated (slow)
-    timings["total"] = time.perf_counter() - t_start
+    run.timings["total"] = time.perf_counter() - run.t_start
     return EmbedResult(
         embeddings=emb,
         ok=ok,
-        width=width[ok],
-        height=height[ok],
-        hashes=[hashes[i] for i in ok],
-        errors=[(str(paths[i]), errors[i]) for i in sorted(errors)],
+        width=got.width[ok],
+        height=got.height[ok],
+        hashes=[got.hashes[i] for i in ok],
+        errors=[(str(run.paths[i]), run.errors[i]) for i in sorted(run.errors)],
         n_cached=n_cached,
-        phash=phash[ok],
-        stats=stats[ok],
-        n_read=n_read,
-        n_decoded=n_decoded,
-        timings=timings,
+        phash=got.phash[ok],
+        stats=got.stats[ok],
+        n_read=got.n_read,
+        n_decoded=got.n_decoded,
+        timings=run.timings,
         model_info=info,
     )
 
