@@ -679,6 +679,11 @@ def _plusplus(F: np.ndarray, k: int, rng: np.random.Generator, trials: int = 1) 
             idx.append(int(rng.integers(m)))
             d2 = np.minimum(d2, np.maximum(f2 - 2.0 * (F @ F[idx[-1]]) + f2[idx[-1]], 0.0))
             continue
+        if trials == 1:  # plain k-means++ (the hierarchy's thousands of small splits)
+            j = min(int(np.searchsorted(cum, rng.random() * total)), m - 1)
+            idx.append(j)
+            d2 = np.minimum(d2, np.maximum(f2 - 2.0 * (F @ F[j]) + f2[j], 0.0))
+            continue
         cand = np.minimum(np.searchsorted(cum, rng.random(trials) * total), m - 1)
         new = np.minimum(d2[None, :], np.maximum(f2[None, :] - 2.0 * (F[cand] @ F.T) + f2[cand, None], 0.0))
         best = int(new.sum(axis=1).argmin())
