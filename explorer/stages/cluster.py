@@ -719,7 +719,7 @@ def _lloyd(fit: np.ndarray, k: int, rng: np.random.Generator, max_iter: int, tol
 
 def kmeans(Y: np.ndarray, k: int, seed: Any = None, *, n_init: int = 1, max_iter: int = 20,
            tol: float = 0.005, fit_points: int | None = None, greedy: bool = False) -> KMeansFit:
-    """Lloyd's k-means with k-means++ seeding; the one k-means of the package (the
+    """Lloyd's k-means with k-means++ seeding; the one k-means of the stages (the
     ``kmeans`` method of :func:`cluster` and every split of
     :func:`explorer.stages.hierarchy.build_hierarchy`). Deterministic for an int ``seed``.
 
