@@ -721,7 +721,8 @@ def kmeans(Y: np.ndarray, k: int, seed: Any = None, *, n_init: int = 1, max_iter
            tol: float = 0.005, fit_points: int | None = None, greedy: bool = False) -> KMeansFit:
     """Lloyd's k-means with k-means++ seeding; the one k-means of the stages (the
     ``kmeans`` method of :func:`cluster` and every split of
-    :func:`explorer.stages.hierarchy.build_hierarchy`). Deterministic for an int ``seed``.
+    :func:`explorer.stages.hierarchy.build_hierarchy`; ``explorer.curation.active`` still
+    fits its own scikit-learn KMeans). Deterministic for an int ``seed``.
 
     Fits on at most ``fit_points`` rows (a seeded sample; the rest are assigned to the
     nearest centre), keeps the best of ``n_init`` starts (least inertia) and stops a start
