@@ -16,11 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# demo.csv and demo/static/thumbs are committed; demo/'s app files are installed from app_files/
-# here (never committed, never stale); demo-build regenerates everything from images the project makes.
+# demo/ and demo.csv are committed; demo-build regenerates them from images the project makes.
 demo: setup
 	test -f demo.csv || $(MAKE) demo-build
-	$(BIN)/python src/make_demo.py --app-only
 	$(BIN)/bokeh serve demo --address 127.0.0.1 --port $(PORT) $(if $(CI),,--show) --args demo.csv
 
 demo-build: setup

@@ -2,11 +2,6 @@
 
     .venv/bin/python src/make_demo.py            # -> demo_images/, demo/ and demo.csv
     .venv/bin/python src/make_demo.py --images-only --out /tmp/imgs --per-source 5
-    .venv/bin/python src/make_demo.py --app-only # demo/'s app files from app_files/ (make demo)
-
-demo.csv, its sidecars and demo/static/thumbs/ are committed; the app files of demo/
-(main.py, app_hooks.py, templates/, static/css, static/js, theme.yaml) are not: ``make demo``
-installs them from ``app_files/`` before serving, so they never go stale.
 
 Each of 14 sample photos gives a family of variants (crops, flips, rotations, colour shifts,
 blur, greyscale, JPEG recompression), so the map has real groups to find, plus a few exact
@@ -93,14 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-source", type=int, default=22)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images-only", action="store_true")
-    p.add_argument("--app-only", action="store_true",
-                   help="only install the app files from app_files/ into --app (no images, no build)")
     a = p.parse_args(argv)
-    if a.app_only:
-        from explorer.stages.pipeline import install_app
-
-        install_app(Path(a.app))
-        return 0
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)

@@ -235,28 +235,14 @@ def test_a_rebound_host_name_gets_403_on_the_page_thumbnails_and_websocket(serve
     assert _upgrade(port, "/app/ws", mine, f"http://{evil}") == 403
 
 
-def test_make_demo_installs_the_app_files_from_the_template(tmp_path):
-    """`make demo` installs demo/'s app files from app_files/ (``src/make_demo.py
-    --app-only``) instead of serving a committed copy that can go stale (review §2.4): every
-    template file arrives byte for byte, a stale one is replaced, thumbnails stay."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "src" / "make_demo.py")
-    make_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_demo)
-    app = tmp_path / "demo"
-    thumb = app / "static" / "thumbs" / "a.jpg"
-    thumb.parent.mkdir(parents=True)
-    thumb.write_bytes(b"a thumbnail")
-    (app / "main.py").write_text("stale")
-    assert make_demo.main(["--app-only", "--app", str(app)]) == 0
+def test_demo_app_is_an_up_to_date_copy_of_the_template():
+    """demo/ is what `explorer build --app demo` installs from app_files/: no stale copies."""
     template = ROOT / "app_files"
     files = [p for p in template.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert any(p.name == "app_hooks.py" for p in files)
     for src in files:
-        copy = app / src.relative_to(template)
-        assert copy.is_file() and copy.read_bytes() == src.read_bytes(), f"not installed: {copy}"
-    assert thumb.read_bytes() == b"a thumbnail"
+        copy = ROOT / "demo" / src.relative_to(template)
+        assert copy.is_file() and copy.read_bytes() == src.read_bytes(), f"demo is stale: {copy}"
 
 
 def test_host_allowed_takes_this_computer_on_its_port_and_the_allowlist():
