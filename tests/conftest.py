@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-#: ``EXPLORER_TEST_CPU=N`` / ``--cpu-top N``: the N tests that cost the most CPU seconds
-pytest_plugins = ["tests._cputime"]
+#: ``EXPLORER_TEST_CPU=N`` / ``--cpu-top N``: the N tests that cost the most CPU seconds;
+#: tests marked ``cpu_check`` run under both answers of the CPU check (tests/_cpucheck.py)
+pytest_plugins = ["tests._cputime", "tests._cpucheck"]
 
 #: timm's own test model: 160 px input, 256-d features, a 1000-class head; with fixed random
 #: weights it embeds in milliseconds and needs no download
