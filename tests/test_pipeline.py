@@ -344,17 +344,14 @@ def test_missing_folder_and_bad_options(tmp_path, capsys):
 
 
 def test_console_script_builds_a_folder(tmp_path):
-    """The installed `explorer` command runs a real (small, classic-method) build (a PCA map:
-    the command is the subject here, not UMAP, whose numba compile would cost this process
-    about 15 CPU seconds)."""
+    """The installed `explorer` command runs a real (small, classic-method) build."""
     exe = Path(sys.executable).with_name("explorer")
     out = subprocess.run([str(exe), "build", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--device" in out.stdout and "--remap" in out.stdout
     imgs = tmp_path / "c"
     make_folder(imgs, per_source=2, sources=SOURCES[:2])
     out = subprocess.run([str(exe), "build", str(imgs), "--out", str(tmp_path / "c.csv"),
-                          "--method", "phash", "--map", "pca", "-q"], capture_output=True,
-                         text=True)
+                          "--method", "phash", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(table.read_table(tmp_path / "c.csv")) == 4
 

@@ -73,7 +73,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A real ``explorer serve`` with alice's dataset of 12 photos built (phash, PCA map)."""
+    """A real ``explorer serve`` with alice's dataset of 12 photos built (phash, quick)."""
     base = tmp_path_factory.mktemp("served")
     root = base / "root"
     image_folder(root / "photos", 12, size=48)
@@ -83,8 +83,7 @@ def served(tmp_path_factory):
     server = Server(root, data).start()
     c = server.client(tokens["alice"])
     ds = c.post("/api/datasets", json={"name": "photos", "folder": "photos"}).json()["id"]
-    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash",
-                                                          "map_method": "pca"}).json()["job"]
+    job = c.post(f"/api/datasets/{ds}/builds", json={"method": "phash"}).json()["job"]
     assert wait_job(c, job)["state"] == "done"
     c.close()
     yield {"base": base, "root": root, "data": data, "server": server, "tokens": tokens,
@@ -512,8 +511,7 @@ def test_queue_survives_a_crashed_worker_and_a_killed_service(tmp_path):
         c = server.client(tok)
         ids = [c.post("/api/datasets", json={"name": f"s{i}", "folder": f"set{i}"}).json()["id"]
                for i in range(3)]
-        jobs = [c.post(f"/api/datasets/{d}/builds",
-                       json={"method": "phash", "map_method": "pca"}).json()["job"]
+        jobs = [c.post(f"/api/datasets/{d}/builds", json={"method": "phash"}).json()["job"]
                 for d in ids]
         assert [c.get(f"/api/jobs/{j}").json()["state"] for j in jobs[1:]] == ["queued"] * 2
 

@@ -371,8 +371,7 @@ def apps_site(tmp_path_factory):
         for n in names:
             ids[n] = c.post("/api/datasets", json={"name": n, "folder": "photos"}).json()["id"]
     c = srv.client(tokens["alice"])
-    job = c.post(f"/api/datasets/{ids['a1']}/builds",
-                 json={"method": "phash", "map_method": "pca"}).json()["job"]
+    job = c.post(f"/api/datasets/{ids['a1']}/builds", json={"method": "phash"}).json()["job"]
     assert wait_job(c, job)["state"] == "done"
     built = data / "datasets" / ids["a1"]
     for n in ("a2", "c1", "c2"):
