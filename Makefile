@@ -32,20 +32,20 @@ browser-deps:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
 	fi
 
-# The whole suite with the CPU check forced to "no native bf16", then the tests marked
-# cpu_check (precision/runtime choice, embedding, self-match search, the pipeline's model key)
-# again with it forced to "native bf16" (explorer.stages.models.cpu_runs_bf16): a machine of either
-# kind proves both answers. Two pytest-xdist workers, a test file per worker at a time (the
-# files' module fixtures are built once); `make test XDIST=` runs in one process.
+# The whole suite, with the CPU check forced to "no native bf16" (explorer.stages.models.cpu_runs_bf16);
+# the tests marked cpu_check (precision/runtime choice, embedding, self-match search, the
+# pipeline's model key) run twice in the same run, forced to each answer (tests/_cpucheck.py):
+# a machine of either kind proves both. Two pytest-xdist workers, a test file per worker at a
+# time (the files' module fixtures are built once); `make test XDIST=` runs in one process.
+# `make test-cpu-both`: the cpu_check tests alone, under both answers.
 # docs/testing.md: how long it takes, EXPLORER_TEST_CPU=N for the tests that cost most CPU.
 XDIST ?= -n 2 --dist loadfile
 
 test: setup browser-deps
 	EXPLORER_CPU_BF16=0 $(BIN)/python -m pytest -ra $(XDIST) $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-cpu-both
 
 test-cpu-both: setup
-	EXPLORER_CPU_BF16=1 $(BIN)/python -m pytest -q -ra -m cpu_check $(XDIST) $(PYTEST_ARGS)
+	EXPLORER_CPU_BF16=0 $(BIN)/python -m pytest -q -ra -m cpu_check $(XDIST) $(PYTEST_ARGS)
 
 bench: setup
 	for s in bench/*.py; do echo "== $$s"; $(BIN)/python $$s || exit 1; done

@@ -6,8 +6,27 @@ from pathlib import Path
 
 import pytest
 
-#: ``EXPLORER_TEST_CPU=N`` / ``--cpu-top N``: the N tests that cost the most CPU seconds
-pytest_plugins = ["tests._cputime"]
+#: ``EXPLORER_TEST_CPU=N`` / ``--cpu-top N``: the N tests that cost the most CPU seconds;
+#: tests marked ``cpu_check`` run under both answers of the CPU check (tests/_cpucheck.py)
+pytest_plugins = ["tests._cputime", "tests._cpucheck"]
+
+#: the files that cost the most CPU seconds in a fresh clone (numba compiling pynndescent,
+#: fast_hdbscan and UMAP, real builds, browsers; docs/testing.md), heaviest first. They run
+#: first, so that with ``-n 2 --dist loadfile`` the last files handed out are short ones and
+#: neither worker idles long while the other finishes a heavy file.
+HEAVY_FILES = (
+    "test_knn.py", "test_cluster.py", "test_search.py", "test_service.py", "test_pipeline.py",
+    "test_notebook.py", "test_reduce.py", "test_app_curation_browser.py", "test_app_browser.py",
+    "test_build_progress.py", "test_app_hooks.py", "test_service_limits.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The files of :data:`HEAVY_FILES` first (in that order), then the rest as collected;
+    the tests of a file keep their order."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 #: timm's own test model: 160 px input, 256-d features, a 1000-class head; with fixed random
 #: weights it embeds in milliseconds and needs no download

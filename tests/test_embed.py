@@ -3,6 +3,7 @@ checkpoints, model keys, embed_paths through the store, the engines, devices."""
 
 from __future__ import annotations
 
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -249,15 +250,16 @@ def test_embed_paths_skips_bad_files_and_keeps_order(folder, tiny_ckpt):
     assert bf.embeddings.dtype == np.float32
 
 
-@pytest.mark.parametrize("native", ["0", "1"])
 @pytest.mark.cpu_check
 def test_the_cpu_check_is_forced_and_auto_is_float32_on_every_cpu(folder, tiny_ckpt,
-                                                                   monkeypatch, native):
-    """EXPLORER_CPU_BF16 forces the CPU check; either way "auto" embeds in float32 with
-    onnxruntime (bf16 lost too much on low-texture images), and an asked-for bf16 run says
-    whether it ran natively. (Broken once: with "auto" back to bf16 on native CPUs, the
-    "1" case fails.)"""
-    monkeypatch.setenv(M.CPU_BF16_ENV, native)
+                                                                   monkeypatch, cpu_bf16):
+    """EXPLORER_CPU_BF16 forces the CPU check (tests/_cpucheck.py runs every cpu_check test
+    under "0" and "1": this test proves each answer is the one in force); either way "auto"
+    embeds in float32 with onnxruntime (bf16 lost too much on low-texture images), and an
+    asked-for bf16 run says whether it ran natively. (Broken once: with "auto" back to bf16
+    on native CPUs, the "1" case fails.)"""
+    native = cpu_bf16
+    assert native in ("0", "1") and os.environ[M.CPU_BF16_ENV] == native
     assert M.cpu_runs_bf16() is (native == "1")
     assert M.resolve_precision("auto", "cpu") == "float32"
     assert M.resolve_precision("auto", "mps") == "float32"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from explorer import table
 from explorer.cli import main as cli
+from tests._cpucheck import cpu_check_forced, run_answer
 
 SOURCES = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
 
@@ -46,9 +47,8 @@ def make_folder(root: Path, per_source: int = 6, sources=SOURCES, seed: int = 0)
     return out
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One real build (default model, real weights) shared by the checks below."""
+def _real_build(tmp_path_factory):
+    """One real build (default model, real weights) of a folder with bad files among the photos."""
     base = tmp_path_factory.mktemp("e2e")
     imgs = base / "photos"
     make_folder(imgs)
@@ -71,9 +71,30 @@ def built(tmp_path_factory):
     return base, imgs, app, base / "photos_app.csv", events
 
 
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """``builds(answer)``: the real build made with the CPU check forced to ``answer`` ("0",
+    "1"; ``None``: the run's own setting), made once per answer of the check."""
+    made = {}
+
+    def get(answer):
+        with cpu_check_forced(answer) as native:
+            if native not in made:
+                made[native] = _real_build(tmp_path_factory)
+        return made[native]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def built(builds):
+    """The real build shared by the checks below."""
+    return builds(run_answer())
+
+
 @pytest.mark.cpu_check
-def test_build_writes_csv_app_thumbnails_and_run_record(built):
-    base, imgs, app, csv, _ = built
+def test_build_writes_csv_app_thumbnails_and_run_record(builds, cpu_bf16):
+    base, imgs, app, csv, _ = builds(cpu_bf16)
     df = table.read_table(csv)
     assert df.attrs["problems"] == []
     assert len(df) == 5 * 6 + 3  # every readable image, none of the bad files

@@ -14,6 +14,7 @@ from explorer.curation import search as S
 from explorer import table
 from tests import _collections as col
 from tests import _imagegen as gen
+from tests._cpucheck import cpu_check_forced, run_answer
 
 
 # --------------------------------------------------------------------------- concepts
@@ -78,8 +79,7 @@ def test_cluster_names_use_concepts_and_a_shared_folder():
 
 
 # --------------------------------------------------------------------------- a small build
-@pytest.fixture(scope="module")
-def small_build(tmp_path_factory):
+def _small_build(tmp_path_factory):
     """A build's files (CSV, features, run record, thumbnails) of 4 photos x 4 crops,
     embedded with the real default model: as ``explorer build --app`` leaves them."""
     from explorer.stages import embed
@@ -110,6 +110,26 @@ def small_build(tmp_path_factory):
     return {"csv": csv, "paths": paths, "labels": labels, "root": root}
 
 
+@pytest.fixture(scope="module")
+def small_builds(tmp_path_factory):
+    """``small_builds(answer)``: the small build made with the CPU check forced to ``answer``
+    ("0", "1"; ``None``: the run's own setting), once per answer of the check."""
+    made = {}
+
+    def get(answer):
+        with cpu_check_forced(answer) as native:
+            if native not in made:
+                made[native] = _small_build(tmp_path_factory)
+        return made[native]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def small_build(small_builds):
+    return small_builds(run_answer())
+
+
 def _precision(hits, labels_by_path, want):
     return np.mean([labels_by_path[h["path"]] == want for h in hits])
 
@@ -131,7 +151,8 @@ def test_search_by_concept_finds_the_cat_and_the_coffee(small_build, tmp_path):
 
 
 @pytest.mark.cpu_check
-def test_search_by_image_returns_the_same_photo_first(small_build):
+def test_search_by_image_returns_the_same_photo_first(small_builds, cpu_bf16):
+    small_build = small_builds(cpu_bf16)
     paths = small_build["paths"]
     hits = S.search(small_build["csv"], image=paths[5], top=4)
     assert hits[0]["path"] == paths[5].relative_to(small_build["root"] / "imgs").as_posix()
@@ -183,12 +204,14 @@ def _low_texture_build(root, precision: str):
     return csv, paths
 
 
-# the second pass (cpu_check) re-runs the float32 case, the one "auto" picks whatever the CPU
-# check says; an asked-for bf16 run only records the check's answer (test_embed checks that),
-# and emulated bf16 costs about 30-80 CPU seconds here
-@pytest.mark.parametrize("precision", [pytest.param("float32", marks=pytest.mark.cpu_check),
-                                       "bfloat16"])
-def test_every_low_texture_image_is_its_own_best_match(tmp_path, precision):
+# the float32 case, the one "auto" picks whatever the CPU check says, runs under both answers
+# of the check; an asked-for bf16 run only records the check's answer (test_embed checks
+# that), and emulated bf16 costs about 30-80 CPU seconds here: once, under the run's setting
+@pytest.mark.parametrize("precision, cpu_bf16", [
+    pytest.param("float32", "0", marks=pytest.mark.cpu_check, id="float32-cpu_bf16=0"),
+    pytest.param("float32", "1", marks=pytest.mark.cpu_check, id="float32-cpu_bf16=1"),
+    pytest.param("bfloat16", None, id="bfloat16")], indirect=["cpu_bf16"])
+def test_every_low_texture_image_is_its_own_best_match(tmp_path, precision, cpu_bf16):
     """Search by image embeds the query through the build's path and model key, so each of 20
     flat skies, blank pages, line drawings and flat colours finds its own row first at cosine
     >= 0.999, whatever precision the build ran in. (Broken once: with the query embedded in
