@@ -81,9 +81,9 @@ NEIGHBOURS = 10
 #: rows above which propagate does not smooth (the graph would take minutes to compute)
 GRAPH_MAX = 200_000
 #: self-training: pseudo-labels come from unlabelled rows at or above this calibrated share
-PSEUDO_TOP = 0.5
+PSEUDO_TOP = 0.6
 #: weight of one pseudo-labelled row against one person's label
-PSEUDO_WEIGHT = 0.3
+PSEUDO_WEIGHT = 0.5
 #: pseudo-labels used at most (sampled), so a million rows fit in seconds
 PSEUDO_MAX = 20_000
 #: labels after which "next" stops spending part of each batch on coverage of the map
@@ -92,6 +92,10 @@ COVERAGE_LABELS = 60
 CALIBRATION_BINS = 10
 #: power of those weights (1: the full correction; less trades its bias for less variance)
 SHIFT_POWER = 0.5
+#: share of the second opinion (the self-trained model) in each unlabelled row's confidence
+SECOND_SHARE = 0.8
+#: power of the calibration weights of the second opinion (see SHIFT_POWER)
+SECOND_SHIFT_POWER = 0.75
 #: folds of the cross-validation that calibrates and estimates
 FOLDS = 5
 #: rows scored per block (bounded memory at a million rows)
@@ -224,8 +228,11 @@ def _softmax(z: np.ndarray, T: float = 1.0) -> np.ndarray:
 
 
 def fit(X: np.ndarray, codes: np.ndarray, n_classes: int, *, self_train: bool = False,
-        seed: int = 0) -> Model:
-    """The probe on the labelled rows (``codes >= 0``), refitted once with pseudo-labels."""
+        seed: int = 0, graph: np.ndarray | None = None) -> Model:
+    """The probe on the labelled rows (``codes >= 0``); with ``self_train``, refitted once with
+    pseudo-labels: the :data:`PSEUDO_TOP` most confident of the unlabelled rows' predictions
+    (smoothed over ``graph`` when given, as :func:`propagate` predicts), each weighted
+    :data:`PSEUDO_WEIGHT` (at most :data:`PSEUDO_MAX` of them, sampled)."""
     lab = np.flatnonzero(codes >= 0)
     if len(lab) == 0:
         raise ValueError("fit needs at least one labelled row")
@@ -237,9 +244,12 @@ def fit(X: np.ndarray, codes: np.ndarray, n_classes: int, *, self_train: bool = 
     if len(un) == 0:
         return model
     rng = np.random.default_rng(seed)
-    if len(un) > 4 * PSEUDO_MAX:
-        un = np.sort(rng.choice(un, 4 * PSEUDO_MAX, replace=False))
-    p = _softmax(predict_logits(X, model, n_classes, un))
+    if graph is not None:
+        p = np.exp(_log_probs(X, model, n_classes, un, graph))
+    else:
+        if len(un) > 4 * PSEUDO_MAX:
+            un = np.sort(rng.choice(un, 4 * PSEUDO_MAX, replace=False))
+        p = _softmax(predict_logits(X, model, n_classes, un))
     conf = p.max(axis=1)
     keep = conf >= np.quantile(conf, 1 - PSEUDO_TOP)
     pick = un[keep]
@@ -307,7 +317,7 @@ def _oof_logits(X, codes, n_classes, k, seed, self_train, graph=None):
             continue
         c = codes.copy()
         c[lab[test]] = -1
-        m = fit(X, c, n_classes, self_train=self_train, seed=seed + f)
+        m = fit(X, c, n_classes, self_train=self_train, seed=seed + f, graph=graph)
         out[test] = _log_probs(X, m, n_classes, lab[test], graph)
     ok = ~np.isnan(out).any(axis=1)
     return out[ok], codes[lab][ok]
@@ -329,7 +339,8 @@ def _temperature(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None)
     return best_t
 
 
-def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION_BINS,
+                   power: float | None = None) -> np.ndarray:
     """Weights that make the labelled rows' out-of-fold confidences spread like the
     unlabelled rows' confidences (the tool picks unsure rows on purpose, so without them the
     calibration would be fitted on the hard cases only)."""
@@ -339,7 +350,7 @@ def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION
     b_oof = np.searchsorted(edges, c)
     n_oof = np.bincount(b_oof, minlength=bins).astype(np.float64)
     share_un = np.full(bins, 1.0 / bins)
-    w = (share_un[b_oof] / np.maximum(n_oof[b_oof], 1)) ** SHIFT_POWER
+    w = (share_un[b_oof] / np.maximum(n_oof[b_oof], 1)) ** (SHIFT_POWER if power is None else power)
     return w * len(c) / w.sum()
 
 
@@ -356,9 +367,32 @@ def sure_threshold(confidence: np.ndarray, precision: float = SURE_PRECISION) ->
     return float(c[ok[-1]]) if len(ok) else float("inf")
 
 
+def _calibrated(X, codes, n_classes, folds, seed, self_train, graph, power):
+    """(N, K) calibrated probabilities of the model fitted on every label, its temperature and
+    the cross-validated accuracy of the labels (None: too few to hold out)."""
+    n = len(X)
+    oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph)
+    cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
+    model = fit(X, codes, n_classes, self_train=self_train, seed=seed, graph=graph)
+    if graph is not None:  # log-probabilities, then calibrated
+        probs = _log_probs(X, model, n_classes, np.arange(n), graph)
+    else:
+        probs = np.empty((n, n_classes), np.float32)
+        for a in range(0, n, BLOCK):
+            probs[a:a + BLOCK] = _log_probs(X, model, n_classes, np.arange(a, min(n, a + BLOCK)), None)
+    un = codes < 0
+    w = None
+    if un.any() and len(y) >= 5:
+        w = _shift_weights(oof, np.exp(probs[un].max(axis=1)), power=power)
+    T = _temperature(oof, y, w)
+    for a in range(0, n, BLOCK):
+        probs[a:a + BLOCK] = _softmax(probs[a:a + BLOCK], T)
+    return probs, T, cv_acc
+
+
 # ---------------------------------------------------------------------- propagate
 def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = None,
-              self_train: bool = False,
+              self_train: bool = False, second_opinion: bool = True,
               precision: float = SURE_PRECISION, folds: int | None = None,
               random_state: int | None = 0) -> Propagation:
     """Fit on the labelled rows, predict every row, calibrate, estimate.
@@ -384,28 +418,17 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
         if graph.ndim != 2 or len(graph) != len(X) or graph.shape[1] < 2:
             raise ValueError(f"graph must be (N, k >= 2) neighbour indices for the {len(X)} "
                              f"rows; got shape {graph.shape}")
-    oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph)
-    cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
-    model = fit(X, codes, n_classes, self_train=self_train, seed=seed)
-    if graph is not None:  # log-probabilities, then calibrated
-        probs = _log_probs(X, model, n_classes, np.arange(n), graph)
-    else:
-        probs = np.empty((n, n_classes), np.float32)
-        for a in range(0, n, BLOCK):
-            probs[a:a + BLOCK] = _log_probs(X, model, n_classes, np.arange(a, min(n, a + BLOCK)), None)
+    probs, T, cv_acc = _calibrated(X, codes, n_classes, folds, seed, self_train, graph, SHIFT_POWER)
     un = codes < 0
-    w = None
-    if un.any() and len(y) >= 5:
-        conf_un = np.exp(probs[un].max(axis=1))
-        w = _shift_weights(oof, conf_un)
-    T = _temperature(oof, y, w)
-    for a in range(0, n, BLOCK):
-        probs[a:a + BLOCK] = _softmax(probs[a:a + BLOCK], T)
     pred = probs.argmax(axis=1).astype(np.int32)
     conf = probs[np.arange(n), pred]
     pred[lab] = codes[lab]
     conf[lab] = 1.0
     est = float(conf[un].mean()) if un.any() else cv_acc
+    if second_opinion and graph is not None and un.any():
+        # the self-trained model's calibrated probability of the same predicted label
+        second, _, _ = _calibrated(X, codes, n_classes, folds, seed, True, graph, SECOND_SHIFT_POWER)
+        conf[un] = SECOND_SHARE * second[un, pred[un]] + (1 - SECOND_SHARE) * conf[un]
     thr = sure_threshold(conf[un], precision) if un.any() else float("inf")
     sure = un & (conf >= thr)
     return Propagation(pred, conf, sure, thr, est, cv_acc, T, probs)
