@@ -14,8 +14,9 @@ projected on their first :data:`DIMS` principal components (the projection is fi
 sample, so a million rows need one pass). With a kNN graph (:func:`neighbours`, up to
 :data:`GRAPH_MAX` rows) each row's probabilities are mixed with the mean of its neighbours'
 (:data:`SMOOTH`), which measured +0.01-0.02 accuracy on the clothing photos. Self-training
-(``self_train=True``: refit with the most confident predictions as down-weighted examples)
-measured no better and is off. The probabilities are calibrated by one temperature fitted on
+for the predictions themselves (``self_train=True``: refit with the most confident predictions
+as down-weighted examples) measured no better in the loop and is off; it is the second opinion
+on how sure each prediction is (below). The probabilities are calibrated by one temperature fitted on
 out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
 out-of-fold rows weighted so their confidences spread like the unlabelled rows' (the tool
 picks hard rows on purpose; unweighted, the calibration came out too pessimistic).
@@ -24,10 +25,18 @@ Figures and what else was tried: docs/labelling.md.
 How sure, how good
 ------------------
 * ``confidence`` is the calibrated probability of the predicted label.
+* With a neighbour graph, an unlabelled row's confidence also takes a second opinion: a
+  self-trained model (the probe refitted with the most confident smoothed predictions as
+  pseudo-labels, :func:`fit` ``self_train=True``), calibrated on its own out-of-fold
+  predictions, gives its probability of the *same* predicted label; the confidence is
+  :data:`SECOND_SHARE` of that plus the rest of the probe's. The second opinion ranks how sure
+  a prediction is better (on the clothing photos a perfect threshold could call 60% of the
+  images sure at 0.97 instead of 55%); it changes no prediction, no pick and not the estimate.
 * The "sure" threshold is the lowest confidence such that the rows at or above it have a
   mean confidence of at least :data:`SURE_PRECISION` (the calibrated probabilities stand in
   for the unknown truth): the largest set of predictions expected to be that correct.
-* The estimated accuracy on the unlabelled rows is their mean calibrated confidence; the
+* The estimated accuracy on the unlabelled rows is the mean calibrated probability of the
+  probe's predictions (the estimate that was measured; the blend decides only what is sure); the
   cross-validated accuracy of the person's own labels is given beside it (it runs low when
   the tool picked the hard images, which it does on purpose).
 
