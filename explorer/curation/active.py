@@ -94,7 +94,7 @@ PSEUDO_TOP = 0.6
 #: weight of one pseudo-labelled row against one person's label
 PSEUDO_WEIGHT = 0.5
 #: pseudo-labels used at most (sampled), so a million rows fit in seconds
-PSEUDO_MAX = 20_000
+PSEUDO_MAX = 5_000
 #: labels after which "next" stops spending part of each batch on coverage of the map
 COVERAGE_LABELS = 60
 #: confidence bins of the calibration's correction for the picks (see _shift_weights)
