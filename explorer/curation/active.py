@@ -16,15 +16,16 @@ sample, so a million rows need one pass). With a kNN graph (:func:`neighbours`, 
 (:data:`SMOOTH`), which measured +0.01-0.02 accuracy on the clothing photos. Self-training
 for the predictions themselves (``self_train=True``: refit with the most confident predictions
 as down-weighted examples) measured no better in the loop and is off; it is the second opinion
-on how sure each prediction is (below). The probabilities are calibrated by one temperature fitted on
-out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
+on how sure each prediction is (below). The probabilities are calibrated by one temperature
+fitted on out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
 out-of-fold rows weighted so their confidences spread like the unlabelled rows' (the tool
 picks hard rows on purpose; unweighted, the calibration came out too pessimistic).
 Figures and what else was tried: docs/labelling.md.
 
 How sure, how good
 ------------------
-* ``confidence`` is the calibrated probability of the predicted label.
+* ``confidence`` is the calibrated probability of the predicted label (the probe's alone without
+  a neighbour graph).
 * With a neighbour graph, an unlabelled row's confidence also takes a second opinion: a
   self-trained model (the probe refitted with the most confident smoothed predictions as
   pseudo-labels, :func:`fit` ``self_train=True``), calibrated on its own out-of-fold
