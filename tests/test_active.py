@@ -175,3 +175,18 @@ def test_self_training_learns_from_the_unlabelled_rows():
     assert np.abs(self_trained.W - plain.W).max() > 0.1  # refitted with pseudo-labels
     acc = [(active.predict_logits(X, m, 4).argmax(1) == y).mean() for m in (plain, self_trained)]
     assert acc[1] >= acc[0] - 0.02  # pseudo-labels from the smoothed predictions do no harm here
+
+
+def test_smoothing_a_few_rows_equals_smoothing_all_of_them():
+    # the out-of-fold predictions smooth only the held-out rows (their neighbours' probabilities,
+    # not every row's): the same numbers as smoothing everything and taking those rows
+    X, y = blobs([400, 300, 300], spread=2.0, seed=4)
+    X = active.features(X, dims=None)
+    codes = label_some(y, 5, seed=4)
+    graph = active.neighbours(X)
+    model = active.fit(X, codes, 3)
+    rows = np.array([5, 17, 17, 640, 999, 3])
+    few = active._log_probs(X, model, 3, rows, graph)
+    every = active._log_probs(X, model, 3, np.arange(len(X)), graph)[rows]
+    assert np.allclose(few, every, atol=1e-5)
+    assert np.abs(every - active._log_probs(X, model, 3, rows, None)).max() > 0.01  # smoothed

@@ -303,11 +303,20 @@ def _folds(codes_lab: np.ndarray, k: int, seed: int) -> np.ndarray:
 def _log_probs(X, model, n_classes, rows, graph) -> np.ndarray:
     """Uncalibrated log-probabilities of ``rows``: the model's, or with a kNN ``graph``
     (indices, column 0 = the row itself) smoothed: :data:`DIFFUSE` times, each row's
-    probabilities mixed with the mean of its neighbours' (:data:`SMOOTH`)."""
+    probabilities mixed with the mean of its neighbours' (:data:`SMOOTH`). For a few rows (the
+    held-out fold, the pseudo-label candidates) one round needs only their neighbours' rows."""
     if graph is None:
         z = predict_logits(X, model, n_classes, rows)
         with np.errstate(divide="ignore"):
             return np.log(_softmax(z))
+    if DIFFUSE == 1 and len(rows) * graph.shape[1] < len(X):  # a few rows: only their neighbours
+        rows = np.asarray(rows)
+        need, inv = np.unique(np.concatenate([rows, graph[rows, 1:].ravel()]), return_inverse=True)
+        P0 = _softmax(predict_logits(X, model, n_classes, need))
+        nb = inv[len(rows):].reshape(len(rows), -1)
+        P = (1 - SMOOTH) * P0[inv[:len(rows)]] + SMOOTH * P0[nb].mean(axis=1)
+        with np.errstate(divide="ignore"):
+            return np.log(P)
     P0 = _softmax(predict_logits(X, model, n_classes))
     P = P0
     nb = graph[:, 1:]
