@@ -254,11 +254,11 @@ def fit(X: np.ndarray, codes: np.ndarray, n_classes: int, *, self_train: bool = 
     if len(un) == 0:
         return model
     rng = np.random.default_rng(seed)
+    if len(un) > 2 * PSEUDO_MAX:  # candidates: a sample, so a million rows stay seconds
+        un = np.sort(rng.choice(un, 2 * PSEUDO_MAX, replace=False))
     if graph is not None:
         p = np.exp(_log_probs(X, model, n_classes, un, graph))
     else:
-        if len(un) > 4 * PSEUDO_MAX:
-            un = np.sort(rng.choice(un, 4 * PSEUDO_MAX, replace=False))
         p = _softmax(predict_logits(X, model, n_classes, un))
     conf = p.max(axis=1)
     keep = conf >= np.quantile(conf, 1 - PSEUDO_TOP)
