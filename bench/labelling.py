@@ -210,11 +210,22 @@ def scale(n: int, dim: int, seed: int = 0) -> None:
     print(f"pick_next with no labels (coverage): {time.perf_counter() - t:.1f} s ({load()})")
     lab = rng.choice(n, 200, replace=False)
     codes[lab] = y[lab]
+    graph = None
+    if n <= active.GRAPH_MAX:  # the neighbour graph, the smoothing and the second opinion
+        t = time.perf_counter()
+        graph = active.neighbours(X)
+        print(f"neighbour graph ({active.NEIGHBOURS} per row): {time.perf_counter() - t:.1f} s "
+              f"({load()})")
+        t = time.perf_counter()
+        active.propagate(X, codes, 10, graph=graph, second_opinion=False)
+        print(f"propagate with 200 labels, smoothed, no second opinion: "
+              f"{time.perf_counter() - t:.1f} s ({load()})")
     t = time.perf_counter()
-    prop = active.propagate(X, codes, 10)
+    prop = active.propagate(X, codes, 10, graph=graph)
     tp = time.perf_counter() - t
     acc = float((prop.predicted == y).mean())
-    print(f"propagate with 200 labels: {tp:.1f} s; accuracy {acc:.3f}, estimated "
+    print(f"propagate with 200 labels{', smoothed, second opinion' if graph is not None else ''}: "
+          f"{tp:.1f} s; accuracy {acc:.3f}, estimated "
           f"{prop.estimated_accuracy:.3f}, sure {prop.sure.mean():.2f} ({load()})")
     t = time.perf_counter()
     active.pick_next(X, codes, 20, probs=prop.probs)
