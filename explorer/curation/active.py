@@ -419,7 +419,9 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     ``codes`` from :func:`encode` (-1 = unlabelled). Labelled rows get their own label as
     prediction with confidence 1 (they are never "sure": there is nothing to accept).
     With fewer than two labelled rows or one class only, there is no model: predicted -1,
-    confidence NaN, nothing sure, no estimate.
+    confidence NaN, nothing sure, no estimate. With a ``graph``, ``second_opinion`` mixes the
+    self-trained model's calibrated probability of each prediction into its confidence (see the
+    module's notes); ``probs`` stay the probe's.
     """
     X, codes, n_classes = _check(X, codes, n_classes)
     folds = check_int("folds", FOLDS if folds is None else folds, 2)
