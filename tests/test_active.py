@@ -139,3 +139,54 @@ def test_features_reduce_float16_vectors():
     X, _ = blobs([300, 300], dim=200)
     Z = active.features(X.astype(np.float16), dims=32)
     assert Z.shape == (600, 32) and Z.dtype == np.float32 and np.isfinite(Z).all()
+
+
+def test_second_opinion_moves_only_the_confidence_and_the_sure_set():
+    # overlapping classes: the self-trained second opinion re-ranks how sure each prediction
+    # is; the predictions, the probabilities the picks use and the estimate stay the probe's
+    X, y = blobs([300, 300, 200, 200], spread=3.5, seed=2)
+    X = active.features(X, dims=None)
+    codes = label_some(y, 8, seed=2)
+    g = active.neighbours(X)
+    un = codes < 0
+    one = active.propagate(X, codes, graph=g, second_opinion=False)
+    two = active.propagate(X, codes, graph=g)
+    assert (two.predicted == one.predicted).all() and np.allclose(two.probs, one.probs)
+    assert two.estimated_accuracy == one.estimated_accuracy
+    assert np.abs(two.confidence[un] - one.confidence[un]).max() > 0.05
+    assert (two.confidence[~un] == 1).all() and not two.sure[~un].any()
+    assert (two.sure == (un & (two.confidence >= two.threshold))).all()
+    # here the probe alone calls too much sure (0.84 right); with the second opinion the sure
+    # predictions are right more often
+    right = two.predicted == y
+    assert right[two.sure].mean() > right[one.sure].mean() + 0.05
+    # without a neighbour graph (a million rows) there is no second opinion: the probe's own
+    plain = active.propagate(X, codes)
+    assert np.allclose(plain.confidence, active.propagate(X, codes, second_opinion=False).confidence)
+
+
+def test_self_training_learns_from_the_unlabelled_rows():
+    X, y = blobs([300, 300, 200, 200], spread=3.5, seed=2)
+    X = active.features(X, dims=None)
+    codes = label_some(y, 8, seed=2)
+    g = active.neighbours(X)
+    plain = active.fit(X, codes, 4)
+    self_trained = active.fit(X, codes, 4, self_train=True, graph=g)
+    assert np.abs(self_trained.W - plain.W).max() > 0.1  # refitted with pseudo-labels
+    acc = [(active.predict_logits(X, m, 4).argmax(1) == y).mean() for m in (plain, self_trained)]
+    assert acc[1] >= acc[0] - 0.02  # pseudo-labels from the smoothed predictions do no harm here
+
+
+def test_smoothing_a_few_rows_equals_smoothing_all_of_them():
+    # the out-of-fold predictions smooth only the held-out rows (their neighbours' probabilities,
+    # not every row's): the same numbers as smoothing everything and taking those rows
+    X, y = blobs([400, 300, 300], spread=2.0, seed=4)
+    X = active.features(X, dims=None)
+    codes = label_some(y, 5, seed=4)
+    graph = active.neighbours(X)
+    model = active.fit(X, codes, 3)
+    rows = np.array([5, 17, 17, 640, 999, 3])
+    few = active._log_probs(X, model, 3, rows, graph)
+    every = active._log_probs(X, model, 3, np.arange(len(X)), graph)[rows]
+    assert np.allclose(few, every, atol=1e-5)
+    assert np.abs(every - active._log_probs(X, model, 3, rows, None)).max() > 0.01  # smoothed

@@ -14,20 +14,30 @@ projected on their first :data:`DIMS` principal components (the projection is fi
 sample, so a million rows need one pass). With a kNN graph (:func:`neighbours`, up to
 :data:`GRAPH_MAX` rows) each row's probabilities are mixed with the mean of its neighbours'
 (:data:`SMOOTH`), which measured +0.01-0.02 accuracy on the clothing photos. Self-training
-(``self_train=True``: refit with the most confident predictions as down-weighted examples)
-measured no better and is off. The probabilities are calibrated by one temperature fitted on
-out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
+for the predictions themselves (``self_train=True``: refit with the most confident predictions
+as down-weighted examples) measured no better in the loop and is off; it is the second opinion
+on how sure each prediction is (below). The probabilities are calibrated by one temperature
+fitted on out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
 out-of-fold rows weighted so their confidences spread like the unlabelled rows' (the tool
 picks hard rows on purpose; unweighted, the calibration came out too pessimistic).
 Figures and what else was tried: docs/labelling.md.
 
 How sure, how good
 ------------------
-* ``confidence`` is the calibrated probability of the predicted label.
+* ``confidence`` is the calibrated probability of the predicted label (the probe's alone without
+  a neighbour graph).
+* With a neighbour graph, an unlabelled row's confidence also takes a second opinion: a
+  self-trained model (the probe refitted with the most confident smoothed predictions as
+  pseudo-labels, :func:`fit` ``self_train=True``), calibrated on its own out-of-fold
+  predictions, gives its probability of the *same* predicted label; the confidence is
+  :data:`SECOND_SHARE` of that plus the rest of the probe's. The second opinion ranks how sure
+  a prediction is better (on the clothing photos a perfect threshold could call 60% of the
+  images sure at 0.97 instead of 55%); it changes no prediction, no pick and not the estimate.
 * The "sure" threshold is the lowest confidence such that the rows at or above it have a
   mean confidence of at least :data:`SURE_PRECISION` (the calibrated probabilities stand in
   for the unknown truth): the largest set of predictions expected to be that correct.
-* The estimated accuracy on the unlabelled rows is their mean calibrated confidence; the
+* The estimated accuracy on the unlabelled rows is the mean calibrated probability of the
+  probe's predictions (the estimate that was measured; the blend decides only what is sure); the
   cross-validated accuracy of the person's own labels is given beside it (it runs low when
   the tool picked the hard images, which it does on purpose).
 
@@ -81,17 +91,21 @@ NEIGHBOURS = 10
 #: rows above which propagate does not smooth (the graph would take minutes to compute)
 GRAPH_MAX = 200_000
 #: self-training: pseudo-labels come from unlabelled rows at or above this calibrated share
-PSEUDO_TOP = 0.5
+PSEUDO_TOP = 0.6
 #: weight of one pseudo-labelled row against one person's label
-PSEUDO_WEIGHT = 0.3
+PSEUDO_WEIGHT = 0.5
 #: pseudo-labels used at most (sampled), so a million rows fit in seconds
-PSEUDO_MAX = 20_000
+PSEUDO_MAX = 5_000
 #: labels after which "next" stops spending part of each batch on coverage of the map
 COVERAGE_LABELS = 60
 #: confidence bins of the calibration's correction for the picks (see _shift_weights)
 CALIBRATION_BINS = 10
 #: power of those weights (1: the full correction; less trades its bias for less variance)
 SHIFT_POWER = 0.5
+#: share of the second opinion (the self-trained model) in each unlabelled row's confidence
+SECOND_SHARE = 0.8
+#: power of the calibration weights of the second opinion (see SHIFT_POWER)
+SECOND_SHIFT_POWER = 0.75
 #: folds of the cross-validation that calibrates and estimates
 FOLDS = 5
 #: rows scored per block (bounded memory at a million rows)
@@ -224,8 +238,11 @@ def _softmax(z: np.ndarray, T: float = 1.0) -> np.ndarray:
 
 
 def fit(X: np.ndarray, codes: np.ndarray, n_classes: int, *, self_train: bool = False,
-        seed: int = 0) -> Model:
-    """The probe on the labelled rows (``codes >= 0``), refitted once with pseudo-labels."""
+        seed: int = 0, graph: np.ndarray | None = None) -> Model:
+    """The probe on the labelled rows (``codes >= 0``); with ``self_train``, refitted once with
+    pseudo-labels: the :data:`PSEUDO_TOP` most confident of the unlabelled rows' predictions
+    (smoothed over ``graph`` when given, as :func:`propagate` predicts), each weighted
+    :data:`PSEUDO_WEIGHT` (at most :data:`PSEUDO_MAX` of them, sampled)."""
     lab = np.flatnonzero(codes >= 0)
     if len(lab) == 0:
         raise ValueError("fit needs at least one labelled row")
@@ -237,9 +254,12 @@ def fit(X: np.ndarray, codes: np.ndarray, n_classes: int, *, self_train: bool = 
     if len(un) == 0:
         return model
     rng = np.random.default_rng(seed)
-    if len(un) > 4 * PSEUDO_MAX:
-        un = np.sort(rng.choice(un, 4 * PSEUDO_MAX, replace=False))
-    p = _softmax(predict_logits(X, model, n_classes, un))
+    if len(un) > 2 * PSEUDO_MAX:  # candidates: a sample, so a million rows stay seconds
+        un = np.sort(rng.choice(un, 2 * PSEUDO_MAX, replace=False))
+    if graph is not None:
+        p = np.exp(_log_probs(X, model, n_classes, un, graph))
+    else:
+        p = _softmax(predict_logits(X, model, n_classes, un))
     conf = p.max(axis=1)
     keep = conf >= np.quantile(conf, 1 - PSEUDO_TOP)
     pick = un[keep]
@@ -283,11 +303,20 @@ def _folds(codes_lab: np.ndarray, k: int, seed: int) -> np.ndarray:
 def _log_probs(X, model, n_classes, rows, graph) -> np.ndarray:
     """Uncalibrated log-probabilities of ``rows``: the model's, or with a kNN ``graph``
     (indices, column 0 = the row itself) smoothed: :data:`DIFFUSE` times, each row's
-    probabilities mixed with the mean of its neighbours' (:data:`SMOOTH`)."""
+    probabilities mixed with the mean of its neighbours' (:data:`SMOOTH`). For a few rows (the
+    held-out fold, the pseudo-label candidates) one round needs only their neighbours' rows."""
     if graph is None:
         z = predict_logits(X, model, n_classes, rows)
         with np.errstate(divide="ignore"):
             return np.log(_softmax(z))
+    if DIFFUSE == 1 and len(rows) * graph.shape[1] < len(X):  # a few rows: only their neighbours
+        rows = np.asarray(rows)
+        need, inv = np.unique(np.concatenate([rows, graph[rows, 1:].ravel()]), return_inverse=True)
+        P0 = _softmax(predict_logits(X, model, n_classes, need))
+        nb = inv[len(rows):].reshape(len(rows), -1)
+        P = (1 - SMOOTH) * P0[inv[:len(rows)]] + SMOOTH * P0[nb].mean(axis=1)
+        with np.errstate(divide="ignore"):
+            return np.log(P)
     P0 = _softmax(predict_logits(X, model, n_classes))
     P = P0
     nb = graph[:, 1:]
@@ -307,7 +336,7 @@ def _oof_logits(X, codes, n_classes, k, seed, self_train, graph=None):
             continue
         c = codes.copy()
         c[lab[test]] = -1
-        m = fit(X, c, n_classes, self_train=self_train, seed=seed + f)
+        m = fit(X, c, n_classes, self_train=self_train, seed=seed + f, graph=graph)
         out[test] = _log_probs(X, m, n_classes, lab[test], graph)
     ok = ~np.isnan(out).any(axis=1)
     return out[ok], codes[lab][ok]
@@ -329,7 +358,8 @@ def _temperature(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None)
     return best_t
 
 
-def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION_BINS,
+                   power: float | None = None) -> np.ndarray:
     """Weights that make the labelled rows' out-of-fold confidences spread like the
     unlabelled rows' confidences (the tool picks unsure rows on purpose, so without them the
     calibration would be fitted on the hard cases only)."""
@@ -339,7 +369,7 @@ def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION
     b_oof = np.searchsorted(edges, c)
     n_oof = np.bincount(b_oof, minlength=bins).astype(np.float64)
     share_un = np.full(bins, 1.0 / bins)
-    w = (share_un[b_oof] / np.maximum(n_oof[b_oof], 1)) ** SHIFT_POWER
+    w = (share_un[b_oof] / np.maximum(n_oof[b_oof], 1)) ** (SHIFT_POWER if power is None else power)
     return w * len(c) / w.sum()
 
 
@@ -356,9 +386,32 @@ def sure_threshold(confidence: np.ndarray, precision: float = SURE_PRECISION) ->
     return float(c[ok[-1]]) if len(ok) else float("inf")
 
 
+def _calibrated(X, codes, n_classes, folds, seed, self_train, graph, power):
+    """(N, K) calibrated probabilities of the model fitted on every label, its temperature and
+    the cross-validated accuracy of the labels (None: too few to hold out)."""
+    n = len(X)
+    oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph)
+    cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
+    model = fit(X, codes, n_classes, self_train=self_train, seed=seed, graph=graph)
+    if graph is not None:  # log-probabilities, then calibrated
+        probs = _log_probs(X, model, n_classes, np.arange(n), graph)
+    else:
+        probs = np.empty((n, n_classes), np.float32)
+        for a in range(0, n, BLOCK):
+            probs[a:a + BLOCK] = _log_probs(X, model, n_classes, np.arange(a, min(n, a + BLOCK)), None)
+    un = codes < 0
+    w = None
+    if un.any() and len(y) >= 5:
+        w = _shift_weights(oof, np.exp(probs[un].max(axis=1)), power=power)
+    T = _temperature(oof, y, w)
+    for a in range(0, n, BLOCK):
+        probs[a:a + BLOCK] = _softmax(probs[a:a + BLOCK], T)
+    return probs, T, cv_acc
+
+
 # ---------------------------------------------------------------------- propagate
 def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = None,
-              self_train: bool = False,
+              self_train: bool = False, second_opinion: bool = True,
               precision: float = SURE_PRECISION, folds: int | None = None,
               random_state: int | None = 0) -> Propagation:
     """Fit on the labelled rows, predict every row, calibrate, estimate.
@@ -366,7 +419,9 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     ``codes`` from :func:`encode` (-1 = unlabelled). Labelled rows get their own label as
     prediction with confidence 1 (they are never "sure": there is nothing to accept).
     With fewer than two labelled rows or one class only, there is no model: predicted -1,
-    confidence NaN, nothing sure, no estimate.
+    confidence NaN, nothing sure, no estimate. With a ``graph``, ``second_opinion`` mixes the
+    self-trained model's calibrated probability of each prediction into its confidence (see the
+    module's notes); ``probs`` stay the probe's.
     """
     X, codes, n_classes = _check(X, codes, n_classes)
     folds = check_int("folds", FOLDS if folds is None else folds, 2)
@@ -384,28 +439,17 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
         if graph.ndim != 2 or len(graph) != len(X) or graph.shape[1] < 2:
             raise ValueError(f"graph must be (N, k >= 2) neighbour indices for the {len(X)} "
                              f"rows; got shape {graph.shape}")
-    oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph)
-    cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
-    model = fit(X, codes, n_classes, self_train=self_train, seed=seed)
-    if graph is not None:  # log-probabilities, then calibrated
-        probs = _log_probs(X, model, n_classes, np.arange(n), graph)
-    else:
-        probs = np.empty((n, n_classes), np.float32)
-        for a in range(0, n, BLOCK):
-            probs[a:a + BLOCK] = _log_probs(X, model, n_classes, np.arange(a, min(n, a + BLOCK)), None)
+    probs, T, cv_acc = _calibrated(X, codes, n_classes, folds, seed, self_train, graph, SHIFT_POWER)
     un = codes < 0
-    w = None
-    if un.any() and len(y) >= 5:
-        conf_un = np.exp(probs[un].max(axis=1))
-        w = _shift_weights(oof, conf_un)
-    T = _temperature(oof, y, w)
-    for a in range(0, n, BLOCK):
-        probs[a:a + BLOCK] = _softmax(probs[a:a + BLOCK], T)
     pred = probs.argmax(axis=1).astype(np.int32)
     conf = probs[np.arange(n), pred]
     pred[lab] = codes[lab]
     conf[lab] = 1.0
     est = float(conf[un].mean()) if un.any() else cv_acc
+    if second_opinion and graph is not None and un.any():
+        # the self-trained model's calibrated probability of the same predicted label
+        second, _, _ = _calibrated(X, codes, n_classes, folds, seed, True, graph, SECOND_SHIFT_POWER)
+        conf[un] = SECOND_SHARE * second[un, pred[un]] + (1 - SECOND_SHARE) * conf[un]
     thr = sure_threshold(conf[un], precision) if un.any() else float("inf")
     sure = un & (conf >= thr)
     return Propagation(pred, conf, sure, thr, est, cv_acc, T, probs)
