@@ -68,6 +68,40 @@ class Labelling:
         self.paths = self.build.keys
         self.book = self.build.label_book(session)
         self._X = None
+        self._graph: Any = "unset"
+
+    @property
+    def graph(self):
+        """The neighbour graph propagation smooths over (:func:`explorer.curation.active.neighbours`
+        of :attr:`X`; ``None`` above its size limit), kept in ``NAME.labelling-graph.npy``
+        beside the rows (made again when the features file is newer or it does not check)."""
+        if isinstance(self._graph, str):
+            self._graph = self._cached_graph()
+        return self._graph
+
+    def _cached_graph(self):
+        import io
+
+        import numpy as np
+
+        from explorer.curation import active
+        from explorer.table import atomic_write_bytes
+
+        cache = self.build.file("labelling-graph.npy")
+        try:
+            if cache.stat().st_mtime_ns >= self.build.features_path.stat().st_mtime_ns:
+                return active.check_graph(np.load(cache, allow_pickle=False), len(self.paths))
+        except (OSError, ValueError):
+            pass
+        graph = active.neighbours(self.X)
+        if graph is not None:
+            buf = io.BytesIO()
+            np.save(buf, graph)
+            try:
+                atomic_write_bytes(cache, buf.getvalue())
+            except OSError:
+                pass  # a read-only build folder: computed again next time
+        return graph
 
     @property
     def X(self):
@@ -120,7 +154,7 @@ class Labelling:
         from explorer.curation import active
 
         return active.label_table(self.paths, self.labels(), self.book.sources(self.paths),
-                                  self.X)
+                                  self.X, graph=self.graph)
 
     def accept_sure(self):
         """Accept every sure prediction (one journal step); returns (record or None, info)."""

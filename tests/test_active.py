@@ -190,3 +190,17 @@ def test_smoothing_a_few_rows_equals_smoothing_all_of_them():
     every = active._log_probs(X, model, 3, np.arange(len(X)), graph)[rows]
     assert np.allclose(few, every, atol=1e-5)
     assert np.abs(every - active._log_probs(X, model, 3, rows, None)).max() > 0.01  # smoothed
+
+
+def test_a_graph_with_rows_that_do_not_exist_is_refused():
+    X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    codes = np.full(30, -1)
+    codes[:4] = [0, 0, 1, 1]
+    good = active.neighbours(X)
+    assert (active.check_graph(good, 30) == good).all()
+    for bad, word in ((np.where(good == 5, 30, good), "0..29"), (good.astype(float), "0..29"),
+                      (good[:, :1], "shape"), (good[:20], "shape")):
+        with pytest.raises(ValueError, match=word):
+            active.propagate(X, codes, 2, graph=bad)
+    with pytest.raises(ValueError, match="'auto', None"):
+        active.label_table([str(i) for i in range(30)], [""] * 30, [""] * 30, X, graph="nearest")

@@ -104,6 +104,36 @@ def test_add_next_propagate_accept_and_export(small_build, tmp_path, capsys):
     assert sum(v for k, v in summary["folders"].items() if k in GROUPS) == len(paths)
 
 
+def test_propagate_keeps_the_neighbour_graph_and_redoes_a_bad_one(small_build, tmp_path,
+                                                                   capsys, monkeypatch):
+    """The graph (minutes at 200,000 rows) is made once per build: a second propagate reads
+    it from NAME.labelling-graph.npy; a tampered file is made again, never trusted."""
+    from explorer.curation import active
+
+    csv, paths, y = small_build
+    lab = tmp_path / "mine.csv"
+    chosen = [paths[0], paths[1], paths[PER_GROUP], paths[2 * PER_GROUP]]
+    pd.DataFrame({"path": chosen, "label": [c.split("/")[0] for c in chosen]}).to_csv(lab, index=False)
+    assert run(capsys, "labels", "add", csv, "--from", lab)[0] == 0
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
+    first = json.loads(out)
+    cached = sidecar(csv, "labelling-graph.npy")
+    graph = np.load(cached)
+    assert graph.shape == (len(paths), active.NEIGHBOURS + 1)
+
+    made = []
+    real = active.neighbours
+    monkeypatch.setattr(active, "neighbours", lambda X: made.append(1) or real(X))
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
+    assert rc == 0 and made == [] and json.loads(out) == first
+    bad = graph.copy()
+    bad[0, 1] = 10 ** 6  # a row that does not exist
+    np.save(cached, bad)
+    rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
+    assert rc == 0 and made == [1] and json.loads(out) == first
+    assert (np.load(cached) == graph).all()
+
+
 def test_bad_input_is_a_clear_error(small_build, tmp_path, capsys):
     csv, paths, _ = small_build
     bad = tmp_path / "bad.csv"

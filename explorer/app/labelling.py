@@ -87,6 +87,7 @@ class LabellingFlow:
         #: (labels, estimated accuracy, cross-validated accuracy or None), one per propagate
         self.curve: list[tuple[int, float, float | None]] = []
         self._X = None
+        self._graph: Any = "unset"
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -94,6 +95,14 @@ class LabellingFlow:
         if self._X is None:
             self._X = active.features(self.state.features())
         return self._X
+
+    @property
+    def graph(self) -> np.ndarray | None:
+        """The neighbour graph of :attr:`X`, made on the first propagate and kept (minutes at
+        200,000 rows; the rows never change in a session)."""
+        if isinstance(self._graph, str):
+            self._graph = active.neighbours(self.X)
+        return self._graph
 
     def _labels(self) -> list[str]:
         return list(self.state.labels_of(range(self.state.n_rows), "label"))
@@ -166,7 +175,7 @@ class LabellingFlow:
     def propagate(self) -> dict[str, Any]:
         keys = self.state.keys
         self.table, self.info = active.label_table(
-            keys, self._labels(), self.state.book.sources(keys), self.X)
+            keys, self._labels(), self.state.book.sources(keys), self.X, graph=self.graph)
         if self.info["estimated_accuracy"] is not None:
             n = self.info["labels"]
             point = (n, self.info["estimated_accuracy"], self.info["cv_accuracy"])

@@ -283,6 +283,20 @@ def neighbours(X: np.ndarray) -> np.ndarray | None:
     return knn_graph(X, NEIGHBOURS + 1).indices
 
 
+def check_graph(graph: Any, n: int) -> np.ndarray:
+    """``graph`` as :func:`neighbours` makes it for ``n`` rows: (n, k >= 2) integer indices,
+    each in 0..n-1; else ``ValueError`` (a cached graph from disk is checked with it)."""
+    graph = np.asarray(graph)
+    if graph.ndim != 2 or len(graph) != n or graph.shape[1] < 2:
+        raise ValueError(f"graph must be (N, k >= 2) neighbour indices for the {n} "
+                         f"rows; got shape {graph.shape}")
+    if not np.issubdtype(graph.dtype, np.integer) or (
+            graph.size and (graph.min() < 0 or graph.max() >= n)):
+        raise ValueError(f"graph must hold row indices in 0..{n - 1}; got {graph.dtype} "
+                         f"from {graph.min()} to {graph.max()}")
+    return graph
+
+
 # ---------------------------------------------------------------------- calibration
 def _folds(codes_lab: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold number per labelled row, stratified; -1 for rows of classes with one example
@@ -435,10 +449,7 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
         conf[lab] = 1.0
         return Propagation(pred, conf, np.zeros(n, bool), float("inf"), None, None, 1.0, None)
     if graph is not None:
-        graph = np.asarray(graph)
-        if graph.ndim != 2 or len(graph) != len(X) or graph.shape[1] < 2:
-            raise ValueError(f"graph must be (N, k >= 2) neighbour indices for the {len(X)} "
-                             f"rows; got shape {graph.shape}")
+        graph = check_graph(graph, n)
     probs, T, cv_acc = _calibrated(X, codes, n_classes, folds, seed, self_train, graph, SHIFT_POWER)
     un = codes < 0
     pred = probs.argmax(axis=1).astype(np.int32)
@@ -569,7 +580,8 @@ def _unsure(X, un, probs, n, pool, seed, classes):
 
 # ---------------------------------------------------------------------- tables (CLI, app, API)
 def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[str], X: Any, *,
-                precision: float = SURE_PRECISION, random_state: int | None = 0):
+                graph: Any = "auto", precision: float = SURE_PRECISION,
+                random_state: int | None = 0):
     """Every row's label and prediction as a table, plus the figures the person sees.
 
     ``labels`` per row (``""`` = none), ``sources`` per row (``"person"``/``"accepted"``/``""``
@@ -578,6 +590,8 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
     no model yet), ``predicted_label`` (the label itself for labelled rows), ``confidence``
     and ``sure``; ``info`` has ``labels`` (by a person), ``accepted``, ``classes``,
     ``estimated_accuracy``, ``cv_accuracy``, ``threshold`` and ``sure`` (count).
+    ``graph``: ``"auto"`` makes :func:`neighbours` of ``X`` (minutes at 200,000 rows: a caller
+    that propagates again passes the one it kept), else that graph or ``None``.
     """
     import pandas as pd
 
@@ -586,7 +600,11 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
         raise ValueError(f"paths, labels and sources differ in length: "
                          f"{len(paths)}, {len(labels)}, {len(sources)}")
     codes, classes = encode(labels)
-    prop = propagate(X, codes, len(classes), graph=neighbours(X), precision=precision,
+    if isinstance(graph, str):
+        if graph != "auto":
+            raise ValueError(f"graph must be 'auto', None or neighbour indices; got {graph!r}")
+        graph = neighbours(X)
+    prop = propagate(X, codes, len(classes), graph=graph, precision=precision,
                      random_state=random_state)
     names = np.asarray(classes + [""], dtype=object)
     src = np.asarray([s or "" for s in sources], dtype=object)
