@@ -56,3 +56,18 @@ def cpu_check_forced(answer: str | None):
         if answer is not None:
             mp.setenv(CPU_BF16_ENV, answer)
         yield cpu_runs_bf16()
+
+
+def made_per_answer(make):
+    """``get(answer)``: ``make()``'s result under the CPU check forced to ``answer`` ("0", "1";
+    ``None``: the run's own setting), made once per answer of the check (for a module
+    fixture of things the check changes, such as a build)."""
+    made = {}
+
+    def get(answer: str | None):
+        with cpu_check_forced(answer) as native:
+            if native not in made:
+                made[native] = make()
+        return made[native]
+
+    return get

@@ -14,7 +14,7 @@ from PIL import Image
 
 from explorer import table
 from explorer.cli import main as cli
-from tests._cpucheck import cpu_check_forced, run_answer
+from tests._cpucheck import made_per_answer, run_answer
 
 SOURCES = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
 
@@ -75,15 +75,7 @@ def _real_build(tmp_path_factory):
 def builds(tmp_path_factory):
     """``builds(answer)``: the real build made with the CPU check forced to ``answer`` ("0",
     "1"; ``None``: the run's own setting), made once per answer of the check."""
-    made = {}
-
-    def get(answer):
-        with cpu_check_forced(answer) as native:
-            if native not in made:
-                made[native] = _real_build(tmp_path_factory)
-        return made[native]
-
-    return get
+    return made_per_answer(lambda: _real_build(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from explorer.curation import search as S
 from explorer import table
 from tests import _collections as col
 from tests import _imagegen as gen
-from tests._cpucheck import cpu_check_forced, run_answer
+from tests._cpucheck import made_per_answer, run_answer
 
 
 # --------------------------------------------------------------------------- concepts
@@ -114,15 +114,7 @@ def _small_build(tmp_path_factory):
 def small_builds(tmp_path_factory):
     """``small_builds(answer)``: the small build made with the CPU check forced to ``answer``
     ("0", "1"; ``None``: the run's own setting), once per answer of the check."""
-    made = {}
-
-    def get(answer):
-        with cpu_check_forced(answer) as native:
-            if native not in made:
-                made[native] = _small_build(tmp_path_factory)
-        return made[native]
-
-    return get
+    return made_per_answer(lambda: _small_build(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
