@@ -73,74 +73,63 @@ class Labelling:
     @property
     def graph(self):
         """The neighbour graph propagation smooths over (:func:`explorer.curation.active.neighbours`
-        of :attr:`X`; ``None`` above its size limit), kept in ``NAME.labelling-graph.npy``
-        beside the rows (made again when the features file is newer or it does not check)."""
-        if isinstance(self._graph, str):
-            self._graph = self._cached_graph()
-        return self._graph
-
-    def _cached_graph(self):
-        import io
-
-        import numpy as np
-
+        of :attr:`X`; ``None`` above its size limit), kept in ``NAME.labelling-graph.npy``."""
         from explorer.curation import active
-        from explorer.table import atomic_write_bytes
 
-        cache = self.build.file("labelling-graph.npy")
-        try:
-            if cache.stat().st_mtime_ns >= self.build.features_path.stat().st_mtime_ns:
-                return active.check_graph(np.load(cache, allow_pickle=False), len(self.paths))
-        except (OSError, ValueError):
-            pass
-        graph = active.neighbours(self.X)
-        if graph is not None:
-            buf = io.BytesIO()
-            np.save(buf, graph)
-            try:
-                atomic_write_bytes(cache, buf.getvalue())
-            except OSError:
-                pass  # a read-only build folder: computed again next time
-        return graph
+        if isinstance(self._graph, str):
+            self._graph = self._kept("labelling-graph.npy",
+                                     lambda g: active.check_graph(g, len(self.paths)),
+                                     lambda: active.neighbours(self.X))
+        return self._graph
 
     @property
     def X(self):
-        """The model's rows (:func:`explorer.curation.active.features` of ``NAME.features.npy``), kept
-        in ``NAME.labelling.npy`` (made again when the features file is newer)."""
+        """The model's rows (:func:`explorer.curation.active.features` of ``NAME.features.npy``),
+        kept in ``NAME.labelling.npy``."""
         if self._X is None:
-            self._X = self._cached_rows()
+            self._X = self._kept("labelling.npy", self._rows_match, self._model_rows)
         return self._X
 
-    def _cached_rows(self):
-        import io
+    def _rows_match(self, X):
+        if len(X) != len(self.paths):
+            raise ValueError(f"{len(X)} rows for a table of {len(self.paths)}")
+        return X
 
-        import numpy as np
-
+    def _model_rows(self):
         from explorer.curation import active
         from explorer.curation.search import load_features
-        from explorer.table import atomic_write_bytes
 
-        cache = self.build.file("labelling.npy")
-        src = self.build.features_path
-        try:
-            if cache.stat().st_mtime_ns >= src.stat().st_mtime_ns:
-                X = np.load(cache, allow_pickle=False)
-                if len(X) == len(self.paths):
-                    return X
-        except (OSError, ValueError):
-            pass
         V = load_features(self.build)
         if len(V) != len(self.paths):
             raise ValueError(f"{self.csv.name}: the stored vectors have {len(V)} rows, "
                              f"the table {len(self.paths)}; build again")
-        X = active.features(V)
-        buf = io.BytesIO()
-        np.save(buf, X)
+        return active.features(V)
+
+    def _kept(self, kind: str, check, make):
+        """An array kept beside the build in ``NAME.<kind>``: read when it is newer than the
+        features file and ``check`` returns it (else ``ValueError``); otherwise ``make()``, and
+        written for the next call (unless ``None``, or the build folder is read-only)."""
+        import io
+
+        import numpy as np
+
+        from explorer.table import atomic_write_bytes
+
+        cache = self.build.file(kind)
         try:
-            atomic_write_bytes(cache, buf.getvalue())
-        except OSError:
-            pass  # a read-only build folder: computed again next time
-        return X
+            if cache.stat().st_mtime_ns >= self.build.features_path.stat().st_mtime_ns:
+                return check(np.load(cache, allow_pickle=False))
+        except (OSError, ValueError):
+            pass
+        arr = make()
+        if arr is not None:
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            try:
+                atomic_write_bytes(cache, buf.getvalue())
+            except OSError:
+                pass  # a read-only build folder: made again next time
+        return arr
 
     def labels(self) -> list[str]:
         return self.book.labels_for(self.paths)
