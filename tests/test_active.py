@@ -141,9 +141,10 @@ def test_features_reduce_float16_vectors():
     assert Z.shape == (600, 32) and Z.dtype == np.float32 and np.isfinite(Z).all()
 
 
-def test_second_opinion_moves_only_the_confidence_and_the_sure_set():
+def test_second_opinion_moves_the_predictions_and_the_sure_set_not_the_picks(monkeypatch):
     # overlapping classes: the self-trained second opinion re-ranks how sure each prediction
-    # is; the predictions, the probabilities the picks use and the estimate stay the probe's
+    # is and shares in the prediction; the probabilities the picks use and the estimate stay
+    # the probe's
     X, y = blobs([300, 300, 200, 200], spread=3.5, seed=2)
     X = active.features(X, dims=None)
     codes = label_some(y, 8, seed=2)
@@ -151,8 +152,15 @@ def test_second_opinion_moves_only_the_confidence_and_the_sure_set():
     un = codes < 0
     one = active.propagate(X, codes, graph=g, second_opinion=False)
     two = active.propagate(X, codes, graph=g)
-    assert (two.predicted == one.predicted).all() and np.allclose(two.probs, one.probs)
+    assert np.allclose(two.probs, one.probs)
     assert two.estimated_accuracy == one.estimated_accuracy
+    assert (two.predicted[~un] == codes[~un]).all()
+    # the mean of the two models' probabilities predicts better than the probe (0.705 -> 0.715)
+    assert (two.predicted != one.predicted).sum() >= 10
+    assert (two.predicted == y)[un].mean() > (one.predicted == y)[un].mean() + 0.005
+    with monkeypatch.context() as m:  # none of the second opinion in the prediction: the probe's
+        m.setattr(active, "PREDICT_SHARE", 0.0)
+        assert (active.propagate(X, codes, graph=g).predicted == one.predicted).all()
     assert np.abs(two.confidence[un] - one.confidence[un]).max() > 0.05
     assert (two.confidence[~un] == 1).all() and not two.sure[~un].any()
     assert (two.sure == (un & (two.confidence >= two.threshold))).all()
