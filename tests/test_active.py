@@ -143,7 +143,7 @@ def test_features_reduce_float16_vectors():
 
 def test_second_opinion_moves_the_predictions_and_the_sure_set_not_the_picks(monkeypatch):
     # overlapping classes: the self-trained second opinion re-ranks how sure each prediction
-    # is and shares in the prediction; the probabilities the picks use and the estimate stay
+    # is and shares in the prediction and the estimate; the probabilities the picks use stay
     # the probe's
     X, y = blobs([300, 300, 200, 200], spread=3.5, seed=2)
     X = active.features(X, dims=None)
@@ -153,7 +153,10 @@ def test_second_opinion_moves_the_predictions_and_the_sure_set_not_the_picks(mon
     one = active.propagate(X, codes, graph=g, second_opinion=False)
     two = active.propagate(X, codes, graph=g)
     assert np.allclose(two.probs, one.probs)
-    assert two.estimated_accuracy == one.estimated_accuracy
+    # the estimate is of the mixed predictions, and here closer to their accuracy (0.81 for a
+    # true 0.73) than the probe's estimate to its own (0.83 for 0.72)
+    err1, err2 = (abs(p.estimated_accuracy - (p.predicted == y)[un].mean()) for p in (one, two))
+    assert err2 < err1 - 0.02
     assert (two.predicted[~un] == codes[~un]).all()
     # the mean of the two models' probabilities predicts better than the probe (0.705 -> 0.715)
     assert (two.predicted != one.predicted).sum() >= 10

@@ -36,12 +36,13 @@ How sure, how good
   a prediction is better (on the clothing photos a perfect threshold could call 60% of the
   images sure at 0.97 instead of 55%). The prediction itself is the likeliest label of the mean
   of the two models' probabilities (:data:`PREDICT_SHARE`; +0.005 accuracy at 50 labels in
-  the loop); the picks and the estimate stay the probe's.
+  the loop); the picks stay the probe's.
 * The "sure" threshold is the lowest confidence such that the rows at or above it have a
   mean confidence of at least :data:`SURE_PRECISION` (the calibrated probabilities stand in
   for the unknown truth): the largest set of predictions expected to be that correct.
 * The estimated accuracy on the unlabelled rows is the mean calibrated probability of the
-  probe's predictions (the estimate that was measured; the blend decides only what is sure); the
+  predictions (the mixed probabilities' with a second opinion, else the probe's; the 0.8 / 0.2
+  blend of the confidence decides only what is sure); the
   cross-validated accuracy of the person's own labels is given beside it (it runs low when
   the tool picked the hard images, which it does on purpose).
 
@@ -114,7 +115,7 @@ SHIFT_POWER = 0.5
 #: share of the second opinion (the self-trained model) in each unlabelled row's confidence
 SECOND_SHARE = 0.8
 #: share of the second opinion in the probabilities an unlabelled row's prediction is the
-#: likeliest label of (the picks and the estimate keep the probe's)
+#: likeliest label of, and of the estimate (the picks keep the probe's)
 PREDICT_SHARE = 0.5
 #: power of the calibration weights of the second opinion (see SHIFT_POWER)
 SECOND_SHIFT_POWER = 0.75
@@ -455,8 +456,9 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     prediction with confidence 1 (they are never "sure": there is nothing to accept).
     With fewer than two labelled rows or one class only, there is no model: predicted -1,
     confidence NaN, nothing sure, no estimate. With a ``graph``, ``second_opinion`` mixes the
-    self-trained model's calibrated probabilities into each unlabelled row's prediction and its
-    confidence (see the module's notes); ``probs`` (what the picks use) stay the probe's.
+    self-trained model's calibrated probabilities into each unlabelled row's prediction, its
+    confidence and the estimate (see the module's notes); ``probs`` (what the picks use) stay
+    the probe's.
     """
     X, codes, n_classes = _check(X, codes, n_classes)
     folds = check_int("folds", FOLDS if folds is None else folds, 2)
@@ -483,21 +485,25 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     if second_opinion and graph is not None and un.any():
         second, _, _ = _calibrated(X, codes, n_classes, folds, seed, True, graph,
                                    SECOND_SHIFT_POWER, smooth)
-        pred[un], conf[un] = _second_opinion(probs[un], second[un])
+        pred[un], conf[un], mixed = _second_opinion(probs[un], second[un])
+        est = float(mixed.mean())
     thr = sure_threshold(conf[un], precision) if un.any() else float("inf")
     sure = un & (conf >= thr)
     return Propagation(pred, conf, sure, thr, est, cv_acc, T, probs)
 
 
-def _second_opinion(probe: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted code, confidence) per row from the probe's and the self-trained model's
-    calibrated probabilities (same shape): the likeliest label of their mix
-    (:data:`PREDICT_SHARE` of the second), and :data:`SECOND_SHARE` of the second's
+def _second_opinion(probe: np.ndarray, second: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted code, confidence, mixed probability of the prediction) per row from the
+    probe's and the self-trained model's calibrated probabilities (same shape): the likeliest
+    label of their mix (:data:`PREDICT_SHARE` of the second) and the mix's probability of it
+    (the estimate is their mean), and, as the confidence, :data:`SECOND_SHARE` of the second's
     probability of that label plus the rest of the probe's."""
-    pred = ((1 - PREDICT_SHARE) * probe + PREDICT_SHARE * second).argmax(axis=1).astype(np.int32)
+    mix = (1 - PREDICT_SHARE) * probe + PREDICT_SHARE * second
+    pred = mix.argmax(axis=1).astype(np.int32)
     i = np.arange(len(pred))
     conf = SECOND_SHARE * second[i, pred] + (1 - SECOND_SHARE) * probe[i, pred]
-    return pred, conf.astype(np.float32)
+    return pred, conf.astype(np.float32), mix[i, pred]
 
 
 # ---------------------------------------------------------------------- pick next
