@@ -22,6 +22,26 @@ def test_map_is_reproducible_with_the_same_seed(blobs):
     assert np.array_equal(a, b)
 
 
+def test_umap_kernels_are_kept_on_disk_for_the_next_process(blobs):
+    # umap-learn compiles almost all its numba kernels without cache=True: every build
+    # process paid ~9 CPU s for them again (explorer.stages.jit). After a map is drawn its
+    # kernels are in numba's disk cache, where the next process finds them. Fails with
+    # jit.cache_kernels not called (tried once: cache_path None).
+    from pathlib import Path
+
+    import umap.layouts
+    import umap.umap_
+
+    reduce_map(blobs[0], random_state=3)
+    for kernel in (umap.umap_.smooth_knn_dist, umap.umap_.compute_membership_strengths,
+                   umap.layouts.rdist):
+        stats = kernel.stats
+        assert stats.cache_path is not None, kernel.__name__
+        assert sum(stats.cache_hits.values()) + sum(stats.cache_misses.values()) >= 1
+        index = list(Path(stats.cache_path).glob(f"*{kernel.__name__}*.nbi"))
+        assert index, f"no cache index for {kernel.__name__} in {stats.cache_path}"
+
+
 def test_shapes_and_pair_unpacking(blobs):
     X, _ = blobs
     xy, notes = reduce_map(X)

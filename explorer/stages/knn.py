@@ -34,6 +34,7 @@ import numpy as np
 
 from explorer._checks import as_matrix, check_random_state
 from explorer._checks import check_int as _check_int
+from explorer.stages import jit
 
 #: the methods :func:`knn_graph` accepts
 KNN_METHODS: tuple[str, ...] = ("auto", "exact", "nndescent", "torch")
@@ -259,6 +260,8 @@ def _exact_torch(X: np.ndarray, k: int, device: str, block: int = 8192):
 
 def _nndescent_index(X: np.ndarray, k: int, random_state: int | None, *, compressed=True):
     from pynndescent import NNDescent
+
+    jit.cache_kernels("pynndescent")
 
     n_trees = min(64, 5 + int(round((X.shape[0]) ** 0.5 / 20.0)))
     n_iters = max(5, int(round(np.log2(X.shape[0]))))

@@ -64,6 +64,7 @@ from explorer._checks import as_matrix
 from explorer._checks import check_int as _check_int
 from explorer._checks import check_random_state as _check_random_state
 from explorer.progress import spinner
+from explorer.stages import jit
 
 #: below this many points the embedding is PCA, not UMAP
 MIN_UMAP_POINTS = 16
@@ -207,6 +208,8 @@ def _reduce(
             metric = "euclidean"
 
     import umap
+
+    jit.cache_kernels("umap", "pynndescent")
 
     if random_state is not None:
         # seeded umap-learn is single-threaded anyway; saying so avoids its warning
@@ -424,6 +427,8 @@ def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, eng
         return np.asarray(getattr(Y, "get", lambda: Y)(), dtype=np.float32)
 
     import umap
+
+    jit.cache_kernels("umap", "pynndescent")
 
     reducer = umap.UMAP(
         n_components=n_components,
@@ -705,6 +710,8 @@ def _inverse_distance_weights(dist: np.ndarray) -> np.ndarray:
     groups (``1 / d`` alone is almost flat for CNN vectors and averaged it between groups),
     and a near-copy takes its twin's place."""
     from umap.umap_ import smooth_knn_dist
+
+    jit.cache_kernels("umap", "pynndescent")
 
     d = np.ascontiguousarray(dist, dtype=np.float32)
     if d.shape[1] == 0:

@@ -1,0 +1,61 @@
+"""Numba kernels of umap-learn and pynndescent, compiled once per machine instead of once per
+process.
+
+umap-learn marks almost none of its numba kernels ``cache=True`` (1 of about 130) and
+pynndescent a part of them, so every process that drew a map or a neighbour graph compiled
+them again: every ``explorer build``, every re-cluster in the app, every test worker. On the
+2-core machine (docs/testing.md) a fresh process's first UMAP fit of 300 points cost 14.4 CPU s
+and 5.7 once its kernels were cached; pynndescent's first graph 60 and 21 (what is left,
+``nn_descent`` itself, holds "dynamic globals" numba cannot cache).
+
+:func:`cache_kernels` turns numba's on-disk cache on for the module-level kernels of a loaded
+library, before their first compile (numba's own ``Dispatcher.enable_caching``, what
+``@njit(cache=True)`` calls). The cache sits where numba puts it for ``cache=True`` kernels:
+beside the library's sources (``__pycache__``), or numba's per-user cache folder when those
+are read-only, or ``NUMBA_CACHE_DIR``; numba checks each entry against the source file's
+time stamp. A kernel numba cannot cache is compiled as before (numba's warning about it is
+silenced: it is not the user's to act on).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+#: the libraries :func:`cache_kernels` is meant for (their kernels are plain module-level
+#: ``@numba.njit`` functions)
+LIBRARIES = ("umap", "pynndescent")
+
+_done: set[str] = set()
+
+
+def cache_kernels(*libraries: str) -> int:
+    """Turn numba's disk cache on for the not yet cached kernels of each of ``libraries``'
+    modules that are loaded (importing none: umap's optional plotting and parametric
+    modules stay unloaded). Call it after importing the library and before its first use;
+    a later call for the same library does nothing. Returns how many kernels it turned on."""
+    try:
+        from numba.core.caching import NullCache
+        from numba.core.dispatcher import Dispatcher
+        from numba.core.errors import NumbaWarning
+    except ImportError:  # pragma: no cover - numba always comes with umap-learn
+        return 0
+    turned = 0
+    for lib in libraries:
+        if lib in _done or lib not in sys.modules:
+            continue
+        _done.add(lib)
+        for name, module in list(sys.modules.items()):
+            if module is None or (name != lib and not name.startswith(lib + ".")):
+                continue
+            for obj in list(vars(module).values()):
+                if (isinstance(obj, Dispatcher) and getattr(obj, "py_func", None) is not None
+                        and obj.py_func.__module__ == name
+                        and isinstance(getattr(obj, "_cache", None), NullCache)
+                        and hasattr(obj, "enable_caching")):
+                    obj.enable_caching()
+                    turned += 1
+    if turned:
+        warnings.filterwarnings("ignore", message="Cannot cache compiled function",
+                                category=NumbaWarning)
+    return turned
