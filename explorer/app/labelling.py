@@ -86,23 +86,28 @@ class LabellingFlow:
         self.info: dict[str, Any] | None = None
         #: (labels, estimated accuracy, cross-validated accuracy or None), one per propagate
         self.curve: list[tuple[int, float, float | None]] = []
-        self._X = None
-        self._graph: Any = "unset"
 
     # ------------------------------------------------------------------ inputs
     @property
     def X(self) -> np.ndarray:
-        if self._X is None:
-            self._X = active.features(self.state.features())
-        return self._X
+        """The labelling's features of every row (:func:`explorer.curation.active.features`),
+        made once per server process and shared by its sessions (the rows never change)."""
+        def make():
+            X = active.features(self.state.features())
+            X.setflags(write=False)
+            return X
+        return self.state.project.cached("labelling-features", make)
 
     @property
     def graph(self) -> np.ndarray | None:
-        """The neighbour graph of :attr:`X`, made on the first propagate and kept (minutes at
-        200,000 rows; the rows never change in a session)."""
-        if isinstance(self._graph, str):
-            self._graph = active.neighbours(self.X)
-        return self._graph
+        """The neighbour graph of :attr:`X`, made on the first propagate of any session and
+        shared by all (minutes at 200,000 rows)."""
+        def make():
+            g = active.neighbours(self.X)
+            if g is not None:
+                g.setflags(write=False)
+            return g
+        return self.state.project.cached("labelling-graph", make)
 
     def _labels(self) -> list[str]:
         return list(self.state.labels_of(range(self.state.n_rows), "label"))

@@ -130,6 +130,7 @@ class Project:
         self.problems += self._check_thumbnails()
         self._labels: dict[str, np.ndarray] = {}
         self._codes: dict[str, Any] = {}
+        self._key_locks: dict[str, threading.Lock] = {}
         self._norms: np.ndarray | None = None
         self._tree: Any = None
         self.features: np.ndarray | None = None
@@ -241,11 +242,21 @@ class Project:
             return self._labels[column]
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
-        """A derived value (colour codes of a CSV column ...) computed once per process."""
+        """A derived value (colour codes of a CSV column, the labelling's neighbour graph ...)
+        computed once per process and shared by every session. Sessions asking for the same
+        key wait for the one making it; other keys do not wait (a graph can take minutes)."""
         with self._lock:
-            if key not in self._codes:
-                self._codes[key] = make()
-            return self._codes[key]
+            if key in self._codes:
+                return self._codes[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._codes:
+                    return self._codes[key]
+            value = make()
+            with self._lock:
+                self._codes[key] = value
+            return value
 
     # ------------------------------------------------------------------ embeddings
     def _load_features(self, path: Path) -> None:
