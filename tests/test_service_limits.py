@@ -149,13 +149,10 @@ def _send_big(port: int, head: bytes, total: int, seconds: float = 20.0) -> tupl
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("limits-served")
-    image_folder(base / "root" / "photos", 4, size=32)
-    token = local_user(base / "data", "alice", projects=("p1",))
-    srv = Server(base / "root", base / "data").start()
-    yield srv, token
-    srv.stop()
+def server(apps_site):
+    """A real ``explorer serve`` and alice's token: the app tests' service (below), before
+    any app process runs (one service start less)."""
+    return apps_site["server"], apps_site["tokens"]["alice"]
 
 
 def test_an_unauthenticated_200_mib_post_is_refused_and_the_service_does_not_grow(server):
