@@ -233,12 +233,13 @@ def _status_js() -> str:
     )
 
 
-def test_bad_csv_shows_message_not_blank_page(tmp_path):
+def test_bad_csv_shows_message_not_blank_page(tmp_path, site):
     app_dir, csv = make_app(tmp_path, per_group=2, noise=1, hostile=False)
     text = csv.read_text().replace("\nx,", "\nxx,", 1)
     header, rest = text.split("\n", 1)
     csv.write_text(header.replace(",x,", ",not_x,") + "\n" + rest)
-    with B.serve(app_dir, csv) as url, B.chromium() as drv:
+    drv = site["drv"]  # the module's browser: one Chromium start less
+    with B.serve(app_dir, csv) as url:
         drv.get(url)
         msg = B.wait_for(drv, "return (" + _status_js() + ")", timeout=30)
         assert "missing column(s) x" in msg
@@ -263,7 +264,7 @@ def test_reset_data_clears_selection_and_zoom(page):
     assert after == pytest.approx(before)
 
 
-def test_hostile_project_save_with_images_zips_no_system_file(tmp_path):
+def test_hostile_project_save_with_images_zips_no_system_file(tmp_path, site):
     """H1 end to end: run record says the images are at /, CSV paths point into /etc; a
     person presses Save with images in the browser; the zip holds no /etc/passwd, nothing
     that is not an image, and the page says the root was refused."""
@@ -279,9 +280,8 @@ def test_hostile_project_save_with_images_zips_no_system_file(tmp_path):
     df.loc[1, "image"] = "main.py"  # a thumbnail value naming the app's own code
     df.to_csv(csv, index=False)
     sidecar(csv, "run.json").write_text(json.dumps({"image_dir": "/", "image_dir_from_csv": "../" * 40}))
-    downloads = tmp_path / "dl"
-    downloads.mkdir()
-    with B.serve(app_dir, csv) as url, B.chromium(download_dir=downloads) as drv:
+    downloads, drv = site["downloads"], site["drv"]  # the module's browser
+    with B.serve(app_dir, csv) as url:
         drv.get(url)
         B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
         assert "refused" in B.wait_for(drv, "return (" + _status_js() + ")", timeout=10)
@@ -359,14 +359,13 @@ def polygon_contains(px, py, x, y):
 
 
 @pytest.fixture(scope="module")
-def big_site(tmp_path_factory):
+def big_site(tmp_path_factory, site):
     from _appdata import make_big_csv
 
     root = tmp_path_factory.mktemp("bigmap")
     app_dir, csv = make_big_csv(root, BIG_POINTS)
     with B.serve(app_dir, csv, env={"EXPLORER_IMAGE_MAP_ABOVE": str(IMAGE_ABOVE)}) as url:
-        with B.chromium() as drv:
-            yield {"url": url, "drv": drv, "csv": csv}
+        yield {"url": url, "drv": site["drv"], "csv": csv}  # the module's browser
 
 
 def _selected_count(drv):
@@ -460,7 +459,7 @@ XSS_COLUMN = "<img src=x onerror=\"document.title='XSS-COLUMN';window.__xss=1\">
 XSS_TAG = "<img src=x onerror=\"window.__xss=2\">"
 
 
-def test_hostile_column_names_and_values_are_shown_as_text_never_run(tmp_path):
+def test_hostile_column_names_and_values_are_shown_as_text_never_run(tmp_path, site):
     """XSS through a CSV (review N3): the DataTable header rendered a column's name as HTML,
     so a column named ``<img onerror=...>`` ran on page load. Column names and tag values
     from the CSV appear as text in the table header, the cells, the legend, the colour-by
@@ -472,7 +471,8 @@ def test_hostile_column_names_and_values_are_shown_as_text_never_run(tmp_path):
     df[XSS_COLUMN] = [XSS_TAG if i % 2 else "#plain" for i in range(len(df))]
     df["tags"] = [f"#ok, {XSS_TAG}" for _ in range(len(df))]
     df.to_csv(csv, index=False)
-    with B.serve(app_dir, csv) as url, B.chromium() as drv:
+    drv = site["drv"]  # the module's browser
+    with B.serve(app_dir, csv) as url:
         drv.get(url)
         B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
         # colour by the hostile column (legend of its values), select images (table cells)

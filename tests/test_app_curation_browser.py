@@ -29,6 +29,11 @@ if B.find_chromium() is None:
     )
 
 LABEL_TAB = 1
+#: images per cluster: two clusters (14) stay under ``reduce.MIN_UMAP_POINTS`` (16), so the
+#: re-cluster maps them with PCA and its worker process pays no UMAP compile (20 CPU s); the
+#: served worker's UMAP re-cluster is test_app_hooks' warm-up
+PER_GROUP = 7
+ROW, ALL = 2 * PER_GROUP, 4 * PER_GROUP + 3
 
 
 def wait_model(drv, name, expr, timeout=15.0):
@@ -67,7 +72,15 @@ def journal_labels(csv):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_app(tmp_path_factory.mktemp("curbrowser"), hostile=False)
+    return make_app(tmp_path_factory.mktemp("curbrowser"), per_group=PER_GROUP, hostile=False)
+
+
+@pytest.fixture(scope="module")
+def served(data):
+    """One ``bokeh serve`` and one Chromium for the tests that do not kill their server."""
+    app_dir, csv = data
+    with B.serve(app_dir, csv) as url, B.chromium() as drv:
+        yield url, drv
 
 
 def test_sigkill_loses_no_acknowledged_label(data):
@@ -76,16 +89,16 @@ def test_sigkill_loses_no_acknowledged_label(data):
     try:
         with B.chromium() as drv:
             open_page(drv, url)
-            # clusters 0 and 1 (16 images), then clusters 2 and 3 (16 images)
-            lasso_and_label(drv, [(-3, -3), (13, -3), (13, 3), (-3, 3)], 16, "bottom row")
-            lasso_and_label(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)], 16, "top row")
+            # clusters 0 and 1, then clusters 2 and 3
+            lasso_and_label(drv, [(-3, -3), (13, -3), (13, 3), (-3, 3)], ROW, "bottom row")
+            lasso_and_label(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)], ROW, "top row")
             proc.send_signal(signal.SIGKILL)  # right after the last acknowledgement
             proc.wait(timeout=10)
     finally:
         B.stop(proc)
     on_disk = journal_labels(csv)
-    assert sum(v == "bottom row" for v in on_disk.values()) == 16
-    assert sum(v == "top row" for v in on_disk.values()) == 16
+    assert sum(v == "bottom row" for v in on_disk.values()) == ROW
+    assert sum(v == "top row" for v in on_disk.values()) == ROW
     proc, url = B.launch(app_dir, csv)
     try:
         with B.chromium() as drv:
@@ -93,50 +106,48 @@ def test_sigkill_loses_no_acknowledged_label(data):
             B.set_model(drv, "color_by", "value", "label")
             assert legend_has(drv, "bottom row") and legend_has(drv, "top row")
             counts = B.model_value(drv, "labels", "m.options.map(o => o[1])")
-            assert any(c.startswith("bottom row") and "(16)" in c for c in counts)
-            assert any(c.startswith("top row") and "(16)" in c for c in counts)
+            assert any(c.startswith("bottom row") and f"({ROW})" in c for c in counts)
+            assert any(c.startswith("top row") and f"({ROW})" in c for c in counts)
     finally:
         B.stop(proc)
 
 
-def test_two_tabs_see_each_others_labels_without_reload(data):
-    app_dir, csv = data
-    with B.serve(app_dir, csv) as url:
-        with B.chromium() as drv:
-            open_page(drv, url)
-            tab_a = drv.current_window_handle
-            drv.switch_to.new_window("window")
-            tab_b = drv.current_window_handle
-            open_page(drv, url)
-            B.set_model(drv, "color_by", "value", "label")
-            drv.execute_script("window.__loaded_at = performance.timeOrigin;")
-            drv.switch_to.window(tab_a)
-            lasso_and_label(drv, [(-3, 7), (3, 7), (3, 13), (-3, 13)], 8, "seen in B")
-            drv.switch_to.window(tab_b)
-            assert legend_has(drv, "seen in B")
-            assert drv.execute_script("return window.__loaded_at === performance.timeOrigin")  # no reload
-            # and back: B's change reaches A, A's label is still there
-            lasso_and_label(drv, [(7, 7), (13, 7), (13, 13), (7, 13)], 8, "seen in A")
-            drv.switch_to.window(tab_a)
-            B.set_model(drv, "color_by", "value", "label")
-            assert legend_has(drv, "seen in A") and legend_has(drv, "seen in B")
+def test_two_tabs_see_each_others_labels_without_reload(data, served):
+    _, csv = data
+    url, drv = served
+    open_page(drv, url)
+    tab_a = drv.current_window_handle
+    drv.switch_to.new_window("window")
+    tab_b = drv.current_window_handle
+    open_page(drv, url)
+    B.set_model(drv, "color_by", "value", "label")
+    drv.execute_script("window.__loaded_at = performance.timeOrigin;")
+    drv.switch_to.window(tab_a)
+    lasso_and_label(drv, [(-3, 7), (3, 7), (3, 13), (-3, 13)], PER_GROUP, "seen in B")
+    drv.switch_to.window(tab_b)
+    assert legend_has(drv, "seen in B")
+    assert drv.execute_script("return window.__loaded_at === performance.timeOrigin")  # no reload
+    # and back: B's change reaches A, A's label is still there
+    lasso_and_label(drv, [(7, 7), (13, 7), (13, 13), (7, 13)], PER_GROUP, "seen in A")
+    drv.close()  # tab B; the next test has the browser's first tab
+    drv.switch_to.window(tab_a)
+    B.set_model(drv, "color_by", "value", "label")
+    assert legend_has(drv, "seen in A") and legend_has(drv, "seen in B")
     on_disk = journal_labels(csv)
-    assert sum(v == "seen in A" for v in on_disk.values()) == 8
-    assert sum(v == "seen in B" for v in on_disk.values()) == 8
+    assert sum(v == "seen in A" for v in on_disk.values()) == PER_GROUP
+    assert sum(v == "seen in B" for v in on_disk.values()) == PER_GROUP
 
 
-def test_recluster_swaps_the_map_and_back_restores_it(data):
-    app_dir, csv = data
-    with B.serve(app_dir, csv) as url:
-        with B.chromium() as drv:
-            open_page(drv, url)
-            B.lasso(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)])
-            wait_model(drv, "table_source", "m.data['_file'].length == 16")
-            B.set_model(drv, "tabs", "active", LABEL_TAB)
-            B.click_button(drv, "recluster")
-            wait_model(drv, "points", "m.data['x'].length == 16", timeout=120)
-            assert wait_model(drv, "breadcrumbs", "m.text.includes('sel')")
-            B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
-            B.click_button(drv, "back")
-            wait_model(drv, "points", "m.data['x'].length == 35")
-            assert B.model_value(drv, "points", "m.selected.indices.length") == 16
+def test_recluster_swaps_the_map_and_back_restores_it(served):
+    url, drv = served
+    open_page(drv, url)
+    B.lasso(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)])
+    wait_model(drv, "table_source", f"m.data['_file'].length == {ROW}")
+    B.set_model(drv, "tabs", "active", LABEL_TAB)
+    B.click_button(drv, "recluster")
+    wait_model(drv, "points", f"m.data['x'].length == {ROW}", timeout=120)
+    assert wait_model(drv, "breadcrumbs", "m.text.includes('sel')")
+    B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
+    B.click_button(drv, "back")
+    wait_model(drv, "points", f"m.data['x'].length == {ALL}")
+    assert B.model_value(drv, "points", "m.selected.indices.length") == ROW

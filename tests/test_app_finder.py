@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import click, copy_app, plot_positions, widget as w, app_document  # noqa: E402
 from _finderdata import make_finder_app  # noqa: E402
+from _sharedcache import class_vectors_cached  # noqa: E402
 
 from explorer.stages import concepts as C  # noqa: E402
 from explorer.app import finder as F  # noqa: E402
@@ -39,8 +40,9 @@ def make_doc(app_dir, csv):
 
 @pytest.fixture
 def doc(app, tmp_path_factory, monkeypatch):
-    # the class-name vectors are cached per user: here in a test folder
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    # the class-name vectors are cached per user: here in the run's folder, encoded once per
+    # run (tests/_sharedcache.py)
+    class_vectors_cached(tmp_path_factory, monkeypatch)
     return make_doc(*app)
 
 
@@ -225,7 +227,7 @@ def test_flag_filter_holds_through_a_drill_down_and_waits_for_the_whole_map(doc)
 def test_flag_filter_and_search_show_on_the_image_map(app, tmp_path_factory, monkeypatch):
     """Above the image threshold the map is a server-rendered image: hiding flagged images
     draws fewer points, and a word search lights its results and dims the rest."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    class_vectors_cached(tmp_path_factory, monkeypatch)
     monkeypatch.setenv("EXPLORER_IMAGE_MAP_ABOVE", "0")
     doc = make_doc(*app)
     view = doc.explorer_view

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _appdata import HOSTILE  # noqa: E402
 from _finderdata import make_finder_app  # noqa: E402
+from _sharedcache import class_vectors_cached  # noqa: E402
 
 import _browser as B  # noqa: E402
 
@@ -40,8 +41,9 @@ COUNT_JS = DEEP_JS.replace("return deep(document, arguments[0], []);",
 
 def test_typing_words_in_the_search_box_shows_the_ranked_grid_and_selects_it(tmp_path, tmp_path_factory, monkeypatch):
     app_dir, csv, _ = make_finder_app(tmp_path)
-    # the server caches the class-name vectors per user: here in a test folder
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    # the server reads the class-name vectors from the user cache: the run's folder, where
+    # the run's first Find test encoded them (tests/_sharedcache.py)
+    class_vectors_cached(tmp_path_factory, monkeypatch)
     with B.serve(app_dir, csv) as url, B.chromium() as drv:
         drv.get(url)
         B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
-from _service import Local, Server, add_user, grant, local_user  # noqa: E402
+from _service import Local, Server, grant, local_user  # noqa: E402
 
 MiB = 2**20
 
@@ -149,13 +149,10 @@ def _send_big(port: int, head: bytes, total: int, seconds: float = 20.0) -> tupl
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("limits-served")
-    image_folder(base / "root" / "photos", 4, size=32)
-    token = add_user(base / "data", "alice", "--project", "p1")
-    srv = Server(base / "root", base / "data").start()
-    yield srv, token
-    srv.stop()
+def server(apps_site):
+    """A real ``explorer serve`` and alice's token: the app tests' service (below), before
+    any app process runs (one service start less)."""
+    return apps_site["server"], apps_site["tokens"]["alice"]
 
 
 def test_an_unauthenticated_200_mib_post_is_refused_and_the_service_does_not_grow(server):
@@ -304,7 +301,7 @@ def test_slow_connections_neither_block_requests_nor_flood_the_log(tmp_path):
     import httpx
 
     image_folder(tmp_path / "root" / "photos", 2, size=32)
-    token = add_user(tmp_path / "data", "alice")
+    token = local_user(tmp_path / "data", "alice")
     srv = Server(tmp_path / "root", tmp_path / "data", "--header-timeout", "2",
                  nofile=256).start()
     socks: list = []
@@ -359,9 +356,9 @@ def apps_site(tmp_path_factory):
     base = tmp_path_factory.mktemp("apps")
     image_folder(base / "root" / "photos", 6, size=32)
     data = base / "data"
-    tokens = {"alice": add_user(data, "alice", "--project", "p1"),
-              "bob": add_user(data, "bob", "--project", "p1"),
-              "carol": add_user(data, "carol", "--project", "p2")}
+    tokens = {"alice": local_user(data, "alice", projects=("p1",)),
+              "bob": local_user(data, "bob", projects=("p1",)),
+              "carol": local_user(data, "carol", projects=("p2",))}
     for who in ("alice", "carol"):
         grant(data, "photos", user=who)
     srv = Server(base / "root", data, "--max-apps", "2", "--max-apps-per-user", "1").start()

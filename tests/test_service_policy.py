@@ -395,11 +395,11 @@ def test_deleting_a_dataset_leaves_no_build_running_against_it(svc, monkeypatch)
 
 def test_serve_options_set_the_quotas_and_the_build_time_limit(tmp_path):
     from _imagegen import image_folder
-    from _service import Server, add_user, wait_job
+    from _service import Server, local_user, wait_job
 
     image_folder(tmp_path / "root" / "users" / "alice" / "a", 4, size=32)
     image_folder(tmp_path / "root" / "users" / "alice" / "b", 4, size=32)
-    token = add_user(tmp_path / "data", "alice")
+    token = local_user(tmp_path / "data", "alice")
     server = Server(tmp_path / "root", tmp_path / "data", "--max-jobs", "1",
                     "--job-hours", "0.0003").start()  # about one second
     try:
