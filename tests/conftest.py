@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # with pytest-xdist each worker is one of the processes sharing the cores: one OpenMP /
+    # BLAS / torch thread each, for the worker and the servers and builds it starts (two
+    # workers of two threads on 2 cores spun on each other: embed + features + search
+    # files 161 -> 137 CPU s, 162 -> 102 s; docs/testing.md). Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
