@@ -22,10 +22,6 @@ from __future__ import annotations
 import sys
 import warnings
 
-#: the libraries :func:`cache_kernels` is meant for (their kernels are plain module-level
-#: ``@numba.njit`` functions)
-LIBRARIES = ("umap", "pynndescent")
-
 _done: set[str] = set()
 
 
