@@ -17,7 +17,8 @@ each HDBSCAN backend, over ``--seeds``.
 
 Above ``FIT_POINTS`` (100,000) rows ``map_and_space`` fits the graph and both UMAPs on a
 seeded sample of 100,000 rows and places the others among their nearest sampled rows
-(one pynndescent index builds the sample's graph and answers the other rows' queries).
+(one index builds the sample's graph and answers the other rows' queries: faiss HNSW since
+2026-12-07, pynndescent in the figures below; bench/knn.py compares the two).
 
 Measured 2026-12-01 16:20-17:11 with that, same machine, load average 6-12 (four
 sessions), this process at nice 0 after 10 minutes at nice 19/10:

@@ -18,12 +18,12 @@ import pytest
 #: tests marked ``cpu_check`` run under both answers of the CPU check (tests/_cpucheck.py)
 pytest_plugins = ["tests._cputime", "tests._cpucheck"]
 
-#: the files that cost the most CPU seconds in a fresh clone (numba compiling pynndescent,
-#: fast_hdbscan and UMAP, real builds, browsers; docs/testing.md), heaviest first. They run
+#: the files that cost the most CPU seconds in a fresh clone (numba compiling fast_hdbscan
+#: and UMAP, real builds, browsers; docs/testing.md), heaviest first. They run
 #: first, so that with ``-n 2 --dist loadfile`` the last files handed out are short ones and
 #: neither worker idles long while the other finishes a heavy file.
 HEAVY_FILES = (
-    "test_knn.py", "test_cluster.py", "test_search.py", "test_service.py", "test_pipeline.py",
+    "test_cluster.py", "test_search.py", "test_service.py", "test_pipeline.py",
     "test_notebook.py", "test_reduce.py", "test_app_curation_browser.py", "test_app_browser.py",
     "test_build_progress.py", "test_app_hooks.py", "test_service_limits.py",
 )

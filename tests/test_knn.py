@@ -29,18 +29,37 @@ def test_exact_graph_equals_brute_force(rows):
     assert (g.indices[:, 0] == np.arange(300)).all() and (g.distances[:, 0] == 0).all()
 
 
-@pytest.mark.slow
-def test_nndescent_recall_is_high(rows):
-    # the only pynndescent call in the tests: its first use in a process compiles
-    # (1-5 minutes on 2 shared cores, under a second afterwards)
-    g = knn_graph(rows, 15, method="nndescent", random_state=0)
+def test_hnsw_recall_is_high(rows):
+    g = knn_graph(rows, 15, method="hnsw", random_state=0)
     idx, _ = brute(rows, 15)
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(g.indices, idx)])
-    assert g.method == "nndescent"
+    assert g.method == "hnsw"
     assert recall >= 0.9
     assert (g.indices[:, 0] == np.arange(300)).all()
     # nearest first
     assert (np.diff(g.distances, axis=1) >= -1e-6).all()
+
+
+def test_hnsw_is_reproducible_when_seeded_and_near_exact_on_clustered_rows(monkeypatch):
+    import faiss
+
+    from explorer.stages import knn
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(40, 32))
+    X = (centres[rng.integers(0, 40, 4000)] + 0.6 * rng.normal(size=(4000, 32))).astype(np.float32)
+    threads = faiss.omp_get_max_threads()
+    monkeypatch.setattr(knn, "EXACT_MAX_POINTS", 1000)  # "auto" above it: the approximate graph
+    a, b = knn_graph(X, 15, random_state=7), knn_graph(X, 15, random_state=7)
+    assert a.method == "hnsw"
+    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.distances, b.distances)
+    assert faiss.omp_get_max_threads() == threads  # single-threaded only while seeded
+    exact = knn_graph(X, 15, method="exact")
+    recall = np.mean([len(set(p) & set(q)) / 15 for p, q in zip(a.indices, exact.indices)])
+    assert recall >= 0.95
+    assert (a.indices[:, 0] == np.arange(4000)).all()
+    assert np.allclose(a.distances[:, 1:], np.linalg.norm(X[:, None] - X[a.indices[:, 1:]], axis=2),
+                       atol=1e-4)
 
 
 def test_duplicate_rows_keep_themselves_first():
@@ -91,7 +110,7 @@ def test_pca_keeps_neighbours_of_high_dimensional_rows():
     assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]) >= 0.5
 
 
-@pytest.mark.parametrize("method", ["exact", pytest.param("nndescent", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["exact", "hnsw"])
 def test_graph_and_nearest_answers_queries_against_the_graphs_rows(rows, method):
     # the map's sampled fit: a graph of the sample, and each other row's nearest sample rows
     sample, others = rows[:200], rows[200:]
@@ -137,4 +156,4 @@ def test_bad_parameters_raise_value_error(rows, call, word):
 
 
 def test_methods_are_listed():
-    assert set(KNN_METHODS) == {"auto", "exact", "nndescent", "torch"}
+    assert set(KNN_METHODS) == {"auto", "exact", "hnsw", "torch"}

@@ -327,7 +327,7 @@ def test_map_and_space_tiny_inputs_never_crash(n):
         ({"device": "gpu0"}, "gpu0"),
         ({"metric": "hamming"}, "hamming"),
         ({"init": "tsne"}, "tsne"),
-        ({"knn_method": "faiss"}, "faiss"),
+        ({"knn_method": "annoy"}, "annoy"),
         ({"pca_dims": 0}, "pca_dims"),
         ({"pca_dims": "many"}, "pca_dims"),
         ({"min_dist": 2.0}, "min_dist"),

@@ -1,12 +1,13 @@
-"""Numba kernels of umap-learn and pynndescent, compiled once per machine instead of once per
-process.
+"""Numba kernels of umap-learn (and the pynndescent kernels it calls), compiled once per
+machine instead of once per process.
 
 umap-learn marks almost none of its numba kernels ``cache=True`` (1 of about 130) and
 pynndescent a part of them, so every process that drew a map or a neighbour graph compiled
 them again: every ``explorer build``, every re-cluster in the app, every test worker. On the
 2-core machine (docs/testing.md) a fresh process's first UMAP fit of 300 points cost 14.4 CPU s
 and 5.7 once its kernels were cached; pynndescent's first graph 60 and 21 (what is left,
-``nn_descent`` itself, holds "dynamic globals" numba cannot cache).
+``nn_descent`` itself, holds "dynamic globals" numba cannot cache; the build's neighbour
+graph now comes from faiss, see :mod:`explorer.stages.knn`).
 
 :func:`cache_kernels` turns numba's on-disk cache on for the module-level kernels of a loaded
 library, before their first compile (numba's own ``Dispatcher.enable_caching``, what

@@ -17,12 +17,14 @@ rows never need a second full-size copy).
 
 ``"exact"``
     blocked brute force with numpy (every pair), used up to :data:`EXACT_MAX_POINTS`.
-``"nndescent"``
-    pynndescent's approximate graph (recall well above 0.9), parallel unless seeded.
+``"hnsw"``
+    faiss's approximate graph (a hierarchical navigable small world index: recall well
+    above 0.9 on photo vectors), parallel unless seeded. No compiler: pynndescent, used
+    before, spent 25 CPU s compiling in every process and 150-190 s in a fresh install.
 ``"torch"``
     blocked exact top-k with torch on a CUDA device (``device="cuda"``).
 ``"auto"``
-    ``"torch"`` on CUDA, else ``"exact"`` for small N, else ``"nndescent"``.
+    ``"torch"`` on CUDA, else ``"exact"`` for small N, else ``"hnsw"``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ import numpy as np
 
 from explorer._checks import as_matrix, check_random_state
 from explorer._checks import check_int as _check_int
-from explorer.stages import jit
 
 #: the methods :func:`knn_graph` accepts
-KNN_METHODS: tuple[str, ...] = ("auto", "exact", "nndescent", "torch")
+KNN_METHODS: tuple[str, ...] = ("auto", "exact", "hnsw", "torch")
 
 #: ``"auto"`` uses exact brute force up to this many points (numpy, blocked)
 EXACT_MAX_POINTS = 20_000
@@ -48,8 +49,12 @@ PCA_FIT_ROWS = 50_000
 #: rows per block in chunked work (normalising, projecting, brute-force search)
 CHUNK_ROWS = 65_536
 
-#: pynndescent's search breadth for :func:`graph_and_nearest`'s queries (its default: 0.1)
-QUERY_EPSILON = 0.2
+#: the HNSW index: links per point (faiss's default 32 built 3x slower for +0.04 recall)
+HNSW_LINKS = 16
+#: candidates kept while inserting a point (faiss's default)
+HNSW_BUILD_BREADTH = 40
+#: candidates kept while searching, at least twice the neighbours asked for
+HNSW_SEARCH_BREADTH = 32
 
 #: metrics :func:`prepare` understands
 PREPARE_METRICS: tuple[str, ...] = ("cosine", "euclidean")
@@ -63,7 +68,7 @@ class KnnGraph(NamedTuple):
     distances: np.ndarray
     """``(N, k)`` float32 Euclidean distances in the prepared space."""
     method: str
-    """``"exact"``, ``"nndescent"`` or ``"torch"``: what computed it."""
+    """``"exact"``, ``"hnsw"`` or ``"torch"``: what computed it."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -258,33 +263,49 @@ def _exact_torch(X: np.ndarray, k: int, device: str, block: int = 8192):
     return idx, dist
 
 
-def _nndescent_index(X: np.ndarray, k: int, random_state: int | None, *, compressed=True):
-    from pynndescent import NNDescent
+class _Threads:
+    """faiss's OpenMP threads for a block: one when seeded (an HNSW index built by
+    several threads depends on their timing), every core otherwise; restored after."""
 
-    jit.cache_kernels("pynndescent")
+    def __init__(self, random_state: int | None):
+        self.one = random_state is not None
 
-    n_trees = min(64, 5 + int(round((X.shape[0]) ** 0.5 / 20.0)))
-    n_iters = max(5, int(round(np.log2(X.shape[0]))))
-    return NNDescent(
-        X,
-        n_neighbors=k,
-        metric="euclidean",
-        n_trees=n_trees,
-        n_iters=n_iters,
-        # pynndescent's own default (min(60, k)): 60 candidates doubled the work at k=30
-        # for a recall gain below a percent
-        max_candidates=None,
-        low_memory=True,
-        random_state=random_state,
-        n_jobs=1 if random_state is not None else -1,
-        compressed=compressed,
-        verbose=False,
-    )
+    def __enter__(self):
+        import faiss
+
+        self.before = faiss.omp_get_max_threads()
+        if self.one:
+            faiss.omp_set_num_threads(1)
+        return faiss
+
+    def __exit__(self, *exc):
+        import faiss
+
+        faiss.omp_set_num_threads(self.before)
 
 
-def _nndescent(X: np.ndarray, k: int, random_state: int | None):
-    idx, dist = _nndescent_index(X, k, random_state).neighbor_graph
-    return np.asarray(idx, dtype=np.int32), np.asarray(dist, dtype=np.float32)
+def _hnsw_index(X: np.ndarray, faiss: Any):
+    index = faiss.IndexHNSWFlat(X.shape[1], HNSW_LINKS)
+    index.hnsw.efConstruction = HNSW_BUILD_BREADTH
+    index.add(X)
+    return index
+
+
+def _hnsw_search(index: Any, Q: np.ndarray, k: int, block: int = CHUNK_ROWS):
+    """The ``k`` nearest indexed rows of each row of ``Q`` (Euclidean), in blocks."""
+    index.hnsw.efSearch = max(HNSW_SEARCH_BREADTH, 2 * k)
+    idx = np.empty((len(Q), k), np.int32)
+    dist = np.empty((len(Q), k), np.float32)
+    for a in range(0, len(Q), block):
+        d2, i = index.search(np.ascontiguousarray(Q[a:a + block]), k)
+        idx[a:a + block] = i
+        dist[a:a + block] = np.sqrt(np.maximum(d2, 0.0))
+    return idx, dist
+
+
+def _hnsw(X: np.ndarray, k: int, random_state: int | None):
+    with _Threads(random_state) as faiss:
+        return _hnsw_search(_hnsw_index(X, faiss), X, k)
 
 
 def resolve_knn_method(method: str, n: int, device: str) -> str:
@@ -295,7 +316,7 @@ def resolve_knn_method(method: str, n: int, device: str) -> str:
         return method
     if device.startswith("cuda"):
         return "torch"
-    return "exact" if n <= EXACT_MAX_POINTS else "nndescent"
+    return "exact" if n <= EXACT_MAX_POINTS else "hnsw"
 
 
 def knn_graph(
@@ -310,7 +331,7 @@ def knn_graph(
 
     Column 0 is each point itself, so ``k`` counts it (umap-learn's ``n_neighbors``
     convention); ``k`` is clamped to N. Pass rows from :func:`prepare` for cosine
-    neighbours. ``random_state=None`` lets pynndescent use every core; an int makes it
+    neighbours. ``random_state=None`` lets faiss use every core; an int makes it
     single-threaded and reproducible (the exact methods are deterministic anyway).
     Raises ``ValueError`` naming a bad ``k``, ``method``, ``device`` or ``random_state``.
     """
@@ -328,8 +349,8 @@ def knn_graph(
         if not device.startswith("cuda"):
             raise ValueError("knn_method='torch' needs device='cuda'")
         idx, dist = _exact_torch(X, k, device)
-    elif method == "nndescent" and n > k + 1:
-        idx, dist = _nndescent(X, k, random_state)
+    elif method == "hnsw" and n > k + 1:
+        idx, dist = _hnsw(X, k, random_state)
     else:
         method = "exact"
         idx, dist = _exact_numpy(X, k)
@@ -349,9 +370,9 @@ def graph_and_nearest(
     block: int = CHUNK_ROWS,
 ) -> tuple[KnnGraph, np.ndarray, np.ndarray]:
     """:func:`knn_graph` of ``X`` and, for each row of ``Q``, its ``q_k`` nearest rows of
-    ``X`` (Euclidean), from one search structure: with ``"nndescent"`` the index built for
-    the graph answers the queries (pynndescent's search, in blocks of ``block`` rows, so
-    a million queries need no (M, N) matrix); otherwise an exact blocked search.
+    ``X`` (Euclidean), from one search structure: with ``"hnsw"`` the index built for
+    the graph answers the queries (in blocks of ``block`` rows, so a million queries need
+    no (M, N) matrix); otherwise an exact blocked search.
 
     Returns ``(graph, indices (M, q_k) int32, distances (M, q_k) float32)``, nearest first.
     """
@@ -365,24 +386,17 @@ def graph_and_nearest(
     if len(X) and len(Q) and Q.shape[1] != X.shape[1]:
         raise ValueError(f"Q must have {X.shape[1]} columns like X; got shape {Q.shape}")
     q_k = min(q_k, len(X))
-    if method != "nndescent" or len(X) <= k + 1 or len(Q) == 0:
+    if method != "hnsw" or len(X) <= k + 1 or len(Q) == 0:
         g = knn_graph(X, k, method=method, device=device, random_state=random_state)
         qi, qd = query(X, Q, q_k, metric="euclidean")
         return g, qi.astype(np.int32), qd
     X = np.ascontiguousarray(X, dtype=np.float32)
     kk = min(k, len(X))
-    index = _nndescent_index(X, kk, random_state, compressed=False)
-    gi, gd = index.neighbor_graph
-    idx, dist = _self_first(np.asarray(gi, np.int32), np.asarray(gd, np.float32))
-    index.prepare()
-    qi = np.empty((len(Q), q_k), np.int32)
-    qd = np.empty((len(Q), q_k), np.float32)
-    for a in range(0, len(Q), block):
-        # epsilon 0.2 (pynndescent's default 0.1): recall 0.93 instead of 0.88 on
-        # unstructured 16-d data (tests/test_knn.py)
-        i, d = index.query(np.ascontiguousarray(Q[a:a + block]), k=q_k, epsilon=QUERY_EPSILON)
-        qi[a:a + block], qd[a:a + block] = i, d
-    return KnnGraph(idx, dist, "nndescent"), qi, qd
+    with _Threads(random_state) as faiss:
+        index = _hnsw_index(X, faiss)
+        idx, dist = _self_first(*_hnsw_search(index, X, kk, block))
+        qi, qd = _hnsw_search(index, Q, q_k, block)
+    return KnnGraph(idx, dist, "hnsw"), qi, qd
 
 
 def query(X_ref: Any, X_new: Any, k: int, *, metric: str = "cosine",

@@ -8,7 +8,7 @@ The build's entry point computes both from one neighbour graph::
 
 ``map_and_space`` prepares the rows once (cosine: L2-normalised; PCA to 64 dims when
 D is larger), computes the k-nearest-neighbour graph once (:mod:`explorer.stages.knn`: exact
-for small N, pynndescent on CPU, exact top-k with torch on CUDA) and hands it to both
+for small N, faiss's HNSW index on CPU, exact top-k with torch on CUDA) and hands it to both
 UMAP fits (``precomputed_knn``). Large maps skip UMAP's spectral initialisation
 (:data:`SPECTRAL_MAX_POINTS`). It runs in parallel unless given a seed.
 
@@ -511,7 +511,7 @@ def map_and_space(
        :data:`PCA_FROM_POINTS` points, none below, where exact neighbours in the full
        dimension are cheap and cluster the clothing photos better);
     2. one k-nearest-neighbour graph (:func:`explorer.stages.knn.knn_graph`, k =
-       ``max(n_neighbors, space_neighbors)``): exact for small N, pynndescent on CPU,
+       ``max(n_neighbors, space_neighbors)``): exact for small N, faiss HNSW on CPU,
        exact blocked top-k with torch on CUDA;
     3. the clusterable space: UMAP (``space_dim`` dims, ``min_dist=0``,
        ``space_neighbors``) from that graph;
@@ -523,7 +523,7 @@ def map_and_space(
     :data:`FIT_POINTS`; ``None``: never): above it the graph and both fits use a sample
     of ``fit_points`` rows (seeded), and every other row is placed in the map and in the
     space at the distance-weighted mean of its ``n_neighbors`` nearest sample rows
-    (pynndescent's search over the sample's index), as :func:`place_new` places new
+    (a search of the sample's HNSW index), as :func:`place_new` places new
     images. Then ``knn`` holds, for those rows, themselves and their nearest sample rows;
     ``info["fit_points"]`` says how many rows were fitted.
 
