@@ -29,6 +29,7 @@ rows never need a second full-size copy).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -49,7 +50,8 @@ PCA_FIT_ROWS = 50_000
 #: rows per block in chunked work (normalising, projecting, brute-force search)
 CHUNK_ROWS = 65_536
 
-#: the HNSW index: links per point (faiss's default 32 built 3x slower for +0.04 recall)
+#: the HNSW index: links per point (32 links and 80 candidates built 3x slower for +0.04
+#: recall on 200,000 clustered rows; bench/knn.py)
 HNSW_LINKS = 16
 #: candidates kept while inserting a point (faiss's default)
 HNSW_BUILD_BREADTH = 40
@@ -265,7 +267,13 @@ def _exact_torch(X: np.ndarray, k: int, device: str, block: int = 8192):
 
 class _Threads:
     """faiss's OpenMP threads for a block: one when seeded (an HNSW index built by
-    several threads depends on their timing), every core otherwise; restored after."""
+    several threads may depend on their timing), every core otherwise. The setting is
+    process-wide: while any seeded block runs, every faiss call runs on one thread; the
+    last seeded block to end puts back what was there before the first."""
+
+    _lock = threading.Lock()
+    _seeded = 0
+    _before = 1
 
     def __init__(self, random_state: int | None):
         self.one = random_state is not None
@@ -273,15 +281,22 @@ class _Threads:
     def __enter__(self):
         import faiss
 
-        self.before = faiss.omp_get_max_threads()
         if self.one:
-            faiss.omp_set_num_threads(1)
+            with _Threads._lock:
+                if _Threads._seeded == 0:
+                    _Threads._before = faiss.omp_get_max_threads()
+                    faiss.omp_set_num_threads(1)
+                _Threads._seeded += 1
         return faiss
 
     def __exit__(self, *exc):
         import faiss
 
-        faiss.omp_set_num_threads(self.before)
+        if self.one:
+            with _Threads._lock:
+                _Threads._seeded -= 1
+                if _Threads._seeded == 0:
+                    faiss.omp_set_num_threads(_Threads._before)
 
 
 def _hnsw_index(X: np.ndarray, faiss: Any):
