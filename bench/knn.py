@@ -2,6 +2,7 @@
 
     python bench/knn.py --n 200000               # synthetic, prints seconds, recall, peak RSS
     python bench/knn.py --n 1000000 --methods hnsw
+    python bench/knn.py --n 1000000 --sample 100000   # the map's path: sample graph + queries
     python bench/knn.py --features clothing.features.npy   # a build's own vectors
 
 The rows are what the build hands the graph: L2-normalised, PCA-64
@@ -39,14 +40,39 @@ def rows(n: int, groups: int, blobs: int, seed: int, d: int = 128) -> np.ndarray
     return X
 
 
-def one(method: str, path: str, k: int, seed: int) -> dict:
-    """Run in a child: the graph of the prepared rows in ``path`` by ``method``."""
+def one(method: str, path: str, k: int, seed: int, sample: int) -> dict:
+    """Run in a child: the graph of the prepared rows in ``path`` by ``method`` (with
+    ``sample``: the graph of the first ``sample`` rows and the others' ``k - 1`` nearest
+    of them, as the map of a large build does)."""
     from explorer.stages import knn
 
     Xp = np.load(path, mmap_mode="r")
     Xp = np.ascontiguousarray(Xp)
     t = time.perf_counter()
     c = time.process_time()
+    if sample:
+        base, rest, qk = Xp[:sample], Xp[sample:], k - 1
+        if method == "hnsw":
+            _, idx, _ = knn.graph_and_nearest(base, k, rest, qk, method="hnsw")
+        else:  # before 2026-12-07: pynndescent's index for the graph, then its search
+            from pynndescent import NNDescent
+
+            index = NNDescent(base, n_neighbors=k, metric="euclidean",
+                              n_trees=min(64, 5 + int(round(sample ** 0.5 / 20.0))),
+                              n_iters=max(5, int(round(np.log2(sample)))), low_memory=True,
+                              n_jobs=-1, compressed=False, verbose=False)
+            index.neighbor_graph
+            index.prepare()
+            idx = np.concatenate([index.query(rest[a:a + 65536], k=qk, epsilon=0.2)[0]
+                                  for a in range(0, len(rest), 65536)])
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pick = np.random.default_rng(seed).choice(len(rest), 2000, replace=False)
+        truth, _ = knn.query(base, rest[pick], qk, metric="euclidean")
+        recall = float(np.mean([len(set(a) & set(b)) / qk for a, b in zip(idx[pick], truth)]))
+        return {"method": method, "sample": sample, "queries": len(rest),
+                "seconds": round(wall, 1), "cpu_s": round(cpu, 1),
+                "query_recall": round(recall, 4), "peak_rss_mb": round(rss)}
     if method == "hnsw":
         g = knn.knn_graph(Xp, k, method="hnsw")
         idx = g.indices
@@ -78,11 +104,14 @@ def main() -> None:
     ap.add_argument("--blobs", type=int, default=60)
     ap.add_argument("--methods", default="hnsw,nndescent")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample", type=int, default=0,
+                    help="graph of this many rows, the others queried against them (the map's "
+                         "path above 100,000 images)")
     ap.add_argument("--work", default="/tmp/bench-knn")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(one(a.child[0], a.child[1], a.k, a.seed)))
+        print(json.dumps(one(a.child[0], a.child[1], a.k, a.seed, a.sample)))
         return
     from explorer.stages import knn
 
@@ -96,7 +125,8 @@ def main() -> None:
           f"k {a.k}, load {os.getloadavg()}", flush=True)
     for m in a.methods.split(","):
         out = subprocess.run([sys.executable, __file__, "--k", str(a.k), "--seed", str(a.seed),
-                              "--child", m, path], capture_output=True, text=True)
+                              "--sample", str(a.sample), "--child", m, path],
+                             capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
         print(line, flush=True)
     print(f"load at the end {os.getloadavg()}")
