@@ -287,6 +287,18 @@ def test_high_dimensional_input_is_reduced_with_pca_first():
     assert res.info["pca_dims"] is None and res.info["knn_method"] == "exact"
 
 
+def test_the_sampled_fit_places_the_rest_with_the_approximate_graph_too():
+    # above 20,000 rows (100,000 for the sample) the graph and the placing queries come from
+    # faiss's HNSW index (explorer.stages.knn), not the exact search of smaller inputs
+    X, y = rays(n_per=100, seed=8)
+    res = map_and_space(X, random_state=0, fit_points=120, knn_method="hnsw")
+    assert res.info["knn_method"] == "hnsw" and res.info["fit_points"] == 120
+    assert np.isfinite(res.xy).all() and np.isfinite(res.space).all()
+    assert nn_purity(res.xy, y) >= 0.95 and nn_purity(res.space, y) >= 0.95
+    idx, _ = res.knn
+    assert (idx[:, 0] == np.arange(len(X))).all() and (y[idx[:, 1]] == y).mean() >= 0.95
+
+
 def test_large_collections_fit_a_sample_and_place_the_rest_among_it():
     # fit_points stands in for FIT_POINTS (100,000): the same path at test size
     X, y = rays(n_per=100, seed=8)
