@@ -40,6 +40,17 @@ def rows(n: int, groups: int, blobs: int, seed: int, d: int = 128) -> np.ndarray
     return X
 
 
+def _nndescent(X: np.ndarray, k: int, compressed: bool = True):
+    """pynndescent's index as ``explorer.stages.knn`` made it until 2026-12-07 (unseeded)."""
+    from pynndescent import NNDescent
+
+    n = len(X)
+    return NNDescent(X, n_neighbors=k, metric="euclidean",
+                     n_trees=min(64, 5 + int(round(n ** 0.5 / 20.0))),
+                     n_iters=max(5, int(round(np.log2(n)))), low_memory=True, n_jobs=-1,
+                     compressed=compressed, verbose=False)
+
+
 def one(method: str, path: str, k: int, seed: int, sample: int) -> dict:
     """Run in a child: the graph of the prepared rows in ``path`` by ``method`` (with
     ``sample``: the graph of the first ``sample`` rows and the others' ``k - 1`` nearest
@@ -55,12 +66,7 @@ def one(method: str, path: str, k: int, seed: int, sample: int) -> dict:
         if method == "hnsw":
             _, idx, _ = knn.graph_and_nearest(base, k, rest, qk, method="hnsw")
         else:  # before 2026-12-07: pynndescent's index for the graph, then its search
-            from pynndescent import NNDescent
-
-            index = NNDescent(base, n_neighbors=k, metric="euclidean",
-                              n_trees=min(64, 5 + int(round(sample ** 0.5 / 20.0))),
-                              n_iters=max(5, int(round(np.log2(sample)))), low_memory=True,
-                              n_jobs=-1, compressed=False, verbose=False)
+            index = _nndescent(base, k, compressed=False)
             index.neighbor_graph
             index.prepare()
             idx = np.concatenate([index.query(rest[a:a + 65536], k=qk, epsilon=0.2)[0]
@@ -77,13 +83,7 @@ def one(method: str, path: str, k: int, seed: int, sample: int) -> dict:
         g = knn.knn_graph(Xp, k, method="hnsw")
         idx = g.indices
     else:  # the method the build used before 2026-12-07
-        from pynndescent import NNDescent
-
-        n = len(Xp)
-        index = NNDescent(Xp, n_neighbors=k, metric="euclidean",
-                          n_trees=min(64, 5 + int(round(n ** 0.5 / 20.0))),
-                          n_iters=max(5, int(round(np.log2(n)))), low_memory=True,
-                          n_jobs=-1, verbose=False)
+        index = _nndescent(Xp, k)
         idx = np.asarray(index.neighbor_graph[0])
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the recall's search
