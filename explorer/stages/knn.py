@@ -29,8 +29,8 @@ rows never need a second full-size copy).
 
 from __future__ import annotations
 
-import threading
 import time
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -265,41 +265,24 @@ def _exact_torch(X: np.ndarray, k: int, device: str, block: int = 8192):
     return idx, dist
 
 
-class _Threads:
-    """faiss's OpenMP threads for a block: one when seeded (an HNSW index built by
-    several threads may depend on their timing), every core otherwise. The setting is
-    process-wide: while any seeded block runs, every faiss call runs on one thread; the
-    last seeded block to end puts back what was there before the first."""
+def _seeded_threads(random_state: int | None):
+    """One thread while a seeded index is built and searched (an HNSW index built by
+    several threads may depend on their timing), every core otherwise: threadpoolctl's
+    limit, as the project's other one-thread blocks take it. faiss is imported first, so its
+    OpenMP pool is among those limited; OpenMP's thread count belongs to the calling thread,
+    so the app's other threads keep theirs."""
+    import faiss  # noqa: F401
 
-    _lock = threading.Lock()
-    _seeded = 0
-    _before = 1
+    if random_state is None:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
 
-    def __init__(self, random_state: int | None):
-        self.one = random_state is not None
-
-    def __enter__(self):
-        import faiss
-
-        if self.one:
-            with _Threads._lock:
-                if _Threads._seeded == 0:
-                    _Threads._before = faiss.omp_get_max_threads()
-                    faiss.omp_set_num_threads(1)
-                _Threads._seeded += 1
-        return faiss
-
-    def __exit__(self, *exc):
-        import faiss
-
-        if self.one:
-            with _Threads._lock:
-                _Threads._seeded -= 1
-                if _Threads._seeded == 0:
-                    faiss.omp_set_num_threads(_Threads._before)
+    return threadpool_limits(1)
 
 
-def _hnsw_index(X: np.ndarray, faiss: Any):
+def _hnsw_index(X: np.ndarray):
+    import faiss
+
     index = faiss.IndexHNSWFlat(X.shape[1], HNSW_LINKS)
     index.hnsw.efConstruction = HNSW_BUILD_BREADTH
     index.add(X)
@@ -319,8 +302,8 @@ def _hnsw_search(index: Any, Q: np.ndarray, k: int, block: int = CHUNK_ROWS):
 
 
 def _hnsw(X: np.ndarray, k: int, random_state: int | None):
-    with _Threads(random_state) as faiss:
-        return _hnsw_search(_hnsw_index(X, faiss), X, k)
+    with _seeded_threads(random_state):
+        return _hnsw_search(_hnsw_index(X), X, k)
 
 
 def resolve_knn_method(method: str, n: int, device: str) -> str:
@@ -407,8 +390,8 @@ def graph_and_nearest(
         return g, qi.astype(np.int32), qd
     X = np.ascontiguousarray(X, dtype=np.float32)
     kk = min(k, len(X))
-    with _Threads(random_state) as faiss:
-        index = _hnsw_index(X, faiss)
+    with _seeded_threads(random_state):
+        index = _hnsw_index(X)
         idx, dist = _self_first(*_hnsw_search(index, X, kk, block))
         qi, qd = _hnsw_search(index, Q, q_k, block)
     return KnnGraph(idx, dist, "hnsw"), qi, qd
