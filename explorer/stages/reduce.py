@@ -91,6 +91,15 @@ class Reduction(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
+def _umap():
+    """umap-learn, imported on first use (seconds), its numba kernels in the disk cache
+    (:func:`explorer.stages.jit.cache_kernels`) before they are first compiled."""
+    import umap
+
+    jit.cache_kernels("umap", "pynndescent")
+    return umap
+
+
 def _check_X(X: Any) -> np.ndarray:
     return as_matrix(X, "X", np.float32, nan_hint="; fix or drop them before reducing")
 
@@ -207,10 +216,7 @@ def _reduce(
             X = X / norms[:, None]
             metric = "euclidean"
 
-    import umap
-
-    jit.cache_kernels("umap", "pynndescent")
-
+    umap = _umap()
     if random_state is not None:
         # seeded umap-learn is single-threaded anyway; saying so avoids its warning
         umap_kwargs.setdefault("n_jobs", 1)
@@ -426,10 +432,7 @@ def _umap_from_graph(Xp, knn, k, n_components, min_dist, init, random_state, eng
         Y = reducer.fit_transform(Xp, y=y, knn_graph=graph)
         return np.asarray(getattr(Y, "get", lambda: Y)(), dtype=np.float32)
 
-    import umap
-
-    jit.cache_kernels("umap", "pynndescent")
-
+    umap = _umap()
     reducer = umap.UMAP(
         n_components=n_components,
         n_neighbors=k,
@@ -709,10 +712,7 @@ def _inverse_distance_weights(dist: np.ndarray) -> np.ndarray:
     image lands among its own group even when some of its ``k`` neighbours lie in other
     groups (``1 / d`` alone is almost flat for CNN vectors and averaged it between groups),
     and a near-copy takes its twin's place."""
-    from umap.umap_ import smooth_knn_dist
-
-    jit.cache_kernels("umap", "pynndescent")
-
+    smooth_knn_dist = _umap().umap_.smooth_knn_dist
     d = np.ascontiguousarray(dist, dtype=np.float32)
     if d.shape[1] == 0:
         return np.zeros(d.shape, np.float64)
