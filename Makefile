@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m explorer.stages.jit  # numba kernels into the disk cache, once (~90 s)
 	touch $@
 
 # demo/ and demo.csv are committed; demo-build regenerates them from images the project makes.

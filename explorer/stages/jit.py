@@ -56,3 +56,41 @@ def cache_kernels(*libraries: str) -> int:
         warnings.filterwarnings("ignore", message="Cannot cache compiled function",
                                 category=NumbaWarning)
     return turned
+
+
+def warm() -> dict[str, float]:
+    """Compile the kernels a build, the app's re-cluster and re-map use into numba's disk
+    cache now, on a few hundred made-up points, so no later process waits for them: UMAP
+    seeded and parallel, unsupervised and with labels (``y``), :func:`reduce.reduce_map`,
+    and fast_hdbscan (the clustering backend from 50,000 points). ``make setup`` runs it
+    once per install (``python -m explorer.stages.jit``); in a new install these compiles
+    cost about 110 CPU seconds of the first build or test run on the 2-core machine
+    (docs/testing.md). Returns the seconds each part took."""
+    import time
+
+    import numpy as np
+
+    from explorer.stages import cluster, reduce
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(3, 16))
+    X = (centres[np.arange(300) % 3] + rng.normal(size=(300, 16))).astype(np.float32)
+    y = np.where(np.arange(300) % 5 == 0, np.arange(300) % 3, -1)
+    steps = {
+        "map, seeded": lambda: reduce.map_and_space(X, random_state=0),
+        "map, parallel": lambda: reduce.map_and_space(X),
+        "map with labels": lambda: reduce.map_and_space(X, random_state=0, y=y),
+        "reduce_map": lambda: reduce.reduce_map(X, random_state=0),
+        "fast_hdbscan": lambda: cluster.cluster(X[:, :5], "hdbscan", backend="fast_hdbscan"),
+    }
+    took: dict[str, float] = {}
+    for name, step in steps.items():
+        t = time.perf_counter()
+        step()
+        took[name] = time.perf_counter() - t
+    return took
+
+
+if __name__ == "__main__":
+    for part, seconds in warm().items():
+        print(f"compiled {part}: {seconds:.1f} s")
