@@ -36,6 +36,24 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_cache(tmp_path_factory):
+    """The run's ``XDG_CACHE_HOME`` (tests/_sharedcache.py), for every test and the servers,
+    builds and kernels they start: the tool's user cache (the exported ONNX model, the
+    class-name vectors) is made once per run, never in the user's home, and a test that
+    needs an empty one sets its own."""
+    from _sharedcache import shared_cache_dir
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    path = shared_cache_dir(tmp_path_factory)
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 #: timm's own test model: 160 px input, 256-d features, a 1000-class head; with fixed random
 #: weights it embeds in milliseconds and needs no download
 TINY_MODEL = "test_efficientnet"

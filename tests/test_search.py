@@ -126,20 +126,23 @@ def _precision(hits, labels_by_path, want):
     return np.mean([labels_by_path[h["path"]] == want for h in hits])
 
 
-def test_search_by_concept_finds_the_cat_and_the_coffee(small_build, tmp_path):
+def test_search_by_concept_finds_the_cat_and_the_coffee(small_build, run_cache):
+    """Words find the images of their concept; the class names' vectors are kept in the user
+    cache (here the run's, see conftest.run_cache: the first process to search encodes them,
+    the others read them back; with the write broken no file is there)."""
     csv = small_build["csv"]
     by_path = {p.relative_to(small_build["root"] / "imgs").as_posix(): lab
                for p, lab in zip(small_build["paths"], small_build["labels"])}
-    hits = S.search(csv, "a cat", top=3, cache_dir=tmp_path)
+    hits = S.search(csv, "a cat", top=3)
     assert [set(h) >= {"path", "score", "concepts"} for h in hits] == [True] * 3
     assert _precision(hits, by_path, "chelsea") == 1.0
     assert any("cat" in c for c in hits[0]["concepts"])
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
-    coffee = S.search(csv, "a cup of coffee", top=3, cache_dir=tmp_path)
+    coffee = S.search(csv, "a cup of coffee", top=3)
     assert _precision(coffee, by_path, "coffee") == 1.0
     # the concepts were computed from the stored features once and kept beside the CSV
     assert table.sidecar(csv, "concepts.npz").is_file()
-    assert list(tmp_path.glob("minilm-imagenet-*.npy"))
+    assert list((run_cache / "bulk-image-explorer").glob("minilm-imagenet-*.npy"))
 
 
 @pytest.mark.cpu_check
@@ -233,10 +236,9 @@ def test_search_needs_exactly_one_query(small_build):
         S.search(small_build["csv"], image=small_build["root"] / "nope.jpg")
 
 
-def test_cli_search_json(small_build, tmp_path, capsys, monkeypatch):
+def test_cli_search_json(small_build, capsys):
     from explorer.cli import main
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["search", str(small_build["csv"]), "coffee", "--top", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out) == 2 and {"path", "score"} <= set(out[0])
@@ -288,8 +290,7 @@ def test_clip_search_with_weights_on_disk(small_build, tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-def test_build_writes_names_flags_and_concepts_and_search_finds_a_concept(tmp_path, monkeypatch,
-                                                                           capsys):
+def test_build_writes_names_flags_and_concepts_and_search_finds_a_concept(tmp_path, capsys):
     from explorer.cli import main
 
     images, labels = col.photos(5, sources=("chelsea", "coffee", "rocket", "astronaut"),
@@ -314,7 +315,6 @@ def test_build_writes_names_flags_and_concepts_and_search_finds_a_concept(tmp_pa
     run = json.loads(table.sidecar(csv, "run.json").read_text())
     assert run["features"]["name"] == "cnn" and "only" in run["features"]["reason"]
     assert table.sidecar(csv, "concepts.npz").is_file()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(["search", str(csv), "a cat", "--top", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["path"].split("/")[0] for h in hits] == ["chelsea"] * 3
