@@ -37,10 +37,11 @@ browser-deps:
 # the tests marked cpu_check (precision/runtime choice, embedding, self-match search, the
 # pipeline's model key) run twice in the same run, forced to each answer (tests/_cpucheck.py):
 # a machine of either kind proves both. Two pytest-xdist workers, a test file per worker at a
-# time (the files' module fixtures are built once); `make test XDIST=` runs in one process.
+# time (the files' module fixtures are built once), the longest files first (tests/conftest.py);
+# `make test XDIST=` runs in one process.
 # `make test-cpu-both`: the cpu_check tests alone, under both answers.
 # docs/testing.md: how long it takes, EXPLORER_TEST_CPU=N for the tests that cost most CPU.
-XDIST ?= -n 2 --dist loadfile
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: setup browser-deps
 	EXPLORER_CPU_BF16=0 $(BIN)/python -m pytest -ra $(XDIST) $(PYTEST_ARGS)

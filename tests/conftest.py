@@ -18,14 +18,17 @@ import pytest
 #: tests marked ``cpu_check`` run under both answers of the CPU check (tests/_cpucheck.py)
 pytest_plugins = ["tests._cputime", "tests._cpucheck"]
 
-#: the files that cost the most CPU seconds in a fresh clone (numba compiling fast_hdbscan
-#: and UMAP, real builds, browsers; docs/testing.md), heaviest first. They run
-#: first, so that with ``-n 2 --dist loadfile`` the last files handed out are short ones and
-#: neither worker idles long while the other finishes a heavy file.
+#: the files that take the longest (wall time, both workers busy, 2026-12-07: browsers,
+#: servers, real builds, a local Ray), longest first. They are handed out first (``make
+#: test`` passes ``--no-loadscope-reorder``: by default pytest-xdist hands out the files with
+#: the most tests first, whatever the order here), so that with ``-n 2 --dist loadfile`` the
+#: last files handed out are short ones and neither worker idles long while the other
+#: finishes a long file.
 HEAVY_FILES = (
-    "test_cluster.py", "test_search.py", "test_service.py", "test_pipeline.py",
-    "test_notebook.py", "test_reduce.py", "test_app_curation_browser.py", "test_app_browser.py",
-    "test_build_progress.py", "test_app_hooks.py", "test_service_limits.py",
+    "test_app_browser.py", "test_ray.py", "test_service.py", "test_search.py",
+    "test_app_curation_browser.py", "test_service_limits.py", "test_pipeline.py",
+    "test_app_document.py", "test_embed.py", "test_service_policy.py", "test_app_hooks.py",
+    "test_notebook.py", "test_service_queue.py", "test_sources.py",
 )
 
 
