@@ -62,7 +62,8 @@ def warm() -> dict[str, float]:
     """Compile the kernels a build, the app's re-cluster and re-map use into numba's disk
     cache now, on a few hundred made-up points, so no later process waits for them: UMAP
     seeded and parallel, unsupervised and with labels (``y``), :func:`reduce.reduce_map`,
-    and fast_hdbscan (the clustering backend from 50,000 points). ``make setup`` runs it
+    fast_hdbscan (the clustering backend from 50,000 points) and the near-duplicate search
+    (:func:`duplicates.group_hashes`). ``make setup`` runs it
     once per install (``python -m explorer.stages.jit``); in a new install these compiles
     cost about 110 CPU seconds of the first build or test run on the 2-core machine
     (docs/testing.md). Returns the seconds each part took."""
@@ -70,7 +71,7 @@ def warm() -> dict[str, float]:
 
     import numpy as np
 
-    from explorer.stages import cluster, reduce
+    from explorer.stages import cluster, duplicates, reduce
 
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=4.0, size=(3, 16))
@@ -82,6 +83,8 @@ def warm() -> dict[str, float]:
         "map with labels": lambda: reduce.map_and_space(X, random_state=0, y=y),
         "reduce_map": lambda: reduce.reduce_map(X, random_state=0),
         "fast_hdbscan": lambda: cluster.cluster(X[:, :5], "hdbscan", backend="fast_hdbscan"),
+        "duplicate groups": lambda: duplicates.group_hashes(
+            rng.integers(0, 2**63, 300, dtype=np.uint64)),
     }
     took: dict[str, float] = {}
     for name, step in steps.items():
