@@ -63,10 +63,9 @@ def warm() -> dict[str, float]:
     cache now, on a few hundred made-up points, so no later process waits for them: UMAP
     seeded and parallel, unsupervised and with labels (``y``), :func:`reduce.reduce_map`,
     fast_hdbscan (the clustering backend from 50,000 points) and the near-duplicate search
-    (:func:`duplicates.group_hashes`). ``make setup`` runs it
-    once per install (``python -m explorer.stages.jit``); in a new install these compiles
-    cost about 110 CPU seconds of the first build or test run on the 2-core machine
-    (docs/testing.md). Returns the seconds each part took."""
+    (:func:`duplicates.group_hashes`). ``make setup`` runs it once per install (``python -m
+    explorer.stages.jit``); in a new install these compiles cost 85-130 CPU seconds of the
+    first build or test run on the 2-core machine (docs/testing.md). Returns the seconds each part took."""
     import time
 
     import numpy as np
