@@ -65,7 +65,8 @@ def warm() -> dict[str, float]:
     fast_hdbscan (the clustering backend from 50,000 points) and the near-duplicate search
     (:func:`duplicates.group_hashes`). ``make setup`` runs it once per install (``python -m
     explorer.stages.jit``); in a new install these compiles cost 85-130 CPU seconds of the
-    first build or test run on the 2-core machine (docs/testing.md). Returns the seconds each part took."""
+    first build or test run on the 2-core machine (docs/testing.md). Returns the seconds
+    each part took."""
     import time
 
     import numpy as np
