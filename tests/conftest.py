@@ -18,17 +18,21 @@ import pytest
 #: tests marked ``cpu_check`` run under both answers of the CPU check (tests/_cpucheck.py)
 pytest_plugins = ["tests._cputime", "tests._cpucheck"]
 
-#: the files that take the longest (wall time, both workers busy, 2026-12-07: browsers,
-#: servers, real builds, a local Ray), longest first. They are handed out first (``make
-#: test`` passes ``--no-loadscope-reorder``: by default pytest-xdist hands out the files with
-#: the most tests first, whatever the order here), so that with ``-n 2 --dist loadfile`` the
-#: last files handed out are short ones and neither worker idles long while the other
-#: finishes a long file.
+#: the files that take the longest (measured 2026-12-07, docs/testing.md), longest first,
+#: alternating one that mostly waits (browsers, servers, a local Ray: CPU less than 60% of its
+#: wall time) with one that mostly computes (real builds, emulated bf16, the notebook), so
+#: that the two workers' waits fall beside the other's work. They are handed out first, in
+#: this order (``make test`` passes ``--no-loadscope-reorder``: by default pytest-xdist hands
+#: out the files with the most tests first, whatever the order here); the files handed out
+#: last are short, so neither worker idles long while the other finishes a long file.
 HEAVY_FILES = (
-    "test_app_browser.py", "test_ray.py", "test_service.py", "test_search.py",
-    "test_app_curation_browser.py", "test_service_limits.py", "test_pipeline.py",
-    "test_app_document.py", "test_embed.py", "test_service_policy.py", "test_app_hooks.py",
-    "test_notebook.py", "test_service_queue.py", "test_sources.py",
+    "test_ray.py", "test_service.py", "test_app_browser.py", "test_search.py",
+    "test_app_curation_browser.py", "test_pipeline.py", "test_service_limits.py",
+    "test_app_document.py", "test_app_treemap.py", "test_notebook.py",
+    "test_app_layout_browser.py", "test_embed.py", "test_app_labelling_browser.py",
+    "test_app_hooks.py", "test_browser_duplicates.py", "test_service_policy.py",
+    "test_app_labelling_map_browser.py", "test_service_queue.py", "test_build_progress.py",
+    "test_app_finder_browser.py", "test_service_schema.py", "test_sources.py",
 )
 
 
