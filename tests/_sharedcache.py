@@ -25,17 +25,17 @@ def shared_cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def class_vectors_cached(tmp_path_factory, monkeypatch) -> Path:
-    """Point ``XDG_CACHE_HOME`` at :func:`shared_cache_dir` (for this test and the servers it
-    starts) and make sure the class-name vectors are in it: the first process of the run to
-    get here encodes them, under a lock, and the others wait for it and read them back (two
-    workers reaching the Find tab's tests at once used to encode them twice)."""
+def class_vectors_cached(tmp_path_factory) -> Path:
+    """Make sure the class-name vectors are in the run's user cache, :func:`shared_cache_dir`
+    (``XDG_CACHE_HOME`` of every test and the servers it starts, set by
+    ``conftest.run_cache``): the first process of the run to get here encodes them, under a
+    lock, and the others wait for it and read them back (two workers reaching the Find tab's
+    tests at once used to encode them twice)."""
     import fcntl
 
     from explorer.curation.search import class_vectors
 
     cache = shared_cache_dir(tmp_path_factory)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     with open(cache / ".class-vectors.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         class_vectors()

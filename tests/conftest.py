@@ -51,14 +51,10 @@ def run_cache(tmp_path_factory):
     needs an empty one sets its own."""
     from _sharedcache import shared_cache_dir
 
-    old = os.environ.get("XDG_CACHE_HOME")
     path = shared_cache_dir(tmp_path_factory)
-    os.environ["XDG_CACHE_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(path))
+        yield path
 
 
 #: timm's own test model: 160 px input, 256-d features, a 1000-class head; with fixed random

@@ -39,10 +39,10 @@ def make_doc(app_dir, csv):
 
 
 @pytest.fixture
-def doc(app, tmp_path_factory, monkeypatch):
+def doc(app, tmp_path_factory):
     # the class-name vectors are cached per user: here in the run's folder, encoded once per
     # run (tests/_sharedcache.py)
-    class_vectors_cached(tmp_path_factory, monkeypatch)
+    class_vectors_cached(tmp_path_factory)
     return make_doc(*app)
 
 
@@ -227,7 +227,7 @@ def test_flag_filter_holds_through_a_drill_down_and_waits_for_the_whole_map(doc)
 def test_flag_filter_and_search_show_on_the_image_map(app, tmp_path_factory, monkeypatch):
     """Above the image threshold the map is a server-rendered image: hiding flagged images
     draws fewer points, and a word search lights its results and dims the rest."""
-    class_vectors_cached(tmp_path_factory, monkeypatch)
+    class_vectors_cached(tmp_path_factory)
     monkeypatch.setenv("EXPLORER_IMAGE_MAP_ABOVE", "0")
     doc = make_doc(*app)
     view = doc.explorer_view

@@ -39,11 +39,11 @@ COUNT_JS = DEEP_JS.replace("return deep(document, arguments[0], []);",
                            "return deep(document, arguments[0], []).length == arguments[1];")
 
 
-def test_typing_words_in_the_search_box_shows_the_ranked_grid_and_selects_it(tmp_path, tmp_path_factory, monkeypatch):
+def test_typing_words_in_the_search_box_shows_the_ranked_grid_and_selects_it(tmp_path, tmp_path_factory):
     app_dir, csv, _ = make_finder_app(tmp_path)
     # the server reads the class-name vectors from the user cache: the run's folder, where
     # the run's first Find test encoded them (tests/_sharedcache.py)
-    class_vectors_cached(tmp_path_factory, monkeypatch)
+    class_vectors_cached(tmp_path_factory)
     with B.serve(app_dir, csv) as url, B.chromium() as drv:
         drv.get(url)
         B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
