@@ -137,7 +137,8 @@ class Labelling:
     def next(self, n: int = 20) -> list[dict[str, Any]]:
         from explorer.curation import active
 
-        return active.next_rows(self.paths, self.labels(), self.X, n)
+        # the graph is made (or read) only once the picks need the model
+        return active.next_rows(self.paths, self.labels(), self.X, n, graph=lambda: self.graph)
 
     def propagate(self):
         from explorer.curation import active

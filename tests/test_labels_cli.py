@@ -64,8 +64,13 @@ def test_add_next_propagate_accept_and_export(small_build, tmp_path, capsys):
     lab = tmp_path / "mine.csv"
     chosen = [p["path"] for p in picks] + [paths[1], paths[PER_GROUP + 1]]
     pd.DataFrame({"path": chosen, "label": [c.split("/")[0] for c in chosen]}).to_csv(lab, index=False)
+    assert not sidecar(csv, "labelling-graph.npy").exists()  # not needed for coverage picks
     rc, out, _ = run(capsys, "labels", "add", csv, "--from", lab)
     assert rc == 0 and "added 5 labels" in out
+    # with labels of several groups, next picks from the model smoothed over the neighbour
+    # graph (as propagate does): it makes the graph and keeps it beside the build
+    assert run(capsys, "labels", "next", csv, "--n", "20", "--json")[0] == 0
+    assert sidecar(csv, "labelling-graph.npy").exists()
     assert [r["op"] for r in Journal(journal_for(csv).path).replay()] == ["assign"]
     # propagate: every row predicted, with a confidence and where its label comes from
     out_csv = tmp_path / "pred.csv"

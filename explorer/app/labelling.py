@@ -120,7 +120,8 @@ class LabellingFlow:
     # ------------------------------------------------------------------ label next
     def label_next(self, n: int = BATCH) -> list[int]:
         """Propose the next batch (rows), the first one current."""
-        picks = active.next_rows(self.state.keys, self._labels(), self.X, n)
+        picks = active.next_rows(self.state.keys, self._labels(), self.X, n,
+                                 graph=lambda: self.graph)  # made once the picks need it
         self.batch = [p["row"] for p in picks]
         self.reasons = [p["reason"] for p in picks]
         self.cursor = 0

@@ -556,7 +556,7 @@ def _coverage(X: np.ndarray, codes: np.ndarray, n: int, seed: int) -> tuple[np.n
 
 
 def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = None,
-              classes: Sequence[str] | None = None, pool: int = 10,
+              graph: Any = None, classes: Sequence[str] | None = None, pool: int = 10,
               random_state: int | None = 0) -> tuple[np.ndarray, list[str]]:
     """The ``n`` unlabelled rows whose labels would teach the model most, with a reason each.
 
@@ -566,6 +566,11 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     smallest margin between their two likeliest labels (``probs`` from :func:`propagate`,
     computed when not given), spread by k-means into groups so one batch is not ten
     near-copies; in each group the least sure row.
+
+    ``graph``: the neighbour graph :func:`propagate` smooths over, or a function that makes
+    it (called only when the picks need the model's probabilities), for when ``probs`` is not
+    given: the picks are then the ones a propagation over that graph would lead to, as in
+    bench/labelling.py. Without it the probabilities are the unsmoothed probe's.
     """
     X, codes, _ = _check(X, codes)
     n = check_int("n", n, 1)
@@ -583,7 +588,9 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     if len(rows) == n:
         return rows, why
     if probs is None:
-        probs = propagate(X, codes, random_state=seed).probs
+        if callable(graph):
+            graph = graph()
+        probs = propagate(X, codes, graph=graph, second_opinion=False, random_state=seed).probs
     probs = np.asarray(probs)
     if probs.shape[0] != len(X):
         raise ValueError(f"probs must have one row per row of X ({len(X)}); got {probs.shape}")
@@ -673,10 +680,11 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
 
 
 def next_rows(paths: Sequence[str], labels: Sequence[Any], X: Any, n: int = 20, *,
-              random_state: int | None = 0) -> list[dict[str, Any]]:
-    """The images to label next: ``[{"path", "row", "reason"}, ...]`` (see :func:`pick_next`)."""
+              graph: Any = None, random_state: int | None = 0) -> list[dict[str, Any]]:
+    """The images to label next: ``[{"path", "row", "reason"}, ...]`` (see :func:`pick_next`;
+    ``graph``, the neighbour graph or a function that makes it, as for :func:`propagate`)."""
     codes, classes = encode(labels)
     if len(paths) != len(codes):
         raise ValueError(f"paths and labels differ in length: {len(paths)}, {len(codes)}")
-    rows, why = pick_next(X, codes, n, classes=classes, random_state=random_state)
+    rows, why = pick_next(X, codes, n, graph=graph, classes=classes, random_state=random_state)
     return [{"path": str(paths[r]), "row": int(r), "reason": w} for r, w in zip(rows, why)]
