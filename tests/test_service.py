@@ -584,10 +584,12 @@ def test_users_command_lists_and_removes(tmp_path):
     assert DB(data / "service.db").user_by_token(tok) is None
 
 
-def test_cli_help_is_light_and_bad_options_are_messages(tmp_path):
+def test_cli_help_is_light_and_bad_options_are_messages(tmp_path, capsys, monkeypatch):
     import subprocess
 
     from _service import _env
+
+    from explorer.cli import main
 
     code = ("import sys, explorer.cli as c; p = c.make_parser(); "
             "p.parse_args(['serve', '--root', '.', '--data', '.']); "
@@ -595,15 +597,26 @@ def test_cli_help_is_light_and_bad_options_are_messages(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root",
-                        str(tmp_path / "missing"), "--data", str(tmp_path / "d")], env=_env(),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "not found" in r.stderr  # refused: explorer.paths
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root", "/etc",
-                        "--data", str(tmp_path / "d")], env=_env(), capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "system folder" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "serve", "--root", str(tmp_path),
-                        "--data", str(tmp_path / "d"), "--workers", "0"], env=_env(),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "--workers" in r.stderr
+
+    # the refusals, in this process (a server that started anyway fails the test at once)
+    def started(*a, **k):
+        raise AssertionError("explorer serve started despite a bad option")
+
+    monkeypatch.setattr("uvicorn.Server.run", started)
+
+    def serve(*args: str) -> tuple[int, str]:
+        mask = os.umask(0o022)  # serve makes its process's umask 077: this one's comes back
+        try:
+            rc = main(["serve", "--data", str(tmp_path / "d"), *args])
+        except SystemExit as exc:  # argparse's refusal
+            rc = exc.code
+        finally:
+            os.umask(mask)
+        return rc, capsys.readouterr().err
+
+    rc, err = serve("--root", str(tmp_path / "missing"))
+    assert rc == 2 and "not found" in err  # refused: explorer.paths
+    rc, err = serve("--root", "/etc")
+    assert rc == 2 and "system folder" in err
+    rc, err = serve("--root", str(tmp_path), "--workers", "0")
+    assert rc == 1 and "--workers" in err
