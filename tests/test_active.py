@@ -60,7 +60,6 @@ def test_later_picks_are_unsure_and_spread_out():
     assert "unsure between" in why[0] and ("'left'" in why[0] or "'right'" in why[0])
 
 
-
 def test_next_picks_what_a_propagation_over_the_graph_leads_to():
     """The CLI's and the app's "next" (next_rows) pick from the graph-smoothed model, as
     bench/labelling.py measures the loop; the graph is made only once the picks need it.
@@ -81,6 +80,7 @@ def test_next_picks_what_a_propagation_over_the_graph_leads_to():
     none = np.full(len(y), "", dtype=object)
     active.next_rows(paths, none, X, 10, graph=lambda: made.append(1) or g)
     assert made == [1]  # no labels: coverage picks, no graph made
+
 
 def test_pick_validates_its_input():
     X, y = blobs([10, 10])
