@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5006
 
-.PHONY: setup demo demo-build test test-cpu-both browser-deps bench clean-venv
+.PHONY: setup demo demo-build test test-fast test-cpu-both browser-deps bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ TESTENV := EXPLORER_CPU_BF16=0 PYTHONDONTWRITEBYTECODE=
 
 test: setup browser-deps
 	$(TESTENV) $(BIN)/python -m pytest -ra $(XDIST) $(PYTEST_ARGS)
+
+# `make test-fast`: the edit-and-check loop, without the browser tests and the ones marked
+# slow (real service processes, a local Ray, the notebook, emulated bf16, the served apps)
+test-fast: setup
+	$(TESTENV) $(BIN)/python -m pytest -q -ra -m "not slow and not browser" $(XDIST) $(PYTEST_ARGS)
 
 test-cpu-both: setup
 	$(TESTENV) $(BIN)/python -m pytest -q -ra -m cpu_check $(XDIST) $(PYTEST_ARGS)

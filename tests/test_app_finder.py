@@ -51,6 +51,7 @@ def rows_of(doc, cluster):
 
 
 # --------------------------------------------------------------------------- search
+@pytest.mark.slow
 def test_a_word_query_ranks_the_right_images_first_and_selects_them(doc):
     w(doc, "search_box").value = "a cat"
     view = doc.explorer_view

@@ -82,6 +82,7 @@ def _wait_log(proc, *wanted, timeout=60.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_the_server_loaded_hook_installs_exports_and_preloads_the_project(server):
     """on_server_loaded installs the export handler and reads the project before the first
     visit (preload). Fails when preload() raises (it logs "not preloaded" instead of the
@@ -125,6 +126,7 @@ def _save(session, rows, name="sel", images=True, timeout=30.0):
     return dict(dl.data)
 
 
+@pytest.mark.slow
 def test_exports_go_to_their_own_session_only_and_expire(server):
     """An export is downloadable by its own session only, and its file is deleted after the
     expiry even if nobody asks for it again (the server's periodic sweep: the lazy check on
@@ -158,6 +160,7 @@ def test_exports_go_to_their_own_session_only_and_expire(server):
     assert _get(zip_url, key_a)[0] == 404
 
 
+@pytest.mark.slow
 def test_hostile_run_record_exports_no_system_file(server):
     """H1 through the served app: root "/" refused, /etc/passwd never in the zip."""
     from bokeh.client import pull_session
@@ -177,6 +180,7 @@ def test_hostile_run_record_exports_no_system_file(server):
     assert all(n.startswith("thumbnails/") or n == "MISSING.txt" for n in names)
 
 
+@pytest.mark.slow
 def test_thumbnails_are_served_by_row_and_only_images_inside_the_app(server):
     url = server[0]
     host = _host(url)
@@ -213,6 +217,7 @@ def _plain(port, path, host):
     return _raw(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
 
 
+@pytest.mark.slow
 def test_a_rebound_host_name_gets_403_on_the_page_thumbnails_and_websocket(server):
     """DNS rebinding (review N2): a page on attacker.example whose name now points at
     127.0.0.1 sends Host = Origin = attacker.example:PORT. Tornado lets such a websocket in
@@ -261,6 +266,7 @@ def test_host_allowed_takes_this_computer_on_its_port_and_the_allowlist():
         split_host("localhost:99999")
 
 
+@pytest.mark.slow
 def test_the_re_cluster_warm_up_runs_in_the_served_app(server):
     """on_server_loaded compiles the re-cluster code in the worker process while the person
     looks at the map (every other test server skips it with EXPLORER_NO_WARMUP). Fails when
@@ -269,6 +275,7 @@ def test_the_re_cluster_warm_up_runs_in_the_served_app(server):
     assert "warm-up failed" not in text
 
 
+@pytest.mark.slow
 def test_private_export_folders_are_removed_when_the_server_stops(tmp_path):
     """Exports live in a private folder of the server process (review N16: they outlived it).
     Stopping ``bokeh serve`` (SIGTERM, as Ctrl-C or a service does) deletes the folder."""

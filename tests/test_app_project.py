@@ -76,6 +76,7 @@ def test_neighbours_are_the_same_group_and_reuse_the_process_norms(app):
     assert other.project.norms() is norms and other.neighbours[1].tolist() == idx.tolist()
 
 
+@pytest.mark.slow
 def test_a_click_on_a_million_rows_does_not_copy_the_matrix(tmp_path):
     """H6: one click (select one image + its neighbours) allocates far less than N x D floats."""
     n, d = 1_000_000, 48

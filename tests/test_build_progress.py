@@ -13,12 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from explorer.options import build_request_model
 from explorer.service.db import DB, dataset_dir
 from explorer.service.jobs import JobQueue
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow  # served builds with the real model (make test-fast leaves it out)
+
 
 N_IMAGES = 200
 

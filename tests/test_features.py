@@ -55,6 +55,7 @@ def test_no_images_is_an_error():
         F.hog_features([])
 
 
+@pytest.mark.slow
 def test_autoencoder_is_deterministic_for_a_seed_and_learns(shapes_set):
     images, _ = shapes_set
     hist: list[float] = []

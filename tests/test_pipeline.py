@@ -335,6 +335,7 @@ def test_missing_folder_and_bad_options(tmp_path, capsys):
     assert "--app" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_builds_a_folder(tmp_path):
     """The installed `explorer` command runs a real (small, classic-method) build."""
     exe = Path(sys.executable).with_name("explorer")
@@ -384,6 +385,7 @@ def test_the_embedding_child_exits_when_the_build_is_killed(tmp_path):
         pytest.fail("the child outlived its killed parent")
 
 
+@pytest.mark.slow
 def test_a_later_embedding_process_never_imports_torch(tmp_path):
     """After one run on this machine has exported the model to the user cache, the build's
     embedding process runs onnxruntime from the cache and reads the classifier from it:

@@ -11,6 +11,9 @@ try:
 except ImportError:  # tests/ made a package
     from tests import _imagegen as gen
 
+pytestmark = pytest.mark.slow  # a local Ray cluster (make test-fast leaves it out)
+
+
 ray = pytest.importorskip("ray")
 
 

@@ -18,6 +18,7 @@ from tests._cpucheck import made_per_answer, run_answer
 
 
 # --------------------------------------------------------------------------- concepts
+@pytest.mark.slow
 def test_text_encoder_matches_the_reference_implementation():
     transformers = pytest.importorskip("transformers")
     import torch
@@ -202,6 +203,7 @@ def _low_texture_build(root, precision: str):
 # the float32 case, the one "auto" picks whatever the CPU check says, runs under both answers
 # of the check; an asked-for bf16 run only records the check's answer (test_embed checks
 # that), and emulated bf16 costs about 30-80 CPU seconds here: once, under the run's setting
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, cpu_bf16", [
     pytest.param("float32", "0", marks=pytest.mark.cpu_check, id="float32-cpu_bf16=0"),
     pytest.param("float32", "1", marks=pytest.mark.cpu_check, id="float32-cpu_bf16=1"),
@@ -290,6 +292,7 @@ def test_clip_search_with_weights_on_disk(small_build, tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_build_writes_names_flags_and_concepts_and_search_finds_a_concept(tmp_path, capsys):
     from explorer.cli import main
 

@@ -29,6 +29,8 @@ from _imagegen import image_folder, jpeg_bytes, variant  # noqa: E402
 from _service import (Local, Server, add_user, app_session, grant,  # noqa: E402
                       local_user, pull_document, wait_job)
 
+pytestmark = pytest.mark.slow  # real service builds, servers and workers (make test-fast leaves it out)
+
 #: under ``reduce.MIN_UMAP_POINTS`` (16): the default build maps them with PCA, so its fresh
 #: worker process pays no UMAP compile (about 20 CPU s); the map is the pipeline's tests'
 N_PHOTOS = 15

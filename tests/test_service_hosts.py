@@ -19,6 +19,9 @@ from _imagegen import image_folder  # noqa: E402
 from _service import Local, Server, add_user, local_user  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # a real explorer serve (make test-fast leaves it out)
+
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     base = tmp_path_factory.mktemp("hosts")

@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import image_folder  # noqa: E402
 from _service import Local, Server, grant, local_user  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real service processes (make test-fast leaves it out)
+
+
 MiB = 2**20
 
 

@@ -14,6 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagegen import jpeg_bytes, variant  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real service processes and builds (make test-fast leaves it out)
+
 
 # --------------------------------------------------------------------------- N16
 def test_missing_txt_names_no_folder_of_the_server(tmp_path):

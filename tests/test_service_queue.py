@@ -16,6 +16,9 @@ import pytest
 from explorer.service.db import DB
 from explorer.service.jobs import INTERRUPTED, JobQueue
 
+pytestmark = pytest.mark.slow  # queue workers in processes (make test-fast leaves it out)
+
+
 WORKER = '''
 import sys, time, json
 from explorer.service.db import DB

@@ -20,6 +20,9 @@ from _imagegen import image_folder  # noqa: E402
 from _service import Local, grant, local_user  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # property-based runs over the whole API (make test-fast leaves it out)
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     base = tmp_path_factory.mktemp("schema")
