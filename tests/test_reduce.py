@@ -403,3 +403,27 @@ def test_place_new_lands_in_its_small_group_when_most_neighbours_are_elsewhere()
 def test_place_new_bad_input_raises(args, word):
     with pytest.raises(ValueError, match=word):
         place_new(*args)
+
+
+def test_a_small_map_and_the_common_metrics_never_import_umap():
+    """Under MIN_UMAP_POINTS the map and the space are PCA, and the metric check knows the
+    common names itself: a small build, and the classic methods' layout, never pay umap-learn's
+    import (2-3 CPU s in every build and service worker process). Fails with the metric looked
+    up in ``umap.distances`` again (tried once). A rarer name is still looked up there."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from explorer.stages import reduce\n"
+            "X = np.random.default_rng(0).normal(size=(12, 8)).astype('float32')\n"
+            "for metric in ('cosine', 'euclidean'):\n"
+            "    r = reduce.map_and_space(X, metric=metric, random_state=0)\n"
+            "    assert r.xy.shape == (12, 2), r.xy.shape\n"
+            "print('umap' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert reduce_map(np.random.default_rng(0).normal(size=(12, 4)), metric="braycurtis",
+                      random_state=0).embedding.shape == (12, 2)
+    assert reduce_map(np.random.default_rng(0).normal(size=(12, 4)), metric="yule",
+                      random_state=0).embedding.shape == (12, 2)

@@ -72,6 +72,13 @@ MIN_UMAP_POINTS = 16
 #: metrics for which rows are compared by angle (we L2-normalise for PCA fallbacks)
 _ANGLE_METRICS = ("cosine", "correlation")
 
+#: the common names of umap-learn's metrics (all in ``umap.distances.named_distances``):
+#: checked without importing umap-learn (2-3 CPU s), so a build that maps with PCA or the
+#: classic methods' layout never imports it; other names are looked up in umap-learn itself
+_COMMON_METRICS = frozenset({"euclidean", "l2", "cosine", "correlation", "manhattan", "l1",
+                             "taxicab", "chebyshev", "linf", "minkowski", "hamming",
+                             "jaccard", "canberra", "braycurtis"})
+
 #: default parameters of the clusterable space (chosen with bench/quality.py)
 CLUSTER_SPACE_DEFAULTS: dict[str, Any] = {
     "n_components": 5,
@@ -91,6 +98,12 @@ class Reduction(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
+def _umap_metric_names():
+    from umap.distances import named_distances
+
+    return named_distances
+
+
 def _umap():
     """umap-learn, imported on first use (seconds), its numba kernels in the disk cache
     (:func:`explorer.stages.jit.cache_kernels`) before they are first compiled."""
@@ -123,9 +136,7 @@ def _check_params(
     ):
         raise ValueError(f"min_dist must be a number in [0, 1]; got {min_dist!r}")
     if isinstance(metric, str):
-        from umap.distances import named_distances
-
-        if metric not in named_distances:
+        if metric not in _COMMON_METRICS and metric not in _umap_metric_names():
             raise ValueError(
                 f"unknown metric {metric!r}; use one of umap-learn's named metrics, "
                 "e.g. 'cosine', 'euclidean', 'manhattan', 'correlation'"
