@@ -423,6 +423,11 @@ def test_a_small_map_and_the_common_metrics_never_import_umap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+    from umap.distances import named_distances
+
+    from explorer.stages import reduce
+
+    assert reduce._COMMON_METRICS <= set(named_distances)  # the shortcut accepts no other name
     assert reduce_map(np.random.default_rng(0).normal(size=(12, 4)), metric="braycurtis",
                       random_state=0).embedding.shape == (12, 2)
     assert reduce_map(np.random.default_rng(0).normal(size=(12, 4)), metric="yule",
