@@ -98,12 +98,6 @@ class Reduction(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
-def _umap_metric_names():
-    from umap.distances import named_distances
-
-    return named_distances
-
-
 def _umap():
     """umap-learn, imported on first use (seconds), its numba kernels in the disk cache
     (:func:`explorer.stages.jit.cache_kernels`) before they are first compiled."""
@@ -136,11 +130,14 @@ def _check_params(
     ):
         raise ValueError(f"min_dist must be a number in [0, 1]; got {min_dist!r}")
     if isinstance(metric, str):
-        if metric not in _COMMON_METRICS and metric not in _umap_metric_names():
-            raise ValueError(
-                f"unknown metric {metric!r}; use one of umap-learn's named metrics, "
-                "e.g. 'cosine', 'euclidean', 'manhattan', 'correlation'"
-            )
+        if metric not in _COMMON_METRICS:
+            from umap.distances import named_distances
+
+            if metric not in named_distances:
+                raise ValueError(
+                    f"unknown metric {metric!r}; use one of umap-learn's named metrics, "
+                    "e.g. 'cosine', 'euclidean', 'manhattan', 'correlation'"
+                )
     elif not callable(metric):
         raise ValueError(f"metric must be a metric name or a callable; got {metric!r}")
     _check_random_state(random_state, allow_state=True)
