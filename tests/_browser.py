@@ -254,6 +254,13 @@ def wait_for(drv: Any, predicate_js: str, *args: Any, timeout: float = 20.0, pol
     raise TimeoutError(f"timed out waiting for: {predicate_js.strip()[:120]} (last: {last!r})")
 
 
+def wait_model(drv: Any, name: str, expr: str, timeout: float = 15.0) -> Any:
+    """:func:`wait_for` ``expr`` (with ``m`` bound to the model named ``name``) to be truthy."""
+    js = ("const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
+          f"if (!m) return null; return ({expr});")
+    return wait_for(drv, js, name, timeout=timeout)
+
+
 def model_value(drv: Any, name: str, expr: str) -> Any:
     """Evaluate ``expr`` with ``m`` bound to the model named ``name`` in the page."""
     return drv.execute_script(

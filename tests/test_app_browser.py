@@ -53,14 +53,6 @@ def deep(drv, name, selector):
     return drv.execute_script(DEEP_JS, name, selector)
 
 
-def wait_model(drv, name, expr, timeout=15.0):
-    js = (
-        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
-        f"if (!m) return null; return ({expr});"
-    )
-    return B.wait_for(drv, js, name, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
@@ -86,7 +78,7 @@ def page(site):
 
 def lasso_clusters_0_and_1(drv):
     B.lasso(drv, [(-3, -3), (13, -3), (13, 3), (-3, 3)])
-    wait_model(drv, "table_source", "m.data['_file'].length == 16")
+    B.wait_model(drv, "table_source", "m.data['_file'].length == 16")
 
 
 def injected(drv):
@@ -158,8 +150,8 @@ def test_multiselect_selects_points_of_chosen_labels(page):
         "arguments[0].dispatchEvent(new Event('change', {bubbles: true}));",
         select,
     )
-    wait_model(page, "points", "m.selected.indices.length == 8")
-    wait_model(page, "table_source", "m.data['_file'].length == 8")
+    B.wait_model(page, "points", "m.selected.indices.length == 8")
+    B.wait_model(page, "table_source", "m.data['_file'].length == 8")
     assert all(n.startswith("rocket_") for n in B.model_value(page, "table_source", "m.data['_file']"))
 
 
@@ -169,7 +161,7 @@ def test_colour_by_label_with_string_labels(page):
         "arguments[0].value = 'label'; arguments[0].dispatchEvent(new Event('change', {bubbles: true}));",
         select,
     )
-    wait_model(page, "labels", "m.options.length == 6")
+    B.wait_model(page, "labels", "m.options.length == 6")
     legend = " ".join(e.text for e in deep(page, "legend", ".ex-legend-text"))
     assert HOSTILE_LABEL in legend  # as text
     assert injected(page) == 0
@@ -191,9 +183,9 @@ def test_save_downloads_csv_and_zip_of_originals(page, site):
     box = deep(page, "save_name", "input")[0]
     box.clear()
     box.send_keys("picked\n")
-    wait_model(page, "save_name", "m.value == 'picked'")
+    B.wait_model(page, "save_name", "m.value == 'picked'")
     deep(page, "save_images", "button")[0].click()
-    wait_model(page, "save_images", "m.active")
+    B.wait_model(page, "save_images", "m.active")
     deep(page, "save", "button")[0].click()
     wait_files(site["downloads"], ["picked.csv", "picked.zip"])
     rows = list(csvmod.DictReader(io.StringIO((site["downloads"] / "picked.csv").read_text())))
@@ -212,14 +204,14 @@ def test_bad_name_and_clear_then_save_say_so(page, site):
     box = deep(page, "save_name", "input")[0]
     box.clear()
     box.send_keys("../escape\n")
-    wait_model(page, "save_name", "m.value == '../escape'")
+    B.wait_model(page, "save_name", "m.value == '../escape'")
     deep(page, "save", "button")[0].click()
     B.wait_for(page, "return (" + _status_js() + ").includes('refused')")
     deep(page, "clear_labels", "button")[0].click()
-    wait_model(page, "points", "m.selected.indices.length == 0")
+    B.wait_model(page, "points", "m.selected.indices.length == 0")
     box.clear()
     box.send_keys("empty\n")
-    wait_model(page, "save_name", "m.value == 'empty'")
+    B.wait_model(page, "save_name", "m.value == 'empty'")
     deep(page, "save", "button")[0].click()
     B.wait_for(page, "return (" + _status_js() + ").includes('nothing selected')")
     assert not (site["downloads"] / "empty.csv").exists()
@@ -255,11 +247,11 @@ def test_reset_data_clears_selection_and_zoom(page):
     for _ in range(3):  # zoom in with the mouse wheel
         ActionChains(page).scroll_from_origin(ScrollOrigin.from_viewport(int(px), int(py)), 0, -200).perform()
     width = before[1] - before[0]
-    assert wait_model(page, "plot", f"(m.x_range.end - m.x_range.start) < {0.8 * width!r}")
+    assert B.wait_model(page, "plot", f"(m.x_range.end - m.x_range.start) < {0.8 * width!r}")
     deep(page, "reset", "button")[0].click()
-    wait_model(page, "points", "m.selected.indices.length == 0")
-    wait_model(page, "table_source", "m.data['_file'].length == 0")
-    wait_model(page, "labels", "m.value.length == 0")
+    B.wait_model(page, "points", "m.selected.indices.length == 0")
+    B.wait_model(page, "table_source", "m.data['_file'].length == 0")
+    B.wait_model(page, "labels", "m.value.length == 0")
     after = B.model_value(page, "plot", "[m.x_range.start, m.x_range.end]")
     assert after == pytest.approx(before)
 
@@ -289,13 +281,13 @@ def test_hostile_project_save_with_images_zips_no_system_file(tmp_path, site):
             "const m = Bokeh.documents[0].get_model_by_name('points');"
             "m.selected.indices = [...Array(m.data.x.length).keys()];"
         )
-        wait_model(drv, "table_source", f"m.data['_file'].length == {len(df)}")
+        B.wait_model(drv, "table_source", f"m.data['_file'].length == {len(df)}")
         box = deep(drv, "save_name", "input")[0]
         box.clear()
         box.send_keys("grab\n")
-        wait_model(drv, "save_name", "m.value == 'grab'")
+        B.wait_model(drv, "save_name", "m.value == 'grab'")
         deep(drv, "save_images", "button")[0].click()
-        wait_model(drv, "save_images", "m.active")
+        B.wait_model(drv, "save_images", "m.active")
         deep(drv, "save", "button")[0].click()
         wait_files(downloads, ["grab.csv", "grab.zip"], timeout=40)
     with zipfile.ZipFile(downloads / "grab.zip") as zf:
@@ -314,7 +306,7 @@ def test_hostile_project_save_with_images_zips_no_system_file(tmp_path, site):
 def test_thumbnails_drawn_on_the_map_when_few_points_are_in_view(page):
     """35 points are always "a few": the image glyph shows each thumbnail at its point,
     fetched from our per-row handler; zooming in keeps only those in view."""
-    wait_model(page, "thumbs_source", "m.data.url.length == 35")
+    B.wait_model(page, "thumbs_source", "m.data.url.length == 35")
     urls = B.model_value(page, "thumbs_source", "m.data.url")
     assert all(u.startswith("/app/_thumb/") for u in urls)
     loaded = page.execute_script(
@@ -325,7 +317,7 @@ def test_thumbnails_drawn_on_the_map_when_few_points_are_in_view(page):
         "const p = Bokeh.documents[0].get_model_by_name('plot');"
         "p.x_range.setv({start: -3, end: 3}); p.y_range.setv({start: -3, end: 3});"
     )
-    n = wait_model(page, "thumbs_source", "m.data.url.length < 35 && m.data.url.length >= 8 ? m.data.url.length : null")
+    n = B.wait_model(page, "thumbs_source", "m.data.url.length < 35 && m.data.url.length >= 8 ? m.data.url.length : null")
     assert n <= 10
 
 
@@ -450,7 +442,7 @@ def test_big_map_zoom_re_renders_the_image_for_the_view(big_site):
     # far in: a few hundred points or fewer in view -> their thumbnails on the map
     for _ in range(10):
         ActionChains(drv).scroll_from_origin(ScrollOrigin.from_viewport(int(px), int(py)), 0, -300).perform()
-    n = wait_model(drv, "thumbs_source", "m.data.url.length > 0 ? m.data.url.length : null", timeout=20)
+    n = B.wait_model(drv, "thumbs_source", "m.data.url.length > 0 ? m.data.url.length : null", timeout=20)
     img = drv.execute_script(IMAGE_JS)
     assert n == img["n"] <= 300
 
@@ -477,12 +469,12 @@ def test_hostile_column_names_and_values_are_shown_as_text_never_run(tmp_path, s
         B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
         # colour by the hostile column (legend of its values), select images (table cells)
         B.set_model(drv, "color_by", "value", XSS_COLUMN)
-        wait_model(drv, "legend", f"m.text.includes('onerror')")
+        B.wait_model(drv, "legend", f"m.text.includes('onerror')")
         lasso_clusters_0_and_1(drv)
         tab = next(t for t in deep(drv, None, ".bk-tab") if t.text.strip() == "Metadata")
         tab.click()
         B.set_model(drv, "tag_column", "value", "tags")
-        wait_model(drv, "tag_value", "m.options.length > 1")
+        B.wait_model(drv, "tag_value", "m.options.length > 1")
         time.sleep(0.5)  # an onerror handler runs once the broken image fails to load
         headers = [e.get_attribute("textContent") for e in deep(drv, "table", ".slick-column-name")]
         assert XSS_COLUMN in headers, headers

@@ -36,14 +36,6 @@ PER_GROUP = 7
 ROW, ALL = 2 * PER_GROUP, 4 * PER_GROUP + 3
 
 
-def wait_model(drv, name, expr, timeout=15.0):
-    js = (
-        "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
-        f"if (!m) return null; return ({expr});"
-    )
-    return B.wait_for(drv, js, name, timeout=timeout)
-
-
 def open_page(drv, url):
     drv.get(url)
     B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
@@ -52,16 +44,16 @@ def open_page(drv, url):
 def lasso_and_label(drv, corners, n, label):
     """Lasso ``corners`` (data coordinates), wait for ``n`` selected, label them in the Label tab."""
     B.lasso(drv, corners)
-    wait_model(drv, "table_source", f"m.data['_file'].length == {n}")
+    B.wait_model(drv, "table_source", f"m.data['_file'].length == {n}")
     B.set_model(drv, "tabs", "active", LABEL_TAB)
     B.set_model(drv, "label_input", "value", label)
     B.click_button(drv, "apply_label")
     # the page says "saved" only after the journal append returned on the server
-    wait_model(drv, "status", f"m.text.includes('saved: label') && m.text.includes({json.dumps(label)})")
+    B.wait_model(drv, "status", f"m.text.includes('saved: label') && m.text.includes({json.dumps(label)})")
 
 
 def legend_has(drv, text):
-    return wait_model(drv, "legend", f"m.text.includes({json.dumps(text)})")
+    return B.wait_model(drv, "legend", f"m.text.includes({json.dumps(text)})")
 
 
 def journal_labels(csv):
@@ -142,12 +134,12 @@ def test_recluster_swaps_the_map_and_back_restores_it(served):
     url, drv = served
     open_page(drv, url)
     B.lasso(drv, [(-3, 7), (13, 7), (13, 13), (-3, 13)])
-    wait_model(drv, "table_source", f"m.data['_file'].length == {ROW}")
+    B.wait_model(drv, "table_source", f"m.data['_file'].length == {ROW}")
     B.set_model(drv, "tabs", "active", LABEL_TAB)
     B.click_button(drv, "recluster")
-    wait_model(drv, "points", f"m.data['x'].length == {ROW}", timeout=120)
-    assert wait_model(drv, "breadcrumbs", "m.text.includes('sel')")
+    B.wait_model(drv, "points", f"m.data['x'].length == {ROW}", timeout=120)
+    assert B.wait_model(drv, "breadcrumbs", "m.text.includes('sel')")
     B.wait_for(drv, B.PLOT_DRAWN_JS, timeout=30)
     B.click_button(drv, "back")
-    wait_model(drv, "points", f"m.data['x'].length == {ALL}")
+    B.wait_model(drv, "points", f"m.data['x'].length == {ALL}")
     assert B.model_value(drv, "points", "m.selected.indices.length") == ROW
