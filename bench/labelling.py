@@ -65,12 +65,13 @@ def simulate(X, truth, *, strategy: str, seed: int, step: int, max_labels: int, 
     order = rng.permutation(len(y))
     out = []
     prop = None
+    space = None if graph is None else active.smooth_rows(X, graph)  # the picks' k-means
     while (codes >= 0).sum() < max_labels:
         if strategy == "random":
             rows = order[(codes >= 0).sum():(codes >= 0).sum() + step]
         else:
             rows, _ = active.pick_next(X, codes, step, probs=None if prop is None else prop.probs,
-                                       random_state=seed)
+                                       space=space, random_state=seed)
         codes[rows] = y[rows]
         prop = active.propagate(X, codes, len(classes), graph=graph, random_state=seed)
         un = codes < 0

@@ -64,13 +64,17 @@ def test_add_next_propagate_accept_and_export(small_build, tmp_path, capsys):
     lab = tmp_path / "mine.csv"
     chosen = [p["path"] for p in picks] + [paths[1], paths[PER_GROUP + 1]]
     pd.DataFrame({"path": chosen, "label": [c.split("/")[0] for c in chosen]}).to_csv(lab, index=False)
-    assert not sidecar(csv, "labelling-graph.npy").exists()  # not needed for coverage picks
+    # the coverage picks run on the rows smoothed over the neighbour graph (as the bench's):
+    # the first next made the graph and keeps it beside the build
+    graph = sidecar(csv, "labelling-graph.npy")
+    assert graph.exists()
+    made = graph.stat().st_mtime_ns
     rc, out, _ = run(capsys, "labels", "add", csv, "--from", lab)
     assert rc == 0 and "added 5 labels" in out
-    # with labels of several groups, next picks from the model smoothed over the neighbour
-    # graph (as propagate does): it makes the graph and keeps it beside the build
+    # with labels of several groups, next picks from the model smoothed over that graph (as
+    # propagate does), read back, not made again
     assert run(capsys, "labels", "next", csv, "--n", "20", "--json")[0] == 0
-    assert sidecar(csv, "labelling-graph.npy").exists()
+    assert graph.stat().st_mtime_ns == made
     assert [r["op"] for r in Journal(journal_for(csv).path).replay()] == ["assign"]
     # propagate: every row predicted, with a confidence and where its label comes from
     out_csv = tmp_path / "pred.csv"

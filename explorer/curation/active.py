@@ -22,6 +22,11 @@ half of each prediction and most of its confidence. The probabilities are calibr
 fitted on out-of-fold predictions of the labels (k-fold cross-validation of the whole fit), the
 out-of-fold rows weighted so their confidences spread like the unlabelled rows' (the tool
 picks hard rows on purpose; unweighted, the calibration came out too pessimistic).
+With a graph there is a second probe, on the rows smoothed over it (:func:`smooth_rows`): up to
+:data:`ROWS_ALONE` labels it is the model alone, after that :data:`ROWS_SHARE` of a mix with
+the probe on the rows as they are, and the mix's confidences are calibrated again by one
+temperature on the mix's out-of-fold predictions (the mix of two calibrated models came out
+under-confident). The picks' k-means then run on the smoothed rows too (``space``).
 Figures and what else was tried: docs/labelling.md.
 
 How sure, how good
@@ -78,10 +83,19 @@ __all__ = [
     "neighbours",
     "sure_threshold",
     "smoothing",
+    "smooth_rows",
     "label_table",
     "next_rows",
 ]
 
+#: the smoothed-row model (:func:`smooth_rows`): its share of the probabilities after
+#: :data:`ROWS_ALONE` labels (up to there it is the model alone), its rows' pull towards their
+#: neighbours and hops, its prediction smoothing up to :data:`SMOOTH_FEW_LABELS` labels
+ROWS_SHARE = 0.25
+ROWS_ALONE = 50
+ROWS_PULL = 0.5
+ROWS_HOPS = 2
+ROWS_SMOOTH_FEW = 0.7
 #: principal components kept by :func:`features`
 DIMS = 64
 #: the mean calibrated confidence the "sure" predictions must reach
@@ -422,9 +436,11 @@ def sure_threshold(confidence: np.ndarray, precision: float = SURE_PRECISION) ->
     return float(c[ok[-1]]) if len(ok) else float("inf")
 
 
-def _calibrated(X, codes, n_classes, folds, seed, self_train, graph, power, smooth=None):
+def _calibrated(X, codes, n_classes, folds, seed, self_train, graph, power, smooth=None,
+                oof_too=False):
     """(N, K) calibrated probabilities of the model fitted on every label, its temperature and
-    the cross-validated accuracy of the labels (None: too few to hold out)."""
+    the cross-validated accuracy of the labels (None: too few to hold out); ``oof_too``: also
+    the calibrated out-of-fold probabilities and their labels."""
     n = len(X)
     oof, y = _oof_logits(X, codes, n_classes, folds, seed, self_train, graph, smooth)
     cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
@@ -442,7 +458,50 @@ def _calibrated(X, codes, n_classes, folds, seed, self_train, graph, power, smoo
     T = _temperature(oof, y, w)
     for a in range(0, n, BLOCK):
         probs[a:a + BLOCK] = _softmax(probs[a:a + BLOCK], T)
+    if oof_too:
+        return probs, T, cv_acc, _softmax(oof, T), y
     return probs, T, cv_acc
+
+
+def smooth_rows(X: Any, graph: Any, pull: float = ROWS_PULL, hops: int = ROWS_HOPS) -> np.ndarray:
+    """The rows smoothed over the neighbour graph: ``hops`` times each row moved ``pull`` of
+    the way to the mean of its neighbours, then scaled back to its own length."""
+    X = np.asarray(X, np.float32)
+    graph = check_graph(graph, len(X))
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    nb = graph[:, 1:]
+    Z = X
+    for _ in range(hops):
+        Z = (1 - pull) * Z + pull * Z[nb].mean(axis=1)
+        Z = Z * (norm / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12))
+    return Z.astype(np.float32)
+
+
+def _mixed(parts, codes, n_classes, folds, seed, self_train, graph, power):
+    """The mix of calibrated models, ``parts`` = [(share, X, smooth), ...]: (the mixed
+    probabilities, the same re-calibrated by one temperature fitted on the mix's out-of-fold
+    probabilities (weighted as in :func:`_calibrated`), that temperature, the cross-validated
+    accuracy of the labels). With one model the mix is that model."""
+    if len(parts) == 1:
+        _, Xp, sm = parts[0]
+        probs, T, cv_acc = _calibrated(Xp, codes, n_classes, folds, seed, self_train, graph, power, sm)
+        return probs, probs, T, cv_acc
+    probs, oof, ys = 0.0, 0.0, []
+    for share, Xp, sm in parts:
+        p, _, _, o, y = _calibrated(Xp, codes, n_classes, folds, seed, self_train, graph, power, sm,
+                                    oof_too=True)
+        probs, oof = probs + share * p, oof + share * o
+        ys.append(y)
+    probs = probs.astype(np.float32)
+    y = ys[0]
+    cv_acc = float((oof.argmax(axis=1) == y).mean()) if len(y) else None
+    un = codes < 0
+    if len(y) < 5 or not un.any() or any(len(v) != len(y) or not np.array_equal(v, y) for v in ys):
+        return probs, probs, 1.0, cv_acc
+    with np.errstate(divide="ignore"):
+        lo, lp = np.log(oof), np.log(probs)
+    T = _temperature(lo, y, _shift_weights(lo, probs[un].max(axis=1), power=power))
+    return probs, _softmax(lp, T), T, cv_acc
 
 
 # ---------------------------------------------------------------------- propagate
@@ -474,19 +533,30 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     if graph is not None:
         graph = check_graph(graph, n)
     smooth = smoothing(len(lab))
-    probs, T, cv_acc = _calibrated(X, codes, n_classes, folds, seed, self_train, graph,
-                                   SHIFT_POWER, smooth)
+    if graph is None:
+        parts = [(1.0, X, smooth)]
+    else:  # the smoothed-row model alone up to ROWS_ALONE labels, then mixed in
+        Xs = smooth_rows(X, graph)
+        rs = ROWS_SMOOTH_FEW if len(lab) <= SMOOTH_FEW_LABELS else SMOOTH
+        parts = [(1.0, Xs, rs)] if len(lab) <= ROWS_ALONE else [(1 - ROWS_SHARE, X, smooth),
+                                                                  (ROWS_SHARE, Xs, rs)]
+    probs, cal, T, cv_acc = _mixed(parts, codes, n_classes, folds, seed, self_train, graph,
+                                   SHIFT_POWER)
     un = codes < 0
     pred = probs.argmax(axis=1).astype(np.int32)
-    conf = probs[np.arange(n), pred]
+    i = np.arange(n)
+    conf = cal[i, pred]
     pred[lab] = codes[lab]
     conf[lab] = 1.0
     est = float(conf[un].mean()) if un.any() else cv_acc
     if second_opinion and graph is not None and un.any():
-        second, _, _ = _calibrated(X, codes, n_classes, folds, seed, True, graph,
-                                   SECOND_SHIFT_POWER, smooth)
-        pred[un], conf[un], mixed = _second_opinion(probs[un], second[un])
-        est = float(mixed.mean())
+        second, second_cal, _, _ = _mixed(parts, codes, n_classes, folds, seed, True, graph,
+                                          SECOND_SHIFT_POWER)
+        pred[un], _, _ = _second_opinion(probs[un], second[un])
+        # the prediction from the mixes as they are, how sure from the re-calibrated ones
+        u, pu = np.flatnonzero(un), pred[un]
+        conf[un] = SECOND_SHARE * second_cal[u, pu] + (1 - SECOND_SHARE) * cal[u, pu]
+        est = float(((1 - PREDICT_SHARE) * cal[u, pu] + PREDICT_SHARE * second_cal[u, pu]).mean())
     thr = sure_threshold(conf[un], precision) if un.any() else float("inf")
     sure = un & (conf >= thr)
     return Propagation(pred, conf, sure, thr, est, cv_acc, T, probs)
@@ -557,7 +627,7 @@ def _coverage(X: np.ndarray, codes: np.ndarray, n: int, seed: int) -> tuple[np.n
 
 def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = None,
               graph: Any = None, classes: Sequence[str] | None = None, pool: int = 10,
-              random_state: int | None = 0) -> tuple[np.ndarray, list[str]]:
+              space: Any = None, random_state: int | None = 0) -> tuple[np.ndarray, list[str]]:
     """The ``n`` unlabelled rows whose labels would teach the model most, with a reason each.
 
     Coverage first: before two classes are labelled every pick stands for a part of the map no
@@ -571,8 +641,14 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     it (called only when the picks need the model's probabilities), for when ``probs`` is not
     given: the picks are then the ones a propagation over that graph would lead to, as in
     bench/labelling.py. Without it the probabilities are the unsmoothed probe's.
+
+    ``space``: the rows the picks' k-means (coverage and spread) run on, one per row of ``X``
+    (default ``X``; :func:`next_rows` passes :func:`smooth_rows` when it has a graph).
     """
     X, codes, _ = _check(X, codes)
+    K = X if space is None else as_matrix(space, "space", np.float32)
+    if len(K) != len(X):
+        raise ValueError(f"space must have one row per row of X ({len(X)}); got {len(K)}")
     n = check_int("n", n, 1)
     pool = check_int("pool", pool, 1)
     seed = check_random_state(random_state) or 0
@@ -582,9 +658,9 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
         return np.zeros(0, np.int64), []
     lab = codes[codes >= 0]
     if len(lab) < 2 or len(np.unique(lab)) < 2:
-        return _coverage(X, codes, n, seed)
+        return _coverage(K, codes, n, seed)
     n_cover = int(round(n * max(0.0, 1 - len(lab) / COVERAGE_LABELS)))
-    rows, why = _coverage(X, codes, n_cover, seed) if n_cover else (np.zeros(0, np.int64), [])
+    rows, why = _coverage(K, codes, n_cover, seed) if n_cover else (np.zeros(0, np.int64), [])
     if len(rows) == n:
         return rows, why
     if probs is None:
@@ -595,7 +671,7 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     if probs.shape[0] != len(X):
         raise ValueError(f"probs must have one row per row of X ({len(X)}); got {probs.shape}")
     un = np.setdiff1d(un, rows)
-    more, more_why = _unsure(X, un, probs, n - len(rows), pool, seed, classes)
+    more, more_why = _unsure(K, un, probs, n - len(rows), pool, seed, classes)
     return np.concatenate([rows, more]).astype(np.int64), list(why) + more_why
 
 
@@ -686,5 +762,11 @@ def next_rows(paths: Sequence[str], labels: Sequence[Any], X: Any, n: int = 20, 
     codes, classes = encode(labels)
     if len(paths) != len(codes):
         raise ValueError(f"paths and labels differ in length: {len(paths)}, {len(codes)}")
-    rows, why = pick_next(X, codes, n, graph=graph, classes=classes, random_state=random_state)
+    space = None
+    if graph is not None:  # the picks' k-means on the smoothed rows
+        if callable(graph):
+            graph = graph()
+        space = None if graph is None else smooth_rows(X, graph)
+    rows, why = pick_next(X, codes, n, graph=graph, classes=classes, space=space,
+                          random_state=random_state)
     return [{"path": str(paths[r]), "row": int(r), "reason": w} for r, w in zip(rows, why)]
