@@ -3,6 +3,7 @@
     .venv/bin/python bench/labelling.py --data ../shared/data/clothing-small --work /tmp/labelling-bench
     .venv/bin/python bench/labelling.py --shapes                 # also the non-photographs
     .venv/bin/python bench/labelling.py --scale 1000000          # next/propagate timings only
+    .venv/bin/python bench/labelling.py --jitter 0.01 --seeds 15 # how far the medians move by chance
 
 The photos are built once with ``explorer build`` (lite0 vectors, ``--work`` keeps the build
 between runs; nothing is written into the repository). The person answers with the true class
@@ -53,6 +54,16 @@ def built_vectors(images: Path, work: Path, name: str, features: str = "auto"):
     df = table.read_table(csv)
     truth = np.array([Path(p).parent.name for p in df["path"].astype(str)])
     return np.asarray(load_features(csv), np.float32), truth, csv
+
+
+def jitter(X: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """``X`` with the last bit of a random ``share`` of its float16 values flipped (one unit
+    in the last place: a change no one would notice, as between two runtimes' embeddings), to
+    see how far the loop's medians move for nothing."""
+    v = np.ascontiguousarray(X, np.float16).view(np.uint16).copy()
+    flip = np.random.default_rng(seed).random(v.shape) < share
+    v[flip] ^= np.uint16(1)
+    return v.view(np.float16).astype(np.float32)
 
 
 def simulate(X, truth, *, strategy: str, seed: int, step: int, max_labels: int, graph=None,
@@ -249,13 +260,20 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=int, default=0, metavar="N",
                    help="also time next/propagate on N synthetic vectors")
     p.add_argument("--dim", type=int, default=1280)
+    p.add_argument("--jitter", type=float, default=0.0, metavar="SHARE",
+                   help="flip the last bit of this share of the stored float16 values first "
+                        "(e.g. 0.01): how much the medians move for a change no one would notice")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_photos:
         X, truth, _ = built_vectors(Path(a.data), work, "clothing")
+        title = "clothing-small (lite0)"
+        if a.jitter:
+            X = jitter(X, a.jitter)
+            title += f", last bit of {a.jitter:.1%} of the values flipped"
         curve(X, truth, seeds=a.seeds, step=a.round, max_labels=a.max_labels,
-              title="clothing-small (lite0)", first_seed=a.first_seed)
+              title=title, first_seed=a.first_seed)
     if a.shapes:
         folder = shapes(work / "shapes-images")
         X, truth, csv = built_vectors(folder, work, "shapes")
