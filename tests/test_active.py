@@ -96,6 +96,8 @@ def test_pick_validates_its_input():
         active.pick_next(X, y[:5], 3)
     with pytest.raises(ValueError, match="integers"):
         active.pick_next(X, y.astype(float), 3)
+    with pytest.raises(ValueError, match="space must have one row per row of X"):
+        active.pick_next(X, np.full(len(y), -1), 3, space=X[:5])
     assert len(active.pick_next(X, y, 5)[0]) == 0  # everything labelled: nothing to pick
 
 
