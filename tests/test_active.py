@@ -60,7 +60,7 @@ def test_later_picks_are_unsure_and_spread_out():
     assert "unsure between" in why[0] and ("'left'" in why[0] or "'right'" in why[0])
 
 
-def test_next_picks_what_a_propagation_over_the_graph_leads_to():
+def test_next_picks_what_a_propagation_over_the_graph_leads_to(monkeypatch):
     """The CLI's and the app's "next" (next_rows) pick from the graph-smoothed model, as
     bench/labelling.py measures the loop; the graph is made only once the picks need it.
     (Broken once: next_rows fitted the probe without the graph, and on the clothing photos
@@ -75,9 +75,13 @@ def test_next_picks_what_a_propagation_over_the_graph_leads_to():
     assert len(set(bench.tolist()) & set(plain.tolist())) < 8  # the smoothing matters here
     names = np.array(["a", "b", "c", ""])
     paths = [f"img{i}.jpg" for i in range(len(y))]
-    made = []
+    made, smoothed = [], []
+    monkeypatch.setattr(active, "smooth_rows",
+                        lambda *a, _f=active.smooth_rows: smoothed.append(1) or _f(*a))
     picks = active.next_rows(paths, names[codes], X, 10, graph=lambda: made.append(1) or g)
     assert [p["row"] for p in picks] == bench.tolist() and made == [1]
+    assert smoothed == [1]  # the rows smoothed once, for the k-means and the propagation
+    monkeypatch.undo()
     # no labels: coverage picks, made on the rows smoothed over the graph as the bench does
     none = np.full(len(y), "", dtype=object)
     cover = active.next_rows(paths, none, X, 10, graph=lambda: made.append(1) or g)
@@ -99,6 +103,9 @@ def test_pick_validates_its_input():
     with pytest.raises(ValueError, match="space must have one row per row of X"):
         active.pick_next(X, np.full(len(y), -1), 3, space=X[:5])
     assert len(active.pick_next(X, y, 5)[0]) == 0  # everything labelled: nothing to pick
+    g = active.neighbours(X)
+    with pytest.raises(ValueError, match="smoothed must be smooth_rows"):
+        active.propagate(X, np.r_[0, 1, np.full(len(y) - 2, -1)], graph=g, smoothed=X[:, :3])
 
 
 # ------------------------------------------------------------------ fit and calibration

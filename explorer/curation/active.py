@@ -508,7 +508,7 @@ def _mixed(parts, codes, n_classes, folds, seed, self_train, graph, power):
 def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = None,
               self_train: bool = False, second_opinion: bool = True,
               precision: float = SURE_PRECISION, folds: int | None = None,
-              random_state: int | None = 0) -> Propagation:
+              smoothed: Any = None, random_state: int | None = 0) -> Propagation:
     """Fit on the labelled rows, predict every row, calibrate, estimate.
 
     ``codes`` from :func:`encode` (-1 = unlabelled). Labelled rows get their own label as
@@ -517,7 +517,8 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     confidence NaN, nothing sure, no estimate. With a ``graph``, ``second_opinion`` mixes the
     self-trained model's calibrated probabilities into each unlabelled row's prediction, its
     confidence and the estimate (see the module's notes); ``probs`` (what the picks use) stay
-    the probe's.
+    the probe's. ``smoothed``: :func:`smooth_rows` of ``X`` over ``graph`` when the caller
+    has made them already (seconds at 200,000 rows); made here when not given.
     """
     X, codes, n_classes = _check(X, codes, n_classes)
     folds = check_int("folds", FOLDS if folds is None else folds, 2)
@@ -536,7 +537,13 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     if graph is None:
         parts = [(1.0, X, smooth)]
     else:  # the smoothed-row model alone up to ROWS_ALONE labels, then mixed in
-        Xs = smooth_rows(X, graph)
+        if smoothed is None:
+            Xs = smooth_rows(X, graph)
+        else:
+            Xs = as_matrix(smoothed, "smoothed", np.float32)
+            if Xs.shape != X.shape:
+                raise ValueError(f"smoothed must be smooth_rows(X, graph), of X's shape "
+                                 f"{X.shape}; got {Xs.shape}")
         rs = ROWS_SMOOTH_FEW if len(lab) <= SMOOTH_FEW_LABELS else SMOOTH
         parts = [(1.0, Xs, rs)] if len(lab) <= ROWS_ALONE else [(1 - ROWS_SHARE, X, smooth),
                                                                   (ROWS_SHARE, Xs, rs)]
@@ -642,8 +649,9 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     given: the picks are then the ones a propagation over that graph would lead to, as in
     bench/labelling.py. Without it the probabilities are the unsmoothed probe's.
 
-    ``space``: the rows the picks' k-means (coverage and spread) run on, one per row of ``X``
-    (default ``X``; :func:`next_rows` passes :func:`smooth_rows` when it has a graph).
+    ``space``: :func:`smooth_rows` of ``X`` over ``graph``, which the picks' k-means (coverage
+    and spread) run on, and which a propagation made here takes rather than smoothing again
+    (default ``X``; :func:`next_rows` passes them when it has a graph).
     """
     X, codes, _ = _check(X, codes)
     K = X if space is None else as_matrix(space, "space", np.float32)
@@ -666,7 +674,8 @@ def pick_next(X: Any, codes: Any, n: int = 20, *, probs: np.ndarray | None = Non
     if probs is None:
         if callable(graph):
             graph = graph()
-        probs = propagate(X, codes, graph=graph, second_opinion=False, random_state=seed).probs
+        probs = propagate(X, codes, graph=graph, second_opinion=False, smoothed=space,
+                          random_state=seed).probs
     probs = np.asarray(probs)
     if probs.shape[0] != len(X):
         raise ValueError(f"probs must have one row per row of X ({len(X)}); got {probs.shape}")
