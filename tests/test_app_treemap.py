@@ -164,8 +164,7 @@ def test_treemap_in_the_browser_tap_back_and_lasso(built):
     app_dir, csv = built
 
     def wait(name, expr, timeout=30):
-        js = f"const m = Bokeh.documents[0].get_model_by_name(arguments[0]); if (!m) return null; return ({expr});"
-        return B.wait_for(B_drv, js, name, timeout=timeout)
+        return B.wait_model(B_drv, name, expr, timeout=timeout)
 
     with B.serve(app_dir, csv) as url, B.chromium(width=1600, height=1400) as B_drv:
         B_drv.get(url)
