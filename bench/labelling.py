@@ -4,9 +4,11 @@
     .venv/bin/python bench/labelling.py --shapes                 # also the non-photographs
     .venv/bin/python bench/labelling.py --scale 1000000          # next/propagate timings only
     .venv/bin/python bench/labelling.py --jitter 0.01 --seeds 15 # how far the medians move by chance
+    .venv/bin/python bench/labelling.py --model tf_efficientnet_lite2 --work /tmp/labelling-lite2
 
-The photos are built once with ``explorer build`` (lite0 vectors, ``--work`` keeps the build
-between runs; nothing is written into the repository). The person answers with the true class
+The photos are built once with ``explorer build`` (lite0 vectors, or ``--model``'s; ``--work``
+keeps the build between runs, so give each model its own; nothing is written into the
+repository). The person answers with the true class
 (the photo's folder name). In rounds of ``--round`` labels, up to ``--max-labels``, for
 ``--seeds`` seeds, two ways of choosing what to label: the tool's picks
 (:func:`explorer.curation.active.pick_next`) and random picks; after each round
@@ -38,8 +40,10 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def built_vectors(images: Path, work: Path, name: str, features: str = "auto"):
-    """(vectors, true class per row, csv path) of a build of ``images`` kept in ``work``."""
+def built_vectors(images: Path, work: Path, name: str, features: str = "auto",
+                  model: str | None = None):
+    """(vectors, true class per row, csv path) of a build of ``images`` kept in ``work``
+    (with ``model``'s vectors when given, else the default backbone's)."""
     from explorer import table
     from explorer.curation.search import load_features
 
@@ -49,7 +53,7 @@ def built_vectors(images: Path, work: Path, name: str, features: str = "auto"):
 
         t = time.perf_counter()
         build(str(images), app=str(work / name), duplicates=None, features=features,
-              progress=False)
+              progress=False, **({"model": model} if model else {}))
         print(f"built {csv} in {time.perf_counter() - t:.0f} s ({load()})")
     df = table.read_table(csv)
     truth = np.array([Path(p).parent.name for p in df["path"].astype(str)])
@@ -263,12 +267,15 @@ def main(argv=None) -> int:
     p.add_argument("--jitter", type=float, default=0.0, metavar="SHARE",
                    help="flip the last bit of this share of the stored float16 values first "
                         "(e.g. 0.01): how much the medians move for a change no one would notice")
+    p.add_argument("--model", default=None,
+                   help="the photos' backbone (explorer build --model), e.g. "
+                        "tf_efficientnet_lite2; default lite0")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_photos:
-        X, truth, _ = built_vectors(Path(a.data), work, "clothing")
-        title = "clothing-small (lite0)"
+        X, truth, _ = built_vectors(Path(a.data), work, "clothing", model=a.model)
+        title = f"clothing-small ({a.model or 'lite0'})"
         if a.jitter:
             X = jitter(X, a.jitter)
             title += f", last bit of {a.jitter:.1%} of the values flipped"
