@@ -45,10 +45,12 @@ def test_label_next_propagate_accept_sure_undo(app, monkeypatch):
     # process), as bench/labelling.py measures the loop
     from explorer.curation import active
 
-    made = []
+    made, smoothed, real_smooth = [], [], active.smooth_rows
     monkeypatch.setattr(active, "neighbours", lambda X, _make=active.neighbours: made.append(1) or _make(X))
+    monkeypatch.setattr(active, "smooth_rows",
+                        lambda *a, _make=active.smooth_rows, **k: smoothed.append(1) or _make(*a, **k))
     click(w(doc, "label_next"))
-    assert made == [1]
+    assert made == [1] and smoothed == [1]
     assert w(doc, "label_batch").text.count("<figure") > 0
     assert "left" in w(doc, "label_batch").text
     flow = _flow(doc)
@@ -73,12 +75,15 @@ def test_label_next_propagate_accept_sure_undo(app, monkeypatch):
     # batch, not made again), as propagate's
     click(w(doc, "label_next"))
     assert made == [1]
+    assert smoothed == [1]  # ... and the smoothed rows: made once per process, not per click
     codes, _ = active.encode(flow.state.labels_of(range(len(paths)), "label"))
     want, _ = active.pick_next(flow.X, codes, len(flow.batch), graph=flow.graph,
-                               space=active.smooth_rows(flow.X, flow.graph))
+                               space=flow.smoothed)
     assert flow.batch == want.tolist()
+    np.testing.assert_array_equal(flow.smoothed, real_smooth(flow.X, flow.graph))
     # Propagate: an estimate, sure predictions, a point on the curve
     click(w(doc, "propagate"))
+    assert smoothed == [1]  # propagate's second probe takes the kept rows too
     report = w(doc, "label_report").text
     assert "estimated accuracy" in report and "sure" in report
     n_sure = flow.info["sure"]

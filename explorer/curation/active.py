@@ -713,7 +713,7 @@ def _unsure(X, un, probs, n, pool, seed, classes):
 # ---------------------------------------------------------------------- tables (CLI, app, API)
 def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[str], X: Any, *,
                 graph: Any = "auto", precision: float = SURE_PRECISION,
-                random_state: int | None = 0):
+                smoothed: Any = None, random_state: int | None = 0):
     """Every row's label and prediction as a table, plus the figures the person sees.
 
     ``labels`` per row (``""`` = none), ``sources`` per row (``"person"``/``"accepted"``/``""``
@@ -723,7 +723,9 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
     and ``sure``; ``info`` has ``labels`` (by a person), ``accepted``, ``classes``,
     ``estimated_accuracy``, ``cv_accuracy``, ``threshold`` and ``sure`` (count).
     ``graph``: ``"auto"`` makes :func:`neighbours` of ``X`` (minutes at 200,000 rows: a caller
-    that propagates again passes the one it kept), else that graph or ``None``.
+    that propagates again passes the one it kept), else that graph or ``None``. ``smoothed``:
+    :func:`smooth_rows` of ``X`` over that graph, when the caller keeps it (seconds at 200,000
+    rows), as for :func:`propagate`.
     """
     import pandas as pd
 
@@ -737,6 +739,7 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
             raise ValueError(f"graph must be 'auto', None or neighbour indices; got {graph!r}")
         graph = neighbours(X)
     prop = propagate(X, codes, len(classes), graph=graph, precision=precision,
+                     smoothed=smoothed if graph is not None else None,
                      random_state=random_state)
     names = np.asarray(classes + [""], dtype=object)
     src = np.asarray([s or "" for s in sources], dtype=object)
@@ -765,9 +768,12 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
 
 
 def next_rows(paths: Sequence[str], labels: Sequence[Any], X: Any, n: int = 20, *,
-              graph: Any = None, random_state: int | None = 0) -> list[dict[str, Any]]:
+              graph: Any = None, smoothed: Any = None,
+              random_state: int | None = 0) -> list[dict[str, Any]]:
     """The images to label next: ``[{"path", "row", "reason"}, ...]`` (see :func:`pick_next`;
-    ``graph``, the neighbour graph or a function that makes it, as for :func:`propagate`)."""
+    ``graph``, the neighbour graph or a function that makes it, as for :func:`propagate`;
+    ``smoothed``, :func:`smooth_rows` of ``X`` over that graph or a function that makes it,
+    when the caller keeps it; made here otherwise)."""
     codes, classes = encode(labels)
     if len(paths) != len(codes):
         raise ValueError(f"paths and labels differ in length: {len(paths)}, {len(codes)}")
@@ -775,7 +781,10 @@ def next_rows(paths: Sequence[str], labels: Sequence[Any], X: Any, n: int = 20, 
     if graph is not None:  # the picks' k-means on the smoothed rows
         if callable(graph):
             graph = graph()
-        space = None if graph is None else smooth_rows(X, graph)
+        if graph is not None:
+            space = smoothed() if callable(smoothed) else smoothed
+            if space is None:
+                space = smooth_rows(X, graph)
     rows, why = pick_next(X, codes, n, graph=graph, classes=classes, space=space,
                           random_state=random_state)
     return [{"path": str(paths[r]), "row": int(r), "reason": w} for r, w in zip(rows, why)]
