@@ -564,28 +564,29 @@ def propagate(X: Any, codes: Any, n_classes: int | None = None, *, graph: Any = 
     if second_opinion and graph is not None and un.any():
         second, second_cal, _, _ = _mixed(parts, codes, n_classes, folds, seed, True, graph,
                                           SECOND_SHIFT_POWER)
-        pred[un], _, _ = _second_opinion(probs[un], second[un])
-        # the prediction from the mixes as they are, how sure from the re-calibrated ones
-        u, pu = np.flatnonzero(un), pred[un]
-        conf[un] = SECOND_SHARE * second_cal[u, pu] + (1 - SECOND_SHARE) * cal[u, pu]
-        est = float(((1 - PREDICT_SHARE) * cal[u, pu] + PREDICT_SHARE * second_cal[u, pu]).mean())
+        pred[un], conf[un], mixed = _second_opinion(probs[un], second[un], cal[un],
+                                                     second_cal[un])
+        est = float(mixed.mean())
     thr = sure_threshold(conf[un], precision) if un.any() else float("inf")
     sure = un & (conf >= thr)
     return Propagation(pred, conf, sure, thr, est, cv_acc, T, probs)
 
 
-def _second_opinion(probe: np.ndarray, second: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _second_opinion(probe: np.ndarray, second: np.ndarray, probe_cal: np.ndarray,
+                    second_cal: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted code, confidence, mixed probability of the prediction) per row from the
-    probe's and the self-trained model's calibrated probabilities (same shape): the likeliest
-    label of their mix (:data:`PREDICT_SHARE` of the second) and the mix's probability of it
-    (the estimate is their mean), and, as the confidence, :data:`SECOND_SHARE` of the second's
-    probability of that label plus the rest of the probe's."""
+    probe's and the self-trained model's probabilities (:func:`_mixed`'s mixes as they are, and
+    the same re-calibrated; all the same shape): the likeliest label of the two as they are
+    (:data:`PREDICT_SHARE` of the second); as the confidence, :data:`SECOND_SHARE` of the
+    second's re-calibrated probability of that label plus the rest of the probe's; and the
+    re-calibrated mix's probability of it (:data:`PREDICT_SHARE` of the second; the estimate is
+    their mean)."""
     mix = (1 - PREDICT_SHARE) * probe + PREDICT_SHARE * second
     pred = mix.argmax(axis=1).astype(np.int32)
     i = np.arange(len(pred))
-    conf = SECOND_SHARE * second[i, pred] + (1 - SECOND_SHARE) * probe[i, pred]
-    return pred, conf.astype(np.float32), mix[i, pred]
+    p, s = probe_cal[i, pred], second_cal[i, pred]
+    conf = SECOND_SHARE * s + (1 - SECOND_SHARE) * p
+    return pred, conf.astype(np.float32), (1 - PREDICT_SHARE) * p + PREDICT_SHARE * s
 
 
 # ---------------------------------------------------------------------- pick next
