@@ -745,7 +745,7 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
             raise ValueError(f"graph must be 'auto', None or neighbour indices; got {graph!r}")
         graph = neighbours(X)
     prop = propagate(X, codes, len(classes), graph=graph, precision=precision,
-                     smoothed=smoothed if graph is not None else None,
+                     smoothed=smoothed,
                      random_state=random_state)
     names = np.asarray(classes + [""], dtype=object)
     src = np.asarray([s or "" for s in sources], dtype=object)
@@ -783,14 +783,13 @@ def next_rows(paths: Sequence[str], labels: Sequence[Any], X: Any, n: int = 20, 
     codes, classes = encode(labels)
     if len(paths) != len(codes):
         raise ValueError(f"paths and labels differ in length: {len(paths)}, {len(codes)}")
+    if callable(graph):
+        graph = graph()
     space = None
     if graph is not None:  # the picks' k-means on the smoothed rows
-        if callable(graph):
-            graph = graph()
-        if graph is not None:
-            space = smoothed() if callable(smoothed) else smoothed
-            if space is None:
-                space = smooth_rows(X, graph)
+        space = smoothed() if callable(smoothed) else smoothed
+        if space is None:
+            space = smooth_rows(X, graph)
     rows, why = pick_next(X, codes, n, graph=graph, classes=classes, space=space,
                           random_state=random_state)
     return [{"path": str(paths[r]), "row": int(r), "reason": w} for r, w in zip(rows, why)]
