@@ -53,7 +53,7 @@ def built_vectors(images: Path, work: Path, name: str, features: str = "auto",
 
         t = time.perf_counter()
         build(str(images), app=str(work / name), duplicates=None, features=features,
-              progress=False, **({"model": model} if model else {}))
+              progress=False, model=model)
         print(f"built {csv} in {time.perf_counter() - t:.0f} s ({load()})")
     df = table.read_table(csv)
     truth = np.array([Path(p).parent.name for p in df["path"].astype(str)])
@@ -80,7 +80,7 @@ def simulate(X, truth, *, strategy: str, seed: int, step: int, max_labels: int, 
     order = rng.permutation(len(y))
     out = []
     prop = None
-    space = None if graph is None else active.smooth_rows(X, graph)  # the picks' k-means
+    space = None if graph is None else active.smooth_rows(X, graph)  # k-means and propagate
     while (codes >= 0).sum() < max_labels:
         if strategy == "random":
             rows = order[(codes >= 0).sum():(codes >= 0).sum() + step]
@@ -88,7 +88,8 @@ def simulate(X, truth, *, strategy: str, seed: int, step: int, max_labels: int, 
             rows, _ = active.pick_next(X, codes, step, probs=None if prop is None else prop.probs,
                                        space=space, random_state=seed)
         codes[rows] = y[rows]
-        prop = active.propagate(X, codes, len(classes), graph=graph, random_state=seed)
+        prop = active.propagate(X, codes, len(classes), graph=graph, smoothed=space,
+                                random_state=seed)
         un = codes < 0
         right = prop.predicted[un] == y[un]
         sure = prop.sure[un]
