@@ -107,6 +107,33 @@ def test_label_next_propagate_accept_sure_undo(app, monkeypatch):
     assert "accepted" not in flow.state.book.sources(keys)
 
 
+def test_a_correction_made_after_propagate_survives_accept_all_sure(app):
+    """Propagate, select the sure images, correct one of them by hand, accept all sure: the
+    person's correction stays (and stays theirs); only the others become accepted."""
+    doc = make_doc(app)
+    flow = _flow(doc)
+    paths = read_table(app[1])["path"].tolist()
+    keys = flow.state.keys
+    first = {}
+    for i, p in enumerate(paths):  # three labels per group, as a person would give them
+        first.setdefault(truth(p), []).append(keys[i])
+    flow.state.book.assign({k: g for g, ks in first.items() for k in ks[:3]})
+    click(w(doc, "propagate"))
+    click(w(doc, "select_sure"))
+    sure = list(flow.state.selection)
+    assert len(sure) >= 2 and flow.info["sure"] == len(sure)
+    fixed = sure[0]
+    flow.state.select([fixed])
+    w(doc, "label_input").value = "corrected"
+    click(w(doc, "apply_label"))
+    click(w(doc, "accept_sure"))
+    assert flow.state.book.labels_for([keys[fixed]]) == ["corrected"]
+    assert flow.state.book.sources([keys[fixed]]) == ["person"]
+    sources = flow.state.book.sources([keys[r] for r in sure])
+    assert sources.count("accepted") == len(sure) - 1
+    assert f"{len(sure) - 1:,} sure prediction(s) accepted" in flow.state.message[1]
+
+
 def test_keys_1_to_9_label_the_framed_image(app):
     doc = make_doc(app)
     flow = _flow(doc)

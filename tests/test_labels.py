@@ -521,3 +521,20 @@ def test_accepted_sources_survive_a_reopened_journal(tmp_path):
     other.sync()
     assert other.sources(KEYS[2:3]) == ["accepted"]
     assert [r["op"] for r in Journal(path).replay()] == ["apply", "accept", "apply", "undo"]
+
+
+def test_accepting_predictions_never_overwrites_a_label(book):
+    """A prediction proposed before a person (or another session) labelled the image does
+    not replace that label when "accept all sure" runs later: only unlabelled images change."""
+    book.apply(KEYS[:1], "cat")
+    book.accept({KEYS[1]: "cat"})
+    # the sure predictions were computed when 0-3 were unlabelled; since then 2 got a label
+    book.apply([KEYS[2]], "fox")
+    rec = book.accept({KEYS[0]: "dog", KEYS[1]: "dog", KEYS[2]: "dog", KEYS[3]: "dog"})
+    assert book.labels_for(KEYS[:4]) == ["cat", "cat", "fox", "dog"]
+    assert book.sources(KEYS[:4]) == ["person", "accepted", "person", "accepted"]
+    assert rec["args"]["n"] == 1 and [g[2] for g in rec["args"]["changes"]] == [[KEYS[3]]]
+    # nothing left to accept: no step at all
+    assert book.accept({KEYS[2]: "dog"}) is None
+    book.undo()
+    assert book.labels_for(KEYS[:4]) == ["cat", "cat", "fox", ""]

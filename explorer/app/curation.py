@@ -73,8 +73,9 @@ class Curation(SessionFields):
         self.invalidate_labels("label")
         self.emit("labels", "message")
 
-    def _label_edit(self, what: Callable[[], Any], done: str) -> bool:
-        """Run a LabelBook edit; say "saved: ..." only after the journal write returned."""
+    def _label_edit(self, what: Callable[[], Any], done: str | Callable[[dict], str]) -> bool:
+        """Run a LabelBook edit; say "saved: ..." only after the journal write returned
+        (``done`` may make the words from the record written)."""
         if self.book is None:
             self.refuse("labels are not available in this session")
             return False
@@ -90,6 +91,8 @@ class Curation(SessionFields):
             self.say("nothing changed")
             self.emit("message")
             return False
+        if callable(done):
+            done = done(record)
         journal = self.book.journal
         if journal is None:
             self.say(f"{done} (in memory only: NOT saved, there is no journal)", "warning")
@@ -285,9 +288,10 @@ class Curation(SessionFields):
 
     def accept_predictions(self, mapping: dict[str, str], **info: Any) -> bool:
         """Accept predicted labels (key -> label) in one undoable step, journaled as accepted
-        predictions (:meth:`explorer.curation.labels.LabelBook.accept`), not as a person's labels."""
+        predictions (:meth:`explorer.curation.labels.LabelBook.accept`), not as a person's labels;
+        images labelled meanwhile keep their label."""
         return self._label_edit(lambda: self.book.accept(mapping, **info) if mapping else None,
-                                f"{len(mapping):,} sure prediction(s) accepted")
+                                lambda rec: f"{rec['args']['n']:,} sure prediction(s) accepted")
 
     def reject_suggestions(self, positions: Iterable[int] | None = None) -> None:
         pos = self._suggestion_positions(positions)

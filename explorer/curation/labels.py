@@ -531,7 +531,9 @@ class LabelBook:
     def accept(self, mapping: Mapping[str, str], **info):
         """Accept predictions: give each key its predicted label in one undoable step, recorded
         as op :data:`ACCEPT_OP` so the labels keep the source ``"accepted"`` (told apart from a
-        person's). ``info`` (e.g. ``threshold=0.93``) is recorded with it."""
+        person's). ``info`` (e.g. ``threshold=0.93``) is recorded with it. Only keys without a
+        label at the time of writing change: a prediction made before a person (or another
+        session) labelled the image never replaces that label; ``None`` when none is left."""
         if not isinstance(mapping, Mapping):
             raise ValueError(f"accept needs a mapping key -> label, got {type(mapping).__name__}")
         bad = sorted(set(info) & {"changes", "target", "n", "was_accepted"})
@@ -539,7 +541,14 @@ class LabelBook:
             raise ValueError(f"accept: reserved record field(s) {bad}")
         keys = _validate_keys(list(mapping), self._known)
         new = {k: validate_label(mapping[k]) for k in keys}
-        return self._edit(ACCEPT_OP, {"n": len(new), **info}, lambda: new)
+        args = {"n": 0, **info}
+
+        def unlabelled():  # under the write lock, caught up with the journal
+            todo = {k: v for (k, v), now in zip(new.items(), self.labels_for(new)) if not now}
+            args["n"] = len(todo)
+            return todo
+
+        return self._edit(ACCEPT_OP, args, unlabelled)
 
     def sources(self, keys: Iterable[str]) -> list[str]:
         """Where each key's label comes from: ``"person"``, ``"accepted"`` (an accepted
