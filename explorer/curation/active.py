@@ -63,7 +63,6 @@ predictions and :func:`pick_next` picks for coverage of the map.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -591,15 +590,19 @@ def _second_opinion(probe: np.ndarray, second: np.ndarray, probe_cal: np.ndarray
 
 # ---------------------------------------------------------------------- pick next
 def _kmeans(X: np.ndarray, k: int, seed: int):
+    """k-means of the rows into ``k`` groups, or as many as there are distinct rows if fewer
+    (scikit-learn would warn; no warnings filter here: the app runs this in its threads,
+    where ``warnings.catch_warnings`` is not safe). (group per row, centres)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
+    X = np.ascontiguousarray(X)
+    rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
+    k = max(1, min(k, len(np.unique(rows))))
     if len(X) > 20_000:
         km = MiniBatchKMeans(k, random_state=seed, n_init=3, batch_size=4096)
     else:
         km = KMeans(k, random_state=seed, n_init=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lab = km.fit_predict(X)
+    lab = km.fit_predict(X)
     return lab, km.cluster_centers_
 
 
@@ -614,6 +617,7 @@ def _coverage(X: np.ndarray, codes: np.ndarray, n: int, seed: int) -> tuple[np.n
     labelled = codes >= 0
     k = min(len(cand), int(labelled.sum()) + n)
     assign, centres = _kmeans(X[cand], k, seed)
+    k = len(centres)  # fewer where the rows repeat
     taken = set(assign[labelled[cand]].tolist())
     sizes = np.bincount(assign, minlength=k)
     # the biggest clusters first, weighted by how far their centre is from any label
