@@ -16,6 +16,7 @@ One image has a hostile file name that is also valid HTML.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,30 @@ def blank_labels(csv: Path) -> None:
     df = read_table(csv)
     df["label"] = ""
     write_table(df, csv)
+
+
+def served_on_ticks(view):
+    """Make ``view`` behave as served: background work goes to the pools and its results
+    come back as next-tick callbacks, which the returned ``drain(timeout=60)`` runs until
+    no work is left (raises TimeoutError if some does not finish)."""
+    ticks = []
+
+    class Served:
+        session_context = object()
+
+        def add_next_tick_callback(self, cb):
+            ticks.append(cb)
+
+    view.doc = Served()
+
+    def drain(timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while ticks:
+                ticks.pop(0)()
+            time.sleep(0.02)
+            if not ticks and not view.busy and not view.image_map._running:
+                return
+        raise TimeoutError("background work did not finish")
+
+    return drain

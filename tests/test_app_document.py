@@ -13,7 +13,7 @@ import pytest
 from bokeh.models import LassoSelectTool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app, app_document  # noqa: E402
+from _appdata import copy_app, click, plot_positions as plot_index_of, widget as w, HOSTILE, HOSTILE_LABEL, make_app, app_document, served_on_ticks  # noqa: E402
 
 from explorer.app import downloads  # noqa: E402
 from explorer.table import read_table  # noqa: E402
@@ -506,33 +506,6 @@ def test_a_lasso_on_a_million_rows_sends_a_polygon_and_no_point_list():
     assert len(msg.content) < 2_000_000
 
 
-def served_on_ticks(view):
-    """Make ``view`` behave as served: background work goes to the pools and its results
-    come back as next-tick callbacks, which the returned ``drain(timeout=60)`` runs until
-    no work is left (raises TimeoutError if some does not finish)."""
-    ticks = []
-
-    class Served:
-        session_context = object()
-
-        def add_next_tick_callback(self, cb):
-            ticks.append(cb)
-
-    view.doc = Served()
-
-    def drain(timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            while ticks:
-                ticks.pop(0)()
-            time.sleep(0.02)
-            if not ticks and not view.busy and not view.image_map._running:
-                return
-        raise TimeoutError("background work did not finish")
-
-    return drain
-
-
 def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, monkeypatch):
     """M4: ``warnings.catch_warnings`` is process-global and not thread-safe. Every job the
     served app runs in its thread pool (suggestions, neighbours, overview, saves with
@@ -596,6 +569,20 @@ def test_no_background_job_enters_catch_warnings_in_a_thread(built, tmp_path, mo
     send_geometry(doc, "point", [view.state.xy()[0][r]], [view.state.xy()[1][r]])  # one image: neighbours
     drain()
     assert view.state.neighbours is not None and view.state.neighbours[0] == r
+    # the Label tab: the picks (k-means) and the model run in the pool too
+    flow = view.labelling.flow
+    keys = view.state.keys
+    # the built app's images all have labels: six are left, in two classes
+    view.state.assign_labels(lambda: {k: ("a" if i % 2 else "b") if i < 6 else ""
+                                      for i, k in enumerate(keys)}, "six labels")
+    click(w(doc, "label_next"))
+    drain()
+    assert flow.batch
+    click(w(doc, "propagate"))
+    drain()
+    assert flow.info is not None and flow.info["estimated_accuracy"] is not None
+    click(w(doc, "label_next"))
+    drain()
     assert entered == []
     assert sent_to_process == [work.recluster_in_worker]
 

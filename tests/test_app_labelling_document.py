@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, make_app, widget as w, app_document, blank_labels  # noqa: E402
+from _appdata import click, copy_app, make_app, widget as w, app_document, blank_labels, served_on_ticks  # noqa: E402
 
 from explorer.curation.journal import Journal, journal_for  # noqa: E402
 from explorer.table import read_table  # noqa: E402
@@ -117,7 +117,7 @@ def test_a_correction_made_after_propagate_survives_accept_all_sure(app):
     first = {}
     for i, p in enumerate(paths):  # three labels per group, as a person would give them
         first.setdefault(truth(p), []).append(keys[i])
-    flow.state.book.assign({k: g for g, ks in first.items() for k in ks[:3]})
+    flow.state.assign_labels(lambda: {k: g for g, ks in first.items() for k in ks[:3]}, "3 each")
     click(w(doc, "propagate"))
     click(w(doc, "select_sure"))
     sure = list(flow.state.selection)
@@ -132,6 +132,39 @@ def test_a_correction_made_after_propagate_survives_accept_all_sure(app):
     sources = flow.state.book.sources([keys[r] for r in sure])
     assert sources.count("accepted") == len(sure) - 1
     assert f"{len(sure) - 1:,} sure prediction(s) accepted" in flow.state.message[1]
+
+
+def test_served_the_model_runs_off_the_event_loop(app):
+    """Served, "Label next", Propagate and "Accept all sure" compute in the pool (at 200,000
+    images the first one makes the neighbour graph: 20 s in which no session of the server
+    could do anything); the page shows the result when it is back."""
+    doc = make_doc(app)
+    view = doc.explorer_view
+    flow = _flow(doc)
+    drain = served_on_ticks(view)
+    click(w(doc, "label_next"))
+    assert flow.batch == [] and view.busy  # nothing picked on the loop
+    drain()
+    assert len(flow.batch) > 0 and list(flow.state.selection) == [flow.batch[0]]
+    paths = read_table(app[1])["path"].tolist()
+    keys = flow.state.keys
+    flow.state.assign_labels(lambda: {keys[i]: truth(p) for i, p in enumerate(paths) if i % 4 == 0},
+                             "a quarter labelled")
+    click(w(doc, "propagate"))
+    assert flow.info is None and view.busy
+    drain()
+    assert flow.info["sure"] > 0 and "estimated accuracy" in w(doc, "label_report").text
+    n_sure, labelled = flow.info["sure"], len(flow.state.book)
+    click(w(doc, "accept_sure"))  # accepted at once, the model fitted again in the pool
+    assert len(flow.state.book) == labelled + n_sure and view.busy
+    drain()
+    assert flow.info["accepted"] == n_sure
+    # nothing left to propose: said, not a silent empty grid
+    flow.state.assign_labels(lambda: {k: "x" for k in keys if not flow.state.book.labels_for([k])[0]},
+                             "the rest")
+    click(w(doc, "label_next"))
+    drain()
+    assert flow.batch == [] and "every image has a label" in flow.state.message[1]
 
 
 def test_keys_1_to_9_label_the_framed_image(app):

@@ -8,7 +8,9 @@ grid of the proposed images, one button per label (keys 1-9 press them: a small 
 on the page), Propagate, "Select sure" / "Select unsure" (on the map), "Accept all sure",
 "Review unsure" (the least confident first) and the curve of the estimated accuracy against
 the number of labels (a small chart and a line of text). The view adds it to the Label tab
-with one line.
+with one line. Served, the picks and the model run in the view's thread pool (the flow's
+``*_compute`` methods, which read only the shared read-only project); reading the labels
+(``*_plan``) and showing the result (``show_*``) run on the event loop.
 
 After Propagate the map can be coloured by "prediction" (the predicted label; labelled
 images by their label) or "confidence" (binned, a continuous palette): colour columns of the
@@ -123,7 +125,8 @@ class LabellingFlow:
             return rows
         return self.state.project.cached("labelling-smoothed", make)
 
-    def _labels(self) -> list[str]:
+    def labels(self) -> list[str]:
+        """Every row's label now ("" = none): what the model fits on."""
         return list(self.state.labels_of(range(self.state.n_rows), "label"))
 
     def classes(self) -> list[str]:
@@ -132,15 +135,30 @@ class LabellingFlow:
         return names[:KEYS - 1] + ["discard"]
 
     # ------------------------------------------------------------------ label next
+    # Each action is a plan (the labels now: on the event loop, fast), a compute (the model:
+    # any thread, reads only the shared read-only project) and a show (on the loop); the
+    # panel runs the compute off the event loop, the plain methods run all three at once.
     def label_next(self, n: int = BATCH) -> list[int]:
         """Propose the next batch (rows), the first one current."""
-        picks = active.next_rows(self.state.keys, self._labels(), self.X, n,
-                                 graph=lambda: self.graph,  # made once the picks need it
-                                 smoothed=lambda: self.smoothed)
+        return self.show_batch(self.next_compute(self.labels(), n))
+
+    def next_compute(self, labels: list[str], n: int = BATCH) -> list[dict[str, Any]]:
+        """The images to label next given ``labels`` (:func:`explorer.curation.active.next_rows`)."""
+        return active.next_rows(self.state.keys, labels, self.X, n,
+                                graph=lambda: self.graph,  # made once the picks need it
+                                smoothed=lambda: self.smoothed)
+
+    def show_batch(self, picks: list[dict[str, Any]]) -> list[int]:
+        """``picks`` (:meth:`next_compute`) as the batch, the first image not labelled
+        meanwhile current."""
         self.batch = [p["row"] for p in picks]
         self.reasons = [p["reason"] for p in picks]
         self.cursor = 0
+        if not picks:
+            self.state.say("every image has a label: nothing to propose")
+            self.state.emit("message")
         self._show_current()
+        self.skip_labelled()
         return self.batch
 
     def review_unsure(self, n: int = BATCH) -> list[int]:
@@ -148,6 +166,8 @@ class LabellingFlow:
         if self.table is None:
             self.propagate()
         t = self.table
+        if t is None:
+            return []
         un = np.flatnonzero((t["label"] == "").to_numpy() & (t["label_source"] == "predicted").to_numpy())
         order = un[np.argsort(t["confidence"].to_numpy()[un], kind="stable")][:n]
         self.batch = [int(r) for r in order]
@@ -194,10 +214,23 @@ class LabellingFlow:
 
     # ------------------------------------------------------------------ propagate / accept
     def propagate(self) -> dict[str, Any]:
-        keys = self.state.keys
-        self.table, self.info = active.label_table(
-            keys, self._labels(), self.state.book.sources(keys), self.X, graph=self.graph,
-            smoothed=self.smoothed)
+        return self.show_propagation(self.propagate_compute(self.propagate_plan()))
+
+    def propagate_plan(self) -> tuple[list[str], list[str]]:
+        """The labels and their sources now (what :meth:`propagate_compute` fits on)."""
+        return self.labels(), self.state.book.sources(self.state.keys)
+
+    def propagate_compute(self, plan: tuple[list[str], list[str]]) -> tuple[Any, dict[str, Any]]:
+        """:func:`explorer.curation.active.label_table` of ``plan`` (the graph and the
+        smoothed rows are made on the first call of the process)."""
+        labels, sources = plan
+        return active.label_table(self.state.keys, labels, sources, self.X, graph=self.graph,
+                                  smoothed=self.smoothed)
+
+    def show_propagation(self, result: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+        """Keep ``result`` (:meth:`propagate_compute`): a point on the curve, the map's
+        prediction and confidence colours."""
+        self.table, self.info = result
         if self.info["estimated_accuracy"] is not None:
             n = self.info["labels"]
             point = (n, self.info["estimated_accuracy"], self.info["cv_accuracy"])
@@ -217,12 +250,19 @@ class LabellingFlow:
         """Every sure prediction becomes a label: one undoable step, journaled as accepted."""
         if self.table is None:
             self.propagate()
-        t = self.table.iloc[self.rows_where(True)]
-        ok = self.state.accept_predictions(dict(zip(t["path"], t["predicted_label"])),
-                                           threshold=self.info["threshold"])
+        ok = self.accept_shown()
         if ok:
             self.propagate()
         return ok
+
+    def accept_shown(self) -> bool:
+        """Accept the sure predictions of the last propagation (images labelled since keep
+        their label); the caller propagates again."""
+        if self.table is None:
+            return False
+        t = self.table.iloc[self.rows_where(True)]
+        return self.state.accept_predictions(dict(zip(t["path"], t["predicted_label"])),
+                                             threshold=self.info["threshold"])
 
 
     # ------------------------------------------------------------------ re-map
@@ -236,7 +276,7 @@ class LabellingFlow:
         if st.csv_path is None:
             st.refuse("cannot re-map: there is no build file to keep the layout beside")
             return None
-        labels = self._labels()
+        labels = self.labels()
         if not any(labels):
             st.refuse("label some images first: the new layout learns from your labels")
             return None
@@ -352,13 +392,43 @@ class LabellingPanel:
         self.render()
 
     # ------------------------------------------------------------------ callbacks
+    def _off_loop(self, what: str, compute: Callable[[], Any], show: Callable[[Any], Any]) -> None:
+        """``compute()`` in the view's pool (every session stays responsive: at 200,000 images
+        the first propagate makes the neighbour graph, 20 s), then ``show(result)`` and a
+        render on the loop; an error is said on the page."""
+        def finish(result: Any) -> None:
+            if isinstance(result, Exception):
+                self.state.refuse(f"{what} failed: {result}")
+                return
+            show(result)
+            self.render()
+
+        if self.background is None:  # no view (scripts): at once
+            finish(_call(compute))
+        else:
+            self.background(what, compute, finish, drop_if_moved=False)
+
     def _on_next(self) -> None:
-        self.flow.label_next()
-        self.render()
+        labels = self.flow.labels()
+        self._off_loop("choosing the images to label next",
+                       lambda: self.flow.next_compute(labels), self.flow.show_batch)
+
+    def _propagate_then(self, then: Callable[[], Any] | None = None) -> None:
+        plan = self.flow.propagate_plan()
+
+        def show(result: Any) -> None:
+            self.flow.show_propagation(result)
+            if then is not None:
+                then()
+
+        self._off_loop("propagating your labels", lambda: self.flow.propagate_compute(plan), show)
 
     def _on_review(self) -> None:
-        self.flow.review_unsure()
-        self.render()
+        if self.flow.table is None:
+            self._propagate_then(self.flow.review_unsure)
+        else:
+            self.flow.review_unsure()
+            self.render()
 
     def _on_press(self, k: int) -> None:
         self.flow.press(k)
@@ -369,11 +439,17 @@ class LabellingPanel:
             self._on_press(int(new[0]))
 
     def _on_propagate(self) -> None:
-        self.flow.propagate()
-        self.render()
+        self._propagate_then()
 
     def _on_accept(self) -> None:
-        self.flow.accept_sure()
+        if self.flow.table is None:  # nothing shown yet: propagate first, then accept
+            self._propagate_then(self._accept_shown)
+        else:
+            self._accept_shown()
+
+    def _accept_shown(self) -> None:
+        if self.flow.accept_shown():
+            self._propagate_then()  # the model with the accepted labels
         self.render()
 
     def _on_remap(self) -> None:
