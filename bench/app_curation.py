@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _appdata import make_big_csv  # noqa: E402
+from _appdata import blob_features, make_big_csv  # noqa: E402
 
-from explorer.table import read_table, sidecar  # noqa: E402
+from explorer.curation.journal import Journal, journal_for  # noqa: E402
 
 
 def click(model):
@@ -70,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="explorer-bench-cur-") as tmp:
         app_dir, csv = make_big_csv(tmp, args.points)
-        cl = read_table(csv, strict=False)["cluster"].to_numpy()
         rng = np.random.default_rng(0)
-        centres = rng.normal(size=(31, args.dim))
-        F = centres[cl + 1] + rng.normal(0, 0.5, size=(args.points, args.dim))
-        np.save(sidecar(csv, "features.npy"), F.astype(np.float16))
+        cl = blob_features(csv, args.dim, rng)
         app = build_single_handler_application(str(app_dir), argv=[str(csv)])
         print(f"{args.points:,} points, {args.dim}-d float16 features; {os.cpu_count()} cores")
         a, b = app.create_document(), app.create_document()
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             assert "saved" in w(a, "status").text, w(a, "status").text
 
         show("Save labels (CSV of every row)", timed(save, args.runs))
-        n_rec = len(sidecar(csv, "labels.jsonl").read_text().splitlines())
+        n_rec = len(list(Journal(journal_for(csv).path).replay()))
         show(f"new session (document build, journal of {n_rec} records replayed)", timed(app.create_document, args.runs))
         print(f"machine: load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0

@@ -27,9 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _appdata import make_big_csv  # noqa: E402
-
-from explorer.table import read_table, sidecar  # noqa: E402
+from _appdata import blob_features, make_big_csv  # noqa: E402
 
 
 def parts(plan, compute, show, runs):
@@ -63,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="explorer-bench-lab-") as tmp:
         app_dir, csv = make_big_csv(tmp, args.points)
-        cl = read_table(csv, strict=False)["cluster"].to_numpy()
         rng = np.random.default_rng(0)
-        centres = rng.normal(size=(31, args.dim))
-        F = centres[cl + 1] + rng.normal(0, 0.5, size=(args.points, args.dim))
-        np.save(sidecar(csv, "features.npy"), F.astype(np.float16))
+        cl = blob_features(csv, args.dim, rng)
         app = build_single_handler_application(str(app_dir), argv=[str(csv)])
         print(f"{args.points:,} points, {args.dim}-d float16 features, {args.labels} labels; "
               f"{os.cpu_count()} cores")

@@ -165,6 +165,16 @@ def make_big_csv(root: str | Path, n: int, name: str = "big", seed: int = 0) -> 
     return app_dir, csv
 
 
+def blob_features(csv: str | Path, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Write ``NAME.features.npy`` (float16) for :func:`make_big_csv`'s table: each row near
+    its blob's random centre (noise rows near a centre of their own); returns the clusters."""
+    cl = read_table(csv, strict=False)["cluster"].to_numpy()
+    centres = rng.normal(size=(int(cl.max()) + 2, dim))
+    F = centres[cl + 1] + rng.normal(0, 0.5, size=(len(cl), dim))
+    np.save(sidecar(csv, "features.npy"), F.astype(np.float16))
+    return cl
+
+
 # --------------------------------------------------------------------------- Document helpers
 def widget(doc, name):
     """The model called ``name`` in a Bokeh Document (fails the test if there is none)."""
