@@ -394,8 +394,8 @@ class LabellingPanel:
     # ------------------------------------------------------------------ callbacks
     def _off_loop(self, what: str, compute: Callable[[], Any], show: Callable[[Any], Any]) -> None:
         """``compute()`` in the view's pool (every session stays responsive: at 200,000 images
-        the first propagate makes the neighbour graph, 20 s), then ``show(result)`` and a
-        render on the loop; an error is said on the page."""
+        the first "Label next" makes the neighbour graph, 37 s in bench/app_labelling.py),
+        then ``show(result)`` and a render on the loop; an error is said on the page."""
         def finish(result: Any) -> None:
             if isinstance(result, Exception):
                 self.state.refuse(f"{what} failed: {result}")
