@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _appdata import click, copy_app, make_app, widget as w, app_document  # noqa: E402
+from _appdata import click, copy_app, make_app, widget as w, app_document, served_on_ticks  # noqa: E402
 
 from explorer.table import read_table, write_table  # noqa: E402
 
@@ -59,6 +59,33 @@ def test_tab_shows_groups_largest_first_with_their_facts(doc):
     assert "900 x 700 px" in text and "KB" in text and "sharpness" in text
     assert view.state.keys[2] in text
     assert "2 groups, 5 images" in w(doc, "dup_note").text
+
+
+def test_served_the_files_are_read_off_the_event_loop(doc, monkeypatch):
+    """Served, the members' files (headers, and one decode each for "sharpest": 31 s at
+    6,000 members) are read in the pool; the tab says so, then draws, and the rule applies
+    once they are in."""
+    import threading
+
+    from explorer.curation import dedupe
+
+    view = doc.explorer_view
+    drain = served_on_ticks(view)
+    read_in = set()
+    real = dedupe.sharpness_of
+    monkeypatch.setattr(dedupe, "sharpness_of",
+                        lambda f, *a: read_in.add(threading.current_thread().name) or real(f, *a))
+    w(doc, "dup_rule").value = "sharpest"  # the tab is closed: nothing read yet
+    assert not read_in
+    open_tab(doc)
+    assert "reading the group members' files" in w(doc, "dup_note").text
+    assert w(doc, "dup_groups").text == ""
+    drain()
+    assert read_in and threading.main_thread().name not in read_in
+    assert w(doc, "dup_groups").text.count("class='ex-dup-card'") == 5
+    assert "sharpness" in w(doc, "dup_groups").text
+    click(w(doc, "dup_apply"))  # everything is read: applied at once
+    assert len(marks(doc)) == 3
 
 
 def test_rule_override_undo_and_export(doc):

@@ -13,14 +13,18 @@
 Facts: width and height come from the CSV; file size and EXIF date are read from the
 original files of the group members (headers only) once per process; sharpness (the quality
 statistic of a 256 px thumbnail) is computed for the members shown and, when the rule is
-"sharpest", for every member (one decode each, once per process).
+"sharpest", for every member (one decode each, once per process). Served, the files are read
+in the view's thread pool (6,000 members: 1.7 s of headers, 31 s of decodes for "sharpest",
+which held every session's event loop before); the tab says so meanwhile and draws (or
+applies the rule) when they are in.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -56,6 +60,9 @@ class _Facts:
         self.sharpness = np.full(n, np.nan)
         self._headers = False
         self._sharp_done = np.zeros(n, bool)
+        #: held while files are read (sessions share the facts; the second waits, then finds
+        #: them read)
+        self._lock = threading.RLock()
 
     def _file(self, row: int):
         from explorer.app.files import original_file
@@ -63,25 +70,40 @@ class _Facts:
         return original_file(self.image_dir, str(self.keys[row]))
 
     def headers(self) -> None:
-        if self._headers:
-            return
-        for r in self.members:
-            f = self._file(r)
-            if f is None:
-                continue
-            try:
-                self.bytes[r] = os.stat(f).st_size
-            except OSError:
-                continue
-            self.date[r] = dedupe.exif_date(f)
-        self._headers = True
+        with self._lock:
+            if self._headers:
+                return
+            for r in self.members:
+                f = self._file(r)
+                if f is None:
+                    continue
+                try:
+                    self.bytes[r] = os.stat(f).st_size
+                except OSError:
+                    continue
+                self.date[r] = dedupe.exif_date(f)
+            self._headers = True
 
     def sharp(self, rows) -> None:
-        for r in rows:
-            if not self._sharp_done[r]:
-                f = self._file(r)
-                self.sharpness[r] = dedupe.sharpness_of(f) if f is not None else np.nan
-                self._sharp_done[r] = True
+        with self._lock:
+            for r in rows:
+                if not self._sharp_done[r]:
+                    f = self._file(r)
+                    self.sharpness[r] = dedupe.sharpness_of(f) if f is not None else np.nan
+                    self._sharp_done[r] = True
+
+    def _needed(self, rule: str, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        return np.union1d(rows, self.members) if rule == "sharpest" else rows
+
+    def missing(self, rule: str, rows) -> bool:
+        """Whether showing ``rows`` (and applying ``rule``) still has files to read."""
+        return not self._headers or not self._sharp_done[self._needed(rule, rows)].all()
+
+    def read(self, rule: str, rows) -> None:
+        """Read what :meth:`missing` says is missing (any thread)."""
+        self.headers()
+        self.sharp(self._needed(rule, rows))
 
 
 class DuplicatesPanel:
@@ -153,8 +175,22 @@ class DuplicatesPanel:
                                      sharpness=self.facts.sharpness, date=self.facts.date,
                                      path=self.state.keys, overrides=self.overrides)
 
+    def _with_facts(self, rows, then: Callable[[], Any]) -> bool:
+        """Read the files the rule and ``rows`` need (in the view's pool), then ``then()``;
+        False (what is read is said on the page)."""
+        rule = self.rule.value
+        self.note.text = ("<div class='ex-muted'>reading the group members' files (once per "
+                          "server process)...</div>")
+        self.view.background("reading the duplicate groups' files (once per server process)",
+                             lambda: self.facts.read(rule, rows), lambda _: then(),
+                             drop_if_moved=False)
+        return False
+
     def apply_rule(self) -> bool:
-        """Mark every group member not kept (one undoable step)."""
+        """Mark every group member not kept (one undoable step); the files the rule needs
+        are read first (served: in the pool, and False until they are)."""
+        if self.facts.missing(self.rule.value, ()):
+            return self._with_facts((), self.apply_rule)
         keep = self.keep_mask()
         n = int(((self.group >= 0) & ~keep).sum())
         return self.state.assign_labels(lambda: dedupe.mark_changes(
@@ -237,13 +273,16 @@ class DuplicatesPanel:
             self.note.text = "<div class='ex-muted'>no near-duplicate groups in this CSV</div>"
             self.cards.text = ""
             return
-        self.removal.data = {"csv": [self.removal_csv()]}
-        self.facts.headers()
         shown = self.order[self.page * GROUPS_PER_PAGE:(self.page + 1) * GROUPS_PER_PAGE]
         rows = np.flatnonzero(np.isin(self.group, shown))
-        self.facts.sharp(rows)
+        if self.facts.missing(self.rule.value, rows):
+            self._with_facts(rows, self.refresh)
+            return
+        self.removal.data = {"csv": [self.removal_csv()]}
         keep = self.keep_mask()
-        marked = np.asarray(self.state.labels("label")) == dedupe.MARK
+        members = self.facts.members
+        marked = np.zeros(len(self.group), bool)
+        marked[members] = np.asarray(self.state.labels_of(members, "label"), dtype=object) == dedupe.MARK
         n_mem = int((self.group >= 0).sum())
         pages = -(-len(self.order) // GROUPS_PER_PAGE)
         self.note.text = (f"<div>{len(self.order):,} groups, {n_mem:,} images; "
