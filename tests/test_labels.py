@@ -538,3 +538,29 @@ def test_accepting_predictions_never_overwrites_a_label(book):
     assert book.accept({KEYS[2]: "dog"}) is None
     book.undo()
     assert book.labels_for(KEYS[:4]) == ["cat", "cat", "fox", ""]
+
+
+def test_counts_follow_every_change_of_the_labels(tmp_path):
+    """counts() is kept between calls, but never stale: edits, undo, another session's
+    records picked up by sync, and a journal deleted by hand all show at once."""
+    path = tmp_path / "t.labels.sqlite"
+    a = LabelBook(Journal(path, session="A"), keys=KEYS)
+    b = LabelBook(Journal(path, session="B"), keys=KEYS,
+                  state=LabelState(Journal(path, session="B-reader")))
+    a.apply(KEYS[:3], "cat")
+    assert a.counts() == {"cat": 3} and a.counts() == {"cat": 3}
+    a.apply(KEYS[3:4], "dog")
+    assert a.counts() == {"cat": 3, "dog": 1}
+    a.undo()
+    assert a.counts() == {"cat": 3}
+    assert b.counts() == {}
+    b.sync()
+    assert b.counts() == {"cat": 3}
+    b.apply(KEYS[5:7], "fox")
+    a.sync()
+    assert a.counts() == {"cat": 3, "fox": 2}
+    path.unlink()
+    Path(str(path) + "-wal").unlink(missing_ok=True)
+    Path(str(path) + "-shm").unlink(missing_ok=True)
+    fresh = LabelBook(Journal(path, session="C"), keys=KEYS)
+    assert fresh.counts() == {} and a.counts() == {}  # a shares the reloaded state

@@ -260,6 +260,8 @@ class LabelState:
         self.lock = threading.RLock()
         self.seq = 0
         self._labels: dict[str, str] = {}
+        #: changes whenever the labels may have (cached summaries compare it)
+        self.version = 0
         self._loaded = False
         self._log: deque[tuple[int, list[list[str]], int]] = deque()  # (seq, key lists, n)
         self._log_keys = 0
@@ -287,6 +289,7 @@ class LabelState:
         with self.lock:
             if not self._loaded:
                 self.seq, self._labels = self.journal.snapshot()
+                self.version += 1
                 self._log_floor = self.seq
                 self._loaded = True
                 return self.seq
@@ -321,6 +324,7 @@ class LabelState:
             for _, new, keys in groups:
                 self._labels.update(dict.fromkeys(keys, new))
                 n += len(keys)
+            self.version += 1
             self.seq = max(self.seq, seq)
             self._log.append((seq, changed, n))
             self._log_keys += n
@@ -425,6 +429,7 @@ class LabelBook:
         self._undo: list[int] = []
         self._redo: list[int] = []
         self._steps_seq = 0
+        self._counts: tuple[int, dict[str, int]] | None = None  # (state version, counts)
         with state.lock:
             state.refresh()
             self._catch_up_steps()
@@ -497,10 +502,15 @@ class LabelBook:
                         yield k, v
 
     def counts(self) -> dict[str, int]:
-        """Images per label, most frequent first (ties by label); unlabelled not counted."""
+        """Images per label, most frequent first (ties by label); unlabelled not counted.
+        Counted again only after the labels changed (the app asks on every render: 0.1-0.2 s
+        at 200,000 images)."""
         with self._state.lock:
-            c = Counter(v for _, v in self._items())
-        return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+            version = self._state.version
+            if self._counts is None or self._counts[0] != version:
+                c = Counter(v for _, v in self._items())
+                self._counts = (version, dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))))
+            return dict(self._counts[1])
 
     def keys_with(self, label: str) -> list[str]:
         """Keys whose label is ``label``."""
