@@ -150,7 +150,9 @@ class ImageMap:
         self.renderer.visible = self.active
         self.port.dots.visible = not self.active
         for key, tool in self._tools.items():
-            tool.renderers = [self.bounds] if self.active else self._dot_renderers[key]
+            want = [self.bounds] if self.active else self._dot_renderers[key]
+            if list(tool.renderers) != want:  # each assignment re-walks the document's models
+                tool.renderers = want
         self._binned = None
         if self.active:
             self._x, self._y, self._codes = x, y, codes
