@@ -263,6 +263,12 @@ def test_tag_values_counts_images_per_tag_and_rows_with_tag():
     assert rows_with_tag(s, "#beach").tolist() == [True, True, False, False, False]
     with pytest.raises(ValueError):
         rows_with_tag(s, "  ")
+    # cells of any kind: lists, missing values of every flavour, a pyarrow string column
+    odd = pd.Series([["beach", "x"], float("nan"), "sun", pd.NA, ("sun",)], dtype=object)
+    assert rows_with_tag(odd, "sun").tolist() == [False, False, True, False, True]
+    arrow = pd.Series(["#a #b", None, "b; c", "#a #b"], dtype="string[pyarrow]")
+    assert rows_with_tag(arrow, "b").tolist() == [True, False, True, True]
+    assert not rows_with_tag(arrow, "<NA>").any()  # a missing cell has no tags
 
 
 def test_looks_like_tags():
