@@ -345,3 +345,24 @@ def test_cli_regroups_by_cnn_orb(collection, tmp_path, capsys):
     assert sorted(t["path"]) == ["cats/small.jpg", "coffee/copy-of-one.jpg", "t.jpg"]
     assert "21 candidate pairs" in capsys.readouterr().out
     assert main(args[:-2] + ["--method", "cnn"]) == 1
+
+
+def test_sharpness_many_is_sharpness_of_each_file_in_order(tmp_path):
+    """Read on every core, the values come back in the files' order; a missing file or
+    ``None`` is unknown (NaN), never an error."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(24):
+        img = Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+        f = tmp_path / f"{i:02d}.png"
+        img.filter(ImageFilter.GaussianBlur(i / 6)).save(f)
+        files.append(f)
+    files[5] = None
+    files[9] = tmp_path / "missing.png"
+    got = dedupe.sharpness_many(files)
+    want = [dedupe.sharpness_of(f) if f is not None else np.nan for f in files]
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert np.isnan(got[[5, 9]]).all() and np.isfinite(np.delete(got, [5, 9])).all()
+    assert got[0] > got[23]  # the sharp one above the blurred one

@@ -85,27 +85,13 @@ class _Facts:
             self._headers = True
 
     def sharp(self, rows) -> None:
-        """Sharpness of ``rows`` not known yet: one decode each, on every core (decoding
-        releases the GIL)."""
+        """Sharpness of ``rows`` not known yet (:func:`explorer.curation.dedupe.sharpness_many`:
+        one decode each, on every core)."""
         with self._lock:
             todo = [int(r) for r in rows if not self._sharp_done[r]]
-            if not todo:
-                return
-            files = [self._file(r) for r in todo]
-
-            def one(f) -> float:
-                return dedupe.sharpness_of(f) if f is not None else np.nan
-
-            workers = min(len(todo) // 8 + 1, os.cpu_count() or 1, 8)
-            if workers > 1:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(workers, thread_name_prefix="explorer-sharpness") as ex:
-                    values = list(ex.map(one, files))
-            else:
-                values = [one(f) for f in files]
-            self.sharpness[todo] = values
-            self._sharp_done[todo] = True
+            if todo:
+                self.sharpness[todo] = dedupe.sharpness_many([self._file(r) for r in todo])
+                self._sharp_done[todo] = True
 
     def _needed(self, rule: str, rows) -> np.ndarray:
         rows = np.asarray(rows, np.int64)

