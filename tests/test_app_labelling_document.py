@@ -167,6 +167,17 @@ def test_served_the_model_runs_off_the_event_loop(app):
     assert flow.batch == [] and "every image has a label" in flow.state.message[1]
 
 
+def test_without_embeddings_the_label_tab_says_why(tmp_path):
+    """A CSV without its features file: every action of the flow says why it cannot run
+    (no exception in a callback, nothing half done)."""
+    doc = app_document(*make_app(tmp_path, features=False))
+    for name in ("label_next", "propagate", "accept_sure", "review_unsure"):
+        click(w(doc, name))
+        kind, text = doc.explorer_view.state.message
+        assert kind == "error" and "no embeddings" in text, (name, text)
+    assert _flow(doc).batch == [] and _flow(doc).info is None
+
+
 def test_keys_1_to_9_label_the_framed_image(app):
     doc = make_doc(app)
     flow = _flow(doc)
