@@ -2,8 +2,8 @@
 
     explorer labels add NAME.csv --from FILE.csv        # columns path,label; one journal step
     explorer labels next NAME.csv [--n 20] [--json]     # the images to label next, with reasons
-    explorer labels propagate NAME.csv [--out FILE.csv] [--json]
-    explorer labels accept NAME.csv                     # accept every "sure" prediction (one step)
+    explorer labels propagate NAME.csv [--out FILE.csv] [--json] [--sure 0.97]
+    explorer labels accept NAME.csv [--sure 0.97]       # accept every "sure" prediction (one step)
     explorer labels remap NAME.csv                      # a map that learns the labels, written
                                                         # beside the build: NAME.layout-labels.npz
 
@@ -47,6 +47,11 @@ def register(sub) -> None:
                    help="print {estimated_accuracy, ..., rows: [...]} instead of a summary")
     c = lsub.add_parser("accept", help="accept every sure prediction as a label (one step)")
     c.add_argument("csv", metavar="NAME.csv")
+    for q in (g, c):
+        q.add_argument("--sure", type=float, default=None, metavar="P",
+                       help="what 'sure' means: the share of the sure predictions expected "
+                       "right, 0.5-0.999 (default 0.97; the calibration is off by up to about "
+                       "0.01, docs/labelling.md)")
     r = lsub.add_parser("remap", help="a map computed with the labels (semi-supervised UMAP) "
                         "and its clusters, beside the original map",
                         description="Write NAME.layout-labels.npz: a semi-supervised layout "
@@ -161,20 +166,24 @@ class Labelling:
         return active.next_rows(self.paths, self.labels(), self.X, n, graph=lambda: self.graph,
                                 smoothed=lambda: self.smoothed)
 
-    def propagate(self):
+    def propagate(self, precision: float | None = None):
+        """:func:`explorer.curation.active.label_table` of the build (``precision``: what
+        "sure" means, default :data:`~explorer.curation.active.SURE_PRECISION`)."""
         from explorer.curation import active
 
         return active.label_table(self.paths, self.labels(), self.book.sources(self.paths),
-                                  self.X, graph=self.graph, smoothed=self.smoothed)
+                                  self.X, graph=self.graph, smoothed=self.smoothed,
+                                  precision=active.SURE_PRECISION if precision is None else precision)
 
-    def accept_sure(self):
+    def accept_sure(self, precision: float | None = None):
         """Accept every sure prediction (one journal step); returns (record or None, info)."""
-        df, info = self.propagate()
+        df, info = self.propagate(precision)
         sure = df[df["sure"]]
         rec = None
         if len(sure):
             rec = self.book.accept(dict(zip(sure["path"], sure["predicted_label"])),
-                                   threshold=info["threshold"])
+                                   threshold=info["threshold"],
+                                   sure_precision=info["sure_precision"])
         return rec, info
 
 
@@ -213,8 +222,8 @@ def _summary(info: dict) -> str:
     return (f"{info['labels']} labels by a person, {info['accepted']} accepted, "
             f"{len(info['classes'])} classes; estimated accuracy {pct(info['estimated_accuracy'])} "
             f"(cross-validated on the labels: {pct(info['cv_accuracy'])}); "
-            f"{info['sure']} sure predictions"
-            + (f" (confidence >= {info['threshold']})" if info["threshold"] is not None else ""))
+            f"{info['sure']} sure predictions (expected {info['sure_precision']:.1%} right"
+            + (f"; confidence >= {info['threshold']})" if info["threshold"] is not None else ")"))
 
 
 def cmd_labels(a: argparse.Namespace) -> int:
@@ -241,7 +250,7 @@ def cmd_labels(a: argparse.Namespace) -> int:
                 print(f"{p['path']}\t{p['reason']}")
         return 0
     if a.labels_command == "propagate":
-        df, info = b.propagate()
+        df, info = b.propagate(a.sure)
         if a.out:
             from explorer.table import atomic_write_text
 
@@ -263,7 +272,7 @@ def cmd_labels(a: argparse.Namespace) -> int:
               f"cluster(s); wrote {remap.sidecar_path(b.csv).name} (the original map is unchanged)"
               + "".join(f"\nnote: {n}" for n in res.notes))
         return 0
-    rec, info = b.accept_sure()
+    rec, info = b.accept_sure(a.sure)
     n = sum(len(g[2]) for g in rec["args"]["changes"]) if rec else 0
     print(f"accepted {n} sure predictions (confidence >= {info['threshold']}); undo in the app")
     return 0

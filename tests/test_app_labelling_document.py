@@ -178,6 +178,30 @@ def test_without_embeddings_the_label_tab_says_why(tmp_path):
     assert _flow(doc).batch == [] and _flow(doc).info is None
 
 
+def test_sure_means_a_stricter_share_when_asked(app):
+    """"Sure means 99% of them right": Propagate again by itself, fewer (never more) sure
+    predictions at a higher threshold, said in the report; Accept takes those and records
+    what was asked."""
+    doc = make_doc(app)
+    flow = _flow(doc)
+    paths = read_table(app[1])["path"].tolist()
+    keys = flow.state.keys
+    flow.state.assign_labels(lambda: {keys[i]: truth(p) for i, p in enumerate(paths) if i % 8 == 0},
+                             "an eighth labelled")
+    click(w(doc, "propagate"))
+    usual = dict(flow.info)
+    assert "expected 97% right" in w(doc, "label_report").text
+    w(doc, "sure_precision").value = "0.99"
+    assert flow.info["sure_precision"] == 0.99 and "expected 99% right" in w(doc, "label_report").text
+    assert 0 < flow.info["sure"] < usual["sure"], (flow.info["sure"], usual["sure"])
+    assert flow.info["threshold"] > usual["threshold"]
+    sure = set(flow.rows_where(True).tolist())
+    click(w(doc, "accept_sure"))
+    rec = list(Journal(journal_for(app[1]).path).replay())[-1]
+    assert rec["op"] == "accept" and rec["args"]["sure_precision"] == 0.99
+    assert {k for g in rec["args"]["changes"] for k in g[2]} == {keys[r] for r in sure}
+
+
 def test_keys_1_to_9_label_the_framed_image(app):
     doc = make_doc(app)
     flow = _flow(doc)

@@ -167,6 +167,30 @@ def test_bad_input_is_a_clear_error(small_build, tmp_path, capsys):
     rc, out, _ = run(capsys, "labels", "propagate", csv, "--json")
     res = json.loads(out)
     assert rc == 0 and res["estimated_accuracy"] is None and res["sure"] == 0
+    # what "sure" means must be a share of right predictions a person can ask for
+    for cmd in ("propagate", "accept"):
+        rc, _, err = run(capsys, "labels", cmd, csv, "--sure", "1.5")
+        assert rc == 1 and "sure precision must be between 0.5 and 0.999" in err and "1.5" in err
+
+
+def test_sure_asks_for_stricter_predictions(small_build, tmp_path, capsys):
+    """`--sure 0.995`: the sure predictions expected that right, so fewer (never more) of
+    them, at a higher threshold; accept takes the same set and records what was asked."""
+    csv, paths, _ = small_build
+    lab = tmp_path / "mine.csv"
+    chosen = [paths[0], paths[1], paths[PER_GROUP], paths[2 * PER_GROUP]]
+    pd.DataFrame({"path": chosen, "label": [c.split("/")[0] for c in chosen]}).to_csv(lab, index=False)
+    assert run(capsys, "labels", "add", csv, "--from", lab)[0] == 0
+    usual = json.loads(run(capsys, "labels", "propagate", csv, "--json")[1])
+    strict = json.loads(run(capsys, "labels", "propagate", csv, "--json", "--sure", "0.995")[1])
+    assert usual["sure_precision"] == 0.97 and strict["sure_precision"] == 0.995
+    assert 0 < strict["sure"] < usual["sure"] and strict["threshold"] > usual["threshold"]
+    strict_rows = {r["path"] for r in strict["rows"] if r["sure"]}
+    rc, out, _ = run(capsys, "labels", "accept", csv, "--sure", "0.995")
+    assert rc == 0 and f"accepted {strict['sure']} sure predictions" in out
+    rec = list(Journal(journal_for(csv).path).replay())[-1]
+    assert rec["op"] == "accept" and rec["args"]["sure_precision"] == 0.995
+    assert {k for g in rec["args"]["changes"] for k in g[2]} == strict_rows
 
 
 def test_remap_writes_the_layout_beside_the_original(small_build, tmp_path, capsys):

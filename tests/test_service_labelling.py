@@ -70,6 +70,15 @@ def test_next_propagate_accept_through_the_api(site):
     right = [row["predicted_label"] == row["path"][:2] for row in rows]
     assert np.mean(right) > 0.95
     n_sure = res["sure"]
+    # what "sure" means can be asked for: stricter, fewer (never more) sure predictions
+    strict = c.get(f"/api/datasets/{ds}/labels/propagate",
+                   params={"rows": False, "sure": 0.999}).json()
+    assert strict["sure_precision"] == 0.999 and res["sure_precision"] == 0.97
+    assert strict["sure"] <= n_sure and (strict["threshold"] or 1) >= res["threshold"]
+    for bad in (0.3, 1.5, "x"):
+        assert c.get(f"/api/datasets/{ds}/labels/propagate",
+                     params={"rows": False, "sure": bad}).status_code == 422
+        assert c.post(f"/api/datasets/{ds}/labels/accept", params={"sure": bad}).status_code == 422
     r = c.post(f"/api/datasets/{ds}/labels/accept")
     assert r.status_code == 200, r.text
     assert r.json()["accepted"] == n_sure > 0

@@ -49,6 +49,8 @@ CONFIDENCE_COLOURS = ("#440154", "#46317E", "#365A8C", "#277E8E", "#1EA087", "#4
                       "#9DD93A", "#FDE724")
 #: the value of labelled images in the confidence colouring (drawn grey)
 LABELLED = "labelled"
+#: what "sure" may mean (the share of sure predictions expected right), offered in the tab
+SURE_CHOICES = (0.9, 0.95, active.SURE_PRECISION, 0.99)
 
 
 def _bin_names(edges: tuple[float, ...] = CONFIDENCE_EDGES) -> list[str]:
@@ -88,6 +90,8 @@ class LabellingFlow:
         self.info: dict[str, Any] | None = None
         #: (labels, estimated accuracy, cross-validated accuracy or None), one per propagate
         self.curve: list[tuple[int, float, float | None]] = []
+        #: what "sure" means for this session (:func:`explorer.curation.active.check_precision`)
+        self.precision = active.SURE_PRECISION
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -216,16 +220,21 @@ class LabellingFlow:
     def propagate(self) -> dict[str, Any]:
         return self.show_propagation(self.propagate_compute(self.propagate_plan()))
 
-    def propagate_plan(self) -> tuple[list[str], list[str]]:
-        """The labels and their sources now (what :meth:`propagate_compute` fits on)."""
-        return self.labels(), self.state.book.sources(self.state.keys)
+    def propagate_plan(self) -> tuple[list[str], list[str], float]:
+        """The labels and their sources now, and what "sure" means (what
+        :meth:`propagate_compute` fits on)."""
+        return self.labels(), self.state.book.sources(self.state.keys), self.precision
 
-    def propagate_compute(self, plan: tuple[list[str], list[str]]) -> tuple[Any, dict[str, Any]]:
+    def propagate_compute(self, plan: tuple[list[str], list[str], float]) -> tuple[Any, dict[str, Any]]:
         """:func:`explorer.curation.active.label_table` of ``plan`` (the graph and the
         smoothed rows are made on the first call of the process)."""
-        labels, sources = plan
+        labels, sources, precision = plan
         return active.label_table(self.state.keys, labels, sources, self.X, graph=self.graph,
-                                  smoothed=self.smoothed)
+                                  smoothed=self.smoothed, precision=precision)
+
+    def set_precision(self, precision: Any) -> None:
+        """What "sure" means from now on (``ValueError`` naming a bad value)."""
+        self.precision = active.check_precision(precision)
 
     def show_propagation(self, result: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
         """Keep ``result`` (:meth:`propagate_compute`): a point on the curve, the map's
@@ -262,7 +271,8 @@ class LabellingFlow:
             return False
         t = self.table.iloc[self.rows_where(True)]
         return self.state.accept_predictions(dict(zip(t["path"], t["predicted_label"])),
-                                             threshold=self.info["threshold"])
+                                             threshold=self.info["threshold"],
+                                             sure_precision=self.info["sure_precision"])
 
 
     # ------------------------------------------------------------------ re-map
@@ -322,7 +332,8 @@ class LabellingPanel:
 
     def __init__(self, state: Any, css: list[Any], width: int,
                  background: Callable[..., None] | None = None):
-        from bokeh.models import Button, ColumnDataSource, CustomJS, Div, RadioButtonGroup, Range1d, TextInput
+        from bokeh.models import (Button, ColumnDataSource, CustomJS, Div, RadioButtonGroup, Range1d,
+                                  Select, TextInput)
         from bokeh.layouts import column, row
         from bokeh.plotting import figure
 
@@ -341,6 +352,9 @@ class LabellingPanel:
         self.propagate = Button(name="propagate", label="Propagate", width=half)
         self.accept = Button(name="accept_sure", label="Accept all sure", button_type="success",
                              width=half)
+        self.sure_means = Select(name="sure_precision", title="Sure means", width=width,
+                                 value=str(self.flow.precision),
+                                 options=[(str(p), f"{p:.0%} of them right") for p in SURE_CHOICES])
         self.sure = Button(name="select_sure", label="Select sure", width=half)
         self.unsure = Button(name="select_unsure", label="Select unsure", width=half)
         self.report = Div(name="label_report", text="", stylesheets=css, width=width)
@@ -362,7 +376,8 @@ class LabellingPanel:
         pairs = [row(*self.buttons[i:i + 2]) for i in range(0, KEYS, 2)]
         self.panel = column(Div(text="<b>Label a few, the tool labels the rest</b>", width=width),
                             row(self.next, self.review), self.batch, *pairs, self.key,
-                            row(self.propagate, self.accept), row(self.sure, self.unsure),
+                            self.sure_means, row(self.propagate, self.accept),
+                            row(self.sure, self.unsure),
                             self.report, self.chart, self.remap, self.layout_switch,
                             name="labelling_panel", width=width)
         # keys 1-9 anywhere on the page but in a text field: the hidden input carries them
@@ -382,6 +397,7 @@ class LabellingPanel:
         self.key.on_change("value", self._on_key)
         self.propagate.on_click(self._on_propagate)
         self.accept.on_click(self._on_accept)
+        self.sure_means.on_change("value", self._on_sure_means)
         self.sure.on_click(lambda: self.state.select(self.flow.rows_where(True)))
         self.unsure.on_click(lambda: self.state.select(self.flow.rows_where(False)))
         self.remap.on_click(self._on_remap)
@@ -440,6 +456,15 @@ class LabellingPanel:
 
     def _on_propagate(self) -> None:
         self._propagate_then()
+
+    def _on_sure_means(self, attr: str, old: str, new: str) -> None:
+        try:
+            self.flow.set_precision(new)
+        except ValueError as exc:
+            self.state.refuse(str(exc))
+            return
+        if self.flow.table is not None:  # the predictions shown: sure again by the new target
+            self._propagate_then()
 
     def _on_accept(self) -> None:
         if self.flow.table is None:  # nothing shown yet: propagate first, then accept
@@ -545,7 +570,8 @@ class LabellingPanel:
         self.report.text = (
             f"<div>estimated accuracy <b>{'-' if acc is None else f'{acc:.1%}'}</b> "
             f"({info['labels']} labels, {info['accepted']} accepted); "
-            f"{info['sure']:,} sure (confidence &ge; {info['threshold']})</div>"
+            f"{info['sure']:,} sure (expected {info['sure_precision']:.0%} right; confidence "
+            f"&ge; {info['threshold']})</div>"
             f"<div class='ex-muted' title='labels: estimated accuracy'>curve {curve}</div>")
 
 

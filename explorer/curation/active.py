@@ -72,6 +72,7 @@ from explorer._checks import as_matrix, check_int, check_random_state
 __all__ = [
     "DIMS",
     "SURE_PRECISION",
+    "check_precision",
     "Propagation",
     "features",
     "encode",
@@ -97,8 +98,10 @@ ROWS_HOPS = 2
 ROWS_SMOOTH_FEW = 0.7
 #: principal components kept by :func:`features`
 DIMS = 64
-#: the mean calibrated confidence the "sure" predictions must reach
+#: the mean calibrated confidence the "sure" predictions must reach (a person may ask for
+#: another between SURE_MIN and SURE_MAX: :func:`check_precision`)
 SURE_PRECISION = 0.97
+SURE_MIN, SURE_MAX = 0.5, 0.999
 #: inverse regularisation of the logistic regression (on unit-norm PCA rows)
 C = 100.0
 #: share of a row's probabilities taken from the mean of its neighbours' (kNN smoothing)
@@ -422,6 +425,19 @@ def _shift_weights(oof: np.ndarray, conf_un: np.ndarray, bins: int = CALIBRATION
     return w * len(c) / w.sum()
 
 
+def check_precision(precision: Any) -> float:
+    """``precision`` as the share of "sure" predictions expected right, between
+    :data:`SURE_MIN` and :data:`SURE_MAX`; else ``ValueError`` naming it."""
+    try:
+        p = float(precision)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not SURE_MIN <= p <= SURE_MAX:
+        raise ValueError(f"sure precision must be between {SURE_MIN} and {SURE_MAX} (the share "
+                         f"of sure predictions expected right); got {precision!r}")
+    return p
+
+
 def sure_threshold(confidence: np.ndarray, precision: float = SURE_PRECISION) -> float:
     """The lowest confidence whose rows at or above it average at least ``precision``
     (``inf`` when even the most confident row falls short)."""
@@ -731,7 +747,8 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
     ``path``, ``label``, ``label_source`` (person | accepted | predicted; ``""`` when there is
     no model yet), ``predicted_label`` (the label itself for labelled rows), ``confidence``
     and ``sure``; ``info`` has ``labels`` (by a person), ``accepted``, ``classes``,
-    ``estimated_accuracy``, ``cv_accuracy``, ``threshold`` and ``sure`` (count).
+    ``estimated_accuracy``, ``cv_accuracy``, ``threshold``, ``sure`` (count) and
+    ``sure_precision`` (``precision``: what "sure" was asked to mean, :func:`check_precision`).
     ``graph``: ``"auto"`` makes :func:`neighbours` of ``X`` (minutes at 200,000 rows: a caller
     that propagates again passes the one it kept), else that graph or ``None``. ``smoothed``:
     :func:`smooth_rows` of ``X`` over that graph, when the caller keeps it (seconds at 200,000
@@ -740,6 +757,7 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
     import pandas as pd
 
     paths = [str(p) for p in paths]
+    precision = check_precision(precision)
     if not (len(paths) == len(labels) == len(sources)):
         raise ValueError(f"paths, labels and sources differ in length: "
                          f"{len(paths)}, {len(labels)}, {len(sources)}")
@@ -773,6 +791,7 @@ def label_table(paths: Sequence[str], labels: Sequence[Any], sources: Sequence[s
         "cv_accuracy": None if prop.cv_accuracy is None else round(prop.cv_accuracy, 4),
         "threshold": None if thr is None else round(float(thr), 4),
         "sure": int(prop.sure.sum()),
+        "sure_precision": precision,
     }
     return df, info
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
+from explorer.curation.active import SURE_MAX, SURE_MIN, SURE_PRECISION
 from explorer.service.config import ServiceConfig
 from explorer.service.db import DB
 from explorer.service.deps import current_user, dataset_for, get_config, get_db
@@ -50,14 +52,19 @@ async def labels_next(dataset_id: str, n: int = Query(20, ge=1, le=500),
     return {"next": picks}
 
 
+def _sure() -> Any:
+    return Query(SURE_PRECISION, ge=SURE_MIN, le=SURE_MAX,
+                 description="what 'sure' means: the share of the sure predictions expected right")
+
+
 @router.get("/{dataset_id}/labels/propagate")
-async def labels_propagate(dataset_id: str, rows: bool = Query(True),
+async def labels_propagate(dataset_id: str, rows: bool = Query(True), sure: float = _sure(),
                            user: dict = Depends(current_user),
                            config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db)):
     """A predicted label and a calibrated confidence for every image, with the estimated
     accuracy and the "sure" threshold (``rows=false``: the figures only)."""
     p = built(config, dataset_for(db, user, dataset_id))
-    df, info = await asyncio.to_thread(_run, lambda: _build(p, user).propagate())
+    df, info = await asyncio.to_thread(_run, lambda: _build(p, user).propagate(sure))
     out = dict(info)
     if rows:
         out["rows"] = [{k: _plain(v) for k, v in r.items()}
@@ -66,7 +73,7 @@ async def labels_propagate(dataset_id: str, rows: bool = Query(True),
 
 
 @router.post("/{dataset_id}/labels/accept")
-async def labels_accept(dataset_id: str, user: dict = Depends(current_user),
+async def labels_accept(dataset_id: str, sure: float = _sure(), user: dict = Depends(current_user),
                         config: ServiceConfig = Depends(get_config), db: DB = Depends(get_db)):
     """Accept every sure prediction as a label: one journaled step (op ``accept``), undoable
     in the app, kept apart from hand labels."""
@@ -74,7 +81,7 @@ async def labels_accept(dataset_id: str, user: dict = Depends(current_user),
 
     def accept():
         b = _build(p, user)
-        rec, info = b.accept_sure()
+        rec, info = b.accept_sure(sure)
         n = 0 if rec is None else sum(len(g[2]) for g in rec["args"]["changes"])
         return {"accepted": n, "threshold": info["threshold"], "seq": b.book.seq,
                 "counts": b.book.counts()}
