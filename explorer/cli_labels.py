@@ -273,7 +273,7 @@ def cmd_labels(a: argparse.Namespace) -> int:
               + "".join(f"\nnote: {n}" for n in res.notes))
         return 0
     rec, info = b.accept_sure(a.sure)
-    n = sum(len(g[2]) for g in rec["args"]["changes"]) if rec else 0
+    n = rec["args"]["n"] if rec else 0
     print(f"accepted {n} sure predictions (confidence >= {info['threshold']}); undo in the app")
     return 0
 

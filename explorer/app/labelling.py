@@ -170,8 +170,6 @@ class LabellingFlow:
         if self.table is None:
             self.propagate()
         t = self.table
-        if t is None:
-            return []
         un = np.flatnonzero((t["label"] == "").to_numpy() & (t["label_source"] == "predicted").to_numpy())
         order = un[np.argsort(t["confidence"].to_numpy()[un], kind="stable")][:n]
         self.batch = [int(r) for r in order]

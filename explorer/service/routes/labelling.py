@@ -82,7 +82,7 @@ async def labels_accept(dataset_id: str, sure: float = _sure(), user: dict = Dep
     def accept():
         b = _build(p, user)
         rec, info = b.accept_sure(sure)
-        n = 0 if rec is None else sum(len(g[2]) for g in rec["args"]["changes"])
+        n = 0 if rec is None else rec["args"]["n"]
         return {"accepted": n, "threshold": info["threshold"], "seq": b.book.seq,
                 "counts": b.book.counts()}
 
